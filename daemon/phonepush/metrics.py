@@ -1,0 +1,84 @@
+"""Prometheus metrics. One :class:`Metrics` per daemon, on a registry passed in (tests pass
+their own), so nothing lives in prometheus-client's global registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["DELIVERY_RESULTS", "Metrics"]
+
+#: The ``result`` label values of ``phonepush_deliveries_total``.
+DELIVERY_RESULTS = ("delivered", "failed", "expired", "suppressed")
+
+
+class Metrics:
+    """The daemon's metrics. Names and labels are a contract: extend, never rename."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.events = Counter(
+            "phonepush_events",
+            "Events accepted into the spool, by source and matched rule "
+            '(rule="" when no rule matched).',
+            ["source", "rule"],
+            registry=r,
+        )
+        self.events_rejected = Counter(
+            "phonepush_events_rejected",
+            "Events refused at intake (spool full or failing, bad input), by source and reason.",
+            ["source", "reason"],
+            registry=r,
+        )
+        self.deliveries = Counter(
+            "phonepush_deliveries",
+            "Finished deliveries (one rule's pushes to one phone), by phone and result.",
+            ["phone", "result"],
+            registry=r,
+        )
+        self.delivery_duration = Histogram(
+            "phonepush_delivery_duration_seconds",
+            "Time from the event's arrival to the phone's last answer, for delivered deliveries.",
+            ["phone"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
+        self.requests = Counter(
+            "phonepush_phone_requests",
+            "HTTP pushes sent to phones, by phone and outcome (ok, or the error kind).",
+            ["phone", "outcome"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "phonepush_delivery_retries",
+            "Retries scheduled after a transient failure.",
+            ["phone"],
+            registry=r,
+        )
+        self.template_errors = Counter(
+            "phonepush_template_errors",
+            "Rule templates or URIs that failed to render or validate.",
+            ["rule"],
+            registry=r,
+        )
+        self.phone_up = Gauge(
+            "phonepush_phone_up",
+            "1 when the phone's last push got an answer, 0 when it could not be reached.",
+            ["phone"],
+            registry=r,
+        )
+        self.spool_pending = Gauge(
+            "phonepush_spool_pending", "Deliveries waiting in the spool.", registry=r
+        )
+        self.mqtt_connected = Gauge(
+            "phonepush_mqtt_connected", "1 while connected to the MQTT broker.", registry=r
+        )
+        self.mqtt_messages = Counter(
+            "phonepush_mqtt_messages", "MQTT messages received.", registry=r
+        )
+        self.config_reloads = Counter(
+            "phonepush_config_reloads",
+            "Configuration reloads by result (ok, error).",
+            ["result"],
+            registry=r,
+        )

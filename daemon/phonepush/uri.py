@@ -1,0 +1,147 @@
+"""The grammar of URIs a Cisco phone executes, and ``URL[@PRIORITY]`` arguments.
+
+The reference ``cgiexecute`` client accepts ``Dial:``, ``EditDial:``, ``Key:``, ``SoftKey:``,
+``Init:``, ``Play:``, ``Display:`` and ``http(s)://``. Cisco's development notes add the forms
+below;
+we accept the union, so anything the reference client sends we send too, and more.
+
+Choices where the notes leave room (kept here so there is one place to read them):
+
+* ``Play:`` file names are at most 25 characters (the phone's TFTP name limit); a longer name is
+  refused up front instead of failing on the phone.
+* ``Display:`` minutes are 0–1440 (0 means "until changed").
+* ``Dial:``/``SendDigits:`` take ``0-9 # * A-D`` and ``,`` (a one-second pause). The optional
+  ``:useAppUI:appId[:feedback]`` suffix of ``Dial:`` is accepted with word characters in each part.
+* RTP URIs need a dotted IPv4 address; ``RTPMRx``/``RTPMTx`` need a multicast group outside
+  224.0.0.0/8, ``RTPRx``/``RTPTx`` a unicast address. Ports are even, 20480–32768; volume 0–100.
+* ``http(s)://`` URLs may hold no white space or control characters.
+* Every URI is at most 256 characters.
+* Matching is on the whole string (the reference uses ``re.search(... $)``, which lets a trailing
+  newline through; a phone would not accept that, so we don't).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from phonepush.errors import InvalidURI, WireError
+
+__all__ = [
+    "MAX_URL_LENGTH",
+    "REFERENCE_SCHEMES",
+    "ExecuteItem",
+    "is_http",
+    "parse_target",
+    "validate_uri",
+]
+
+MAX_URL_LENGTH: Final = 256
+MAX_PLAY_NAME: Final = 25
+RTP_PORT_MIN: Final = 20480
+RTP_PORT_MAX: Final = 32768
+
+#: The URI kinds the reference client's help text lists, in its order.
+REFERENCE_SCHEMES: Final = (
+    "Dial:",
+    "EditDial:",
+    "Key:",
+    "SoftKey:",
+    "Init:",
+    "Play:",
+    "Display:",
+    "http:",
+    "https:",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecuteItem:
+    """One ``<ExecuteItem URL=".." Priority=".."/>``."""
+
+    url: str
+    priority: int = 0
+
+
+_DIGITS = r"[0-9#*A-D,]+"
+_WORD = r"[A-Za-z0-9._\-]+"
+
+_SIMPLE: Final = re.compile(
+    rf"""
+      (?: Dial : {_DIGITS} (?: : {_WORD} : {_WORD} (?: : {_WORD})? )? )
+    | (?: EditDial : {_DIGITS} )
+    | (?: SendDigits : {_DIGITS} (?: : [0-9]+ )? )
+    | (?: (?: Key | SoftKey | Init ) : [A-Za-z0-9]+ )
+    | (?: App : {_WORD} (?: : {_WORD} )* )
+    """,
+    re.VERBOSE,
+)
+_PLAY: Final = re.compile(r"Play:([A-Za-z0-9._\-]+)")
+_DISPLAY: Final = re.compile(r"Display:(On|Off|Default)(?::([0-9]{1,4}))?")
+_RTP: Final = re.compile(r"(RTPRx|RTPMRx|RTPTx|RTPMTx):([0-9.]+):([0-9]{1,5})(?::([0-9]{1,3}))?")
+_RTP_STOP: Final = re.compile(r"(?:RTPRx|RTPMRx|RTPTx|RTPMTx):Stop")
+_HTTP: Final = re.compile(r"https?://[^\s\x00-\x1f\x7f]+", re.IGNORECASE)
+
+
+def is_http(url: str) -> bool:
+    """True for ``http://`` and ``https://`` URLs (the phone fetches these)."""
+    return url[:7].lower() == "http://" or url[:8].lower() == "https://"
+
+
+def validate_uri(uri: str) -> str:
+    """Return ``uri`` unchanged if a phone would execute it, else raise :class:`InvalidURI`."""
+    if len(uri) > MAX_URL_LENGTH:
+        raise InvalidURI(uri, f"longer than {MAX_URL_LENGTH} characters")
+    if _SIMPLE.fullmatch(uri) or _RTP_STOP.fullmatch(uri) or _HTTP.fullmatch(uri):
+        return uri
+    if m := _PLAY.fullmatch(uri):
+        if len(m.group(1)) > MAX_PLAY_NAME:
+            raise InvalidURI(uri, f"tone file name longer than {MAX_PLAY_NAME} characters")
+        return uri
+    if m := _DISPLAY.fullmatch(uri):
+        if m.group(2) is not None and int(m.group(2)) > 1440:
+            raise InvalidURI(uri, "minutes must be 0-1440")
+        return uri
+    if m := _RTP.fullmatch(uri):
+        _check_rtp(uri, m.group(1), m.group(2), int(m.group(3)), m.group(4))
+        return uri
+    raise InvalidURI(uri)
+
+
+def _check_rtp(uri: str, kind: str, address: str, port: int, volume: str | None) -> None:
+    try:
+        ip = ipaddress.IPv4Address(address)
+    except ValueError:
+        raise InvalidURI(uri, "not an IPv4 address") from None
+    multicast = kind in ("RTPMRx", "RTPMTx")
+    if multicast and (not ip.is_multicast or address.startswith("224.")):
+        raise InvalidURI(uri, "multicast group must be in 225.0.0.0-239.255.255.255")
+    if not multicast and ip.is_multicast:
+        raise InvalidURI(uri, "unicast stream needs a unicast address")
+    if port % 2 or not RTP_PORT_MIN <= port <= RTP_PORT_MAX:
+        raise InvalidURI(uri, f"port must be even, {RTP_PORT_MIN}-{RTP_PORT_MAX}")
+    if volume is not None:
+        if kind in ("RTPTx", "RTPMTx"):
+            raise InvalidURI(uri, "transmit URIs take no volume")
+        if int(volume) > 100:
+            raise InvalidURI(uri, "volume must be 0-100")
+
+
+def parse_target(argument: str) -> ExecuteItem:
+    """Parse a ``URL[@PRIORITY]`` argument as the reference client does.
+
+    The priority is split off at the last ``@`` and checked before the URL; the errors carry the
+    reference's messages (``Invalid priority: X``, ``Invalid URL: X``).
+    """
+    url, priority = argument, 0
+    if "@" in argument:
+        url, text = argument.rsplit("@", maxsplit=1)
+        try:
+            priority = int(text)
+        except ValueError:
+            raise WireError(f"Invalid priority: {text}") from None
+        if not 0 <= priority <= 2:
+            raise WireError(f"Invalid priority: {priority}")
+    return ExecuteItem(validate_uri(url), priority)
