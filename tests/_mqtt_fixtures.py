@@ -1,0 +1,1 @@
+"""Fixtures for a real mosquitto broker (filled in with the MQTT source)."""

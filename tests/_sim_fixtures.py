@@ -1,0 +1,1 @@
+"""Fixtures for simulated phones (filled in with the simulator)."""
