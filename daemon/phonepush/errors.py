@@ -7,6 +7,7 @@
     ├── WireError                   we were asked to build something a phone cannot take
     │   ├── InvalidURI              outside the CGI Execute URI grammar
     │   ├── TooLarge                XML body over 512 bytes, URL over 256 characters, …
+    │   ├── InvalidTarget           a phone address we cannot use (host, port, scheme, timeout)
     │   └── MalformedPush           (phone side) a pushed object a phone would answer error 1/2 to
     ├── PhoneError                  a push failed; ``retryable`` says if trying again can help
     │   ├── PhoneUnreachable        connection refused, no route, DNS, TLS handshake  (retryable)
@@ -28,6 +29,7 @@ from __future__ import annotations
 __all__ = [
     "CISCO_ERRORS",
     "ConfigError",
+    "InvalidTarget",
     "InvalidURI",
     "MalformedPush",
     "PhoneAuthError",
@@ -73,6 +75,11 @@ class InvalidURI(WireError):
         self.uri = uri
         self.reason = reason
         super().__init__(f"Invalid URL: {uri}" + (f" ({reason})" if reason else ""))
+
+
+class InvalidTarget(WireError, ValueError):
+    """A phone address we cannot use: host, port, scheme or timeout. Also a ``ValueError``, so
+    validators (pydantic) that wrap ``ValueError`` report it as a field error."""
 
 
 class TooLarge(WireError):
