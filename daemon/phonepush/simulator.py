@@ -1,0 +1,894 @@
+"""Simulated Cisco IP phones: our test partner, a dry-run target, and the benchmarks' phone fleet.
+
+A :class:`Fleet` runs N :class:`SimPhone` s, each listening on its own port and answering
+``POST /CGI/Execute`` the way a phone does (see ``/work/shared/cisco-notes.md`` for the facts),
+plus a control endpoint serving every phone's state as JSON and taking fault modes and softkey
+presses. HTTP is hand-written on raw asyncio (:mod:`phonepush._simhttp`) so one core serves
+thousands of pushes a second.
+
+Choices where real phones vary or the notes leave room:
+
+* **Authentication.** With ``username``/``password`` the phone checks HTTP Basic itself; with
+  ``auth_url`` it asks that URL instead (GET with ``UserID``, ``Password``, ``devicename``) and
+  accepts only a 200 whose body is exactly ``AUTHORIZED``; an unreachable auth server denies. A
+  push without an ``Authorization`` header is denied without asking. Denial is
+  ``CiscoIPPhoneError Number="4"`` with HTTP **200** (phones vary between 200 and 401; clients
+  must accept both, and 200 is the case that needs the body parsed).
+* **One push at a time.** A push arriving while another is being served on the same phone
+  *waits* its turn, like a real phone's single worker; up to ``max_waiting`` pushes wait, and
+  one more is answered ``CiscoIPPhoneError Number="6"`` (busy) at once.
+* **Transport quirks.** A chunked upload gets HTTP 404 (a phone's web server does that), ``Expect:
+  100-continue`` gets error 6, a POST without ``Content-Length`` gets HTTP 411. All three close the
+  connection. Other paths: 404; other methods on ``/CGI/Execute``: 405. Bodies that are not
+  ``application/x-www-form-urlencoded`` with a field named exactly ``XML`` get error 1.
+* **Items** run in request order. ``Play:<file>`` starts a tone and its ResponseItem comes when
+  the tone ends (``tone_ms``), so the answer is held and lists the Play after items that finished
+  meanwhile — completion order, as phones do. ``Play:Stop`` ends a tone at once. While a tone
+  plays, the phone is busy: an http item with Priority 2 ("only if idle") is dropped and answered
+  ``Status="6" Data="Phone busy"``; Priority 1 ("when idle") runs after the tone. Otherwise the
+  phone is idle (a serialized push never sees another push's tone).
+* **Fetches.** ``http(s)`` items are fetched with a phone's headers; a CiscoIPPhoneText answer is
+  shown on the screen. Failure to fetch (refused, timeout, HTTP error) is ``Status="6"
+  Data="URI not found"``; an answer that is not a valid CiscoIPPhoneText is ``Status="6"
+  Data="Parse error"`` and leaves the screen as it was.
+* **setBackground / setRingTone** set state and answer a CiscoIPPhoneResponse with one Success
+  item whose URL is the image (background) or the ring tone URL.
+* **Counters.** ``pushes`` counts requests to ``POST /CGI/Execute``; ``errors`` counts those not
+  answered with a CiscoIPPhoneResponse (error objects, HTTP errors, fault answers).
+* **Reset** clears a phone's state *and* its fault mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import json
+import logging
+import shutil
+import ssl
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+from urllib.parse import unquote_plus, unquote_to_bytes, urlencode
+
+from phonepush._simhttp import HTTPServerProtocol, Request, Response, http_get
+from phonepush.cisco import (
+    BackgroundPush,
+    ExecutePush,
+    ResponseItem,
+    SoftKey,
+    error_xml,
+    parse_push,
+    parse_text,
+    response_xml,
+)
+from phonepush.errors import InvalidURI, MalformedPush, PhoneError, WireError
+from phonepush.uri import ExecuteItem, is_http, validate_uri
+
+__all__ = [
+    "FAULT_MODES",
+    "PHONE_HEADERS",
+    "Backlight",
+    "Fault",
+    "Fleet",
+    "PhoneState",
+    "PushLog",
+    "Screen",
+    "SimPhone",
+]
+
+logger = logging.getLogger(__name__)
+
+FAULT_MODES: Final = ("none", "refuse", "hang", "slow", "http500", "garbage", "error", "flap")
+#: What a CP-8841 sends when it fetches a page.
+PHONE_HEADERS: Final = {
+    "x-CiscoIPPhoneModelName": "CP-8841",
+    "x-CiscoIPPhoneDisplay": "800,480,24,C",
+    "Accept": "x-CiscoIPPhone/*",
+    "User-Agent": "Allegro-Software-WebClient/4.34",
+}
+MAX_RECORDS: Final = 1000
+_EXECUTE_PATH: Final = "/CGI/Execute"
+_FORM: Final = "application/x-www-form-urlencoded"
+_INTERESTING: Final = (
+    "host",
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "expect",
+    "connection",
+    "user-agent",
+)
+_GARBAGE: Final = b"\x00\xff<<<this is not XML\x1b[0m&&&\xfe"
+_CERT_FILE: Final = "phone-cert.pem"
+_KEY_FILE: Final = "phone-key.pem"
+
+#: Called after each answered push with the phone and the request's record (CLI logging).
+PushLog = Callable[["SimPhone", dict[str, Any]], None]
+
+
+@dataclass
+class Fault:
+    """A phone's fault mode. ``number`` is for ``error``; ``delay_ms`` for ``slow`` (extra delay)
+    and ``flap`` (time up and time down, default 1000 ms)."""
+
+    mode: str = "none"
+    number: int = 6
+    delay_ms: float = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "number": self.number, "delay_ms": self.delay_ms}
+
+
+@dataclass
+class Screen:
+    title: str = ""
+    prompt: str = ""
+    text: str = ""
+    softkeys: list[SoftKey] = field(default_factory=list)
+    #: The URL the page came from.
+    url: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "title": self.title,
+            "prompt": self.prompt,
+            "text": self.text,
+            "softkeys": [
+                {"name": k.name, "url": k.url, "position": k.position} for k in self.softkeys
+            ],
+            "url": self.url,
+        }
+
+
+@dataclass
+class Backlight:
+    state: str = "Default"
+    minutes: int | None = None
+
+
+def _capped() -> deque[Any]:
+    return deque(maxlen=MAX_RECORDS)
+
+
+@dataclass
+class PhoneState:
+    """What a phone did, for tests to assert on; lists keep the last :data:`MAX_RECORDS`."""
+
+    screen: Screen = field(default_factory=Screen)
+    backlight: Backlight = field(default_factory=Backlight)
+    #: The last tone played (``Play:Stop`` is listed in ``tones`` but is not a tone).
+    last_tone: str | None = None
+    tones: deque[str] = field(default_factory=_capped)
+    dialled: deque[str] = field(default_factory=_capped)
+    keys: deque[str] = field(default_factory=_capped)
+    background: dict[str, str] | None = None
+    ringtone: str | None = None
+    rtp: dict[str, str | None] = field(default_factory=lambda: {"receive": None, "transmit": None})
+    presses: deque[dict[str, Any]] = field(default_factory=_capped)
+    pushes: int = 0
+    errors: int = 0
+    requests: deque[dict[str, Any]] = field(default_factory=_capped)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "screen": self.screen.to_dict(),
+            "backlight": {"state": self.backlight.state, "minutes": self.backlight.minutes},
+            "last_tone": self.last_tone,
+            "tones": list(self.tones),
+            "dialled": list(self.dialled),
+            "keys": list(self.keys),
+            "background": self.background,
+            "ringtone": self.ringtone,
+            "rtp": dict(self.rtp),
+            "presses": list(self.presses),
+            "pushes": self.pushes,
+            "errors": self.errors,
+            "requests": list(self.requests),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Settings:
+    username: str
+    password: str
+    auth_url: str | None
+    delay_ms: float
+    tone_ms: float
+    fetch_timeout: float
+    max_waiting: int
+    fetch_ssl: ssl.SSLContext | None
+
+
+class _Tone:
+    """The tone a push is playing: its item, and when it ends."""
+
+    def __init__(self, url: str, ends_at: float) -> None:
+        self.url = url
+        self.ends_at = ends_at
+
+
+class SimPhone:
+    """One simulated phone. Create through :class:`Fleet`; use ``state``, ``set_fault``,
+    ``press`` and ``reset`` from tests."""
+
+    def __init__(
+        self,
+        index: int,
+        name: str,
+        host: str,
+        port: int,
+        settings: _Settings,
+        *,
+        server_ssl: ssl.SSLContext | None = None,
+        on_push: PushLog | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.index = index
+        self.name = name
+        self.host = host
+        self.port = port
+        self.state = PhoneState()
+        self.fault = Fault()
+        self._settings = settings
+        self._server_ssl = server_ssl
+        self._on_push = on_push
+        self._clock = clock
+        self._server: asyncio.Server | None = None
+        self._connections: set[HTTPServerProtocol] = set()
+        self._lock = asyncio.Lock()
+        self._waiting = 0
+        self._flapper: asyncio.Task[None] | None = None
+        self._running = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self._server_ssl else "http"
+        return f"{scheme}://{self.address}{_EXECUTE_PATH}"
+
+    def to_dict(self, *, requests: bool = True) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "name": self.name,
+            "index": self.index,
+            "host": self.host,
+            "port": self.port,
+            "url": self.url,
+            "fault": self.fault.to_dict(),
+        }
+        data.update(self.state.to_dict())
+        if not requests:
+            data["requests"] = []
+        return data
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._running = True
+        await self._listen()
+
+    async def stop(self) -> None:
+        self._running = False
+        await self._cancel_flapper()
+        await self._unlisten()
+
+    async def _listen(self) -> None:
+        if self._server is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: HTTPServerProtocol(self._handle, self._connections),
+            self.host,
+            self.port,
+            ssl=self._server_ssl,
+            reuse_address=True,
+            backlog=1024,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _unlisten(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        # Open keep-alive connections would otherwise keep answering a "refusing" phone.
+        for connection in list(self._connections):
+            connection.abort()
+        if server is not None:
+            await server.wait_closed()
+
+    async def _cancel_flapper(self) -> None:
+        task, self._flapper = self._flapper, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # --- faults and control -------------------------------------------------------------------
+
+    async def set_fault(self, mode: str, *, number: int = 6, delay_ms: float = 0) -> None:
+        """Set the fault mode (one of :data:`FAULT_MODES`); ``"none"`` heals the phone."""
+        if mode not in FAULT_MODES:
+            raise ValueError(f"unknown fault mode {mode!r}; one of {', '.join(FAULT_MODES)}")
+        if delay_ms < 0:
+            raise ValueError("delay_ms must be >= 0")
+        await self._cancel_flapper()
+        self.fault = Fault(mode, number, delay_ms)
+        if mode == "refuse":
+            await self._unlisten()
+        elif mode == "flap":
+            period = (delay_ms or 1000) / 1000
+            self._flapper = asyncio.get_running_loop().create_task(self._flap(period))
+        elif self._running:
+            await self._listen()
+
+    async def _flap(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            await self._unlisten()
+            await asyncio.sleep(period)
+            await self._listen()
+
+    async def reset(self) -> None:
+        """Forget everything the phone did and heal any fault."""
+        await self.set_fault("none")
+        self.state = PhoneState()
+
+    async def press(self, *, position: int | None = None, name: str | None = None) -> Screen:
+        """Press a softkey of the current screen, by position or name, like a person would.
+
+        An http(s) softkey URL is fetched and its CiscoIPPhoneText shown; ``SoftKey:Exit`` clears
+        the screen; other internal URIs are recorded in ``keys``. Raises :class:`LookupError` if
+        no such softkey is shown and :class:`~phonepush.errors.PhoneError` if the fetch fails.
+        """
+        key = next(
+            (
+                k
+                for k in self.state.screen.softkeys
+                if (position is not None and k.position == position)
+                or (name is not None and k.name == name)
+            ),
+            None,
+        )
+        if key is None:
+            raise LookupError(f"no softkey {position if position is not None else name!r} shown")
+        record: dict[str, Any] = {
+            "time": self._clock(),
+            "name": key.name,
+            "position": key.position,
+            "url": key.url,
+        }
+        self.state.presses.append(record)
+        if is_http(key.url):
+            record["result"] = "fetched"
+            screen = await self._fetch_screen(key.url)
+            self.state.screen = screen
+        elif key.url == "SoftKey:Exit":
+            record["result"] = "exit"
+            self.state.screen = Screen()
+        else:
+            record["result"] = "key"
+            self.state.keys.append(key.url)
+        return self.state.screen
+
+    # --- serving pushes -----------------------------------------------------------------------
+
+    async def _handle(self, request: Request) -> Response | None:
+        record: dict[str, Any] = {
+            "time": self._clock(),
+            "method": request.method,
+            "path": request.target,
+            "headers": {k: request.headers[k] for k in _INTERESTING if k in request.headers},
+            "authorization": "authorization" in request.headers,
+            "user": _basic_user(request.headers.get("authorization")),
+            "xml": None,
+            "items": [],
+        }
+        self.state.requests.append(record)
+        is_push = request.path == _EXECUTE_PATH and request.method == "POST"
+        if is_push:
+            self.state.pushes += 1
+        response = await self._answer(request, record)
+        if response is None:
+            record["answer"] = {"status": None, "fault": "hang"}
+            return None
+        error_kind = response.status != 200 or not response.body.startswith(
+            b'<?xml version="1.0" encoding="UTF-8"?><CiscoIPPhoneResponse'
+        )
+        if is_push and error_kind:
+            self.state.errors += 1
+        record["answer"] = {
+            "status": response.status,
+            "content_type": response.content_type,
+            "body": response.body.decode("utf-8", "replace"),
+        }
+        if is_push and self._on_push is not None:
+            self._on_push(self, record)
+        return response
+
+    async def _answer(self, request: Request, record: dict[str, Any]) -> Response | None:
+        fault = self.fault.mode
+        if fault != "none":
+            if fault == "hang":
+                return None
+            if fault == "http500":
+                return Response(500, b"Internal Server Error\n", "text/plain")
+            if fault == "garbage":
+                return Response(200, _GARBAGE, "text/xml")
+            if fault == "error":
+                return _error(self.fault.number, "simulated fault")
+        if request.path != _EXECUTE_PATH:
+            return Response(404, b"Not Found\n", "text/plain")
+        if request.method != "POST":
+            return Response(
+                405, b"Method Not Allowed\n", "text/plain", headers=(("Allow", "POST"),)
+            )
+        if request.chunked:
+            return Response(404, b"Not Found\n", "text/plain", close=True)
+        if request.expect_continue:
+            return _error(6, "Expect: 100-continue is not supported", close=True)
+        if not request.has_length:
+            return Response(411, b"Length Required\n", "text/plain", close=True)
+        if self._lock.locked() and self._waiting >= self._settings.max_waiting:
+            return _error(6, "busy")
+        self._waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            return await self._push(request, record)
+        finally:
+            self._lock.release()
+
+    async def _push(self, request: Request, record: dict[str, Any]) -> Response:
+        settings = self._settings
+        delay = settings.delay_ms + (self.fault.delay_ms if self.fault.mode == "slow" else 0)
+        if delay > 0:
+            await asyncio.sleep(delay / 1000)
+        if (settings.username or settings.auth_url) and not await self._authorized(request):
+            return _error(4, "Authentication error")
+        content_type = request.headers.get("content-type", "")
+        xml = _form_xml(request.body) if content_type[:33].lower() == _FORM else None
+        if xml is None:
+            return _error(1, "expected a form field named XML")
+        record["xml"] = xml.decode("utf-8", "replace")
+        try:
+            push = parse_push(xml)
+        except MalformedPush as exc:
+            return _error(exc.number, str(exc))
+        if isinstance(push, ExecutePush):
+            record["items"] = [{"url": i.url, "priority": i.priority} for i in push.items]
+            return _ok(await self._execute(push.items))
+        if isinstance(push, BackgroundPush):
+            self.state.background = {"icon": push.icon, "image": push.image}
+            return _ok([ResponseItem(push.image, "Success", 0)])
+        self.state.ringtone = push.url
+        return _ok([ResponseItem(push.url, "Success", 0)])
+
+    async def _authorized(self, request: Request) -> bool:
+        credentials = _basic_credentials(request.headers.get("authorization"))
+        if credentials is None:
+            return False
+        user, password = credentials
+        settings = self._settings
+        if settings.auth_url is None:
+            return hmac.compare_digest(
+                user.encode(), settings.username.encode()
+            ) & hmac.compare_digest(password.encode(), settings.password.encode())
+        query = urlencode({"UserID": user, "Password": password, "devicename": self.name})
+        separator = "&" if "?" in settings.auth_url else "?"
+        try:
+            result = await http_get(
+                f"{settings.auth_url}{separator}{query}",
+                PHONE_HEADERS,
+                timeout_s=settings.fetch_timeout,
+                ssl_context=settings.fetch_ssl,
+            )
+        except PhoneError as exc:
+            logger.warning("%s: authentication URL failed: %s", self.name, exc)
+            return False
+        return result.status == 200 and result.body == b"AUTHORIZED"
+
+    async def _execute(self, items: Sequence[ExecuteItem]) -> list[ResponseItem]:
+        done: list[ResponseItem] = []
+        tone: _Tone | None = None
+        when_idle: list[str] = []
+        loop = asyncio.get_running_loop()
+        state = self.state
+        for item in items:
+            url = item.url
+            try:
+                validate_uri(url)
+            except InvalidURI:
+                done.append(ResponseItem(url, "Invalid URI", 1))
+                continue
+            if is_http(url):
+                if tone is not None and item.priority == 2:
+                    done.append(ResponseItem(url, "Phone busy", 6))
+                elif tone is not None and item.priority == 1:
+                    when_idle.append(url)
+                else:
+                    done.append(await self._show(url))
+                continue
+            kind, _, arg = url.partition(":")
+            if kind == "Play":
+                if tone is not None:
+                    # A new tone (or Stop) cuts the one playing; that Play completes now.
+                    done.append(ResponseItem(tone.url, "Success", 0))
+                    tone = None
+                state.tones.append(arg)
+                if arg == "Stop":
+                    done.append(ResponseItem(url, "Success", 0))
+                else:
+                    state.last_tone = arg
+                    tone = _Tone(url, loop.time() + self._settings.tone_ms / 1000)
+                continue
+            if kind == "Display":
+                mode, _, minutes = arg.partition(":")
+                state.backlight = Backlight(mode, int(minutes) if minutes else None)
+            elif kind in ("Dial", "EditDial", "SendDigits"):
+                state.dialled.append(arg.partition(":")[0])
+            elif kind.startswith("RTP"):
+                direction = "transmit" if kind.endswith("Tx") else "receive"
+                state.rtp[direction] = None if arg == "Stop" else url
+            else:
+                state.keys.append(url)
+            done.append(ResponseItem(url, "Success", 0))
+        if tone is not None:
+            remaining = tone.ends_at - loop.time()
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+            done.append(ResponseItem(tone.url, "Success", 0))
+        for url in when_idle:
+            done.append(await self._show(url))
+        return done
+
+    async def _show(self, url: str) -> ResponseItem:
+        try:
+            self.state.screen = await self._fetch_screen(url)
+        except PhoneError as exc:
+            logger.info("%s: fetch of %s failed: %s", self.name, url, exc)
+            return ResponseItem(url, "URI not found", 6)
+        except WireError as exc:
+            logger.info("%s: %s is not a CiscoIPPhoneText: %s", self.name, url, exc)
+            return ResponseItem(url, "Parse error", 6)
+        return ResponseItem(url, "Success", 0)
+
+    async def _fetch_screen(self, url: str) -> Screen:
+        result = await http_get(
+            url,
+            PHONE_HEADERS,
+            timeout_s=self._settings.fetch_timeout,
+            ssl_context=self._settings.fetch_ssl,
+        )
+        if result.status != 200:
+            raise _FetchStatus(f"HTTP status {result.status} from {url}")
+        page = parse_text(result.body)
+        return Screen(page.title, page.prompt, page.text, list(page.softkeys), url)
+
+
+class _FetchStatus(PhoneError):
+    """A fetched page answered an HTTP error status (to the phone: URI not found)."""
+
+
+def _ok(items: list[ResponseItem]) -> Response:
+    return Response(200, response_xml(items).encode("utf-8"), "text/xml")
+
+
+def _error(number: int, text: str = "", *, close: bool = False) -> Response:
+    return Response(200, error_xml(number, text).encode("utf-8"), "text/xml", close=close)
+
+
+def _form_xml(body: bytes) -> bytes | None:
+    """The raw bytes of the form field named exactly ``XML`` (first one), or None."""
+    for pair in body.split(b"&"):
+        name, sep, value = pair.partition(b"=")
+        if sep and unquote_plus(name.decode("latin-1")) == "XML":
+            return unquote_to_bytes(value.replace(b"+", b" "))
+    return None
+
+
+def _basic_credentials(header: str | None) -> tuple[str, str] | None:
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep else None
+
+
+def _basic_user(header: str | None) -> str | None:
+    credentials = _basic_credentials(header)
+    return credentials[0] if credentials else None
+
+
+def _default_name(index: int) -> str:
+    # SEP + a 12-hex-digit MAC, like a real phone's device name.
+    return f"SEP0000AA{index + 1:06X}"
+
+
+class Fleet:
+    """N simulated phones and their control endpoint, as an async context manager.
+
+    Phones listen on consecutive ports from ``port`` (``port=0``: each an ephemeral port), on
+    ``host`` or, per phone, on ``hosts[i]``. The control endpoint listens on ``control_port``;
+    by default the port after the last phone (ephemeral when ``port=0``).
+    """
+
+    def __init__(
+        self,
+        phones: int = 1,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        control_port: int | None = None,
+        username: str = "",
+        password: str = "",
+        auth_url: str | None = None,
+        delay_ms: float = 0,
+        tone_ms: float = 1000,
+        tls: bool = False,
+        cert_dir: Path | None = None,
+        names: Sequence[str] | None = None,
+        hosts: Sequence[str] | None = None,
+        fetch_timeout: float = 5.0,
+        fetch_ssl: ssl.SSLContext | None = None,
+        max_waiting: int = 64,
+        on_push: PushLog | None = None,
+    ) -> None:
+        if phones < 1:
+            raise ValueError("a fleet has at least one phone")
+        if names is not None and len(names) != phones:
+            raise ValueError(f"{len(names)} names for {phones} phones")
+        if hosts is not None and len(hosts) != phones:
+            raise ValueError(f"{len(hosts)} hosts for {phones} phones")
+        if names is not None and len(set(names)) != len(names):
+            raise ValueError("phone names must be unique")
+        if port and port + phones - 1 > 65535:
+            raise ValueError(f"{phones} phones from port {port} run past 65535")
+        settings = _Settings(
+            username=username,
+            password=password,
+            auth_url=auth_url or None,
+            delay_ms=delay_ms,
+            tone_ms=tone_ms,
+            fetch_timeout=fetch_timeout,
+            max_waiting=max_waiting,
+            fetch_ssl=fetch_ssl,
+        )
+        self._settings = settings
+        self._host = host
+        self._base_port = port
+        self._control_port = control_port
+        self._tls = tls
+        self._cert_dir = cert_dir
+        self._own_cert_dir: Path | None = None
+        self._on_push = on_push
+        self._names = (
+            list(names) if names is not None else [_default_name(i) for i in range(phones)]
+        )
+        self._hosts = list(hosts) if hosts is not None else [host] * phones
+        self.phones: list[SimPhone] = []
+        self.certificate: Path | None = None
+        self.control_url = ""
+        self._control: asyncio.Server | None = None
+        self._control_connections: set[HTTPServerProtocol] = set()
+
+    async def __aenter__(self) -> Fleet:
+        server_ssl = await self._server_ssl() if self._tls else None
+        self.phones = [
+            SimPhone(
+                i,
+                name,
+                self._hosts[i],
+                self._base_port + i if self._base_port else 0,
+                self._settings,
+                server_ssl=server_ssl,
+                on_push=self._on_push,
+            )
+            for i, name in enumerate(self._names)
+        ]
+        try:
+            for phone in self.phones:
+                await phone.start()
+            control_port = self._control_port
+            if control_port is None:
+                control_port = self._base_port + len(self.phones) if self._base_port else 0
+            loop = asyncio.get_running_loop()
+            self._control = await loop.create_server(
+                lambda: HTTPServerProtocol(self._control_handle, self._control_connections),
+                self._host,
+                control_port,
+                reuse_address=True,
+            )
+        except BaseException:
+            await self._close()
+            raise
+        bound = self._control.sockets[0].getsockname()[1]
+        self.control_url = f"http://{_url_host(self._host)}:{bound}"
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        for phone in self.phones:
+            await phone.stop()
+        control, self._control = self._control, None
+        if control is not None:
+            control.close()
+            for connection in list(self._control_connections):
+                connection.abort()
+            await control.wait_closed()
+        if self._own_cert_dir is not None:
+            shutil.rmtree(self._own_cert_dir, ignore_errors=True)
+            self._own_cert_dir = None
+
+    def phone(self, key: int | str) -> SimPhone:
+        """A phone by index or by name (raises :class:`KeyError`)."""
+        if isinstance(key, int):
+            if 0 <= key < len(self.phones):
+                return self.phones[key]
+            raise KeyError(key)
+        for phone in self.phones:
+            if phone.name == key:
+                return phone
+        if key.isdigit():
+            return self.phone(int(key))
+        raise KeyError(key)
+
+    async def wait_for(
+        self,
+        predicate: Callable[[], bool],
+        timeout: float = 5.0,  # noqa: ASYNC109 - the tests' API: bounds a poll, not I/O
+    ) -> None:
+        """Poll ``predicate`` until it holds; :class:`TimeoutError` after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            # Polling: the predicate may look at anything, so there is no event to wait on.
+            while not predicate():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+
+    # --- TLS ------------------------------------------------------------------------------------
+
+    async def _server_ssl(self) -> ssl.SSLContext:
+        cert_dir = self._cert_dir
+        if cert_dir is None:
+            cert_dir = self._own_cert_dir = Path(tempfile.mkdtemp(prefix="phonepush-sim-"))
+        cert_dir.mkdir(parents=True, exist_ok=True)
+        cert, key = cert_dir / _CERT_FILE, cert_dir / _KEY_FILE
+        if not (cert.exists() and key.exists()):
+            # Kept when it exists, so a certificate pinned by a client stays valid across runs.
+            await _make_certificate(cert, key, self._names[0] if self._names else "SEP0000AA000000")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.certificate = cert
+        return context
+
+    # --- control endpoint -------------------------------------------------------------------------
+
+    async def _control_handle(self, request: Request) -> Response:
+        parts = [p for p in request.path.split("/") if p]
+        if request.method == "GET" and not parts:
+            return _text(self.summary())
+        if not parts or parts[0] != "phones" or len(parts) > 3:
+            return _json({"error": "not found"}, 404)
+        if len(parts) == 1:
+            if request.method != "GET":
+                return _json({"error": "method not allowed"}, 405)
+            return _json([p.to_dict() for p in self.phones])
+        try:
+            phone = self.phone(unquote_plus(parts[1]))
+        except KeyError:
+            return _json({"error": f"no phone {parts[1]!r}"}, 404)
+        if len(parts) == 2:
+            if request.method != "GET":
+                return _json({"error": "method not allowed"}, 405)
+            return _json(phone.to_dict())
+        if request.method != "POST":
+            return _json({"error": "method not allowed"}, 405)
+        try:
+            body = json.loads(request.body) if request.body.strip() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _json({"error": "body must be JSON"}, 400)
+        if not isinstance(body, dict):
+            return _json({"error": "body must be a JSON object"}, 400)
+        action = parts[2]
+        try:
+            if action == "fault":
+                await phone.set_fault(
+                    str(body.get("mode", "none")),
+                    number=int(body.get("number", 6)),
+                    delay_ms=float(body.get("delay_ms", 0)),
+                )
+            elif action == "reset":
+                await phone.reset()
+            elif action == "press":
+                position = body.get("position")
+                await phone.press(
+                    position=int(position) if position is not None else None,
+                    name=str(body["name"]) if "name" in body else None,
+                )
+            else:
+                return _json({"error": f"unknown action {action!r}"}, 404)
+        except (ValueError, TypeError) as exc:
+            return _json({"error": str(exc)}, 400)
+        except LookupError as exc:
+            return _json({"error": str(exc)}, 404)
+        except (PhoneError, WireError) as exc:
+            return _json({"error": f"softkey fetch failed: {exc}"}, 502)
+        return _json(phone.to_dict(requests=False))
+
+    def summary(self) -> str:
+        """A few lines a person can read: one per phone."""
+        lines = [f"phonepush simulator: {len(self.phones)} phone(s)"]
+        for p in self.phones:
+            s = p.state
+            screen = s.screen.title or s.screen.text[:30]
+            lines.append(
+                f"{p.index:>3} {p.name} {p.url} pushes={s.pushes} errors={s.errors} "
+                f"fault={p.fault.mode} screen={screen!r}"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(data).encode(), "application/json")
+
+
+def _text(text: str) -> Response:
+    return Response(200, text.encode(), "text/plain; charset=utf-8")
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def _make_certificate(cert: Path, key: Path, common_name: str) -> None:
+    """A self-signed certificate named like a phone's (``CN=SEP<MAC>``), via the openssl CLI."""
+    process = await asyncio.create_subprocess_exec(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "3650",
+        "-subj",
+        f"/CN={common_name}",
+        "-addext",
+        f"subjectAltName=DNS:{common_name}",
+        "-keyout",
+        str(key),
+        "-out",
+        str(cert),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await process.communicate()
+    if process.returncode != 0:
+        raise OSError(f"openssl could not make a certificate: {stderr.decode(errors='replace')}")
+    await asyncio.to_thread(key.chmod, 0o600)
