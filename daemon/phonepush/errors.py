@@ -17,6 +17,7 @@
     │   ├── PhoneHTTPError          HTTP status >= 400, no CiscoIPPhoneError  (5xx retryable)
     │   └── PhoneBadResponse        wrong Content-Type, malformed or hostile XML      (retryable)
     ├── TemplateError               a rule template failed to compile or render
+    ├── MqttError                   the MQTT broker refused or could not take a publish
     └── SpoolError                  the embedded store cannot take or give events
         └── SpoolFull               over the configured backlog limit: intake must slow down
 
@@ -32,6 +33,7 @@ __all__ = [
     "InvalidTarget",
     "InvalidURI",
     "MalformedPush",
+    "MqttError",
     "PhoneAuthError",
     "PhoneBadResponse",
     "PhoneError",
@@ -156,6 +158,10 @@ class PhoneBadResponse(PhoneError):
 
 class TemplateError(PhonepushError):
     """A rule template failed to compile or to render."""
+
+
+class MqttError(PhonepushError):
+    """A publish to the MQTT broker failed: refused by the broker, or the source is closed."""
 
 
 class SpoolError(PhonepushError):
