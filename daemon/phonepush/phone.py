@@ -1,0 +1,344 @@
+"""Talking to one phone: ``PhoneTarget`` (where and how), ``PhoneClient`` (the HTTP side of a push).
+
+Every httpx, ssl and OS error is translated here, once, into :mod:`phonepush.errors`; nothing
+above this module sees an httpx exception.
+
+Choices (see ``docs/design.md`` and ``docs/performance.md`` for the why):
+
+* **One small client per phone.** Each ``PhoneClient`` owns an ``httpx.AsyncClient`` whose pool
+  holds one keep-alive connection, and an ``asyncio.Lock`` so pushes to a phone go one at a time
+  (phones take one push at a time). A single pool shared by hundreds of phones costs work per
+  request proportional to its open connections. The transport is injectable, so a faster one
+  (``httpx-aiohttp``) or a test double can be dropped in; an injected transport is owned by the
+  client (closed with it) and brings its own TLS settings.
+* **Request shape.** ``POST /CGI/Execute``, ``Content-Type: application/x-www-form-urlencoded``,
+  one field ``XML``, always a ``Content-Length``; never chunked, never ``Expect:`` (phones answer
+  404 or error 6 to those). No redirects, no proxies from the environment (phones are on the LAN),
+  ``Accept-Encoding: identity`` (nothing to decompress, so nothing to bomb us with).
+* **Basic credentials** are encoded as ISO-8859-1 when they fit (as the reference client, through
+  ``requests``, sends them), else UTF-8.
+* **HTTPS with a pinned certificate** (``certificate``): the peer must present a chain ending in
+  that certificate (it may be the phone's own, self-signed or CA-issued); the host name is not
+  checked, since a phone's certificate names its MAC, not its address. Because the key is pinned,
+  the pinned path also allows TLS 1.0 when the local OpenSSL permits it (7900-series phones speak
+  nothing newer); the newest version both sides speak is still negotiated.
+* **HTTPS with a CA bundle** (``ca_file``) or neither: normal verification, host name included.
+* **Answers** are read up to :data:`phonepush.cisco.MAX_RESPONSE_BYTES` (one byte more to detect
+  overflow) and parsed by :func:`phonepush.cisco.parse_response`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import math
+import re
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Final, Literal, Self
+
+import httpx
+
+from phonepush import __version__, cisco
+from phonepush.cisco import ResponseItem
+from phonepush.errors import (
+    InvalidTarget,
+    PhoneBadResponse,
+    PhoneError,
+    PhoneTimeout,
+    PhoneUnreachable,
+)
+from phonepush.uri import ExecuteItem
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "PhoneClient",
+    "PhoneTarget",
+    "Scheme",
+    "parse_host",
+]
+
+Scheme = Literal["http", "https"]
+
+#: Seconds to wait for a phone; ``Play:`` holds the answer until the tone has played.
+DEFAULT_TIMEOUT: Final = 10.0
+_PATH: Final = "/CGI/Execute"
+_FORM: Final = "application/x-www-form-urlencoded"
+# The reference client's host grammar, ASCII only (its IGNORECASE also lets e.g. U+212A through).
+_HOSTNAME: Final = re.compile(r"(?:[A-Za-z0-9\-]+\.)*[A-Za-z0-9\-]+")
+
+
+def parse_host(text: str) -> tuple[str, int | None]:
+    """Split ``HOST[:PORT]`` as the reference client does, with its error messages.
+
+    The port is whatever follows the last ``:`` and is checked first (``Invalid port: X``), then
+    the host against the host-name grammar (``Invalid host: X``); both raise
+    :class:`~phonepush.errors.InvalidTarget`. IPv6 literals are not accepted here.
+    """
+    host, port = text, None
+    if ":" in text:
+        host, port_text = text.rsplit(":", maxsplit=1)
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise InvalidTarget(f"Invalid port: {port_text}") from None
+        if not 1 <= port <= 65535:
+            raise InvalidTarget(f"Invalid port: {port}")
+    if not _HOSTNAME.fullmatch(host):
+        raise InvalidTarget(f"Invalid host: {host}")
+    return host, port
+
+
+def _valid_host(host: str) -> bool:
+    if _HOSTNAME.fullmatch(host):
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class PhoneTarget:
+    """Where a phone is and how to reach it.
+
+    ``port`` defaults to 80 for http and 443 for https; setting ``certificate`` implies https.
+    ``host`` is a host name, an IPv4 or a bare IPv6 address. Raises
+    :class:`~phonepush.errors.InvalidTarget` for an unusable value.
+    """
+
+    name: str
+    host: str
+    port: int | None = None
+    scheme: Scheme = "http"
+    username: str = ""
+    password: str = field(default="", repr=False)
+    certificate: str | None = None
+    ca_file: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if self.certificate:
+            object.__setattr__(self, "scheme", "https")
+        if self.scheme not in ("http", "https"):
+            raise InvalidTarget(f"Invalid scheme: {self.scheme}")
+        if not _valid_host(self.host):
+            raise InvalidTarget(f"Invalid host: {self.host}")
+        if self.port is not None and not 1 <= self.port <= 65535:
+            raise InvalidTarget(f"Invalid port: {self.port}")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise InvalidTarget(f"Invalid timeout: {self.timeout}")
+
+    @property
+    def effective_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return 443 if self.scheme == "https" else 80
+
+    @property
+    def authority(self) -> str:
+        """``host:port`` as it appears in a URL (IPv6 in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.effective_port}"
+
+
+def _basic_auth(username: str, password: str) -> str:
+    raw = f"{username}:{password}"
+    try:
+        data = raw.encode("latin-1")
+    except UnicodeEncodeError:
+        data = raw.encode("utf-8")
+    return "Basic " + base64.b64encode(data).decode("ascii")
+
+
+def _ssl_context(target: PhoneTarget) -> ssl.SSLContext:
+    if target.certificate:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=target.certificate)
+        # Pinning a CA-issued leaf (a phone's MIC/LSC) needs OpenSSL to accept a chain that ends at
+        # a trusted certificate which is not self-signed.
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        _allow_tls10(context)
+        return context
+    if target.ca_file:
+        return ssl.create_default_context(cafile=target.ca_file)
+    return ssl.create_default_context()
+
+
+def _allow_tls10(context: ssl.SSLContext) -> None:
+    # OpenSSL 3 refuses TLS 1.0/1.1 above security level 0; a build without them refuses the
+    # settings, and then the defaults (TLS 1.2+) stay.
+    try:
+        context.set_ciphers("DEFAULT:@SECLEVEL=0")
+        context.minimum_version = ssl.TLSVersion.TLSv1
+    except (ssl.SSLError, ValueError):
+        context.set_ciphers("DEFAULT")
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+
+
+def _reason(exc: BaseException) -> str:
+    """The most specific human-readable cause in an exception chain."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return f"TLS certificate verify failed: {current.verify_message}"
+        if isinstance(current, ssl.SSLError):
+            return f"TLS error: {current.reason or current}"
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        current = current.__cause__ or current.__context__
+    return str(exc) or type(exc).__name__
+
+
+class PhoneClient:
+    """Pushes to one phone. Use as ``async with PhoneClient(target) as phone: ...``; the HTTP
+    client is opened on entry or on the first push, and closed on exit or by :meth:`aclose`.
+
+    Every method raises only :class:`~phonepush.errors.PhoneError` subclasses (with ``phone`` set
+    to the target's name) for failures of the push, or :class:`~phonepush.errors.WireError` for
+    objects that cannot be built.
+    """
+
+    def __init__(
+        self, target: PhoneTarget, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.target = target
+        self.url = f"{target.scheme}://{target.authority}{_PATH}"
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._closed = False
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"PhoneClient({self.target.name!r}, {self.url!r})"
+
+    async def __aenter__(self) -> Self:
+        self._open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection. Also for owners that keep the client without ``async with``
+        (the dispatcher makes clients on first use and closes them on reload or shutdown)."""
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def _open(self) -> httpx.AsyncClient:
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        if self._client is not None:
+            return self._client
+        transport = self._transport
+        if transport is None:
+            try:
+                context = _ssl_context(self.target) if self.target.scheme == "https" else None
+            except (OSError, ssl.SSLError) as exc:
+                raise PhoneUnreachable(
+                    f"Cannot use certificate {self.target.certificate or self.target.ca_file}: "
+                    f"{_reason(exc)}",
+                    phone=self.target.name,
+                ) from exc
+            transport = httpx.AsyncHTTPTransport(
+                verify=context if context is not None else True,
+                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                retries=0,
+            )
+        headers = {"User-Agent": f"phonepush/{__version__}", "Accept-Encoding": "identity"}
+        if self.target.username:
+            headers["Authorization"] = _basic_auth(self.target.username, self.target.password)
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            timeout=httpx.Timeout(self.target.timeout),
+            headers=headers,
+            follow_redirects=False,
+            trust_env=False,
+        )
+        return self._client
+
+    async def push(self, xml: str, *, receipts: bool = True) -> list[ResponseItem]:
+        """POST one XML object; return the phone's ResponseItems (in its completion order).
+
+        ``receipts=False`` is for objects whose success answer is undocumented (setBackground,
+        setRingTone): any 2xx answer that is not a CiscoIPPhoneError counts as success.
+        """
+        body = cisco.form_body(xml)
+        async with self._lock:
+            status, content_type, answer = await self._post(self._open(), body)
+        try:
+            return cisco.parse_response(answer, content_type, status, receipts=receipts)
+        except PhoneError as exc:
+            exc.phone = self.target.name
+            raise
+
+    async def execute(self, items: Sequence[ExecuteItem]) -> list[ResponseItem]:
+        """Send 1-3 items in one CiscoIPPhoneExecute request (see :func:`phonepush.cisco.pack`)."""
+        return await self.push(cisco.execute_xml(items))
+
+    async def set_background(self, icon: str, image: str) -> None:
+        """Push a setBackground (thumbnail ``icon`` and full-size ``image`` URLs)."""
+        await self.push(cisco.background_xml(icon, image), receipts=False)
+
+    async def set_ringtone(self, url: str) -> None:
+        """Push a setRingTone (URL of a raw µ-law 8 kHz file)."""
+        await self.push(cisco.ringtone_xml(url), receipts=False)
+
+    async def _post(self, client: httpx.AsyncClient, body: bytes) -> tuple[int, str | None, bytes]:
+        target = self.target
+        try:
+            async with client.stream(
+                "POST", self.url, content=body, headers={"Content-Type": _FORM}
+            ) as response:
+                answer = await _read_capped(response, cisco.MAX_RESPONSE_BYTES + 1)
+                return response.status_code, response.headers.get("Content-Type"), answer
+        except httpx.ConnectTimeout as exc:
+            raise PhoneTimeout(
+                f"Timed out after {target.timeout:g} s connecting to {target.authority}",
+                phone=target.name,
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise PhoneTimeout(
+                f"Timed out after {target.timeout:g} s waiting for {target.authority}",
+                phone=target.name,
+            ) from exc
+        except httpx.ConnectError as exc:
+            raise PhoneUnreachable(
+                f"Cannot connect to {target.authority}: {_reason(exc)}", phone=target.name
+            ) from exc
+        except httpx.RemoteProtocolError as exc:
+            # The phone closed the connection or sent something that is not HTTP/1.1.
+            raise PhoneBadResponse(
+                f"Bad answer from {target.authority}: {_reason(exc)}", phone=target.name
+            ) from exc
+        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
+            raise PhoneUnreachable(
+                f"Connection to {target.authority} failed: {_reason(exc)}", phone=target.name
+            ) from exc
+
+
+async def _read_capped(response: httpx.Response, cap: int) -> bytes:
+    # Raw bytes: nothing is decompressed, so the cap bounds memory whatever the phone sends.
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= cap:
+            break
+    return b"".join(chunks)[:cap]
