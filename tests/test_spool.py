@@ -1,0 +1,521 @@
+"""The spool on real SQLite files: what intake commits is there after a close, a crash or a full
+disk, and nothing a failed call attempted is half there.
+
+Making a file unwritable as root: root ignores permission bits, so these tests use mechanisms root
+cannot override. A full disk is a real, small tmpfs filled with a filler file (ENOSPC); a directory
+nothing may be created in is ``chattr +i``. Both need privileges (mount, CAP_LINUX_IMMUTABLE) and
+are skipped, saying why, where they are not available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phonepush.errors import SpoolError, SpoolFull
+from phonepush.events import Event
+from phonepush.spool import SCHEMA_VERSION, Delivery, NewDelivery, PushRequest, Spool
+
+EXECUTE = PushRequest(
+    "execute",
+    '<?xml version="1.0" encoding="UTF-8"?><CiscoIPPhoneExecute>'
+    '<ExecuteItem URL="Play:Chime.raw"/></CiscoIPPhoneExecute>',
+)
+BACKGROUND = PushRequest(
+    "background",
+    '<?xml version="1.0" encoding="UTF-8"?><setBackground><background>'
+    "<image>http://192.0.2.1/bg.png</image><icon>http://192.0.2.1/i.png</icon>"
+    "</background></setBackground>",
+)
+PAGE = (
+    '<?xml version="1.0" encoding="UTF-8"?><CiscoIPPhoneText><Title>Door</Title>'
+    "<Text>Front door opened</Text></CiscoIPPhoneText>"
+)
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def event(topic: str = "home/door", payload: bytes = b'{"state": "open"}', **kw: Any) -> Event:
+    return Event("mqtt", topic, payload, {"content-type": "application/json"}, **kw)
+
+
+def delivery(phone: str = "desk-1", rule: str = "door", **kw: Any) -> NewDelivery:
+    kw.setdefault("requests", (EXECUTE,))
+    kw.setdefault("expires_at", 5_000.0)
+    return NewDelivery(rule, phone, **kw)
+
+
+def add(
+    spool: Spool,
+    ev: Event | None = None,
+    *deliveries: NewDelivery,
+    rules: Sequence[str] = ("door",),
+    pages: Mapping[str, str] | None = None,
+    cooldowns: Sequence[tuple[str, str, float]] = (),
+) -> list[Delivery]:
+    """Intake's call, with one pending delivery to desk-1 unless told otherwise."""
+    return spool.add_event(
+        ev or event(),
+        rules=rules,
+        deliveries=deliveries or (delivery(),),
+        pages=pages or {},
+        cooldowns=cooldowns,
+    )
+
+
+# -- round trip -----------------------------------------------------------------------------
+
+
+async def test_round_trip_event_deliveries_pages(tmp_path: Path) -> None:
+    clock = Clock(1_234.5)
+    async with Spool(tmp_path / "spool.db", clock=clock) as spool:
+        ev = event(payload=b"\xff\x00 not utf-8", received_at=1_230.0)
+        stored = add(
+            spool,
+            ev,
+            delivery("desk-1", requests=(EXECUTE, BACKGROUND)),
+            delivery("desk-2", state="suppressed", error="in cooldown"),
+            rules=["door", "night"],
+            pages={"p-" + ev.id: PAGE},
+        )
+
+        assert [d.phone for d in stored] == ["desk-1", "desk-2"]
+        assert stored[0].id < stored[1].id
+        assert stored[0].requests == (EXECUTE, BACKGROUND)
+        assert stored[0].created_at == 1_234.5
+        assert (stored[0].sent, stored[0].attempts, stored[0].state) == (0, 0, "pending")
+        assert (stored[1].state, stored[1].error) == ("suppressed", "in cooldown")
+        # The suppressed delivery is on record but is no work to do.
+        assert spool.pending_count() == 1
+        assert spool.pending() == [stored[0]]
+
+        record = spool.event(ev.id)
+        assert record is not None
+        assert (record.source, record.topic, record.received_at) == ("mqtt", "home/door", 1_230.0)
+        assert record.payload == b"\xff\x00 not utf-8"
+        assert record.headers == {"content-type": "application/json"}
+        assert record.rules == ("door", "night")
+        assert record.deliveries == tuple(stored)
+
+        assert spool.page("p-" + ev.id) == PAGE
+        assert spool.page("p-unknown") is None
+        assert spool.event("no-such-event") is None
+
+
+async def test_progress_and_finish(tmp_path: Path) -> None:
+    async with Spool(tmp_path / "spool.db") as spool:
+        (first,) = add(spool, None, delivery(requests=(EXECUTE, BACKGROUND, EXECUTE)))
+        (second,) = add(spool)
+        assert spool.pending_count() == 2
+
+        spool.progress(first.id, sent=2, attempts=3, error="PhoneTimeout: no answer")
+        (resumed, _) = spool.pending()
+        assert (resumed.sent, resumed.attempts, resumed.error) == (2, 3, "PhoneTimeout: no answer")
+
+        spool.finish(first.id, "delivered")
+        assert spool.pending_count() == 1
+        assert [d.id for d in spool.pending()] == [second.id]
+        # Finishing again, or recording progress on a finished delivery, changes nothing.
+        spool.finish(first.id, "failed", "late")
+        spool.progress(first.id, sent=0, attempts=9)
+        assert spool.pending_count() == 1
+        record = spool.event(first.event_id)
+        assert record is not None
+        (done,) = record.deliveries
+        assert (done.state, done.error, done.sent, done.attempts) == ("delivered", "", 2, 3)
+
+        with pytest.raises(ValueError, match="pending"):
+            spool.finish(second.id, "pending")
+
+
+async def test_recent_events_newest_first(tmp_path: Path) -> None:
+    async with Spool(tmp_path / "spool.db") as spool:
+        ids = [add(spool, event(topic=f"t/{i}"))[0].event_id for i in range(5)]
+        recent = spool.recent_events(limit=3)
+        assert [r.id for r in recent] == ids[::-1][:3]
+        assert [r.topic for r in recent] == ["t/4", "t/3", "t/2"]
+        assert all(len(r.deliveries) == 1 for r in recent)
+
+
+# -- durability -----------------------------------------------------------------------------
+
+
+async def test_pending_resumes_in_order_after_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    async with Spool(path) as spool:
+        stored = [add(spool, event(topic=f"t/{i}"))[0] for i in range(4)]
+        spool.progress(stored[0].id, sent=1, attempts=1)
+        spool.finish(stored[2].id, "expired", "TTL reached")
+
+    async with Spool(path) as spool:
+        assert spool.pending_count() == 3
+        pending = spool.pending()
+        assert [d.id for d in pending] == [stored[0].id, stored[1].id, stored[3].id]
+        assert pending[0].sent == 1
+        # New work after a restart gets ids after the old ones.
+        (newer,) = add(spool)
+        assert newer.id > stored[3].id
+        assert spool.pending()[-1].id == newer.id
+
+
+_CRASH_WRITER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from phonepush.events import Event
+    from phonepush.spool import NewDelivery, PushRequest, Spool
+
+    async def main(path: str) -> None:
+        request = PushRequest("execute", "<CiscoIPPhoneExecute/>")
+        phones = ["desk-1", "desk-2", "desk-3"]
+        async with Spool(path) as spool:
+            i = 0
+            while True:
+                ev = Event("webhook", "alarm", b"payload %d" % i, {})
+                spool.add_event(
+                    ev,
+                    rules=["alarm"],
+                    deliveries=[NewDelivery("alarm", p, (request,), 9e9) for p in phones],
+                    pages={f"page-{ev.id}": "<CiscoIPPhoneText/>"},
+                    cooldowns=[("alarm", "k", 9e9)],
+                )
+                # Only printed once add_event has returned, i.e. the event was acknowledged.
+                print(ev.id, flush=True)
+                i += 1
+
+    asyncio.run(main(sys.argv[1]))
+    """
+)
+
+
+async def test_every_returned_add_event_survives_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _CRASH_WRITER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdout is not None
+    acknowledged = []
+    try:
+        for line in writer.stdout:
+            acknowledged.append(line.strip())
+            if len(acknowledged) == 300:
+                break
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert writer.returncode == -signal.SIGKILL
+    assert len(acknowledged) == 300
+
+    async with Spool(path) as spool:
+        for event_id in acknowledged:
+            record = spool.event(event_id)
+            assert record is not None, event_id
+            assert len(record.deliveries) == 3
+            assert spool.page(f"page-{event_id}") == "<CiscoIPPhoneText/>"
+        # The writer may have committed a few more after the last line we read, never a part of
+        # one: every stored event has all three deliveries.
+        assert spool.pending_count() % 3 == 0
+        assert spool.pending_count() >= 3 * len(acknowledged)
+
+
+# -- backlog limit --------------------------------------------------------------------------
+
+
+async def test_spool_full_writes_nothing(tmp_path: Path) -> None:
+    async with Spool(tmp_path / "spool.db", max_pending=3) as spool:
+        add(spool, None, delivery("a"), delivery("b"))
+        refused = event(topic="refused")
+        with pytest.raises(SpoolFull):
+            add(
+                spool,
+                refused,
+                delivery("c"),
+                delivery("d"),
+                pages={"p-refused": PAGE},
+                cooldowns=[("door", "key", 9_999.0)],
+            )
+        assert spool.event(refused.id) is None
+        assert spool.page("p-refused") is None
+        assert not spool.in_cooldown("door", "key", 1_000.0)
+        assert spool.pending_count() == 2
+        assert len(spool.pending()) == 2
+
+        # Deliveries recorded as suppressed or failed are not work, so they are not refused.
+        add(spool, None, delivery("c", state="failed", error="URI too long"))
+        # Exactly at the limit is allowed; finishing one makes room again.
+        (third,) = add(spool, None, delivery("c"))
+        with pytest.raises(SpoolFull):
+            add(spool)
+        spool.finish(third.id, "delivered")
+        add(spool)
+        assert spool.pending_count() == 3
+
+
+# -- failures and recovery ------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB tmpfs: filling it makes writes fail with ENOSPC, as on a full disk."""
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "--lazy", str(mountpoint)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Write a filler file until the filesystem is full."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_full_disk_is_a_spool_error_then_recovers(small_disk: Path) -> None:
+    async with Spool(small_disk / "spool.db") as spool:
+        (kept,) = add(spool)
+        assert spool.healthy
+        filler = fill(small_disk)
+
+        big = event(payload=b"x" * 64_000)
+        with pytest.raises(SpoolError, match="full") as caught:
+            add(spool, big, delivery("a"), delivery("b"), pages={"p-big": PAGE})
+        assert isinstance(caught.value.__cause__, sqlite3.Error)
+        assert not spool.healthy
+        with pytest.raises(SpoolError):
+            spool.check()
+        # Rolled back, and the counter agrees with the file.
+        assert spool.event(big.id) is None
+        assert spool.page("p-big") is None
+        assert spool.pending_count() == 1
+        assert [d.id for d in spool.pending()] == [kept.id]
+
+        # Space comes back: the same spool, without a restart, takes writes again.
+        filler.unlink()
+        spool.check()
+        assert spool.healthy
+        stored = add(spool, big, delivery("a"), delivery("b"), pages={"p-big": PAGE})
+        assert spool.pending_count() == 3
+        assert [d.id for d in spool.pending()] == [kept.id] + [d.id for d in stored]
+        spool.finish(kept.id, "delivered")
+        assert spool.pending_count() == 2
+
+    async with Spool(small_disk / "spool.db") as reopened:
+        assert reopened.pending_count() == 2
+        assert reopened.page("p-big") == PAGE
+
+
+async def test_finish_on_a_full_disk_keeps_the_delivery_pending(small_disk: Path) -> None:
+    async with Spool(small_disk / "spool.db") as spool:
+        stored = [add(spool)[0] for _ in range(3)]
+        filler = fill(small_disk)
+        # Each failed update leaves the delivery pending and counted; the first one to get space
+        # goes through.
+        failures = 0
+        for d in stored:
+            try:
+                spool.finish(d.id, "delivered")
+            except SpoolError:
+                failures += 1
+        assert failures > 0
+        assert spool.pending_count() == len(spool.pending()) == failures
+        filler.unlink()
+        for d in spool.pending():
+            spool.finish(d.id, "delivered")
+        assert spool.pending_count() == 0
+        assert spool.pending() == []
+        assert spool.healthy
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    done = subprocess.run(["chattr", flag, str(path)], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+async def test_unwritable_directory_is_a_clear_error_at_open(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if not _chattr("+i", locked):
+        pytest.skip("chattr +i is not available on this filesystem")
+    try:
+        with pytest.raises(SpoolError, match=str(locked / "spool.db")):
+            async with Spool(locked / "spool.db"):
+                pass
+    finally:
+        _chattr("-i", locked)
+    async with Spool(locked / "spool.db") as spool:
+        add(spool)
+        assert spool.pending_count() == 1
+
+
+async def test_readonly_file_fails_the_readiness_check(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    async with Spool(path) as spool:
+        add(spool)
+    if not _chattr("+i", path):
+        pytest.skip("chattr +i is not available on this filesystem")
+    try:
+        with pytest.raises(SpoolError, match="readonly"):
+            async with Spool(path):
+                pass
+    finally:
+        _chattr("-i", path)
+
+
+async def test_path_under_a_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("")
+    with pytest.raises(SpoolError, match="not-a-dir"):
+        async with Spool(tmp_path / "not-a-dir" / "spool.db"):
+            pass
+
+
+async def test_creates_missing_directories_and_versions_the_schema(tmp_path: Path) -> None:
+    path = tmp_path / "var" / "lib" / "phonepush" / "spool.db"
+    async with Spool(path) as spool:
+        add(spool)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        conn.commit()
+    with pytest.raises(SpoolError, match="newer"):
+        async with Spool(path):
+            pass
+
+
+async def test_write_lock_held_elsewhere_fails_then_recovers(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    async with Spool(path, busy_timeout=0.05) as spool:
+        add(spool)
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            blocked = event()
+            with pytest.raises(SpoolError, match="locked"):
+                add(spool, blocked)
+            assert not spool.healthy
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        assert spool.event(blocked.id) is None
+        assert spool.pending_count() == 1
+        add(spool, blocked)
+        assert spool.healthy
+        assert spool.pending_count() == 2
+
+
+async def test_closed_spool_refuses_calls(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db")
+    async with spool:
+        add(spool)
+    with pytest.raises(SpoolError, match="not open"):
+        spool.pending()
+
+
+# -- cooldowns and housekeeping -------------------------------------------------------------
+
+
+async def test_cooldown_lasts_until_its_end(tmp_path: Path) -> None:
+    async with Spool(tmp_path / "spool.db") as spool:
+        add(spool, cooldowns=[("door", "desk-1", 1_060.0)])
+        assert spool.in_cooldown("door", "desk-1", 1_000.0)
+        assert spool.in_cooldown("door", "desk-1", 1_059.9)
+        assert not spool.in_cooldown("door", "desk-1", 1_060.0)
+        assert not spool.in_cooldown("door", "desk-2", 1_000.0)
+        assert not spool.in_cooldown("window", "desk-1", 1_000.0)
+        # A later event restarts the cooldown.
+        add(spool, cooldowns=[("door", "desk-1", 1_120.0)])
+        assert spool.in_cooldown("door", "desk-1", 1_100.0)
+
+
+async def test_purge_removes_finished_old_events_only(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    async with Spool(path) as spool:
+        old_done = event(received_at=100.0)
+        old_pending = event(received_at=100.0)
+        new_done = event(received_at=900.0)
+        (d1,) = add(spool, old_done, pages={"p-old": PAGE}, cooldowns=[("door", "old", 150.0)])
+        add(spool, old_pending, pages={"p-pending": PAGE})
+        (d3,) = add(spool, new_done, pages={"p-new": PAGE}, cooldowns=[("door", "new", 950.0)])
+        spool.finish(d1.id, "delivered")
+        spool.finish(d3.id, "failed", "PhoneAuthError")
+
+        assert spool.purge(before=500.0) == 1
+        assert spool.event(old_done.id) is None
+        assert spool.page("p-old") is None
+        # Work still to do is kept however old it is; recent history is kept.
+        assert spool.event(old_pending.id) is not None
+        assert spool.page("p-pending") == PAGE
+        assert spool.event(new_done.id) is not None
+        assert spool.page("p-new") == PAGE
+        assert spool.pending_count() == 1
+        assert spool.purge(before=500.0) == 0
+
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 2
+        assert conn.execute("SELECT key FROM cooldowns").fetchall() == [("new",)]
+
+
+# -- concurrency ----------------------------------------------------------------------------
+
+
+async def test_readers_on_other_connections_do_not_block(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    async with Spool(path, busy_timeout=0.0) as spool:
+        (first,) = add(spool)
+        reader = sqlite3.connect(path, isolation_level=None)
+        try:
+            reader.execute("BEGIN")
+            assert reader.execute("SELECT count(*) FROM events").fetchone()[0] == 1
+            # With a zero busy timeout any blocking would be an error: the spool writes while a
+            # reader holds its snapshot.
+            (second,) = add(spool)
+            spool.progress(first.id, sent=1, attempts=1)
+            spool.finish(first.id, "delivered")
+            spool.check()
+            assert reader.execute("SELECT count(*) FROM events").fetchone()[0] == 1
+            reader.execute("COMMIT")
+            assert reader.execute("SELECT count(*) FROM events").fetchone()[0] == 2
+
+            # And the spool reads while another connection holds the write lock.
+            reader.execute("BEGIN IMMEDIATE")
+            reader.execute("UPDATE deliveries SET error = 'x' WHERE id = ?", (second.id,))
+            assert [d.id for d in spool.pending()] == [second.id]
+            assert spool.event(first.event_id) is not None
+            reader.execute("ROLLBACK")
+        finally:
+            reader.close()
