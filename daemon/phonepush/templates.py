@@ -1,0 +1,275 @@
+"""The sandboxed Jinja2 environment rule templates run in.
+
+Templates come from the configuration; the data they render comes from events, which anyone who
+can publish to the broker or reach a hook controls. So:
+
+* Templates run in :class:`jinja2.sandbox.ImmutableSandboxedEnvironment`: no private or dunder
+  attributes, no mutating methods. Touching an unsafe attribute is an error
+  (:class:`~phonepush.errors.TemplateError`), not a silent empty string, so a probe like
+  ``{{ cycler.__init__.__globals__ }}`` fails loudly. Event data is only ever a *value* in a
+  template, never template source, so a payload holding ``{{ ... }}`` is just text.
+* Missing data is lenient (:class:`jinja2.ChainableUndefined`): ``payload.action == 'single'``
+  on a plain-text payload, or ``payload.a.b.c`` on JSON without ``a``, is false in a ``when`` and
+  renders as the empty string in text. Rules are written against several payload shapes at once
+  (Tasmota's ``Button1.Action`` and older ``ACTION``), and an event that lacks a field should
+  not count as a failure. Doing something *with* missing data (calling it, comparing it with
+  ``<``) is still an error.
+* Render cost is bounded: output is cut off with an error past :data:`MAX_OUTPUT` characters,
+  each ``for`` loop takes at most :data:`MAX_LOOP_ITEMS` items (the rest are skipped: a phone
+  page cannot show more anyway), loops nest at most :data:`MAX_LOOP_DEPTH` deep, ``range()`` is
+  capped, ``*`` and ``**`` refuse huge results, and macros, recursive loops and the
+  accumulating ``namespace()`` are not available.
+* Autoescape is off: text is escaped for XML where the XML is built (:mod:`phonepush.cisco`).
+
+Extra filters: ``tojson`` (plain JSON, not HTML-escaped), ``fromjson``, ``digits`` (keep what a
+``Dial:`` URI takes), ``datetime(fmt)`` (an epoch number or RFC 3339 string as local time).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime
+from typing import Any, Final
+
+import jinja2
+from jinja2 import nodes
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from phonepush.errors import ConfigError, TemplateError
+
+__all__ = [
+    "MAX_LOOP_DEPTH",
+    "MAX_LOOP_ITEMS",
+    "MAX_OUTPUT",
+    "MAX_RANGE",
+    "Expression",
+    "Templates",
+    "TextTemplate",
+    "compile_expression",
+    "compile_template",
+]
+
+MAX_OUTPUT: Final = 64 * 1024
+MAX_LOOP_ITEMS: Final = 1000
+MAX_LOOP_DEPTH: Final = 2
+MAX_RANGE: Final = 1000
+_MAX_EXPONENT: Final = 256
+_BOUNDED: Final = "__phonepush_bounded"
+
+Expression = Callable[[Mapping[str, Any]], Any]
+TextTemplate = Callable[[Mapping[str, Any]], str]
+
+# What a template can raise while rendering, beyond Jinja's own errors: Python's, from operators
+# and methods applied to event data (``1 / 0``, ``'a' < 1``, ``payload['x']`` on a list).
+_RENDER_ERRORS: Final = (
+    jinja2.TemplateError,
+    ArithmeticError,
+    LookupError,
+    TypeError,
+    ValueError,
+    AttributeError,
+    RecursionError,
+)
+_FORBIDDEN: Final = {
+    nodes.Macro: "macros",
+    nodes.CallBlock: "call blocks",
+    nodes.Extends: "extends",
+    nodes.Include: "include",
+    nodes.Import: "import",
+    nodes.FromImport: "import",
+}
+_NOT_DIGITS: Final = re.compile(r"[^0-9#*]")
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**"})
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+        raise SecurityError(
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
+        )
+
+    def call_binop(
+        self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any
+    ) -> Any:
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if (
+                    isinstance(seq, str | list | tuple)
+                    and isinstance(times, int)
+                    and len(seq) * times > MAX_OUTPUT
+                ):
+                    raise SecurityError(f"'*' result over {MAX_OUTPUT} items")
+            return left * right
+        if operator == "**":
+            if isinstance(right, int | float) and abs(right) > _MAX_EXPONENT:
+                raise SecurityError(f"exponent over {_MAX_EXPONENT}")
+            return left**right
+        return super().call_binop(context, operator, left, right)
+
+
+def _range(*args: int) -> range:
+    rng = range(*args)
+    if len(rng) > MAX_RANGE:
+        raise SecurityError(f"range() of more than {MAX_RANGE} items")
+    return rng
+
+
+def _bounded(iterable: Iterable[Any]) -> Iterator[Any]:
+    if isinstance(iterable, jinja2.Undefined):
+        return iter(())
+    return itertools.islice(iterable, MAX_LOOP_ITEMS)
+
+
+def _tojson(value: Any, indent: int | None = None) -> str:
+    if isinstance(value, jinja2.Undefined):
+        return "null"
+    return json.dumps(value, ensure_ascii=False, indent=indent, default=str)
+
+
+def _fromjson(value: Any) -> Any:
+    return json.loads(str(value))
+
+
+def _digits(value: Any) -> str:
+    return _NOT_DIGITS.sub("", str(value))
+
+
+def _datetime(value: Any, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    if isinstance(value, jinja2.Undefined) or value is None or value == "":
+        return ""
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, int | float):
+        moment = datetime.fromtimestamp(value).astimezone()
+    else:
+        moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    if moment.tzinfo is not None:
+        moment = moment.astimezone()
+    return moment.strftime(fmt)
+
+
+def _center(value: Any, width: int = 80) -> str:
+    if width > MAX_OUTPUT:
+        raise SecurityError(f"center() wider than {MAX_OUTPUT}")
+    return str(value).center(width)
+
+
+class Templates:
+    """One configured sandbox; compiles ``when`` expressions and text templates against it.
+
+    A :class:`~phonepush.rules.RuleSet` makes one and compiles all its templates with it.
+    """
+
+    def __init__(self) -> None:
+        env = _Sandbox(
+            autoescape=False,
+            undefined=jinja2.ChainableUndefined,
+            keep_trailing_newline=True,
+            cache_size=0,
+        )
+        for name in ("lipsum", "cycler", "joiner", "namespace"):
+            env.globals.pop(name, None)
+        env.globals["range"] = _range
+        env.globals[_BOUNDED] = _bounded
+        env.filters.update(
+            tojson=_tojson, fromjson=_fromjson, digits=_digits, datetime=_datetime, center=_center
+        )
+        self._env = env
+
+    def compile_expression(self, source: str, where: str) -> Expression:
+        """Compile a ``when``; the callable returns its value (``None`` for undefined)."""
+        try:
+            expression = self._env.compile_expression(source)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ConfigError(f"{where}: {_syntax_message(exc)}") from exc
+
+        def evaluate(context: Mapping[str, Any]) -> Any:
+            try:
+                return expression(context)
+            except _RENDER_ERRORS as exc:
+                raise TemplateError(f"{where}: {_render_message(exc)}") from exc
+
+        return evaluate
+
+    def compile_template(self, source: str, where: str) -> TextTemplate:
+        """Compile a text template; the callable returns the rendered text."""
+        if "{" not in source:
+            # The common literal case costs nothing per event.
+            return lambda context: source
+        try:
+            tree = self._env.parse(source)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ConfigError(f"{where}: {_syntax_message(exc)}") from exc
+        _restrict(tree, where)
+        template = self._env.from_string(tree)
+
+        def render(context: Mapping[str, Any]) -> str:
+            parts: list[str] = []
+            size = 0
+            try:
+                for chunk in template.generate(context):
+                    size += len(chunk)
+                    if size > MAX_OUTPUT:
+                        raise TemplateError(f"{where}: output longer than {MAX_OUTPUT} characters")
+                    parts.append(chunk)
+            except _RENDER_ERRORS as exc:
+                raise TemplateError(f"{where}: {_render_message(exc)}") from exc
+            return "".join(parts)
+
+        return render
+
+
+def _restrict(tree: nodes.Template, where: str) -> None:
+    """Refuse what rule templates do not need and could spin on; bound every loop."""
+    for node in tree.find_all(tuple(_FORBIDDEN)):
+        raise ConfigError(f"{where}: {_FORBIDDEN[type(node)]} are not available in rule templates")
+
+    def visit(node: nodes.Node, depth: int) -> None:
+        if isinstance(node, nodes.For):
+            if node.recursive:
+                raise ConfigError(f"{where}: recursive loops are not available in rule templates")
+            depth += 1
+            if depth > MAX_LOOP_DEPTH:
+                raise ConfigError(f"{where}: loops nest at most {MAX_LOOP_DEPTH} deep")
+            node.iter = nodes.Call(
+                nodes.Name(_BOUNDED, "load", lineno=node.lineno),
+                [node.iter],
+                [],
+                None,
+                None,
+                lineno=node.lineno,
+            )
+        for child in node.iter_child_nodes():
+            visit(child, depth)
+
+    visit(tree, 0)
+
+
+def _syntax_message(exc: jinja2.TemplateSyntaxError) -> str:
+    return f"{exc.message} (template line {exc.lineno})"
+
+
+def _render_message(exc: BaseException) -> str:
+    if isinstance(exc, SecurityError):
+        return f"not allowed: {exc}"
+    return f"{type(exc).__name__}: {exc}" if not isinstance(exc, jinja2.TemplateError) else str(exc)
+
+
+def compile_expression(
+    source: str, where: str, *, templates: Templates | None = None
+) -> Expression:
+    """Compile a ``when`` expression. Compile errors raise :class:`ConfigError` naming ``where``;
+    the returned callable raises :class:`TemplateError` naming ``where``."""
+    return (templates or Templates()).compile_expression(source, where)
+
+
+def compile_template(
+    source: str, where: str, *, templates: Templates | None = None
+) -> TextTemplate:
+    """Compile a text template (message, URI, dedupe key). Errors as :func:`compile_expression`."""
+    return (templates or Templates()).compile_template(source, where)
