@@ -1,0 +1,136 @@
+"""``phonepush fire --config F (--mqtt TOPIC | --hook NAME) PAYLOAD [--dry-run]``.
+
+With ``--dry-run``: which rules match the event and the exact requests each phone would get,
+computed by the daemon's own intake code; nothing is sent or stored (cooldowns are not
+consulted). Without it: the event is injected the way a real sender would, so the running
+daemon handles it: published to the configured broker (QoS 1), or POSTed to the daemon's
+webhook with the configured token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+from phonepush.config import Config, load_config
+from phonepush.errors import ConfigError, PhonepushError
+from phonepush.events import Event
+from phonepush.intake import Intake, Plan
+from phonepush.metrics import Metrics
+from phonepush.rules import RuleSet
+from phonepush.spool import Spool
+
+__all__ = ["main"]
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Show what an event would do, or inject it into the daemon."
+    )
+    parser.add_argument("-c", "--config", type=Path, required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--mqtt", metavar="TOPIC", help="an MQTT message on TOPIC")
+    source.add_argument("--hook", metavar="NAME", help="a webhook POST /hooks/NAME")
+    parser.add_argument("payload", metavar="PAYLOAD", help="the message body (JSON or text)")
+    parser.add_argument("--dry-run", action="store_true", help="show, do not send")
+    return parser
+
+
+def main(argv: Sequence[str], prog: str = "phonepush fire") -> int:
+    args = _parser(prog).parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"{args.config}: {exc}", file=sys.stderr)
+        return 2
+    payload = args.payload.encode()
+    event = (
+        Event("mqtt", args.mqtt, payload) if args.mqtt else Event("webhook", args.hook, payload)
+    )
+    try:
+        if args.dry_run:
+            print(_describe(asyncio.run(_plan(config, event)), config))
+            return 0
+        return asyncio.run(_inject(config, event))
+    except PhonepushError as exc:
+        print(f"fire: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _plan(config: Config, event: Event) -> Plan:
+    with tempfile.TemporaryDirectory(prefix="phonepush-fire-") as tmp:
+        async with Spool(Path(tmp) / "spool.db") as spool:
+            intake = Intake(
+                RuleSet.compile(config),
+                spool,
+                public_url=config.server.public_url,
+                metrics=Metrics(),
+                submit=lambda deliveries: None,
+            )
+            return intake.plan(event)
+
+
+def _describe(plan: Plan, config: Config) -> str:
+    event = plan.event
+    lines = [f"event {event.key} ({len(event.payload)} bytes)"]
+    if not plan.rules:
+        lines.append("  no rule matches")
+    targets = config.phone_targets()
+    for rule in plan.rules:
+        lines.append(
+            f"rule {rule.rule}: {rule.state}"
+            + (f" ({rule.error})" if rule.error else "")
+            + f", {len(rule.phones)} phone(s)"
+        )
+        for phone in rule.phones if rule.requests else ():
+            target = targets[phone]
+            lines.append(f"  {phone}: POST {target.scheme}://{target.authority}/CGI/Execute")
+            for n, request in enumerate(rule.requests, 1):
+                lines.append(f"    request {n} ({request.kind}): XML={request.xml}")
+        if rule.page_id:
+            lines.append(f"  page {config.server.public_url.rstrip('/')}/pages/{rule.page_id}:")
+            lines.append(f"    {plan.pages[rule.page_id]}")
+    return "\n".join(lines)
+
+
+async def _inject(config: Config, event: Event) -> int:
+    if event.source == "webhook":
+        host, port = config.server.address
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        url = f"http://{host}:{port}/hooks/{event.topic}"
+        token = config.webhook.token
+        headers = {"Content-Type": _content_type(event.payload)}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token.get_secret_value()}"
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                answer = await client.post(url, content=event.payload, headers=headers)
+        except httpx.HTTPError as exc:
+            print(f"fire: cannot reach the daemon at {url}: {exc}", file=sys.stderr)
+            return 1
+        print(f"POST {url} -> {answer.status_code} {answer.text}")
+        return 0 if answer.status_code == 202 else 1
+    if config.mqtt is None:
+        print("fire: the config has no [mqtt] section to publish to", file=sys.stderr)
+        return 1
+    from phonepush.sources.mqtt import publish_once
+
+    await publish_once(config.mqtt, event.topic, event.payload)
+    print(f"published {len(event.payload)} bytes to {event.topic} on {config.mqtt.endpoint}")
+    return 0
+
+
+def _content_type(payload: bytes) -> str:
+    try:
+        json.loads(payload)
+    except ValueError:
+        return "text/plain; charset=utf-8"
+    return "application/json"

@@ -1,0 +1,350 @@
+"""The daemon's lifespan: open resources in order, supervise the tasks, reload, shut down.
+
+Start-up: spool → dispatcher (pending deliveries resume) → intake → MQTT source → HTTP server;
+ready once the server listens and MQTT (when configured) is subscribed.
+
+Shutdown (SIGTERM/SIGINT, or :meth:`Daemon.stop`): stop taking input (MQTT unsubscribes, the
+webhook answers 503), let requests already on the wire finish under ``drain_timeout``, cancel
+the rest (still pending in the spool for the next start), close. SIGHUP reloads the config
+atomically: a bad file keeps the old config and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from phonepush.config import Config, load_config
+from phonepush.dispatch import Dispatcher, Outcome, close_clients
+from phonepush.errors import ConfigError, PhonepushError
+from phonepush.intake import Intake
+from phonepush.metrics import Metrics
+from phonepush.phone import PhoneClient, PhoneTarget
+from phonepush.rules import RuleSet
+from phonepush.server import ServerState, create_app
+from phonepush.spool import Spool
+from phonepush.systemd import Notifier
+
+if TYPE_CHECKING:
+    from phonepush.sources.mqtt import MqttSource
+
+__all__ = ["Daemon", "Running"]
+
+log = logging.getLogger("phonepush.daemon")
+
+#: Finished events, deliveries and pages are kept this long for status queries, then purged.
+RETENTION_SECONDS = 7 * 86400
+_HOUSEKEEPING_INTERVAL = 3600.0
+#: How long start-up waits for the broker before declaring itself ready anyway (``/readyz``
+#: still says MQTT is down): a broker outage must not keep the webhook side from serving.
+_MQTT_READY_WAIT = 10.0
+#: Concurrent HTTP connections the server takes before answering 503.
+_MAX_CONNECTIONS = 1000
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon owns signals and shutdown order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass(slots=True)
+class Running:
+    """The live parts of a started daemon, for tests and in-process users (``demo``)."""
+
+    config: Config
+    spool: Spool
+    dispatcher: Dispatcher
+    intake: Intake
+    metrics: Metrics
+    mqtt: MqttSource | None
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class Daemon:
+    """One daemon run. ``await run()`` until :meth:`stop` (or a signal when ``handle_signals``).
+
+    Doubles come in through the constructor: a metrics ``registry`` and a ``client_factory``
+    for phone clients.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        registry: CollectorRegistry | None = None,
+        client_factory: Callable[[PhoneTarget], PhoneClient] = PhoneClient,
+        notifier: Notifier | None = None,
+        handle_signals: bool = False,
+        drain_timeout: float = 10.0,
+    ) -> None:
+        self.config = config
+        self._config_path = config_path
+        self._metrics = Metrics(registry)
+        self._client_factory = client_factory
+        self._notifier = notifier if notifier is not None else Notifier()
+        self._handle_signals = handle_signals
+        self._drain_timeout = drain_timeout
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.running: Running | None = None
+
+    def stop(self) -> None:
+        """Begin an orderly shutdown (safe to call from a signal handler)."""
+        self._stop.set()
+
+    def reload(self) -> None:
+        """Reload the configuration file (SIGHUP)."""
+        self._reload.set()
+
+    async def run(self) -> None:
+        config = self.config
+        rules = RuleSet.compile(config)
+        metrics = self._metrics
+        async with AsyncExitStack() as stack:
+            spool = await stack.enter_async_context(
+                Spool(
+                    config.spool.path,
+                    max_pending=config.spool.max_pending,
+                    synchronous=config.spool.synchronous,
+                )
+            )
+            mqtt: MqttSource | None = None
+            dispatcher = await stack.enter_async_context(
+                Dispatcher(
+                    spool,
+                    config.phone_targets(),
+                    metrics=metrics,
+                    concurrency=config.dispatch.concurrency,
+                    retry_initial=config.dispatch.retry_initial,
+                    retry_max=config.dispatch.retry_max,
+                    client_factory=self._client_factory,
+                    on_outcome=self._publish_outcome,
+                )
+            )
+            intake = Intake(
+                rules,
+                spool,
+                public_url=config.server.public_url,
+                metrics=metrics,
+                submit=dispatcher.submit,
+            )
+            if config.mqtt is not None:
+                # paho is imported only by daemons that use MQTT.
+                from phonepush.sources.mqtt import MqttSource
+
+                mqtt = await stack.enter_async_context(
+                    MqttSource(
+                        config.mqtt, filters=rules.mqtt_filters, accept=intake, metrics=metrics
+                    )
+                )
+            self._mqtt = mqtt
+            state = ServerState(
+                intake,
+                spool,
+                metrics,
+                token=_secret(config.webhook.token),
+                hmac_secret=_secret(config.webhook.hmac_secret),
+                max_body=config.server.max_body,
+            )
+            if mqtt is not None:
+                state.readiness["mqtt"] = lambda: "" if mqtt.connected else "not connected"
+            sock = _bind(config.server.listen)
+            stack.callback(sock.close)
+            server = _Server(
+                uvicorn.Config(
+                    create_app(state),
+                    log_config=None,
+                    access_log=False,
+                    lifespan="off",
+                    # Bounds on what clients can make us hold: concurrent connections (503
+                    # beyond), header size (h11), idle keep-alive.
+                    limit_concurrency=_MAX_CONNECTIONS,
+                    h11_max_incomplete_event_size=16 * 1024,
+                    timeout_keep_alive=15,
+                    timeout_graceful_shutdown=2,
+                )
+            )
+            port = sock.getsockname()[1]
+            self.running = Running(config, spool, dispatcher, intake, metrics, mqtt, port)
+            resumed = spool.pending()
+            dispatcher.submit(resumed)
+            metrics.spool_pending.set(spool.pending_count())
+            if resumed:
+                log.info("resuming %d pending deliveries from the spool", len(resumed))
+
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(server.serve(sockets=[sock]), name="http")]
+                if mqtt is not None:
+                    tasks.append(tg.create_task(mqtt.run(), name="mqtt"))
+                tasks.append(tg.create_task(self._housekeeping(spool), name="housekeeping"))
+                if self._notifier.watchdog_interval:
+                    tasks.append(tg.create_task(self._notifier.watchdog_loop(), name="watchdog"))
+                with self._signals():
+                    await self._until_ready(server, mqtt)
+                    log.info(
+                        "phonepush ready: listening on %s, %d phones, %d rules%s",
+                        config.server.listen,
+                        len(config.phones),
+                        len(config.rules),
+                        f", MQTT {_redact(config.mqtt.url)}" if config.mqtt is not None else "",
+                    )
+                    self.ready.set()
+                    self._notifier.ready("listening")
+                    await self._serve_until_stopped(state, rules)
+                log.info("stopping: intake closed, draining deliveries")
+                self._notifier.stopping()
+                if mqtt is not None:
+                    await mqtt.stop_intake()
+                state.accepting = False
+                cut = await dispatcher.drain(self._drain_timeout)
+                server.should_exit = True
+                for task in tasks[1:]:
+                    task.cancel()
+            log.info(
+                "stopped; %d deliveries left pending in the spool%s",
+                spool.pending_count(),
+                f" ({cut} cut short)" if cut else "",
+            )
+
+    async def _until_ready(self, server: _Server, mqtt: MqttSource | None) -> None:
+        # uvicorn and paho offer flags, not events, for "listening" and "connected".
+        while not server.started:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        deadline = time.monotonic() + _MQTT_READY_WAIT
+        while mqtt is not None and not mqtt.connected and time.monotonic() < deadline:
+            if self._stop.is_set():
+                return
+            await asyncio.sleep(0.01)
+
+    async def _serve_until_stopped(self, state: ServerState, rules: RuleSet) -> None:
+        while not self._stop.is_set():
+            stop = asyncio.ensure_future(self._stop.wait())
+            reload = asyncio.ensure_future(self._reload.wait())
+            try:
+                await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                reload.cancel()
+            if self._reload.is_set() and not self._stop.is_set():
+                self._reload.clear()
+                await self._apply_reload(state)
+
+    async def _apply_reload(self, state: ServerState) -> None:
+        running = self.running
+        assert running is not None
+        self._notifier.reloading()
+        try:
+            if self._config_path is None:
+                raise ConfigError("no configuration file to reload")
+            config = load_config(self._config_path)
+            rules = RuleSet.compile(config)
+        except PhonepushError as exc:
+            self._metrics.config_reloads.labels("error").inc()
+            log.error("reload failed, keeping the running configuration:\n%s", exc)
+            self._notifier.ready("reload failed; running the previous configuration")
+            return
+        for key in ("server.listen", "spool.path", "mqtt"):
+            if _dig(config, key) != _dig(running.config, key):
+                log.warning("reload: %s changed; it takes effect after a restart", key)
+        running.intake.rules = rules
+        running.config = self.config = config
+        stale = running.dispatcher.update_phones(config.phone_targets())
+        await close_clients(stale)
+        if running.mqtt is not None:
+            running.mqtt.update_filters(rules.mqtt_filters)
+        state.token = _secret(config.webhook.token)
+        state.hmac_secret = _secret(config.webhook.hmac_secret)
+        state.max_body = config.server.max_body
+        self._metrics.config_reloads.labels("ok").inc()
+        log.info("reloaded: %d phones, %d rules", len(config.phones), len(config.rules))
+        self._notifier.ready("reloaded")
+
+    async def _publish_outcome(self, outcome: Outcome) -> None:
+        if self._mqtt is not None:
+            await self._mqtt.publish_outcome(outcome.as_dict())
+
+    async def _housekeeping(self, spool: Spool) -> None:
+        while True:
+            removed = spool.purge(time.time() - RETENTION_SECONDS)
+            if removed:
+                log.info(
+                    "purged %d finished rows older than %d days",
+                    removed,
+                    RETENTION_SECONDS // 86400,
+                )
+            await asyncio.sleep(_HOUSEKEEPING_INTERVAL)
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        if not self._handle_signals:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        handled = {signal.SIGTERM: self.stop, signal.SIGINT: self.stop, signal.SIGHUP: self.reload}
+        for sig, handler in handled.items():
+            loop.add_signal_handler(sig, handler)
+        try:
+            yield
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+
+
+def _secret(value: object) -> str | None:
+    if value is None:
+        return None
+    getter = getattr(value, "get_secret_value", None)
+    text = getter() if callable(getter) else str(value)
+    return text or None
+
+
+def _redact(url: str) -> str:
+    """A URL fit for logs: no user information."""
+    scheme, sep, rest = url.partition("://")
+    return scheme + sep + rest.rpartition("@")[2]
+
+
+def _dig(config: Config, dotted: str) -> object:
+    value: object = config
+    for part in dotted.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _bind(listen: str) -> socket.socket:
+    """Bind the HTTP socket ourselves: a busy port fails start-up with a clear message, and
+    tests can listen on port 0 and learn the port."""
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port_text)))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"server.listen: cannot listen on {listen}: {exc.strerror}") from exc
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock

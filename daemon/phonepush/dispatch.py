@@ -1,0 +1,305 @@
+"""The dispatcher: deliveries from the spool to the phones.
+
+One worker task per phone takes that phone's deliveries in order and sends their requests one at a
+time (phones handle one push at a time). Workers run concurrently, bounded by a global semaphore,
+so a dead or slow phone holds up only its own queue. Transient failures (unreachable, timeout, HTTP
+5xx, error 6, unreadable answer) are retried with full-jitter exponential backoff until the
+delivery's TTL; permanent ones (error 1/2/3/4, an item the phone refused) fail at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from phonepush.errors import PhoneError, PhoneTimeout, PhoneUnreachable
+from phonepush.metrics import Metrics
+from phonepush.phone import PhoneClient, PhoneTarget
+from phonepush.spool import Delivery, Spool
+
+__all__ = ["Dispatcher", "Outcome", "close_clients"]
+
+log = logging.getLogger("phonepush.dispatch")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one delivery ended: published to MQTT when configured, and logged."""
+
+    event: str
+    rule: str
+    phone: str
+    result: str  # delivered | failed | expired
+    attempts: int
+    error: str
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "event": self.event,
+            "rule": self.rule,
+            "phone": self.phone,
+            "result": self.result,
+            "attempts": self.attempts,
+            "error": self.error,
+            "seconds": round(self.seconds, 4),
+        }
+
+
+async def close_clients(clients: Iterable[PhoneClient]) -> None:
+    """Close phone clients opened by the dispatcher (on shutdown, or replaced by a reload)."""
+    await asyncio.gather(*(c.__aexit__(None, None, None) for c in clients), return_exceptions=True)
+
+
+class _Draining(Exception):
+    """Raised inside a worker between requests once shutdown has begun."""
+
+
+class _ItemRefused(PhoneError):
+    """The phone answered, but refused an item (ResponseItem Status other than 0)."""
+
+
+class Dispatcher:
+    """Delivers pending work to phones; an async context manager whose :meth:`run` is a task.
+
+    ``client_factory`` makes one client per phone (tests inject a transport through it).
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        phones: Mapping[str, PhoneTarget],
+        *,
+        metrics: Metrics,
+        concurrency: int = 256,
+        retry_initial: float = 1.0,
+        retry_max: float = 60.0,
+        client_factory: Callable[[PhoneTarget], PhoneClient] = PhoneClient,
+        on_outcome: Callable[[Outcome], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._spool = spool
+        self._targets = dict(phones)
+        self._metrics = metrics
+        self._bound = asyncio.Semaphore(concurrency)
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._client_factory = client_factory
+        self._on_outcome = on_outcome
+        self._clock = clock
+        self._rng = rng
+        self._clients: dict[str, PhoneClient] = {}
+        self._queues: dict[str, asyncio.Queue[Delivery]] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._sending: set[str] = set()  # phones with a request on the wire
+        self._wire_idle = asyncio.Event()  # set while _sending is empty
+        self._wire_idle.set()
+        self._closing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._outstanding = 0
+
+    async def __aenter__(self) -> Dispatcher:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # --- intake side ----------------------------------------------------------------------------
+
+    def submit(self, deliveries: Iterable[Delivery]) -> None:
+        """Queue pending deliveries (after intake's commit, or on start from the spool)."""
+        for delivery in deliveries:
+            queue = self._queues.get(delivery.phone)
+            if queue is None:
+                queue = self._queues[delivery.phone] = asyncio.Queue()
+            queue.put_nowait(delivery)
+            self._outstanding += 1
+            self._idle.clear()
+            if delivery.phone not in self._workers and not self._closing:
+                self._workers[delivery.phone] = asyncio.create_task(
+                    self._work(delivery.phone), name=f"phone:{delivery.phone}"
+                )
+
+    def update_phones(self, phones: Mapping[str, PhoneTarget]) -> list[PhoneClient]:
+        """Apply a reloaded phone list; returns the clients that must be closed by the caller."""
+        stale = [
+            self._clients.pop(name)
+            for name, target in list(self._targets.items())
+            if name in self._clients and phones.get(name) != target
+        ]
+        self._targets = dict(phones)
+        return stale
+
+    @property
+    def outstanding(self) -> int:
+        """Deliveries queued or in flight."""
+        return self._outstanding
+
+    async def wait_idle(self) -> None:
+        """Return when nothing is queued or in flight (tests, ``fire``)."""
+        await self._idle.wait()
+
+    # --- workers --------------------------------------------------------------------------------
+
+    async def _work(self, phone: str) -> None:
+        queue = self._queues[phone]
+        while not self._closing:
+            delivery = await queue.get()
+            try:
+                await self._deliver(delivery)
+            except _Draining:
+                return
+            finally:
+                self._outstanding -= 1
+                if self._outstanding == 0:
+                    self._idle.set()
+
+    async def _client(self, phone: str) -> PhoneClient | None:
+        client = self._clients.get(phone)
+        if client is None:
+            target = self._targets.get(phone)
+            if target is None:
+                return None
+            # Opened on first use: opening hundreds of clients up front would slow start-up.
+            client = await self._client_factory(target).__aenter__()
+            self._clients[phone] = client
+        return client
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        sent, attempts, error = delivery.sent, delivery.attempts, delivery.error
+        backoff = self._retry_initial
+        while True:
+            if self._clock() >= delivery.expires_at:
+                await self._finish(delivery, "expired", attempts, error or "TTL passed")
+                return
+            try:
+                client = await self._client(delivery.phone)
+            except PhoneError as exc:
+                await self._finish(delivery, "failed", attempts, str(exc))
+                return
+            if client is None:
+                await self._finish(delivery, "failed", attempts, "phone not in the configuration")
+                return
+            try:
+                async with self._bound:
+                    while sent < len(delivery.requests):
+                        if self._closing:
+                            raise _Draining
+                        attempts += 1
+                        self._sending.add(delivery.phone)
+                        self._wire_idle.clear()
+                        try:
+                            await self._send(client, delivery, sent)
+                        finally:
+                            self._sending.discard(delivery.phone)
+                            if not self._sending:
+                                self._wire_idle.set()
+                        sent += 1
+                        if sent < len(delivery.requests):
+                            self._spool.progress(delivery.id, sent, attempts)
+            except PhoneError as exc:
+                error = str(exc)
+                if not exc.retryable:
+                    await self._finish(delivery, "failed", attempts, error)
+                    return
+                delay = min(self._retry_max, backoff) * self._rng()
+                backoff = min(self._retry_max, backoff * 2)
+                remaining = delivery.expires_at - self._clock()
+                if delay >= remaining:
+                    # No attempt can happen inside the TTL: the page is already too late.
+                    await asyncio.sleep(max(0.0, remaining))
+                    continue
+                self._spool.progress(delivery.id, sent, attempts, error)
+                self._metrics.retries.labels(delivery.phone).inc()
+                log.info(
+                    "delivery %s to %s: %s; retrying in %.1f s",
+                    delivery.id,
+                    delivery.phone,
+                    error,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            await self._finish(delivery, "delivered", attempts, "")
+            return
+
+    async def _send(self, client: PhoneClient, delivery: Delivery, index: int) -> None:
+        request = delivery.requests[index]
+        phone = delivery.phone
+        try:
+            items = await client.push(request.xml, receipts=request.kind == "execute")
+        except PhoneError as exc:
+            reachable = not isinstance(exc, PhoneUnreachable | PhoneTimeout)
+            self._metrics.phone_up.labels(phone).set(1 if reachable else 0)
+            self._metrics.requests.labels(phone, type(exc).__name__).inc()
+            raise
+        self._metrics.phone_up.labels(phone).set(1)
+        self._metrics.requests.labels(phone, "ok").inc()
+        refused = [i for i in items if not i.ok]
+        if refused:
+            raise _ItemRefused(
+                "; ".join(f"{i.url}: {i.data} (status {i.status})" for i in refused), phone=phone
+            )
+
+    async def _finish(self, delivery: Delivery, result: str, attempts: int, error: str) -> None:
+        self._spool.finish(delivery.id, result, error)
+        seconds = self._clock() - delivery.created_at
+        self._metrics.deliveries.labels(delivery.phone, result).inc()
+        if result == "delivered":
+            self._metrics.delivery_duration.labels(delivery.phone).observe(seconds)
+        self._metrics.spool_pending.set(self._spool.pending_count())
+        outcome = Outcome(
+            delivery.event_id, delivery.rule, delivery.phone, result, attempts, error, seconds
+        )
+        level = logging.INFO if result == "delivered" else logging.WARNING
+        log.log(
+            level,
+            "delivery %s event %s rule %s phone %s %s after %d attempt(s) in %.3f s%s",
+            delivery.id,
+            delivery.event_id,
+            delivery.rule,
+            delivery.phone,
+            result,
+            attempts,
+            seconds,
+            f": {error}" if error else "",
+        )
+        if self._on_outcome is not None:
+            try:
+                await self._on_outcome(outcome)
+            except Exception:  # an outcome publisher must never stop deliveries
+                log.exception("publishing the outcome of delivery %s failed", delivery.id)
+
+    # --- shutdown -------------------------------------------------------------------------------
+
+    async def drain(self, grace: float) -> int:
+        """Stop taking work, let requests on the wire finish for up to ``grace`` seconds, then
+        cancel the rest. Unfinished deliveries stay pending in the spool for the next start.
+        Returns how many requests were cut short."""
+        self._closing = True
+        for phone, task in self._workers.items():
+            if phone not in self._sending:
+                task.cancel()  # idle, or waiting out a retry backoff: nothing to finish
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._wire_idle.wait()
+        cut = len(self._sending)
+        for task in self._workers.values():
+            task.cancel()
+        await asyncio.gather(*self._workers.values(), return_exceptions=True)
+        self._workers.clear()
+        return cut
+
+    async def close(self) -> None:
+        if self._workers:
+            await self.drain(0)
+        clients, self._clients = list(self._clients.values()), {}
+        await close_clients(clients)

@@ -1,0 +1,204 @@
+"""Intake: an event in, matched and rendered, committed to the spool, handed to the dispatcher.
+
+Every source calls :meth:`Intake.accept`; it returns only once the event and its deliveries are
+committed, which is what lets a source acknowledge (MQTT PUBACK, HTTP 202). :meth:`Intake.plan`
+does the same work without writing anything, for ``phonepush fire --dry-run``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from phonepush import cisco
+from phonepush.errors import WireError
+from phonepush.events import Event
+from phonepush.metrics import Metrics
+from phonepush.rules import Match, RuleSet
+from phonepush.spool import Delivery, NewDelivery, PushRequest, Spool
+from phonepush.uri import ExecuteItem
+
+__all__ = ["Accepted", "Intake", "Plan", "PlannedRule"]
+
+log = logging.getLogger("phonepush.intake")
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedRule:
+    """What one matched rule does with one event."""
+
+    rule: str
+    phones: tuple[str, ...]
+    ttl: float
+    requests: tuple[PushRequest, ...]
+    state: str  # "pending", "suppressed" (cooldown/dedupe) or "failed" (template, URI, size)
+    error: str = ""
+    page_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything an event leads to, before anything is written."""
+
+    event: Event
+    rules: tuple[PlannedRule, ...]
+    pages: dict[str, str] = field(default_factory=dict)
+    cooldowns: tuple[tuple[str, str, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """An event committed to the spool."""
+
+    event: Event
+    rules: tuple[str, ...]
+    deliveries: tuple[Delivery, ...]
+
+
+class Intake:
+    """Turns events into committed deliveries.
+
+    ``submit`` receives the pending deliveries right after the commit (the dispatcher's
+    :meth:`~phonepush.dispatch.Dispatcher.submit`).
+    """
+
+    def __init__(
+        self,
+        rules: RuleSet,
+        spool: Spool,
+        *,
+        public_url: str,
+        metrics: Metrics,
+        submit: Callable[[Sequence[Delivery]], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.rules = rules
+        self._spool = spool
+        self._pages_url = public_url.rstrip("/") + "/pages/"
+        self._metrics = metrics
+        self._submit = submit
+        self._clock = clock
+
+    def plan(self, event: Event) -> Plan:
+        """Match and render ``event``; consult (but do not set) cooldowns."""
+        now = self._clock()
+        planned: list[PlannedRule] = []
+        pages: dict[str, str] = {}
+        cooldowns: list[tuple[str, str, float]] = []
+        for index, match in enumerate(self.rules.match(event)):
+            rule = match.rule
+            if match.error is not None:
+                planned.append(
+                    PlannedRule(rule.name, rule.phones, rule.ttl, (), "failed", match.error)
+                )
+                continue
+            # A dedupe key without a cooldown suppresses repeats for the rule's TTL: a repeated
+            # event inside the window could not be told apart from the first one on the phone.
+            window = rule.cooldown if rule.cooldown is not None else None
+            if window is None and match.dedupe_key:
+                window = rule.ttl
+            if window is not None:
+                if self._spool.in_cooldown(rule.name, match.dedupe_key, now) or any(
+                    c[0] == rule.name and c[1] == match.dedupe_key for c in cooldowns
+                ):
+                    planned.append(
+                        PlannedRule(rule.name, rule.phones, rule.ttl, (), "suppressed", "cooldown")
+                    )
+                    continue
+                cooldowns.append((rule.name, match.dedupe_key, now + window))
+            page_id = f"{event.id}{index:02x}" if match.page is not None else ""
+            try:
+                requests = self._render(match, page_id, pages)
+            except WireError as exc:
+                planned.append(
+                    PlannedRule(rule.name, rule.phones, rule.ttl, (), "failed", str(exc))
+                )
+                continue
+            planned.append(
+                PlannedRule(rule.name, rule.phones, rule.ttl, requests, "pending", "", page_id)
+            )
+        return Plan(event, tuple(planned), pages, tuple(cooldowns))
+
+    def _render(self, match: Match, page_id: str, pages: dict[str, str]) -> tuple[PushRequest, ...]:
+        items: list[ExecuteItem] = []
+        if match.page is not None:
+            pages[page_id] = cisco.text_xml(match.page)
+            # The page first: its text is on screen while a Play: item holds the phone's answer.
+            items.append(ExecuteItem(self._pages_url + page_id, match.rule.priority))
+        items.extend(match.execute)
+        requests = [PushRequest("execute", cisco.execute_xml(b)) for b in cisco.pack(items)]
+        if match.background is not None:
+            requests.append(PushRequest("background", cisco.background_xml(*match.background)))
+        if match.ringtone is not None:
+            requests.append(PushRequest("ringtone", cisco.ringtone_xml(match.ringtone)))
+        if not requests:
+            raise WireError("the rule renders nothing to push")
+        return tuple(requests)
+
+    def accept(self, event: Event) -> Accepted:
+        """Commit ``event`` and its deliveries, then hand the pending ones to the dispatcher.
+
+        Raises :class:`~phonepush.errors.SpoolError` (or ``SpoolFull``) with nothing written:
+        the source must not acknowledge the event then.
+        """
+        plan = self.plan(event)
+        new = [
+            NewDelivery(
+                rule=p.rule,
+                phone=phone,
+                requests=p.requests,
+                expires_at=event.received_at + p.ttl,
+                state=p.state,
+                error=p.error,
+            )
+            for p in plan.rules
+            for phone in p.phones
+        ]
+        deliveries = self._spool.add_event(
+            event,
+            rules=[p.rule for p in plan.rules],
+            deliveries=new,
+            pages=plan.pages,
+            cooldowns=plan.cooldowns,
+        )
+        self._count(plan)
+        pending = [d for d in deliveries if d.state == "pending"]
+        if pending:
+            self._submit(pending)
+        self._metrics.spool_pending.set(self._spool.pending_count())
+        return Accepted(event, tuple(p.rule for p in plan.rules), tuple(deliveries))
+
+    async def __call__(self, event: Event) -> Accepted:
+        """Sources take an async ``accept`` callable; the spool write itself is synchronous."""
+        return self.accept(event)
+
+    def _count(self, plan: Plan) -> None:
+        event = plan.event
+        metrics = self._metrics
+        if not plan.rules:
+            metrics.events.labels(event.source, "").inc()
+        for p in plan.rules:
+            metrics.events.labels(event.source, p.rule).inc()
+            if p.state == "failed":
+                metrics.template_errors.labels(p.rule).inc()
+            if p.state != "pending":
+                for phone in p.phones:
+                    metrics.deliveries.labels(phone, p.state).inc()
+                log.warning(
+                    "event %s rule %s %s for %d phone(s): %s",
+                    event.id,
+                    p.rule,
+                    p.state,
+                    len(p.phones),
+                    p.error,
+                )
+        log.info(
+            "event %s %s %s (%d bytes) matched %s",
+            event.id,
+            event.source,
+            event.topic,
+            len(event.payload),
+            ", ".join(p.rule for p in plan.rules) or "no rule",
+        )

@@ -1,0 +1,98 @@
+"""Fixtures that run the real daemon in the test's event loop, against simulated phones."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from phonepush.config import Config, parse_config
+
+if TYPE_CHECKING:
+    from phonepush.daemon import Daemon, Running
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class DaemonRunner:
+    """Starts and stops daemons on one spool; what each run exposes is ``running``."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.spool = tmp / "spool.db"
+        self.port = free_port()
+        self._task: asyncio.Task[None] | None = None
+        self.daemon: Daemon | None = None
+        self.registry = CollectorRegistry()
+
+    def config(self, data: Mapping[str, Any]) -> Config:
+        merged = dict(data)
+        merged.setdefault("server", {"listen": f"127.0.0.1:{self.port}"})
+        merged.setdefault("spool", {"path": str(self.spool)})
+        merged.setdefault("dispatch", {"retry_initial": "50ms", "retry_max": "200ms"})
+        return parse_config(merged, environ={})
+
+    async def start(self, data: Mapping[str, Any]) -> Running:
+        from phonepush.daemon import Daemon
+
+        self.registry = CollectorRegistry()
+        self.daemon = Daemon(self.config(data), registry=self.registry, drain_timeout=2)
+        self._task = asyncio.create_task(self.daemon.run(), name="daemon-under-test")
+        ready = asyncio.ensure_future(self.daemon.ready.wait())
+        done, _ = await asyncio.wait(
+            {ready, self._task}, timeout=10, return_when=asyncio.FIRST_COMPLETED
+        )
+        if self._task in done:
+            ready.cancel()
+            self._task.result()
+        assert ready in done, "daemon did not become ready in 10 s"
+        assert self.daemon.running is not None
+        return self.daemon.running
+
+    async def stop(self) -> None:
+        if self.daemon is not None and self._task is not None:
+            self.daemon.stop()
+            await asyncio.wait_for(self._task, timeout=15)
+            self._task = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+@pytest.fixture
+async def daemon_runner(tmp_path: Path) -> AsyncIterator[DaemonRunner]:
+    runner = DaemonRunner(tmp_path)
+    try:
+        yield runner
+    finally:
+        with contextlib.suppress(Exception):
+            await runner.stop()
+
+
+async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0) -> None:
+    """Poll ``check`` until true; fail with its last state after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
