@@ -1,0 +1,105 @@
+"""``phonepush check --config FILE``: validate a configuration and print what it sets up.
+
+Exit status 0 when the file is valid, 2 (with the problems on stderr, one a line) when not.
+Nothing secret is printed: not passwords or tokens, and not the MQTT user name either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from phonepush.config import Config, format_duration, load_config
+from phonepush.errors import ConfigError
+from phonepush.rules import RuleSet
+
+__all__ = ["DEFAULT_CONFIG", "main", "summary"]
+
+DEFAULT_CONFIG = "/etc/phonepush/phonepush.toml"
+
+
+def main(argv: Sequence[str], prog: str = "phonepush check") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Validate a phonepush config file and print a summary."
+    )
+    parser.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=Path(os.environ.get("PHONEPUSH_CONFIG", DEFAULT_CONFIG)),
+        help="config file (default: $PHONEPUSH_CONFIG or %(default)s)",
+    )
+    args = parser.parse_args(list(argv))
+    try:
+        config = load_config(args.config, environ=os.environ)
+        rules = RuleSet.compile(config)
+    except ConfigError as exc:
+        print(f"{args.config}: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    print(summary(config, rules, args.config))
+    return 0
+
+
+def summary(config: Config, rules: RuleSet, path: Path | None = None) -> str:
+    """A human-readable description of ``config``, free of secrets."""
+    lines = [f"{path}: OK" if path else "configuration: OK"]
+    server = config.server
+    lines.append(
+        f"server: listening on {server.listen}, phones fetch pages from {server.public_url}, "
+        f"webhook bodies up to {server.max_body} bytes"
+    )
+    spool = config.spool
+    lines.append(
+        f"spool: {spool.path} (synchronous={spool.synchronous}, "
+        f"at most {spool.max_pending} pending)"
+    )
+    if config.mqtt is None:
+        lines.append("mqtt: off (no [mqtt] section)")
+    else:
+        mqtt = config.mqtt
+        share = f", shared as $share/{mqtt.share_group}" if mqtt.share_group else ""
+        auth = "with credentials" if mqtt.username or mqtt.password else "anonymous"
+        lines.append(
+            f"mqtt: {mqtt.endpoint} as {mqtt.client_id!r}, {auth}, MQTT {mqtt.protocol}, "
+            f"QoS {mqtt.qos}{share}"
+        )
+        for topic_filter in rules.mqtt_filters:
+            lines.append(f"  subscribes to {topic_filter}")
+    webhook = config.webhook
+    hooks = ", ".join(f"/hooks/{name}" for name in sorted(rules.hooks)) or "none"
+    checks = [
+        "bearer token" if webhook.token is not None else "no token (loopback only)",
+        *(["HMAC signature"] if webhook.hmac_secret is not None else []),
+    ]
+    lines.append(f"webhook: {hooks}; requires {' and '.join(checks)}")
+    lines.append(
+        f"dispatch: {config.dispatch.concurrency} pushes at once, retries "
+        f"{format_duration(config.dispatch.retry_initial)}..."
+        f"{format_duration(config.dispatch.retry_max)}"
+    )
+
+    lines.append(f"phones ({len(config.phones)}):")
+    targets = config.phone_targets()
+    for phone in config.phones:
+        target = targets[phone.name]
+        port = f":{target.port}" if target.port else ""
+        pinned = " (pinned certificate)" if phone.certificate else ""
+        groups = f"  groups: {', '.join(phone.groups)}" if phone.groups else ""
+        lines.append(f"  {phone.name}: {target.scheme}://{target.host}{port}{pinned}{groups}")
+    for group, members in config.groups().items():
+        lines.append(f"  group {group}: {', '.join(members)}")
+
+    lines.append(f"rules ({len(rules.rules)}):")
+    for rule in rules.rules:
+        cooldown = (
+            f", cooldown {format_duration(rule.cooldown)}" if rule.cooldown is not None else ""
+        )
+        phones = ", ".join(rule.phones) or "no phones"
+        lines.append(
+            f"  {rule.name}: {rule.source}:{rule.pattern} -> {phones}"
+            f" (ttl {format_duration(rule.ttl)}{cooldown}, priority {rule.priority})"
+        )
+    return "\n".join(lines)
