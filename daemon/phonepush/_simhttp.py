@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 MAX_HEAD: Final = 16 * 1024
 MAX_BODY: Final = 64 * 1024
 MAX_FETCH: Final = 256 * 1024
+#: How long a connection we are done with is drained before it is closed.
+LINGER_S: Final = 2.0
 
 _REASONS: Final = {
     200: "OK",
@@ -120,6 +122,8 @@ class HTTPServerProtocol(asyncio.Protocol):
             self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
         self._buf += data
         if self._task is None:
             self._next()
@@ -153,7 +157,15 @@ class HTTPServerProtocol(asyncio.Protocol):
         transport.write(response.encode(keep_alive))
         if not keep_alive:
             self._closed = True
-            transport.close()
+            self._buf.clear()
+            if transport.can_write_eof():
+                # Lingering close: a client may still be sending a body we never read (chunked,
+                # Expect). Closing with unread data makes the kernel send RST, which can destroy
+                # the answer before the client reads it; so half-close, drain, then close.
+                transport.write_eof()
+                asyncio.get_running_loop().call_later(LINGER_S, transport.close)
+            else:
+                transport.close()
 
     def _fail(self, status: int, text: str) -> None:
         self._answer(_plain(status, text), False)
