@@ -18,6 +18,7 @@
     │   └── PhoneBadResponse        wrong Content-Type, malformed or hostile XML      (retryable)
     ├── TemplateError               a rule template failed to compile or render
     ├── MqttError                   the MQTT broker refused or could not take a publish
+    ├── AudioError                  audio for a page cannot be read, converted or synthesized
     └── SpoolError                  the embedded store cannot take or give events
         └── SpoolFull               over the configured backlog limit: intake must slow down
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 __all__ = [
     "CISCO_ERRORS",
+    "AudioError",
     "ConfigError",
     "InvalidTarget",
     "InvalidURI",
@@ -162,6 +164,11 @@ class TemplateError(PhonepushError):
 
 class MqttError(PhonepushError):
     """A publish to the MQTT broker failed: refused by the broker, or the source is closed."""
+
+
+class AudioError(PhonepushError):
+    """Audio for a page failed: an unreadable or unsupported file, or text-to-speech missing
+    (espeak-ng not installed) or failing."""
 
 
 class SpoolError(PhonepushError):
