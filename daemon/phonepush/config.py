@@ -123,9 +123,10 @@ def format_duration(seconds: float) -> str:
     for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0)):
         if seconds >= size and (seconds / size).is_integer():
             return f"{int(seconds / size)}{unit}"
-    if seconds < 1 and (seconds * 1000).is_integer():
-        return f"{int(seconds * 1000)}ms"
-    return f"{seconds:g}s"
+    millis = round(seconds * 1000)
+    if abs(millis / 1000 - seconds) < 1e-9:
+        return f"{millis}ms"
+    return f"{seconds!r}s"
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]

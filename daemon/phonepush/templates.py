@@ -13,7 +13,9 @@ can publish to the broker or reach a hook controls. So:
   renders as the empty string in text. Rules are written against several payload shapes at once
   (Tasmota's ``Button1.Action`` and older ``ACTION``), and an event that lacks a field should
   not count as a failure. Doing something *with* missing data (calling it, comparing it with
-  ``<``) is still an error.
+  ``<``) is still an error. One trap: on a *text* payload, a name that is also a ``str`` method
+  (``payload.title``, ``payload.split``) is that method; test ``payload is mapping`` first when
+  a source can send either.
 * Render cost is bounded: output is cut off with an error past :data:`MAX_OUTPUT` characters,
   each ``for`` loop takes at most :data:`MAX_LOOP_ITEMS` items (the rest are skipped: a phone
   page cannot show more anyway), loops nest at most :data:`MAX_LOOP_DEPTH` deep, ``range()`` is
