@@ -18,7 +18,7 @@
     │   └── PhoneBadResponse        wrong Content-Type, malformed or hostile XML      (retryable)
     ├── TemplateError               a rule template failed to compile or render
     ├── MqttError                   the MQTT broker refused or could not take a publish
-    ├── AudioError                  audio for a page cannot be read, converted or synthesized
+    ├── AudioError                  page audio cannot be read, converted, synthesized or streamed
     └── SpoolError                  the embedded store cannot take or give events
         └── SpoolFull               over the configured backlog limit: intake must slow down
 
@@ -167,8 +167,8 @@ class MqttError(PhonepushError):
 
 
 class AudioError(PhonepushError):
-    """Audio for a page failed: an unreadable or unsupported file, or text-to-speech missing
-    (espeak-ng not installed) or failing."""
+    """Audio for a page failed: an unreadable or unsupported file, text-to-speech missing
+    (espeak-ng not installed) or failing, or an RTP socket that cannot be opened."""
 
 
 class SpoolError(PhonepushError):
