@@ -372,3 +372,16 @@ def test_valid_topic_filters(good: str) -> None:
 def test_invalid_topic_filters(bad: str) -> None:
     with pytest.raises(ValueError):
         validate_topic_filter(bad)
+
+
+def test_check_exits_2_with_the_problems_on_stderr(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE.replace("192.0.2.22:8443", "192.0.2.22:99999") + RULE)
+    result = subprocess.run(
+        [sys.executable, "-m", "phonepush", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "phones[office].host: Invalid port: 99999" in result.stderr.splitlines()
