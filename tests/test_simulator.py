@@ -608,3 +608,22 @@ async def test_cli_runs_phones_until_sigterm(tmp_path: Path) -> None:
         rest = await asyncio.wait_for(process.communicate(), 10)
     assert process.returncode == 0
     assert b"stopped" in rest[0]
+
+
+async def test_certificate_is_named_like_a_phone_and_kept(
+    make_fleet: MakeFleet, tmp_path: Path
+) -> None:
+    first = await make_fleet(tls=True, cert_dir=tmp_path)
+    assert first.certificate is not None
+    pem = first.certificate.read_bytes()
+    # A second run with the same directory presents the same certificate, so a pin stays valid.
+    second = await make_fleet(tls=True, cert_dir=tmp_path)
+    assert second.certificate is not None and second.certificate.read_bytes() == pem
+    pinned = ssl.create_default_context(cafile=str(first.certificate))
+    pinned.check_hostname = False
+    phone = second.phones[0]
+    _, writer = await asyncio.open_connection(phone.host, phone.port, ssl=pinned)
+    presented = writer.get_extra_info("peercert")
+    writer.close()
+    assert presented["subject"] == ((("commonName", first.phones[0].name),),)
+    assert presented["subjectAltName"] == (("DNS", first.phones[0].name),)

@@ -249,6 +249,10 @@ class SimPhone:
         self._flapper: asyncio.Task[None] | None = None
         self._running = False
 
+    def use_tls(self, context: ssl.SSLContext) -> None:
+        """Serve HTTPS with ``context`` from the next start on."""
+        self._server_ssl = context
+
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
@@ -684,26 +688,21 @@ class Fleet:
             list(names) if names is not None else [_default_name(i) for i in range(phones)]
         )
         self._hosts = list(hosts) if hosts is not None else [host] * phones
-        self.phones: list[SimPhone] = []
+        #: Exist before the fleet is entered (ports are known once it is, if ephemeral).
+        self.phones: list[SimPhone] = [
+            SimPhone(i, name, self._hosts[i], port + i if port else 0, settings, on_push=on_push)
+            for i, name in enumerate(self._names)
+        ]
         self.certificate: Path | None = None
         self.control_url = ""
         self._control: asyncio.Server | None = None
         self._control_connections: set[HTTPServerProtocol] = set()
 
     async def __aenter__(self) -> Fleet:
-        server_ssl = await self._server_ssl() if self._tls else None
-        self.phones = [
-            SimPhone(
-                i,
-                name,
-                self._hosts[i],
-                self._base_port + i if self._base_port else 0,
-                self._settings,
-                server_ssl=server_ssl,
-                on_push=self._on_push,
-            )
-            for i, name in enumerate(self._names)
-        ]
+        if self._tls:
+            server_ssl = await self._server_ssl()
+            for phone in self.phones:
+                phone.use_tls(server_ssl)
         try:
             for phone in self.phones:
                 await phone.start()
