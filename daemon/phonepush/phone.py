@@ -33,7 +33,9 @@ import asyncio
 import base64
 import ipaddress
 import math
+import os
 import re
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -192,6 +194,11 @@ def _reason(exc: BaseException) -> str:
             return f"TLS certificate verify failed: {current.verify_message}"
         if isinstance(current, ssl.SSLError):
             return f"TLS error: {current.reason or current}"
+        if isinstance(current, socket.gaierror) and current.strerror:
+            return current.strerror
+        if isinstance(current, OSError) and current.errno and current.errno > 0:
+            # asyncio words a refused connection "Connect call failed (addr)"; the errno says it.
+            return os.strerror(current.errno)
         if isinstance(current, OSError) and current.strerror:
             return current.strerror
         current = current.__cause__ or current.__context__
