@@ -242,6 +242,8 @@ class ServerConfig(_Section):
     listen: str = "127.0.0.1:8080"
     public_url: str = ""
     max_body: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
+    #: Concurrent connections served; beyond it new requests get 503 instead of queueing.
+    max_connections: int = Field(default=1000, ge=1, le=100_000)
 
     @field_validator("listen")
     @classmethod

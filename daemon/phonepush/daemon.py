@@ -50,8 +50,6 @@ _HOUSEKEEPING_INTERVAL = 3600.0
 #: How long start-up waits for the broker before declaring itself ready anyway (``/readyz``
 #: still says MQTT is down): a broker outage must not keep the webhook side from serving.
 _MQTT_READY_WAIT = 10.0
-#: Concurrent HTTP connections the server takes before answering 503.
-_MAX_CONNECTIONS = 1000
 
 
 class _Server(uvicorn.Server):
@@ -179,7 +177,7 @@ class Daemon:
                     lifespan="off",
                     # Bounds on what clients can make us hold: concurrent connections (503
                     # beyond), header size (h11), idle keep-alive.
-                    limit_concurrency=_MAX_CONNECTIONS,
+                    limit_concurrency=config.server.max_connections,
                     h11_max_incomplete_event_size=16 * 1024,
                     timeout_keep_alive=15,
                     timeout_graceful_shutdown=2,
