@@ -9,6 +9,7 @@ are skipped, saying why, where they are not available.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -199,6 +200,8 @@ _CRASH_WRITER = textwrap.dedent(
                 # Only printed once add_event has returned, i.e. the event was acknowledged.
                 print(ev.id, flush=True)
                 i += 1
+                # Let the background checkpoints run, so the kill may land in one.
+                await asyncio.sleep(0)
 
     asyncio.run(main(sys.argv[1]))
     """
@@ -235,6 +238,28 @@ async def test_every_returned_add_event_survives_sigkill(tmp_path: Path) -> None
         # one: every stored event has all three deliveries.
         assert spool.pending_count() % 3 == 0
         assert spool.pending_count() >= 3 * len(acknowledged)
+
+
+async def test_clean_close_after_many_commits_leaves_one_complete_file(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    async with Spool(path) as spool:
+        stored = []
+        for i in range(400):
+            stored.extend(add(spool, event(topic=f"t/{i}"), delivery("a"), delivery("b")))
+            # As in the daemon, the loop runs between events: background checkpoints happen.
+            await asyncio.sleep(0)
+        for d in stored[::2]:
+            spool.finish(d.id, "delivered")
+            await asyncio.sleep(0)
+    assert not Path(f"{path}-wal").exists()
+    # With the log gone, these counts come from the database file itself.
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 400
+        assert conn.execute(
+            "SELECT count(*) FROM deliveries WHERE state = 'pending'"
+        ).fetchone() == (400,)
+    async with Spool(path) as spool:
+        assert [d.id for d in spool.pending()] == [d.id for d in stored[1::2]]
 
 
 # -- backlog limit --------------------------------------------------------------------------

@@ -17,7 +17,9 @@ Threading and latency
     Every call is synchronous and meant to run on the event loop thread: each one is a handful of
     prepared statements (``sqlite3`` caches them per connection) and at most one commit, well under
     a millisecond with ``synchronous="normal"``. The connection lives as long as the spool; it is
-    only reopened after a failure left it unusable.
+    only reopened after a failure left it unusable. What would stall the loop is the checkpoint
+    (copying the log into the database file, with two fsyncs) that SQLite runs after a commit now
+    and then; the spool runs checkpoints on a second connection in a worker thread instead.
 
 Failures
     Every ``sqlite3`` error is translated here into :class:`~phonepush.errors.SpoolError` (or
@@ -29,8 +31,10 @@ Failures
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -75,7 +79,19 @@ _KINDS: Final = frozenset(get_args(RequestKind))
 _SYNCHRONOUS: Final = frozenset({"normal", "full", "extra"})
 # Keeps the log from staying at its high-water mark after a burst; checkpoints truncate to this.
 _JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
+# Background checkpoints run after this many commits (an add_event with one delivery writes about
+# ten pages to the log, so this keeps the log near SQLite's default of 1,000 pages) ...
+_CHECKPOINT_COMMITS: Final = 100
+# ... and the loop-side connection checkpoints by itself only if the log grows past this anyway.
+_BACKSTOP_PAGES: Final = 10_000
 
+_log = logging.getLogger(__name__)
+
+# Every index costs a page write per commit, so there are only those a lookup needs: events by
+# age (purge), deliveries by event and the pending ones (a partial index, small), pages by event
+# (purge). Cooldowns are one row per (rule, key) and purge just scans them. Delivery ids are rowids
+# without AUTOINCREMENT (which writes one more page per commit): they increase, and can only be
+# reused once purge removed every newer delivery.
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -93,7 +109,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_received_at ON events (received_at);
 CREATE TABLE IF NOT EXISTS deliveries (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     event_id TEXT NOT NULL,
     rule TEXT NOT NULL,
     phone TEXT NOT NULL,
@@ -119,7 +135,6 @@ CREATE TABLE IF NOT EXISTS cooldowns (
     until REAL NOT NULL,
     PRIMARY KEY (rule, key)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS cooldowns_until ON cooldowns (until);
 """
 
 _DELIVERY_COLUMNS: Final = (
@@ -257,12 +272,21 @@ class Spool:
         self._conn: sqlite3.Connection | None = None
         self._open = False
         self._pending = 0
+        self._commits = 0  # since the last checkpoint was started
+        self._checkpoint_due = asyncio.Event()
+        self._checkpointer: asyncio.Task[None] | None = None
+        self._stopping = False
         self.healthy = True
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        self.open()
+        self._open_connection()
+        self._stopping = False
+        self._checkpoint_due = asyncio.Event()
+        self._checkpointer = asyncio.create_task(
+            self._checkpoint_loop(), name=f"spool-checkpoint:{self.path.name}"
+        )
         return self
 
     async def __aexit__(
@@ -271,15 +295,18 @@ class Spool:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        task, self._checkpointer = self._checkpointer, None
+        if task is not None:
+            # Not cancelled: a checkpoint already running in its thread is let finish, so its
+            # connection is closed only once nothing uses it.
+            self._stopping = True
+            self._checkpoint_due.set()
+            await task
+        self._open = False
+        self._drop_connection()
 
-    def open(self) -> None:
-        """Open (creating the file, its directory and the schema if needed) and probe a write.
-
-        Raises :class:`SpoolError` naming the path if it cannot be created or written.
-        """
-        if self._open:
-            return
+    def _open_connection(self) -> None:
+        """Open (creating the file, its directory and the schema if needed) and probe a write."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -289,13 +316,9 @@ class Spool:
         try:
             self.check()
         except SpoolError:
-            self.close()
+            self._open = False
+            self._drop_connection()
             raise
-
-    def close(self) -> None:
-        """Close the connection. Committed work is already durable; nothing is flushed here."""
-        self._open = False
-        self._drop_connection()
 
     # -- intake ----------------------------------------------------------------------------
 
@@ -383,7 +406,7 @@ class Spool:
             for delivery_id, new in zip(ids, deliveries, strict=True)
         ]
         self._pending += new_pending
-        self.healthy = True
+        self._committed()
         return stored
 
     def in_cooldown(self, rule: str, key: str, now: float) -> bool:
@@ -394,7 +417,10 @@ class Spool:
 
     def pending(self) -> list[Delivery]:
         """Every pending delivery, oldest (lowest id) first: what a restarted dispatcher resumes."""
-        return [_delivery(row) for row in self._fetchall(_PENDING, (), "cannot read deliveries")]
+        rows = self._fetchall(_PENDING, (), "cannot read deliveries")
+        # The deliveries of one event to many phones carry the same requests: decode them once.
+        decoded: dict[str, tuple[PushRequest, ...]] = {}
+        return [_delivery(row, decoded) for row in rows]
 
     def pending_count(self) -> int:
         """How many deliveries are pending (kept in memory, consistent with the database)."""
@@ -462,7 +488,7 @@ class Spool:
         except BaseException:
             self._abandon(conn)
             raise
-        self.healthy = True
+        self._committed()
         return len(doomed)
 
     def check(self) -> None:
@@ -491,6 +517,7 @@ class Spool:
                 raise SpoolError(f"spool {self.path}: cannot use WAL mode (journal mode {mode})")
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
             conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {_BACKSTOP_PAGES}")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise SpoolError(
@@ -533,6 +560,59 @@ class Spool:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
 
+    def _committed(self) -> None:
+        self.healthy = True
+        self._commits += 1
+        if self._commits >= _CHECKPOINT_COMMITS:
+            self._checkpoint_due.set()
+
+    async def _checkpoint_loop(self) -> None:
+        """Copy the write-ahead log into the database file, in a worker thread.
+
+        A checkpoint fsyncs the log and the database file; on the event loop thread (where SQLite
+        runs it by default, after a commit) that stalls everything for milliseconds to hundreds of
+        milliseconds on a busy disk. Here it runs on its own connection in a thread, after every
+        :data:`_CHECKPOINT_COMMITS` commits; the loop-side connection only checkpoints by itself
+        if the log grows past :data:`_BACKSTOP_PAGES` anyway.
+        """
+        conn: sqlite3.Connection | None = None
+        failing = False
+        try:
+            while True:
+                await self._checkpoint_due.wait()
+                self._checkpoint_due.clear()
+                if self._stopping:
+                    return
+                self._commits = 0
+                try:
+                    conn = await asyncio.to_thread(self._checkpoint, conn)
+                except sqlite3.Error as exc:
+                    if conn is not None:
+                        await asyncio.to_thread(conn.close)
+                    conn = None
+                    # Commits go on into the log meanwhile, so this alone does not make the spool
+                    # unhealthy; say it once, not at every try.
+                    if not failing:
+                        _log.warning("spool %s: checkpoint failed: %s", self.path, exc)
+                    failing = True
+                else:
+                    if failing:
+                        _log.info("spool %s: checkpoints work again", self.path)
+                    failing = False
+        finally:
+            if conn is not None:
+                await asyncio.to_thread(conn.close)
+
+    def _checkpoint(self, conn: sqlite3.Connection | None) -> sqlite3.Connection:
+        # Runs in a worker thread, one call at a time.
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, timeout=0, check_same_thread=False
+            )
+            conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return conn
+
     def _abandon(self, conn: sqlite3.Connection) -> None:
         """Roll back after a non-SQLite exception so no transaction stays open on the connection."""
         try:
@@ -548,7 +628,7 @@ class Spool:
             changed = conn.execute(sql, params).rowcount
         except sqlite3.Error as exc:
             raise self._write_failed(what, exc) from exc
-        self.healthy = True
+        self._committed()
         return changed
 
     def _write_failed(self, what: str, exc: sqlite3.Error) -> SpoolError:
@@ -610,7 +690,9 @@ def _dump_requests(requests: Iterable[PushRequest]) -> str:
     return json.dumps(dumped, ensure_ascii=False)
 
 
-def _delivery(row: Sequence[Any]) -> Delivery:
+def _delivery(
+    row: Sequence[Any], decoded: dict[str, tuple[PushRequest, ...]] | None = None
+) -> Delivery:
     (
         delivery_id,
         event_id,
@@ -624,12 +706,17 @@ def _delivery(row: Sequence[Any]) -> Delivery:
         state,
         error,
     ) = row
+    parsed = None if decoded is None else decoded.get(requests)
+    if parsed is None:
+        parsed = tuple(PushRequest(kind, xml) for kind, xml in json.loads(requests))
+        if decoded is not None:
+            decoded[requests] = parsed
     return Delivery(
         id=delivery_id,
         event_id=event_id,
         rule=rule,
         phone=phone,
-        requests=tuple(PushRequest(kind, xml) for kind, xml in json.loads(requests)),
+        requests=parsed,
         sent=sent,
         attempts=attempts,
         created_at=created_at,
