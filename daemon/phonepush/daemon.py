@@ -3,7 +3,8 @@
 Start-up: spool → dispatcher (pending deliveries resume) → intake → MQTT source → HTTP server;
 ready once the server listens and MQTT (when configured) is subscribed.
 
-Shutdown (SIGTERM/SIGINT, or :meth:`Daemon.stop`): stop taking input (MQTT unsubscribes, the
+Shutdown (SIGTERM/SIGINT, or :meth:`Daemon.stop`): stop taking input (MQTT stops acking new
+messages, which stay queued in the persistent session for the next start; the
 webhook answers 503), let requests already on the wire finish under ``drain_timeout``, cancel
 the rest (still pending in the spool for the next start), close. SIGHUP reloads the config
 atomically: a bad file keeps the old config and says why.
