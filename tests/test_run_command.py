@@ -1,0 +1,188 @@
+"""``phonepush run`` as a user runs it: a process, signals, stdout logs, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from _daemon_fixtures import eventually, free_port
+from phonepush.simulator import Fleet
+
+TOKEN = "run-test-token"
+
+
+def write_config(path: Path, port: int, phone: str, spool: Path, *, extra: str = "") -> None:
+    path.write_text(
+        f"""
+[server]
+listen = "127.0.0.1:{port}"
+
+[spool]
+path = "{spool}"
+
+[webhook]
+token = "{TOKEN}"
+
+[dispatch]
+retry_initial = "50ms"
+retry_max = "200ms"
+
+[[phones]]
+name = "desk"
+host = "{phone}"
+
+[[rules]]
+name = "page"
+on = "webhook:page"
+to = ["desk"]
+execute = ["Dial:{{{{ payload.number }}}}"]
+ttl = "1m"
+{extra}
+"""
+    )
+
+
+class Process:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        assert proc.stdout is not None
+        self._reader = asyncio.create_task(self._read(proc.stdout))
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        async for line in stream:
+            self.lines.append(line.decode())
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    async def wait(self, timeout: float = 20) -> int:
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        await self._reader
+        return code
+
+
+@pytest.fixture
+async def start_run(tmp_path: Path) -> AsyncIterator[Any]:
+    procs: list[Process] = []
+
+    async def start(config: Path) -> Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "phonepush",
+            "run",
+            "--config",
+            str(config),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        process = Process(proc)
+        procs.append(process)
+        await eventually(
+            lambda: "ready" in process.output or proc.returncode is not None, timeout=15
+        )
+        return process
+
+    yield start
+    for process in procs:
+        if process.proc.returncode is None:
+            process.proc.kill()
+            await process.proc.wait()
+
+
+async def post(port: int, hook: str, payload: dict[str, Any]) -> httpx.Response:
+    async with httpx.AsyncClient() as client:
+        return await client.post(
+            f"http://127.0.0.1:{port}/hooks/{hook}",
+            json=payload,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
+
+
+async def test_sigterm_lets_the_request_on_the_wire_finish_and_exits_0(
+    tmp_path: Path, make_fleet: Any, start_run: Any
+) -> None:
+    fleet: Fleet = await make_fleet(names=["desk"])
+    phone = fleet.phones[0]
+    await phone.set_fault("slow", delay_ms=1000)
+    port = free_port()
+    config = tmp_path / "phonepush.toml"
+    write_config(config, port, phone.address, tmp_path / "spool.db")
+    process = await start_run(config)
+
+    assert (await post(port, "page", {"number": "1234"})).status_code == 202
+    await eventually(lambda: len(phone.state.requests) == 1)
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.wait() == 0
+    assert list(phone.state.dialled) == ["1234"]
+    assert "delivered" in process.output
+    assert "0 deliveries left pending" in process.output
+
+
+async def test_sighup_reloads_and_a_bad_file_keeps_the_running_config(
+    tmp_path: Path, make_fleet: Any, start_run: Any
+) -> None:
+    fleet: Fleet = await make_fleet(names=["desk"])
+    phone = fleet.phones[0]
+    port = free_port()
+    config = tmp_path / "phonepush.toml"
+    spool = tmp_path / "spool.db"
+    write_config(config, port, phone.address, spool)
+    process = await start_run(config)
+    assert (await post(port, "backlight", {})).status_code == 404
+
+    write_config(
+        config,
+        port,
+        phone.address,
+        spool,
+        extra="""
+[[rules]]
+name = "backlight"
+on = "webhook:backlight"
+to = ["desk"]
+execute = ["Display:On:5"]
+""",
+    )
+    process.proc.send_signal(signal.SIGHUP)
+    await eventually(lambda: "reloaded" in process.output)
+    assert (await post(port, "backlight", {})).status_code == 202
+    await eventually(lambda: phone.state.backlight.minutes == 5)
+
+    config.write_text(config.read_text().replace('to = ["desk"]', 'to = ["nobody"]'))
+    process.proc.send_signal(signal.SIGHUP)
+    await eventually(lambda: "reload failed" in process.output)
+    assert "rules[page].to" in process.output
+    assert (await post(port, "backlight", {})).status_code == 202
+
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.wait() == 0
+
+
+async def test_config_errors_exit_2_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[[phones]]\nname = "desk"\nhost = "192.0.2.1:99999"\n')
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "phonepush",
+        "run",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert "phones[desk].host" in err.decode() and "99999" in err.decode()
