@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("check", "validate a config file and print a summary"),
     "fire": ("fire", "show what an event would do, or inject it"),
     "demo": ("demo", "run the daemon on embedded defaults with simulated phones"),
+    "page": ("page", "speak or play an announcement on phones over RTP"),
 }
 
 
