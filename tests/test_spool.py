@@ -177,6 +177,20 @@ async def test_pending_resumes_in_order_after_reopen(tmp_path: Path) -> None:
         assert spool.pending()[-1].id == newer.id
 
 
+async def test_synchronous_full_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    async with Spool(path, synchronous="FULL") as spool:
+        first, second = (add(spool)[0] for _ in range(2))
+        spool.progress(first.id, sent=1, attempts=1)
+        spool.finish(second.id, "delivered")
+        add(spool)
+    async with Spool(path, synchronous="full") as spool:
+        assert spool.pending_count() == 2
+        assert spool.pending()[0].sent == 1
+    with pytest.raises(ValueError, match="synchronous"):
+        Spool(path, synchronous="off")
+
+
 _CRASH_WRITER = textwrap.dedent(
     """
     import asyncio, sys

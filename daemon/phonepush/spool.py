@@ -9,9 +9,14 @@ Durability
     the write-ahead log without waiting for fsync: the write is in the operating system's page
     cache when ``add_event`` returns, so a crash or SIGKILL of the daemon loses nothing that was
     committed, but a power loss or kernel crash may lose the last commits (never corrupting the
-    file). ``synchronous="full"`` fsyncs the log at every commit, so committed events also
-    survive power loss, at the cost of one fsync per ``add_event``/``progress``/``finish`` (see
+    file). ``synchronous="full"`` fsyncs the log at every ``add_event`` commit, so acknowledged
+    events also survive power loss, at the cost of one fsync per event (see
     ``docs/performance.md``, section "Spool").
+
+    ``progress``, ``finish``, ``purge`` and ``check`` never wait for fsync, whatever the setting:
+    the next fsync (an ``add_event`` under "full", or a checkpoint) makes them durable too. A power
+    cut can only lose the last of them, which means a delivery is resumed and a push sent again:
+    delivery is at-least-once anyway (``docs/design.md``), and an acknowledged event is never lost.
 
 Threading and latency
     Every call is synchronous and meant to run on the event loop thread: each one is a handful of
@@ -272,6 +277,7 @@ class Spool:
         self._conn: sqlite3.Connection | None = None
         self._open = False
         self._pending = 0
+        self._conn_synchronous = ""  # what the open connection is set to now
         self._commits = 0  # since the last checkpoint was started
         self._checkpoint_due = asyncio.Event()
         self._checkpointer: asyncio.Task[None] | None = None
@@ -362,6 +368,7 @@ class Spool:
         created_at = self._clock()
         ids: list[int] = []
         try:
+            self._set_synchronous(conn, self.synchronous)
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(_INSERT_EVENT, event_row)
             for new, dumped in zip(deliveries, requests, strict=True):
@@ -476,6 +483,7 @@ class Spool:
         """
         conn = self._connection()
         try:
+            self._set_synchronous(conn, "normal")
             conn.execute("BEGIN IMMEDIATE")
             doomed = [(row[0],) for row in conn.execute(_PURGEABLE, (before,))]
             conn.executemany("DELETE FROM deliveries WHERE event_id = ?", doomed)
@@ -516,6 +524,7 @@ class Spool:
             if str(mode).lower() != "wal":
                 raise SpoolError(f"spool {self.path}: cannot use WAL mode (journal mode {mode})")
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            self._conn_synchronous = self.synchronous
             conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
             conn.execute(f"PRAGMA wal_autocheckpoint = {_BACKSTOP_PAGES}")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -621,10 +630,16 @@ class Spool:
         except sqlite3.Error:
             self._drop_connection()
 
+    def _set_synchronous(self, conn: sqlite3.Connection, level: str) -> None:
+        if self._conn_synchronous != level:
+            conn.execute(f"PRAGMA synchronous = {level.upper()}")
+            self._conn_synchronous = level
+
     def _write(self, sql: str, params: Sequence[Any], what: str) -> int:
         """Run one statement in its own (autocommit) transaction; return the rows changed."""
         conn = self._connection()
         try:
+            self._set_synchronous(conn, "normal")
             changed = conn.execute(sql, params).rowcount
         except sqlite3.Error as exc:
             raise self._write_failed(what, exc) from exc
