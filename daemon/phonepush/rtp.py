@@ -15,8 +15,10 @@ Sender choices:
 * **Padding.** The last payload is filled up to 160 bytes with µ-law silence (0xFF).
 * **Pacing.** Packet *n* is due at ``t0 + n × 20 ms`` on the injected monotonic clock; the sender
   sleeps until each deadline (never a fixed 20 ms sleep, which drifts by the loop's overhead every
-  packet). A packet found late is sent at once and the grid kept, so a brief stall is caught up by
-  the next few packets; when more than ``max_late_packets`` intervals late (the process was
+  packet). It aims ``wake_early`` (0.5 ms) before the deadline: asyncio's epoll selector rounds
+  timeouts *up* to whole milliseconds, so an exact aim wakes 0–1 ms late, a centred one ±0.5 ms.
+  A packet found late is sent at once and the grid kept, so a brief stall is caught up by the
+  next few packets; when more than ``max_late_packets`` intervals late (the process was
   suspended, the loop blocked) the grid is moved to "now" instead of bursting the backlog at the
   phones (``SendStats.resyncs`` counts those).
 * **One socket** per stream, bound to ``source``; each packet is ``sendto`` every destination in
@@ -152,8 +154,9 @@ def _percentile(sorted_values: Sequence[float], fraction: float) -> float:
 class SendStats:
     """What one :meth:`RtpStream.play` did.
 
-    ``offsets_ms`` holds, per packet, how late it left against its place on the 20 ms grid
-    (after resyncs); ``datagrams`` counts successful ``sendto`` calls over all destinations.
+    ``offsets_ms`` holds, per packet, how far its send time was from its place on the 20 ms grid
+    (after resyncs; negative: early); ``datagrams`` counts successful ``sendto`` calls over all
+    destinations. Percentiles are of the absolute deviation.
     """
 
     packets: int
@@ -169,11 +172,11 @@ class SendStats:
 
     def percentile_ms(self, fraction: float) -> float:
         """A percentile of ``offsets_ms`` (``fraction`` 0–1, nearest rank)."""
-        return _percentile(sorted(self.offsets_ms), fraction)
+        return _percentile(sorted(map(abs, self.offsets_ms)), fraction)
 
     @property
     def max_offset_ms(self) -> float:
-        return max(self.offsets_ms, default=0.0)
+        return max(map(abs, self.offsets_ms), default=0.0)
 
 
 class RtpStream:
@@ -181,7 +184,8 @@ class RtpStream:
 
     ``source`` is the local address and port to bind (the address phones are told the stream
     comes from, for unicast). ``clock`` and ``sleep`` are injectable for tests (``clock`` must
-    be monotonic, and ``sleep`` must wait on the same clock). Raises
+    be monotonic, and ``sleep`` must wait on the same clock). ``max_late_packets`` and
+    ``wake_early`` tune pacing (see the module docstring). Raises
     :class:`~phonepush.errors.AudioError` when the socket cannot be opened or bound.
     """
 
@@ -197,6 +201,7 @@ class RtpStream:
         sequence: int | None = None,
         timestamp: int | None = None,
         max_late_packets: int = 3,
+        wake_early: float = 0.0005,
     ) -> None:
         if not 0 <= ttl <= 255:
             raise ValueError("ttl must be 0-255")
@@ -209,6 +214,7 @@ class RtpStream:
         self._clock = clock
         self._sleep = sleep
         self._max_late = max_late_packets * PACKET_INTERVAL
+        self._wake_early = wake_early
         self._socket: socket.socket | None = None
         self._last_sent: float | None = None
         self._lock = asyncio.Lock()
@@ -280,8 +286,8 @@ class RtpStream:
         for n, payload in enumerate(payloads):
             deadline = origin + n * PACKET_INTERVAL
             now = clock()
-            if now < deadline:
-                await self._sleep(deadline - now)
+            if now < deadline - self._wake_early:
+                await self._sleep(deadline - self._wake_early - now)
                 now = clock()
             if now - deadline > self._max_late:
                 origin += now - deadline
