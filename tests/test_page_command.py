@@ -229,7 +229,8 @@ async def test_page_reports_each_phone_and_skips_unresolvable_ones() -> None:
         PageTarget("busy", "127.0.0.3"),
         PageTarget("nowhere", "no-such-host.invalid"),
     ]
-    settings = PageSettings(source="127.0.0.1", port=20482, volume=50, lead_in_s=0)
+    # The source may be a name (the daemon defaults to its public URL's host).
+    settings = PageSettings(source="localhost", port=20482, volume=50, lead_in_s=0)
     report = await page(targets, b"\xff" * 800, push=push, settings=settings)
     assert report.uri == "RTPRx:127.0.0.1:20482:50"
     assert [(r.target.name, r.started, r.stopped) for r in report.results] == [

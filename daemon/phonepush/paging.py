@@ -43,7 +43,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from phonepush.errors import AudioError, PhonepushError
 from phonepush.rtp import RtpStream, SendStats
@@ -190,10 +190,14 @@ async def page(
 ) -> PageReport:
     """Page ``targets`` with µ-law 8 kHz ``audio``; see the module docstring.
 
-    ``stream`` is an unopened :class:`RtpStream` to use instead of one made from ``settings``
-    (tests inject clocks through it). Raises :class:`~phonepush.errors.InvalidURI` (settings)
-    before anything is sent; every other failure is in the report.
+    ``settings.source`` may be a host name (the daemon's default is the host of its public URL);
+    it is resolved to IPv4 first. ``stream`` is an unopened :class:`RtpStream` to use instead of
+    one made from ``settings`` (tests inject clocks through it). Raises
+    :class:`~phonepush.errors.InvalidURI` (settings) or :class:`~phonepush.errors.AudioError`
+    (``source`` does not resolve) before anything is sent; every other failure is in the report.
     """
+    if settings.multicast is None or settings.multicast_if is None:
+        settings = replace(settings, source=await _resolve(settings.source))
     uri = start_uri(settings)
     validate_uri(STOP_URI)
     limit = asyncio.Semaphore(max(1, settings.concurrency))
