@@ -83,9 +83,10 @@ def _escape(value: str) -> str:
 
 
 def sanitize_text(value: str, limit: int) -> str:
-    """Drop characters a phone cannot show (control characters but CR, LF, tab) and cut to
-    ``limit`` characters, marking a cut with an ellipsis."""
-    value = _NOT_XML.sub("", value)
+    """Drop characters a phone cannot show (control characters but CR, LF, tab), turn CR LF and
+    CR into LF, and cut to ``limit`` characters, marking a cut with an ellipsis."""
+    # Line ends as an XML parser hands them to the phone, so the limit counts what it shows.
+    value = _NOT_XML.sub("", value).replace("\r\n", "\n").replace("\r", "\n")
     if len(value) > limit:
         value = value[: limit - 1] + "\u2026"
     return value
@@ -251,9 +252,22 @@ def error_xml(number: int, text: str = "") -> str:
     return f'{PROLOG}<CiscoIPPhoneError Number="{number}">{_escape(text)}</CiscoIPPhoneError>'
 
 
-def _parser() -> etree.XMLParser:
+# The encoding a document declares, read as ASCII (what the DTD check below can trust).
+_DECLARED_ENCODING: Final = re.compile(
+    rb"\A(?:\xef\xbb\xbf)?\s*<\?xml\s[^>]*?encoding\s*=\s*[\"']([A-Za-z0-9._\-]+)[\"']"
+)
+_LATIN1: Final = frozenset({"iso-8859-1", "iso8859-1", "latin1", "latin-1", "l1"})
+
+
+def _parser(body: bytes) -> etree.XMLParser:
     # One parser per call: lxml parsers are not safe to share across threads, and this is cheap.
+    # The encoding is forced to UTF-8 (or ISO-8859-1 when declared): left to libxml2, a UTF-16,
+    # UTF-7 or EBCDIC document would hide "<!DOCTYPE" from the byte check in _parse_xml, and
+    # libxml2 expands internal entities in attribute values even with resolve_entities=False.
+    declared = _DECLARED_ENCODING.match(body)
+    name = declared.group(1).decode("ascii").lower() if declared else ""
     return etree.XMLParser(
+        encoding="iso-8859-1" if name in _LATIN1 else "utf-8",
         resolve_entities=False,
         no_network=True,
         load_dtd=False,
@@ -271,7 +285,7 @@ def _parse_xml(body: bytes, limit: int, error: type[Exception]) -> etree._Elemen
     if b"<!DOCTYPE" in body or b"<!ENTITY" in body:
         raise error("XML with a DTD or entity declarations is refused")
     try:
-        root = etree.fromstring(body, _parser())
+        root = etree.fromstring(body, _parser(body))
     except (etree.XMLSyntaxError, ValueError) as exc:
         raise error(f"malformed XML: {exc}") from exc
     if root is None:  # pragma: no cover - lxml raises on empty input

@@ -82,7 +82,10 @@ _PLAY: Final = re.compile(r"Play:([A-Za-z0-9._\-]+)")
 _DISPLAY: Final = re.compile(r"Display:(On|Off|Default)(?::([0-9]{1,4}))?")
 _RTP: Final = re.compile(r"(RTPRx|RTPMRx|RTPTx|RTPMTx):([0-9.]+):([0-9]{1,5})(?::([0-9]{1,3}))?")
 _RTP_STOP: Final = re.compile(r"(?:RTPRx|RTPMRx|RTPTx|RTPMTx):Stop")
-_HTTP: Final = re.compile(r"https?://[^\s\x00-\x1f\x7f]+", re.IGNORECASE)
+# No white space, no C0/C1 controls, and nothing XML cannot carry (lone surrogates, U+FFFE/F).
+_HTTP: Final = re.compile(
+    r"https?://[^\s\x00-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]+", re.IGNORECASE
+)
 
 
 def is_http(url: str) -> bool:
