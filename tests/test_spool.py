@@ -442,6 +442,14 @@ async def test_path_under_a_file_is_a_clear_error(tmp_path: Path) -> None:
             pass
 
 
+async def test_a_file_that_is_not_a_spool_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    path.write_bytes(b"these are not the bytes of an SQLite database\n" * 100)
+    with pytest.raises(SpoolError, match="not a database"):
+        async with Spool(path):
+            pass
+
+
 async def test_creates_missing_directories_and_versions_the_schema(tmp_path: Path) -> None:
     path = tmp_path / "var" / "lib" / "phonepush" / "spool.db"
     async with Spool(path) as spool:

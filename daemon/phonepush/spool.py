@@ -302,14 +302,16 @@ class Spool:
         tb: TracebackType | None,
     ) -> None:
         task, self._checkpointer = self._checkpointer, None
-        if task is not None:
-            # Not cancelled: a checkpoint already running in its thread is let finish, so its
-            # connection is closed only once nothing uses it.
-            self._stopping = True
-            self._checkpoint_due.set()
-            await task
-        self._open = False
-        self._drop_connection()
+        try:
+            if task is not None:
+                # Not cancelled: a checkpoint already running in its thread is let finish, so
+                # its connection is closed only once nothing uses it.
+                self._stopping = True
+                self._checkpoint_due.set()
+                await task
+        finally:
+            self._open = False
+            self._drop_connection()
 
     def _open_connection(self) -> None:
         """Open (creating the file, its directory and the schema if needed) and probe a write."""
@@ -585,6 +587,7 @@ class Spool:
         if the log grows past :data:`_BACKSTOP_PAGES` anyway.
         """
         conn: sqlite3.Connection | None = None
+        in_thread = False
         failing = False
         try:
             while True:
@@ -594,8 +597,11 @@ class Spool:
                     return
                 self._commits = 0
                 try:
+                    in_thread = True
                     conn = await asyncio.to_thread(self._checkpoint, conn)
+                    in_thread = False
                 except sqlite3.Error as exc:
+                    in_thread = False
                     if conn is not None:
                         await asyncio.to_thread(conn.close)
                     conn = None
@@ -609,7 +615,9 @@ class Spool:
                         _log.info("spool %s: checkpoints work again", self.path)
                     failing = False
         finally:
-            if conn is not None:
+            # If this task was cancelled while its thread still runs a checkpoint, the thread owns
+            # the connection; it is closed when collected.
+            if conn is not None and not in_thread:
                 await asyncio.to_thread(conn.close)
 
     def _checkpoint(self, conn: sqlite3.Connection | None) -> sqlite3.Connection:
