@@ -312,6 +312,23 @@ async def test_spool_full_writes_nothing(tmp_path: Path) -> None:
 # -- failures and recovery ------------------------------------------------------------------
 
 
+async def test_add_event_is_all_or_nothing(tmp_path: Path) -> None:
+    async with Spool(tmp_path / "spool.db") as spool:
+        add(spool, None, pages={"page-1": PAGE})
+        clashing = event()
+        # The page id is taken: the event and delivery rows written before it are undone too.
+        with pytest.raises(SpoolError, match="page") as caught:
+            add(spool, clashing, delivery("a"), delivery("b"), pages={"page-1": "<other/>"})
+        assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)
+        assert spool.event(clashing.id) is None
+        assert spool.page("page-1") == PAGE
+        assert spool.pending_count() == len(spool.pending()) == 1
+        # A caller's mistake says nothing about the disk.
+        assert spool.healthy
+        add(spool, clashing, delivery("a"), delivery("b"), pages={"page-2": PAGE})
+        assert spool.pending_count() == 3
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 1 MiB tmpfs: filling it makes writes fail with ENOSPC, as on a full disk."""
