@@ -145,10 +145,16 @@ def main() -> int:
     parser.add_argument("--streams", default="1,10,50", help="concurrent stream counts")
     parser.add_argument("--cpu-seconds", type=float, default=10.0, help="length of load runs")
     parser.add_argument("--cpu", type=int, default=None, help="pin the sender to this CPU")
+    parser.add_argument(
+        "--nice", type=int, default=0, help="add to the sender's niceness (negative needs root)"
+    )
     args = parser.parse_args()
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
+    if args.nice:
+        os.nice(args.nice)
 
+    print(f"load average {os.getloadavg()[0]:.2f}, sender niceness {os.nice(0)}")
     long_run = _run(1, args.seconds, args.cpu)
     send = long_run["send"]
     print(
@@ -174,6 +180,8 @@ def main() -> int:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "nice": args.nice,
         "long_run": long_run,
         "load_runs": load_runs,
     }
