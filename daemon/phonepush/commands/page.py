@@ -253,6 +253,8 @@ def _lines(report: PageReport) -> tuple[list[str], list[str]]:
             err.append(f"{name}: could not be stopped: {result.stop_error}")
     if report.error:
         err.append(f"Streaming failed: {report.error}")
+    elif not report.started:
+        err.append("No phone listened; nothing was streamed")
     if report.stream is not None:
         stream = report.stream
         phones = len(report.started)
