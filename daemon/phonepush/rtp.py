@@ -262,7 +262,10 @@ class RtpStream:
 
     async def play(self, audio: bytes, destinations: Sequence[tuple[str, int]]) -> SendStats:
         """Stream µ-law 8 kHz ``audio`` to every destination, paced at 20 ms per packet; return
-        when the last packet has been sent. Plays on one stream run one after another."""
+        when the last packet has been sent. Plays on one stream run one after another.
+
+        Destinations are ``(IPv4 address, port)``; resolve names first (``sendto`` would resolve
+        them on every packet, blocking the loop) — :func:`phonepush.paging.page` does."""
         async with self._lock:
             return await self._play(audio, list(destinations))
 
