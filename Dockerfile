@@ -28,8 +28,8 @@ LABEL org.opencontainers.image.title="phonepush" \
       org.opencontainers.image.licenses="MIT"
 
 # A fixed uid/gid, so a host directory mounted on /var/lib/phonepush can be chowned ahead of time.
-RUN groupadd --system --gid "${PHONEPUSH_UID}" phonepush \
-    && useradd --system --uid "${PHONEPUSH_UID}" --gid phonepush --no-create-home \
+RUN groupadd --gid "${PHONEPUSH_UID}" phonepush \
+    && useradd --uid "${PHONEPUSH_UID}" --gid phonepush --no-create-home --no-log-init \
         --home-dir /var/lib/phonepush --shell /usr/sbin/nologin phonepush \
     && install -d -o phonepush -g phonepush -m 0700 /var/lib/phonepush \
     && install -d -m 0755 /etc/phonepush

@@ -6,8 +6,12 @@ import asyncio
 import logging
 import os
 import secrets
+import signal
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -203,3 +207,69 @@ def test_credential_path_outside_systemd() -> None:
 def test_credential_path_refuses_paths(tmp_path: Path, name: str) -> None:
     with pytest.raises(ConfigError, match="credential name"):
         credential_path(name, {"CREDENTIALS_DIRECTORY": str(tmp_path)})
+
+
+# --- the daemon as systemd starts it --------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _fields(message: list[str]) -> dict[str, str]:
+    return dict(field.split("=", 1) for field in message)
+
+
+def _next_state(systemd: FakeSystemd) -> dict[str, str]:
+    """The next message that is not a watchdog ping."""
+    while True:
+        fields = _fields(systemd.receive())
+        if "WATCHDOG" not in fields:
+            return fields
+
+
+def test_phonepush_run_under_systemd(tmp_path: Path, systemd: FakeSystemd) -> None:
+    """What Type=notify, WatchdogSec= and ExecReload= in systemd/phonepush.service rely on."""
+    port = _free_port()
+    config = tmp_path / "phonepush.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n')
+    env = {
+        **os.environ,
+        "NOTIFY_SOCKET": systemd.env_value,
+        "WATCHDOG_USEC": "200000",
+        "PHONEPUSH_SPOOL__PATH": str(tmp_path / "spool.db"),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "phonepush", "run", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        ready = _next_state(systemd)
+        assert ready["READY"] == "1"
+        # READY=1 means serving: systemd starts dependent units at this point.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+            assert answer.status == 200
+        # WATCHDOG_USEC=200000: a ping every 0.1 s keeps the service from being killed.
+        while (ping := _fields(systemd.receive())) != {"WATCHDOG": "1"}:
+            assert "READY" not in ping and "STOPPING" not in ping, ping
+
+        proc.send_signal(signal.SIGHUP)  # ExecReload=/bin/kill -HUP $MAINPID
+        reloading = _next_state(systemd)
+        assert reloading["RELOADING"] == "1"
+        assert int(reloading["MONOTONIC_USEC"]) > 0
+        assert _next_state(systemd)["READY"] == "1"
+
+        proc.send_signal(signal.SIGTERM)
+        assert _next_state(systemd) == {"STOPPING": "1"}
+        output, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
