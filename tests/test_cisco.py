@@ -251,7 +251,7 @@ XXE = (
         ("<<<", "text/xml", 500, PhoneHTTPError, "HTTP status 500"),
         (OK, "text/xml", 500, PhoneHTTPError, "HTTP status 500"),
         (OK, "text/html", 200, PhoneBadResponse, "Unexpected Content-Type: text/html"),
-        (OK, None, 200, PhoneBadResponse, "Unexpected Content-Type: None"),
+        (OK, None, 200, PhoneBadResponse, "Unexpected Content-Type:"),
         ("\x00garbage", "text/xml", 200, PhoneBadResponse, "malformed XML"),
         ("<CiscoIPPhoneError/>", "text/xml", 200, PhoneBadResponse, "without a Number"),
         ("<CiscoIPPhoneText/>", "text/xml", 200, PhoneBadResponse, "unexpected answer"),
