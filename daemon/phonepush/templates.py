@@ -76,6 +76,9 @@ _RENDER_ERRORS: Final = (
     AttributeError,
     RecursionError,
 )
+# Deeply nested source overflows Jinja's recursive parser or Python's compiler; that is a
+# problem of the configured template, reported like a syntax error rather than a crash.
+_TOO_COMPLEX: Final = (RecursionError, SyntaxError, MemoryError)
 _FORBIDDEN: Final = {
     nodes.Macro: "macros",
     nodes.CallBlock: "call blocks",
@@ -189,6 +192,8 @@ class Templates:
             expression = self._env.compile_expression(source)
         except jinja2.TemplateSyntaxError as exc:
             raise ConfigError(f"{where}: {_syntax_message(exc)}") from exc
+        except _TOO_COMPLEX as exc:
+            raise ConfigError(f"{where}: {_complexity_message(exc)}") from exc
 
         def evaluate(context: Mapping[str, Any]) -> Any:
             try:
@@ -205,10 +210,12 @@ class Templates:
             return lambda context: source
         try:
             tree = self._env.parse(source)
+            _restrict(tree, where)
+            template = self._env.from_string(tree)
         except jinja2.TemplateSyntaxError as exc:
             raise ConfigError(f"{where}: {_syntax_message(exc)}") from exc
-        _restrict(tree, where)
-        template = self._env.from_string(tree)
+        except _TOO_COMPLEX as exc:
+            raise ConfigError(f"{where}: {_complexity_message(exc)}") from exc
 
         def render(context: Mapping[str, Any]) -> str:
             parts: list[str] = []
@@ -250,6 +257,10 @@ def _restrict(tree: nodes.Template, where: str) -> None:
             visit(child, depth)
 
     visit(tree, 0)
+
+
+def _complexity_message(exc: BaseException) -> str:
+    return f"template nests too deeply to compile ({type(exc).__name__}: {exc})"
 
 
 def _syntax_message(exc: jinja2.TemplateSyntaxError) -> str:
