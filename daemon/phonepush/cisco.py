@@ -293,6 +293,11 @@ def _parse_xml(body: bytes, limit: int, error: type[Exception]) -> etree._Elemen
     return root
 
 
+def _clip(text: str, limit: int = 80) -> str:
+    """What a phone sent, cut short for an error message (they go to logs and the spool)."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
 def parse_response(
     body: bytes, content_type: str | None, status: int = 200, *, receipts: bool = True
 ) -> list[ResponseItem]:
@@ -320,7 +325,7 @@ def parse_response(
             raise PhoneHTTPError(status)
         if not receipts:
             return []
-        raise PhoneBadResponse(f"Unexpected Content-Type: {content_type}")
+        raise PhoneBadResponse(f"Unexpected Content-Type: {_clip(content_type or '')}")
     try:
         root = _parse_xml(body, MAX_RESPONSE_BYTES, PhoneBadResponse)
     except PhoneBadResponse:
@@ -331,9 +336,14 @@ def parse_response(
         number_text = root.get("Number", "")
         text = (root.text or "").strip()
         try:
+            # A phone's error numbers are small: a huge one is garbage, not an error to report.
+            if len(number_text) > 12:
+                raise ValueError(number_text)
             number = int(number_text)
         except ValueError:
-            raise PhoneBadResponse(f"CiscoIPPhoneError without a Number: {number_text!r}") from None
+            raise PhoneBadResponse(
+                f"CiscoIPPhoneError without a Number: {_clip(number_text)!r}"
+            ) from None
         if number == 4:
             raise PhoneAuthError(text)
         raise PhoneRejected(number, text)
@@ -342,7 +352,7 @@ def parse_response(
     if root.tag != "CiscoIPPhoneResponse":
         if not receipts:
             return []
-        raise PhoneBadResponse(f"unexpected answer <{root.tag}>")
+        raise PhoneBadResponse(f"unexpected answer <{_clip(root.tag)}>")
     items = []
     for element in root.iterfind("ResponseItem"):
         try:
