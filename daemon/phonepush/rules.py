@@ -21,6 +21,7 @@ is left out, so one rule can send an item only for some events.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -270,9 +271,29 @@ def _compile_item(entry: str, default: int, where: str, templates: Templates) ->
 # --- per event ----------------------------------------------------------------------------------
 
 
+# A JSON string escape of a UTF-16 surrogate ("\ud800"): json.loads turns an unpaired one into a
+# lone surrogate, which no UTF-8 encoder (SQLite, logs, XML) accepts.
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def _scrub(value: Any) -> Any:
+    """``value`` with lone surrogates replaced by U+FFFD, in strings, keys and nested values."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    return value
+
+
 def _context(event: Event) -> dict[str, Any]:
+    payload = decode_payload(event.payload)
+    if _SURROGATE_ESCAPE.search(event.payload):
+        payload = _scrub(payload)
     return {
-        "payload": decode_payload(event.payload),
+        "payload": payload,
         "topic": event.topic,
         "headers": {name.lower(): value for name, value in event.headers.items()},
         "source": event.source,
