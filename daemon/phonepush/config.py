@@ -51,14 +51,17 @@ from pydantic_settings import (
 
 from phonepush.errors import ConfigError, InvalidTarget, WireError
 from phonepush.phone import PhoneTarget, parse_host
+from phonepush.silences import QuietHoursConfig
 from phonepush.templates import Templates
 from phonepush.uri import is_http, parse_target, validate_uri
 
 __all__ = [
     "ENV_PREFIX",
     "RESERVED_RULE_KEYS",
+    "AckConfig",
     "Config",
     "DispatchConfig",
+    "EscalateConfig",
     "LogConfig",
     "MessageConfig",
     "MqttConfig",
@@ -82,13 +85,6 @@ ENV_PREFIX: Final = "PHONEPUSH_"
 #: message saying so, instead of the generic unknown-key error, and never silently ignored.
 RESERVED_RULE_KEYS: Final = frozenset(
     {
-        "repeat",
-        "max_repeats",
-        "escalate",
-        "resolve_when",
-        "group_by",
-        "group_wait",
-        "quiet_hours",
         "audio",
     }
 )
@@ -393,6 +389,7 @@ class PhoneConfig(_Section):
     ca_file: OptionalPath = None
     timeout: Duration = 10.0
     groups: list[str] = Field(default_factory=list)
+    quiet_hours: QuietHoursConfig | None = None
 
     @field_validator("name")
     @classmethod
@@ -454,6 +451,20 @@ class BackgroundConfig(_Section):
     image: str
 
 
+class EscalateConfig(_Section):
+    """A rule's ``escalate``: after ``after`` unacknowledged rounds, repeats also go to ``to``."""
+
+    after: int = Field(ge=1, le=1000)
+    to: Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
+
+    @field_validator("to")
+    @classmethod
+    def _to(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one phone, group or 'all'")
+        return value
+
+
 class RuleConfig(_Section):
     """One ``[[rules]]`` entry. Template checks happen in :class:`phonepush.rules.RuleSet`."""
 
@@ -471,6 +482,19 @@ class RuleConfig(_Section):
     dedupe: str = ""
     cooldown: Duration | None = None
     ttl: Duration = 300.0
+    # Acknowledgements and repeats (docs/design.md, "Acknowledgements and repeats").
+    repeat: Duration | None = None
+    max_repeats: int | None = Field(default=None, ge=1, le=1000)
+    escalate: EscalateConfig | None = None
+    resolve_when: str = ""
+    ack: bool | None = None
+    ack_scope: Literal["any", "phone"] = "any"
+    # Grouping and quiet hours (docs/design.md, "Grouping, silences and quiet hours").
+    group_by: Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = (
+        Field(default_factory=list)
+    )
+    group_wait: Duration | None = None
+    quiet_hours: QuietHoursConfig | None = None
 
     @field_validator("name")
     @classmethod
@@ -511,6 +535,59 @@ class RuleConfig(_Section):
             raise ValueError("nothing to send: give execute, message, background or ringtone")
         return self
 
+    @model_validator(mode="after")
+    def _grouping(self) -> RuleConfig:
+        if self.group_wait is not None and self.group_wait <= 0:
+            raise ValueError("group_wait: must be more than 0s (leave it out to page each event)")
+        if self.grouped and (self.repeat is not None or self.ack or self.resolve_when.strip()):
+            raise ValueError(
+                "group_by: a grouping rule cannot also repeat, ask for acks or resolve"
+                " (a group's page has no single event to follow up on)"
+            )
+        return self
+
+    @property
+    def grouped(self) -> bool:
+        """Whether events are collected into one page per ``group_wait`` window."""
+        return bool(self.group_by) or self.group_wait is not None
+
+    @property
+    def group_window(self) -> float:
+        """``group_wait``, 30 s when only ``group_by`` is given (Alertmanager's default)."""
+        return 30.0 if self.group_wait is None else self.group_wait
+
+    @model_validator(mode="after")
+    def _repeats(self) -> RuleConfig:
+        if self.repeat is not None and self.repeat <= 0:
+            raise ValueError("repeat: must be more than 0s")
+        if self.repeat is None and self.max_repeats is not None:
+            raise ValueError("max_repeats: needs repeat")
+        if self.escalate is not None:
+            if self.repeat is None:
+                raise ValueError("escalate: needs repeat (escalation happens on a repeat)")
+            if self.escalate.after > self.repeats:
+                raise ValueError(
+                    f"escalate: after ({self.escalate.after}) is more than max_repeats"
+                    f" ({self.repeats}), so it would never happen"
+                )
+        if self.ack and self.message is None:
+            raise ValueError("ack: needs a message (the Ack softkey is on the page)")
+        return self
+
+    @property
+    def repeats(self) -> int:
+        """How many times an unacknowledged page is pushed again (0 without ``repeat``)."""
+        if self.repeat is None:
+            return 0
+        return 5 if self.max_repeats is None else self.max_repeats
+
+    @property
+    def acked(self) -> bool:
+        """Whether pages carry Ack/Close softkeys: ``ack``, by default on for repeating pages."""
+        if self.ack is not None:
+            return self.ack
+        return self.repeat is not None and self.message is not None
+
     @property
     def source(self) -> Literal["mqtt", "webhook"]:
         return "mqtt" if self.on.startswith("mqtt:") else "webhook"
@@ -518,6 +595,19 @@ class RuleConfig(_Section):
     @property
     def pattern(self) -> str:
         return self.on.partition(":")[2]
+
+
+class AckConfig(_Section):
+    """``[ack]``: what happens on an acknowledgement besides MQTT and metrics."""
+
+    #: POSTed ``{rule, event, phone, at, by}`` as JSON on each acknowledgement, best effort.
+    webhook: str = ""
+    webhook_timeout: Duration = 5.0
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook(cls, value: str) -> str:
+        return _check_http_url(value) if value else value
 
 
 class DispatchConfig(_Section):
@@ -568,6 +658,7 @@ class Config(BaseSettings):
     rules: list[RuleConfig] = Field(default_factory=list)
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    ack: AckConfig = Field(default_factory=AckConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -872,6 +963,9 @@ def _cross_check(config: Config) -> list[str]:
         for target in rule.to:
             if target != "all" and target not in seen and target not in groups:
                 problems.append(f"{where}.to: no phone or group named {target!r}")
+        for target in rule.escalate.to if rule.escalate is not None else ():
+            if target != "all" and target not in seen and target not in groups:
+                problems.append(f"{where}.escalate.to: no phone or group named {target!r}")
         for i, entry in enumerate(rule.execute):
             try:
                 url, priority = split_priority(entry)
@@ -901,6 +995,7 @@ def _template_problems(rule: RuleConfig, where: str, templates: Templates) -> li
         except WireError:
             continue  # reported with the literal checks
     sources += [("dedupe", rule.dedupe), ("ringtone", rule.ringtone)]
+    sources += [(f"group_by[{i}]", source) for i, source in enumerate(rule.group_by)]
     if rule.message is not None:
         sources += [(f"message.{k}", getattr(rule.message, k)) for k in ("title", "text", "prompt")]
     if rule.background is not None:
@@ -910,6 +1005,11 @@ def _template_problems(rule: RuleConfig, where: str, templates: Templates) -> li
     if rule.when.strip():
         try:
             templates.compile_expression(rule.when, f"{where}.when")
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if rule.resolve_when.strip():
+        try:
+            templates.compile_expression(rule.resolve_when, f"{where}.resolve_when")
         except ConfigError as exc:
             problems.append(str(exc))
     for key, source in sources:

@@ -82,3 +82,41 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        # --- acknowledgements and repeats ---
+        self.acks = Counter(
+            "phonepush_acks",
+            "Pages acknowledged on a phone (first press of Ack per page and phone).",
+            ["rule", "phone"],
+            registry=r,
+        )
+        self.repeats = Counter(
+            "phonepush_repeats",
+            "Rounds of an unacknowledged page pushed again.",
+            ["rule"],
+            registry=r,
+        )
+        self.escalations = Counter(
+            "phonepush_escalations",
+            "Unacknowledged pages escalated to the rule's escalate.to phones.",
+            ["rule"],
+            registry=r,
+        )
+        self.resolved = Counter(
+            "phonepush_resolved",
+            "Earlier pages resolved by a later event (resolve_when).",
+            ["rule"],
+            registry=r,
+        )
+        # --- silences and groups ---
+        self.silenced = Counter(
+            "phonepush_silenced",
+            "Events a runtime silence kept from a phone, by rule (once per event and phone).",
+            ["rule"],
+            registry=r,
+        )
+        self.grouped_events = Counter(
+            "phonepush_grouped_events",
+            "Events that joined a group (group_by/group_wait) instead of paging on their own.",
+            ["rule"],
+            registry=r,
+        )

@@ -52,15 +52,26 @@ from phonepush.errors import SpoolError, SpoolFull
 from phonepush.events import Event
 
 __all__ = [
+    "ALERT_STATES",
     "FINAL_STATES",
     "INTAKE_STATES",
     "SCHEMA_VERSION",
+    "AckResult",
+    "AlertPhone",
+    "AlertRecord",
     "Delivery",
     "EventRecord",
+    "GroupWindow",
+    "GroupedEvent",
+    "NewAlert",
+    "NewAlertPhone",
     "NewDelivery",
+    "NewGroupedEvent",
     "PushRequest",
     "RequestKind",
+    "Resolution",
     "Spool",
+    "StoredSilence",
 ]
 
 RequestKind = Literal["execute", "background", "ringtone"]
@@ -140,6 +151,68 @@ CREATE TABLE IF NOT EXISTS cooldowns (
     until REAL NOT NULL,
     PRIMARY KEY (rule, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alerts (
+    event_id TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    key TEXT NOT NULL,
+    page_id TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    repeat REAL NOT NULL,
+    max_repeats INTEGER NOT NULL,
+    escalate_after INTEGER NOT NULL,
+    ttl REAL NOT NULL,
+    rounds INTEGER NOT NULL DEFAULT 0,
+    next_at REAL,
+    state TEXT NOT NULL,
+    ended_at REAL,
+    ended_by TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (event_id, rule)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS alerts_key ON alerts (rule, key);
+CREATE INDEX IF NOT EXISTS alerts_due ON alerts (next_at)
+    WHERE state = 'active' AND next_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS alert_phones (
+    event_id TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    phone TEXT NOT NULL,
+    token TEXT UNIQUE,
+    requests TEXT NOT NULL,
+    escalation INTEGER NOT NULL,
+    acked_at REAL,
+    acked_by TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (event_id, rule, phone)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alert_deliveries (
+    delivery_id INTEGER PRIMARY KEY,
+    round INTEGER NOT NULL,
+    kind TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS silences (
+    id TEXT PRIMARY KEY,
+    matchers TEXT NOT NULL,
+    starts_at REAL NOT NULL,
+    ends_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    created_by TEXT NOT NULL,
+    comment TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS grouping_windows (
+    rule TEXT NOT NULL,
+    key TEXT NOT NULL,
+    opened_at REAL NOT NULL,
+    due_at REAL NOT NULL,
+    ttl REAL NOT NULL,
+    PRIMARY KEY (rule, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS grouped_events (
+    seq INTEGER PRIMARY KEY,
+    rule TEXT NOT NULL,
+    key TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    phones TEXT NOT NULL,
+    content TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS grouped_events_window ON grouped_events (rule, key);
 """
 
 _DELIVERY_COLUMNS: Final = (
@@ -243,6 +316,104 @@ class EventRecord:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+# --- acknowledgements and repeats ---
+#
+# An *alert* is one (event, rule) whose page can be acknowledged, repeated or resolved; it keeps
+# the policy it was accepted with (a restart or reload does not change a page already out) and,
+# per phone, the requests that phone is pushed (its page URL carries its ack token).
+
+#: What an alert can be: still running, stopped by an acknowledgement, stopped by a resolve.
+ALERT_STATES: Final = frozenset({"active", "acknowledged", "resolved"})
+
+
+@dataclass(frozen=True, slots=True)
+class NewAlertPhone:
+    """A phone of a new alert: its ack token (None without acks) and its own requests.
+
+    ``escalation`` phones get nothing at first, only repeats from round ``escalate_after`` on.
+    """
+
+    phone: str
+    token: str | None
+    requests: tuple[PushRequest, ...]
+    escalation: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NewAlert:
+    """What intake hands the spool, with an event, for a rule that acks, repeats or resolves."""
+
+    rule: str
+    key: str
+    page_id: str
+    scope: str  # "any" or "phone"
+    repeat: float  # seconds; 0 = no repeats
+    max_repeats: int
+    escalate_after: int  # 0 = no escalation
+    ttl: float
+    next_at: float | None
+    phones: tuple[NewAlertPhone, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRecord:
+    """An alert row. ``rounds`` counts repeats pushed; ``next_at`` is None once none are left."""
+
+    event_id: str
+    rule: str
+    key: str
+    page_id: str
+    scope: str
+    repeat: float
+    max_repeats: int
+    escalate_after: int
+    ttl: float
+    rounds: int
+    next_at: float | None
+    state: str
+    ended_at: float | None
+    ended_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class AlertPhone:
+    """One phone of an alert, with who acknowledged it there and when."""
+
+    event_id: str
+    rule: str
+    phone: str
+    token: str | None
+    escalation: bool
+    acked_at: float | None
+    acked_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class AckResult:
+    """What :meth:`Spool.acknowledge` did. ``first`` is False for a second press."""
+
+    alert: AlertRecord
+    phone: AlertPhone
+    first: bool
+    cancelled: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """An alert a later event resolved: the pending deliveries cancelled, the notices added."""
+
+    alert: AlertRecord
+    cancelled: tuple[int, ...]
+    notices: tuple[Delivery, ...]
+
+
+_ALERT_COLUMNS: Final = (
+    "event_id, rule, key, page_id, scope, repeat, max_repeats, escalate_after, ttl, rounds,"
+    " next_at, state, ended_at, ended_by"
+)
+_ALERT_PHONE_COLUMNS: Final = "event_id, rule, phone, token, escalation, acked_at, acked_by"
+
+
 class Spool:
     """The SQLite spool. Use as ``async with Spool(path) as spool:``.
 
@@ -338,6 +509,8 @@ class Spool:
         deliveries: Sequence[NewDelivery],
         pages: Mapping[str, str],
         cooldowns: Sequence[tuple[str, str, float]],
+        alerts: Sequence[NewAlert] = (),
+        groups: Sequence[NewGroupedEvent] = (),
     ) -> list[Delivery]:
         """Store an event, its deliveries, its pages and the cooldowns it starts, in one commit.
 
@@ -392,6 +565,10 @@ class Spool:
                 conn.executemany(_INSERT_PAGE, page_rows)
             if cooldowns:
                 conn.executemany(_UPSERT_COOLDOWN, cooldowns)
+            if alerts:
+                self._insert_alerts(conn, event.id, alerts)
+            if groups:
+                self._insert_grouped(conn, event.id, groups)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise self._write_failed(f"cannot store event {event.id}", exc) from exc
@@ -488,6 +665,7 @@ class Spool:
             self._set_synchronous(conn, "normal")
             conn.execute("BEGIN IMMEDIATE")
             doomed = [(row[0],) for row in conn.execute(_PURGEABLE, (before,))]
+            self._purge_alerts(conn, doomed)
             conn.executemany("DELETE FROM deliveries WHERE event_id = ?", doomed)
             conn.executemany("DELETE FROM pages WHERE event_id = ?", doomed)
             conn.executemany("DELETE FROM events WHERE id = ?", doomed)
@@ -703,6 +881,579 @@ class Spool:
             headers=json.loads(headers),
         )
 
+    # --- acknowledgements and repeats ---
+
+    def alerts_due(self, now: float) -> list[AlertRecord]:
+        """Active alerts whose next repeat is due at ``now``, soonest first."""
+        rows = self._fetchall(_ALERTS_DUE, (now,), "cannot read alerts")
+        return [_alert(row) for row in rows]
+
+    def next_repeat_at(self) -> float | None:
+        """When the soonest repeat of any active alert is due, or None if none is."""
+        row = self._fetchone(_NEXT_REPEAT, (), "cannot read alerts")
+        return None if row is None or row[0] is None else float(row[0])
+
+    def alerts_of(self, event_id: str) -> list[AlertRecord]:
+        """The alerts an event started (one per rule that acks, repeats or resolves)."""
+        rows = self._fetchall(
+            f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE event_id = ? ORDER BY rule",
+            (event_id,),
+            "cannot read alerts",
+        )
+        return [_alert(row) for row in rows]
+
+    def alert_phones_of(self, event_id: str) -> list[AlertPhone]:
+        """Every phone of every alert of an event, with its acknowledgement."""
+        rows = self._fetchall(
+            f"SELECT {_ALERT_PHONE_COLUMNS} FROM alert_phones WHERE event_id = ?",
+            (event_id,),
+            "cannot read alerts",
+        )
+        return [_alert_phone(row) for row in rows]
+
+    def delivery_rounds(self, event_id: str) -> dict[int, tuple[int, str]]:
+        """Delivery id -> (round, kind: repeat|escalation|resolved) for the deliveries that
+        repeats and resolves added to an event; the first pages are not listed (round 0)."""
+        rows = self._fetchall(
+            "SELECT a.delivery_id, a.round, a.kind FROM alert_deliveries a"
+            " JOIN deliveries d ON d.id = a.delivery_id WHERE d.event_id = ?",
+            (event_id,),
+            "cannot read deliveries",
+        )
+        return {row[0]: (row[1], row[2]) for row in rows}
+
+    def alert_by_token(self, token: str) -> tuple[AlertRecord, AlertPhone] | None:
+        """The alert and phone an ack token was handed to, or None."""
+        row = self._fetchone(
+            f"SELECT {_ALERT_PHONE_COLUMNS} FROM alert_phones WHERE token = ?",
+            (token,),
+            "cannot read alerts",
+        )
+        if row is None:
+            return None
+        phone = _alert_phone(row)
+        alert = self._fetchone(_ALERT, (phone.event_id, phone.rule), "cannot read alerts")
+        return None if alert is None else (_alert(alert), phone)
+
+    def repeat_round(
+        self, event_id: str, rule: str, now: float
+    ) -> tuple[AlertRecord, list[Delivery]] | None:
+        """Push the next round of an active alert whose repeat is due: one delivery per phone
+        that still waits for it (all phones, or those that have not acknowledged with scope
+        "phone"; escalation phones from round ``escalate_after`` on), skipping a phone whose
+        earlier delivery is still pending. Returns the updated alert and the new deliveries, or
+        None if the alert is no longer active. Raises :class:`SpoolFull` (writing nothing) when
+        the backlog has no room.
+        """
+        conn = self._connection()
+        created: list[Delivery] = []
+        try:
+            self._set_synchronous(conn, "normal")
+            conn.execute("BEGIN IMMEDIATE")
+            row = conn.execute(_ALERT, (event_id, rule)).fetchone()
+            if row is None or row[11] != "active" or row[10] is None:
+                conn.execute("COMMIT")
+                return None
+            alert = _alert(row)
+            number = alert.rounds + 1
+            busy = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT phone FROM deliveries WHERE event_id = ? AND rule = ?"
+                    " AND state = 'pending'",
+                    (event_id, rule),
+                )
+            }
+            escalating = alert.escalate_after > 0 and number >= alert.escalate_after
+            targets = [
+                (phone, requests, bool(escalation))
+                for phone, requests, escalation, acked_at in conn.execute(
+                    "SELECT phone, requests, escalation, acked_at FROM alert_phones"
+                    " WHERE event_id = ? AND rule = ? ORDER BY rowid",
+                    (event_id, rule),
+                )
+                if (not escalation or escalating)
+                and (alert.scope == "any" or acked_at is None)
+                and phone not in busy
+            ]
+            if self._pending + len(targets) > self.max_pending:
+                raise SpoolFull(
+                    f"spool {self.path}: no room for round {number} of {rule} ({event_id})"
+                )
+            expires_at = now + min(alert.ttl, alert.repeat)
+            for phone, requests, escalation in targets:
+                delivery_id = self._insert_delivery(
+                    conn, event_id, rule, phone, requests, now, expires_at
+                )
+                conn.execute(
+                    "INSERT INTO alert_deliveries (delivery_id, round, kind) VALUES (?, ?, ?)",
+                    (delivery_id, number, "escalation" if escalation else "repeat"),
+                )
+                created.append(
+                    _pending_delivery(delivery_id, event_id, rule, phone, requests, now, expires_at)
+                )
+            next_at = now + alert.repeat if number < alert.max_repeats else None
+            conn.execute(
+                "UPDATE alerts SET rounds = ?, next_at = ? WHERE event_id = ? AND rule = ?",
+                (number, next_at, event_id, rule),
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._write_failed(f"cannot repeat {rule} of event {event_id}", exc) from exc
+        except BaseException:
+            self._abandon(conn)
+            raise
+        self._pending += len(created)
+        self._committed()
+        alert = AlertRecord(**{**_asdict(alert), "rounds": number, "next_at": next_at})
+        return alert, created
+
+    def acknowledge(self, token: str, at: float, by: str) -> AckResult | None:
+        """Record that the phone holding ``token`` acknowledged its page at ``at``.
+
+        The phone's latest delivery of the page becomes "acknowledged"; with scope "any" the
+        alert stops (its pending deliveries to every phone are cancelled), with scope "phone"
+        only that phone's are, and the alert stops once every phone it went to acknowledged.
+        A second press changes nothing (``first`` is False). Returns None for an unknown token.
+        """
+        conn = self._connection()
+        cancelled: list[int] = []
+        try:
+            self._set_synchronous(conn, "normal")
+            conn.execute("BEGIN IMMEDIATE")
+            row = conn.execute(
+                f"SELECT {_ALERT_PHONE_COLUMNS} FROM alert_phones WHERE token = ?", (token,)
+            ).fetchone()
+            alert_row = None if row is None else conn.execute(_ALERT, (row[0], row[1])).fetchone()
+            if row is None or alert_row is None:
+                conn.execute("COMMIT")
+                return None
+            phone, alert = _alert_phone(row), _alert(alert_row)
+            if phone.acked_at is not None:
+                conn.execute("COMMIT")
+                return AckResult(alert, phone, first=False)
+            conn.execute(
+                "UPDATE alert_phones SET acked_at = ?, acked_by = ? WHERE token = ?",
+                (at, by, token),
+            )
+            # The delivery that put the page on this phone: delivered, or still on the wire
+            # (the page is on screen while a Play: item holds the phone's answer).
+            shown = conn.execute(
+                "SELECT max(id) FROM deliveries WHERE event_id = ? AND rule = ? AND phone = ?"
+                " AND state IN ('delivered', 'pending')",
+                (alert.event_id, alert.rule, phone.phone),
+            ).fetchone()[0]
+            if shown is not None:
+                pending_before = conn.execute(
+                    "SELECT state FROM deliveries WHERE id = ?", (shown,)
+                ).fetchone()[0]
+                conn.execute(
+                    "UPDATE deliveries SET state = 'acknowledged', error = '' WHERE id = ?",
+                    (shown,),
+                )
+                if pending_before == "pending":
+                    cancelled.append(shown)
+            if alert.state == "active":
+                everyone = alert.scope == "any"
+                cancelled += self._cancel_pending(
+                    conn, alert, None if everyone else phone.phone, f"acknowledged on {phone.phone}"
+                )
+                if not everyone:
+                    waiting = conn.execute(
+                        "SELECT count(*) FROM alert_phones WHERE event_id = ? AND rule = ?"
+                        " AND acked_at IS NULL AND (escalation = 0 OR ?)",
+                        (
+                            alert.event_id,
+                            alert.rule,
+                            alert.escalate_after > 0 and alert.rounds >= alert.escalate_after,
+                        ),
+                    ).fetchone()[0]
+                    everyone = waiting == 0
+                if everyone:
+                    conn.execute(
+                        "UPDATE alerts SET state = 'acknowledged', ended_at = ?, ended_by = ?,"
+                        " next_at = NULL WHERE event_id = ? AND rule = ?",
+                        (at, phone.phone, alert.event_id, alert.rule),
+                    )
+                    alert_row = conn.execute(_ALERT, (alert.event_id, alert.rule)).fetchone()
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._write_failed("cannot record an acknowledgement", exc) from exc
+        except BaseException:
+            self._abandon(conn)
+            raise
+        self._pending -= len(cancelled)
+        self._committed()
+        acked = AlertPhone(**{**_asdict(phone), "acked_at": at, "acked_by": by})
+        return AckResult(_alert(alert_row), acked, first=True, cancelled=tuple(cancelled))
+
+    def resolve(
+        self,
+        rule: str,
+        key: str,
+        *,
+        by_event: str,
+        at: float,
+        notice: Callable[[AlertRecord, str], tuple[str, str, tuple[PushRequest, ...]]],
+    ) -> list[Resolution]:
+        """Resolve the earlier alerts of ``rule`` with dedupe ``key`` (not yet resolved, not
+        started by ``by_event``): their repeats stop, their pending deliveries are cancelled, the
+        rule's cooldown for ``key`` ends, and every phone that showed the page gets a notice.
+
+        ``notice(alert, page_xml)`` renders the notice: (page id, page XML, requests).
+        """
+        conn = self._connection()
+        resolved: list[Resolution] = []
+        added = 0
+        cancelled_total = 0
+        try:
+            self._set_synchronous(conn, "normal")
+            conn.execute("BEGIN IMMEDIATE")
+            alerts = [
+                _alert(row)
+                for row in conn.execute(
+                    f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE rule = ? AND key = ?"
+                    " AND state != 'resolved' AND event_id != ?",
+                    (rule, key, by_event),
+                )
+            ]
+            for alert in alerts:
+                cancelled = self._cancel_pending(conn, alert, None, f"resolved by {by_event}")
+                cancelled_total += len(cancelled)
+                conn.execute(
+                    "UPDATE alerts SET state = 'resolved', ended_at = ?, ended_by = ?,"
+                    " next_at = NULL WHERE event_id = ? AND rule = ?",
+                    (at, by_event, alert.event_id, alert.rule),
+                )
+                shown = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT phone FROM deliveries WHERE event_id = ? AND rule = ?"
+                        " AND state IN ('delivered', 'acknowledged')"
+                        " GROUP BY phone ORDER BY min(id)",
+                        (alert.event_id, alert.rule),
+                    )
+                ]
+                page = conn.execute(_PAGE, (alert.page_id,)).fetchone() if alert.page_id else None
+                notices: list[Delivery] = []
+                if page is not None and shown:
+                    page_id, xml, requests = notice(alert, page[0])
+                    conn.execute(
+                        "INSERT OR REPLACE INTO pages (id, event_id, xml) VALUES (?, ?, ?)",
+                        (page_id, alert.event_id, xml),
+                    )
+                    dumped = _dump_requests(requests)
+                    for phone in shown:
+                        delivery_id = self._insert_delivery(
+                            conn, alert.event_id, rule, phone, dumped, at, at + alert.ttl
+                        )
+                        conn.execute(
+                            "INSERT INTO alert_deliveries (delivery_id, round, kind)"
+                            " VALUES (?, ?, 'resolved')",
+                            (delivery_id, alert.rounds),
+                        )
+                        notices.append(
+                            _pending_delivery(
+                                delivery_id, alert.event_id, rule, phone, dumped, at, at + alert.ttl
+                            )
+                        )
+                added += len(notices)
+                ended = AlertRecord(
+                    **{
+                        **_asdict(alert),
+                        "state": "resolved",
+                        "ended_at": at,
+                        "ended_by": by_event,
+                        "next_at": None,
+                    }
+                )
+                resolved.append(Resolution(ended, tuple(cancelled), tuple(notices)))
+            if alerts:
+                conn.execute("DELETE FROM cooldowns WHERE rule = ? AND key = ?", (rule, key))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._write_failed(f"cannot resolve {rule}", exc) from exc
+        except BaseException:
+            self._abandon(conn)
+            raise
+        self._pending += added - cancelled_total
+        if alerts:
+            self._committed()
+        return resolved
+
+    def _insert_alerts(
+        self, conn: sqlite3.Connection, event_id: str, alerts: Sequence[NewAlert]
+    ) -> None:
+        for alert in alerts:
+            conn.execute(
+                "INSERT INTO alerts (event_id, rule, key, page_id, scope, repeat, max_repeats,"
+                " escalate_after, ttl, next_at, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active')",
+                (
+                    event_id,
+                    alert.rule,
+                    alert.key,
+                    alert.page_id,
+                    alert.scope,
+                    alert.repeat,
+                    alert.max_repeats,
+                    alert.escalate_after,
+                    alert.ttl,
+                    alert.next_at,
+                ),
+            )
+            conn.executemany(
+                "INSERT INTO alert_phones (event_id, rule, phone, token, requests, escalation)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        event_id,
+                        alert.rule,
+                        p.phone,
+                        p.token,
+                        _dump_requests(p.requests),
+                        int(p.escalation),
+                    )
+                    for p in alert.phones
+                ],
+            )
+
+    def _insert_delivery(
+        self,
+        conn: sqlite3.Connection,
+        event_id: str,
+        rule: str,
+        phone: str,
+        requests: str,
+        created_at: float,
+        expires_at: float,
+    ) -> int:
+        cursor = conn.execute(
+            _INSERT_DELIVERY,
+            (event_id, rule, phone, requests, created_at, expires_at, "pending", ""),
+        )
+        return cast(int, cursor.lastrowid)
+
+    def _cancel_pending(
+        self, conn: sqlite3.Connection, alert: AlertRecord, phone: str | None, why: str
+    ) -> list[int]:
+        """Mark an alert's pending deliveries (to one phone, or all) suppressed; their ids."""
+        sql = "SELECT id FROM deliveries WHERE event_id = ? AND rule = ? AND state = 'pending'"
+        params: tuple[str, ...] = (alert.event_id, alert.rule)
+        if phone is not None:
+            sql += " AND phone = ?"
+            params += (phone,)
+        ids = [row[0] for row in conn.execute(sql, params)]
+        conn.executemany(
+            "UPDATE deliveries SET state = 'suppressed', error = ? WHERE id = ?",
+            [(why, i) for i in ids],
+        )
+        return ids
+
+    def _purge_alerts(self, conn: sqlite3.Connection, doomed: Sequence[tuple[str]]) -> None:
+        conn.executemany(
+            "DELETE FROM alert_deliveries WHERE delivery_id IN"
+            " (SELECT id FROM deliveries WHERE event_id = ?)",
+            doomed,
+        )
+        conn.executemany("DELETE FROM alert_phones WHERE event_id = ?", doomed)
+        conn.executemany("DELETE FROM alerts WHERE event_id = ?", doomed)
+
+    # --- silences and groups ---
+    #
+    # Silences are written through by phonepush.silences.Silences, which keeps them in memory.
+    # Grouped events wait in grouped_events (committed with their event, so acknowledged) under
+    # a grouping window per (rule, key); phonepush.grouping flushes a window once it is due into
+    # ordinary deliveries, in one transaction that also removes the window and its events.
+
+    def add_silence(self, silence: StoredSilence) -> None:
+        """Store a silence (its id must be new)."""
+        self._write(
+            _INSERT_SILENCE,
+            (
+                silence.id,
+                silence.matchers,
+                silence.starts_at,
+                silence.ends_at,
+                silence.created_at,
+                silence.created_by,
+                silence.comment,
+            ),
+            f"cannot store silence {silence.id}",
+        )
+
+    def delete_silence(self, silence_id: str) -> bool:
+        """Remove a silence; False if there was none with that id."""
+        return bool(
+            self._write(
+                "DELETE FROM silences WHERE id = ?", (silence_id,), "cannot delete a silence"
+            )
+        )
+
+    def stored_silences(self) -> list[StoredSilence]:
+        """Every stored silence, oldest first."""
+        rows = self._fetchall(_SILENCES, (), "cannot read silences")
+        return [StoredSilence(*row) for row in rows]
+
+    def next_group_due(self) -> float | None:
+        """When the earliest grouping window is due, or None if no window is open."""
+        row = self._fetchone(
+            "SELECT min(due_at) FROM grouping_windows", (), "cannot read grouping windows"
+        )
+        return None if row is None or row[0] is None else float(row[0])
+
+    def due_groups(self, now: float) -> list[GroupWindow]:
+        """The grouping windows due at ``now``, each with its events in arrival order."""
+        windows = self._fetchall(_DUE_WINDOWS, (now,), "cannot read grouping windows")
+        out: list[GroupWindow] = []
+        for rule, key, opened_at, due_at, ttl in windows:
+            rows = self._fetchall(_WINDOW_EVENTS, (rule, key), "cannot read grouped events")
+            events = tuple(
+                GroupedEvent(
+                    seq=seq,
+                    event_id=event_id,
+                    phones=tuple(json.loads(phones)),
+                    content=content,
+                    source=source or "",
+                    topic=topic or "",
+                    payload=bytes(payload or b""),
+                    received_at=received_at or 0.0,
+                )
+                for seq, event_id, phones, content, source, topic, payload, received_at in rows
+            )
+            out.append(GroupWindow(rule, key, opened_at, due_at, ttl, events))
+        return out
+
+    def flush_group(
+        self,
+        window: GroupWindow,
+        *,
+        event_id: str,
+        deliveries: Sequence[NewDelivery],
+        pages: Mapping[str, str],
+    ) -> list[Delivery]:
+        """Turn a due window into ``deliveries`` (and ``pages``) of ``event_id``, and remove the
+        window and its events, in one commit. Not subject to ``max_pending``: the events were
+        accepted already. Returns the deliveries with their ids."""
+        for new in deliveries:
+            if new.state not in INTAKE_STATES:
+                raise ValueError(f"a new delivery cannot be {new.state!r}")
+        requests = [_dump_requests(new.requests) for new in deliveries]
+        last = max((e.seq for e in window.events), default=0)
+        conn = self._connection()
+        created_at = self._clock()
+        ids: list[int] = []
+        try:
+            self._set_synchronous(conn, self.synchronous)
+            conn.execute("BEGIN IMMEDIATE")
+            for new, dumped in zip(deliveries, requests, strict=True):
+                cursor = conn.execute(
+                    _INSERT_DELIVERY,
+                    (
+                        event_id,
+                        new.rule,
+                        new.phone,
+                        dumped,
+                        created_at,
+                        new.expires_at,
+                        new.state,
+                        new.error,
+                    ),
+                )
+                ids.append(cast(int, cursor.lastrowid))
+            conn.executemany(
+                _INSERT_PAGE, [(page_id, event_id, xml) for page_id, xml in pages.items()]
+            )
+            conn.execute(
+                "DELETE FROM grouped_events WHERE rule = ? AND key = ? AND seq <= ?",
+                (window.rule, window.key, last),
+            )
+            # An event that joined after the window was read keeps it open (and due).
+            conn.execute(
+                "DELETE FROM grouping_windows WHERE rule = ? AND key = ? AND NOT EXISTS"
+                " (SELECT 1 FROM grouped_events WHERE rule = ? AND key = ?)",
+                (window.rule, window.key, window.rule, window.key),
+            )
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._write_failed(f"cannot flush group {window.rule}", exc) from exc
+        except BaseException:
+            self._abandon(conn)
+            raise
+        stored = [
+            Delivery(
+                id=delivery_id,
+                event_id=event_id,
+                rule=new.rule,
+                phone=new.phone,
+                requests=tuple(new.requests),
+                sent=0,
+                attempts=0,
+                created_at=created_at,
+                expires_at=new.expires_at,
+                state=new.state,
+                error=new.error,
+            )
+            for delivery_id, new in zip(ids, deliveries, strict=True)
+        ]
+        self._pending += sum(1 for new in deliveries if new.state == "pending")
+        self._committed()
+        return stored
+
+    def _insert_grouped(
+        self, conn: sqlite3.Connection, event_id: str, groups: Sequence[NewGroupedEvent]
+    ) -> None:
+        now = self._clock()
+        for group in groups:
+            # The first event of a (rule, key) opens the window; later ones only join it.
+            conn.execute(
+                "INSERT INTO grouping_windows (rule, key, opened_at, due_at, ttl)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (rule, key) DO NOTHING",
+                (group.rule, group.key, now, group.due_at, group.ttl),
+            )
+            conn.execute(
+                "INSERT INTO grouped_events (rule, key, event_id, phones, content)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (group.rule, group.key, event_id, json.dumps(list(group.phones)), group.content),
+            )
+
+
+_ALERT: Final = f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE event_id = ? AND rule = ?"
+_ALERTS_DUE: Final = (
+    f"SELECT {_ALERT_COLUMNS} FROM alerts INDEXED BY alerts_due"
+    " WHERE state = 'active' AND next_at IS NOT NULL AND next_at <= ? ORDER BY next_at"
+)
+_NEXT_REPEAT: Final = (
+    "SELECT min(next_at) FROM alerts INDEXED BY alerts_due"
+    " WHERE state = 'active' AND next_at IS NOT NULL"
+)
+
+
+def _alert(row: Sequence[Any]) -> AlertRecord:
+    return AlertRecord(*row)
+
+
+def _alert_phone(row: Sequence[Any]) -> AlertPhone:
+    event_id, rule, phone, token, escalation, acked_at, acked_by = row
+    return AlertPhone(event_id, rule, phone, token, bool(escalation), acked_at, acked_by)
+
+
+def _pending_delivery(
+    delivery_id: int,
+    event_id: str,
+    rule: str,
+    phone: str,
+    requests: str,
+    created_at: float,
+    expires_at: float,
+) -> Delivery:
+    row = (delivery_id, event_id, rule, phone, requests, 0, 0, created_at, expires_at)
+    return _delivery((*row, "pending", ""))
+
+
+def _asdict(record: AlertRecord | AlertPhone) -> dict[str, Any]:
+    return {name: getattr(record, name) for name in record.__slots__}
+
 
 def _dump_requests(requests: Iterable[PushRequest]) -> str:
     dumped = []
@@ -747,3 +1498,77 @@ def _delivery(
         state=state,
         error=error,
     )
+
+
+# --- silences and groups ---
+
+_INSERT_SILENCE: Final = (
+    "INSERT INTO silences (id, matchers, starts_at, ends_at, created_at, created_by, comment)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_SILENCES: Final = (
+    "SELECT id, matchers, starts_at, ends_at, created_at, created_by, comment FROM silences"
+    " ORDER BY created_at, id"
+)
+_DUE_WINDOWS: Final = (
+    "SELECT rule, key, opened_at, due_at, ttl FROM grouping_windows WHERE due_at <= ?"
+    " ORDER BY due_at"
+)
+_WINDOW_EVENTS: Final = (
+    "SELECT g.seq, g.event_id, g.phones, g.content, e.source, e.topic, e.payload, e.received_at"
+    " FROM grouped_events AS g LEFT JOIN events AS e ON e.id = g.event_id"
+    " WHERE g.rule = ? AND g.key = ? ORDER BY g.seq"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSilence:
+    """A silence row; ``matchers`` is their JSON (phonepush.silences reads and writes it)."""
+
+    id: str
+    matchers: str
+    starts_at: float
+    ends_at: float
+    created_at: float
+    created_by: str
+    comment: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewGroupedEvent:
+    """What intake hands the spool, with an event, for a rule that groups: the event joins the
+    (rule, key) window, opening it (due at ``due_at``) if none is open. ``content`` is what the
+    event contributes to the group's page (JSON, written and read by phonepush.grouping)."""
+
+    rule: str
+    key: str
+    phones: tuple[str, ...]
+    content: str
+    due_at: float
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class GroupedEvent:
+    """An event waiting in a grouping window, with what silences match on."""
+
+    seq: int
+    event_id: str
+    phones: tuple[str, ...]
+    content: str
+    source: str
+    topic: str
+    payload: bytes
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class GroupWindow:
+    """An open grouping window and its events."""
+
+    rule: str
+    key: str
+    opened_at: float
+    due_at: float
+    ttl: float
+    events: tuple[GroupedEvent, ...]
