@@ -299,6 +299,17 @@ def test_non_loopback_listen_needs_a_webhook_token(tmp_path: Path) -> None:
         assert load_config(write(tmp_path, local), environ={}).webhook.token is None
 
 
+def test_the_examples_placeholder_token_only_guards_loopback(tmp_path: Path) -> None:
+    text = BASE + RULE + '[server]\nlisten = "192.0.2.10:8080"\n[webhook]\ntoken = "change-me"\n'
+    (line,) = errors_of(write(tmp_path, text))
+    assert line.startswith("webhook.token: the example's placeholder cannot guard server.listen")
+    assert "change-me" not in line
+    own = load_config(write(tmp_path, text), environ={"PHONEPUSH_WEBHOOK__TOKEN": "x7-own"})
+    assert own.webhook.token is not None
+    local = text.replace("192.0.2.10", "127.0.0.1")
+    assert load_config(write(tmp_path, local), environ={}).webhook.token is not None
+
+
 def test_wildcard_listen_needs_a_public_url(tmp_path: Path) -> None:
     text = BASE + '[webhook]\ntoken = "t"\n[server]\nlisten = "0.0.0.0:8080"\n'
     assert errors_of(write(tmp_path, text)) == [

@@ -90,8 +90,10 @@ async def start_run(tmp_path: Path) -> AsyncIterator[Any]:
         process = Process(proc)
         procs.append(process)
         await eventually(
-            lambda: "ready" in process.output or proc.returncode is not None, timeout=15
+            lambda: "phonepush ready" in process.output or proc.returncode is not None,
+            timeout=30,
         )
+        assert "phonepush ready" in process.output, process.output
         return process
 
     yield start

@@ -188,6 +188,10 @@ def _validate_topic_name(topic: str) -> str:
     return topic
 
 
+#: Tokens printed in our examples and docs, refused on anything but loopback.
+PLACEHOLDER_TOKENS: Final = frozenset({"change-me", "demo-token"})
+
+
 def _split_listen(listen: str) -> tuple[str, int]:
     host, sep, port_text = listen.rpartition(":")
     if not sep or not port_text.isdigit():
@@ -951,6 +955,17 @@ def _cross_check(config: Config) -> list[str]:
         )
     if config.webhook.token is not None and not config.webhook.token.get_secret_value():
         problems.append("webhook.token: cannot be empty")
+    # The shipped example's placeholder is public: fine on loopback, never on a network.
+    if (
+        config.webhook.token is not None
+        and config.webhook.token.get_secret_value() in PLACEHOLDER_TOKENS
+        and not _is_loopback(host)
+    ):
+        problems.append(
+            f"webhook.token: the example's placeholder cannot guard server.listen "
+            f"({config.server.listen}); set a token of your own (PHONEPUSH_WEBHOOK__TOKEN or "
+            "token_file)"
+        )
 
     rule_names: set[str] = set()
     for rule in config.rules:
