@@ -7,6 +7,7 @@ imported on use, so ``phonepush send`` does not pay for the daemon's imports.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -58,5 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     module = importlib.import_module(f"phonepush.commands.{COMMANDS[name][0]}")
-    result: int = module.main(rest, prog=f"phonepush {name}")
+    try:
+        result: int = module.main(rest, prog=f"phonepush {name}")
+    except BrokenPipeError:
+        # `phonepush check ... | head`: the reader left; say nothing more, as other tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return result
