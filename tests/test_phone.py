@@ -423,7 +423,7 @@ async def test_refused_connection() -> None:
             await phone.execute([ExecuteItem("Key:Headset")])
     assert str(caught.value) == f"Cannot connect to 127.0.0.1:{port}: Connection refused"
     assert caught.value.retryable
-    assert isinstance(caught.value.__cause__, httpx.ConnectError)
+    assert isinstance(caught.value.__cause__, ConnectionRefusedError)
 
 
 async def test_timeout_on_a_hanging_phone(fleet: Fleet) -> None:
@@ -452,7 +452,7 @@ async def test_tls_pinned_certificate(make_fleet: MakeFleet, tmp_path: Path) -> 
     async with PhoneClient(target(certificate=str(other.certificate))) as phone:
         with pytest.raises(PhoneUnreachable, match="TLS certificate verify failed") as caught:
             await phone.execute(items)
-        assert isinstance(caught.value.__cause__, httpx.ConnectError)
+        assert isinstance(caught.value.__cause__, ssl.SSLCertVerificationError)
     # As a CA bundle the host name is checked, and 127.0.0.1 is not the certificate's name.
     async with PhoneClient(target(scheme="https", ca_file=str(fleet.certificate))) as phone:
         with pytest.raises(PhoneUnreachable, match="TLS certificate verify failed"):

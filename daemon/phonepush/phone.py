@@ -5,12 +5,14 @@ above this module sees an httpx exception.
 
 Choices (see ``docs/design.md`` and ``docs/performance.md`` for the why):
 
-* **One small client per phone.** Each ``PhoneClient`` owns an ``httpx.AsyncClient`` whose pool
-  holds one keep-alive connection, and an ``asyncio.Lock`` so pushes to a phone go one at a time
-  (phones take one push at a time). A single pool shared by hundreds of phones costs work per
-  request proportional to its open connections. The transport is injectable, so a faster one
-  (``httpx-aiohttp``) or a test double can be dropped in; an injected transport is owned by the
-  client (closed with it) and brings its own TLS settings.
+* **One small client per phone.** Each ``PhoneClient`` owns one keep-alive connection and an
+  ``asyncio.Lock`` so pushes to a phone go one at a time (phones take one push at a time). A
+  single pool shared by hundreds of phones costs work per request proportional to its open
+  connections. By default the connection is :mod:`phonepush._phonewire`, a lean HTTP/1.1 client
+  for this one request (about a fifth of httpx's CPU per push; see ``docs/performance.md``).
+  An injected httpx ``transport`` (a test double, or any httpx transport) replaces it with an
+  ``httpx.AsyncClient`` over that transport; it is owned by the client (closed with it) and
+  brings its own TLS settings.
 * **Request shape.** ``POST /CGI/Execute``, ``Content-Type: application/x-www-form-urlencoded``,
   one field ``XML``, always a ``Content-Length``; never chunked, never ``Expect:`` (phones answer
   404 or error 6 to those). No redirects, no proxies from the environment (phones are on the LAN),
@@ -45,7 +47,7 @@ from typing import Final, Literal, Self
 
 import httpx
 
-from phonepush import __version__, cisco
+from phonepush import __version__, _phonewire, cisco
 from phonepush.cisco import ResponseItem
 from phonepush.errors import (
     InvalidTarget,
@@ -225,6 +227,7 @@ class PhoneClient:
         self.url = f"{target.scheme}://{target.authority}{_PATH}"
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        self._wire: _phonewire.Connection | None = None
         self._closed = False
         self._lock = asyncio.Lock()
 
@@ -232,7 +235,10 @@ class PhoneClient:
         return f"PhoneClient({self.target.name!r}, {self.url!r})"
 
     async def __aenter__(self) -> Self:
-        self._open()
+        if self._transport is None:
+            self._open_wire()
+        else:
+            self._open()
         return self
 
     async def __aexit__(
@@ -247,9 +253,51 @@ class PhoneClient:
         """Close the connection. Also for owners that keep the client without ``async with``
         (the dispatcher makes clients on first use and closes them on reload or shutdown)."""
         self._closed = True
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.close()
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"User-Agent": f"phonepush/{__version__}", "Accept-Encoding": "identity"}
+        if self.target.username:
+            headers["Authorization"] = _basic_auth(self.target.username, self.target.password)
+        return headers
+
+    def _open_wire(self) -> _phonewire.Connection:
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+        if self._wire is not None:
+            return self._wire
+        target = self.target
+        try:
+            context = _ssl_context(target) if target.scheme == "https" else None
+        except (OSError, ssl.SSLError) as exc:
+            raise PhoneUnreachable(
+                f"Cannot use certificate {target.certificate or target.ca_file}: {_reason(exc)}",
+                phone=target.name,
+            ) from exc
+        # Host as httpx and requests send it: without the scheme's default port.
+        host = f"[{target.host}]" if ":" in target.host else target.host
+        if target.port is not None and target.port != (443 if target.scheme == "https" else 80):
+            host = f"{host}:{target.port}"
+        headers = {
+            **self._headers(),
+            "Accept": "*/*",
+            "Connection": "keep-alive",
+            "Content-Type": _FORM,
+        }
+        self._wire = _phonewire.Connection(
+            target.host,
+            target.effective_port,
+            _phonewire.request_head(host, headers),
+            ssl_context=context,
+            cap=cisco.MAX_RESPONSE_BYTES + 1,
+            timeout=target.timeout,
+        )
+        return self._wire
 
     def _open(self) -> httpx.AsyncClient:
         if self._closed:
@@ -273,13 +321,10 @@ class PhoneClient:
                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
                 retries=0,
             )
-        headers = {"User-Agent": f"phonepush/{__version__}", "Accept-Encoding": "identity"}
-        if self.target.username:
-            headers["Authorization"] = _basic_auth(self.target.username, self.target.password)
         self._client = httpx.AsyncClient(
             transport=transport,
             timeout=httpx.Timeout(self.target.timeout),
-            headers=headers,
+            headers=self._headers(),
             follow_redirects=False,
             trust_env=False,
         )
@@ -293,7 +338,10 @@ class PhoneClient:
         """
         body = cisco.form_body(xml)
         async with self._lock:
-            status, content_type, answer = await self._post(self._open(), body)
+            if self._transport is None:
+                status, content_type, answer = await self._post_wire(self._open_wire(), body)
+            else:
+                status, content_type, answer = await self._post(self._open(), body)
         try:
             return cisco.parse_response(answer, content_type, status, receipts=receipts)
         except PhoneError as exc:
@@ -311,6 +359,36 @@ class PhoneClient:
     async def set_ringtone(self, url: str) -> None:
         """Push a setRingTone (URL of a raw µ-law 8 kHz file)."""
         await self.push(cisco.ringtone_xml(url), receipts=False)
+
+    async def _post_wire(
+        self, wire: _phonewire.Connection, body: bytes
+    ) -> tuple[int, str | None, bytes]:
+        target = self.target
+        try:
+            return await wire.request(body)
+        except _phonewire.ConnectFailed as exc:
+            cause = exc.__cause__ or exc
+            if isinstance(cause, TimeoutError):
+                raise PhoneTimeout(
+                    f"Timed out after {target.timeout:g} s connecting to {target.authority}",
+                    phone=target.name,
+                ) from cause
+            raise PhoneUnreachable(
+                f"Cannot connect to {target.authority}: {_reason(cause)}", phone=target.name
+            ) from cause
+        except TimeoutError as exc:
+            raise PhoneTimeout(
+                f"Timed out after {target.timeout:g} s waiting for {target.authority}",
+                phone=target.name,
+            ) from exc
+        except _phonewire.BadAnswer as exc:
+            raise PhoneBadResponse(
+                f"Bad answer from {target.authority}: {exc}", phone=target.name
+            ) from exc
+        except OSError as exc:
+            raise PhoneUnreachable(
+                f"Connection to {target.authority} failed: {_reason(exc)}", phone=target.name
+            ) from exc
 
     async def _post(self, client: httpx.AsyncClient, body: bytes) -> tuple[int, str | None, bytes]:
         target = self.target
