@@ -34,7 +34,7 @@ from phonepush.events import Event, decode_payload
 from phonepush.templates import Expression, Templates, TextTemplate
 from phonepush.uri import ExecuteItem, is_http, validate_uri
 
-__all__ = ["Match", "Rule", "RuleSet", "topic_matches"]
+__all__ = ["Match", "Rule", "RuleSet", "event_context", "topic_matches"]
 
 #: Distinct topics remembered by a RuleSet's match cache before it starts over.
 _TOPIC_CACHE_SIZE: Final = 4096
@@ -286,6 +286,11 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, dict):
         return {_scrub(k): _scrub(v) for k, v in value.items()}
     return value
+
+
+def event_context(event: Event) -> dict[str, Any]:
+    """What rule templates see for ``event`` (for templates compiled elsewhere: ``group_by``)."""
+    return _context(event)
 
 
 def _context(event: Event) -> dict[str, Any]:
