@@ -9,6 +9,9 @@ Routes (a contract, pinned by tests):
 ``GET /metrics``        Prometheus exposition
 ``GET /healthz``        the process answers
 ``GET /readyz``         spool writable and, when configured, MQTT connected (503 otherwise)
+``/api/silences``       runtime silences (phonepush.api_silences)
+``GET|POST /authenticate``  the phones' authenticationURL (phonepush.authenticate)
+``/ack/<token>``, ``/pages/<id>/<token>``, ``GET /api/events/<id>``  acks and status (phonepush.api)
 """
 
 from __future__ import annotations
@@ -24,17 +27,24 @@ from urllib.parse import parse_qsl
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from phonepush.acks import AckService
+from phonepush.api import api_routes
+from phonepush.api_silences import silence_routes
+from phonepush.authenticate import Authenticator, authenticate_routes
 from phonepush.errors import SpoolError, SpoolFull
 from phonepush.events import Event
 from phonepush.intake import Intake
 from phonepush.metrics import Metrics
+from phonepush.silences import Silences
 from phonepush.spool import Spool
 
-__all__ = ["ServerState", "create_app"]
+__all__ = ["MAX_HEADER_BYTES", "ServerState", "create_app"]
 
 log = logging.getLogger("phonepush.server")
 
@@ -43,6 +53,8 @@ _SECRET_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "cookie", "x-phonepush-signature-256"}
 )
 _SIGNATURE_HEADER = "x-phonepush-signature-256"
+#: Request headers, all together, at most this many bytes (431 beyond).
+MAX_HEADER_BYTES = 16 * 1024
 
 
 @dataclass(slots=True)
@@ -60,6 +72,12 @@ class ServerState:
     accepting: bool = True
     #: extra readiness checks, name -> callable returning an error text or "" when fine
     readiness: dict[str, Callable[[], str]] = field(default_factory=dict)
+    #: runtime silences (``/api/silences``, phonepush.api_silences); None: the API answers 503
+    silences: Silences | None = None
+    #: acknowledgements (``/ack/<token>``, phonepush.api); None: those routes answer 404
+    acks: AckService | None = None
+    #: the phones' authentication URL (phonepush.authenticate); None: ``/authenticate`` is 404
+    authenticator: Authenticator | None = None
 
 
 class _BadRequest(Exception):
@@ -138,8 +156,33 @@ def create_app(state: ServerState) -> Starlette:
         Route("/metrics", metrics, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        *silence_routes(state, bearer_ok=_bearer_ok),
+        *api_routes(state, bearer_ok=_bearer_ok),
+        *authenticate_routes(lambda: state.authenticator),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, middleware=[Middleware(_HeaderLimit)])
+
+
+class _HeaderLimit:
+    """Refuse requests whose headers are over :data:`MAX_HEADER_BYTES`. h11's own bound
+    (``h11_max_incomplete_event_size``) only applies to headers still arriving: a head that comes
+    in one read of up to 256 KiB is parsed whole, so the limit is enforced again here."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            if size > MAX_HEADER_BYTES:
+                response = _error(
+                    431,
+                    f"request headers over the {MAX_HEADER_BYTES}-byte limit",
+                    Connection="close",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _bearer_ok(request: Request, token: str) -> bool:

@@ -1,0 +1,894 @@
+"""Hostile and malformed input: fuzzed parsers, validators, templates and the webhook endpoint,
+and the end-to-end property that event data cannot change the XML a phone receives.
+
+Each fuzz target is a ``(strategy, check)`` pair in :data:`TARGETS`; the tests here run them with
+a modest number of examples, ``bench/fuzz.py`` runs the same pairs with 10,000 or more. A check
+raises ``AssertionError`` (or lets an unexpected exception out) when the code under test crashes,
+answers without a clear error, or breaks a property.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import parse_qsl, quote
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lxml import etree
+
+from _daemon_fixtures import DaemonRunner
+from phonepush import cisco
+from phonepush.cisco import ResponseItem, sanitize_text
+from phonepush.errors import (
+    ConfigError,
+    InvalidURI,
+    PhoneBadResponse,
+    PhoneError,
+    PhoneHTTPError,
+    TemplateError,
+    TooLarge,
+    WireError,
+)
+from phonepush.events import decode_payload
+from phonepush.phone import PhoneClient, PhoneTarget
+from phonepush.simulator import Fleet
+from phonepush.templates import MAX_OUTPUT, Templates
+from phonepush.uri import ExecuteItem, validate_uri
+
+__all__ = ["TARGETS", "BackgroundDaemon", "Target"]
+
+TOKEN: Final = "hostile-input-token"
+#: Examples per fuzz target in the test suite; bench/fuzz.py runs 10,000+.
+SUITE_EXAMPLES: Final = 150
+_FUZZ_SETTINGS = settings(
+    max_examples=SUITE_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+# --- hostile strings --------------------------------------------------------------------------
+
+#: Strings known to break naive XML, URI, template and HTTP handling.
+NASTY: Final = (
+    '"/><ExecuteItem URL="Dial:911" Priority="0"/><x a="',
+    "'/><ExecuteItem URL='Key:Services'/>",
+    "</Text></CiscoIPPhoneText><CiscoIPPhoneExecute>",
+    "<![CDATA[</Title>]]>",
+    "]]>",
+    "<!--",
+    "<?xml version='1.0'?>",
+    '<!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]>',
+    "&amp;&lt;&#x41;&#0;&e;",
+    "{{ 7*7 }}{% for x in range(9) %}x{% endfor %}",
+    "Dial:911",
+    "Dial:911\n",
+    "1234#*ABCD,",
+    "Play:Chime.raw",
+    "http://evil.example/x?a=1&b=<2>",
+    "%00%0d%0aX-Injected: 1",
+    "\r\nContent-Length: 0\r\n\r\n",
+    "\x00\x01\x1b[31m\x7f\x85\x9f",
+    "\u2028\u2029\ufeff\ufffe\uffff",
+    "\ud800",
+    "\udfff\ud83d",
+    "😀 Ωmega ﷽",
+    "A" * 300,
+    "&" * 200,
+    "<>&'\"" * 60,
+)
+
+_HOSTILE_CHARS = st.one_of(
+    st.sampled_from(list("<>&'\"\n\r\t :@/?#[]%=;,{}\\+*!$()|~`^.\x00\x1b\x7f\x85\u2028\ufffe")),
+    st.characters(codec=None),
+)
+#: Text biased towards metacharacters, plus known-bad strings and very long repetitions.
+hostile_text = st.one_of(
+    st.text(_HOSTILE_CHARS, max_size=40),
+    st.sampled_from(NASTY),
+    st.builds(
+        lambda s, n: s * n, st.text(_HOSTILE_CHARS, min_size=1, max_size=4), st.integers(1, 5000)
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A fuzz target: examples come from ``strategy``; ``check(example)`` raises on a failure."""
+
+    name: str
+    strategy: st.SearchStrategy[Any]
+    check: Callable[[Any], None]
+    what: str
+
+
+# --- target: the phone-response parser --------------------------------------------------------
+
+
+def _billion_laughs() -> bytes:
+    entities = ['<!ENTITY lol0 "lol">']
+    entities += [f'<!ENTITY lol{i} "{f"&lol{i - 1};" * 10}">' for i in range(1, 10)]
+    return (
+        f'<?xml version="1.0"?><!DOCTYPE lolz [{"".join(entities)}]>'
+        '<CiscoIPPhoneResponse><ResponseItem Data="&lol9;"/></CiscoIPPhoneResponse>'
+    ).encode()
+
+
+_ATTACKS: Final = (
+    # XXE: an external entity pointing at a local file.
+    b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+    b'<CiscoIPPhoneResponse><ResponseItem URL="&x;" Data="&x;" Status="0"/>'
+    b"</CiscoIPPhoneResponse>",
+    # XXE over the network (blind/out-of-band variant).
+    b'<?xml version="1.0"?><!DOCTYPE r SYSTEM "http://127.0.0.1:9/evil.dtd">'
+    b"<CiscoIPPhoneResponse/>",
+    # Parameter entities.
+    b'<!DOCTYPE r [<!ENTITY % p SYSTEM "file:///etc/hostname"> %p;]><CiscoIPPhoneResponse/>',
+    # Billion laughs.
+    _billion_laughs(),
+    # Quadratic blowup without a DTD is impossible; an oversized body is refused by size.
+    b'<CiscoIPPhoneResponse><ResponseItem Data="'
+    + b"A" * (cisco.MAX_RESPONSE_BYTES + 10)
+    + b'"/></CiscoIPPhoneResponse>',
+    # Deep nesting.
+    b"<CiscoIPPhoneResponse>" + b"<a>" * 5000 + b"</a>" * 5000 + b"</CiscoIPPhoneResponse>",
+    # Entity declared lower-case / with odd spacing.
+    b"<!doctype r><CiscoIPPhoneResponse/>",
+    b"<CiscoIPPhoneError Number='4'>&unknown;</CiscoIPPhoneError>",
+    b'\xef\xbb\xbf<CiscoIPPhoneError Number="99999999999999999999"/>',
+    b"<CiscoIPPhoneResponse><ResponseItem Status='x' URL='\xff\xfe'/></CiscoIPPhoneResponse>",
+    b'<?xml version="1.0" encoding="UTF-16"?><CiscoIPPhoneResponse/>',
+    b'<?xml version="1.0" encoding="no-such-codec"?><CiscoIPPhoneResponse/>',
+    b"",
+    b"   \r\n",
+)
+
+
+def _xml_answer() -> st.SearchStrategy[bytes]:
+    item = st.builds(ResponseItem, hostile_text, hostile_text, st.integers(-(2**70), 2**70))
+    built = st.one_of(
+        st.lists(item, max_size=4).map(lambda items: _encode(cisco.response_xml(items))),
+        st.builds(
+            lambda n, t: _encode(cisco.error_xml(n, t)), st.integers(-(2**70), 2**70), hostile_text
+        ),
+        # Raw templates with hostile text pasted in unescaped, as a broken phone might.
+        st.builds(
+            lambda tag, attr, text: _encode(
+                f'<{tag} Number="{attr}" Status="{attr}">{text}</{tag}>'
+            ),
+            st.sampled_from(["CiscoIPPhoneResponse", "CiscoIPPhoneError", "ResponseItem", "x"]),
+            hostile_text,
+            hostile_text,
+        ),
+    )
+    return st.one_of(built, st.sampled_from(_ATTACKS), st.binary(max_size=600))
+
+
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+response_example = st.tuples(
+    _xml_answer(),
+    st.one_of(
+        st.none(),
+        st.sampled_from(["text/xml", "text/xml; charset=utf-8", "TEXT/XML", "text/html", ""]),
+        st.text(max_size=30),
+    ),
+    st.one_of(
+        st.sampled_from([200, 201, 204, 301, 401, 403, 404, 500, 503]), st.integers(100, 599)
+    ),
+    st.booleans(),
+)
+
+
+def check_response(example: tuple[bytes, str | None, int, bool]) -> None:
+    """parse_response returns ResponseItems or raises a PhoneError with a message; a body with
+    a DTD or over the size limit is never read as success."""
+    body, content_type, status, receipts = example
+    try:
+        items = cisco.parse_response(body, content_type, status, receipts=receipts)
+    except PhoneError as exc:
+        assert str(exc), "an error without a message"
+        assert len(str(exc)) < 2000, "an error message that echoes the whole answer"
+        return
+    assert isinstance(items, list) and all(isinstance(i, ResponseItem) for i in items)
+    assert 200 <= status < 300, f"HTTP {status} taken as success"
+    is_xml = (content_type or "").strip()[:8].lower() == "text/xml"
+    if is_xml and (b"<!DOCTYPE" in body.upper() or b"<!ENTITY" in body.upper()):
+        raise AssertionError("an answer with a DTD was accepted")
+    if is_xml and len(body) > cisco.MAX_RESPONSE_BYTES:
+        raise AssertionError("an oversized answer was accepted")
+    for item in items:
+        assert isinstance(item.url, str) and isinstance(item.data, str)
+
+
+# --- target: the URI validator ------------------------------------------------------------------
+
+_URI_PREFIXES: Final = (
+    "Dial:", "EditDial:", "SendDigits:", "Key:", "SoftKey:", "Init:", "App:", "Play:", "Display:",
+    "RTPRx:", "RTPMRx:", "RTPTx:", "RTPMTx:", "http://", "https://", "HTTP://", "",
+)  # fmt: skip
+
+uri_example = st.one_of(
+    st.builds(lambda p, s: p + s, st.sampled_from(_URI_PREFIXES), hostile_text),
+    st.builds(
+        lambda p, s: p + s,
+        st.sampled_from(_URI_PREFIXES),
+        st.text(st.sampled_from(list("0123456789#*ABCD,.:-_aZ")), max_size=30),
+    ),
+    st.text(_HOSTILE_CHARS, max_size=300),
+)
+
+
+def check_uri(uri: str) -> None:
+    """validate_uri accepts a URI unchanged or raises InvalidURI; what it accepts builds a push
+    (or is refused as too large) that a phone parses back to exactly that one item."""
+    try:
+        accepted = validate_uri(uri)
+    except InvalidURI as exc:
+        assert str(exc).startswith("Invalid URL: ")
+        return
+    assert accepted == uri
+    assert len(uri) <= 256
+    try:
+        xml = cisco.execute_xml([ExecuteItem(uri, 1)])
+    except TooLarge:
+        return
+    body = cisco.form_body(xml)
+    assert dict(parse_qsl(body.decode("ascii")))["XML"] == xml
+    push = cisco.parse_push(xml.encode("utf-8"))
+    assert push == cisco.ExecutePush((ExecuteItem(uri, 1),))
+
+
+# --- target: template rendering -----------------------------------------------------------------
+
+_RULE_TEMPLATES: Final = (
+    "{{ payload.t }}",
+    "Dial:{{ payload.n | digits }}",
+    "Dial:{{ payload.n }}",
+    "{{ payload | tojson }}",
+    "{{ payload.alerts | map(attribute='labels') | list }}",
+    "{% for a in payload.alerts %}{{ a.labels.alertname }} {% endfor %}",
+    "{{ payload.when | datetime }}",
+    "{{ payload.x | fromjson }}",
+    "{{ payload.t | truncate(20) }} {{ payload.t | upper }} {{ payload.t | replace('a', 'b') }}",
+    "{{ '%s-%s' | format(payload.t, payload.n) }}",
+    "{{ payload.t ~ payload.n }}{{ payload.n * 3 }}",
+    "{{ payload[payload.t] }}{{ payload.items() | list }}",
+    "{{ payload.t.split(payload.n) }}",
+    "{{ payload | length }} {{ payload.t | center(40) }}",
+    "{% if payload.t is mapping %}m{% elif payload.t is string %}s{% endif %}",
+)
+_TOKENS: Final = (
+    "{{", "}}", "{%", "%}", "{#", "#}", "payload", "payload.t", ".", "|", "(", ")", "[", "]",
+    "tojson", "fromjson", "digits", "datetime", "upper", "join", "list", "map", "attribute=",
+    "for x in ", "endfor", "if ", "else", "endif", "set y = ", "range(", "9", "-1", "'a'",
+    "*", "**", "~", "+", "/", "//", "%", "==", "<", "and", "not", "is", "defined", ",",
+    "__class__", "__globals__", "mro", "self", "loop", "x", "y", " ",
+)  # fmt: skip
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), hostile_text),
+    lambda children: st.one_of(
+        st.lists(children, max_size=5),
+        st.dictionaries(
+            st.one_of(st.sampled_from(["t", "n", "x", "alerts", "labels"]), hostile_text),
+            children,
+            max_size=5,
+        ),
+    ),
+    max_leaves=20,
+)
+template_example = st.tuples(
+    st.one_of(
+        st.sampled_from(_RULE_TEMPLATES),
+        st.lists(st.sampled_from(_TOKENS), max_size=25).map("".join),
+        hostile_text,
+    ),
+    st.dictionaries(st.sampled_from(["t", "n", "x", "when", "alerts"]), json_values, max_size=5),
+    st.booleans(),
+)
+
+
+def check_template(example: tuple[str, dict[str, Any], bool]) -> None:
+    """A template either fails to compile with a ConfigError naming the key, or renders event data
+    to a bounded string or a TemplateError naming the key; an expression evaluates or raises
+    TemplateError. Nothing else escapes."""
+    source, payload, as_expression = example
+    templates = Templates()
+    context = {"payload": payload, "topic": "t", "headers": {}, "source": "webhook"}
+    where = "rules[fuzz].message.text"
+    try:
+        if as_expression:
+            templates.compile_expression(source, where)(context)
+            return
+        render = templates.compile_template(source, where)
+    except ConfigError as exc:
+        assert str(exc).startswith(where + ": ")
+        return
+    except TemplateError as exc:
+        assert str(exc).startswith(where + ": ")
+        return
+    try:
+        output = render(context)
+    except TemplateError as exc:
+        assert str(exc).startswith(where + ": ")
+        return
+    assert isinstance(output, str) and len(output) <= MAX_OUTPUT
+    for leak in ("<class ", "<function ", "<module ", "<built-in"):
+        assert leak not in output, f"sandbox leaked {leak!r}: {output[:200]!r}"
+
+
+# --- target: the webhook endpoint (needs a running daemon) --------------------------------------
+
+MAX_BODY: Final = 64 * 1024
+_HOOKS: Final = ("fuzz", "hostile")
+
+
+@dataclass(frozen=True)
+class HookRequest:
+    method: str
+    hook: str
+    auth: str | None
+    content_type: str | None
+    body: bytes
+    extra: tuple[tuple[str, str], ...]
+
+
+_CONTENT_TYPES: Final = (
+    "application/json",
+    "application/json; charset=utf-8",
+    "application/vnd.alert+json",
+    "application/x-www-form-urlencoded",
+    "text/plain",
+    "text/xml",
+    "multipart/form-data; boundary=x",
+    "",
+)
+_header_text = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=60
+).map(lambda s: s.strip(" \t"))  # HTTP trims them; h11 refuses to send them
+hook_example = st.builds(
+    HookRequest,
+    method=st.sampled_from(["POST"] * 8 + ["GET", "PUT", "DELETE", "PATCH"]),
+    hook=st.one_of(
+        st.sampled_from([*_HOOKS, "nosuch", "FUZZ", "fuzz.x"]),
+        st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=20).filter(
+            lambda s: "/" not in s and s.strip(".") != "" and "\\" not in s and "?" not in s
+        ),
+    ),
+    auth=st.one_of(
+        st.just(f"Bearer {TOKEN}"),
+        st.just(f"bearer  {TOKEN}"),
+        st.none(),
+        st.sampled_from([f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN}x", f"Basic {TOKEN}", "Bearer"]),
+        _header_text,
+    ),
+    content_type=st.one_of(st.none(), st.sampled_from(_CONTENT_TYPES), _header_text),
+    body=st.one_of(
+        json_values.map(lambda v: json.dumps(v).encode()),
+        st.dictionaries(hostile_text, hostile_text, max_size=4).map(
+            lambda d: "&".join(
+                f"{quote(_clean(k))}={quote(_clean(v))}" for k, v in d.items()
+            ).encode()
+        ),
+        st.binary(max_size=300),
+        hostile_text.map(lambda s: _encode(s)),
+        st.integers(MAX_BODY - 2, MAX_BODY + 2).map(lambda n: b"x" * n),
+    ),
+    extra=st.lists(
+        st.tuples(
+            st.sampled_from(["X-Fuzz", "User-Agent", "X-Forwarded-For", "Cookie"]), _header_text
+        ),
+        max_size=3,
+    ).map(tuple),
+)
+
+
+def _clean(text: str) -> str:
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _expected_status(request: HookRequest) -> int:
+    if request.method != "POST":
+        return 405
+    scheme, _, given = (request.auth or "").partition(" ")
+    if scheme.lower() != "bearer" or given.strip() != TOKEN:
+        return 401
+    if request.hook not in _HOOKS:
+        return 404
+    if len(request.body) > MAX_BODY:
+        return 413
+    media = (request.content_type or "").split(";", 1)[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        try:
+            json.loads(request.body)
+        except ValueError:
+            return 400
+    if media == "application/x-www-form-urlencoded":
+        try:
+            text = request.body.decode("utf-8")
+            parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text))
+        except ValueError:
+            return 400
+    return 202
+
+
+def webhook_check(base_url: str) -> Callable[[HookRequest], None]:
+    """The check for the webhook target, against a daemon at ``base_url``: every request gets
+    the status it should, refusals carry a JSON error, and nothing answers 5xx."""
+    client = httpx.Client(base_url=base_url, timeout=10)
+
+    def check(request: HookRequest) -> None:
+        # Header values go as Latin-1 bytes, as a raw client could send them.
+        headers = {k.encode(): v.encode("latin-1") for k, v in request.extra}
+        if request.auth is not None:
+            headers[b"Authorization"] = request.auth.encode("latin-1")
+        if request.content_type is not None:
+            headers[b"Content-Type"] = request.content_type.encode("latin-1")
+        answer = client.request(
+            request.method, "/hooks/" + quote(request.hook, safe=""), content=request.body,
+            headers=headers,
+        )  # fmt: skip
+        expected = _expected_status(request)
+        assert answer.status_code == expected, (
+            f"{answer.status_code} (expected {expected}): {answer.text[:200]}"
+        )
+        if expected == 202:
+            assert answer.json()["event"]
+        elif expected != 405:
+            error = answer.json()["error"]
+            assert isinstance(error, str) and error
+
+    check.client = client  # type: ignore[attr-defined]
+    return check
+
+
+# --- the daemon, on its own loop in a thread ----------------------------------------------------
+
+
+def daemon_config(fleet: Fleet) -> dict[str, Any]:
+    """One phone; a rule that feeds hostile payload fields into every template it has."""
+    return {
+        "webhook": {"token": TOKEN},
+        "server": {"listen": "127.0.0.1:0", "max_body": MAX_BODY},
+        "phones": [{"name": "desk", "host": fleet.phones[0].address}],
+        "rules": [
+            {
+                "name": "hostile",
+                "on": "webhook:hostile",
+                "to": "desk",
+                "execute": ["Dial:{{ payload.n }}", "Play:{{ payload.p }}"],
+                "message": {"title": "{{ payload.t }}", "text": "{{ payload.x }}"},
+                "ttl": "30s",
+            },
+            {
+                # Matches (almost) nothing: the webhook fuzz exercises intake, not the phone.
+                "name": "fuzz",
+                "on": "webhook:fuzz",
+                "when": "payload is mapping and payload.go == 'go-go-go'",
+                "to": "desk",
+                "execute": ["Play:Chime.raw"],
+            },
+        ],
+    }
+
+
+class BackgroundDaemon:
+    """The real daemon and one simulated phone on an event loop in a thread, so synchronous
+    hypothesis tests and the bench script can drive them over real sockets."""
+
+    def __init__(self, tmp: Path) -> None:
+        self._tmp = tmp
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="daemon-loop", daemon=True)
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self.runner: DaemonRunner
+        self.fleet: Fleet
+
+    def __enter__(self) -> BackgroundDaemon:
+        self._thread.start()
+        if not self._ready.wait(20):
+            raise RuntimeError("daemon did not start in 20 s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    @property
+    def url(self) -> str:
+        return self.runner.url
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
+            self._error = exc
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with Fleet(1, names=["desk"], tone_ms=1) as fleet:
+            runner = DaemonRunner(self._tmp)
+            data = daemon_config(fleet)
+            data["server"] = dict(data["server"], listen=f"127.0.0.1:{runner.port}")
+            await runner.start(data)
+            self.runner, self.fleet = runner, fleet
+            try:
+                self._ready.set()
+                await self._stop.wait()
+            finally:
+                await runner.stop()
+
+    def delivered(self) -> float:
+        return sum(
+            self.runner.metric("phonepush_deliveries_total", phone="desk", result=result)
+            for result in ("delivered", "failed", "expired")
+        )
+
+
+@contextlib.contextmanager
+def running_daemon(tmp: Path) -> Iterator[BackgroundDaemon]:
+    with BackgroundDaemon(tmp) as daemon:
+        yield daemon
+
+
+# --- the end-to-end structural property ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostileEvent:
+    """Four payload fields, each either a string (sent as JSON) or raw bytes pasted into the JSON
+    string literal (non-UTF-8, or breaking the JSON on purpose)."""
+
+    fields: tuple[tuple[str, str | bytes], ...]
+
+    def body(self) -> bytes:
+        parts = []
+        for key, value in self.fields:
+            literal = value if isinstance(value, bytes) else json.dumps(value).encode()[1:-1]
+            parts.append(b'"%s": "%s"' % (key.encode(), literal))
+        return b"{" + b", ".join(parts) + b"}"
+
+
+_field_value = st.one_of(
+    hostile_text,
+    st.text(st.sampled_from(list("0123456789#*ABCD,")), min_size=1, max_size=20),
+    st.sampled_from(["911", "Chime.raw", "5551234", "Alarm.raw", "", " 42 "]),
+    st.binary(max_size=20),
+)
+# Valid dial strings and tone names half the time, so both outcomes (pushed, refused) are common.
+_dial = st.one_of(
+    st.text(st.sampled_from(list("0123456789#*ABCD,")), min_size=1, max_size=30), _field_value
+)
+_tone = st.one_of(st.from_regex(r"[A-Za-z0-9._-]{1,25}", fullmatch=True), _field_value)
+hostile_event = st.builds(
+    lambda n, p, t, x: HostileEvent((("n", n), ("p", p), ("t", t), ("x", x))),
+    _dial,
+    _tone,
+    _field_value,
+    _field_value,
+)
+
+
+def _expected_uri(kind: str, value: Any) -> str | None:
+    rendered = f"{kind}:{value if isinstance(value, str) else ''}".strip()
+    try:
+        return validate_uri(rendered)
+    except WireError:
+        return None
+
+
+def _no_surrogates(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
+
+
+def _line_ends(text: str) -> str:
+    # An XML parser reads a literal CR in text content as LF.
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def structure_check(daemon: BackgroundDaemon) -> Callable[[HostileEvent], None]:
+    """The check of the end-to-end property: post the event, then parse what the phone got."""
+    client = httpx.Client(
+        base_url=daemon.url, timeout=10, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    phone = daemon.fleet.phones[0]
+    pages_prefix = f"{daemon.url}/pages/"
+
+    def check(event: HostileEvent) -> None:
+        body = event.body()
+        payload = decode_payload(body)
+        fields: Mapping[str, Any] = payload if isinstance(payload, dict) else {}
+        # JSON can carry lone surrogates ("\\ud800"); rules see them as U+FFFD.
+        fields = {k: _no_surrogates(v) for k, v in fields.items()}
+        dial = _expected_uri("Dial", fields.get("n"))
+        play = _expected_uri("Play", fields.get("p"))
+        before_pushes = phone.state.pushes
+        before_done = daemon.delivered()
+        answer = client.post("/hooks/hostile", content=body, headers={"Content-Type": "text/plain"})
+        if len(body) > MAX_BODY:
+            assert answer.status_code == 413 and phone.state.pushes == before_pushes
+            return
+        assert answer.status_code == 202, answer.text
+        event_id = answer.json()["event"]
+        deadline = time.monotonic() + 10
+        while daemon.delivered() == before_done:
+            assert time.monotonic() < deadline, "the delivery did not finish in 10 s"
+            time.sleep(0.002)
+        pushes = phone.state.pushes - before_pushes
+        if dial is None or play is None:
+            assert pushes == 0, "a rule that failed to render still pushed"
+            assert daemon.runner.metric("phonepush_deliveries_total", phone="desk", result="failed")
+            return
+        records = list(phone.state.requests)[-pushes:] if pushes else []
+        got: list[ExecuteItem] = []
+        for record in records:
+            got.extend(_strict_execute_items(record["xml"]))
+        assert len(got) == 3, f"expected 3 items, the phone got {got!r}"
+        page_url = got[0].url
+        assert page_url.startswith(pages_prefix + event_id) and got[0].priority == 0
+        assert got[1:] == [ExecuteItem(dial, 0), ExecuteItem(play, 0)]
+        # The page the phone fetched says exactly what the event said, sanitized.
+        page = client.get(page_url.removeprefix(daemon.url))
+        title, text = _strict_text_page(page.content)
+        expected_title = sanitize_text(fields.get("t") or "", cisco.MAX_TITLE)
+        assert title == _line_ends(expected_title)
+        assert text == _line_ends(sanitize_text(fields.get("x") or "", cisco.MAX_TEXT))
+        assert phone.state.screen.url == page_url and phone.state.screen.text == text
+        check.pushed += 1  # type: ignore[attr-defined]
+
+    check.client = client  # type: ignore[attr-defined]
+    check.pushed = 0  # type: ignore[attr-defined]
+    return check
+
+
+def _strict_execute_items(xml: str) -> list[ExecuteItem]:
+    """The items of a pushed CiscoIPPhoneExecute, asserting there is nothing else in it."""
+    root = etree.fromstring(
+        xml.encode("utf-8"), etree.XMLParser(resolve_entities=False, no_network=True)
+    )
+    assert root.tag == "CiscoIPPhoneExecute"
+    assert not (root.text or "").strip()
+    items = []
+    for child in root.iterchildren():
+        assert isinstance(child.tag, str), "a comment or processing instruction in a push"
+        assert child.tag == "ExecuteItem" and sorted(child.keys()) == ["Priority", "URL"]
+        assert len(child) == 0 and not (child.text or "").strip() and not (child.tail or "").strip()
+        items.append(ExecuteItem(child.get("URL", ""), int(child.get("Priority", "-1"))))
+    assert 1 <= len(items) <= 3
+    assert len(xml.encode("utf-8")) <= cisco.MAX_PUSH_BYTES
+    return items
+
+
+def _strict_text_page(xml: bytes) -> tuple[str, str]:
+    root = etree.fromstring(xml, etree.XMLParser(resolve_entities=False, no_network=True))
+    assert root.tag == "CiscoIPPhoneText"
+    tags = [child.tag for child in root.iterchildren()]
+    assert tags in (["Text"], ["Title", "Text"]), tags
+    for child in root.iterchildren():
+        assert len(child) == 0, "markup inside a page field"
+    return root.findtext("Title") or "", root.findtext("Text") or ""
+
+
+TARGETS: Final = (
+    Target("response", response_example, check_response, "phone-response parser"),
+    Target("uri", uri_example, check_uri, "URI validator and push round trip"),
+    Target("template", template_example, check_template, "template compile and render"),
+)
+
+# --- the tests ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: t.name)
+def test_fuzz_pure_targets(target: Target) -> None:
+    _FUZZ_SETTINGS(given(target.strategy)(target.check))()
+
+
+@pytest.fixture(scope="module")
+def background_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundDaemon]:
+    with running_daemon(tmp_path_factory.mktemp("hostile")) as daemon:
+        yield daemon
+
+
+def test_fuzz_webhook_endpoint(background_daemon: BackgroundDaemon) -> None:
+    check = webhook_check(background_daemon.url)
+    with check.client:  # type: ignore[attr-defined]
+        _FUZZ_SETTINGS(given(hook_example)(check))()
+        # After all that, the daemon still serves and is ready.
+        assert check.client.get("/readyz").status_code == 200  # type: ignore[attr-defined]
+
+
+def test_no_payload_changes_the_xml_a_phone_receives(background_daemon: BackgroundDaemon) -> None:
+    check = structure_check(background_daemon)
+    with check.client:  # type: ignore[attr-defined]
+        settings(_FUZZ_SETTINGS, max_examples=100)(given(hostile_event)(check))()
+    # Both outcomes were exercised: hostile fields refused, and pushes checked item by item.
+    assert check.pushed >= 10  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"n": '911" /><ExecuteItem URL="Key:Services', "p": "Chime.raw", "t": "x", "x": "y"},
+        {"n": "911", "p": "Chime.raw", "t": '"/><ExecuteItem URL="Dial:1"/>', "x": "</Text>&"},
+        {"n": "911", "p": "Chime.raw", "t": "<Title>", "x": "]]><!--<?pi?>&lt;&#0;"},
+        {"n": "911", "p": "Chime.raw", "t": "\ud800\udfff", "x": "a\x00b\x1bc\rd\ufffe"},
+        {"n": "911\nDial:112", "p": "Chime.raw", "t": "t", "x": "x"},
+        {"n": "911", "p": "Chime.raw%22%3E", "t": "t", "x": "x"},
+        {"n": "911", "p": "Chime.raw", "t": "T" * 5000, "x": "<>&'\"" * 3000},
+    ],
+)
+def test_known_injection_payloads(
+    background_daemon: BackgroundDaemon, fields: dict[str, str]
+) -> None:
+    check = structure_check(background_daemon)
+    with check.client:  # type: ignore[attr-defined]
+        check(HostileEvent(tuple(fields.items())))
+
+
+def test_non_utf8_payload_bytes(background_daemon: BackgroundDaemon) -> None:
+    check = structure_check(background_daemon)
+    with check.client:  # type: ignore[attr-defined]
+        check(
+            HostileEvent(
+                (
+                    ("n", "911"),
+                    ("p", "Chime.raw"),
+                    ("t", b"\xff\xfe\xc3("),
+                    ("x", b"\x80\xed\xa0\x80"),
+                )
+            )
+        )
+
+
+# --- phones that answer with attacks ------------------------------------------------------------
+
+
+class _HostilePhone:
+    """A TCP server on 127.0.0.1 that answers every request with one fixed, hostile answer."""
+
+    def __init__(self, head: bytes, body: bytes | None, *, endless: bool = False) -> None:
+        self._head, self._body, self._endless = head, body, endless
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> _HostilePhone:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(self._head)
+            if self._endless:
+                chunk = b"<a>" * 10_000
+                for _ in range(2000):  # 60 MB at most; the client must stop long before
+                    writer.write(chunk)
+                    await writer.drain()
+            elif self._body is not None:
+                writer.write(self._body)
+            await writer.drain()
+        writer.close()
+
+
+def _answer(body: bytes, content_type: str = "text/xml", extra: str = "") -> bytes:
+    return (
+        f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+        f"{extra}\r\n"
+    ).encode() + body
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [_ATTACKS[0], _ATTACKS[1], _ATTACKS[2], _ATTACKS[3], _ATTACKS[4], _ATTACKS[5]],
+    ids=["xxe-file", "xxe-network", "parameter-entity", "billion-laughs", "oversized", "deep"],
+)
+async def test_hostile_phone_answers_are_refused_over_a_real_socket(attack: bytes) -> None:
+    async with _HostilePhone(_answer(attack), None) as hostile:
+        target = PhoneTarget("evil", "127.0.0.1", hostile.port, timeout=5)
+        async with PhoneClient(target) as client:
+            with pytest.raises((PhoneBadResponse, PhoneHTTPError)) as caught:
+                await client.execute([ExecuteItem("Play:Chime.raw")])
+    message = str(caught.value)
+    assert "root:" not in message and "lollol" not in message
+    assert caught.value.phone == "evil"
+
+
+async def test_an_endless_answer_is_cut_at_the_cap_and_refused() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nConnection: close\r\n\r\n"
+    async with _HostilePhone(head, None, endless=True) as hostile:
+        target = PhoneTarget("evil", "127.0.0.1", hostile.port, timeout=5)
+        async with PhoneClient(target) as client:
+            with pytest.raises(PhoneBadResponse, match="over the 65536-byte limit"):
+                await client.execute([ExecuteItem("Play:Chime.raw")])
+
+
+async def test_a_compressed_bomb_is_never_decompressed() -> None:
+    import gzip
+
+    bomb = gzip.compress(b'<CiscoIPPhoneResponse Data="' + b"A" * 20_000_000 + b'"/>')
+    async with _HostilePhone(_answer(bomb, extra="Content-Encoding: gzip\r\n"), None) as hostile:
+        target = PhoneTarget("evil", "127.0.0.1", hostile.port, timeout=5)
+        async with PhoneClient(target) as client:
+            with pytest.raises(PhoneBadResponse, match="malformed XML"):
+                await client.execute([ExecuteItem("Play:Chime.raw")])
+
+
+# --- configuration with errors ------------------------------------------------------------------
+
+_BAD_CONFIGS: Final = [
+    ('[server]\nlisten = "127.0.0.1:99999"\n', "server.listen"),
+    ('[server]\nlisen = "127.0.0.1:8080"\n', "server.lisen: unknown key"),
+    ('[[phones]]\nname = "a"\nhost = "bad host"\n', "phones[a].host"),
+    ('[[phones]]\nname = "a"\nhost = "10.0.0.1"\npasword = "x"\n', "phones[a].pasword"),
+    (
+        '[[phones]]\nname = "a"\nhost = "10.0.0.1"\n[[rules]]\nname = "r"\non = "webhook:x"\n'
+        'to = "a"\nexecute = ["Dial:{{ payload.n "]\n',
+        "rules[r].execute[0]",
+    ),
+    (
+        '[[phones]]\nname = "a"\nhost = "10.0.0.1"\n[[rules]]\nname = "r"\non = "webhook:x"\n'
+        'to = "a"\nexecute = ["Dial:911"]\nwhen = "payload =="\n',
+        "rules[r].when",
+    ),
+    ('[server]\nlisten = "0.0.0.0:8080"\npublic_url = "http://10.0.0.5:8080"\n', "webhook.token"),
+    ("[server\n", "not valid TOML"),
+    ("[webhook]\ntoken = 12345\n", "webhook.token"),
+    ('[spool]\nsynchronous = "sometimes"\n', "spool.synchronous"),
+    ('[mqtt]\nurl = "mqtt://user:hunter2@broker"\n', "mqtt.url"),
+]
+
+
+@pytest.mark.parametrize(("text", "key"), _BAD_CONFIGS, ids=[k for _, k in _BAD_CONFIGS])
+@pytest.mark.parametrize("command", ["run", "check"])
+def test_config_errors_exit_2_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, text: str, key: str
+) -> None:
+    from phonepush.cli import main
+
+    path = tmp_path / "phonepush.toml"
+    path.write_text(text)
+    assert main([command, "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert key in captured.err, captured.err
+    assert "hunter2" not in captured.err + captured.out
+    assert "Traceback" not in captured.err
+
+
+def test_config_error_exit_code_from_the_real_command(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "phonepush.toml"
+    path.write_text("[server]\nmax_body = 10\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "phonepush", "run", "--config", str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "server.max_body" in result.stderr and "Traceback" not in result.stderr
