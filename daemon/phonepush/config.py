@@ -59,6 +59,8 @@ __all__ = [
     "ENV_PREFIX",
     "RESERVED_RULE_KEYS",
     "AckConfig",
+    "AuthUserConfig",
+    "AuthenticationConfig",
     "Config",
     "DispatchConfig",
     "EscalateConfig",
@@ -601,6 +603,44 @@ class RuleConfig(_Section):
         return self.on.partition(":")[2]
 
 
+class AuthUserConfig(_Section):
+    """One ``[[authentication.users]]`` entry: credentials a phone may forward to
+    ``/authenticate``."""
+
+    name: str = Field(min_length=1, max_length=255)
+    password: SecretStr | None = None
+    password_file: str | None = None
+
+
+class AuthenticationConfig(_Section):
+    """``[authentication]``: phonepush answers the phones' ``authenticationURL``
+    (``/authenticate``). Without the section that route answers 404."""
+
+    #: Also accept the ``username``/``password`` of every ``[[phones]]`` entry: the credentials
+    #: phonepush itself pushes with.
+    phone_credentials: bool = True
+    users: list[AuthUserConfig] = Field(default_factory=list)
+    #: Failed checks per (client address, UserID) within ``failure_window`` before further
+    #: checks are refused unexamined until the window passes.
+    max_failures: int = Field(default=10, ge=1, le=100_000)
+    failure_window: Duration = 60.0
+
+    @field_validator("users")
+    @classmethod
+    def _unique(cls, value: list[AuthUserConfig]) -> list[AuthUserConfig]:
+        names = [user.name for user in value]
+        if duplicates := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"more than one user named {', '.join(map(repr, duplicates))}")
+        return value
+
+    @field_validator("failure_window")
+    @classmethod
+    def _window(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be more than 0s")
+        return value
+
+
 class AckConfig(_Section):
     """``[ack]``: what happens on an acknowledgement besides MQTT and metrics."""
 
@@ -663,6 +703,7 @@ class Config(BaseSettings):
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     ack: AckConfig = Field(default_factory=AckConfig)
+    authentication: AuthenticationConfig | None = None
 
     @classmethod
     def settings_customise_sources(
@@ -929,6 +970,25 @@ def _read_secrets(
         )
         phones.append(phone.model_copy(update=found) if found else phone)
     update["phones"] = phones
+    if config.authentication is not None:
+        users = []
+        for user in config.authentication.users:
+            found = _secret_from_file(
+                user,
+                "password",
+                "password_file",
+                f"authentication.users[{user.name}]",
+                environ,
+                base_dir,
+                problems,
+            )
+            user = user.model_copy(update=found) if found else user
+            if user.password is None and user.password_file is None:
+                problems.append(
+                    f"authentication.users[{user.name}].password: give password or password_file"
+                )
+            users.append(user)
+        update["authentication"] = config.authentication.model_copy(update={"users": users})
     return config.model_copy(update=update)
 
 

@@ -120,3 +120,11 @@ class Metrics:
             ["rule"],
             registry=r,
         )
+        # --- the phones' authentication URL (phonepush.authenticate) ---
+        self.authenticate = Counter(
+            "phonepush_authenticate",
+            "Answers to phones asking /authenticate, by result (authorized, unauthorized, "
+            "throttled: refused unexamined after too many failures).",
+            ["result"],
+            registry=r,
+        )
