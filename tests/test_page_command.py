@@ -1,5 +1,6 @@
 """``phonepush page`` and :func:`phonepush.paging.page` end to end: simulated phones take the
-push, real RTP receivers on the phones' own loopback addresses take the audio."""
+push, real RTP receivers on the phones' own loopback addresses take the audio (the phones' own RTP
+listeners are off: ``rtp=False``)."""
 
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ async def _run(argv: list[str]) -> int:
 async def test_page_a_file_to_two_phones(
     make_fleet: MakeFleet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fleet = await make_fleet(phones=2, hosts=HOSTS)
+    fleet = await make_fleet(phones=2, hosts=HOSTS, rtp=False)
     audio = _wav(tmp_path / "evacuate.wav", 0.5)
     async with _receivers() as (port, receivers):
         status = await _run(
@@ -104,7 +105,7 @@ async def test_page_a_file_to_two_phones(
 async def test_a_phone_that_refuses_is_reported_and_the_other_still_hears_the_page(
     make_fleet: MakeFleet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fleet = await make_fleet(phones=2, hosts=HOSTS)
+    fleet = await make_fleet(phones=2, hosts=HOSTS, rtp=False)
     refusing, healthy = fleet.phones
     await refusing.set_fault("error", number=6)
     audio = _wav(tmp_path / "a.wav", 0.3)
@@ -124,7 +125,7 @@ async def test_a_phone_that_refuses_is_reported_and_the_other_still_hears_the_pa
 
 
 async def test_page_over_multicast(make_fleet: MakeFleet, tmp_path: Path) -> None:
-    fleet = await make_fleet(phones=2, hosts=HOSTS)
+    fleet = await make_fleet(phones=2, hosts=HOSTS, rtp=False)
     audio = _wav(tmp_path / "m.wav", 0.3)
     async with _receivers(group=GROUP) as (port, receivers):
         argv = ["-h", _host_args(fleet), "--file", str(audio), "--multicast", f"{GROUP}:{port}"]
@@ -142,7 +143,7 @@ async def test_page_over_multicast(make_fleet: MakeFleet, tmp_path: Path) -> Non
     reason="espeak-ng is not installed (apt-get install espeak-ng); required in CI",
 )
 async def test_page_says_text_with_a_chime_twice(make_fleet: MakeFleet, tmp_path: Path) -> None:
-    fleet = await make_fleet(phones=1, hosts=HOSTS[:1])
+    fleet = await make_fleet(phones=1, hosts=HOSTS[:1], rtp=False)
     chime = tmp_path / "chime.ulaw"
     chime.write_bytes(b"\x80\x00" * 800)  # 0.2 s of a loud square wave
     async with _receivers() as (port, (receiver, _)):
@@ -180,7 +181,7 @@ def test_bad_arguments_are_one_line_errors(
 async def test_an_invalid_port_is_refused_before_any_push(
     make_fleet: MakeFleet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    fleet = await make_fleet(phones=1, hosts=HOSTS[:1])
+    fleet = await make_fleet(phones=1, hosts=HOSTS[:1], rtp=False)
     audio = _wav(tmp_path / "a.wav", 0.1)
     status = await _run(["-h", _host_args(fleet), "--file", str(audio), "--port", "20481"])
     assert status == 1

@@ -35,7 +35,21 @@ Choices where real phones vary or the notes leave room:
   item whose URL is the image (background) or the ring tone URL.
 * **Counters.** ``pushes`` counts requests to ``POST /CGI/Execute``; ``errors`` counts those not
   answered with a CiscoIPPhoneResponse (error objects, HTTP errors, fault answers).
-* **Reset** clears a phone's state *and* its fault mode.
+* **Reset** clears a phone's state *and* its fault mode (and closes its RTP listener).
+* **RTP reception.** ``RTPRx:<source>:<port>[:<volume>]`` makes the phone listen for RTP on its
+  *own* address and ``port`` (unicast; ``source`` is where the stream is said to come from: it is
+  recorded, and ``from_source`` says whether the packets came from it; none are dropped);
+  ``RTPMRx:<group>:<port>[:<volume>]`` joins ``group`` on the interface of the phone's own
+  address. Each phone can have its own loopback address (``Fleet(hosts=[...])``), so several
+  phones listen on the same port as on a LAN. A new RTPRx/RTPMRx replaces the listener (the old
+  one is closed first, so the same port can be taken again); ``RTPRx:Stop`` and ``RTPMRx:Stop``
+  both close it. What arrives is checked by :class:`phonepush.rtp.RtpReceiver` (payload type
+  0, 160-byte payloads, sequence and timestamp continuity, RFC 3550 jitter) and the audio's
+  duration and level kept; the state's ``rtp`` object shows the current (or last) stream and a
+  ``history`` of finished ones. A port that cannot be taken (in use, or an address the phone
+  cannot bind) is answered ``Status="6" Data="RTP port unavailable"`` and leaves the phone not
+  listening. ``Fleet(rtp=False)`` only records the URIs (for tests that run receivers of their
+  own on the phones' ports). ``RTPTx``/``RTPMTx`` are only recorded.
 """
 
 from __future__ import annotations
@@ -70,11 +84,13 @@ from phonepush.cisco import (
     parse_text,
     response_xml,
 )
-from phonepush.errors import InvalidURI, MalformedPush, PhoneError, WireError
+from phonepush.errors import AudioError, InvalidURI, MalformedPush, PhoneError, WireError
+from phonepush.rtp import ReceiveStats, RtpReceiver
 from phonepush.uri import ExecuteItem, is_http, validate_uri
 
 __all__ = [
     "FAULT_MODES",
+    "MAX_RTP_HISTORY",
     "PHONE_HEADERS",
     "Backlight",
     "Fault",
@@ -96,6 +112,8 @@ PHONE_HEADERS: Final = {
     "User-Agent": "Allegro-Software-WebClient/4.34",
 }
 MAX_RECORDS: Final = 1000
+#: Finished RTP receptions a phone remembers.
+MAX_RTP_HISTORY: Final = 100
 _EXECUTE_PATH: Final = "/CGI/Execute"
 _FORM: Final = "application/x-www-form-urlencoded"
 _INTERESTING: Final = (
@@ -173,6 +191,10 @@ class PhoneState:
     background: dict[str, str] | None = None
     ringtone: str | None = None
     rtp: dict[str, str | None] = field(default_factory=lambda: {"receive": None, "transmit": None})
+    #: Finished RTP receptions (oldest first), as in the state JSON's ``rtp.history``.
+    rtp_streams: deque[dict[str, Any]] = field(
+        default_factory=lambda: deque(maxlen=MAX_RTP_HISTORY)
+    )
     presses: deque[dict[str, Any]] = field(default_factory=_capped)
     pushes: int = 0
     errors: int = 0
@@ -206,6 +228,73 @@ class _Settings:
     fetch_timeout: float
     max_waiting: int
     fetch_ssl: ssl.SSLContext | None
+    rtp: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class _Reception:
+    """An RTP listener opened by ``RTPRx``/``RTPMRx``: what the phone was told, and its
+    receiver."""
+
+    uri: str
+    multicast: bool
+    address: str  # the phone's own address (unicast) or the group (multicast)
+    port: int
+    source: str | None  # unicast: the address the stream is announced from
+    volume: int | None
+    started_at: float
+    receiver: RtpReceiver
+
+    def describe(
+        self, *, active: bool, stopped_at: float | None = None, ended_by: str | None = None
+    ) -> dict[str, Any]:
+        stats = self.receiver.stats
+        sender = stats.sender
+        data: dict[str, Any] = {
+            "active": active,
+            "uri": self.uri,
+            "mode": "multicast" if self.multicast else "unicast",
+            "address": self.address,
+            "port": self.port,
+            "source": self.source,
+            "volume": self.volume,
+            "started_at": self.started_at,
+            "stopped_at": stopped_at,
+            "ended_by": ended_by,
+            "clean": stats.clean,
+            "from_source": (None if self.multicast or sender is None else sender[0] == self.source),
+        }
+        data.update(_stats_dict(stats))
+        return data
+
+
+def _stats_dict(stats: ReceiveStats) -> dict[str, Any]:
+    data = stats.to_dict()
+    # Arrival times are monotonic-clock readings, meaningless outside this process: say how
+    # long packets kept arriving instead.
+    del data["first_arrival"], data["last_arrival"]
+    first, last = stats.first_arrival, stats.last_arrival
+    data["receiving_s"] = round(last - first, 3) if first is not None and last is not None else 0.0
+    return data
+
+
+def _idle_rtp() -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "active": False,
+        "uri": None,
+        "mode": None,
+        "address": None,
+        "port": None,
+        "source": None,
+        "volume": None,
+        "started_at": None,
+        "stopped_at": None,
+        "ended_by": None,
+        "clean": True,
+        "from_source": None,
+    }
+    data.update(_stats_dict(ReceiveStats()))
+    return data
 
 
 class _Tone:
@@ -248,6 +337,7 @@ class SimPhone:
         self._waiting = 0
         self._flapper: asyncio.Task[None] | None = None
         self._running = False
+        self._reception: _Reception | None = None
 
     def use_tls(self, context: ssl.SSLContext) -> None:
         """Serve HTTPS with ``context`` from the next start on."""
@@ -272,9 +362,28 @@ class SimPhone:
             "fault": self.fault.to_dict(),
         }
         data.update(self.state.to_dict())
+        data["rtp"] = self.rtp_status()
         if not requests:
             data["requests"] = []
         return data
+
+    def rtp_status(self) -> dict[str, Any]:
+        """The state JSON's ``rtp``: the URIs last accepted (``receive``, ``transmit``), the
+        current stream's reception (or the last one's, with ``active`` false) and ``history``,
+        the finished receptions, oldest first."""
+        state = self.state
+        if self._reception is not None:
+            current = self._reception.describe(active=True)
+        elif state.rtp_streams:
+            current = dict(state.rtp_streams[-1])
+        else:
+            current = _idle_rtp()
+        return {
+            "receive": state.rtp.get("receive"),
+            "transmit": state.rtp.get("transmit"),
+            **current,
+            "history": list(state.rtp_streams),
+        }
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -286,6 +395,7 @@ class SimPhone:
         self._running = False
         await self._cancel_flapper()
         await self._unlisten()
+        await self._rtp_stop("shutdown")
 
     async def _listen(self) -> None:
         if self._server is not None:
@@ -346,6 +456,7 @@ class SimPhone:
     async def reset(self) -> None:
         """Forget everything the phone did and heal any fault."""
         await self.set_fault("none")
+        await self._rtp_stop("reset")
         self.state = PhoneState()
 
     async def press(self, *, position: int | None = None, name: str | None = None) -> Screen:
@@ -543,6 +654,9 @@ class SimPhone:
                 state.backlight = Backlight(mode, int(minutes) if minutes else None)
             elif kind in ("Dial", "EditDial", "SendDigits"):
                 state.dialled.append(arg.partition(":")[0])
+            elif kind in ("RTPRx", "RTPMRx") and self._settings.rtp:
+                done.append(await self._rtp_receive(kind, arg, url))
+                continue
             elif kind.startswith("RTP"):
                 direction = "transmit" if kind.endswith("Tx") else "receive"
                 state.rtp[direction] = None if arg == "Stop" else url
@@ -557,6 +671,47 @@ class SimPhone:
         for url in when_idle:
             done.append(await self._show(url))
         return done
+
+    async def _rtp_receive(self, kind: str, arg: str, url: str) -> ResponseItem:
+        """``RTPRx``/``RTPMRx`` (already validated): stop listening, then listen anew unless
+        told to stop."""
+        await self._rtp_stop(url if arg == "Stop" else "replaced")
+        self.state.rtp["receive"] = None
+        if arg == "Stop":
+            return ResponseItem(url, "Success", 0)
+        address, port_text, *rest = arg.split(":")
+        port = int(port_text)
+        multicast = kind == "RTPMRx"
+        receiver = RtpReceiver(self.host, port, group=address if multicast else None)
+        try:
+            await receiver.__aenter__()
+        except AudioError as exc:
+            logger.info("%s: %s: %s", self.name, url, exc)
+            return ResponseItem(url, "RTP port unavailable", 6)
+        self._reception = _Reception(
+            uri=url,
+            multicast=multicast,
+            address=address if multicast else self.host,
+            port=port,
+            source=None if multicast else address,
+            volume=int(rest[0]) if rest else None,
+            started_at=self._clock(),
+            receiver=receiver,
+        )
+        self.state.rtp["receive"] = url
+        return ResponseItem(url, "Success", 0)
+
+    async def _rtp_stop(self, ended_by: str) -> None:
+        reception, self._reception = self._reception, None
+        if reception is None:
+            return
+        await reception.receiver.__aexit__(None, None, None)
+        # The transport closes its socket from a callback on the next loop iteration; let it run,
+        # so that the port is free when a new RTPRx for the same port is served.
+        await asyncio.sleep(0)
+        self.state.rtp_streams.append(
+            reception.describe(active=False, stopped_at=self._clock(), ended_by=ended_by)
+        )
 
     async def _show(self, url: str) -> ResponseItem:
         try:
@@ -632,7 +787,8 @@ class Fleet:
 
     Phones listen on consecutive ports from ``port`` (``port=0``: each an ephemeral port), on
     ``host`` or, per phone, on ``hosts[i]``. The control endpoint listens on ``control_port``;
-    by default the port after the last phone (ephemeral when ``port=0``).
+    by default the port after the last phone (ephemeral when ``port=0``). With ``rtp=False``
+    phones record ``RTPRx``/``RTPMRx`` URIs without listening for RTP.
     """
 
     def __init__(
@@ -655,6 +811,7 @@ class Fleet:
         fetch_ssl: ssl.SSLContext | None = None,
         max_waiting: int = 64,
         on_push: PushLog | None = None,
+        rtp: bool = True,
     ) -> None:
         if phones < 1:
             raise ValueError("a fleet has at least one phone")
@@ -675,6 +832,7 @@ class Fleet:
             fetch_timeout=fetch_timeout,
             max_waiting=max_waiting,
             fetch_ssl=fetch_ssl,
+            rtp=rtp,
         )
         self._settings = settings
         self._host = host
