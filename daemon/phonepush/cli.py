@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fire": ("fire", "show what an event would do, or inject it"),
     "demo": ("demo", "run the daemon on embedded defaults with simulated phones"),
     "page": ("page", "speak or play an announcement on phones over RTP"),
+    "status": ("status", "list the recent events in the spool and their deliveries"),
 }
 
 

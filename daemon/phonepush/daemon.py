@@ -27,12 +27,14 @@ from typing import TYPE_CHECKING
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from phonepush.acks import AckService, Alerting, ack_prefix
 from phonepush.config import Config, load_config
 from phonepush.dispatch import Dispatcher, Outcome, close_clients
 from phonepush.errors import ConfigError, PhonepushError
 from phonepush.intake import Intake
 from phonepush.metrics import Metrics
 from phonepush.phone import PhoneClient, PhoneTarget
+from phonepush.repeats import Repeater
 from phonepush.rules import RuleSet
 from phonepush.server import ServerState, create_app
 from phonepush.spool import Spool
@@ -141,12 +143,22 @@ class Daemon:
                     on_outcome=self._publish_outcome,
                 )
             )
+            repeater = Repeater(spool, metrics=metrics, submit=dispatcher.submit)
+            alerting = Alerting(
+                config,
+                spool,
+                metrics=metrics,
+                submit=dispatcher.submit,
+                cancel=dispatcher.cancel,
+                wake=repeater.wake,
+            )
             intake = Intake(
                 rules,
                 spool,
                 public_url=config.server.public_url,
                 metrics=metrics,
                 submit=dispatcher.submit,
+                alerting=alerting,
             )
             if config.mqtt is not None:
                 # paho is imported only by daemons that use MQTT.
@@ -158,6 +170,18 @@ class Daemon:
                     )
                 )
             self._mqtt = mqtt
+            acks = await stack.enter_async_context(
+                AckService(
+                    spool,
+                    metrics=metrics,
+                    public_url=config.server.public_url,
+                    cancel=dispatcher.cancel,
+                    mqtt=mqtt,
+                    topic_prefix=ack_prefix(config.mqtt) if config.mqtt is not None else "",
+                    webhook=config.ack.webhook,
+                    webhook_timeout=config.ack.webhook_timeout,
+                )
+            )
             state = ServerState(
                 intake,
                 spool,
@@ -168,6 +192,7 @@ class Daemon:
             )
             if mqtt is not None:
                 state.readiness["mqtt"] = lambda: "" if mqtt.connected else "not connected"
+            state.acks = acks
             sock = _bind(config.server.listen)
             stack.callback(sock.close)
             server = _Server(
@@ -197,6 +222,7 @@ class Daemon:
                 if mqtt is not None:
                     tasks.append(tg.create_task(mqtt.run(), name="mqtt"))
                 tasks.append(tg.create_task(self._housekeeping(spool), name="housekeeping"))
+                tasks.append(tg.create_task(repeater.run(), name="repeats"))
                 if self._notifier.watchdog_interval:
                     tasks.append(tg.create_task(self._notifier.watchdog_loop(), name="watchdog"))
                 with self._signals():
@@ -267,6 +293,10 @@ class Daemon:
             if _dig(config, key) != _dig(running.config, key):
                 log.warning("reload: %s changed; it takes effect after a restart", key)
         running.intake.rules = rules
+        if running.intake.alerting is not None:
+            running.intake.alerting.update(config)
+        if state.acks is not None:
+            state.acks.webhook = config.ack.webhook
         running.config = self.config = config
         stale = running.dispatcher.update_phones(config.phone_targets())
         await close_clients(stale)

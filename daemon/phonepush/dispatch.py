@@ -105,6 +105,7 @@ class Dispatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._outstanding = 0
+        self._cancelled: set[int] = set()  # no longer pending in the spool (acked, resolved)
 
     async def __aenter__(self) -> Dispatcher:
         return self
@@ -127,6 +128,11 @@ class Dispatcher:
                 self._workers[delivery.phone] = asyncio.create_task(
                     self._work(delivery.phone), name=f"phone:{delivery.phone}"
                 )
+
+    def cancel(self, delivery_ids: Iterable[int]) -> None:
+        """Drop deliveries the spool no longer has pending (acknowledged, resolved): a queued one
+        is skipped, one waiting out a retry gives up; a request on the wire still finishes."""
+        self._cancelled.update(delivery_ids)
 
     def update_phones(self, phones: Mapping[str, PhoneTarget]) -> list[PhoneClient]:
         """Apply a reloaded phone list; returns the clients that must be closed by the caller."""
@@ -177,6 +183,9 @@ class Dispatcher:
         sent, attempts, error = delivery.sent, delivery.attempts, delivery.error
         backoff = self._retry_initial
         while True:
+            if delivery.id in self._cancelled:
+                self._cancelled.discard(delivery.id)
+                return
             if self._clock() >= delivery.expires_at:
                 await self._finish(delivery, "expired", attempts, error or "TTL passed")
                 return
@@ -250,6 +259,7 @@ class Dispatcher:
             )
 
     async def _finish(self, delivery: Delivery, result: str, attempts: int, error: str) -> None:
+        self._cancelled.discard(delivery.id)
         self._spool.finish(delivery.id, result, error)
         seconds = self._clock() - delivery.created_at
         self._metrics.deliveries.labels(delivery.phone, result).inc()

@@ -7,18 +7,23 @@ does the same work without writing anything, for ``phonepush fire --dry-run``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from phonepush import cisco
 from phonepush.errors import WireError
 from phonepush.events import Event
 from phonepush.metrics import Metrics
 from phonepush.rules import Match, RuleSet
-from phonepush.spool import Delivery, NewDelivery, PushRequest, Spool
+from phonepush.spool import Delivery, NewAlert, NewDelivery, PushRequest, Spool
 from phonepush.uri import ExecuteItem
+
+if TYPE_CHECKING:
+    from phonepush.acks import Alerting
 
 __all__ = ["Accepted", "Intake", "Plan", "PlannedRule"]
 
@@ -36,6 +41,8 @@ class PlannedRule:
     state: str  # "pending", "suppressed" (cooldown/dedupe) or "failed" (template, URI, size)
     error: str = ""
     page_id: str = ""
+    #: Acks, repeats, resolves (phonepush.acks): each phone's own requests and ack token.
+    alert: NewAlert | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +80,11 @@ class Intake:
         metrics: Metrics,
         submit: Callable[[Sequence[Delivery]], None],
         clock: Callable[[], float] = time.time,
+        alerting: Alerting | None = None,
     ) -> None:
         self.rules = rules
+        #: Acknowledgements, repeats and resolves (phonepush.acks); None applies none of them.
+        self.alerting = alerting
         self._spool = spool
         self._pages_url = public_url.rstrip("/") + "/pages/"
         self._metrics = metrics
@@ -111,22 +121,38 @@ class Intake:
             page_id = f"{event.id}{index:02x}" if match.page is not None else ""
             try:
                 requests = self._render(match, page_id, pages)
+                alert = (
+                    self.alerting.plan(
+                        match,
+                        page_id,
+                        functools.partial(self._render, match, page_id, pages),
+                        requests,
+                        event.received_at,
+                    )
+                    if self.alerting is not None
+                    else None
+                )
             except WireError as exc:
                 planned.append(
                     PlannedRule(rule.name, rule.phones, rule.ttl, (), "failed", str(exc))
                 )
                 continue
             planned.append(
-                PlannedRule(rule.name, rule.phones, rule.ttl, requests, "pending", "", page_id)
+                PlannedRule(
+                    rule.name, rule.phones, rule.ttl, requests, "pending", "", page_id, alert
+                )
             )
         return Plan(event, tuple(planned), pages, tuple(cooldowns))
 
-    def _render(self, match: Match, page_id: str, pages: dict[str, str]) -> tuple[PushRequest, ...]:
+    def _render(
+        self, match: Match, page_id: str, pages: dict[str, str], page_url: str = ""
+    ) -> tuple[PushRequest, ...]:
         items: list[ExecuteItem] = []
         if match.page is not None:
             pages[page_id] = cisco.text_xml(match.page)
             # The page first: its text is on screen while a Play: item holds the phone's answer.
-            items.append(ExecuteItem(self._pages_url + page_id, match.rule.priority))
+            url = page_url or self._pages_url + page_id
+            items.append(ExecuteItem(url, match.rule.priority))
         items.extend(match.execute)
         requests = [PushRequest("execute", cisco.execute_xml(b)) for b in cisco.pack(items)]
         if match.background is not None:
@@ -144,11 +170,14 @@ class Intake:
         the source must not acknowledge the event then.
         """
         plan = self.plan(event)
+        if self.alerting is not None:
+            self.alerting.resolve(event)
+        own = {(p.rule, a.phone): a.requests for p in plan.rules if p.alert for a in p.alert.phones}
         new = [
             NewDelivery(
                 rule=p.rule,
                 phone=phone,
-                requests=p.requests,
+                requests=own.get((p.rule, phone), p.requests),
                 expires_at=event.received_at + p.ttl,
                 state=p.state,
                 error=p.error,
@@ -162,11 +191,14 @@ class Intake:
             deliveries=new,
             pages=plan.pages,
             cooldowns=plan.cooldowns,
+            alerts=self.alerting.committed(plan, new) if self.alerting is not None else (),
         )
         self._count(plan)
         pending = [d for d in deliveries if d.state == "pending"]
         if pending:
             self._submit(pending)
+        if self.alerting is not None and any(p.alert for p in plan.rules):
+            self.alerting.wake()
         self._metrics.spool_pending.set(self._spool.pending_count())
         return Accepted(event, tuple(p.rule for p in plan.rules), tuple(deliveries))
 

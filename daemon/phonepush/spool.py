@@ -181,7 +181,7 @@ CREATE TABLE IF NOT EXISTS alert_phones (
     acked_at REAL,
     acked_by TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (event_id, rule, phone)
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS alert_deliveries (
     delivery_id INTEGER PRIMARY KEY,
     round INTEGER NOT NULL,

@@ -1,0 +1,108 @@
+"""``phonepush status --config FILE [--limit N]``: the recent events and what became of them.
+
+Reads the spool file named in the configuration directly, read-only (SQLite's WAL lets a reader
+in while the daemon writes), and prints one line per event, newest first: when it arrived, its
+id, where it came from, the rules it matched and how many of its deliveries are in each state.
+Exit status 0, or 2 for a bad configuration or a spool that cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Final
+
+from phonepush.commands.check import DEFAULT_CONFIG
+from phonepush.config import load_config
+from phonepush.errors import ConfigError
+
+__all__ = ["STATE_ORDER", "main", "recent_events"]
+
+#: The order delivery states are listed in.
+STATE_ORDER: Final = ("pending", "delivered", "acknowledged", "failed", "expired", "suppressed")
+
+_RECENT: Final = (
+    "SELECT id, source, topic, received_at, rules FROM events ORDER BY seq DESC LIMIT ?"
+)
+_COUNTS: Final = "SELECT state, count(*) FROM deliveries WHERE event_id = ? GROUP BY state"
+
+Row = tuple[float, str, str, tuple[str, ...], dict[str, int]]
+
+
+def recent_events(path: Path, limit: int) -> list[Row]:
+    """(received_at, id, source:topic, rules, {state: count}) of the ``limit`` newest events.
+
+    Raises :class:`sqlite3.Error` when the file is missing or not a spool.
+    """
+    if not path.is_file():
+        raise sqlite3.OperationalError(f"no spool at {path}")
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=2.0)
+    try:
+        rows: list[Row] = []
+        for event_id, source, topic, received_at, rules in conn.execute(_RECENT, (limit,)):
+            counts = dict(conn.execute(_COUNTS, (event_id,)).fetchall())
+            rows.append(
+                (received_at, event_id, f"{source}:{topic}", tuple(json.loads(rules)), counts)
+            )
+        return rows
+    finally:
+        conn.close()
+
+
+def _counts(counts: dict[str, int]) -> str:
+    ordered = [s for s in STATE_ORDER if s in counts] + sorted(set(counts) - set(STATE_ORDER))
+    return " ".join(f"{state}={counts[state]}" for state in ordered) or "-"
+
+
+def _table(rows: Sequence[Row]) -> str:
+    lines = [("TIME", "EVENT", "SOURCE", "RULES", "DELIVERIES")]
+    for received_at, event_id, origin, rules, counts in rows:
+        when = datetime.fromtimestamp(received_at).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        lines.append((when, event_id, origin, ",".join(rules) or "-", _counts(counts)))
+    widths = [max(len(line[i]) for line in lines) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line[:4], widths, strict=True))
+        + "  "
+        + line[4]
+        for line in lines
+    )
+
+
+def main(argv: Sequence[str], prog: str = "phonepush status") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Print the recent events in the spool and their deliveries."
+    )
+    parser.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=Path(os.environ.get("PHONEPUSH_CONFIG", DEFAULT_CONFIG)),
+        help="config file (default: $PHONEPUSH_CONFIG or %(default)s)",
+    )
+    parser.add_argument(
+        "--limit", "-n", type=int, default=20, help="how many events (default: %(default)s)"
+    )
+    args = parser.parse_args(list(argv))
+    if args.limit < 1:
+        parser.error("--limit must be at least 1")
+    try:
+        config = load_config(args.config, environ=os.environ)
+    except ConfigError as exc:
+        print(f"{args.config}: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    try:
+        rows = recent_events(config.spool.path, args.limit)
+    except sqlite3.Error as exc:
+        print(f"{config.spool.path}: cannot read the spool: {exc}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"{config.spool.path}: no events")
+        return 0
+    print(_table(rows))
+    return 0
