@@ -18,7 +18,9 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from phonepush.errors import PhoneError, PhoneTimeout, PhoneUnreachable
+from prometheus_client import Counter, Gauge, Histogram
+
+from phonepush.errors import PhoneError, PhoneTimeout, PhoneUnreachable, SpoolError
 from phonepush.metrics import Metrics
 from phonepush.phone import PhoneClient, PhoneTarget
 from phonepush.spool import Delivery, Spool
@@ -55,6 +57,14 @@ class Outcome:
 async def close_clients(clients: Iterable[PhoneClient]) -> None:
     """Close phone clients opened by the dispatcher (on shutdown, or replaced by a reload)."""
     await asyncio.gather(*(c.__aexit__(None, None, None) for c in clients), return_exceptions=True)
+
+
+@dataclass(frozen=True, slots=True)
+class _PhoneMetrics:
+    up: Gauge
+    ok: Counter
+    delivered: Counter
+    duration: Histogram
 
 
 class _Draining(Exception):
@@ -106,6 +116,11 @@ class Dispatcher:
         self._idle.set()
         self._outstanding = 0
         self._cancelled: set[int] = set()  # no longer pending in the spool (acked, resolved)
+        # Finished deliveries not yet written: answers that arrive together share one commit.
+        self._finished: list[tuple[int, str, str]] = []
+        self._flush: asyncio.Handle | None = None
+        # Labelled metric children per phone: a labels() lookup costs more than the update.
+        self._phone_metrics: dict[str, _PhoneMetrics] = {}
 
     async def __aenter__(self) -> Dispatcher:
         return self
@@ -166,6 +181,7 @@ class Dispatcher:
             finally:
                 self._outstanding -= 1
                 if self._outstanding == 0:
+                    self._flush_finished()
                     self._idle.set()
 
     async def _client(self, phone: str) -> PhoneClient | None:
@@ -243,15 +259,16 @@ class Dispatcher:
     async def _send(self, client: PhoneClient, delivery: Delivery, index: int) -> None:
         request = delivery.requests[index]
         phone = delivery.phone
+        metrics = self._metrics_of(phone)
         try:
             items = await client.push(request.xml, receipts=request.kind == "execute")
         except PhoneError as exc:
             reachable = not isinstance(exc, PhoneUnreachable | PhoneTimeout)
-            self._metrics.phone_up.labels(phone).set(1 if reachable else 0)
+            metrics.up.set(1 if reachable else 0)
             self._metrics.requests.labels(phone, type(exc).__name__).inc()
             raise
-        self._metrics.phone_up.labels(phone).set(1)
-        self._metrics.requests.labels(phone, "ok").inc()
+        metrics.up.set(1)
+        metrics.ok.inc()
         refused = [i for i in items if not i.ok]
         if refused:
             raise _ItemRefused(
@@ -260,12 +277,16 @@ class Dispatcher:
 
     async def _finish(self, delivery: Delivery, result: str, attempts: int, error: str) -> None:
         self._cancelled.discard(delivery.id)
-        self._spool.finish(delivery.id, result, error)
+        self._finished.append((delivery.id, result, error))
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_soon(self._flush_finished)
         seconds = self._clock() - delivery.created_at
-        self._metrics.deliveries.labels(delivery.phone, result).inc()
         if result == "delivered":
-            self._metrics.delivery_duration.labels(delivery.phone).observe(seconds)
-        self._metrics.spool_pending.set(self._spool.pending_count())
+            metrics = self._metrics_of(delivery.phone)
+            metrics.delivered.inc()
+            metrics.duration.observe(seconds)
+        else:
+            self._metrics.deliveries.labels(delivery.phone, result).inc()
         outcome = Outcome(
             delivery.event_id, delivery.rule, delivery.phone, result, attempts, error, seconds
         )
@@ -288,6 +309,34 @@ class Dispatcher:
             except Exception:  # an outcome publisher must never stop deliveries
                 log.exception("publishing the outcome of delivery %s failed", delivery.id)
 
+    def _flush_finished(self) -> None:
+        """Write the finished deliveries collected since the last flush in one transaction
+        (scheduled with ``call_soon`` by the first of them; also run before going idle)."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        finished, self._finished = self._finished, []
+        if not finished:
+            return
+        try:
+            self._spool.finish_many(finished)
+        except SpoolError as exc:
+            # They stay pending in the spool and are sent again after a restart (at least once).
+            log.error("recording %d finished deliveries failed: %s", len(finished), exc)
+        self._metrics.spool_pending.set(self._spool.pending_count())
+
+    def _metrics_of(self, phone: str) -> _PhoneMetrics:
+        metrics = self._phone_metrics.get(phone)
+        if metrics is None:
+            m = self._metrics
+            metrics = self._phone_metrics[phone] = _PhoneMetrics(
+                up=m.phone_up.labels(phone),
+                ok=m.requests.labels(phone, "ok"),
+                delivered=m.deliveries.labels(phone, "delivered"),
+                duration=m.delivery_duration.labels(phone),
+            )
+        return metrics
+
     # --- shutdown -------------------------------------------------------------------------------
 
     async def drain(self, grace: float) -> int:
@@ -306,6 +355,7 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*self._workers.values(), return_exceptions=True)
         self._workers.clear()
+        self._flush_finished()
         return cut
 
     async def close(self) -> None:
