@@ -128,3 +128,9 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.mqtt_configured = Gauge(
+            "phonepush_mqtt_configured",
+            "1 when an [mqtt] section is configured: phonepush_mqtt_connected 0 then means the "
+            "broker is out of reach, not that MQTT is unused.",
+            registry=r,
+        )
