@@ -115,7 +115,7 @@ def parse_silence(data: object, *, now: float, silence_id: str) -> Silence:
         ends_at = _time(data["endsAt"], "endsAt")
     if ends_at <= max(starts_at, now):
         raise ValueError("endsAt: must be after startsAt and in the future")
-    if ends_at - now > MAX_DURATION:
+    if ends_at - max(starts_at, now) > MAX_DURATION:
         raise ValueError("a silence lasts at most 366 days")
     return Silence(
         id=silence_id,
