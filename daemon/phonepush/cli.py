@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulate", "run simulated phones for tests and dry runs"),
     "run": ("run", "run the daemon"),
     "check": ("check", "validate a config file and print a summary"),
+    "config-schema": ("config_schema", "print the config file's JSON Schema or reference page"),
     "fire": ("fire", "show what an event would do, or inject it"),
     "demo": ("demo", "run the daemon on embedded defaults with simulated phones"),
     "page": ("page", "speak or play an announcement on phones over RTP"),
