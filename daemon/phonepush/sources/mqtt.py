@@ -71,6 +71,8 @@ _ONCE_TIMEOUT: Final = 10.0
 _MISC_INTERVAL: Final = 1.0
 #: Exponent cap of the backoff, so 2**attempt stays a small float.
 _MAX_BACKOFF_EXPONENT: Final = 32
+# Topics remembered as matching our filters or not; cleared when full or the filters change.
+_MATCH_MEMO: Final = 4096
 
 
 def reconnect_delay(
@@ -167,6 +169,9 @@ class MqttSource:
         self._config = config
         self._endpoint = config.endpoint  # scheme://host:port, never credentials
         self._filters = _unique(filters)
+        # topic_matches_sub builds a matcher per call: with a filter per rule, checking every
+        # message against all of them cost more than the rest of intake.
+        self._matched: dict[str, bool] = {}
         self._accept = accept
         self._metrics = metrics
         self._clock = clock
@@ -283,6 +288,7 @@ class MqttSource:
         added = [f for f in new if f not in self._filters]
         removed = [f for f in self._filters if f not in new]
         self._filters = new
+        self._matched.clear()
         self._stale_filters.update(removed)
         self._stale_filters.difference_update(new)
         if not self._link_up:
@@ -636,7 +642,14 @@ class MqttSource:
         if topic in (self._config.status_topic, self._config.outcome_topic):
             self._skip(message, "")
             return
-        if not any(paho.topic_matches_sub(f, topic) for f in self._filters):
+        matched = self._matched.get(topic)
+        if matched is None:
+            if len(self._matched) >= _MATCH_MEMO:
+                self._matched.clear()
+            matched = self._matched[topic] = any(
+                paho.topic_matches_sub(f, topic) for f in self._filters
+            )
+        if not matched:
             # Left over in a resumed session from filters we no longer have.
             self._skip(message, "")
             return
