@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -151,3 +152,38 @@ def test_docs_config_md_is_generated_from_the_models(schema: dict[str, Any]) -> 
         for key in definition.get("properties", {}):
             assert f"| `{key}` |" in expected, key
     assert "| `password` | secret string | unset |" in expected
+
+
+def test_the_cli_reference_covers_every_command() -> None:
+    from phonepush.cli import COMMANDS
+
+    text = (ROOT / "docs" / "cli.md").read_text()
+    headings = set(re.findall(r"^## phonepush (.+)$", text, re.M))
+    covered = {name.strip() for heading in headings for name in heading.split(",")}
+    assert set(COMMANDS) <= covered, set(COMMANDS) - covered
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        "install.md",
+        "cli.md",
+        "troubleshooting.md",
+        "config.md",
+        *(
+            f"integrations/{n}"
+            for n in (
+                "zigbee2mqtt.md",
+                "frigate.md",
+                "alertmanager.md",
+                "grafana.md",
+                "home-assistant.md",
+                "shelly-tasmota.md",
+            )
+        ),
+    ],
+)
+def test_relative_links_in_the_docs_lead_somewhere(doc: str) -> None:
+    path = ROOT / "docs" / doc
+    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", path.read_text()):
+        assert (path.parent / target).exists(), f"{doc}: broken link to {target}"
