@@ -28,6 +28,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from phonepush.acks import AckService, Alerting, ack_prefix
+from phonepush.authenticate import Authenticator
 from phonepush.config import Config, load_config
 from phonepush.dispatch import Dispatcher, Outcome, close_clients
 from phonepush.errors import ConfigError, PhonepushError
@@ -170,6 +171,7 @@ class Daemon:
                     )
                 )
             self._mqtt = mqtt
+            metrics.mqtt_configured.set(1 if mqtt is not None else 0)
             acks = await stack.enter_async_context(
                 AckService(
                     spool,
@@ -193,6 +195,7 @@ class Daemon:
             if mqtt is not None:
                 state.readiness["mqtt"] = lambda: "" if mqtt.connected else "not connected"
             state.acks = acks
+            state.authenticator = Authenticator.from_config(config, metrics=metrics)
             sock = _bind(config.server.listen)
             stack.callback(sock.close)
             server = _Server(
@@ -305,6 +308,7 @@ class Daemon:
         state.token = _secret(config.webhook.token)
         state.hmac_secret = _secret(config.webhook.hmac_secret)
         state.max_body = config.server.max_body
+        state.authenticator = Authenticator.from_config(config, metrics=self._metrics)
         self._metrics.config_reloads.labels("ok").inc()
         log.info("reloaded: %d phones, %d rules", len(config.phones), len(config.rules))
         self._notifier.ready("reloaded")
