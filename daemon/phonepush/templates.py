@@ -75,6 +75,8 @@ _RENDER_ERRORS: Final = (
     ValueError,
     AttributeError,
     RecursionError,
+    # datetime.fromtimestamp() of a huge epoch: "Value too large for defined data type".
+    OSError,
 )
 # Deeply nested source overflows Jinja's recursive parser or Python's compiler; that is a
 # problem of the configured template, reported like a syntax error rather than a crash.
