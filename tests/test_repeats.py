@@ -366,3 +366,51 @@ async def test_resolve_when_other_key_leaves_the_alert_alone(
     body = await status(daemon_runner, event_id)
     assert body["alerts"][0]["state"] == "active"
     assert daemon_runner.metric("phonepush_resolved_total", rule="disk") == 0
+
+
+def test_the_alertmanager_example_recipe_is_valid_config() -> None:
+    import tomllib
+
+    example = Path(__file__).parent.parent / "config" / "examples" / "alertmanager.toml"
+    text = example.read_text()
+    recipe = ("repeat", "max_repeats", "escalate", "resolve_when")
+    for key in recipe:
+        assert f"\n# {key} = " in text
+        text = text.replace(f"\n# {key} = ", f"\n{key} = ")
+    data = tomllib.loads(text)
+    # The secrets are files on the target machine; the recipe is what is checked here.
+    del data["webhook"]["token_file"]
+    data["webhook"]["token"] = "example"
+    for phone in data["phones"]:
+        del phone["password_file"]
+    cfg = parse_config(data, environ={})
+    firing = next(r for r in cfg.rules if r.name == "alert-firing")
+    assert firing.repeat == 300 and firing.repeats == 6 and firing.acked
+    assert firing.escalate is not None and firing.escalate.after == 2
+
+
+@pytest.mark.parametrize(
+    ("keys", "error"),
+    [
+        ({"max_repeats": 3}, r"rules\[disk\]\.max_repeats: needs repeat"),
+        ({"escalate": {"after": 1, "to": "all"}}, r"rules\[disk\]\.escalate: needs repeat"),
+        (
+            {"repeat": "1m", "max_repeats": 2, "escalate": {"after": 3, "to": "all"}},
+            r"rules\[disk\]\.escalate: after \(3\) is more than max_repeats \(2\)",
+        ),
+        (
+            {"repeat": "1m", "escalate": {"after": 1, "to": ["nobody"]}},
+            r"rules\[disk\]\.escalate\.to: no phone or group named 'nobody'",
+        ),
+        ({"repeat": "0s"}, r"rules\[disk\]\.repeat: must be more than 0s"),
+        ({"resolve_when": "payload.status =="}, r"rules\[disk\]\.resolve_when"),
+        ({"ack_scope": "everyone"}, r"rules\[disk\]\.ack_scope"),
+    ],
+)
+def test_repeat_keys_are_checked_at_load(keys: dict[str, Any], error: str) -> None:
+    from phonepush.errors import ConfigError
+
+    rule = {"name": "disk", "on": "webhook:alert", "to": "office", "message": {"title": "x"}}
+    data = {"phones": [{"name": "office", "host": "127.0.0.1:9"}], "rules": [{**rule, **keys}]}
+    with pytest.raises(ConfigError, match=error):
+        parse_config(data, environ={})
