@@ -222,3 +222,66 @@ def test_ack_needs_a_message() -> None:
     data["rules"][0]["ack"] = True  # type: ignore[index]
     with pytest.raises(ConfigError, match=r"rules\[r\]\.ack: needs a message"):
         parse_config(data, environ={})
+
+
+@pytest.mark.parametrize(
+    ("status_topic", "prefix"),
+    [("phonepush/status", "phonepush"), ("site/a/phonepush", "site/a"), ("status", "status")],
+)
+def test_ack_topic_prefix_is_the_status_topics_parent(status_topic: str, prefix: str) -> None:
+    from phonepush.acks import ack_prefix
+    from phonepush.config import MqttConfig
+
+    mqtt = MqttConfig(url="mqtt://127.0.0.1", status_topic=status_topic)
+    assert ack_prefix(mqtt) == prefix
+    assert ack_prefix(MqttConfig(url="mqtt://127.0.0.1", status_topic="")) == ""
+
+
+async def test_purge_forgets_old_acknowledgements_with_their_events(tmp_path: Any) -> None:
+    from phonepush.acks import Alerting
+    from phonepush.config import parse_config
+    from phonepush.events import Event
+    from phonepush.intake import Intake
+    from phonepush.metrics import Metrics
+    from phonepush.rules import RuleSet
+    from phonepush.spool import Delivery, Spool
+
+    data = {
+        "phones": [{"name": "office", "host": "127.0.0.1:9"}],
+        "rules": [
+            {
+                "name": "disk",
+                "on": "webhook:alert",
+                "to": "office",
+                "message": {"title": "DiskFull"},
+                "ack": True,
+            }
+        ],
+    }
+    cfg = parse_config(data, environ={})
+    metrics = Metrics()
+    sent: list[Delivery] = []
+    async with Spool(tmp_path / "spool.db") as spool:
+        alerting = Alerting(
+            cfg, spool, metrics=metrics, submit=sent.extend, cancel=lambda ids: None
+        )
+        intake = Intake(
+            RuleSet.compile(cfg),
+            spool,
+            public_url="http://127.0.0.1:8080",
+            metrics=metrics,
+            submit=sent.extend,
+            alerting=alerting,
+        )
+        accepted = intake.accept(Event("webhook", "alert", b"{}", received_at=1000.0))
+        (delivery,) = sent
+        spool.finish(delivery.id, "delivered")
+        (phone,) = spool.alert_phones_of(accepted.event.id)
+        assert phone.token is not None
+        result = spool.acknowledge(phone.token, 1001.0, "CP-8841 127.0.0.1")
+        assert result is not None and result.first and result.alert.state == "acknowledged"
+
+        assert spool.purge(before=2000.0) == 1
+        assert spool.alert_by_token(phone.token) is None
+        assert spool.alerts_of(accepted.event.id) == []
+        assert spool.acknowledge(phone.token, 1002.0, "") is None
