@@ -5,7 +5,10 @@ to one CPU; this process, pinned to another, sends one push to every phone at on
 round (clients made, connections opened) and a warm round (keep-alive). For each variant it
 prints wall time and this process's CPU ms per push:
 
-* ``phoneclient``: phonepush's ``PhoneClient``, one per phone (what the daemon does);
+* ``phoneclient``: phonepush's ``PhoneClient``, one per phone (what the daemon does; since the
+  performance pass its own lean HTTP/1.1 client);
+* ``phoneclient+httpx``: ``PhoneClient`` per phone over an injected ``httpx.AsyncHTTPTransport``
+  (what it was before: one small httpx client per phone);
 * ``shared-httpx``: one ``httpx.AsyncClient`` for all phones (the trap; capped by
   ``--shared-cap`` seconds per round);
 * ``phoneclient+aiohttp``: ``PhoneClient`` per phone over the ``httpx-aiohttp`` transport;
@@ -50,7 +53,7 @@ from phonepush.uri import ExecuteItem
 RESULTS = Path(__file__).resolve().parent / "results"
 ITEMS = [ExecuteItem("Key:Headset"), ExecuteItem("Display:On:10")]
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
-VARIANTS = ("phoneclient", "shared-httpx", "phoneclient+aiohttp", "aiohttp")
+VARIANTS = ("phoneclient", "phoneclient+httpx", "shared-httpx", "phoneclient+aiohttp", "aiohttp")
 NEEDS = {"phoneclient+aiohttp": ("aiohttp", "httpx_aiohttp"), "aiohttp": ("aiohttp",)}
 
 
@@ -102,11 +105,17 @@ async def _round(ports: list[int], push: Push, cap: float) -> dict[str, Any]:
 
 
 async def _phoneclient(
-    ports: list[int], cap: float, aiohttp_transport: bool
+    ports: list[int], cap: float, aiohttp_transport: bool, httpx_transport: bool = False
 ) -> list[dict[str, Any]]:
     xml = execute_xml(ITEMS)
 
     def transport() -> httpx.AsyncBaseTransport | None:
+        if httpx_transport:
+            return httpx.AsyncHTTPTransport(
+                verify=False,
+                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                retries=0,
+            )
         if not aiohttp_transport:
             return None
         from httpx_aiohttp import AiohttpTransport
@@ -165,6 +174,8 @@ async def _aiohttp(ports: list[int], cap: float) -> list[dict[str, Any]]:
 async def _variant(name: str, ports: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
     if name == "phoneclient":
         return await _phoneclient(ports, args.cap, aiohttp_transport=False)
+    if name == "phoneclient+httpx":
+        return await _phoneclient(ports, args.cap, aiohttp_transport=False, httpx_transport=True)
     if name == "phoneclient+aiohttp":
         return await _phoneclient(ports, args.cap, aiohttp_transport=True)
     if name == "shared-httpx":
