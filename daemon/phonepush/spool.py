@@ -734,7 +734,9 @@ class Spool:
                     f"spool {self.path}: schema version {version} is newer than this"
                     f" phonepush understands ({SCHEMA_VERSION})"
                 )
-            if version < SCHEMA_VERSION:
+            # Every statement is CREATE ... IF NOT EXISTS, so running them on each open is cheap
+            # and also adds the tables a newer phonepush brought to a file of the same version.
+            if version <= SCHEMA_VERSION:
                 conn.execute("BEGIN IMMEDIATE")
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
