@@ -333,7 +333,7 @@ def test_rule_must_send_something_and_priority_is_bounded(tmp_path: Path) -> Non
     ]
     text = BASE + RULE.replace('execute = ["Play:Chime.raw"]', "")
     assert errors_of(write(tmp_path, text)) == [
-        "rules[doorbell]: nothing to send: give execute, message, background or ringtone",
+        "rules[doorbell]: nothing to send: give execute, message, background, ringtone or audio",
     ]
 
 

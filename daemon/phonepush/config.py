@@ -59,6 +59,7 @@ __all__ = [
     "ENV_PREFIX",
     "RESERVED_RULE_KEYS",
     "AckConfig",
+    "AudioConfig",
     "AuthUserConfig",
     "AuthenticationConfig",
     "Config",
@@ -68,6 +69,7 @@ __all__ = [
     "MessageConfig",
     "MqttConfig",
     "PhoneConfig",
+    "RuleAudioConfig",
     "RuleConfig",
     "ServerConfig",
     "SpoolConfig",
@@ -85,11 +87,7 @@ ENV_PREFIX: Final = "PHONEPUSH_"
 
 #: Rule keys that later versions will add. Until they are implemented they are refused with a
 #: message saying so, instead of the generic unknown-key error, and never silently ignored.
-RESERVED_RULE_KEYS: Final = frozenset(
-    {
-        "audio",
-    }
-)
+RESERVED_RULE_KEYS: Final = frozenset[str]()
 
 _NAME: Final = re.compile(r"[A-Za-z0-9_.-]+")
 _DURATION: Final = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h|d)?\s*")
@@ -457,6 +455,54 @@ class BackgroundConfig(_Section):
     image: str
 
 
+def _check_rtp_port(value: int) -> int:
+    if value % 2 or not 20480 <= value <= 32768:
+        raise ValueError("an RTP port phones take is even, 20480-32768")
+    return value
+
+
+class RuleAudioConfig(_Section):
+    """A rule's ``audio``: an announcement streamed to the rule's phones over RTP
+    (:mod:`phonepush.announce`). ``say`` is a template spoken by text-to-speech; ``file`` a WAV
+    or raw µ-law file (relative to the config file's directory), loaded at start-up."""
+
+    say: str = ""
+    file: str = ""
+    chime: str = ""
+    #: ``GROUP:PORT`` for one multicast stream to every phone; unicast when empty.
+    multicast: str = ""
+    volume: int | None = Field(default=None, ge=0, le=100)
+    repeat: int = Field(default=1, ge=1, le=10)
+
+    @field_validator("multicast")
+    @classmethod
+    def _multicast(cls, value: str) -> str:
+        if not value:
+            return value
+        group, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError("expected GROUP:PORT, such as 239.10.0.1:20480")
+        try:
+            validate_uri(f"RTPMRx:{group}:{int(port)}")
+        except WireError as exc:
+            raise ValueError(str(exc).replace("RTPMRx:", "")) from None
+        return value
+
+    @model_validator(mode="after")
+    def _source(self) -> RuleAudioConfig:
+        if bool(self.say.strip()) == bool(self.file):
+            raise ValueError("give either say (text to speak) or file (a recording), not both")
+        return self
+
+    @property
+    def group(self) -> tuple[str, int] | None:
+        """``multicast`` as (group, port), or None for unicast."""
+        if not self.multicast:
+            return None
+        group, _, port = self.multicast.rpartition(":")
+        return group, int(port)
+
+
 class EscalateConfig(_Section):
     """A rule's ``escalate``: after ``after`` unacknowledged rounds, repeats also go to ``to``."""
 
@@ -501,6 +547,8 @@ class RuleConfig(_Section):
     )
     group_wait: Duration | None = None
     quiet_hours: QuietHoursConfig | None = None
+    # Audio paging (docs/design.md, "Audio paging").
+    audio: RuleAudioConfig | None = None
 
     @field_validator("name")
     @classmethod
@@ -537,8 +585,18 @@ class RuleConfig(_Section):
 
     @model_validator(mode="after")
     def _something_to_send(self) -> RuleConfig:
-        if not (self.execute or self.message or self.background or self.ringtone):
-            raise ValueError("nothing to send: give execute, message, background or ringtone")
+        if not (self.execute or self.message or self.background or self.ringtone or self.audio):
+            raise ValueError(
+                "nothing to send: give execute, message, background, ringtone or audio"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _audio(self) -> RuleConfig:
+        # An announcement is live and played once; a group's page or a repeat would need it
+        # replayed later, which is exactly what an audio page must not do.
+        if self.audio is not None and (self.grouped or self.repeat is not None):
+            raise ValueError("audio: a rule with audio cannot also group_by/group_wait or repeat")
         return self
 
     @model_validator(mode="after")
@@ -641,6 +699,32 @@ class AuthenticationConfig(_Section):
         return value
 
 
+class AudioConfig(_Section):
+    """``[audio]``: where audio pages (a rule's ``audio``) come from and go to."""
+
+    #: The address phones are told the stream comes from (and it is sent from); default: the
+    #: host of ``server.public_url``.
+    address: str = ""
+    #: The port phones listen on for unicast pages.
+    port: int = 20480
+    #: espeak-ng voice for ``say``.
+    voice: str = "en"
+    #: Where spoken text is cached across restarts; empty: in memory only.
+    cache_dir: OptionalPath = None
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        return _check_rtp_port(value)
+
+    @field_validator("voice")
+    @classmethod
+    def _voice(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_+.-]{1,64}", value):
+            raise ValueError("an espeak-ng voice name is letters, digits, '_', '+', '.', '-'")
+        return value
+
+
 class AckConfig(_Section):
     """``[ack]``: what happens on an acknowledgement besides MQTT and metrics."""
 
@@ -703,6 +787,7 @@ class Config(BaseSettings):
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     ack: AckConfig = Field(default_factory=AckConfig)
+    audio: AudioConfig = Field(default_factory=AudioConfig)
     authentication: AuthenticationConfig | None = None
 
     @classmethod
@@ -1076,6 +1161,8 @@ def _template_problems(rule: RuleConfig, where: str, templates: Templates) -> li
     if rule.background is not None:
         sources += [("background.icon", rule.background.icon)]
         sources += [("background.image", rule.background.image)]
+    if rule.audio is not None and rule.audio.say:
+        sources += [("audio.say", rule.audio.say)]
     problems: list[str] = []
     if rule.when.strip():
         try:

@@ -134,3 +134,19 @@ class Metrics:
             "broker is out of reach, not that MQTT is unused.",
             registry=r,
         )
+        # --- audio paging (phonepush.announce) ---
+        self.audio_pages = Counter(
+            "phonepush_audio_pages",
+            "Audio pages (a rule's audio for one event), by rule and result: ok (every phone "
+            "listened, heard and was stopped), partial (some did), failed (none did), expired "
+            "(TTL passed, or the daemon stopped, before or during the page).",
+            ["rule", "result"],
+            registry=r,
+        )
+        self.audio_stream_seconds = Histogram(
+            "phonepush_audio_stream_seconds",
+            "How long audio pages streamed, by rule.",
+            ["rule"],
+            registry=r,
+            buckets=(1, 2.5, 5, 10, 20, 30, 60, 120, 300),
+        )

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from phonepush.announce import compile_actions
 from phonepush.config import Config, format_duration, load_config
 from phonepush.errors import ConfigError
 from phonepush.rules import RuleSet
@@ -36,6 +37,8 @@ def main(argv: Sequence[str], prog: str = "phonepush check") -> int:
     try:
         config = load_config(args.config, environ=os.environ)
         rules = RuleSet.compile(config)
+        # Audio files are loaded as the daemon would, so a missing one is caught here too.
+        compile_actions(config, base_dir=args.config.parent)
     except ConfigError as exc:
         print(f"{args.config}: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
