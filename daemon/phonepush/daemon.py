@@ -28,6 +28,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from phonepush.acks import AckService, Alerting, ack_prefix
+from phonepush.announce import Announcer, compile_actions
 from phonepush.authenticate import Authenticator
 from phonepush.config import Config, load_config
 from phonepush.dispatch import Dispatcher, Outcome, close_clients
@@ -75,6 +76,7 @@ class Running:
     metrics: Metrics
     mqtt: MqttSource | None
     port: int
+    announcer: Announcer | None = None
 
     @property
     def url(self) -> str:
@@ -111,6 +113,11 @@ class Daemon:
         self.ready = asyncio.Event()
         self.running: Running | None = None
 
+    @property
+    def _base_dir(self) -> Path | None:
+        """Where relative audio files are found: next to the config file."""
+        return self._config_path.parent if self._config_path is not None else None
+
     def stop(self) -> None:
         """Begin an orderly shutdown (safe to call from a signal handler)."""
         self._stop.set()
@@ -122,6 +129,8 @@ class Daemon:
     async def run(self) -> None:
         config = self.config
         rules = RuleSet.compile(config)
+        # Audio files are loaded now, so a missing one stops start-up naming its rule.
+        audio_actions = compile_actions(config, base_dir=self._base_dir)
         metrics = self._metrics
         async with AsyncExitStack() as stack:
             spool = await stack.enter_async_context(
@@ -153,6 +162,16 @@ class Daemon:
                 cancel=dispatcher.cancel,
                 wake=repeater.wake,
             )
+            announcer = await stack.enter_async_context(
+                Announcer(
+                    config,
+                    spool,
+                    metrics=metrics,
+                    actions=audio_actions,
+                    client_factory=self._client_factory,
+                    on_outcome=self._publish_outcome,
+                )
+            )
             intake = Intake(
                 rules,
                 spool,
@@ -160,6 +179,7 @@ class Daemon:
                 metrics=metrics,
                 submit=dispatcher.submit,
                 alerting=alerting,
+                announcer=announcer,
             )
             if config.mqtt is not None:
                 # paho is imported only by daemons that use MQTT.
@@ -213,8 +233,11 @@ class Daemon:
                 )
             )
             port = sock.getsockname()[1]
-            self.running = Running(config, spool, dispatcher, intake, metrics, mqtt, port)
-            resumed = spool.pending()
+            self.running = Running(
+                config, spool, dispatcher, intake, metrics, mqtt, port, announcer
+            )
+            # A live audio page is never replayed: its rows left pending are finished here.
+            resumed = announcer.abandon(spool.pending())
             dispatcher.submit(resumed)
             metrics.spool_pending.set(spool.pending_count())
             if resumed:
@@ -287,6 +310,7 @@ class Daemon:
                 raise ConfigError("no configuration file to reload")
             config = load_config(self._config_path)
             rules = RuleSet.compile(config)
+            audio_actions = compile_actions(config, base_dir=self._base_dir)
         except PhonepushError as exc:
             self._metrics.config_reloads.labels("error").inc()
             log.error("reload failed, keeping the running configuration:\n%s", exc)
@@ -296,6 +320,8 @@ class Daemon:
             if _dig(config, key) != _dig(running.config, key):
                 log.warning("reload: %s changed; it takes effect after a restart", key)
         running.intake.rules = rules
+        if running.announcer is not None:
+            running.announcer.update(config, audio_actions)
         if running.intake.alerting is not None:
             running.intake.alerting.update(config)
         if state.acks is not None:

@@ -24,6 +24,7 @@ from phonepush.uri import ExecuteItem
 
 if TYPE_CHECKING:
     from phonepush.acks import Alerting
+    from phonepush.announce import Announcer
 
 __all__ = ["Accepted", "Intake", "Plan", "PlannedRule"]
 
@@ -81,10 +82,13 @@ class Intake:
         submit: Callable[[Sequence[Delivery]], None],
         clock: Callable[[], float] = time.time,
         alerting: Alerting | None = None,
+        announcer: Announcer | None = None,
     ) -> None:
         self.rules = rules
         #: Acknowledgements, repeats and resolves (phonepush.acks); None applies none of them.
         self.alerting = alerting
+        #: Rules' audio pages (phonepush.announce); None plays none (and audio-only rules fail).
+        self.announcer = announcer
         self._spool = spool
         self._pages_url = public_url.rstrip("/") + "/pages/"
         self._metrics = metrics
@@ -159,7 +163,7 @@ class Intake:
             requests.append(PushRequest("background", cisco.background_xml(*match.background)))
         if match.ringtone is not None:
             requests.append(PushRequest("ringtone", cisco.ringtone_xml(match.ringtone)))
-        if not requests:
+        if not requests and (self.announcer is None or not self.announcer.handles(match.rule.name)):
             raise WireError("the rule renders nothing to push")
         return tuple(requests)
 
@@ -185,6 +189,9 @@ class Intake:
             for p in plan.rules
             for phone in p.phones
         ]
+        if self.announcer is not None:
+            # Request-less rows for the audio of rules that also push: played, not dispatched.
+            new += self.announcer.deliveries(event, plan)
         deliveries = self._spool.add_event(
             event,
             rules=[p.rule for p in plan.rules],
@@ -195,6 +202,8 @@ class Intake:
         )
         self._count(plan)
         pending = [d for d in deliveries if d.state == "pending"]
+        if self.announcer is not None:
+            pending = self.announcer.take(event, pending)
         if pending:
             self._submit(pending)
         if self.alerting is not None and any(p.alert for p in plan.rules):
