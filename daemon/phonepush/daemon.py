@@ -33,12 +33,14 @@ from phonepush.authenticate import Authenticator
 from phonepush.config import Config, load_config
 from phonepush.dispatch import Dispatcher, Outcome, close_clients
 from phonepush.errors import ConfigError, PhonepushError
+from phonepush.grouping import Grouper
 from phonepush.intake import Intake
 from phonepush.metrics import Metrics
 from phonepush.phone import PhoneClient, PhoneTarget
 from phonepush.repeats import Repeater
 from phonepush.rules import RuleSet
 from phonepush.server import ServerState, create_app
+from phonepush.silences import Silences
 from phonepush.spool import Spool
 from phonepush.systemd import Notifier
 
@@ -153,6 +155,16 @@ class Daemon:
                     on_outcome=self._publish_outcome,
                 )
             )
+            silences = Silences(spool)
+            silences.load()
+            grouper = Grouper(
+                config,
+                spool,
+                silences,
+                public_url=config.server.public_url,
+                metrics=metrics,
+                submit=dispatcher.submit,
+            )
             repeater = Repeater(spool, metrics=metrics, submit=dispatcher.submit)
             alerting = Alerting(
                 config,
@@ -178,6 +190,7 @@ class Daemon:
                 public_url=config.server.public_url,
                 metrics=metrics,
                 submit=dispatcher.submit,
+                grouper=grouper,
                 alerting=alerting,
                 announcer=announcer,
             )
@@ -214,6 +227,7 @@ class Daemon:
             )
             if mqtt is not None:
                 state.readiness["mqtt"] = lambda: "" if mqtt.connected else "not connected"
+            state.silences = silences
             state.acks = acks
             state.authenticator = Authenticator.from_config(config, metrics=metrics)
             sock = _bind(config.server.listen)
@@ -248,6 +262,7 @@ class Daemon:
                 if mqtt is not None:
                     tasks.append(tg.create_task(mqtt.run(), name="mqtt"))
                 tasks.append(tg.create_task(self._housekeeping(spool), name="housekeeping"))
+                tasks.append(tg.create_task(grouper.run(), name="grouping"))
                 tasks.append(tg.create_task(repeater.run(), name="repeats"))
                 if self._notifier.watchdog_interval:
                     tasks.append(tg.create_task(self._notifier.watchdog_loop(), name="watchdog"))
@@ -322,6 +337,8 @@ class Daemon:
         running.intake.rules = rules
         if running.announcer is not None:
             running.announcer.update(config, audio_actions)
+        if running.intake.grouper is not None:
+            running.intake.grouper.update(config)
         if running.intake.alerting is not None:
             running.intake.alerting.update(config)
         if state.acks is not None:

@@ -25,6 +25,7 @@ from phonepush.uri import ExecuteItem
 if TYPE_CHECKING:
     from phonepush.acks import Alerting
     from phonepush.announce import Announcer
+    from phonepush.grouping import Grouper
 
 __all__ = ["Accepted", "Intake", "Plan", "PlannedRule"]
 
@@ -81,12 +82,15 @@ class Intake:
         metrics: Metrics,
         submit: Callable[[Sequence[Delivery]], None],
         clock: Callable[[], float] = time.time,
+        grouper: Grouper | None = None,
         alerting: Alerting | None = None,
         announcer: Announcer | None = None,
     ) -> None:
         self.rules = rules
         #: Acknowledgements, repeats and resolves (phonepush.acks); None applies none of them.
         self.alerting = alerting
+        #: Grouping, silences and quiet hours (phonepush.grouping); None applies none of them.
+        self.grouper = grouper
         #: Rules' audio pages (phonepush.announce); None plays none (and audio-only rules fail).
         self.announcer = announcer
         self._spool = spool
@@ -192,15 +196,23 @@ class Intake:
         if self.announcer is not None:
             # Request-less rows for the audio of rules that also push: played, not dispatched.
             new += self.announcer.deliveries(event, plan)
+        staged = self.grouper.stage(event, plan, new) if self.grouper is not None else None
         deliveries = self._spool.add_event(
             event,
             rules=[p.rule for p in plan.rules],
-            deliveries=new,
+            deliveries=new if staged is None else staged.deliveries,
             pages=plan.pages,
             cooldowns=plan.cooldowns,
-            alerts=self.alerting.committed(plan, new) if self.alerting is not None else (),
+            groups=() if staged is None else staged.groups,
+            alerts=(
+                self.alerting.committed(plan, new if staged is None else staged.deliveries)
+                if self.alerting is not None
+                else ()
+            ),
         )
         self._count(plan)
+        if staged is not None and self.grouper is not None:
+            self.grouper.committed(event, staged)
         pending = [d for d in deliveries if d.state == "pending"]
         if self.announcer is not None:
             pending = self.announcer.take(event, pending)
