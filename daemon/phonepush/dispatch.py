@@ -229,7 +229,7 @@ class Dispatcher:
                                 self._wire_idle.set()
                         sent += 1
                         if sent < len(delivery.requests):
-                            self._spool.progress(delivery.id, sent, attempts)
+                            self._progress(delivery, sent, attempts)
             except PhoneError as exc:
                 error = str(exc)
                 if not exc.retryable:
@@ -242,7 +242,7 @@ class Dispatcher:
                     # No attempt can happen inside the TTL: the page is already too late.
                     await asyncio.sleep(max(0.0, remaining))
                     continue
-                self._spool.progress(delivery.id, sent, attempts, error)
+                self._progress(delivery, sent, attempts, error)
                 self._metrics.retries.labels(delivery.phone).inc()
                 log.info(
                     "delivery %s to %s: %s; retrying in %.1f s",
@@ -321,9 +321,23 @@ class Dispatcher:
         try:
             self._spool.finish_many(finished)
         except SpoolError as exc:
-            # They stay pending in the spool and are sent again after a restart (at least once).
+            # Kept and written again later (a full disk comes back): dropped, they would stay
+            # pending in the spool, counted against max_pending, until a restart sent them again.
+            # If the daemon stops first, they are sent again after the restart (at least once).
             log.error("recording %d finished deliveries failed: %s", len(finished), exc)
+            self._finished[:0] = finished
+            if not self._closing:
+                loop = asyncio.get_running_loop()
+                self._flush = loop.call_later(self._retry_initial, self._flush_finished)
         self._metrics.spool_pending.set(self._spool.pending_count())
+
+    def _progress(self, delivery: Delivery, sent: int, attempts: int, error: str = "") -> None:
+        try:
+            self._spool.progress(delivery.id, sent, attempts, error)
+        except SpoolError as exc:
+            # Only a saving for a resumed delivery (its answered requests are not sent again);
+            # raised from here, it would end this phone's worker and strand its queue.
+            log.warning("recording progress of delivery %s failed: %s", delivery.id, exc)
 
     def _metrics_of(self, phone: str) -> _PhoneMetrics:
         metrics = self._phone_metrics.get(phone)
