@@ -574,17 +574,18 @@ _field_value = st.one_of(
     st.sampled_from(["911", "Chime.raw", "5551234", "Alarm.raw", "", " 42 "]),
     st.binary(max_size=20),
 )
-# Valid dial strings and tone names half the time, so both outcomes (pushed, refused) are common.
-_dial = st.one_of(
-    st.text(st.sampled_from(list("0123456789#*ABCD,")), min_size=1, max_size=30), _field_value
-)
-_tone = st.one_of(st.from_regex(r"[A-Za-z0-9._-]{1,25}", fullmatch=True), _field_value)
+# Valid dial strings and tone names most of the time, so both outcomes (pushed, refused) are common.
+_valid_dial = st.text(st.sampled_from(list("0123456789#*ABCD,")), min_size=1, max_size=30)
+_valid_tone = st.from_regex(r"[A-Za-z0-9._-]{1,25}", fullmatch=True)
+_dial = st.one_of(_valid_dial, _valid_dial, _valid_dial, _field_value)
+_tone = st.one_of(_valid_tone, _valid_tone, _valid_tone, _field_value)
+_text_field = st.one_of(hostile_text, hostile_text, hostile_text, st.binary(max_size=20))
 hostile_event = st.builds(
     lambda n, p, t, x: HostileEvent((("n", n), ("p", p), ("t", t), ("x", x))),
     _dial,
     _tone,
-    _field_value,
-    _field_value,
+    _text_field,
+    _text_field,
 )
 
 
@@ -892,3 +893,18 @@ def test_config_error_exit_code_from_the_real_command(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "server.max_body" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "example",
+    [
+        # Found by bench/fuzz.py: escaped as OSError / RecursionError / SyntaxError.
+        ("{{ payload.when | datetime }}", {"when": -(2**62)}, False),
+        ("{{ payload.when | datetime }}", {"when": 1e18}, False),
+        ("-x" * 400, {}, True),
+        ("{{ " + "(" * 300 + "1" + ")" * 300 + " }}", {}, False),
+        ("{{ x" + ".a" * 5000 + " }}", {}, False),
+    ],
+)
+def test_template_cases_found_by_fuzzing(example: tuple[str, dict[str, Any], bool]) -> None:
+    check_template(example)
