@@ -714,7 +714,7 @@ async def scenario_burst(
     work: Path, events: int, webhook_events: int, max_pending: int = 500
 ) -> Figures:
     """``events`` MQTT and ``webhook_events`` webhook events at once into a daemon whose spool
-    takes ``max_pending`` deliveries, to phones that take 40 ms a push."""
+    takes ``max_pending`` deliveries, to phones that take 40 ms a push (0.5 s at first)."""
     async with rig(work, persistence=False, delay_ms=40) as r:
         assert r.broker is not None
         daemon = r.daemon(max_pending=max_pending)
@@ -725,10 +725,25 @@ async def scenario_burst(
         highest_pending = 0.0
         started = time.monotonic()
         with Publisher(r.broker) as publisher:
+            # Phones slowed to 0.5 s a push until both sources have been pushed back, so the
+            # spool reaches its limit whatever the machine's speed; then 40 ms again.
+            for phone in r.fleet.phones:
+                await phone.set_fault("slow", delay_ms=500)
             sender = asyncio.create_task(
                 post_events(daemon.url, range(webhook_events), tally, concurrency=32)
             )
             await asyncio.to_thread(publisher.publish, numbers)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not (
+                tally.status[503]
+                and await daemon.metric("phonepush_events_rejected_total", source="mqtt")
+            ):
+                highest_pending = max(
+                    highest_pending, await daemon.metric("phonepush_spool_pending")
+                )
+                await asyncio.sleep(0.1)
+            for phone in r.fleet.phones:
+                await phone.set_fault("none")
 
             def done() -> bool:
                 return tally.done and r.delivered(numbers) == len(publisher.acked()) == events
