@@ -577,9 +577,16 @@ _field_value = st.one_of(
 # Valid dial strings and tone names most of the time, so both outcomes (pushed, refused) are common.
 _valid_dial = st.text(st.sampled_from(list("0123456789#*ABCD,")), min_size=1, max_size=30)
 _valid_tone = st.from_regex(r"[A-Za-z0-9._-]{1,25}", fullmatch=True)
-_dial = st.one_of(_valid_dial, _valid_dial, _valid_dial, _field_value)
-_tone = st.one_of(_valid_tone, _valid_tone, _valid_tone, _field_value)
-_text_field = st.one_of(hostile_text, hostile_text, hostile_text, st.binary(max_size=20))
+
+
+def _mostly(common: st.SearchStrategy[Any], rare: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    # one_of() of repeated branches does not weight them; pick the branch by a number instead.
+    return st.integers(0, 4).flatmap(lambda i: rare if i == 4 else common)
+
+
+_dial = _mostly(_valid_dial, _field_value)
+_tone = _mostly(_valid_tone, _field_value)
+_text_field = _mostly(hostile_text, st.binary(max_size=20))
 hostile_event = st.builds(
     lambda n, p, t, x: HostileEvent((("n", n), ("p", p), ("t", t), ("x", x))),
     _dial,
