@@ -145,8 +145,6 @@ def write_record(bench: str, record: dict[str, Any]) -> Path:
     }
     path = RESULTS / f"{bench}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
-    latest = RESULTS / f"{bench}-latest.json"
-    latest.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
     return path
 

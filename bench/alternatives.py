@@ -194,12 +194,14 @@ def measure_fanout(name: str, args: argparse.Namespace) -> dict[str, Any]:
         def publish(mark: int) -> float:
             return publisher.publish("bench/fire", system["payload"](mark))
 
-        # One warm-up event (phonepush opens its connections; the others have none to keep).
-        c.fanout_round(phones, publish, 1, args.phones, args.timeout)
+        if name == "phonepush":
+            # A warm-up event opens its connections; the others keep none between events.
+            c.fanout_round(phones, publish, 1, args.phones, args.timeout)
         results = []
         for i in range(rounds):
             time.sleep(0.3)
-            results.append(c.fanout_round(phones, publish, 2 + i, args.phones, args.timeout))
+            timeout = args.timeout if name == "phonepush" else args.slow_timeout
+            results.append(c.fanout_round(phones, publish, 2 + i, args.phones, timeout))
         done = [r["last_answer_s"] for r in results if r.get("complete")]
         return {
             "rounds": results,
@@ -210,7 +212,9 @@ def measure_fanout(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def measure_throughput(name: str, args: argparse.Namespace) -> dict[str, Any]:
     cpus = c.cpus()
-    events = args.events if not name.startswith("script") else max(1, args.script_events)
+    events = {"phonepush": args.events, "script": args.script_events}.get(
+        name.split("-")[0], args.other_events
+    )
     with (
         c.workdir(f"alt-throughput-{name}-") as tmp,
         c.Phones(100, cpu=cpus[0] if len(cpus) > 1 else None) as phones,
@@ -286,17 +290,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="fan-out rounds (median)")
     parser.add_argument("--events", type=int, default=100, help="throughput events x 100 phones")
     parser.add_argument("--single-phones", type=int, default=1, help="phones for 'single'")
+    parser.add_argument("--other-events", type=int, default=30, help="the same, for mqttwarn")
     parser.add_argument("--script-events", type=int, default=2, help="the same, for scripts")
     parser.add_argument("--rate", type=float, default=200.0, help="latency: events per second")
     parser.add_argument("--seconds", type=float, default=5.0, help="latency: seconds")
     parser.add_argument("--script-seconds", type=float, default=0.5, help="the same, for scripts")
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--slow-timeout", type=float, default=600.0, help="fan-out timeout for the others"
+    )
     parser.add_argument("--measures", default="fanout,throughput,single,latency")
     parser.add_argument("--quick", action="store_true", help="smoke pass: small and short")
     args = parser.parse_args(argv)
     if args.quick:
         args.phones, args.rounds, args.events, args.seconds = 50, 1, 10, 1.0
         args.script_events, args.script_seconds, args.timeout = 1, 0.1, 30.0
+        args.slow_timeout = 60.0
+        args.other_events = 5
 
     measures = {
         "fanout": measure_fanout,

@@ -1,0 +1,90 @@
+"""Finished deliveries are written to the spool in batches: none is lost or left pending when the
+dispatcher says it is idle, and a batch follows the same rules as one finish at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from _sim_fixtures import MakeFleet
+from phonepush.cisco import execute_xml
+from phonepush.dispatch import Dispatcher
+from phonepush.events import Event
+from phonepush.metrics import Metrics
+from phonepush.phone import PhoneTarget
+from phonepush.spool import NewDelivery, PushRequest, Spool
+from phonepush.uri import ExecuteItem
+
+REQUEST = PushRequest("execute", execute_xml([ExecuteItem("Key:Headset")]))
+
+
+def _event() -> Event:
+    return Event("mqtt", "alarm/fire", b"{}", {})
+
+
+async def test_finish_many_is_finish_for_each(tmp_path: Path) -> None:
+    async with Spool(tmp_path / "spool.db") as spool:
+        stored = spool.add_event(
+            _event(),
+            rules=["fire"],
+            deliveries=[NewDelivery("fire", f"desk-{i}", (REQUEST,), 9e9) for i in range(3)],
+            pages={},
+            cooldowns=[],
+        )
+        first, second, third = (d.id for d in stored)
+        with pytest.raises(ValueError, match="pending"):
+            spool.finish_many([(first, "delivered", ""), (second, "pending", "")])
+        assert spool.pending_count() == 3  # nothing of a refused batch is written
+
+        spool.finish_many([(first, "delivered", ""), (second, "failed", "HTTP 404")])
+        # Finishing again is harmless, as with finish(): the first final state stays.
+        spool.finish_many([(first, "expired", "late")])
+        spool.finish_many([])
+
+        assert spool.pending_count() == 1
+        assert [d.id for d in spool.pending()] == [third]
+        record = spool.event(stored[0].event_id)
+        assert record is not None
+        states = {d.id: (d.state, d.error) for d in record.deliveries}
+        assert states == {
+            first: ("delivered", ""),
+            second: ("failed", "HTTP 404"),
+            third: ("pending", ""),
+        }
+
+
+async def test_every_delivery_is_recorded_when_the_dispatcher_is_idle(
+    tmp_path: Path, make_fleet: MakeFleet
+) -> None:
+    fleet = await make_fleet(phones=30, tone_ms=0)
+    targets = {p.name: PhoneTarget(p.name, p.host, p.port) for p in fleet.phones}
+    metrics = Metrics(CollectorRegistry())
+    async with Spool(tmp_path / "spool.db") as spool:
+        stored = spool.add_event(
+            _event(),
+            rules=["fire"],
+            deliveries=[NewDelivery("fire", name, (REQUEST,), 9e9) for name in targets],
+            pages={},
+            cooldowns=[],
+        )
+        async with Dispatcher(spool, targets, metrics=metrics) as dispatcher:
+            dispatcher.submit(stored)
+            await dispatcher.wait_idle()
+            # Checked at once, before the loop runs again: idle means written.
+            assert spool.pending_count() == 0
+            record = spool.event(stored[0].event_id)
+            assert record is not None
+            assert {d.state for d in record.deliveries} == {"delivered"}
+            registry = metrics.registry
+            assert registry.get_sample_value("phonepush_spool_pending") == 0
+            delivered = sum(
+                registry.get_sample_value(
+                    "phonepush_deliveries_total", {"phone": name, "result": "delivered"}
+                )
+                or 0
+                for name in targets
+            )
+            assert delivered == len(targets)
+    assert sum(p.state.pushes for p in fleet.phones) == len(targets)
