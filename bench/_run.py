@@ -39,12 +39,17 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smoke pass; docs untouched")
     parser.add_argument("--docs", action="store_true", help="rewrite the docs even with --quick")
     parser.add_argument("--only", default=",".join(SCRIPTS), help="comma-separated benches")
+    parser.add_argument(
+        "--render", action="store_true", help="run nothing: tables from the newest full runs"
+    )
     args = parser.parse_args()
+    if args.render:
+        args.only = ""
 
     load_before = os.getloadavg()
     started = time.time()
     records: dict[str, dict[str, Any]] = {}
-    for name in args.only.split(","):
+    for name in filter(None, args.only.split(",")):
         before = set(c.RESULTS.glob(f"{name}-*.json"))
         script = [x for x in SCRIPTS[name] if not (args.quick and x == "--floor")]
         command = [sys.executable, *script, *(["--quick"] if args.quick else [])]
@@ -85,6 +90,17 @@ def update_doc(table: str) -> None:
     DOC.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
 
 
+def _versions() -> dict[str, str]:
+    import sqlite3
+
+    found = {k: v or "?" for k, v in c.versions("phonepush", "paho-mqtt", "httpx").items()}
+    found["SQLite"] = sqlite3.sqlite_version
+    shown = subprocess.run([c.MOSQUITTO, "-h"], capture_output=True, text=True)
+    first = (shown.stdout or shown.stderr).splitlines()[:1]
+    found["mosquitto"] = first[0].split("version", 1)[-1].strip() if first else "?"
+    return found
+
+
 def _get(record: dict[str, Any] | None, *path: str) -> Any:
     value: Any = record
     for key in path:
@@ -109,13 +125,21 @@ def render(records: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     mem = records.get("startup_memory")
     alt = records.get("alternatives")
     machine = (fan or thr or {}).get("machine", {})
+    versions = _versions()
+    times = sorted(r.get("time", "") for r in records.values())
+    loads = ", ".join(
+        f"{name} {_num((_get(r, 'machine', 'load') or [None])[0], '{:.1f}')}"
+        for name, r in records.items()
+    )
     lines = [
-        f"Run of {time.strftime('%Y-%m-%d %H:%M')}: {machine.get('cpus')} CPUs "
-        f"({machine.get('cpu_model') or 'unknown'}), Linux {machine.get('kernel')}, "
-        f"CPython {machine.get('python')}; load average {meta['load_before'][0]} before, "
-        f"{meta['load_after'][0]} after; {meta['minutes']} min. Files: "
+        f"Runs of {times[0] if times else '?'} to {times[-1] if times else '?'}: "
+        f"{machine.get('cpus')} CPUs ({machine.get('cpu_model') or 'unknown'}, virtualised, "
+        f"shared with other work), Linux {machine.get('kernel')}, CPython "
+        f"{machine.get('python')}; 1-minute load average as each bench ended: {loads}. Files: "
         + ", ".join(f"`bench/results/{r['file']}`" for r in records.values())
         + ".",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
         "",
         "| # | measure | target | result | met |",
         "|---|---|---|---|---|",
