@@ -216,6 +216,7 @@ def test_ack_needs_a_message() -> None:
     from phonepush.errors import ConfigError
 
     data = {
+        "webhook": {"allow_anonymous": True},
         "phones": [{"name": "office", "host": "127.0.0.1:9"}],
         "rules": [{"name": "r", "on": "webhook:x", "to": "office", "execute": ["Play:Chime.raw"]}],
     }
@@ -247,6 +248,7 @@ async def test_purge_forgets_old_acknowledgements_with_their_events(tmp_path: An
     from phonepush.spool import Delivery, Spool
 
     data = {
+        "webhook": {"allow_anonymous": True},
         "phones": [{"name": "office", "host": "127.0.0.1:9"}],
         "rules": [
             {

@@ -87,7 +87,7 @@ def test_phone_targets_carry_scheme_port_and_secret(tmp_path: Path) -> None:
 
 
 def test_defaults_fill_everything_not_given(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, BASE + RULE), environ={})
+    config = load_config(write(tmp_path, BASE + RULE + '[webhook]\ntoken = "t"\n'), environ={})
     assert config.server.public_url == "http://127.0.0.1:8080"
     assert config.server.max_body == 65536
     assert config.mqtt is None
@@ -255,6 +255,9 @@ def test_cross_checks_name_the_rule_and_entry(tmp_path: Path) -> None:
         on = "webhook:door"
         to = "all"
         ringtone = "ftp://example/ring.raw"
+
+        [webhook]
+        allow_anonymous = true
         """
     )
     assert errors_of(write(tmp_path, text)) == [
@@ -296,7 +299,15 @@ def test_non_loopback_listen_needs_a_webhook_token(tmp_path: Path) -> None:
     assert config.server.public_url == "http://192.0.2.10:8080"
     for loopback in ("127.0.0.1:8080", "[::1]:8080", "localhost:8080"):
         local = BASE + RULE + f'[server]\nlisten = "{loopback}"\n'
-        assert load_config(write(tmp_path, local), environ={}).webhook.token is None
+        # Hooks want a token by default, on loopback too, unless anonymous hooks are asked for.
+        (line,) = errors_of(write(tmp_path, local))
+        assert line.startswith("webhook.token: required by the rules that listen on webhooks")
+        anonymous = local + "[webhook]\nallow_anonymous = true\n"
+        assert load_config(write(tmp_path, anonymous), environ={}).webhook.token is None
+    beyond = text + "[webhook]\nallow_anonymous = true\n"
+    assert "webhook.allow_anonymous: only allowed on a loopback" in " ".join(
+        errors_of(write(tmp_path, beyond))
+    )
 
 
 def test_the_examples_placeholder_token_only_guards_loopback(tmp_path: Path) -> None:

@@ -108,6 +108,7 @@ class Clock:
 
 async def test_rounds_fall_due_every_repeat_and_stop_after_max_repeats(tmp_path: Path) -> None:
     data = {
+        "webhook": {"allow_anonymous": True},
         "phones": [
             {"name": "office", "host": "127.0.0.1:9"},
             {"name": "boss", "host": "127.0.0.1:9"},
@@ -185,6 +186,7 @@ async def test_rounds_fall_due_every_repeat_and_stop_after_max_repeats(tmp_path:
 
 async def test_a_phone_still_retrying_is_not_sent_another_round(tmp_path: Path) -> None:
     data = {
+        "webhook": {"allow_anonymous": True},
         "phones": [{"name": "office", "host": "127.0.0.1:9"}],
         "rules": [
             {

@@ -26,6 +26,9 @@ PHONES = """
 [mqtt]
 url = "mqtt://127.0.0.1:1883"
 
+[webhook]
+allow_anonymous = true
+
 [[phones]]
 name = "lobby"
 host = "192.0.2.21"

@@ -378,6 +378,9 @@ class WebhookConfig(_Section):
     token_file: str | None = None
     hmac_secret: SecretStr | None = None
     hmac_secret_file: str | None = None
+    #: Accept hooks without a token. Only on a loopback listen address, and only when asked for:
+    #: a reverse proxy on the same host would otherwise open the phones to whoever reaches it.
+    allow_anonymous: bool = False
 
 
 class PhoneConfig(_Section):
@@ -1100,6 +1103,22 @@ def _cross_check(config: Config) -> list[str]:
         )
     if config.webhook.token is not None and not config.webhook.token.get_secret_value():
         problems.append("webhook.token: cannot be empty")
+    if config.webhook.allow_anonymous and not _is_loopback(host):
+        problems.append(
+            f"webhook.allow_anonymous: only allowed on a loopback server.listen, not "
+            f"{config.server.listen}"
+        )
+    if (
+        config.webhook.token is None
+        and config.hooks
+        and not config.webhook.allow_anonymous
+        and _is_loopback(host)  # beyond loopback the check above already asks for a token
+    ):
+        problems.append(
+            "webhook.token: required by the rules that listen on webhooks "
+            f"({', '.join(sorted(config.hooks))}); set one (PHONEPUSH_WEBHOOK__TOKEN or "
+            "token_file), or webhook.allow_anonymous = true to take hooks without one on loopback"
+        )
     # The shipped example's placeholder is public: fine on loopback, never on a network.
     if (
         config.webhook.token is not None
