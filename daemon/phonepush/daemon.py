@@ -238,6 +238,8 @@ class Daemon:
                     log_config=None,
                     access_log=False,
                     lifespan="off",
+                    # h11, not httptools even if installed: the header-size bound below is h11's.
+                    http="h11",
                     # Bounds on what clients can make us hold: concurrent connections (503
                     # beyond), header size (h11), idle keep-alive.
                     limit_concurrency=config.server.max_connections,
