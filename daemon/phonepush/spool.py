@@ -518,11 +518,8 @@ class Spool:
         writes nothing) if the new pending deliveries would take the backlog over ``max_pending``;
         :class:`SpoolError` (and writes nothing) if the database cannot take the write.
         """
-        for new in deliveries:
-            if new.state not in INTAKE_STATES:
-                raise ValueError(f"a new delivery cannot be {new.state!r}")
         # Everything that can fail outside SQLite happens before the transaction starts.
-        requests = [_dump_requests(new.requests) for new in deliveries]
+        requests = _dump_new(deliveries)
         event_row = (
             event.id,
             event.source,
@@ -541,26 +538,11 @@ class Spool:
                 f" {new_pending} more would exceed the limit of {self.max_pending}"
             )
         created_at = self._clock()
-        ids: list[int] = []
         try:
             self._set_synchronous(conn, self.synchronous)
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(_INSERT_EVENT, event_row)
-            for new, dumped in zip(deliveries, requests, strict=True):
-                cursor = conn.execute(
-                    _INSERT_DELIVERY,
-                    (
-                        event.id,
-                        new.rule,
-                        new.phone,
-                        dumped,
-                        created_at,
-                        new.expires_at,
-                        new.state,
-                        new.error,
-                    ),
-                )
-                ids.append(cast(int, cursor.lastrowid))
+            ids = _insert_deliveries(conn, event.id, deliveries, requests, created_at)
             if page_rows:
                 conn.executemany(_INSERT_PAGE, page_rows)
             if cooldowns:
@@ -575,22 +557,7 @@ class Spool:
         except BaseException:
             self._abandon(conn)
             raise
-        stored = [
-            Delivery(
-                id=delivery_id,
-                event_id=event.id,
-                rule=new.rule,
-                phone=new.phone,
-                requests=tuple(new.requests),
-                sent=0,
-                attempts=0,
-                created_at=created_at,
-                expires_at=new.expires_at,
-                state=new.state,
-                error=new.error,
-            )
-            for delivery_id, new in zip(ids, deliveries, strict=True)
-        ]
+        stored = _stored(ids, event.id, deliveries, created_at)
         self._pending += new_pending
         self._committed()
         return stored
@@ -1358,32 +1325,14 @@ class Spool:
         """Turn a due window into ``deliveries`` (and ``pages``) of ``event_id``, and remove the
         window and its events, in one commit. Not subject to ``max_pending``: the events were
         accepted already. Returns the deliveries with their ids."""
-        for new in deliveries:
-            if new.state not in INTAKE_STATES:
-                raise ValueError(f"a new delivery cannot be {new.state!r}")
-        requests = [_dump_requests(new.requests) for new in deliveries]
+        requests = _dump_new(deliveries)
         last = max((e.seq for e in window.events), default=0)
         conn = self._connection()
         created_at = self._clock()
-        ids: list[int] = []
         try:
             self._set_synchronous(conn, self.synchronous)
             conn.execute("BEGIN IMMEDIATE")
-            for new, dumped in zip(deliveries, requests, strict=True):
-                cursor = conn.execute(
-                    _INSERT_DELIVERY,
-                    (
-                        event_id,
-                        new.rule,
-                        new.phone,
-                        dumped,
-                        created_at,
-                        new.expires_at,
-                        new.state,
-                        new.error,
-                    ),
-                )
-                ids.append(cast(int, cursor.lastrowid))
+            ids = _insert_deliveries(conn, event_id, deliveries, requests, created_at)
             conn.executemany(
                 _INSERT_PAGE, [(page_id, event_id, xml) for page_id, xml in pages.items()]
             )
@@ -1403,22 +1352,7 @@ class Spool:
         except BaseException:
             self._abandon(conn)
             raise
-        stored = [
-            Delivery(
-                id=delivery_id,
-                event_id=event_id,
-                rule=new.rule,
-                phone=new.phone,
-                requests=tuple(new.requests),
-                sent=0,
-                attempts=0,
-                created_at=created_at,
-                expires_at=new.expires_at,
-                state=new.state,
-                error=new.error,
-            )
-            for delivery_id, new in zip(ids, deliveries, strict=True)
-        ]
+        stored = _stored(ids, event_id, deliveries, created_at)
         self._pending += sum(1 for new in deliveries if new.state == "pending")
         self._committed()
         return stored
@@ -1476,6 +1410,60 @@ def _pending_delivery(
 
 def _asdict(record: AlertRecord | AlertPhone) -> dict[str, Any]:
     return {name: getattr(record, name) for name in record.__slots__}
+
+
+def _dump_new(deliveries: Sequence[NewDelivery]) -> list[str]:
+    """Check new deliveries and serialise their requests, before any transaction starts."""
+    for new in deliveries:
+        if new.state not in INTAKE_STATES:
+            raise ValueError(f"a new delivery cannot be {new.state!r}")
+    return [_dump_requests(new.requests) for new in deliveries]
+
+
+def _insert_deliveries(
+    conn: sqlite3.Connection,
+    event_id: str,
+    deliveries: Sequence[NewDelivery],
+    requests: Sequence[str],
+    created_at: float,
+) -> list[int]:
+    """Insert new deliveries inside the caller's transaction; return their ids, in order."""
+    ids: list[int] = []
+    for new, dumped in zip(deliveries, requests, strict=True):
+        row = (
+            event_id,
+            new.rule,
+            new.phone,
+            dumped,
+            created_at,
+            new.expires_at,
+            new.state,
+            new.error,
+        )
+        ids.append(cast(int, conn.execute(_INSERT_DELIVERY, row).lastrowid))
+    return ids
+
+
+def _stored(
+    ids: Sequence[int], event_id: str, deliveries: Sequence[NewDelivery], created_at: float
+) -> list[Delivery]:
+    """The rows just inserted, as the dispatcher sees them."""
+    return [
+        Delivery(
+            id=delivery_id,
+            event_id=event_id,
+            rule=new.rule,
+            phone=new.phone,
+            requests=tuple(new.requests),
+            sent=0,
+            attempts=0,
+            created_at=created_at,
+            expires_at=new.expires_at,
+            state=new.state,
+            error=new.error,
+        )
+        for delivery_id, new in zip(ids, deliveries, strict=True)
+    ]
 
 
 def _dump_requests(requests: Iterable[PushRequest]) -> str:
