@@ -1,1 +1,52 @@
-"""One module per CLI command; see :mod:`phonepush.cli`."""
+"""One module per CLI command; see :mod:`phonepush.cli`.
+
+What several commands share: the ``--config`` option and loading it with errors reported the
+same way (``FILE: invalid configuration:`` then one line per problem, exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from phonepush.errors import ConfigError
+
+if TYPE_CHECKING:
+    from phonepush.config import Config
+
+__all__ = ["CONFIG_EXIT", "DEFAULT_CONFIG", "add_config_option", "load_or_report"]
+
+#: Where the systemd unit and the container image keep the config.
+DEFAULT_CONFIG = "/etc/phonepush/phonepush.toml"
+#: Exit status for an invalid configuration.
+CONFIG_EXIT = 2
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """``-c/--config FILE``, defaulting to ``$PHONEPUSH_CONFIG`` or :data:`DEFAULT_CONFIG`."""
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=Path(os.environ.get("PHONEPUSH_CONFIG", DEFAULT_CONFIG)),
+        help="the TOML config file (default: $PHONEPUSH_CONFIG or %(default)s)",
+    )
+
+
+def load_or_report(path: Path) -> Config | None:
+    """Load ``path``, or print why it is invalid to stderr and return None."""
+    # Imported here: `phonepush send` and `simulate` live in this package too and need no config.
+    from phonepush.config import load_config
+
+    try:
+        return load_config(path, environ=os.environ)
+    except ConfigError as exc:
+        report_config_error(path, exc)
+        return None
+
+
+def report_config_error(path: Path, exc: ConfigError) -> None:
+    print(f"{path}: invalid configuration:\n{exc}", file=sys.stderr)

@@ -7,41 +7,39 @@ Nothing secret is printed: not passwords or tokens, and not the MQTT user name e
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from phonepush.announce import compile_actions
-from phonepush.config import Config, format_duration, load_config
+from phonepush.commands import (
+    CONFIG_EXIT,
+    add_config_option,
+    load_or_report,
+    report_config_error,
+)
+from phonepush.config import Config, format_duration
 from phonepush.errors import ConfigError
 from phonepush.rules import RuleSet
 
-__all__ = ["DEFAULT_CONFIG", "main", "summary"]
-
-DEFAULT_CONFIG = "/etc/phonepush/phonepush.toml"
+__all__ = ["main", "summary"]
 
 
 def main(argv: Sequence[str], prog: str = "phonepush check") -> int:
     parser = argparse.ArgumentParser(
         prog=prog, description="Validate a phonepush config file and print a summary."
     )
-    parser.add_argument(
-        "--config",
-        "-c",
-        type=Path,
-        default=Path(os.environ.get("PHONEPUSH_CONFIG", DEFAULT_CONFIG)),
-        help="config file (default: $PHONEPUSH_CONFIG or %(default)s)",
-    )
+    add_config_option(parser)
     args = parser.parse_args(list(argv))
+    config = load_or_report(args.config)
+    if config is None:
+        return CONFIG_EXIT
     try:
-        config = load_config(args.config, environ=os.environ)
         rules = RuleSet.compile(config)
         # Audio files are loaded as the daemon would, so a missing one is caught here too.
         compile_actions(config, base_dir=args.config.parent)
     except ConfigError as exc:
-        print(f"{args.config}: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
+        report_config_error(args.config, exc)
+        return CONFIG_EXIT
     print(summary(config, rules, args.config))
     return 0
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import httpx
 
-from phonepush.config import Config, load_config
-from phonepush.errors import ConfigError, PhonepushError
+from phonepush.commands import CONFIG_EXIT, add_config_option, load_or_report
+from phonepush.config import Config
+from phonepush.errors import PhonepushError
 from phonepush.events import Event
 from phonepush.intake import Intake, Plan
 from phonepush.metrics import Metrics
@@ -34,7 +35,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="Show what an event would do, or inject it into the daemon."
     )
-    parser.add_argument("-c", "--config", type=Path, required=True)
+    add_config_option(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--mqtt", metavar="TOPIC", help="an MQTT message on TOPIC")
     source.add_argument("--hook", metavar="NAME", help="a webhook POST /hooks/NAME")
@@ -45,15 +46,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str], prog: str = "phonepush fire") -> int:
     args = _parser(prog).parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"{args.config}: {exc}", file=sys.stderr)
-        return 2
+    config = load_or_report(args.config)
+    if config is None:
+        return CONFIG_EXIT
     payload = args.payload.encode()
-    event = (
-        Event("mqtt", args.mqtt, payload) if args.mqtt else Event("webhook", args.hook, payload)
-    )
+    event = Event("mqtt", args.mqtt, payload) if args.mqtt else Event("webhook", args.hook, payload)
     try:
         if args.dry_run:
             print(_describe(asyncio.run(_plan(config, event)), config))

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from phonepush.config import load_config
+from phonepush.commands import (
+    CONFIG_EXIT,
+    add_config_option,
+    load_or_report,
+    report_config_error,
+)
 from phonepush.errors import ConfigError
 from phonepush.logs import setup_logging
 
@@ -20,7 +23,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         prog=prog,
         description="Run the phonepush daemon: MQTT and webhook events through rules to phones.",
     )
-    parser.add_argument("-c", "--config", type=Path, required=True, help="the TOML config file")
+    add_config_option(parser)
     parser.add_argument(
         "--log-format",
         choices=("text", "json"),
@@ -44,11 +47,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str], prog: str = "phonepush run") -> int:
     args = _parser(prog).parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"{args.config}: {exc}", file=sys.stderr)
-        return 2
+    config = load_or_report(args.config)
+    if config is None:
+        return CONFIG_EXIT
     setup_logging(args.log_format or config.log.format, args.log_level or config.log.level)
     # Imported here so that a config error is reported without paying for the daemon's imports.
     from phonepush.daemon import Daemon
@@ -59,6 +60,6 @@ def main(argv: Sequence[str], prog: str = "phonepush run") -> int:
     try:
         asyncio.run(daemon.run())
     except ConfigError as exc:
-        print(f"{args.config}: {exc}", file=sys.stderr)
-        return 2
+        report_config_error(args.config, exc)
+        return CONFIG_EXIT
     return 0

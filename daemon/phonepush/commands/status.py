@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -18,9 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Final
 
-from phonepush.commands.check import DEFAULT_CONFIG
-from phonepush.config import load_config
-from phonepush.errors import ConfigError
+from phonepush.commands import CONFIG_EXIT, add_config_option, load_or_report
 
 __all__ = ["STATE_ORDER", "main", "recent_events"]
 
@@ -78,24 +75,16 @@ def main(argv: Sequence[str], prog: str = "phonepush status") -> int:
     parser = argparse.ArgumentParser(
         prog=prog, description="Print the recent events in the spool and their deliveries."
     )
-    parser.add_argument(
-        "--config",
-        "-c",
-        type=Path,
-        default=Path(os.environ.get("PHONEPUSH_CONFIG", DEFAULT_CONFIG)),
-        help="config file (default: $PHONEPUSH_CONFIG or %(default)s)",
-    )
+    add_config_option(parser)
     parser.add_argument(
         "--limit", "-n", type=int, default=20, help="how many events (default: %(default)s)"
     )
     args = parser.parse_args(list(argv))
     if args.limit < 1:
         parser.error("--limit must be at least 1")
-    try:
-        config = load_config(args.config, environ=os.environ)
-    except ConfigError as exc:
-        print(f"{args.config}: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
+    config = load_or_report(args.config)
+    if config is None:
+        return CONFIG_EXIT
     try:
         rows = recent_events(config.spool.path, args.limit)
     except sqlite3.Error as exc:
