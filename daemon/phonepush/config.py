@@ -33,6 +33,7 @@ from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -126,6 +127,16 @@ def format_duration(seconds: float) -> str:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise ValueError("must be more than 0s")
+    return seconds
+
+
+#: A duration that must be more than zero (timeouts, TTLs, windows).
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
 
 
 def _empty_to_none(value: object) -> object:
@@ -394,7 +405,7 @@ class PhoneConfig(_Section):
     password_file: str | None = None
     certificate: OptionalPath = None
     ca_file: OptionalPath = None
-    timeout: Duration = 10.0
+    timeout: PositiveDuration = 10.0
     groups: list[str] = Field(default_factory=list)
     quiet_hours: QuietHoursConfig | None = None
 
@@ -424,13 +435,6 @@ class PhoneConfig(_Section):
                 raise ValueError(f"a group name is letters, digits, '_', '.', '-': {group!r}")
             if group == "all":
                 raise ValueError("'all' is reserved (it means every phone)")
-        return value
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be more than 0s")
         return value
 
     @model_validator(mode="after")
@@ -536,7 +540,7 @@ class RuleConfig(_Section):
     ringtone: str = ""
     dedupe: str = ""
     cooldown: Duration | None = None
-    ttl: Duration = 300.0
+    ttl: PositiveDuration = 300.0
     # Acknowledgements and repeats (docs/design.md, "Acknowledgements and repeats").
     repeat: Duration | None = None
     max_repeats: int | None = Field(default=None, ge=1, le=1000)
@@ -577,13 +581,6 @@ class RuleConfig(_Section):
     def _to(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("name at least one phone, group or 'all'")
-        return value
-
-    @field_validator("ttl")
-    @classmethod
-    def _ttl(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be more than 0s")
         return value
 
     @model_validator(mode="after")
@@ -684,7 +681,7 @@ class AuthenticationConfig(_Section):
     #: Failed checks per (client address, UserID) within ``failure_window`` before further
     #: checks are refused unexamined until the window passes.
     max_failures: int = Field(default=10, ge=1, le=100_000)
-    failure_window: Duration = 60.0
+    failure_window: PositiveDuration = 60.0
 
     @field_validator("users")
     @classmethod
@@ -692,13 +689,6 @@ class AuthenticationConfig(_Section):
         names = [user.name for user in value]
         if duplicates := sorted({name for name in names if names.count(name) > 1}):
             raise ValueError(f"more than one user named {', '.join(map(repr, duplicates))}")
-        return value
-
-    @field_validator("failure_window")
-    @classmethod
-    def _window(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be more than 0s")
         return value
 
 
