@@ -54,7 +54,7 @@ from phonepush.errors import ConfigError, InvalidTarget, WireError
 from phonepush.phone import PhoneTarget, parse_host
 from phonepush.silences import QuietHoursConfig
 from phonepush.templates import Templates
-from phonepush.uri import is_http, parse_target, validate_uri
+from phonepush.uri import is_http, parse_priority, parse_target, validate_uri
 
 __all__ = [
     "ENV_PREFIX",
@@ -165,13 +165,7 @@ def split_priority(entry: str) -> tuple[str, int | None]:
     if not text.isdigit() and "/" in text:
         # "http://user@host/path": the @ belongs to the URL, not to a priority.
         return entry, None
-    try:
-        priority = int(text)
-    except ValueError:
-        raise WireError(f"Invalid priority: {text}") from None
-    if not 0 <= priority <= 2:
-        raise WireError(f"Invalid priority: {priority}")
-    return entry[: m.start()], priority
+    return entry[: m.start()], parse_priority(text)
 
 
 def validate_topic_filter(topic_filter: str) -> str:

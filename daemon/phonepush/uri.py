@@ -34,6 +34,7 @@ __all__ = [
     "REFERENCE_SCHEMES",
     "ExecuteItem",
     "is_http",
+    "parse_priority",
     "parse_target",
     "validate_uri",
 ]
@@ -141,10 +142,16 @@ def parse_target(argument: str) -> ExecuteItem:
     url, priority = argument, 0
     if "@" in argument:
         url, text = argument.rsplit("@", maxsplit=1)
-        try:
-            priority = int(text)
-        except ValueError:
-            raise WireError(f"Invalid priority: {text}") from None
-        if not 0 <= priority <= 2:
-            raise WireError(f"Invalid priority: {priority}")
+        priority = parse_priority(text)
     return ExecuteItem(validate_uri(url), priority)
+
+
+def parse_priority(text: str) -> int:
+    """``0``, ``1`` or ``2``; anything else raises the reference's ``Invalid priority: X``."""
+    try:
+        priority = int(text)
+    except ValueError:
+        raise WireError(f"Invalid priority: {text}") from None
+    if not 0 <= priority <= 2:
+        raise WireError(f"Invalid priority: {priority}")
+    return priority

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from phonepush.audio import Speech, announcement, load_file
+from phonepush.commands.send import getopt_message
 from phonepush.errors import PhoneError, PhonepushError
 from phonepush.paging import (
     DEFAULT_PORT,
@@ -126,9 +127,7 @@ def _parse(argv: Sequence[str], prog: str) -> _Options:
     try:
         pairs, arguments = getopt.gnu_getopt(list(argv), _SHORT, _LONG)
     except getopt.GetoptError as exc:
-        raise _Abort(
-            f"{exc.msg[:1].upper()}{exc.msg[1:]}. Try '{prog} --help' for more information"
-        ) from None
+        raise _Abort(getopt_message(exc, prog)) from None
     options = _Options()
     for option, value in pairs:
         name = option.lstrip("-")

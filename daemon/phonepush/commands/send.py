@@ -33,7 +33,7 @@ from phonepush.errors import PhonepushError
 from phonepush.phone import DEFAULT_TIMEOUT, PhoneClient, PhoneTarget, parse_host
 from phonepush.uri import ExecuteItem, parse_target
 
-__all__ = ["PASSWORD_ENV", "main"]
+__all__ = ["PASSWORD_ENV", "getopt_message", "main"]
 
 PASSWORD_ENV: Final = "PHONEPUSH_PASSWORD"  # noqa: S105 - the name of a variable
 _MAX_URLS: Final = 3
@@ -98,13 +98,16 @@ class _Options:
     help: bool = False
 
 
+def getopt_message(exc: getopt.GetoptError, prog: str) -> str:
+    """A getopt error as the reference client words it (capitalised, pointing at --help)."""
+    return f"{exc.msg[:1].upper()}{exc.msg[1:]}. Try '{prog} --help' for more information"
+
+
 def _parse_options(argv: Sequence[str], prog: str) -> tuple[_Options, list[str]]:
     try:
         pairs, arguments = getopt.gnu_getopt(list(argv), _SHORT, _LONG)
     except getopt.GetoptError as exc:
-        raise _Abort(
-            f"{exc.msg[:1].upper()}{exc.msg[1:]}. Try '{prog} --help' for more information"
-        ) from None
+        raise _Abort(getopt_message(exc, prog)) from None
     options = _Options()
     for option, value in pairs:
         if option in ("-h", "--host"):
