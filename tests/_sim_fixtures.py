@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import random
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -10,7 +12,7 @@ import pytest
 
 from phonepush.simulator import Fleet
 
-__all__ = ["MakeFleet", "fleet", "make_fleet"]
+__all__ = ["MakeFleet", "fleet", "free_rtp_port", "make_fleet"]
 
 #: ``await make_fleet(phones=2, username="u", password="p")`` -> an entered Fleet.
 MakeFleet = Callable[..., Awaitable[Fleet]]
@@ -32,3 +34,23 @@ async def make_fleet() -> AsyncIterator[MakeFleet]:
             return await stack.enter_async_context(Fleet(**kwargs))
 
         yield factory
+
+
+def free_rtp_port(hosts: tuple[str, ...]) -> int:
+    """An even port phones accept for RTP (20480-32768) that is free on every address in
+    ``hosts``, so several simulated phones can listen on the same port as on a LAN."""
+    for _ in range(100):
+        port = random.randrange(20480, 32768, 2)
+        probes: list[socket.socket] = []
+        try:
+            for host in hosts:
+                probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                probes.append(probe)
+                probe.bind((host, port))
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+        return port
+    raise RuntimeError("no free RTP port")

@@ -8,7 +8,6 @@ import array
 import logging
 import math
 import random
-import socket
 import time
 import wave
 from pathlib import Path
@@ -18,6 +17,7 @@ import httpx
 import pytest
 
 from _daemon_fixtures import DaemonRunner
+from _sim_fixtures import free_rtp_port
 from phonepush.announce import compile_actions
 from phonepush.audio import announcement, load_file
 from phonepush.daemon import Running
@@ -29,25 +29,6 @@ from phonepush.spool import NewDelivery, Spool
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 NAMES = ("lobby", "office", "hall")
 DAEMON = "127.0.0.1"  # the daemon listens here, so pages come from here
-
-
-def _free_port() -> int:
-    """An even port phones accept (20480-32768), free on every phone address."""
-    for _ in range(100):
-        port = random.randrange(20480, 32768, 2)
-        probes: list[socket.socket] = []
-        try:
-            for host in HOSTS:
-                probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                probes.append(probe)
-                probe.bind((host, port))
-        except OSError:
-            continue
-        finally:
-            for probe in probes:
-                probe.close()
-        return port
-    raise RuntimeError("no free RTP port")
 
 
 def _wav(path: Path, seconds: float, rate: int = 16000) -> Path:
@@ -109,7 +90,7 @@ def _audio_rows(running: Running, event: str) -> dict[str, tuple[str, str]]:
 
 
 async def test_spoken_page_to_three_phones(daemon_runner: DaemonRunner, phones: Fleet) -> None:
-    port = _free_port()
+    port = free_rtp_port(HOSTS)
     running = await daemon_runner.start(
         _config(phones, port, {"say": "Evacuate {{ payload.zone }}", "volume": 80})
     )
@@ -139,7 +120,7 @@ async def test_spoken_page_to_three_phones(daemon_runner: DaemonRunner, phones: 
 async def test_wav_file_with_chime_and_a_message(
     daemon_runner: DaemonRunner, phones: Fleet, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_rtp_port(HOSTS)
     body, chime = _wav(tmp_path / "evacuate.wav", 0.6), _wav(tmp_path / "chime.wav", 0.2, 8000)
     audio = {"file": str(body), "chime": str(chime)}
     message = {"title": "Evacuate", "text": "Leave by the stairs, zone {{ payload.zone }}"}
@@ -164,7 +145,7 @@ async def test_wav_file_with_chime_and_a_message(
 
 
 async def test_multicast_page(daemon_runner: DaemonRunner, phones: Fleet, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_rtp_port(HOSTS)
     group = f"239.10.{random.randrange(256)}.{random.randrange(1, 255)}"
     body = _wav(tmp_path / "a.wav", 0.4)
     audio = {"file": str(body), "multicast": f"{group}:{port}", "volume": 50, "repeat": 2}
@@ -186,7 +167,7 @@ async def test_a_phone_that_refuses_is_reported_and_the_others_hear_the_page(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    port = _free_port()
+    port = free_rtp_port(HOSTS)
     lobby, office, hall = phones.phones
     await office.set_fault("error", number=6)
     running = await daemon_runner.start(
@@ -214,7 +195,7 @@ async def test_a_phone_that_refuses_is_reported_and_the_others_hear_the_page(
 async def test_nothing_is_streamed_after_the_ttl(
     daemon_runner: DaemonRunner, phones: Fleet, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_rtp_port(HOSTS)
     audio = {"file": str(_wav(tmp_path / "long.wav", 3.0))}
     running = await daemon_runner.start(_config(phones, port, audio, ttl="1s"))
     await _fire(daemon_runner, running, {})
@@ -225,7 +206,7 @@ async def test_nothing_is_streamed_after_the_ttl(
 async def test_stopping_the_daemon_cuts_the_page_and_it_is_not_replayed(
     daemon_runner: DaemonRunner, phones: Fleet, tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_rtp_port(HOSTS)
     data = _config(phones, port, {"file": str(_wav(tmp_path / "long.wav", 30.0))})
     running = await daemon_runner.start(data)
     async with httpx.AsyncClient(base_url=daemon_runner.url) as client:
@@ -248,7 +229,7 @@ async def test_stopping_the_daemon_cuts_the_page_and_it_is_not_replayed(
 async def test_audio_left_pending_by_a_crash_is_expired_at_start(
     daemon_runner: DaemonRunner, phones: Fleet
 ) -> None:
-    port = _free_port()
+    port = free_rtp_port(HOSTS)
     data = _config(phones, port, {"say": "Evacuate"})
     event = Event("webhook", "alarm", b"{}", {}, "0" * 26, time.time())
     async with Spool(daemon_runner.spool) as spool:

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from _sim_fixtures import MakeFleet
+from _sim_fixtures import MakeFleet, free_rtp_port
 from phonepush.audio import pcm16_to_ulaw
 from phonepush.cisco import ResponseItem
 from phonepush.phone import PhoneClient, PhoneTarget
@@ -31,25 +31,6 @@ def _tone(seconds: float, amplitude: int = 8000) -> bytes:
         for n in range(int(8000 * seconds))
     ]
     return pcm16_to_ulaw(samples)
-
-
-def _free_port(hosts: tuple[str, ...] = HOSTS) -> int:
-    """An even port phones accept (20480-32768) that is free on every address in ``hosts``."""
-    for _ in range(100):
-        port = random.randrange(20480, 32768, 2)
-        probes: list[socket.socket] = []
-        try:
-            for host in hosts:
-                probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                probes.append(probe)
-                probe.bind((host, port))
-        except OSError:
-            continue
-        finally:
-            for probe in probes:
-                probe.close()
-        return port
-    raise RuntimeError("no free RTP port")
 
 
 async def _execute(phone: SimPhone, uri: str) -> list[ResponseItem]:
@@ -74,7 +55,7 @@ async def test_phones_on_their_own_addresses_listen_on_the_same_port(
     make_fleet: MakeFleet,
 ) -> None:
     fleet = await make_fleet(phones=2, hosts=HOSTS)
-    port = _free_port()
+    port = free_rtp_port(HOSTS)
     for phone in fleet.phones:
         assert await _execute(phone, f"RTPRx:{SOURCE}:{port}:70") == [
             ResponseItem(f"RTPRx:{SOURCE}:{port}:70", "Success", 0)
@@ -113,7 +94,7 @@ async def test_phones_on_their_own_addresses_listen_on_the_same_port(
 async def test_multicast_join_on_each_phones_loopback_address(make_fleet: MakeFleet) -> None:
     fleet = await make_fleet(phones=2, hosts=HOSTS)
     group = f"239.10.{random.randrange(256)}.{random.randrange(1, 255)}"
-    port = _free_port()
+    port = free_rtp_port(HOSTS)
     for phone in fleet.phones:
         assert (await _execute(phone, f"RTPMRx:{group}:{port}"))[0].ok
     async with RtpStream(source=(SOURCE, 0), multicast_if=SOURCE) as stream:
@@ -132,7 +113,7 @@ async def test_multicast_join_on_each_phones_loopback_address(make_fleet: MakeFl
 async def test_a_new_start_uri_replaces_the_listener(make_fleet: MakeFleet) -> None:
     fleet = await make_fleet(phones=1, hosts=HOSTS[:1])
     phone = fleet.phones[0]
-    port, other = _free_port(), _free_port()
+    port, other = free_rtp_port(HOSTS), free_rtp_port(HOSTS)
     assert (await _execute(phone, f"RTPRx:{SOURCE}:{port}"))[0].ok
     async with RtpStream(source=(SOURCE, 0)) as stream:
         await stream.play(_tone(0.1), [(phone.host, port)])
@@ -156,7 +137,7 @@ async def test_a_new_start_uri_replaces_the_listener(make_fleet: MakeFleet) -> N
 async def test_bad_packets_are_counted(make_fleet: MakeFleet) -> None:
     fleet = await make_fleet(phones=1, hosts=HOSTS[:1])
     phone = fleet.phones[0]
-    port = _free_port(HOSTS[:1])
+    port = free_rtp_port(HOSTS[:1])
     assert (await _execute(phone, f"RTPRx:{SOURCE}:{port}"))[0].ok
 
     def packet(sequence: int, timestamp: int, payload_type: int = 0, size: int = 160) -> bytes:
@@ -191,7 +172,7 @@ async def test_bad_packets_are_counted(make_fleet: MakeFleet) -> None:
 async def test_a_port_in_use_is_answered_status_6(make_fleet: MakeFleet) -> None:
     fleet = await make_fleet(phones=1, hosts=HOSTS[:1])
     phone = fleet.phones[0]
-    port = _free_port(HOSTS[:1])
+    port = free_rtp_port(HOSTS[:1])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
         squatter.bind((phone.host, port))
         items = await _execute(phone, f"RTPRx:{SOURCE}:{port}")
@@ -201,7 +182,7 @@ async def test_a_port_in_use_is_answered_status_6(make_fleet: MakeFleet) -> None
 
 
 async def test_reset_and_fleet_shutdown_close_the_listener() -> None:
-    port = _free_port(HOSTS[:1])
+    port = free_rtp_port(HOSTS[:1])
     async with Fleet(1, hosts=HOSTS[:1]) as fleet:
         phone = fleet.phones[0]
         assert (await _execute(phone, f"RTPRx:{SOURCE}:{port}"))[0].ok
@@ -215,7 +196,7 @@ async def test_reset_and_fleet_shutdown_close_the_listener() -> None:
 async def test_rtp_false_only_records_the_uri(make_fleet: MakeFleet) -> None:
     fleet = await make_fleet(phones=1, hosts=HOSTS[:1], rtp=False)
     phone = fleet.phones[0]
-    port = _free_port(HOSTS[:1])
+    port = free_rtp_port(HOSTS[:1])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as own_receiver:
         own_receiver.bind((phone.host, port))  # a test's own receiver holds the port
         assert (await _execute(phone, f"RTPRx:{SOURCE}:{port}"))[0].ok
