@@ -57,6 +57,7 @@ from phonepush.templates import Templates
 from phonepush.uri import is_http, parse_priority, parse_target, validate_uri
 
 __all__ = [
+    "DEFAULT_KEEP_HEADERS",
     "ENV_PREFIX",
     "RESERVED_RULE_KEYS",
     "AckConfig",
@@ -95,6 +96,20 @@ _DURATION: Final = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h|d)
 _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _PRIORITY_SUFFIX: Final = re.compile(r"@([^@{}]*)\Z")
 _MQTT_MAX_TOPIC_BYTES: Final = 65535
+#: The largest remaining length an MQTT packet can declare (four length bytes).
+_MQTT_MAX_PACKET: Final = 268_435_455
+#: Request headers a webhook event keeps in the spool by default: what tells a sender's events
+#: apart, nothing that can carry a credential.
+DEFAULT_KEEP_HEADERS: Final = (
+    "content-type",
+    "user-agent",
+    "x-github-event",
+    "x-github-delivery",
+    "x-gitlab-event",
+    "x-event-key",
+    "x-request-id",
+)
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
 
 
 # --- value types --------------------------------------------------------------------------------
@@ -285,6 +300,17 @@ class SpoolConfig(_Section):
     path: Path = Path("/var/lib/phonepush/spool.db")
     max_pending: int = Field(default=100_000, ge=1)
     synchronous: Literal["normal", "full"] = "normal"
+    #: How long finished events (every delivery done), their deliveries and pages are kept for
+    #: status queries before they are purged.
+    retention: PositiveDuration = 7 * 86400.0
+    #: Largest size of the spool database's pages in use, in bytes (the write-ahead log adds a
+    #: few MiB between checkpoints). Past it the oldest finished events are purged first; if
+    #: pending work alone fills it, events are refused (503, MQTT left unacknowledged) until
+    #: deliveries finish. At least 1 MiB.
+    max_size: int = Field(default=1 << 30, ge=1 << 20)
+    #: Open ``path`` even when it, or the folder it is in, is a symbolic link. Off, such a path
+    #: is refused at start-up: a link planted there would make the daemon write where it points.
+    follow_symlinks: bool = False
 
 
 class MqttConfig(_Section):
@@ -308,6 +334,11 @@ class MqttConfig(_Section):
     outcome_topic: str = ""
     reconnect_min: Duration = 1.0
     reconnect_max: Duration = 60.0
+    #: Largest MQTT payload taken, in bytes. Larger messages are acknowledged and dropped unread,
+    #: counted in ``phonepush_events_rejected_total{reason="too_large"}`` and logged once per topic
+    #: a minute; MQTT 5 also asks the broker (Maximum Packet Size) not to send packets over 16
+    #: times this (at least 1 MiB), which the broker then drops itself.
+    max_payload: int = Field(default=65536, ge=1, le=_MQTT_MAX_PACKET)
 
     @field_validator("url")
     @classmethod
@@ -386,6 +417,20 @@ class WebhookConfig(_Section):
     #: Accept hooks without a token. Only on a loopback listen address, and only when asked for:
     #: a reverse proxy on the same host would otherwise open the phones to whoever reaches it.
     allow_anonymous: bool = False
+    #: Request headers stored with a webhook event (names, any case). Rules see every header
+    #: but the credentials (``Authorization``, ``Cookie``, the signature); the spool keeps only
+    #: these, so a custom credential header (``X-Api-Key``, ``X-Gitlab-Token``) is not kept for
+    #: the retention time.
+    keep_headers: list[str] = Field(default_factory=lambda: list(DEFAULT_KEEP_HEADERS))
+
+    @field_validator("keep_headers")
+    @classmethod
+    def _keep_headers(cls, value: list[str]) -> list[str]:
+        names = [name.strip().lower() for name in value]
+        for name in names:
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"not an HTTP header name: {name!r}")
+        return list(dict.fromkeys(names))
 
 
 class PhoneConfig(_Section):

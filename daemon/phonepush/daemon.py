@@ -32,8 +32,9 @@ from phonepush.announce import Announcer, compile_actions
 from phonepush.authenticate import Authenticator
 from phonepush.config import Config, load_config
 from phonepush.dispatch import Dispatcher, Outcome, close_clients
-from phonepush.errors import ConfigError, PhonepushError
+from phonepush.errors import ConfigError, PhonepushError, SpoolError
 from phonepush.grouping import Grouper
+from phonepush.housekeeping import Housekeeper
 from phonepush.intake import Intake
 from phonepush.metrics import Metrics
 from phonepush.phone import PhoneClient, PhoneTarget
@@ -51,9 +52,6 @@ __all__ = ["Daemon", "Running"]
 
 log = logging.getLogger("phonepush.daemon")
 
-#: Finished events, deliveries and pages are kept this long for status queries, then purged.
-RETENTION_SECONDS = 7 * 86400
-_HOUSEKEEPING_INTERVAL = 3600.0
 #: How long start-up waits for the broker before declaring itself ready anyway (``/readyz``
 #: still says MQTT is down): a broker outage must not keep the webhook side from serving.
 _MQTT_READY_WAIT = 10.0
@@ -79,6 +77,7 @@ class Running:
     mqtt: MqttSource | None
     port: int
     announcer: Announcer | None = None
+    housekeeper: Housekeeper | None = None
 
     @property
     def url(self) -> str:
@@ -135,12 +134,23 @@ class Daemon:
         audio_actions = compile_actions(config, base_dir=self._base_dir)
         metrics = self._metrics
         async with AsyncExitStack() as stack:
-            spool = await stack.enter_async_context(
-                Spool(
-                    config.spool.path,
-                    max_pending=config.spool.max_pending,
-                    synchronous=config.spool.synchronous,
+            try:
+                spool = await stack.enter_async_context(
+                    Spool(
+                        config.spool.path,
+                        max_pending=config.spool.max_pending,
+                        synchronous=config.spool.synchronous,
+                        max_size=config.spool.max_size,
+                        follow_symlinks=config.spool.follow_symlinks,
+                    )
                 )
+            except SpoolError as exc:
+                # At start-up a spool that cannot open is a deployment problem: one line naming
+                # the key, exit 2, as for any other bad setting.
+                raise ConfigError(f"spool.path: {exc}") from exc
+            metrics.spool_bytes.set_function(spool.disk_bytes)
+            housekeeper = Housekeeper(
+                spool, retention=config.spool.retention, max_size=config.spool.max_size
             )
             mqtt: MqttSource | None = None
             dispatcher = await stack.enter_async_context(
@@ -193,6 +203,7 @@ class Daemon:
                 grouper=grouper,
                 alerting=alerting,
                 announcer=announcer,
+                keep_headers=config.webhook.keep_headers,
             )
             if config.mqtt is not None:
                 # paho is imported only by daemons that use MQTT.
@@ -250,7 +261,7 @@ class Daemon:
             )
             port = sock.getsockname()[1]
             self.running = Running(
-                config, spool, dispatcher, intake, metrics, mqtt, port, announcer
+                config, spool, dispatcher, intake, metrics, mqtt, port, announcer, housekeeper
             )
             # A live audio page is never replayed: its rows left pending are finished here.
             resumed = announcer.abandon(spool.pending())
@@ -263,7 +274,7 @@ class Daemon:
                 tasks = [tg.create_task(server.serve(sockets=[sock]), name="http")]
                 if mqtt is not None:
                     tasks.append(tg.create_task(mqtt.run(), name="mqtt"))
-                tasks.append(tg.create_task(self._housekeeping(spool), name="housekeeping"))
+                tasks.append(tg.create_task(housekeeper.run(), name="housekeeping"))
                 tasks.append(tg.create_task(grouper.run(), name="grouping"))
                 tasks.append(tg.create_task(repeater.run(), name="repeats"))
                 if self._notifier.watchdog_interval:
@@ -337,6 +348,10 @@ class Daemon:
             if _dig(config, key) != _dig(running.config, key):
                 log.warning("reload: %s changed; it takes effect after a restart", key)
         running.intake.rules = rules
+        running.intake.keep_headers = frozenset(config.webhook.keep_headers)
+        if running.housekeeper is not None:
+            running.housekeeper.retention = config.spool.retention
+            running.housekeeper.max_size = running.spool.max_size = config.spool.max_size
         if running.announcer is not None:
             running.announcer.update(config, audio_actions)
         if running.intake.grouper is not None:
@@ -361,17 +376,6 @@ class Daemon:
     async def _publish_outcome(self, outcome: Outcome) -> None:
         if self._mqtt is not None:
             await self._mqtt.publish_outcome(outcome.as_dict())
-
-    async def _housekeeping(self, spool: Spool) -> None:
-        while True:
-            removed = spool.purge(time.time() - RETENTION_SECONDS)
-            if removed:
-                log.info(
-                    "purged %d finished rows older than %d days",
-                    removed,
-                    RETENTION_SECONDS // 86400,
-                )
-            await asyncio.sleep(_HOUSEKEEPING_INTERVAL)
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:

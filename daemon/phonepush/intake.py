@@ -7,10 +7,11 @@ does the same work without writing anything, for ``phonepush fire --dry-run``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -85,8 +86,12 @@ class Intake:
         grouper: Grouper | None = None,
         alerting: Alerting | None = None,
         announcer: Announcer | None = None,
+        keep_headers: Collection[str] | None = None,
     ) -> None:
         self.rules = rules
+        #: Webhook request headers stored with the event (lower case; None keeps them all).
+        #: Rules see every header the server passed on; only the spool is limited to these.
+        self.keep_headers = None if keep_headers is None else frozenset(keep_headers)
         #: Acknowledgements, repeats and resolves (phonepush.acks); None applies none of them.
         self.alerting = alerting
         #: Grouping, silences and quiet hours (phonepush.grouping); None applies none of them.
@@ -198,7 +203,7 @@ class Intake:
             new += self.announcer.deliveries(event, plan)
         staged = self.grouper.stage(event, plan, new) if self.grouper is not None else None
         deliveries = self._spool.add_event(
-            event,
+            self._stored(event),
             rules=[p.rule for p in plan.rules],
             deliveries=new if staged is None else staged.deliveries,
             pages=plan.pages,
@@ -222,6 +227,16 @@ class Intake:
             self.alerting.wake()
         self._metrics.spool_pending.set(self._spool.pending_count())
         return Accepted(event, tuple(p.rule for p in plan.rules), tuple(deliveries))
+
+    def _stored(self, event: Event) -> Event:
+        """The event as the spool keeps it: a webhook's headers cut to ``keep_headers``."""
+        keep = self.keep_headers
+        if keep is None or event.source != "webhook":
+            return event
+        headers = {k: v for k, v in event.headers.items() if k.lower() in keep}
+        if len(headers) == len(event.headers):
+            return event
+        return dataclasses.replace(event, headers=headers)
 
     async def __call__(self, event: Event) -> Accepted:
         """Sources take an async ``accept`` callable; the spool write itself is synchronous."""

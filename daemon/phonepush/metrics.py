@@ -70,6 +70,12 @@ class Metrics:
         self.spool_pending = Gauge(
             "phonepush_spool_pending", "Deliveries waiting in the spool.", registry=r
         )
+        self.spool_bytes = Gauge(
+            "phonepush_spool_bytes",
+            "Bytes the spool's files (database, write-ahead log, shared memory) take on disk, "
+            "read at scrape time.",
+            registry=r,
+        )
         self.mqtt_connected = Gauge(
             "phonepush_mqtt_connected", "1 while connected to the MQTT broker.", registry=r
         )

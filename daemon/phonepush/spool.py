@@ -40,7 +40,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +103,12 @@ _JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
 _CHECKPOINT_COMMITS: Final = 100
 # ... and the loop-side connection checkpoints by itself only if the log grows past this anyway.
 _BACKSTOP_PAGES: Final = 10_000
+#: What SQLite keeps next to the database: the write-ahead log, its shared-memory index, and a
+#: rollback journal (never used in WAL mode, but opened by that name if it is there).
+_SIDE_FILES: Final = ("-wal", "-shm", "-journal")
+#: Spool files hold event payloads and pages: readable by the daemon's user alone.
+_FILE_MODE: Final = 0o600
+_DIR_MODE: Final = 0o700
 
 _log = logging.getLogger(__name__)
 
@@ -249,9 +258,22 @@ _RECENT: Final = f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq DESC LIMIT ?
 _EVENT_DELIVERIES: Final = (
     f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE event_id = ? ORDER BY id"
 )
+# Finished events, oldest first, from a cursor on: no pending delivery (looked up per event by
+# the event's deliveries), not waiting in a grouping window, no repeat still to come. The two
+# NOT IN lists are small tables SQLite reads once per statement; the cursor keeps a pass from
+# reading the same unfinished old events again in every batch.
 _PURGEABLE: Final = (
-    "SELECT id FROM events WHERE received_at < ? AND NOT EXISTS ("
-    " SELECT 1 FROM deliveries WHERE deliveries.event_id = events.id AND state = 'pending')"
+    "SELECT id, received_at, seq FROM events INDEXED BY events_received_at"
+    " WHERE received_at < ? AND received_at >= ? AND (received_at > ? OR seq > ?)"
+    " AND NOT EXISTS (SELECT 1 FROM deliveries"
+    "  WHERE deliveries.event_id = events.id AND state = 'pending')"
+    " AND id NOT IN (SELECT event_id FROM grouped_events)"
+    " AND id NOT IN (SELECT event_id FROM alerts WHERE state = 'active' AND next_at IS NOT NULL)"
+    " ORDER BY received_at, seq LIMIT ?"
+)
+_EXPIRED_COOLDOWNS: Final = (
+    "DELETE FROM cooldowns WHERE (rule, key) IN"
+    " (SELECT rule, key FROM cooldowns WHERE until < ? LIMIT ?)"
 )
 _PROBE: Final = "INSERT OR REPLACE INTO meta (key, value) VALUES ('checked_at', ?)"
 
@@ -423,6 +445,12 @@ class Spool:
     ``created_at`` of deliveries. ``busy_timeout`` is how long a write waits for another process
     holding the database's write lock (a maintenance command, say) before it fails; it blocks the
     event loop for that long, so it is kept short.
+
+    ``max_size`` bounds the bytes the database's live pages take (see :meth:`live_bytes`);
+    :class:`phonepush.housekeeping.Housekeeper` enforces it, evicting finished events and, when
+    pending work alone is over it, setting :attr:`full`, which makes :meth:`add_event` refuse.
+    The spool file and its side files are created ``0600`` (and an existing one is narrowed to
+    that); a symbolic link at ``path`` or at its folder is refused unless ``follow_symlinks``.
     """
 
     def __init__(
@@ -433,6 +461,8 @@ class Spool:
         synchronous: str = "normal",
         clock: Callable[[], float] = time.time,
         busy_timeout: float = 0.2,
+        max_size: int | None = None,
+        follow_symlinks: bool = False,
     ) -> None:
         if synchronous.lower() not in _SYNCHRONOUS:
             raise ValueError(
@@ -442,6 +472,10 @@ class Spool:
             raise ValueError(f"max_pending must be at least 1, not {max_pending}")
         self.path = Path(path)
         self.max_pending = max_pending
+        self.max_size = max_size
+        self.follow_symlinks = follow_symlinks
+        #: True while pending work alone is over ``max_size``: :meth:`add_event` refuses.
+        self.full = False
         self.synchronous = synchronous.lower()
         self._clock = clock
         self._busy_timeout_ms = max(0, round(busy_timeout * 1000))
@@ -486,10 +520,18 @@ class Spool:
 
     def _open_connection(self) -> None:
         """Open (creating the file, its directory and the schema if needed) and probe a write."""
+        self._refuse_links(self.path.parent)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Folders made here are the daemon's own: 0700, whatever the umask.
+            missing = [d for d in (self.path.parent, *self.path.parent.parents) if not d.exists()]
+            for folder in reversed(missing):
+                folder.mkdir(mode=_DIR_MODE)
+        except FileExistsError:
+            pass  # made meanwhile by someone else; what it is is checked when the file opens
         except OSError as exc:
-            raise SpoolError(f"spool {self.path}: cannot create directory: {exc}") from exc
+            raise SpoolError(
+                f"spool {self.path}: cannot create folder {exc.filename}: {exc.strerror}"
+            ) from exc
         self._connect()
         self._open = True
         try:
@@ -532,6 +574,11 @@ class Spool:
         page_rows = [(page_id, event.id, xml) for page_id, xml in pages.items()]
         new_pending = sum(1 for new in deliveries if new.state == "pending")
         conn = self._connection()
+        if self.full:
+            raise SpoolFull(
+                f"spool {self.path}: pending work alone is over max_size ({self.max_size} bytes);"
+                " refusing events until deliveries finish"
+            )
         if self._pending + new_pending > self.max_pending:
             raise SpoolFull(
                 f"spool {self.path}: {self._pending} deliveries pending,"
@@ -643,29 +690,92 @@ class Spool:
     # -- housekeeping ----------------------------------------------------------------------
 
     def purge(self, before: float) -> int:
-        """Delete events received before ``before`` that have no pending delivery, with their
-        deliveries and pages, and cooldowns that ended before ``before``.
+        """Delete every finished event received before ``before`` (no pending delivery, not in a
+        grouping window, no repeat to come) with its deliveries, pages and alerts, and cooldowns
+        that ended before ``before``. All in one go: the daemon uses :meth:`purge_batch`.
 
         Returns how many events were deleted.
         """
+        total = 0
+        cursor = (-math.inf, 0)
+        while True:
+            removed, cursor = self.purge_batch(before, 1000, cursor)
+            total += removed
+            if removed < 1000:
+                break
+        while self.purge_cooldowns(before, 1000) == 1000:
+            pass
+        return total
+
+    def purge_batch(
+        self, before: float, limit: int, cursor: tuple[float, int] = (-math.inf, 0)
+    ) -> tuple[int, tuple[float, int]]:
+        """Delete up to ``limit`` of the oldest finished events received before ``before``
+        (``math.inf``: any age) and after ``cursor``, with their rows, in one short transaction.
+
+        Returns how many were deleted and the cursor to pass next time; fewer than ``limit``
+        means none are left.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
         conn = self._connection()
+        after_at, after_seq = cursor
         try:
             self._set_synchronous(conn, "normal")
             conn.execute("BEGIN IMMEDIATE")
-            doomed = [(row[0],) for row in conn.execute(_PURGEABLE, (before,))]
-            self._purge_alerts(conn, doomed)
-            conn.executemany("DELETE FROM deliveries WHERE event_id = ?", doomed)
-            conn.executemany("DELETE FROM pages WHERE event_id = ?", doomed)
-            conn.executemany("DELETE FROM events WHERE id = ?", doomed)
-            conn.execute("DELETE FROM cooldowns WHERE until < ?", (before,))
+            rows = conn.execute(
+                _PURGEABLE, (before, after_at, after_at, after_seq, limit)
+            ).fetchall()
+            doomed = [(row[0],) for row in rows]
+            if doomed:
+                self._purge_alerts(conn, doomed)
+                conn.executemany("DELETE FROM deliveries WHERE event_id = ?", doomed)
+                conn.executemany("DELETE FROM pages WHERE event_id = ?", doomed)
+                conn.executemany("DELETE FROM events WHERE id = ?", doomed)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise self._write_failed("cannot purge", exc) from exc
         except BaseException:
             self._abandon(conn)
             raise
-        self._committed()
-        return len(doomed)
+        if doomed:
+            self._committed()
+            cursor = (float(rows[-1][1]), int(rows[-1][2]))
+        return len(doomed), cursor
+
+    def purge_cooldowns(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` cooldowns that ended before ``before``; how many were."""
+        return self._write(_EXPIRED_COOLDOWNS, (before, limit), "cannot purge cooldowns")
+
+    def live_bytes(self) -> int:
+        """Bytes the database's pages in use take: what ``max_size`` bounds.
+
+        Pages freed by a purge stay in the file and are reused by later writes, so the file
+        stops growing once this is held under the limit; the write-ahead log comes on top, up to
+        about the checkpoint interval's worth (a few MiB) between checkpoints.
+        """
+        conn = self._connection()
+        try:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            size = conn.execute("PRAGMA page_size").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise self._read_failed("cannot measure the database", exc) from exc
+        return int((pages - free) * size)
+
+    def disk_bytes(self) -> int:
+        """What the spool's files take on disk now: the database, its log and its index.
+
+        Read by the ``phonepush_spool_bytes`` gauge at scrape time; never raises (a file that
+        is missing counts 0).
+        """
+        total = 0
+        for name in (self.path, *(self._side(s) for s in _SIDE_FILES)):
+            try:
+                total += name.stat().st_size
+            except OSError:
+                continue
+        return total
 
     def check(self) -> None:
         """Raise :class:`SpoolError` unless a write to the database succeeds now.
@@ -677,7 +787,47 @@ class Spool:
 
     # -- internals -------------------------------------------------------------------------
 
+    def _side(self, suffix: str) -> Path:
+        return self.path.with_name(self.path.name + suffix)
+
+    def _refuse_links(self, *paths: Path) -> None:
+        if self.follow_symlinks:
+            return
+        for path in paths:
+            if path.is_symlink():
+                raise SpoolError(
+                    f"spool {self.path}: {path} is a symbolic link (to {os.readlink(path)});"
+                    " refused unless spool.follow_symlinks = true"
+                )
+
+    def _prepare_file(self) -> None:
+        """Create the database file 0600 (SQLite gives its -wal and -shm the same mode), or
+        narrow an existing one to 0600; refuse symbolic links unless ``follow_symlinks``."""
+        sides = [self._side(suffix) for suffix in _SIDE_FILES]
+        self._refuse_links(self.path.parent, self.path, *sides)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        if not self.follow_symlinks:
+            flags |= os.O_NOFOLLOW
+        try:
+            os.close(os.open(self.path, flags, _FILE_MODE))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise SpoolError(f"spool {self.path}: cannot create: {exc.strerror}") from exc
+        for path in (self.path, *sides):
+            try:
+                mode = path.stat().st_mode
+                if stat.S_IMODE(mode) & 0o077 and stat.S_ISREG(mode):
+                    path.chmod(_FILE_MODE)
+                    _log.info("spool %s: narrowed %s to mode 0600", self.path, path.name)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                # Not ours to change (another owner): it still opens, so say so and go on.
+                _log.warning("spool %s: cannot make %s private: %s", self.path, path, exc)
+
     def _connect(self) -> sqlite3.Connection:
+        self._prepare_file()
         try:
             conn = sqlite3.connect(
                 self.path,

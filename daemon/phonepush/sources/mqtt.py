@@ -53,7 +53,7 @@ from phonepush.errors import ConfigError, MqttError, SpoolError, SpoolFull
 from phonepush.events import Event
 from phonepush.metrics import Metrics
 
-__all__ = ["MqttSource", "publish_once", "reconnect_delay"]
+__all__ = ["MqttSource", "packet_cap", "publish_once", "reconnect_delay"]
 
 #: How long to wait for the broker's CONNACK after the TCP (and TLS) connection is up.
 _CONNACK_TIMEOUT: Final = 10.0
@@ -73,6 +73,53 @@ _MISC_INTERVAL: Final = 1.0
 _MAX_BACKOFF_EXPONENT: Final = 32
 # Topics remembered as matching our filters or not; cleared when full or the filters change.
 _MATCH_MEMO: Final = 4096
+#: An oversized message is logged once per topic in this many seconds ...
+_TOO_LARGE_LOG_INTERVAL: Final = 60.0
+#: ... with at most this many topics remembered (a flood of distinct topics shares one line) ...
+_TOO_LARGE_TOPICS: Final = 1024
+#: ... each by at most this many characters of its name (a topic may be 64 KiB long).
+_TOPIC_LOG_CHARS: Final = 200
+#: MQTT 5 Maximum Packet Size asked of the broker: this many times ``max_payload``, at least
+#: :data:`_MIN_PACKET_CAP`. Between ``max_payload`` and the cap a message reaches us and is
+#: counted; beyond it the broker drops it without sending, so paho (which buffers a whole
+#: packet before we see it) never holds more than the cap.
+_PACKET_CAP_FACTOR: Final = 16
+_MIN_PACKET_CAP: Final = 1 << 20
+_MAX_PACKET_CAP: Final = 268_435_460  # the largest an MQTT packet can be, with its fixed header
+
+
+def packet_cap(max_payload: int) -> int:
+    """The Maximum Packet Size an MQTT 5 connection asks the broker for."""
+    return min(_MAX_PACKET_CAP, max(_MIN_PACKET_CAP, _PACKET_CAP_FACTOR * max_payload))
+
+
+class _LogLimiter:
+    """Whether to log for a key now: at most once per ``interval`` per key, with at most
+    ``size`` keys remembered. When the table is full of keys still within their interval, new
+    keys share one overflow slot, so a flood of distinct topics costs one line a minute."""
+
+    _OVERFLOW: Final = "\x00overflow"
+
+    def __init__(
+        self, interval: float, size: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._interval = interval
+        self._size = size
+        self._clock = clock
+        self._last: dict[str, float] = {}
+
+    def allow(self, key: str) -> bool:
+        now = self._clock()
+        if key not in self._last and len(self._last) >= self._size:
+            cutoff = now - self._interval
+            self._last = {k: t for k, t in self._last.items() if t > cutoff}
+            if len(self._last) >= self._size:
+                key = self._OVERFLOW
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval:
+            return False
+        self._last[key] = now
+        return True
 
 
 def reconnect_delay(
@@ -172,6 +219,7 @@ class MqttSource:
         # topic_matches_sub builds a matcher per call: with a filter per rule, checking every
         # message against all of them cost more than the rest of intake.
         self._matched: dict[str, bool] = {}
+        self._too_large_log = _LogLimiter(_TOO_LARGE_LOG_INTERVAL, _TOO_LARGE_TOPICS)
         self._accept = accept
         self._metrics = metrics
         self._clock = clock
@@ -428,6 +476,7 @@ class MqttSource:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = config.session_expiry
             props.ReceiveMaximum = config.receive_maximum
+            props.MaximumPacketSize = packet_cap(config.max_payload)
             connect = functools.partial(
                 self._client.connect,
                 self._config.host,
@@ -652,6 +701,20 @@ class MqttSource:
         if not matched:
             # Left over in a resumed session from filters we no longer have.
             self._skip(message, "")
+            return
+        if len(message.payload) > self._config.max_payload:
+            # Acknowledged, so the broker never sends it again; never decoded nor stored.
+            self._skip(message, "too_large")
+            shown = topic[:_TOPIC_LOG_CHARS]
+            if self._too_large_log.allow(shown):
+                self._log.warning(
+                    "dropping messages on %s over mqtt.max_payload (%d bytes, limit %d);"
+                    " next note about this topic in %.0f s at the earliest",
+                    shown + ("..." if len(topic) > _TOPIC_LOG_CHARS else ""),
+                    len(message.payload),
+                    self._config.max_payload,
+                    _TOO_LARGE_LOG_INTERVAL,
+                )
             return
         if message.qos == 0 and self._queue.qsize() >= self._config.receive_maximum:
             # QoS 0 has no flow control; past the limit we drop rather than queue without end.
