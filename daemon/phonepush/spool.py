@@ -805,15 +805,18 @@ class Spool:
         narrow an existing one to 0600; refuse symbolic links unless ``follow_symlinks``."""
         sides = [self._side(suffix) for suffix in _SIDE_FILES]
         self._refuse_links(self.path.parent, self.path, *sides)
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        # Made here, before SQLite would make it with its own 0644; O_EXCL and O_NOFOLLOW so a
+        # link slipped in meanwhile is not followed. With follow_symlinks the link's target is.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
         if not self.follow_symlinks:
-            flags |= os.O_NOFOLLOW
-        try:
-            os.close(os.open(self.path, flags, _FILE_MODE))
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise SpoolError(f"spool {self.path}: cannot create: {exc.strerror}") from exc
+            flags |= os.O_EXCL | os.O_NOFOLLOW
+        if not self.path.exists():
+            try:
+                os.close(os.open(self.path, flags, _FILE_MODE))
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise SpoolError(f"spool {self.path}: cannot create: {exc.strerror}") from exc
         for path in (self.path, *sides):
             try:
                 mode = path.stat().st_mode
