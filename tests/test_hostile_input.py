@@ -915,3 +915,137 @@ def test_config_error_exit_code_from_the_real_command(tmp_path: Path) -> None:
 )
 def test_template_cases_found_by_fuzzing(example: tuple[str, dict[str, Any], bool]) -> None:
     check_template(example)
+
+
+# --- MQTT payload sizes (mqtt.max_payload) ------------------------------------------------------
+
+#: The limit the MQTT fuzz runs with: small, so cases around it are quick to publish.
+MQTT_LIMIT: Final = 4096
+
+
+def _mqtt_sizes() -> st.SearchStrategy[int]:
+    from phonepush.sources.mqtt import packet_cap
+
+    cap = packet_cap(MQTT_LIMIT)
+    return st.one_of(
+        st.integers(0, 3 * MQTT_LIMIT),
+        st.integers(MQTT_LIMIT - 3, MQTT_LIMIT + 3),
+        st.sampled_from([0, 1, 64 * 1024, cap - 256, cap + 1, 3 * cap]),
+    )
+
+
+#: Payload sizes around ``MQTT_LIMIT`` and around the Maximum Packet Size asked of the broker.
+mqtt_size_example = st.deferred(_mqtt_sizes)
+
+
+class BackgroundMqtt:
+    """The real MQTT source (paho, QoS 1, MQTT 5) on an event loop in a thread, against a real
+    broker, with ``mqtt.max_payload = MQTT_LIMIT``; what it accepts lands in :attr:`accepted`.
+
+    :meth:`check` publishes one payload of the given size and checks the outcome: taken whole
+    at or under the limit; over it, acknowledged and counted ``too_large`` and never taken;
+    over the Maximum Packet Size, dropped by the broker (its log says so) and never seen."""
+
+    def __init__(
+        self, broker_url: str, broker_log: Callable[[], str], publish: Callable[..., None]
+    ):
+        import queue
+
+        from phonepush.events import Event
+
+        self._url = broker_url
+        self._broker_log = broker_log
+        self._publish = publish
+        self.accepted: queue.Queue[Event] = queue.Queue()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mqtt-fuzz", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._cases = 0
+        from prometheus_client import CollectorRegistry
+
+        self.registry = CollectorRegistry()
+
+    def __enter__(self) -> BackgroundMqtt:
+        self._thread.start()
+        if not self._ready.wait(20):
+            raise RuntimeError("MQTT source did not connect in 20 s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(20)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
+            self._error = exc
+            self._ready.set()
+
+    async def _main(self) -> None:
+        from phonepush.config import MqttConfig
+        from phonepush.events import Event
+        from phonepush.metrics import Metrics
+        from phonepush.sources.mqtt import MqttSource
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+
+        async def accept(event: Event) -> None:
+            self.accepted.put(event)
+
+        config = MqttConfig(url=self._url, client_id="fuzz-sizes", max_payload=MQTT_LIMIT)
+        source = MqttSource(
+            config, filters=["fuzz/#"], accept=accept, metrics=Metrics(self.registry)
+        )
+        async with source, asyncio.TaskGroup() as tasks:
+            runner = tasks.create_task(source.run())
+            while not source.connected:
+                await asyncio.sleep(0.01)
+            self._ready.set()
+            await self._stop.wait()
+            runner.cancel()
+
+    def _too_large(self) -> float:
+        value = self.registry.get_sample_value(
+            "phonepush_events_rejected_total", {"source": "mqtt", "reason": "too_large"}
+        )
+        return value or 0.0
+
+    def check(self, size: int) -> None:
+        import queue
+
+        from phonepush.sources.mqtt import packet_cap
+
+        self._cases += 1
+        topic = f"fuzz/{self._cases}"
+        payload = (b'{["\x00\xff' * (size // 5 + 1))[:size]
+        rejected = self._too_large()
+        dropped = self._broker_log().count("Dropping too large outgoing PUBLISH")
+        self._publish(topic, payload)
+        deadline = time.monotonic() + 10
+        if size <= MQTT_LIMIT:
+            event = self.accepted.get(timeout=10)
+            assert event.topic == topic and event.payload == payload, (event.topic, size)
+        elif size + len(topic) + 64 < packet_cap(MQTT_LIMIT):
+            while self._too_large() == rejected:
+                assert time.monotonic() < deadline, f"{size} bytes neither taken nor counted"
+                time.sleep(0.005)
+        else:
+            while self._broker_log().count("Dropping too large outgoing PUBLISH") == dropped:
+                assert time.monotonic() < deadline, f"{size} bytes not dropped by the broker"
+                time.sleep(0.01)
+        assert self._too_large() in (rejected, rejected + 1)
+        with contextlib.suppress(queue.Empty):
+            extra = self.accepted.get_nowait()
+            raise AssertionError(f"taken although over the limit: {len(extra.payload)} bytes")
+
+
+def test_fuzz_mqtt_payload_sizes(mosquitto: Any) -> None:
+    with BackgroundMqtt(mosquitto.url, lambda: mosquitto.log_text, mosquitto.publish) as mqtt:
+        settings(_FUZZ_SETTINGS, max_examples=60)(given(mqtt_size_example)(mqtt.check))()
