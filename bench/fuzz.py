@@ -8,8 +8,8 @@ the end-to-end push structure, with the strategies and checks of tests/test_host
 Unlike a test run, a failing case does not stop the target: every case runs, failures are
 counted and the first few printed. A case slower than ``--hang`` seconds counts as a failure (a
 hang). Prints cases / failures / time per target, and exits 1 if anything failed. The webhook and
-structure targets run the real daemon and a simulated phone on 127.0.0.1; the mqtt target runs
-the real MQTT source against a mosquitto started for the run.
+structure targets run the real daemon and a simulated phone on 127.0.0.1; the mqtt_size target
+runs the real MQTT source against a mosquitto started for the run.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import test_hostile_input as hostile  # noqa: E402
 
-ALL_TARGETS = ("response", "uri", "template", "webhook", "structure", "mqtt")
+ALL_TARGETS = ("response", "uri", "template", "webhook", "structure", "mqtt_size")
 
 
 @dataclass
@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                 result.what += f" ({structure.pushed} pushed and parsed)"  # type: ignore[attr-defined]
                 results.append(result)
 
-    if "mqtt" in wanted:
-        results.append(_fuzz_mqtt(args.examples, args.hang))
+    if "mqtt_size" in wanted:
+        results.append(_fuzz_mqtt_size(args.examples, args.hang))
 
     print()
     print(f"{'target':<10} {'cases':>7} {'failures':>8} {'seconds':>8} {'slowest':>8}  what")
@@ -165,10 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(r.failures for r in results) else 0
 
 
-def _fuzz_mqtt(examples: int, hang: float) -> Result:
+def _fuzz_mqtt_size(examples: int, hang: float) -> Result:
     from _mqtt_fixtures import Broker, _free_port
 
-    print("fuzzing mqtt (payload sizes around mqtt.max_payload, real mosquitto) ...", flush=True)
+    print("fuzzing mqtt_size (payload sizes around mqtt.max_payload) ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="phonepush-fuzz-mqtt-") as tmp:
         broker = Broker(Path(tmp), _free_port())
         broker.write_conf()
@@ -178,7 +178,7 @@ def _fuzz_mqtt(examples: int, hang: float) -> Result:
                 broker.url, lambda: broker.log_text, broker.publish
             ) as mqtt:
                 return _run(
-                    "mqtt",
+                    "mqtt_size",
                     f"MQTT payload sizes around max_payload = {hostile.MQTT_LIMIT}",
                     hostile.mqtt_size_example,
                     mqtt.check,

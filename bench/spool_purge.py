@@ -6,7 +6,7 @@ page and a ``--payload``-byte body each, as traffic leaves them), then emptied t
 * ``batched``: :meth:`Housekeeper.purge` as the daemon runs it (adaptive batches of about 4 ms,
   the loop given back between them), with a probe task on the same loop that sleeps 1 ms at a
   time and records how late it wakes: the longest stall anything else on the loop would see;
-* ``one transaction``: :meth:`Spool.purge`, everything at once, as the daemon did before: the
+* ``all at once``: :meth:`Spool.purge`, everything in one call, as the daemon did before: the
   whole call is one stall.
 
 Reported: events evicted per second, MiB of live pages freed per second, the longest single
@@ -108,7 +108,7 @@ async def _case(directory: Path, events: int, payload_bytes: int, batched: bool)
             await asyncio.sleep(0.01)
         freed = live - spool.live_bytes()
     return {
-        "mode": "batched" if batched else "one transaction",
+        "mode": "batched" if batched else "all at once",
         "events": removed,
         "seconds": elapsed,
         "events_per_s": removed / elapsed,
