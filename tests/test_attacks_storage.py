@@ -97,6 +97,51 @@ async def test_finding_2_oversized_mqtt_payload_is_acked_not_stored(
     )
 
 
+async def test_finding_2_too_large_notes_are_bounded_across_many_topics(
+    daemon_runner: DaemonRunner, mosquitto: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flood of oversized messages on distinct topics: every one counted, one line per topic
+    for the first 1,024 topics remembered, then one shared line a minute for the rest."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    await daemon_runner.start(
+        {
+            "mqtt": {"url": mosquitto.url, "client_id": "finding-2-flood", "max_payload": 10},
+            "rules": [{"name": "all", "on": "mqtt:flood/#", "to": ["all"], "execute": ["Key:1"]}],
+        }
+    )
+    topics = 1100
+
+    def flood() -> None:
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id="flooder", protocol=MQTTProtocolVersion.MQTTv5
+        )
+        client.connect(mosquitto.host, mosquitto.port)
+        client.loop_start()
+        try:
+            infos = [client.publish(f"flood/{i}", b"x" * 11, qos=1) for i in range(topics)]
+            for info in infos:
+                info.wait_for_publish(10)
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+    with caplog.at_level(logging.WARNING, logger="phonepush.mqtt"):
+        await asyncio.to_thread(flood)
+        await eventually(
+            lambda: (
+                daemon_runner.metric(
+                    "phonepush_events_rejected_total", source="mqtt", reason="too_large"
+                )
+                == topics
+            ),
+            timeout=30,
+        )
+    notes = [r for r in caplog.records if "mqtt.max_payload" in r.getMessage()]
+    assert len(notes) == 1024 + 1
+
+
 # --- finding 7: credential headers stored 7 days, spool files 0644 -------------------------------
 
 
