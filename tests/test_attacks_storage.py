@@ -97,6 +97,38 @@ async def test_finding_2_oversized_mqtt_payload_is_acked_not_stored(
     )
 
 
+async def test_finding_2_oversized_payload_over_mqtt_3_is_acked_not_stored(
+    daemon_runner: DaemonRunner, mosquitto: Broker
+) -> None:
+    """MQTT 3.1.1 has no Maximum Packet Size: the whole message reaches paho, and the size check
+    alone keeps it out (the broker's max_packet_size is what bounds memory there)."""
+    config = {
+        "mqtt": {"url": mosquitto.url, "client_id": "finding-2-v3", "protocol": "3.1.1"},
+        "rules": [{"name": "all", "on": "mqtt:v3/#", "to": ["all"], "execute": ["Key:1"]}],
+    }
+    running = await daemon_runner.start(config)
+    await asyncio.to_thread(mosquitto.publish, "v3/big", b"z" * 2_000_000)
+    await asyncio.to_thread(mosquitto.publish, "v3/small", b"{}")
+    await eventually(lambda: len(running.spool.recent_events(5)) == 1)
+    await eventually(
+        lambda: (
+            daemon_runner.metric(
+                "phonepush_events_rejected_total", source="mqtt", reason="too_large"
+            )
+            == 1
+        )
+    )
+    assert [e.topic for e in running.spool.recent_events(5)] == ["v3/small"]
+    await daemon_runner.stop()
+    running = await daemon_runner.start(config)
+    await asyncio.to_thread(mosquitto.publish, "v3/small", b"{}")
+    await eventually(lambda: len(running.spool.recent_events(5)) == 2)
+    assert (
+        daemon_runner.metric("phonepush_events_rejected_total", source="mqtt", reason="too_large")
+        == 0
+    )
+
+
 async def test_finding_2_too_large_notes_are_bounded_across_many_topics(
     daemon_runner: DaemonRunner, mosquitto: Broker, caplog: pytest.LogCaptureFixture
 ) -> None:
