@@ -31,6 +31,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import random as _random
 import secrets
 import ssl
@@ -107,12 +108,16 @@ class _LogLimiter:
         self._size = size
         self._clock = clock
         self._last: dict[str, float] = {}
+        self._pruned_at = -math.inf
 
     def allow(self, key: str) -> bool:
         now = self._clock()
         if key not in self._last and len(self._last) >= self._size:
-            cutoff = now - self._interval
-            self._last = {k: t for k, t in self._last.items() if t > cutoff}
+            # Pruning walks the whole table: at most once a second, not per message of a flood.
+            if now - self._pruned_at >= 1.0:
+                self._pruned_at = now
+                cutoff = now - self._interval
+                self._last = {k: t for k, t in self._last.items() if t > cutoff}
             if len(self._last) >= self._size:
                 key = self._OVERFLOW
         last = self._last.get(key)
