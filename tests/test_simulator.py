@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -262,6 +263,44 @@ async def test_basic_auth(make_fleet: MakeFleet) -> None:
             items_of(response)
     assert list(phone.state.dialled) == ["1"]
     assert phone.state.errors == 3
+
+
+def basic_header(user: str, password: str, encoding: str) -> bytes:
+    token = base64.b64encode(f"{user}:{password}".encode(encoding))
+    return b"Authorization: Basic " + token + b"\r\n"
+
+
+async def raw_push(phone: SimPhone, xml: str, extra_head: bytes = b"") -> bytes:
+    body = form_body(xml)
+    answer = await raw_request(
+        phone,
+        b"POST /CGI/Execute HTTP/1.1\r\nHost: phone\r\nConnection: close\r\n"
+        + extra_head
+        + b"Content-Type: application/x-www-form-urlencoded\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body,
+    )
+    return answer.partition(b"\r\n\r\n")[2]
+
+
+async def test_credentials_are_utf8(make_fleet: MakeFleet) -> None:
+    password = "pässwörd-€"
+    fleet = await make_fleet(username="admin", password=password)
+    phone = fleet.phones[0]
+    xml = raw_execute("Dial:1")
+    # The header's bytes are written by hand: what any client sends for a non-ASCII password.
+    ok = await raw_push(phone, xml, basic_header("admin", password, "utf-8"))
+    assert b'Status="0"' in ok
+    latin1 = await raw_push(phone, xml, basic_header("admin", "pässwörd", "latin-1"))
+    assert b'<CiscoIPPhoneError Number="4"' in latin1
+    assert list(phone.state.executed) == ["Dial:1"]
+    async with page_server() as auth:
+        auth.pages["/auth"] = (200, b"AUTHORIZED")
+        asking = await make_fleet(auth_url=auth.url("/auth"))
+        answer = await raw_push(asking.phones[0], xml, basic_header("jürgen", password, "utf-8"))
+        assert b'Status="0"' in answer
+        _, query, _ = auth.seen[0]
+        assert (query["UserID"], query["Password"]) == (["jürgen"], [password])
 
 
 async def test_auth_url_decides(make_fleet: MakeFleet) -> None:

@@ -11,7 +11,9 @@ Choices where real phones vary or the notes leave room:
 * **Authentication.** With ``username``/``password`` the phone checks HTTP Basic itself; with
   ``auth_url`` it asks that URL instead (GET with ``UserID``, ``Password``, ``devicename``) and
   accepts only a 200 whose body is exactly ``AUTHORIZED``; an unreachable auth server denies. A
-  push without an ``Authorization`` header is denied without asking. Denial is
+  push without an ``Authorization`` header is denied without asking. Basic credentials are
+  decoded as UTF-8, the one encoding phonepush uses everywhere; a header that is not valid
+  UTF-8 (a Latin-1 client's non-ASCII password) is denied. Denial is
   ``CiscoIPPhoneError Number="4"`` with HTTP **200** (phones vary between 200 and 401; clients
   must accept both, and 200 is the case that needs the body parsed).
 * **One push at a time.** A phone is busy from the moment a push is received until its answer
