@@ -37,6 +37,7 @@ from phonepush.cisco import (
 )
 from phonepush.errors import PhoneAuthError, PhoneBadResponse, PhoneRejected
 from phonepush.simulator import Fleet, SimPhone
+from phonepush.simulator import SoftKey as SimSoftKey
 from phonepush.uri import ExecuteItem
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -168,6 +169,165 @@ async def test_invalid_uri_fails_only_that_item(fleet: Fleet) -> None:
         ResponseItem("Bogus:thing", "Invalid URI", 1),
         ResponseItem("Key:Mute", "Success", 0),
     ]
+
+
+# Each URI pushed alone; the phone's ResponseItem Status and Data for it.
+URI_ANSWERS = [
+    ("Key:Headset", 0, "Success"),
+    ("Key:Line120", 0, "Success"),
+    ("Key:KeyPadPound", 0, "Success"),
+    ("Key:NavDwn", 0, "Success"),
+    ("Key:headset", 1, "Invalid URI"),  # names are exact
+    ("Key:Line121", 1, "Invalid URI"),
+    ("Key:Head", 1, "Invalid URI"),
+    ("SoftKey:Select", 0, "Success"),
+    ("SoftKey:Dance", 1, "Invalid URI"),
+    ("Init:CallHistory", 0, "Success"),
+    ("Init:Foo", 1, "Invalid URI"),
+    ("Dial:5551234,,#*AD", 0, "Success"),
+    ("Dial:5551234:1:Cisco/Dialer", 0, "Success"),
+    ("Dial:5551234:0:app:1", 0, "Success"),
+    ("Dial:555E", 1, "Invalid URI"),
+    ("Dial:1:2:app", 1, "Invalid URI"),
+    ("EditDial:*1#", 0, "Success"),
+    ("SendDigits:123:1::app", 0, "Success"),
+    ("SendDigits:123::app", 0, "Success"),
+    ("SendDigits:6185551212,,987654321,1234:1:Cisco/Dialer", 0, "Success"),
+    ("SendDigits:", 1, "Invalid URI"),
+    ("Play:Chime.raw", 0, "Success"),
+    ("Play:Ring7.raw", 0, "Success"),
+    ("Play:Stop", 0, "Success"),
+    ("Play:NotOnThePhone.raw", 6, "URI not found"),
+    ("Play:" + "a" * 26, 1, "Invalid URI"),
+    ("Play:../x.raw", 1, "Invalid URI"),
+    ("Display:Default:0", 0, "Success"),
+    ("Display:Off:1440", 0, "Success"),
+    ("Display:On:1441", 1, "Invalid URI"),
+    ("Display:on", 1, "Invalid URI"),
+    ("RTPRx:10.0.0.5:20480:100", 0, "Success"),
+    ("RTPMRx:239.1.1.1:32768", 0, "Success"),
+    ("RTPTx:10.0.0.5:20482", 0, "Success"),
+    ("RTPMTx:Stop", 0, "Success"),
+    ("RTPRx:10.0.0.5:20481", 1, "Invalid URI"),  # odd port
+    ("RTPRx:10.0.0.5:20480:101", 1, "Invalid URI"),
+    ("RTPMRx:224.0.1.1:20480", 1, "Invalid URI"),
+    ("RTPRx:239.1.1.1:20480", 1, "Invalid URI"),  # unicast needs a unicast address
+    ("RTPTx:10.0.0.5:20480:50", 1, "Invalid URI"),  # no volume on transmit
+    ("Notify:x", 1, "Invalid URI"),
+    ("Bogus:thing", 1, "Invalid URI"),
+    ("http://127.0.0.1:1/" + "x" * 238, 1, "Invalid URI"),  # over 256 characters
+    ("HTTP://127.0.0.1:1/gone", 6, "URI not found"),  # understood: fetched, nothing there
+]
+
+
+async def test_uri_grammar_and_tables(make_fleet: MakeFleet) -> None:
+    fleet = await make_fleet(rtp=False)
+    phone = fleet.phones[0]
+    got = [
+        (uri, item.status, item.data)
+        for uri, _, _ in URI_ANSWERS
+        for item in items_of(await push(phone, raw_execute(uri)))
+    ]
+    assert got == URI_ANSWERS
+    executed = [uri for uri, status, _ in URI_ANSWERS if status == 0]
+    assert list(phone.state.executed) == executed
+
+
+async def test_play_files_are_the_phones(make_fleet: MakeFleet) -> None:
+    fleet = await make_fleet(play_files=["Doorbell.raw"], tone_ms=10)
+    phone = fleet.phones[0]
+    items = items_of(await push(phone, raw_execute("Play:Doorbell.raw", "Play:Chime.raw")))
+    assert items == [
+        ResponseItem("Play:Chime.raw", "URI not found", 6),
+        ResponseItem("Play:Doorbell.raw", "Success", 0),
+    ]
+    assert list(phone.state.tones) == ["Doorbell.raw"]
+    with pytest.raises(ValueError, match="ring file"):
+        Fleet(play_files=["../etc/passwd"])
+
+
+async def test_uppercase_http_scheme_is_fetched(fleet: Fleet) -> None:
+    async with page_server() as pages:
+        pages.pages["/p"] = (200, text_xml(TextPage(title="Upper", text="x")).encode())
+        url = pages.url("/p").replace("http://", "HTTP://")
+        assert items_of(await push(fleet.phones[0], raw_execute(url))) == [
+            ResponseItem(url, "Success", 0)
+        ]
+    assert fleet.phones[0].state.screen.title == "Upper"
+
+
+def pad_to(size: int) -> str:
+    """A valid one-item CiscoIPPhoneExecute of exactly ``size`` bytes."""
+    bare = raw_execute("Dial:1", "Dial:2")
+    return bare.replace("<ExecuteItem", " " * (size - len(bare)) + "<ExecuteItem", 1)
+
+
+async def test_512_byte_limit(fleet: Fleet) -> None:
+    phone = fleet.phones[0]
+    exactly = pad_to(512)
+    assert len(exactly.encode()) == 512
+    assert items_of(await push(phone, exactly))[0].ok
+    with pytest.raises(PhoneRejected) as caught:
+        items_of(await push(phone, pad_to(513)))
+    assert caught.value.number == 1
+    assert list(phone.state.executed) == ["Dial:1", "Dial:2"]
+
+
+@pytest.mark.parametrize(
+    ("xml", "number"),
+    [
+        ('<?xml version="1.0" encoding="UTF-16"?><CiscoIPPhoneExecute/>', 1),
+        ('<ciscoIPPhoneExecute><ExecuteItem URL="Dial:1"/></ciscoIPPhoneExecute>', 1),
+        ('<CiscoIPPhoneExecute><executeItem URL="Dial:1"/></CiscoIPPhoneExecute>', 1),
+        ('<CiscoIPPhoneExecute><ExecuteItem url="Dial:1"/></CiscoIPPhoneExecute>', 1),
+        ('<CiscoIPPhoneExecute><ExecuteItem URL="Dial:1" Priority="3"/></CiscoIPPhoneExecute>', 2),
+        ("<CiscoIPPhoneExecute><ExecuteItem/></CiscoIPPhoneExecute>", 2),
+        ("<CiscoIPPhoneExecute></CiscoIPPhoneExecute>", 2),
+        ("<CiscoIPPhoneText><Text>x</Text></CiscoIPPhoneText>", 2),
+        ("<setRingTone><ringtone>http://h/r.raw</ringtone></setRingTone>", 1),
+        (
+            '<!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]>'
+            '<CiscoIPPhoneExecute><ExecuteItem URL="Dial:&e;"/></CiscoIPPhoneExecute>',
+            1,
+        ),
+        (
+            '<!DOCTYPE x [<!ENTITY a "1111111111">]>'
+            '<CiscoIPPhoneExecute><ExecuteItem URL="Dial:&a;"/></CiscoIPPhoneExecute>',
+            1,
+        ),
+    ],
+    ids=[
+        "utf16",
+        "root-case",
+        "item-case",
+        "attribute-case",
+        "priority",
+        "no-url",
+        "no-items",
+        "text-object",
+        "ringtone-case",
+        "external-entity",
+        "internal-entity",
+    ],
+)
+async def test_objects_a_phone_cannot_read_or_act_on(fleet: Fleet, xml: str, number: int) -> None:
+    phone = fleet.phones[0]
+    with pytest.raises(PhoneRejected) as caught:
+        items_of(await push(phone, xml))
+    assert caught.value.number == number
+    assert not phone.state.executed
+
+
+async def test_without_prolog_the_phone_reads_its_locale_charset(fleet: Fleet) -> None:
+    phone = fleet.phones[0]
+    ascii_only = '<CiscoIPPhoneExecute><ExecuteItem URL="Dial:1"/></CiscoIPPhoneExecute>'
+    assert items_of(await push(phone, ascii_only)) == [ResponseItem("Dial:1", "Success", 0)]
+    url = "http://127.0.0.1:1/café"
+    no_prolog = f'<CiscoIPPhoneExecute><ExecuteItem URL="{url}"/></CiscoIPPhoneExecute>'
+    with_prolog = raw_execute(url)
+    # The same UTF-8 bytes, read as ISO-8859-1 without the prolog: the phone echoes what it read.
+    assert items_of(await push(phone, no_prolog))[0].url == "http://127.0.0.1:1/cafÃ©"
+    assert items_of(await push(phone, with_prolog))[0].url == url
 
 
 @pytest.mark.parametrize(
@@ -652,7 +812,7 @@ async def test_press_softkey_fetches_its_page(fleet: Fleet) -> None:
         assert (ack_path, ack_query) == ("/ack", {"event": ["7"]})
         assert ack_headers["x-ciscoipphonemodelname"] == "CP-8841"
     await push(phone, raw_execute("Dial:1"))
-    phone.state.screen.softkeys.append(SoftKey("Exit", "SoftKey:Exit", 2))
+    phone.state.screen.softkeys.append(SimSoftKey("Exit", "SoftKey:Exit", 2))
     screen = await phone.press(name="Exit")
     assert screen.title == "" and screen.softkeys == []
 
@@ -810,3 +970,14 @@ async def test_7900_speaks_only_tls_1_0(make_fleet: MakeFleet, tmp_path: Path) -
     assert version == "TLSv1"
     assert items_of(await push(phone, raw_execute("Dial:1"), verify=old))[0].ok
     assert list(phone.state.executed) == ["Dial:1"]
+
+
+async def test_softkey_exit_clears_the_screen(fleet: Fleet) -> None:
+    phone = fleet.phones[0]
+    async with page_server() as pages:
+        pages.pages["/p"] = (200, text_xml(TextPage(title="Shown", text="x")).encode())
+        await push(phone, raw_execute(pages.url("/p")))
+    assert phone.state.screen.title == "Shown"
+    assert items_of(await push(phone, raw_execute("SoftKey:Exit")))[0].ok
+    assert phone.state.screen.title == ""
+    assert list(phone.state.keys) == ["SoftKey:Exit"]

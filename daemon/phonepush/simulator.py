@@ -2,9 +2,15 @@
 
 A :class:`Fleet` runs N :class:`SimPhone` s, each listening on its own port and answering
 ``POST /CGI/Execute`` the way a phone does (see ``/work/shared/cisco-notes.md`` for the facts),
-plus a control endpoint serving every phone's state as JSON and taking fault modes and softkey
-presses. HTTP is hand-written on raw asyncio (:mod:`phonepush._simhttp`) so one core serves
-thousands of pushes a second.
+plus a control endpoint serving every phone's state as JSON and taking fault modes, models and
+softkey presses. HTTP is hand-written on raw asyncio (:mod:`phonepush._simhttp`) so one core
+serves thousands of pushes a second.
+
+The phone is an independent model: what it reads and writes (the pushed objects, the URI
+grammar, its tables of ``Key:``/``SoftKey:``/``Init:`` names and ``Play:`` files, fetched pages,
+its answers) lives in :mod:`phonepush._simphone`, written from the phone's side of the notes and
+importing nothing from phonepush's client (``uri``, ``cisco``), so the client cannot pass its
+tests by agreeing with itself. The choices behind that grammar are in that module's docstring.
 
 Choices where real phones vary or the notes leave room:
 
@@ -35,21 +41,30 @@ Choices where real phones vary or the notes leave room:
 * **Transport quirks.** A chunked upload gets HTTP 404 (a phone's web server does that), ``Expect:
   100-continue`` gets error 6, a POST without ``Content-Length`` gets HTTP 411. All three close the
   connection. Other paths: 404; other methods on ``/CGI/Execute``: 405. Bodies that are not
-  ``application/x-www-form-urlencoded`` with a field named exactly ``XML`` get error 1.
-* **Items** run in request order. ``Play:<file>`` starts a tone and its ResponseItem comes when
-  the tone ends (``tone_ms``), so the answer is held and lists the Play after items that finished
-  meanwhile — completion order, as phones do. ``Play:Stop`` ends a tone at once. While a tone
-  plays, the phone is busy: an http item with Priority 2 ("only if idle") is dropped and answered
-  ``Status="6" Data="Phone busy"``; Priority 1 ("when idle") runs after the tone. Otherwise the
-  phone is idle (a serialized push never sees another push's tone).
+  ``application/x-www-form-urlencoded`` with a field named exactly ``XML`` get error 1. The XML
+  is at most 512 bytes and holds at most 3 items; an object the phone cannot read is error 1,
+  one it reads but cannot act on error 2 (details in :mod:`phonepush._simphone`).
+* **Items** run in request order. A URI outside the grammar is ``Status="1" Data="Invalid
+  URI"``; a ``Play:`` file the phone does not have (``play_files``, by default
+  :data:`~phonepush._simphone.DEFAULT_PLAY_FILES`) is ``Status="6" Data="URI not found"``.
+  ``Play:<file>`` starts a tone and its ResponseItem comes when the tone ends (``tone_ms``), so
+  the answer is held and lists the Play after items that finished meanwhile: completion order,
+  as phones do. ``Play:Stop`` ends a tone at once. While a tone plays, the phone is busy: an
+  http item with Priority 2 ("only if idle") is dropped and answered ``Status="6" Data="Phone
+  busy"``; Priority 1 ("when idle") runs after the tone. Otherwise the phone is idle (one push
+  at a time never sees another push's tone).
 * **Fetches.** ``http(s)`` items are fetched with a phone's headers; a CiscoIPPhoneText answer is
   shown on the screen. Failure to fetch (refused, timeout, HTTP error) is ``Status="6"
   Data="URI not found"``; an answer that is not a valid CiscoIPPhoneText is ``Status="6"
   Data="Parse error"`` and leaves the screen as it was.
+* **Internal URIs** change the state a test reads: ``Dial:``/``EditDial:``/``SendDigits:`` add
+  their digits to ``dialled``; ``Key:``, ``SoftKey:`` and ``Init:`` are listed in ``keys``
+  (``SoftKey:Exit`` also clears the screen); ``Display:`` sets the backlight.
 * **setBackground / setRingTone** set state and answer a CiscoIPPhoneResponse with one Success
   item whose URL is the image (background) or the ring tone URL.
 * **Counters.** ``pushes`` counts requests to ``POST /CGI/Execute``; ``errors`` counts those not
-  answered with a CiscoIPPhoneResponse (error objects, HTTP errors, fault answers).
+  answered with success (a CiscoIPPhoneResponse, or a multiplatform phone's 200): error objects,
+  HTTP errors, fault answers, busy answers.
 * **Reset** clears a phone's state, its fault mode and its model (back to the fleet's), and
   closes its RTP listener.
 * **RTP reception.** ``RTPRx:<source>:<port>[:<volume>]`` makes the phone listen for RTP on its
@@ -88,22 +103,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
-from urllib.parse import unquote_plus, unquote_to_bytes, urlencode
+from urllib.parse import unquote_plus, urlencode
 
-from phonepush._simhttp import HTTPServerProtocol, Request, Response, http_get
-from phonepush.cisco import (
-    BackgroundPush,
-    ExecutePush,
-    ResponseItem,
+from phonepush._simhttp import FetchError, HTTPServerProtocol, Request, Response, http_get
+from phonepush._simphone import (
+    DEFAULT_PLAY_FILES,
+    Background,
+    DialUri,
+    DisplayUri,
+    Execute,
+    FetchUri,
+    Item,
+    KeyUri,
+    ObjectRefused,
+    PageRefused,
+    PlayUri,
+    Result,
+    RtpUri,
     SoftKey,
-    error_xml,
-    parse_push,
-    parse_text,
-    response_xml,
+    error_body,
+    form_field,
+    html_body,
+    read_object,
+    read_page,
+    read_uri,
+    response_body,
+    ring_files,
 )
-from phonepush.errors import AudioError, InvalidURI, MalformedPush, PhoneError, WireError
+from phonepush.errors import AudioError
 from phonepush.rtp import ReceiveStats, RtpReceiver
-from phonepush.uri import ExecuteItem, is_http, validate_uri
 
 __all__ = [
     "FAULT_MODES",
@@ -117,6 +145,7 @@ __all__ = [
     "PushLog",
     "Screen",
     "SimPhone",
+    "SoftKey",
 ]
 
 logger = logging.getLogger(__name__)
@@ -141,6 +170,16 @@ PHONE_HEADERS: Final = {
     "x-CiscoIPPhoneDisplay": "800,480,24,C",
     "Accept": "x-CiscoIPPhone/*",
     "User-Agent": "Allegro-Software-WebClient/4.34",
+}
+#: What each model sends when it fetches a page or asks the authentication URL.
+MODEL_HEADERS: Final = {
+    "8800": PHONE_HEADERS,
+    "7900": {
+        **PHONE_HEADERS,
+        "x-CiscoIPPhoneModelName": "CP-7965",
+        "x-CiscoIPPhoneDisplay": "298,168,16,C",
+    },
+    "multiplatform": {**PHONE_HEADERS, "x-CiscoIPPhoneModelName": "CP-8841-3PCC"},
 }
 MAX_RECORDS: Final = 1000
 #: Finished RTP receptions a phone remembers.
@@ -266,6 +305,7 @@ class _Settings:
     fetch_timeout: float
     answer_after_ms: float
     model: str
+    play_files: frozenset[str]
     fetch_ssl: ssl.SSLContext | None
     rtp: bool = True
 
@@ -520,7 +560,8 @@ class SimPhone:
 
         An http(s) softkey URL is fetched and its CiscoIPPhoneText shown; ``SoftKey:Exit`` clears
         the screen; other internal URIs are recorded in ``keys``. Raises :class:`LookupError` if
-        no such softkey is shown and :class:`~phonepush.errors.PhoneError` if the fetch fails.
+        no such softkey is shown, :class:`~phonepush._simhttp.FetchError` if the fetch fails and
+        :class:`~phonepush._simphone.PageRefused` if what it fetched is no page.
         """
         key = next(
             (
@@ -540,7 +581,7 @@ class SimPhone:
             "url": key.url,
         }
         self.state.presses.append(record)
-        if is_http(key.url):
+        if isinstance(read_uri(key.url), FetchUri):
             record["result"] = "fetched"
             screen = await self._fetch_screen(key.url)
             self.state.screen = screen
@@ -602,9 +643,9 @@ class SimPhone:
         if fault == "http401":
             return Response(
                 401,
-                _error_body(4, "Authentication error"),
+                error_body(4, "Authentication error"),
                 "text/xml",
-                headers=(("WWW-Authenticate", 'Basic realm="phone"'),),
+                headers=(_CHALLENGE,),
             )
         if fault == "garbage":
             return Response(200, _GARBAGE, "text/xml")
@@ -652,34 +693,30 @@ class SimPhone:
         multiplatform = self.model == "multiplatform"
         if (settings.username or settings.auth_url) and not await self._authorized(request):
             if multiplatform:
-                return _html(
-                    401, "Unauthorized", headers=(("WWW-Authenticate", 'Basic realm="phone"'),)
-                )
+                return _html(401, "Unauthorized", headers=(_CHALLENGE,))
             return _error(4, "Authentication error")
         content_type = request.headers.get("content-type", "")
-        xml = _form_xml(request.body) if content_type[:33].lower() == _FORM else None
+        xml = form_field(request.body) if content_type[:33].lower() == _FORM else None
         if xml is None:
-            return (
-                _html(400, "Bad Request")
-                if multiplatform
-                else _error(1, "expected a form field named XML")
-            )
+            if multiplatform:
+                return _html(400, "Bad Request")
+            return _error(1, "expected a form field named XML")
         record["xml"] = xml.decode("utf-8", "replace")
         try:
-            push = parse_push(xml)
-        except MalformedPush as exc:
-            return _html(400, "Bad Request") if multiplatform else _error(exc.number, str(exc))
-        if isinstance(push, ExecutePush):
-            record["items"] = [{"url": i.url, "priority": i.priority} for i in push.items]
-            items = await self._execute(push.items)
-        elif isinstance(push, BackgroundPush):
-            self.state.background = {"icon": push.icon, "image": push.image}
-            items = [ResponseItem(push.image, "Success", 0)]
+            pushed = read_object(xml)
+        except ObjectRefused as exc:
+            return _html(400, "Bad Request") if multiplatform else _error(exc.number, exc.text)
+        if isinstance(pushed, Execute):
+            record["items"] = [{"url": i.url, "priority": i.priority} for i in pushed.items]
+            results = await self._execute(pushed.items)
+        elif isinstance(pushed, Background):
+            self.state.background = {"icon": pushed.icon, "image": pushed.image}
+            results = [Result(pushed.image, "Success", 0)]
         else:
-            self.state.ringtone = push.url
-            items = [ResponseItem(push.url, "Success", 0)]
+            self.state.ringtone = pushed.url
+            results = [Result(pushed.url, "Success", 0)]
         # Multiplatform firmware executes but answers neither Cisco object: the status says it.
-        return _html(200, "OK") if multiplatform else _ok(items)
+        return _html(200, "OK") if multiplatform else _ok(results)
 
     async def _authorized(self, request: Request) -> bool:
         credentials = _basic_credentials(request.headers.get("authorization"))
@@ -696,105 +733,109 @@ class SimPhone:
         try:
             result = await http_get(
                 f"{settings.auth_url}{separator}{query}",
-                PHONE_HEADERS,
+                MODEL_HEADERS[self.model],
                 timeout_s=settings.fetch_timeout,
                 ssl_context=settings.fetch_ssl,
             )
-        except PhoneError as exc:
+        except FetchError as exc:
             logger.warning("%s: authentication URL failed: %s", self.name, exc)
             return False
         return result.status == 200 and result.body == b"AUTHORIZED"
 
-    async def _execute(self, items: Sequence[ExecuteItem]) -> list[ResponseItem]:
-        done: list[ResponseItem] = []
+    async def _execute(self, items: Sequence[Item]) -> list[Result]:
+        """Carry out the items in order; the results come in completion order."""
+        done: list[Result] = []
         tone: _Tone | None = None
         when_idle: list[str] = []
         loop = asyncio.get_running_loop()
         state = self.state
         for item in items:
             url = item.url
-            try:
-                validate_uri(url)
-            except InvalidURI:
-                done.append(ResponseItem(url, "Invalid URI", 1))
+            uri = read_uri(url)
+            if uri is None:
+                done.append(Result(url, "Invalid URI", 1))
                 continue
-            if is_http(url):
+            if isinstance(uri, FetchUri):
                 if tone is not None and item.priority == 2:
-                    done.append(ResponseItem(url, "Phone busy", 6))
+                    done.append(Result(url, "Phone busy", 6))
                 elif tone is not None and item.priority == 1:
                     when_idle.append(url)
                 else:
                     done.append(await self._show(url))
                 continue
-            kind, _, arg = url.partition(":")
-            if kind == "Play":
-                state.executed.append(url)
+            if isinstance(uri, PlayUri):
+                if uri.file != "Stop" and uri.file not in self._settings.play_files:
+                    done.append(Result(url, "URI not found", 6))
+                    continue
                 if tone is not None:
                     # A new tone (or Stop) cuts the one playing; that Play completes now.
-                    done.append(ResponseItem(tone.url, "Success", 0))
+                    done.append(Result(tone.url, "Success", 0))
                     tone = None
-                state.tones.append(arg)
-                if arg == "Stop":
-                    done.append(ResponseItem(url, "Success", 0))
+                state.executed.append(url)
+                state.tones.append(uri.file)
+                if uri.file == "Stop":
+                    done.append(Result(url, "Success", 0))
                 else:
-                    state.last_tone = arg
+                    state.last_tone = uri.file
                     tone = _Tone(url, loop.time() + self._settings.tone_ms / 1000)
                 continue
-            if kind == "Display":
-                mode, _, minutes = arg.partition(":")
-                state.backlight = Backlight(mode, int(minutes) if minutes else None)
-            elif kind in ("Dial", "EditDial", "SendDigits"):
-                state.dialled.append(arg.partition(":")[0])
-            elif kind in ("RTPRx", "RTPMRx") and self._settings.rtp:
-                result = await self._rtp_receive(kind, arg, url)
+            if isinstance(uri, RtpUri) and not uri.transmit and self._settings.rtp:
+                result = await self._rtp_receive(uri, url)
                 if result.ok:
                     state.executed.append(url)
                 done.append(result)
                 continue
-            elif kind.startswith("RTP"):
-                direction = "transmit" if kind.endswith("Tx") else "receive"
-                state.rtp[direction] = None if arg == "Stop" else url
-            else:
-                state.keys.append(url)
+            self._act(uri, url)
             state.executed.append(url)
-            done.append(ResponseItem(url, "Success", 0))
+            done.append(Result(url, "Success", 0))
         if tone is not None:
             remaining = tone.ends_at - loop.time()
             if remaining > 0:
                 await asyncio.sleep(remaining)
-            done.append(ResponseItem(tone.url, "Success", 0))
+            done.append(Result(tone.url, "Success", 0))
         for url in when_idle:
             done.append(await self._show(url))
         return done
 
-    async def _rtp_receive(self, kind: str, arg: str, url: str) -> ResponseItem:
-        """``RTPRx``/``RTPMRx`` (already validated): stop listening, then listen anew unless
-        told to stop."""
-        await self._rtp_stop(url if arg == "Stop" else "replaced")
+    def _act(self, uri: KeyUri | DialUri | DisplayUri | RtpUri, url: str) -> None:
+        """What an instant internal URI changes on the phone."""
+        state = self.state
+        if isinstance(uri, DisplayUri):
+            state.backlight = Backlight(uri.state, uri.minutes)
+        elif isinstance(uri, DialUri):
+            state.dialled.append(uri.digits)
+        elif isinstance(uri, RtpUri):
+            direction = "transmit" if uri.transmit else "receive"
+            state.rtp[direction] = None if uri.address is None else url
+        else:
+            if uri.kind == "SoftKey" and uri.name == "Exit":
+                state.screen = Screen()
+            state.keys.append(url)
+
+    async def _rtp_receive(self, uri: RtpUri, url: str) -> Result:
+        """``RTPRx``/``RTPMRx``: stop listening, then listen anew unless told to stop."""
+        await self._rtp_stop(url if uri.address is None else "replaced")
         self.state.rtp["receive"] = None
-        if arg == "Stop":
-            return ResponseItem(url, "Success", 0)
-        address, port_text, *rest = arg.split(":")
-        port = int(port_text)
-        multicast = kind == "RTPMRx"
-        receiver = RtpReceiver(self.host, port, group=address if multicast else None)
+        if uri.address is None:
+            return Result(url, "Success", 0)
+        receiver = RtpReceiver(self.host, uri.port, group=uri.address if uri.multicast else None)
         try:
             await receiver.__aenter__()
         except AudioError as exc:
             logger.info("%s: %s: %s", self.name, url, exc)
-            return ResponseItem(url, "RTP port unavailable", 6)
+            return Result(url, "RTP port unavailable", 6)
         self._reception = _Reception(
             uri=url,
-            multicast=multicast,
-            address=address if multicast else self.host,
-            port=port,
-            source=None if multicast else address,
-            volume=int(rest[0]) if rest else None,
+            multicast=uri.multicast,
+            address=uri.address if uri.multicast else self.host,
+            port=uri.port,
+            source=None if uri.multicast else uri.address,
+            volume=uri.volume,
             started_at=self._clock(),
             receiver=receiver,
         )
         self.state.rtp["receive"] = url
-        return ResponseItem(url, "Success", 0)
+        return Result(url, "Success", 0)
 
     async def _rtp_stop(self, ended_by: str) -> None:
         reception, self._reception = self._reception, None
@@ -808,61 +849,46 @@ class SimPhone:
             reception.describe(active=False, stopped_at=self._clock(), ended_by=ended_by)
         )
 
-    async def _show(self, url: str) -> ResponseItem:
+    async def _show(self, url: str) -> Result:
         try:
             screen = await self._fetch_screen(url)
-        except PhoneError as exc:
+        except FetchError as exc:
             logger.info("%s: fetch of %s failed: %s", self.name, url, exc)
-            return ResponseItem(url, "URI not found", 6)
-        except WireError as exc:
+            return Result(url, "URI not found", 6)
+        except PageRefused as exc:
             logger.info("%s: %s is not a CiscoIPPhoneText: %s", self.name, url, exc)
-            return ResponseItem(url, "Parse error", 6)
+            return Result(url, "Parse error", 6)
         self.state.screen = screen
         self.state.executed.append(url)
-        return ResponseItem(url, "Success", 0)
+        return Result(url, "Success", 0)
 
     async def _fetch_screen(self, url: str) -> Screen:
         result = await http_get(
             url,
-            PHONE_HEADERS,
+            MODEL_HEADERS[self.model],
             timeout_s=self._settings.fetch_timeout,
             ssl_context=self._settings.fetch_ssl,
         )
         if result.status != 200:
-            raise _FetchStatus(f"HTTP status {result.status} from {url}")
-        page = parse_text(result.body)
+            raise FetchError(f"HTTP status {result.status} from {url}")
+        page = read_page(result.body, result.headers.get("content-type", ""))
         return Screen(page.title, page.prompt, page.text, list(page.softkeys), url)
 
 
-class _FetchStatus(PhoneError):
-    """A fetched page answered an HTTP error status (to the phone: URI not found)."""
+_CHALLENGE: Final = ("WWW-Authenticate", 'Basic realm="phone"')
 
 
-def _ok(items: list[ResponseItem]) -> Response:
-    return Response(200, response_xml(items).encode("utf-8"), "text/xml", success=True)
-
-
-def _error_body(number: int, text: str) -> bytes:
-    return error_xml(number, text).encode("utf-8")
+def _ok(results: list[Result]) -> Response:
+    return Response(200, response_body(results), "text/xml", success=True)
 
 
 def _error(number: int, text: str = "", *, close: bool = False) -> Response:
-    return Response(200, _error_body(number, text), "text/xml", close=close)
+    return Response(200, error_body(number, text), "text/xml", close=close)
 
 
 def _html(status: int, title: str, *, headers: tuple[tuple[str, str], ...] = ()) -> Response:
     """A multiplatform phone's answer: a short HTML page, the HTTP status saying how it went."""
-    body = f"<html><head><title>{title}</title></head><body>{title}</body></html>\n"
-    return Response(status, body.encode(), "text/html", headers=headers, success=status == 200)
-
-
-def _form_xml(body: bytes) -> bytes | None:
-    """The raw bytes of the form field named exactly ``XML`` (first one), or None."""
-    for pair in body.split(b"&"):
-        name, sep, value = pair.partition(b"=")
-        if sep and unquote_plus(name.decode("latin-1")) == "XML":
-            return unquote_to_bytes(value.replace(b"+", b" "))
-    return None
+    return Response(status, html_body(title), "text/html", headers=headers, success=status == 200)
 
 
 def _basic_credentials(header: str | None) -> tuple[str, str] | None:
@@ -920,6 +946,7 @@ class Fleet:
         rtp: bool = True,
         model: str = "8800",
         answer_after_ms: float = 0,
+        play_files: Sequence[str] = DEFAULT_PLAY_FILES,
     ) -> None:
         if phones < 1:
             raise ValueError("a fleet has at least one phone")
@@ -944,6 +971,7 @@ class Fleet:
             fetch_timeout=fetch_timeout,
             answer_after_ms=answer_after_ms,
             model=model,
+            play_files=ring_files(play_files),
             fetch_ssl=fetch_ssl,
             rtp=rtp,
         )
@@ -1109,7 +1137,7 @@ class Fleet:
             return _json({"error": str(exc)}, 400)
         except LookupError as exc:
             return _json({"error": str(exc)}, 404)
-        except (PhoneError, WireError) as exc:
+        except (FetchError, PageRefused) as exc:
             return _json({"error": f"softkey fetch failed: {exc}"}, 502)
         return _json(phone.to_dict(requests=False))
 

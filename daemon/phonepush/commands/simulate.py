@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from phonepush._simphone import DEFAULT_PLAY_FILES
 from phonepush.simulator import MODELS, Fleet, SimPhone
 
 __all__ = ["main"]
@@ -61,6 +62,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         default="8800",
         help="phone family: 8800 (default), 7900 (TLS 1.0 only), multiplatform (200 text/html)",
     )
+    parser.add_argument(
+        "--play-file",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a ring file the phones have besides the stock ones (Chime.raw, ...); repeatable",
+    )
     parser.add_argument("--tls", action="store_true", help="HTTPS with a self-signed certificate")
     parser.add_argument(
         "--cert-dir",
@@ -104,6 +112,7 @@ async def _run(args: argparse.Namespace, password: str) -> None:
         tone_ms=args.tone_ms,
         answer_after_ms=args.answer_after,
         model=args.model,
+        play_files=[*DEFAULT_PLAY_FILES, *args.play_file],
         tls=args.tls,
         cert_dir=args.cert_dir,
         on_push=_log_push,
