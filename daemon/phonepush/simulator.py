@@ -923,7 +923,9 @@ class Fleet:
     Phones listen on consecutive ports from ``port`` (``port=0``: each an ephemeral port), on
     ``host`` or, per phone, on ``hosts[i]``. The control endpoint listens on ``control_port``;
     by default the port after the last phone (ephemeral when ``port=0``). With ``rtp=False``
-    phones record ``RTPRx``/``RTPMRx`` URIs without listening for RTP.
+    phones record ``RTPRx``/``RTPMRx`` URIs without listening for RTP. ``model`` is one of
+    :data:`MODELS`; ``answer_after_ms`` delays every answer after execution; ``play_files`` are
+    the ring files the phones have (``Play:`` of another answers ``URI not found``).
     """
 
     def __init__(
