@@ -481,6 +481,8 @@ class RuleAudioConfig(_Section):
     chime: str = ""
     #: ``GROUP:PORT`` for one multicast stream to every phone; unicast when empty.
     multicast: str = ""
+    #: Router hops the multicast stream may cross (IP TTL); unset: ``[audio] multicast_ttl``.
+    multicast_ttl: int | None = Field(default=None, ge=1, le=255)
     volume: int | None = Field(default=None, ge=0, le=100)
     repeat: int = Field(default=1, ge=1, le=10)
 
@@ -707,6 +709,8 @@ class AudioConfig(_Section):
     voice: str = "en"
     #: Where spoken text is cached across restarts; empty: in memory only.
     cache_dir: OptionalPath = None
+    #: Router hops a rule's multicast page may cross (IP TTL); 1 keeps it on the local subnet.
+    multicast_ttl: int = Field(default=1, ge=1, le=255)
 
     @field_validator("port")
     @classmethod

@@ -104,7 +104,7 @@ NOTES: Final[dict[str, str]] = {
     "RuleConfig.group_by": "Templates: events with the same values in `group_wait` share one page.",
     "RuleConfig.group_wait": "Collect a group's events this long (default 30s with `group_by`).",
     "MessageConfig.title": "Page title (≤ 32 characters shown).",
-    "MessageConfig.text": "Page text (cut with … beyond what a page takes).",
+    "MessageConfig.text": "Page text (cut, marked ..., beyond what a page takes).",
     "MessageConfig.prompt": "Status-line prompt.",
     "EscalateConfig.after": "Unacknowledged rounds before escalating.",
     "EscalateConfig.to": "Phones, groups or `all` repeats also go to then.",
