@@ -33,7 +33,9 @@ can publish to the broker or reach a hook controls. So:
   event data cannot add a path, a query or another host; ``{{ value | safe_url }}`` marks a value
   the rule wants raw. When the rule wrote the scheme and host literally, a rendered URL must keep
   that scheme, host and port (and user information), else rendering fails naming both hosts: the
-  phone fetches the URL, so a changed host would be a request forged through the phone.
+  phone fetches the URL, so a changed host would be a request forged through the phone. When a
+  tag sits inside the host (``http://phone{{ n }}.lan/``), the rendered host must start with what
+  the rule wrote and hold no user information; only a ``safe_url`` value can change more there.
 
 Extra filters: ``tojson`` (plain JSON, not HTML-escaped), ``fromjson``, ``digits`` (keep what a
 ``Dial:`` URI takes), ``datetime(fmt)`` (an epoch number or RFC 3339 string as local time),
@@ -292,8 +294,9 @@ class Templates:
         if written is None:
             return render
         scheme = written.group(1).lower()
+        written_authority = written.group(2)
         literal = written.group(3) != "{"  # the authority ends before the first tag
-        origin = _origin(f"{scheme}://{written.group(2)}") if literal else None
+        origin = _origin(f"{scheme}://{written_authority}") if literal else None
 
         def render_checked(context: Mapping[str, Any]) -> str:
             url = render(context)
@@ -311,8 +314,15 @@ class Templates:
                     f"{where}: rendered URL goes to {_show(got)}, not to {_show(origin)} as the"
                     " rule wrote; refused (mark only trusted values | safe_url)"
                 )
-            if origin is None and "@" in parts.netloc:
-                raise TemplateError(f"{where}: rendered URL holds user information; refused")
+            if origin is None and (
+                "@" in parts.netloc or not parts.netloc.startswith(written_authority)
+            ):
+                # The rule wrote only the start of the host: the rest may be filled in, but
+                # user information in front of it would make the written part a user name.
+                raise TemplateError(
+                    f"{where}: rendered URL goes to {_show(got)}, not to a host starting"
+                    f" {written_authority!r} as the rule wrote; refused"
+                )
             return url
 
         return render_checked
