@@ -249,6 +249,10 @@ page is generated from (for editors and CI checks).
 * **Durations** are a number of seconds or a string: `"500ms"`, `"15s"`, `"5m"`, `"1h"`, `"1d"`.
 * **Templates**: rule keys marked *template* are Jinja2 (sandboxed) with `payload`, `topic`,
   `event` and friends; see the integration guides in `docs/integrations/` for worked examples.
+  `payload.items` is the event's key `items`, never the dict method (call `payload.items()` for
+  that). In URL templates (`execute` items written as `http(s)://...`, `background`, `ringtone`)
+  every `{{ value }}` is URL-encoded unless written `{{ value | safe_url }}`, and a rendered URL
+  must keep the scheme, host and port the rule wrote, else that delivery fails saying so.
 
 Sections: {sections}
 """
