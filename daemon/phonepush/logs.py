@@ -5,12 +5,13 @@ formats secrets: no module logs a password, token or Authorization header in the
 
 Log messages carry text that events, API users and phones control (a silence's ``createdBy``, a
 rendered URI, a phone's answer). Both formats keep one record on one line whatever it holds: the
-text format escapes control characters (``\n``, ``\r``, ESC as ``\x1b``, every other C0/C1
+text format escapes control characters (``\\n``, ``\\r``, ESC as ``\\x1b``, every other C0/C1
 control, and the Unicode line and paragraph separators) in the message, so a value cannot forge
-a second log line or send terminal escape sequences; JSON escapes them by itself. Both mask the
-user information and query values of any URL in a message
-(:func:`phonepush.redact.url_for_log`), a backstop for URLs that arrive inside other text (a
-phone's error naming the URL it refused); call sites that log a URL mask it themselves.
+a second log line or send terminal escape sequences, and indents a traceback's lines (escaped the
+same way) under its record; JSON escapes them by itself. Both mask the user information and
+query values of any URL in a message (:func:`phonepush.redact.url_for_log`), a backstop for URLs
+that arrive inside other text (a phone's error naming the URL it refused); call sites that log a
+URL mask it themselves.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 import re
 import sys
 import time
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from phonepush.redact import url_for_log
 
@@ -48,9 +49,22 @@ class _TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        # Only the message is escaped: a traceback appended after it spans lines by design.
         record.message = _CONTROL.sub(_escape_control, _message(record))
         return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return _continuation(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _continuation(super().formatStack(stack_info))
+
+
+def _continuation(text: str) -> str:
+    # A traceback spans lines by design, and its last line quotes the exception's message, which
+    # may hold event data. Indented, no line of it can pass for a record of its own.
+    return "\n".join(
+        "    " + _CONTROL.sub(_escape_control, url_for_log(line)) for line in text.splitlines()
+    )
 
 
 class _JsonFormatter(logging.Formatter):
