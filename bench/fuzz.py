@@ -1,5 +1,6 @@
-"""Fuzz the phone-response parser, the URI validator, template rendering, the webhook endpoint and
-the end-to-end push structure, with the strategies and checks of tests/test_hostile_input.py.
+"""Fuzz the phone-response parser, the URI validator, template rendering, silence matchers, the
+webhook endpoint, the silences API and the end-to-end push structure, with the strategies and
+checks of tests/test_hostile_input.py.
 
     .venv/bin/python bench/fuzz.py                       # 10,000 cases per target
     .venv/bin/python bench/fuzz.py --examples 50000 --targets response,uri
@@ -7,9 +8,9 @@ the end-to-end push structure, with the strategies and checks of tests/test_host
 
 Unlike a test run, a failing case does not stop the target: every case runs, failures are
 counted and the first few printed. A case slower than ``--hang`` seconds counts as a failure (a
-hang). Prints cases / failures / time per target, and exits 1 if anything failed. The webhook and
-structure targets run the real daemon and a simulated phone on 127.0.0.1; the mqtt_size target
-runs the real MQTT source against a mosquitto started for the run.
+hang). Prints cases / failures / time per target, and exits 1 if anything failed. The webhook,
+silences and structure targets run the real daemon and a simulated phone on 127.0.0.1; the
+mqtt_size target runs the real MQTT source against a mosquitto started for the run.
 """
 
 from __future__ import annotations
@@ -33,7 +34,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import test_hostile_input as hostile  # noqa: E402
 
-ALL_TARGETS = ("response", "uri", "template", "webhook", "structure", "mqtt_size")
+ALL_TARGETS = (
+    "response",
+    "uri",
+    "template",
+    "silence",
+    "webhook",
+    "silences",
+    "structure",
+    "mqtt_size",
+)
 
 
 @dataclass
@@ -114,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(
                 _run(name, target.what, target.strategy, target.check, args.examples, args.hang)
             )
-    daemon_targets = [n for n in wanted if n in ("webhook", "structure")]
+    daemon_targets = [n for n in wanted if n in ("webhook", "silences", "structure")]
     if daemon_targets:
         with (
             tempfile.TemporaryDirectory(prefix="phonepush-fuzz-") as tmp,
@@ -130,6 +140,20 @@ def main(argv: list[str] | None = None) -> int:
                             "webhook endpoint",
                             hostile.hook_example,
                             check,
+                            args.examples,
+                            args.hang,
+                        )
+                    )
+            if "silences" in daemon_targets:
+                print("fuzzing silences (POST /api/silences of the running daemon) ...", flush=True)
+                api = hostile.silences_api_check(daemon.url)
+                with api.client:  # type: ignore[attr-defined]
+                    results.append(
+                        _run(
+                            "silences",
+                            "silences API",
+                            hostile.silences_example,
+                            api,
                             args.examples,
                             args.hang,
                         )

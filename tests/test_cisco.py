@@ -61,7 +61,7 @@ P = '<?xml version="1.0" encoding="UTF-8"?>'
         (
             [ExecuteItem("Dial:1234", 1), ExecuteItem('http://h/p?a=1&b="<\'>"', 2)],
             f'{P}<CiscoIPPhoneExecute><ExecuteItem URL="Dial:1234" Priority="1" />'
-            '<ExecuteItem URL="http://h/p?a=1&amp;b=&quot;&lt;&#x27;&gt;&quot;" Priority="2" />'
+            '<ExecuteItem URL="http://h/p?a=1&amp;b=&quot;&lt;&apos;&gt;&quot;" Priority="2" />'
             "</CiscoIPPhoneExecute>",
         ),
     ],
@@ -169,16 +169,24 @@ def test_text_xml_escapes_and_cuts() -> None:
         softkeys=(SoftKey("Exit", "SoftKey:Exit", 1), SoftKey("Open", "http://h/?a=1&b=2", 2)),
     )
     xml = text_xml(page)
-    assert xml.startswith(f"{P}<CiscoIPPhoneText><Title>{'T' * 31}\u2026</Title>")
+    assert xml.startswith(f"{P}<CiscoIPPhoneText><Title>{'T' * 29}...</Title>")
     assert "<Prompt>&lt;b&gt;&amp;</Prompt>" in xml
     assert "<Text>line1\nline2\ttab</Text>" in xml
     assert "<URL>http://h/?a=1&amp;b=2</URL><Position>2</Position>" in xml
     parsed = parse_text(xml.encode())
-    assert parsed.title == "T" * 31 + "\u2026"
+    assert parsed.title == "T" * 29 + "..."
     assert parsed.text == "line1\nline2\ttab"
     assert parsed.softkeys == page.softkeys
     long = text_xml(TextPage(text="x" * 5000))
-    assert parse_text(long.encode()).text == "x" * 3999 + "\u2026"
+    assert parse_text(long.encode()).text == "x" * 3997 + "..."
+
+
+def test_text_pages_escape_apostrophes_as_the_xml_entity() -> None:
+    xml = text_xml(TextPage(title="Bob's", text="it's <here>", prompt="'"))
+    assert "<Title>Bob&apos;s</Title><Prompt>&apos;</Prompt>" in xml
+    assert "<Text>it&apos;s &lt;here&gt;</Text>" in xml
+    assert "&#x27;" not in xml
+    assert parse_text(xml.encode()).text == "it's <here>"
 
 
 @pytest.mark.parametrize(

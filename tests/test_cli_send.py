@@ -160,7 +160,8 @@ ANSWER_DIVERGENCES = {
 }
 
 # `send -u admin -p pässword` with these URLs: the reference's body and Authorization, byte for
-# byte (the password is ISO-8859-1 encoded, as requests does).
+# byte (the password is ISO-8859-1 encoded, as requests does), but for "'": the reference writes
+# html.escape's &#x27;, we write &apos;, the entity Cisco's notes list.
 REQUEST_ARGS = [
     "-u",
     "admin",
@@ -174,7 +175,7 @@ REQUEST_BODY = (
     b"XML=%3C%3Fxml+version%3D%221.0%22+encoding%3D%22UTF-8%22%3F%3E%3CCiscoIPPhoneExecute%3E"
     b"%3CExecuteItem+URL%3D%22Key%3AHeadset%22+Priority%3D%221%22+%2F%3E%3CExecuteItem+URL%3D%22"
     b"http%3A%2F%2F192.0.2.1%2Fp%3Fa%3D1%26amp%3Bb%3D%26quot%3Bx%26quot%3B%26lt%3By%26gt%3B"
-    b"%26%23x27%3Bz%26%23x27%3B%22+Priority%3D%220%22+%2F%3E%3CExecuteItem+URL%3D%22Dial%3A%2A67"
+    b"%26apos%3Bz%26apos%3B%22+Priority%3D%220%22+%2F%3E%3CExecuteItem+URL%3D%22Dial%3A%2A67"
     b"%23%22+Priority%3D%220%22+%2F%3E%3C%2FCiscoIPPhoneExecute%3E"
 )
 REQUEST_AUTHORIZATION = "Basic YWRtaW46cORzc3dvcmQ="

@@ -8,6 +8,8 @@ import array
 import logging
 import math
 import random
+import socket
+import sys
 import time
 import wave
 from pathlib import Path
@@ -159,6 +161,74 @@ async def test_multicast_page(daemon_runner: DaemonRunner, phones: Fleet, tmp_pa
         assert heard["mode"] == "multicast" and heard["clean"] is True
         assert heard["packets"] == math.ceil(len(played) / 160)
     assert _audio_rows(running, event) == {name: ("delivered", "") for name in NAMES}
+
+
+# Linux's value; Python's socket module does not export it.
+_IP_RECVTTL = getattr(socket, "IP_RECVTTL", 12)
+
+
+def _ttl_listener(group: str, port: int) -> socket.socket:
+    """A socket joined to ``group`` on loopback that reports each datagram's IP TTL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((group, port))
+    membership = socket.inet_aton(group) + socket.inet_aton("127.0.0.1")
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
+    sock.setsockopt(socket.IPPROTO_IP, _IP_RECVTTL, 1)
+    sock.setblocking(False)
+    return sock
+
+
+def _ttls(sock: socket.socket) -> set[int]:
+    seen: set[int] = set()
+    while True:
+        try:
+            _data, ancillary, _flags, _addr = sock.recvmsg(2048, socket.CMSG_SPACE(4))
+        except BlockingIOError:
+            return seen
+        for level, kind, value in ancillary:
+            if level == socket.IPPROTO_IP and kind == socket.IP_TTL:
+                seen.add(int.from_bytes(value[:4], sys.byteorder))
+
+
+@pytest.mark.parametrize(("rule_ttl", "global_ttl", "expected"), [(9, 4, 9), (None, 4, 4)])
+async def test_multicast_ttl_from_the_rule_or_the_audio_section(
+    daemon_runner: DaemonRunner,
+    phones: Fleet,
+    tmp_path: Path,
+    rule_ttl: int | None,
+    global_ttl: int,
+    expected: int,
+) -> None:
+    port = free_rtp_port(HOSTS)
+    group = f"239.10.{random.randrange(256)}.{random.randrange(1, 255)}"
+    audio: dict[str, Any] = {
+        "file": str(_wav(tmp_path / "a.wav", 0.2)),
+        "multicast": f"{group}:{port}",
+    }
+    if rule_ttl is not None:
+        audio["multicast_ttl"] = rule_ttl
+    config = _config(phones, port, audio)
+    config["audio"]["multicast_ttl"] = global_ttl
+    with _ttl_listener(group, port) as listener:
+        running = await daemon_runner.start(config)
+        await _fire(daemon_runner, running, {})
+        assert _ttls(listener) == {expected}
+
+
+def test_multicast_ttl_defaults_to_one_and_is_checked(tmp_path: Path) -> None:
+    data = {
+        "phones": [{"name": "a", "host": "127.0.0.2"}],
+        "rules": [{"name": "r", "on": "webhook:x", "to": "a", "audio": {"say": "hi"}}],
+    }
+    (action,) = compile_actions(DaemonRunner(tmp_path).config(data)).values()
+    assert action.multicast_ttl == 1
+    for ttl in (0, 256):
+        with pytest.raises(ConfigError, match=r"audio\.multicast_ttl: "):
+            DaemonRunner(tmp_path).config({**data, "audio": {"multicast_ttl": ttl}})
+        rule = {**data["rules"][0], "audio": {"say": "hi", "multicast_ttl": ttl}}  # type: ignore[dict-item]
+        with pytest.raises(ConfigError, match=r"rules\[r\]\.audio\.multicast_ttl: "):
+            DaemonRunner(tmp_path).config({**data, "rules": [rule]})
 
 
 async def test_a_phone_that_refuses_is_reported_and_the_others_hear_the_page(

@@ -192,12 +192,12 @@ def test_group_page_lists_events_and_stays_within_the_phone_limits() -> None:
     pages = [TextPage(title="DiskFull", text=f"disk {i} full") for i in range(MAX_LISTED + 5)]
     page = group_page(pages)
     assert page.title.startswith(f"{MAX_LISTED + 5} alerts: DiskFull")
-    assert page.text.splitlines()[-1] == "\u2026 and 5 more"
+    assert page.text.splitlines()[-1] == "... and 5 more"
     single = TextPage(title="Doorbell", text="Front door", prompt="Ring")
     assert group_page([single]) is single
     long_titles = group_page([TextPage(title=f"Alert{i}", text="x") for i in range(10)])
     shown = parse_text(text_xml(long_titles).encode())
-    assert len(shown.title) <= MAX_TITLE and shown.title.endswith("\u2026")
+    assert len(shown.title) <= MAX_TITLE and shown.title.endswith("...")
 
 
 def test_group_keys_are_checked_at_load_time(tmp_path: Any) -> None:

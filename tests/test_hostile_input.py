@@ -39,8 +39,9 @@ from phonepush.errors import (
     TooLarge,
     WireError,
 )
-from phonepush.events import decode_payload
+from phonepush.events import Event, decode_payload
 from phonepush.phone import PhoneClient, PhoneTarget
+from phonepush.silences import Facts, Matcher
 from phonepush.simulator import Fleet
 from phonepush.templates import MAX_OUTPUT, Templates
 from phonepush.uri import ExecuteItem, validate_uri
@@ -231,14 +232,17 @@ uri_example = st.one_of(
 
 
 def check_uri(uri: str) -> None:
-    """validate_uri accepts a URI unchanged or raises InvalidURI; what it accepts builds a push
-    (or is refused as too large) that a phone parses back to exactly that one item."""
+    """validate_uri accepts a URI unchanged (but an http(s) scheme, lower-cased) or raises
+    InvalidURI; what it accepts builds a push (or is refused as too large) that a phone parses
+    back to exactly that one item."""
     try:
         accepted = validate_uri(uri)
     except InvalidURI as exc:
         assert str(exc).startswith("Invalid URL: ")
         return
-    assert accepted == uri
+    scheme, sep, rest = uri.partition("://")
+    assert accepted == (scheme.lower() + sep + rest if scheme.lower() in ("http", "https") else uri)
+    uri = accepted
     assert len(uri) <= 256
     try:
         xml = cisco.execute_xml([ExecuteItem(uri, 1)])
@@ -327,6 +331,96 @@ def check_template(example: tuple[str, dict[str, Any], bool]) -> None:
     assert isinstance(output, str) and len(output) <= MAX_OUTPUT
     for leak in ("<class ", "<function ", "<module ", "<built-in"):
         assert leak not in output, f"sandbox leaked {leak!r}: {output[:200]!r}"
+
+
+# --- target: silence matchers (what /api/silences takes, matched against event data) -----------
+
+# Pieces of regexes, the hostile ones among them: nesting, inline flags, back-references,
+# look-arounds, counted repetition, and what Python's verbose mode hides.
+_REGEX_PIECES: Final = (
+    *"a()+*?|.^$[]-\\ ",
+    "{2,}",
+    "{1000}",
+    "(?x)",
+    "(?i)",
+    "(?s)",
+    "(?=",
+    "(?!",
+    "(?<=",
+    "(?P<n>",
+    "(?P=n)",
+    "\\1",
+    "\\Z",
+    "\\d",
+    "\\pL",
+    "[^a]",
+    "(a+)+",
+    "(a|aa)*",
+    "(.*a){20}",
+)
+_regex_source = st.one_of(
+    st.lists(st.sampled_from(_REGEX_PIECES), max_size=30).map("".join),
+    st.sampled_from(["(?x)(a +) +", "(a+)+$", "^(a|a)*$", "(\\w+\\s?)+$", "x" * 300]),
+    hostile_text,
+)
+_matcher_name = st.sampled_from(["rule", "phone", "source", "topic", "label.x", "label.a.b"])
+matcher_example = st.fixed_dictionaries(
+    {"name": st.one_of(_matcher_name, hostile_text), "value": _regex_source},
+    optional={"isRegex": st.one_of(st.booleans(), st.just(1)), "isEqual": st.booleans()},
+)
+# Subjects that make a backtracking engine explode against the patterns above.
+_subject = st.one_of(
+    st.integers(1, 200).map(lambda n: "a" * n + "!"),
+    hostile_text,
+    st.integers(0, 300).map(lambda n: "a" * n),
+)
+silence_example = st.tuples(matcher_example, _subject)
+
+
+def check_silence(example: tuple[dict[str, Any], str]) -> None:
+    """A matcher is parsed or refused with a ValueError; a parsed one matches any event data to
+    true or false, without an exception, in time linear in its sizes (bench/fuzz.py's hang check
+    times each case)."""
+    data, subject = example
+    try:
+        matcher = Matcher.parse(data)
+    except ValueError as exc:
+        assert str(exc)
+        return
+    payload = json.dumps({"x": subject, "a": {"b": subject}}).encode()
+    facts = Facts(Event("webhook", subject[:64] or "t", payload))
+    assert isinstance(matcher.matches(subject, subject, facts), bool)
+
+
+def silences_api_check(base_url: str) -> Callable[[list[dict[str, Any]]], None]:
+    """The check for the silences API: every fuzzed silence gets 201 or a 400/413 saying why,
+    never a 500; one taken is listed and can be expired."""
+    client = httpx.Client(
+        base_url=base_url, timeout=10, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+
+    def check(matchers: list[dict[str, Any]]) -> None:
+        body = {"matchers": matchers, "duration": "1m", "createdBy": "fuzz", "comment": "x"}
+        # Sent as ASCII JSON: a lone surrogate in a value travels as its "\\ud800" escape.
+        answer = client.post(
+            "/api/silences",
+            content=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        # 413: a body over the API's size limit, refused before it is read.
+        assert answer.status_code in (201, 400, 413), answer.text
+        if answer.status_code in (400, 413):
+            assert answer.json()["error"]
+            return
+        silence_id = answer.json()["id"]
+        assert client.get(f"/api/silences/{silence_id}").status_code == 200
+        assert client.delete(f"/api/silences/{silence_id}").status_code == 200
+
+    check.client = client  # type: ignore[attr-defined]
+    return check
+
+
+silences_example = st.lists(matcher_example, min_size=1, max_size=4)
 
 
 # --- target: the webhook endpoint (needs a running daemon) --------------------------------------
@@ -702,6 +796,7 @@ TARGETS: Final = (
     Target("response", response_example, check_response, "phone-response parser"),
     Target("uri", uri_example, check_uri, "URI validator and push round trip"),
     Target("template", template_example, check_template, "template compile and render"),
+    Target("silence", silence_example, check_silence, "silence matcher parse and match"),
 )
 
 # --- the tests ----------------------------------------------------------------------------------
@@ -724,6 +819,13 @@ def test_fuzz_webhook_endpoint(background_daemon: BackgroundDaemon) -> None:
         _FUZZ_SETTINGS(given(hook_example)(check))()
         # After all that, the daemon still serves and is ready.
         assert check.client.get("/readyz").status_code == 200  # type: ignore[attr-defined]
+
+
+def test_fuzz_silences_api(background_daemon: BackgroundDaemon) -> None:
+    check = silences_api_check(background_daemon.url)
+    with check.client:  # type: ignore[attr-defined]
+        _FUZZ_SETTINGS(given(silences_example)(check))()
+        assert check.client.get("/api/silences").json() == []  # type: ignore[attr-defined]
 
 
 def test_no_payload_changes_the_xml_a_phone_receives(background_daemon: BackgroundDaemon) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from phonepush.cisco import execute_xml
 from phonepush.errors import InvalidURI, WireError
 from phonepush.uri import ExecuteItem, parse_target, validate_uri
 
@@ -26,6 +27,9 @@ VALID = [
     "Dial:12,34A#",
     "Dial:1234:1:app:fb",
     "SendDigits:1234",
+    "SendDigits:1234:2",
+    "SendDigits:12,34#::com.example.app",
+    "SendDigits:1234:2:app_1",
     "Play:Stop",
     "Display:On:0",
     "Display:On:1440",
@@ -55,6 +59,9 @@ INVALID = [
     "Notify:x",
     "ftp://example.com/x",
     "http://",
+    "SendDigits:1234:",
+    "SendDigits:1234::",
+    "SendDigits:1234:x",
     "http://a b",
     "http://a\x07b",
     "Key:Headset\n",
@@ -81,6 +88,20 @@ def test_phone_refuses(uri: str) -> None:
     with pytest.raises(InvalidURI) as info:
         validate_uri(uri)
     assert str(info.value).startswith(f"Invalid URL: {uri}")
+
+
+@pytest.mark.parametrize(
+    ("uri", "normalised"),
+    [
+        ("HTTP://192.0.2.10/Pages/X", "http://192.0.2.10/Pages/X"),
+        ("Https://example.com/A?B=C", "https://example.com/A?B=C"),
+        ("hTtP://h/x", "http://h/x"),
+    ],
+)
+def test_http_schemes_in_any_case_are_sent_lower_case(uri: str, normalised: str) -> None:
+    assert validate_uri(uri) == normalised
+    assert parse_target(f"{uri}@1") == ExecuteItem(normalised, 1)
+    assert f'URL="{normalised}"' in execute_xml([ExecuteItem(uri)])
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,7 @@ from phonepush.config import Config, MqttConfig
 from phonepush.errors import MqttError, TemplateError, WireError
 from phonepush.events import Event
 from phonepush.metrics import Metrics
+from phonepush.redact import url_for_log
 from phonepush.rules import Match, event_context, topic_matches
 from phonepush.spool import (
     AckResult,
@@ -485,10 +486,16 @@ class AckService:
             async with asyncio.timeout(_PUBLISH_TIMEOUT):
                 answer = await client.post(self.webhook, json=dict(message))
         except (httpx.HTTPError, TimeoutError) as exc:
-            log.warning("ack webhook %s failed: %s", self.webhook, exc or "timed out")
+            log.warning(
+                "ack webhook %s failed: %s",
+                url_for_log(self.webhook),
+                url_for_log(str(exc)) or "timed out",
+            )
             return
         if answer.status_code >= 300:
-            log.warning("ack webhook %s answered HTTP %d", self.webhook, answer.status_code)
+            log.warning(
+                "ack webhook %s answered HTTP %d", url_for_log(self.webhook), answer.status_code
+            )
 
 
 def _text_page(title: str, text: str) -> str:

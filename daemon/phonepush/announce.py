@@ -93,6 +93,8 @@ class AudioAction:
     multicast: tuple[str, int] | None
     volume: int | None
     repeat: int
+    #: Hops a multicast stream may cross: the rule's ``audio.multicast_ttl``, else ``[audio]``'s.
+    multicast_ttl: int = 1
 
 
 def compile_actions(config: Config, *, base_dir: Path | None = None) -> dict[str, AudioAction]:
@@ -109,7 +111,15 @@ def compile_actions(config: Config, *, base_dir: Path | None = None) -> dict[str
             continue
         where = f"rules[{rule.name}].audio"
         try:
-            actions[rule.name] = _compile(rule.name, rule.audio, where, base, templates, loaded)
+            actions[rule.name] = _compile(
+                rule.name,
+                rule.audio,
+                where,
+                base,
+                templates,
+                loaded,
+                rule.audio.multicast_ttl or config.audio.multicast_ttl,
+            )
         except ConfigError as exc:
             problems.append(str(exc))
     if problems:
@@ -124,6 +134,7 @@ def _compile(
     base: Path,
     templates: Templates,
     loaded: dict[Path, bytes],
+    multicast_ttl: int = 1,
 ) -> AudioAction:
     problems: list[str] = []
 
@@ -148,7 +159,9 @@ def _compile(
             problems.append(str(exc))
     if problems:
         raise ConfigError("\n".join(problems))
-    return AudioAction(name, say, body, chime, audio.group, audio.volume, audio.repeat)
+    return AudioAction(
+        name, say, body, chime, audio.group, audio.volume, audio.repeat, multicast_ttl
+    )
 
 
 def stream_source(config: Config) -> str:
@@ -359,6 +372,7 @@ class Announcer:
             port=action.multicast[1] if action.multicast else self.config.audio.port,
             multicast=action.multicast[0] if action.multicast else None,
             volume=action.volume,
+            ttl=action.multicast_ttl,
             lead_in_s=self._lead_in,
         )
         async with contextlib.AsyncExitStack() as stack:

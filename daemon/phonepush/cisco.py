@@ -10,7 +10,7 @@ Phones' limits we enforce here (see ``docs/design.md`` for the sources):
 * a CiscoIPPhoneExecute holds 1-3 items; :func:`pack` splits longer lists into several requests,
   with at most one ``http(s)`` item in each (Cisco: a phone fetches one URL per request);
 * CiscoIPPhoneText: Title and Prompt 32 characters, Text 4000, up to 8 softkeys. Event data that
-  overflows a page is truncated with an ellipsis rather than refused: a cut-off alert text is more
+  overflows a page is truncated, marked ``...``, rather than refused: a cut-off alert text is more
   use to someone at a desk than no page at all. URLs are never cut; an overlong one is refused.
 """
 
@@ -36,6 +36,7 @@ from phonepush.errors import (
 from phonepush.uri import MAX_URL_LENGTH, ExecuteItem, is_http, validate_uri
 
 __all__ = [
+    "CUT",
     "MAX_PUSH_BYTES",
     "MAX_RESPONSE_BYTES",
     "PROLOG",
@@ -68,27 +69,30 @@ MAX_RESPONSE_BYTES: Final = 64 * 1024
 MAX_TITLE: Final = 32
 MAX_TEXT: Final = 4000
 MAX_SOFTKEYS: Final = 8
+#: Marks text cut to a phone's limit: ASCII, since not every phone font has U+2026.
+CUT: Final = "..."
 
 _XML_ESCAPES: Final = str.maketrans(
-    {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"}
+    {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;"}
 )
 # Characters XML 1.0 cannot carry at all, plus the C0/C1 controls a phone shows as garbage.
 _NOT_XML: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
 
 
 def _escape(value: str) -> str:
-    # The same five escapes as html.escape(quote=True), which the reference client uses, so our
-    # bodies match its bytes for the same input.
+    # XML's five predefined entities, the ones Cisco's notes list; &apos; rather than the
+    # reference client's numeric &#x27; (html.escape), which is not among them.
     return value.translate(_XML_ESCAPES)
 
 
 def sanitize_text(value: str, limit: int) -> str:
     """Drop characters a phone cannot show (control characters but CR, LF, tab), turn CR LF and
-    CR into LF, and cut to ``limit`` characters, marking a cut with an ellipsis."""
+    CR into LF, and cut to ``limit`` characters, marking a cut with :data:`CUT`."""
     # Line ends as an XML parser hands them to the phone, so the limit counts what it shows.
     value = _NOT_XML.sub("", value).replace("\r\n", "\n").replace("\r", "\n")
     if len(value) > limit:
-        value = value[: limit - 1] + "\u2026"
+        # A limit too small for the marker (no phone field is) cuts without one.
+        value = value[: limit - len(CUT)] + CUT if limit > len(CUT) else value[:limit]
     return value
 
 
@@ -104,7 +108,8 @@ def _check_url(url: str, what: str) -> str:
         raise TooLarge(f"{what} is {len(url)} characters; a phone takes at most {MAX_URL_LENGTH}")
     if not is_http(url) or _NOT_XML.search(url) or any(c.isspace() for c in url):
         raise WireError(f"{what} must be an http:// or https:// URL: {url!r}")
-    return url
+    scheme, sep, rest = url.partition("://")
+    return scheme.lower() + sep + rest
 
 
 # --- what we push -------------------------------------------------------------------------------
@@ -116,18 +121,18 @@ def execute_xml(items: Sequence[ExecuteItem]) -> str:
         raise WireError(f"a CiscoIPPhoneExecute holds 1-{MAX_ITEMS} items, not {len(items)}")
     parts = [PROLOG, "<CiscoIPPhoneExecute>"]
     for item in items:
-        validate_uri(item.url)
+        url = validate_uri(item.url)
         if item.priority not in (0, 1, 2):
             raise WireError(f"Invalid priority: {item.priority}")
-        parts.append(f'<ExecuteItem URL="{_escape(item.url)}" Priority="{item.priority}" />')
+        parts.append(f'<ExecuteItem URL="{_escape(url)}" Priority="{item.priority}" />')
     parts.append("</CiscoIPPhoneExecute>")
     return _check_size("".join(parts))
 
 
 def background_xml(icon: str, image: str) -> str:
     """A setBackground object (icon and full-size image, both http(s) URLs)."""
-    _check_url(icon, "icon URL")
-    _check_url(image, "image URL")
+    icon = _check_url(icon, "icon URL")
+    image = _check_url(image, "image URL")
     return _check_size(
         f"{PROLOG}<setBackground><background><icon>{_escape(icon)}</icon>"
         f"<image>{_escape(image)}</image></background></setBackground>"
@@ -136,7 +141,7 @@ def background_xml(icon: str, image: str) -> str:
 
 def ringtone_xml(url: str) -> str:
     """A setRingTone object (a raw µ-law file's http(s) URL)."""
-    _check_url(url, "ring tone URL")
+    url = _check_url(url, "ring tone URL")
     return _check_size(f"{PROLOG}<setRingTone><ringTone>{_escape(url)}</ringTone></setRingTone>")
 
 
@@ -295,7 +300,7 @@ def _parse_xml(body: bytes, limit: int, error: type[Exception]) -> etree._Elemen
 
 def _clip(text: str, limit: int = 80) -> str:
     """What a phone sent, cut short for an error message (they go to logs and the spool)."""
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+    return text if len(text) <= limit else text[: limit - len(CUT)] + CUT
 
 
 def parse_response(

@@ -9,8 +9,9 @@ Setting a secret in the environment overrides both the value and the file given 
 
 Everything is checked at start-up and every problem is reported at once, one line each, naming
 where it is: ``rules[doorbell].when: ...``, ``phones[office].host: Invalid port: 99999``. Secret
-values never appear in messages or in ``repr``. Unknown keys are errors, so a typo cannot
-silently switch a feature off.
+values never appear in messages or in ``repr``, nor does the user information or a query value
+of any URL a message quotes (:func:`phonepush.redact.url_for_log`). Unknown keys are errors, so a
+typo cannot silently switch a feature off.
 
 Choices made here:
 
@@ -52,6 +53,7 @@ from pydantic_settings import (
 
 from phonepush.errors import ConfigError, InvalidTarget, WireError
 from phonepush.phone import PhoneTarget, parse_host
+from phonepush.redact import url_for_log
 from phonepush.silences import QuietHoursConfig
 from phonepush.templates import Templates
 from phonepush.uri import is_http, parse_priority, parse_target, validate_uri
@@ -346,8 +348,10 @@ class MqttConfig(_Section):
         try:
             parts = urlsplit(value)
             port = parts.port
-        except ValueError as exc:
-            raise ValueError(f"not a valid URL ({exc})") from None
+        except ValueError:
+            # Not urllib's message: it quotes the text after the last ":", which in a mistyped
+            # "mqtt://user:password" is the password.
+            raise ValueError("not a valid URL (expected mqtt[s]://HOST[:PORT])") from None
         if parts.username is not None or parts.password is not None:
             # Said without echoing the URL: it holds a password.
             raise ValueError("put credentials in mqtt.username and mqtt.password, not the URL")
@@ -460,6 +464,11 @@ class PhoneConfig(_Section):
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
+        if "@" in value:
+            # Said without echoing the value: "user:password@host" holds a password.
+            raise ValueError(
+                "HOST[:PORT] only: put credentials in username and password (or password_file)"
+            )
         try:
             parse_host(value)
         except InvalidTarget as exc:
@@ -517,6 +526,8 @@ class RuleAudioConfig(_Section):
     chime: str = ""
     #: ``GROUP:PORT`` for one multicast stream to every phone; unicast when empty.
     multicast: str = ""
+    #: Router hops the multicast stream may cross (IP TTL); unset: ``[audio] multicast_ttl``.
+    multicast_ttl: int | None = Field(default=None, ge=1, le=255)
     volume: int | None = Field(default=None, ge=0, le=100)
     repeat: int = Field(default=1, ge=1, le=10)
 
@@ -743,6 +754,8 @@ class AudioConfig(_Section):
     voice: str = "en"
     #: Where spoken text is cached across restarts; empty: in memory only.
     cache_dir: OptionalPath = None
+    #: Router hops a rule's multicast page may cross (IP TTL); 1 keeps it on the local subnet.
+    multicast_ttl: int = Field(default=1, ge=1, le=255)
 
     @field_validator("port")
     @classmethod
@@ -943,12 +956,13 @@ def parse_config(
     try:
         config = Config.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError("\n".join(_format_errors(exc, merged))) from None
+        raise ConfigError(url_for_log("\n".join(_format_errors(exc, merged)))) from None
     problems: list[str] = []
     config = _read_secrets(config, env, base_dir or Path.cwd(), problems)
     problems.extend(_cross_check(config))
     if problems:
-        raise ConfigError("\n".join(problems))
+        # A URL quoted in a problem (a literal execute URL, a webhook) may hold a password.
+        raise ConfigError(url_for_log("\n".join(problems)))
     return config
 
 

@@ -38,6 +38,7 @@ from phonepush.housekeeping import Housekeeper
 from phonepush.intake import Intake
 from phonepush.metrics import Metrics
 from phonepush.phone import PhoneClient, PhoneTarget
+from phonepush.redact import url_for_log
 from phonepush.repeats import Repeater
 from phonepush.rules import RuleSet
 from phonepush.server import ServerState, create_app
@@ -286,7 +287,7 @@ class Daemon:
                         config.server.listen,
                         len(config.phones),
                         len(config.rules),
-                        f", MQTT {_redact(config.mqtt.url)}" if config.mqtt is not None else "",
+                        f", MQTT {url_for_log(config.mqtt.url)}" if config.mqtt is not None else "",
                     )
                     self.ready.set()
                     self._notifier.ready("listening")
@@ -399,12 +400,6 @@ def _secret(value: object) -> str | None:
     getter = getattr(value, "get_secret_value", None)
     text = getter() if callable(getter) else str(value)
     return text or None
-
-
-def _redact(url: str) -> str:
-    """A URL fit for logs: no user information."""
-    scheme, sep, rest = url.partition("://")
-    return scheme + sep + rest.rpartition("@")[2]
 
 
 def _dig(config: Config, dotted: str) -> object:

@@ -56,7 +56,7 @@ __all__ = ["MAX_LISTED", "Grouper", "Staged", "group_page"]
 
 log = logging.getLogger("phonepush.grouping")
 
-#: Events listed one per line on a group's page; the rest are counted ("… and 7 more").
+#: Events listed one per line on a group's page; the rest are counted ("... and 7 more").
 MAX_LISTED: Final = 50
 #: How long the flusher waits before trying again after the spool failed.
 _RETRY_SECONDS: Final = 1.0
@@ -105,7 +105,7 @@ def group_page(pages: Sequence[TextPage]) -> TextPage:
         body = page.text or page.title
         lines.append(f"{page.title}: {body}" if named and page.title and page.text else body)
     if len(pages) > MAX_LISTED:
-        lines.append(f"\u2026 and {len(pages) - MAX_LISTED} more")
+        lines.append(f"... and {len(pages) - MAX_LISTED} more")
     return TextPage(title=title, text="\n".join(lines), prompt=pages[0].prompt)
 
 

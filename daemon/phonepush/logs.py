@@ -2,19 +2,69 @@
 
 Services log to stdout and let systemd's journal or the container runtime keep it. Nothing here
 formats secrets: no module logs a password, token or Authorization header in the first place.
+
+Log messages carry text that events, API users and phones control (a silence's ``createdBy``, a
+rendered URI, a phone's answer). Both formats keep one record on one line whatever it holds: the
+text format escapes control characters (``\\n``, ``\\r``, ESC as ``\\x1b``, every other C0/C1
+control, and the Unicode line and paragraph separators) in the message, so a value cannot forge
+a second log line or send terminal escape sequences, and indents a traceback's lines (escaped the
+same way) under its record; JSON escapes them by itself. Both mask the user information and
+query values of any URL in a message (:func:`phonepush.redact.url_for_log`), a backstop for URLs
+that arrive inside other text (a phone's error naming the URL it refused); call sites that log a
+URL mask it themselves.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
-from typing import Literal
+from typing import Any, Final, Literal
+
+from phonepush.redact import url_for_log
 
 __all__ = ["LogFormat", "setup_logging"]
 
 LogFormat = Literal["text", "json"]
+
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (
+        f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+    )
+
+
+def _message(record: logging.LogRecord) -> str:
+    return url_for_log(record.getMessage())
+
+
+class _TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = _CONTROL.sub(_escape_control, _message(record))
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return _continuation(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _continuation(super().formatStack(stack_info))
+
+
+def _continuation(text: str) -> str:
+    # A traceback spans lines by design, and its last line quotes the exception's message, which
+    # may hold event data. Indented, no line of it can pass for a record of its own.
+    return "\n".join(
+        "    " + _CONTROL.sub(_escape_control, url_for_log(line)) for line in text.splitlines()
+    )
 
 
 class _JsonFormatter(logging.Formatter):
@@ -24,7 +74,7 @@ class _JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": _message(record),
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -37,7 +87,7 @@ def setup_logging(fmt: LogFormat = "text", level: str = "info") -> None:
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -242,11 +242,13 @@ def _compile_rule(rule: RuleConfig, config: Config, templates: Templates) -> _Co
     background = None
     if rule.background is not None:
         background = (
-            templates.compile_template(rule.background.icon, f"{where}.background.icon"),
-            templates.compile_template(rule.background.image, f"{where}.background.image"),
+            templates.compile_url_template(rule.background.icon, f"{where}.background.icon"),
+            templates.compile_url_template(rule.background.image, f"{where}.background.image"),
         )
     ringtone = (
-        templates.compile_template(rule.ringtone, f"{where}.ringtone") if rule.ringtone else None
+        templates.compile_url_template(rule.ringtone, f"{where}.ringtone")
+        if rule.ringtone
+        else None
     )
     dedupe = templates.compile_template(rule.dedupe, f"{where}.dedupe") if rule.dedupe else None
     return _Compiled(
@@ -265,7 +267,9 @@ def _compile_item(entry: str, default: int, where: str, templates: Templates) ->
             return _Item(ExecuteItem(validate_uri(url), priority), None, priority, where)
         except WireError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-    return _Item(None, templates.compile_template(url, where), priority, where)
+    # An item written as an http(s) URL is one the phone fetches: its values are URL-encoded.
+    compile = templates.compile_url_template if is_http(url) else templates.compile_template
+    return _Item(None, compile(url, where), priority, where)
 
 
 # --- per event ----------------------------------------------------------------------------------

@@ -19,11 +19,13 @@ silenced ones also in ``phonepush_silenced_total{rule}``. Silences win over quie
 names the silence), and "drop" wins over "idle" when a rule and a phone both have quiet hours.
 
 Regular expressions come from people holding the API token, but are matched against event data
-that anyone able to send an event controls, and Python's engine backtracks. So a pattern is at
-most :data:`MAX_REGEX_LENGTH` characters, may not repeat a group, refer back or look around, holds
-at most :data:`MAX_QUANTIFIERS` quantifiers, and is only tried on values of at most
-:data:`MAX_REGEX_SUBJECT` characters (a longer value does not match): the worst case stays a few
-million steps.
+that anyone able to send an event controls. They run on RE2 (``google-re2``), whose matching time
+is linear in the pattern and subject sizes, never exponential: no pattern can freeze the event
+loop, and RE2 refuses what needs backtracking (back-references, look-arounds) and Python's
+``(?x)`` verbose flag. A pattern is at most :data:`MAX_REGEX_LENGTH` characters, and is only
+tried on values of at most :data:`MAX_REGEX_SUBJECT` characters (a longer value does not match).
+A silence stored by an older version whose pattern RE2 refuses is skipped at start with an error
+in the log, not loaded with Python's engine.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import re2
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from phonepush import cisco
@@ -54,7 +57,6 @@ __all__ = [
     "DAYS",
     "MATCHER_FIELDS",
     "MAX_MATCHERS",
-    "MAX_QUANTIFIERS",
     "MAX_REGEX_LENGTH",
     "MAX_REGEX_SUBJECT",
     "MAX_SILENCES",
@@ -78,13 +80,14 @@ DAYS: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MATCHER_FIELDS: Final = frozenset({"rule", "phone", "source", "topic"})
 MAX_MATCHERS: Final = 16
 MAX_REGEX_LENGTH: Final = 256
-MAX_QUANTIFIERS: Final = 3
 MAX_REGEX_SUBJECT: Final = 256
 MAX_SILENCES: Final = 1000
 _MAX_VALUE: Final = 1024
 _MAX_PATH_PARTS: Final = 8
 _RANGE: Final = re.compile(r"([01][0-9]|2[0-4]):([0-5][0-9])-([01][0-9]|2[0-4]):([0-5][0-9])")
-_BRACE: Final = re.compile(r"\{[0-9]*(,[0-9]*)?\}")
+# What one compiled pattern may hold (RE2's default is 8 MiB); 256 characters need far less, and
+# 1,000 silences of 16 matchers stay bounded.
+_REGEX_MEMORY: Final = 1 << 20
 
 
 # --- quiet hours --------------------------------------------------------------------------------
@@ -244,50 +247,34 @@ def _lookup(payload: Any, path: tuple[str, ...]) -> str:
     return _as_text(value)
 
 
-def _check_regex(pattern: str) -> re.Pattern[str]:
-    """Compile a matcher's pattern if it stays inside the bounded subset (module docstring)."""
+class _Regex(Protocol):
+    def fullmatch(self, text: str) -> object | None: ...
+
+
+def _check_regex(pattern: str) -> _Regex:
+    """Compile a matcher's pattern with RE2 (module docstring); ``ValueError`` says why not."""
     if len(pattern) > MAX_REGEX_LENGTH:
         raise ValueError(f"a regex is at most {MAX_REGEX_LENGTH} characters")
-    quantifiers = 0
-    last = "start"  # what precedes: start, atom, open, group (a closed one), quantifier
-    i, n = 0, len(pattern)
-    while i < n:
-        char = pattern[i]
-        if char == "\\":
-            if pattern[i + 1 : i + 2].isdigit():
-                raise ValueError("a regex cannot refer back to a group")
-            i, last = i + 2, "atom"
-        elif char == "[":
-            j = i + 1
-            j += pattern[j : j + 1] == "^"
-            j += pattern[j : j + 1] == "]"  # a "]" first in a class is literal
-            while j < n and pattern[j] != "]":
-                j += 2 if pattern[j] == "\\" else 1
-            i, last = j + 1, "atom"
-        elif char == "(":
-            if pattern[i + 1 : i + 2] == "?":
-                head = pattern[i + 2 : i + 4]
-                if head[:1] in ("=", "!", "<", "(") or head == "P=":
-                    raise ValueError("a regex cannot look ahead or behind, or refer back")
-                i += 1
-            i, last = i + 1, "open"
-        elif char == ")":
-            i, last = i + 1, "group"
-        elif char in "*+?" or (char == "{" and (brace := _BRACE.match(pattern, i))):
-            if last == "group":
-                raise ValueError("a regex cannot repeat a group: repeat single characters")
-            if not (last == "quantifier" and char in "?+"):  # lazy or possessive: no new loop
-                quantifiers += 1
-            i = brace.end() if char == "{" and brace else i + 1
-            last = "quantifier"
-        else:
-            i, last = i + 1, "atom"
-    if quantifiers > MAX_QUANTIFIERS:
-        raise ValueError(f"a regex holds at most {MAX_QUANTIFIERS} quantifiers (*, +, ?, {{}})")
+    options = re2.Options()
+    options.log_errors = False  # RE2 would print the refused pattern on stderr, unescaped
+    options.never_capture = True
+    options.max_mem = _REGEX_MEMORY
     try:
-        return re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"not a valid regex: {exc}") from None
+        compiled: _Regex = re2.compile(pattern, options)
+    except re2.error as exc:
+        reason = exc.args[0].decode("utf-8", "replace") if exc.args else "refused"
+        raise ValueError(
+            f"not a valid regex: {reason} (RE2 syntax: no back-references, look-arounds or (?x))"
+        ) from None
+    return compiled
+
+
+def _fullmatch(regex: _Regex, subject: str) -> bool:
+    try:
+        return regex.fullmatch(subject) is not None
+    except UnicodeEncodeError:
+        # RE2 takes UTF-8; a lone surrogate from a JSON "\\ud800" escape cannot be encoded.
+        return regex.fullmatch(subject.encode("utf-8", "replace").decode("utf-8")) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +286,7 @@ class Matcher:
     is_regex: bool = False
     is_equal: bool = True
     _path: tuple[str, ...] = field(default=(), compare=False, repr=False)
-    _regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+    _regex: _Regex | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def parse(cls, data: object) -> Matcher:
@@ -356,7 +343,7 @@ class Matcher:
         else:
             subject = _lookup(facts.payload, self._path)
         if self._regex is not None:
-            hit = len(subject) <= MAX_REGEX_SUBJECT and self._regex.fullmatch(subject) is not None
+            hit = len(subject) <= MAX_REGEX_SUBJECT and _fullmatch(self._regex, subject)
         else:
             hit = subject == self.value
         return hit == self.is_equal

@@ -13,9 +13,13 @@ can publish to the broker or reach a hook controls. So:
   renders as the empty string in text. Rules are written against several payload shapes at once
   (Tasmota's ``Button1.Action`` and older ``ACTION``), and an event that lacks a field should
   not count as a failure. Doing something *with* missing data (calling it, comparing it with
-  ``<``) is still an error. One trap: on a *text* payload, a name that is also a ``str`` method
-  (``payload.title``, ``payload.split``) is that method; test ``payload is mapping`` first when
-  a source can send either.
+  ``<``) is still an error. On a mapping, ``payload.items`` is the key ``items`` when the event
+  has one, and missing data when it has not: a dict method is only reached by calling it
+  (``payload.items()``, ``payload.get('a')``), so event keys named like methods (``items``,
+  ``keys``, ``values``, ``get``) read as keys and never render ``<built-in method ...>``. One trap
+  remains: on a *text* payload, a name that is also a ``str`` method (``payload.title``,
+  ``payload.split``) is that method; test ``payload is mapping`` first when a source can send
+  either.
 * Render cost is bounded: output is cut off with an error past :data:`MAX_OUTPUT` characters,
   each ``for`` loop takes at most :data:`MAX_LOOP_ITEMS` items (the rest are skipped: a phone
   page cannot show more anyway), loops nest at most :data:`MAX_LOOP_DEPTH` deep, ``range()`` is
@@ -23,8 +27,19 @@ can publish to the broker or reach a hook controls. So:
   accumulating ``namespace()`` are not available.
 * Autoescape is off: text is escaped for XML where the XML is built (:mod:`phonepush.cisco`).
 
+* URL templates (:meth:`Templates.compile_url_template`: execute items written as
+  ``http(s)://...``, ``background`` and ``ringtone``) URL-encode every ``{{ value }}`` they
+  interpolate (``quote(value, safe="")``: ``/``, ``@``, ``:``, ``?``, ``&``, ``#`` included), so
+  event data cannot add a path, a query or another host; ``{{ value | safe_url }}`` marks a value
+  the rule wants raw. When the rule wrote the scheme and host literally, a rendered URL must keep
+  that scheme, host and port (and user information), else rendering fails naming both hosts: the
+  phone fetches the URL, so a changed host would be a request forged through the phone. When a
+  tag sits inside the host (``http://phone{{ n }}.lan/``), the rendered host must start with what
+  the rule wrote and hold no user information; only a ``safe_url`` value can change more there.
+
 Extra filters: ``tojson`` (plain JSON, not HTML-escaped), ``fromjson``, ``digits`` (keep what a
-``Dial:`` URI takes), ``datetime(fmt)`` (an epoch number or RFC 3339 string as local time).
+``Dial:`` URI takes), ``datetime(fmt)`` (an epoch number or RFC 3339 string as local time),
+``safe_url`` (a value a URL template interpolates raw).
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any, Final
+from urllib.parse import quote, urlsplit
 
 import jinja2
 from jinja2 import nodes
@@ -90,10 +106,68 @@ _FORBIDDEN: Final = {
     nodes.FromImport: "import",
 }
 _NOT_DIGITS: Final = re.compile(r"[^0-9#*]")
+# A URL template's scheme and what follows "//" up to the path, query, fragment or first tag.
+_WRITTEN_ORIGIN: Final = re.compile(r"(https?)://([^/?#{]*)([/?#{]?)", re.IGNORECASE)
+
+
+class _MethodOrMissing(jinja2.ChainableUndefined):
+    """A mapping's method reached as ``payload.items`` when the mapping has no key ``items``:
+    called, it is the method; used any other way, it is missing data like any absent key."""
+
+    __slots__ = ("_method",)
+
+    def __init__(self, method: Callable[..., Any], obj: Any, name: str) -> None:
+        super().__init__(obj=obj, name=name)
+        self._method = method
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._method(*args, **kwargs)
+
+
+class _RawURL(str):
+    """A value marked ``| safe_url``: interpolated into a URL template as it is."""
+
+    __slots__ = ()
+
+
+def _safe_url(value: Any) -> _RawURL:
+    return _RawURL("" if isinstance(value, jinja2.Undefined) else value)
+
+
+def _url_value(value: Any) -> str:
+    if isinstance(value, _RawURL):
+        return value
+    if isinstance(value, jinja2.Undefined):
+        return ""
+    return quote(str(value), safe="")
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**"})
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        # Event data first: a payload {"items": 3} means 3, not dict.items.
+        if isinstance(obj, Mapping):
+            try:
+                return obj[attribute]
+            except (TypeError, LookupError):
+                pass
+            value = super().getattr(obj, attribute)
+            if callable(value) and not isinstance(value, jinja2.Undefined):
+                return _MethodOrMissing(value, obj, attribute)
+            return value
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        value = super().getitem(obj, argument)
+        if (
+            isinstance(obj, Mapping)
+            and callable(value)
+            and not isinstance(value, jinja2.Undefined)
+            and argument not in obj
+        ):
+            return _MethodOrMissing(value, obj, str(argument))
+        return value
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         raise SecurityError(
@@ -173,25 +247,15 @@ class Templates:
     """
 
     def __init__(self) -> None:
-        env = _Sandbox(
-            autoescape=False,
-            undefined=jinja2.ChainableUndefined,
-            keep_trailing_newline=True,
-            cache_size=0,
-        )
-        for name in ("lipsum", "cycler", "joiner", "namespace"):
-            env.globals.pop(name, None)
-        env.globals["range"] = _range
-        env.globals[_BOUNDED] = _bounded
-        env.filters.update(
-            tojson=_tojson, fromjson=_fromjson, digits=_digits, datetime=_datetime, center=_center
-        )
-        self._env = env
+        self._env = _environment(finalize=None)
+        # URL templates render in their own environment: one whose every {{ }} is URL-encoded.
+        self._url_env = _environment(finalize=_url_value)
         # Compiling is milliseconds of Jinja code generation per source; rules often share
         # sources ("{{ payload.text }}"), and a daemon with hundreds of rules starts faster when
         # each distinct one is compiled once. Error messages still name each use (``where``).
         self._expressions: dict[str, Callable[..., Any]] = {}
         self._templates: dict[str, jinja2.Template] = {}
+        self._url_templates: dict[str, jinja2.Template] = {}
 
     def compile_expression(self, source: str, where: str) -> Expression:
         """Compile a ``when``; the callable returns its value (``None`` for undefined)."""
@@ -217,31 +281,125 @@ class Templates:
         if "{" not in source:
             # The common literal case costs nothing per event.
             return lambda context: source
+        return _renderer(self._compiled(self._env, self._templates, source, where), where)
+
+    def compile_url_template(self, source: str, where: str) -> TextTemplate:
+        """Compile a template that renders a URL the phone fetches: values URL-encoded unless
+        ``| safe_url``, and the scheme, host and port the source writes kept (module docstring).
+        The callable raises :class:`TemplateError` when a rendered URL leaves that origin."""
+        if "{" not in source:
+            return lambda context: source
+        render = _renderer(self._compiled(self._url_env, self._url_templates, source, where), where)
+        written = _WRITTEN_ORIGIN.match(source)
+        if written is None:
+            return render
+        scheme = written.group(1).lower()
+        written_authority = written.group(2)
+        literal = written.group(3) != "{"  # the authority ends before the first tag
+        origin = _origin(f"{scheme}://{written_authority}") if literal else None
+
+        def render_checked(context: Mapping[str, Any]) -> str:
+            url = render(context)
+            try:
+                parts = urlsplit(url.strip())
+                got = _origin(url.strip())
+            except ValueError as exc:
+                raise TemplateError(f"{where}: rendered URL is not a URL ({exc})") from None
+            if parts.scheme.lower() != scheme:
+                raise TemplateError(
+                    f"{where}: rendered URL changed the scheme the rule wrote ({scheme}://)"
+                )
+            if origin is not None and got != origin:
+                raise TemplateError(
+                    f"{where}: rendered URL goes to {_show(got)}, not to {_show(origin)} as the"
+                    " rule wrote; refused (mark only trusted values | safe_url)"
+                )
+            if origin is None and (
+                "@" in parts.netloc or not parts.netloc.startswith(written_authority)
+            ):
+                # The rule wrote only the start of the host: the rest may be filled in, but
+                # user information in front of it would make the written part a user name.
+                raise TemplateError(
+                    f"{where}: rendered URL goes to {_show(got)}, not to a host starting"
+                    f" {written_authority!r} as the rule wrote; refused"
+                )
+            return url
+
+        return render_checked
+
+    def _compiled(
+        self,
+        env: jinja2.Environment,
+        cache: dict[str, jinja2.Template],
+        source: str,
+        where: str,
+    ) -> jinja2.Template:
         try:
-            template = self._templates.get(source)
+            template = cache.get(source)
             if template is None:
-                tree = self._env.parse(source)
+                tree = env.parse(source)
                 _restrict(tree, where)
-                template = self._templates[source] = self._env.from_string(tree)
+                template = cache[source] = env.from_string(tree)
         except jinja2.TemplateSyntaxError as exc:
             raise ConfigError(f"{where}: {_syntax_message(exc)}") from exc
         except _TOO_COMPLEX as exc:
             raise ConfigError(f"{where}: {_complexity_message(exc)}") from exc
+        return template
 
-        def render(context: Mapping[str, Any]) -> str:
-            parts: list[str] = []
-            size = 0
-            try:
-                for chunk in template.generate(context):
-                    size += len(chunk)
-                    if size > MAX_OUTPUT:
-                        raise TemplateError(f"{where}: output longer than {MAX_OUTPUT} characters")
-                    parts.append(chunk)
-            except _RENDER_ERRORS as exc:
-                raise TemplateError(f"{where}: {_render_message(exc)}") from exc
-            return "".join(parts)
 
-        return render
+def _environment(finalize: Callable[[Any], Any] | None) -> _Sandbox:
+    env = _Sandbox(
+        autoescape=False,
+        undefined=jinja2.ChainableUndefined,
+        keep_trailing_newline=True,
+        cache_size=0,
+        finalize=finalize,
+    )
+    for name in ("lipsum", "cycler", "joiner", "namespace"):
+        env.globals.pop(name, None)
+    env.globals["range"] = _range
+    env.globals[_BOUNDED] = _bounded
+    env.filters.update(
+        tojson=_tojson,
+        fromjson=_fromjson,
+        digits=_digits,
+        datetime=_datetime,
+        center=_center,
+        safe_url=_safe_url,
+    )
+    return env
+
+
+def _renderer(template: jinja2.Template, where: str) -> TextTemplate:
+    def render(context: Mapping[str, Any]) -> str:
+        parts: list[str] = []
+        size = 0
+        try:
+            for chunk in template.generate(context):
+                size += len(chunk)
+                if size > MAX_OUTPUT:
+                    raise TemplateError(f"{where}: output longer than {MAX_OUTPUT} characters")
+                parts.append(chunk)
+        except _RENDER_ERRORS as exc:
+            raise TemplateError(f"{where}: {_render_message(exc)}") from exc
+        return "".join(parts)
+
+    return render
+
+
+# (user information, host, port) of an http(s) URL; raises ValueError for a bad port.
+_Origin = tuple[str | None, str | None, str | None, int | None]
+
+
+def _origin(url: str) -> _Origin:
+    parts = urlsplit(url)
+    host = parts.hostname
+    return parts.username, parts.password, host, parts.port
+
+
+def _show(origin: _Origin) -> str:
+    _user, _password, host, port = origin
+    return repr(f"{host or ''}{f':{port}' if port is not None else ''}")
 
 
 def _restrict(tree: nodes.Template, where: str) -> None:

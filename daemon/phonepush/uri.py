@@ -12,9 +12,13 @@ Choices where the notes leave room (kept here so there is one place to read them
 * ``Display:`` minutes are 0–1440 (0 means "until changed").
 * ``Dial:``/``SendDigits:`` take ``0-9 # * A-D`` and ``,`` (a one-second pause). The optional
   ``:useAppUI:appId[:feedback]`` suffix of ``Dial:`` is accepted with word characters in each part.
+  ``SendDigits:`` takes an optional numeric field and an optional ``appId`` after it, the numeric
+  field possibly empty: ``SendDigits:123:2``, ``SendDigits:123:2:app``, ``SendDigits:123::app``.
 * RTP URIs need a dotted IPv4 address; ``RTPMRx``/``RTPMTx`` need a multicast group outside
   224.0.0.0/8, ``RTPRx``/``RTPTx`` a unicast address. Ports are even, 20480–32768; volume 0–100.
-* ``http(s)://`` URLs may hold no white space or control characters.
+* ``http(s)://`` URLs may hold no white space or control characters. The scheme is matched in
+  any case and returned lower-case (``HTTP://h/x`` becomes ``http://h/x``): phones compare it
+  case-sensitively, RFC 3986 says schemes are case-insensitive.
 * Every URI is at most 256 characters.
 * Matching is on the whole string (the reference uses ``re.search(... $)``, which lets a trailing
   newline through; a phone would not accept that, so we don't).
@@ -73,7 +77,7 @@ _SIMPLE: Final = re.compile(
     rf"""
       (?: Dial : {_DIGITS} (?: : {_WORD} : {_WORD} (?: : {_WORD})? )? )
     | (?: EditDial : {_DIGITS} )
-    | (?: SendDigits : {_DIGITS} (?: : [0-9]+ )? )
+    | (?: SendDigits : {_DIGITS} (?: : [0-9]+ | : [0-9]* : {_WORD} )? )
     | (?: (?: Key | SoftKey | Init ) : [A-Za-z0-9]+ )
     | (?: App : {_WORD} (?: : {_WORD} )* )
     """,
@@ -95,10 +99,14 @@ def is_http(url: str) -> bool:
 
 
 def validate_uri(uri: str) -> str:
-    """Return ``uri`` unchanged if a phone would execute it, else raise :class:`InvalidURI`."""
+    """Return ``uri`` if a phone would execute it (an http(s) scheme in lower case, the rest
+    unchanged), else raise :class:`InvalidURI`."""
     if len(uri) > MAX_URL_LENGTH:
         raise InvalidURI(uri, f"longer than {MAX_URL_LENGTH} characters")
-    if _SIMPLE.fullmatch(uri) or _RTP_STOP.fullmatch(uri) or _HTTP.fullmatch(uri):
+    if _HTTP.fullmatch(uri):
+        scheme, sep, rest = uri.partition("://")
+        return scheme.lower() + sep + rest
+    if _SIMPLE.fullmatch(uri) or _RTP_STOP.fullmatch(uri):
         return uri
     if m := _PLAY.fullmatch(uri):
         if len(m.group(1)) > MAX_PLAY_NAME:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from phonepush.errors import ConfigError
+from phonepush.redact import url_for_log
 
 if TYPE_CHECKING:
     from phonepush.config import Config
@@ -49,4 +50,5 @@ def load_or_report(path: Path) -> Config | None:
 
 
 def report_config_error(path: Path, exc: ConfigError) -> None:
-    print(f"{path}: invalid configuration:\n{exc}", file=sys.stderr)
+    # Rule and audio compilation raise their own ConfigErrors; a URL they quote is masked too.
+    print(f"{path}: invalid configuration:\n{url_for_log(str(exc))}", file=sys.stderr)

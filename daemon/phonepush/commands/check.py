@@ -19,6 +19,7 @@ from phonepush.commands import (
 )
 from phonepush.config import Config, format_duration
 from phonepush.errors import ConfigError
+from phonepush.redact import url_for_log
 from phonepush.rules import RuleSet
 
 __all__ = ["main", "summary"]
@@ -49,7 +50,8 @@ def summary(config: Config, rules: RuleSet, path: Path | None = None) -> str:
     lines = [f"{path}: OK" if path else "configuration: OK"]
     server = config.server
     lines.append(
-        f"server: listening on {server.listen}, phones fetch pages from {server.public_url}, "
+        f"server: listening on {server.listen}, phones fetch pages from "
+        f"{url_for_log(server.public_url)}, "
         f"webhook bodies up to {server.max_body} bytes"
     )
     spool = config.spool

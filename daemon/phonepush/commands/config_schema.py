@@ -104,7 +104,7 @@ NOTES: Final[dict[str, str]] = {
     "RuleConfig.group_by": "Templates: events with the same values in `group_wait` share one page.",
     "RuleConfig.group_wait": "Collect a group's events this long (default 30s with `group_by`).",
     "MessageConfig.title": "Page title (≤ 32 characters shown).",
-    "MessageConfig.text": "Page text (cut with … beyond what a page takes).",
+    "MessageConfig.text": "Page text (cut, marked ..., beyond what a page takes).",
     "MessageConfig.prompt": "Status-line prompt.",
     "EscalateConfig.after": "Unacknowledged rounds before escalating.",
     "EscalateConfig.to": "Phones, groups or `all` repeats also go to then.",
@@ -249,6 +249,10 @@ page is generated from (for editors and CI checks).
 * **Durations** are a number of seconds or a string: `"500ms"`, `"15s"`, `"5m"`, `"1h"`, `"1d"`.
 * **Templates**: rule keys marked *template* are Jinja2 (sandboxed) with `payload`, `topic`,
   `event` and friends; see the integration guides in `docs/integrations/` for worked examples.
+  `payload.items` is the event's key `items`, never the dict method (call `payload.items()` for
+  that). In URL templates (`execute` items written as `http(s)://...`, `background`, `ringtone`)
+  every `{{ value }}` is URL-encoded unless written `{{ value | safe_url }}`, and a rendered URL
+  must keep the scheme, host and port the rule wrote, else that delivery fails saying so.
 
 Sections: {sections}
 """
