@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from phonepush import jsonlimits
 from phonepush.acks import AckService
 from phonepush.api import api_routes
 from phonepush.api_silences import silence_routes
@@ -220,8 +221,8 @@ def _payload(content_type: str, body: bytes) -> bytes:
     media = content_type.split(";", 1)[0].strip().lower()
     if media == "application/json" or media.endswith("+json"):
         try:
-            json.loads(body)
-        except ValueError as exc:
+            jsonlimits.loads(body)
+        except ValueError as exc:  # malformed, or refused by the depth limit
             raise _BadRequest(400, f"malformed JSON: {exc}") from None
         return body
     if media == "application/x-www-form-urlencoded":
