@@ -71,6 +71,8 @@ class Response:
     content_type: str = "text/xml"
     close: bool = False
     headers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    #: The phone did what it was asked (for its ``errors`` counter; not sent).
+    success: bool = False
 
     def encode(self, keep_alive: bool) -> bytes:
         reason = _REASONS.get(self.status, "Unknown")

@@ -11,12 +11,27 @@ Choices where real phones vary or the notes leave room:
 * **Authentication.** With ``username``/``password`` the phone checks HTTP Basic itself; with
   ``auth_url`` it asks that URL instead (GET with ``UserID``, ``Password``, ``devicename``) and
   accepts only a 200 whose body is exactly ``AUTHORIZED``; an unreachable auth server denies. A
-  push without an ``Authorization`` header is denied without asking. Denial is
+  push without an ``Authorization`` header is denied without asking. Basic credentials are
+  decoded as UTF-8, the one encoding phonepush uses everywhere; a header that is not valid
+  UTF-8 (a Latin-1 client's non-ASCII password) is denied. Denial is
   ``CiscoIPPhoneError Number="4"`` with HTTP **200** (phones vary between 200 and 401; clients
   must accept both, and 200 is the case that needs the body parsed).
-* **One push at a time.** A push arriving while another is being served on the same phone
-  *waits* its turn, like a real phone's single worker; up to ``max_waiting`` pushes wait, and
-  one more is answered ``CiscoIPPhoneError Number="6"`` (busy) at once.
+* **One push at a time.** A phone is busy from the moment a push is received until its answer
+  is written, or would have been had the client hung up (the phone finishes what it began). A
+  push that arrives meanwhile is answered ``CiscoIPPhoneError Number="6"`` at once, executes
+  nothing, and is counted in ``overlaps``. (What real firmware does with a concurrent push is
+  not documented; refusing it makes a client that overlaps pushes visible in tests.)
+* **Execution log.** ``executed`` lists every ExecuteItem URI the phone carried out, in the order
+  it did (a ``Play:`` when its tone starts; failed items are not listed), so tests can count
+  how often an action really happened.
+* **Late answers.** ``answer_after_ms`` (or the fault mode ``answer-after`` with ``delay_ms``)
+  makes the phone execute, then answer that much later; the phone stays busy meanwhile, and an
+  answer the client gave up on is lost while the execution stands.
+* **Models.** ``8800`` (the default) is described here. ``multiplatform`` (3PCC firmware)
+  executes the same way but answers neither Cisco object: ``200 text/html`` with a short page
+  on success, 400 for a request it cannot parse, 401 (``WWW-Authenticate``) for bad
+  credentials and 503 while busy. ``7900`` speaks only TLS 1.0 when the fleet serves HTTPS.
+  The model can be changed per phone at run time (the TLS versions stay the fleet's).
 * **Transport quirks.** A chunked upload gets HTTP 404 (a phone's web server does that), ``Expect:
   100-continue`` gets error 6, a POST without ``Content-Length`` gets HTTP 411. All three close the
   connection. Other paths: 404; other methods on ``/CGI/Execute``: 405. Bodies that are not
@@ -35,7 +50,8 @@ Choices where real phones vary or the notes leave room:
   item whose URL is the image (background) or the ring tone URL.
 * **Counters.** ``pushes`` counts requests to ``POST /CGI/Execute``; ``errors`` counts those not
   answered with a CiscoIPPhoneResponse (error objects, HTTP errors, fault answers).
-* **Reset** clears a phone's state *and* its fault mode (and closes its RTP listener).
+* **Reset** clears a phone's state, its fault mode and its model (back to the fleet's), and
+  closes its RTP listener.
 * **RTP reception.** ``RTPRx:<source>:<port>[:<volume>]`` makes the phone listen for RTP on its
   *own* address and ``port`` (unicast; ``source`` is where the stream is said to come from: it is
   recorded, and ``from_source`` says whether the packets came from it; none are dropped);
@@ -65,6 +81,7 @@ import shutil
 import ssl
 import tempfile
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +108,7 @@ from phonepush.uri import ExecuteItem, is_http, validate_uri
 __all__ = [
     "FAULT_MODES",
     "MAX_RTP_HISTORY",
+    "MODELS",
     "PHONE_HEADERS",
     "Backlight",
     "Fault",
@@ -103,7 +121,20 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FAULT_MODES: Final = ("none", "refuse", "hang", "slow", "http500", "garbage", "error", "flap")
+FAULT_MODES: Final = (
+    "none",
+    "refuse",
+    "hang",
+    "slow",
+    "http500",
+    "http401",
+    "garbage",
+    "error",
+    "flap",
+    "answer-after",
+)
+#: Phone families the simulator models (see the module docstring).
+MODELS: Final = ("7900", "8800", "multiplatform")
 #: What a CP-8841 sends when it fetches a page.
 PHONE_HEADERS: Final = {
     "x-CiscoIPPhoneModelName": "CP-8841",
@@ -135,8 +166,9 @@ PushLog = Callable[["SimPhone", dict[str, Any]], None]
 
 @dataclass
 class Fault:
-    """A phone's fault mode. ``number`` is for ``error``; ``delay_ms`` for ``slow`` (extra delay)
-    and ``flap`` (time up and time down, default 1000 ms)."""
+    """A phone's fault mode. ``number`` is for ``error``; ``delay_ms`` for ``slow`` (extra delay
+    before executing), ``answer-after`` (the answer comes this long after executing) and ``flap``
+    (time up and time down, default 1000 ms)."""
 
     mode: str = "none"
     number: int = 6
@@ -198,6 +230,10 @@ class PhoneState:
     presses: deque[dict[str, Any]] = field(default_factory=_capped)
     pushes: int = 0
     errors: int = 0
+    #: Pushes that arrived while the phone was serving another (answered error 6 at once).
+    overlaps: int = 0
+    #: Every ExecuteItem URI the phone carried out, in the order it did.
+    executed: deque[str] = field(default_factory=_capped)
     requests: deque[dict[str, Any]] = field(default_factory=_capped)
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,6 +250,8 @@ class PhoneState:
             "presses": list(self.presses),
             "pushes": self.pushes,
             "errors": self.errors,
+            "overlaps": self.overlaps,
+            "executed": list(self.executed),
             "requests": list(self.requests),
         }
 
@@ -226,7 +264,8 @@ class _Settings:
     delay_ms: float
     tone_ms: float
     fetch_timeout: float
-    max_waiting: int
+    answer_after_ms: float
+    model: str
     fetch_ssl: ssl.SSLContext | None
     rtp: bool = True
 
@@ -333,8 +372,11 @@ class SimPhone:
         self._clock = clock
         self._server: asyncio.Server | None = None
         self._connections: set[HTTPServerProtocol] = set()
-        self._lock = asyncio.Lock()
-        self._waiting = 0
+        self.model = settings.model
+        # Set from the moment a push is received until its answer is written (or would have
+        # been, had the client not hung up): a real phone's single worker.
+        self._busy = False
+        self._work: set[asyncio.Task[Response | None]] = set()
         self._flapper: asyncio.Task[None] | None = None
         self._running = False
         self._reception: _Reception | None = None
@@ -359,6 +401,7 @@ class SimPhone:
             "host": self.host,
             "port": self.port,
             "url": self.url,
+            "model": self.model,
             "fault": self.fault.to_dict(),
         }
         data.update(self.state.to_dict())
@@ -395,6 +438,11 @@ class SimPhone:
         self._running = False
         await self._cancel_flapper()
         await self._unlisten()
+        for task in list(self._work):
+            task.cancel()
+        for task in list(self._work):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self._rtp_stop("shutdown")
 
     async def _listen(self) -> None:
@@ -453,9 +501,17 @@ class SimPhone:
             await asyncio.sleep(period)
             await self._listen()
 
+    def set_model(self, model: str) -> None:
+        """Answer as a phone of ``model`` (one of :data:`MODELS`) from the next push on. The TLS
+        versions a 7900 speaks are the fleet's, set when it starts."""
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r}; one of {', '.join(MODELS)}")
+        self.model = model
+
     async def reset(self) -> None:
         """Forget everything the phone did and heal any fault."""
         await self.set_fault("none")
+        self.model = self._settings.model
         await self._rtp_stop("reset")
         self.state = PhoneState()
 
@@ -499,6 +555,15 @@ class SimPhone:
     # --- serving pushes -----------------------------------------------------------------------
 
     async def _handle(self, request: Request) -> Response | None:
+        # The phone's work goes on when the client hangs up (the connection's task is then
+        # cancelled): a phone that has begun executing finishes, and stays busy until it would
+        # have answered.
+        task = asyncio.get_running_loop().create_task(self._serve(request))
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+        return await asyncio.shield(task)
+
+    async def _serve(self, request: Request) -> Response | None:
         record: dict[str, Any] = {
             "time": self._clock(),
             "method": request.method,
@@ -517,10 +582,7 @@ class SimPhone:
         if response is None:
             record["answer"] = {"status": None, "fault": "hang"}
             return None
-        error_kind = response.status != 200 or not response.body.startswith(
-            b'<?xml version="1.0" encoding="UTF-8"?><CiscoIPPhoneResponse'
-        )
-        if is_push and error_kind:
+        if is_push and not response.success:
             self.state.errors += 1
         record["answer"] = {
             "status": response.status,
@@ -533,15 +595,21 @@ class SimPhone:
 
     async def _answer(self, request: Request, record: dict[str, Any]) -> Response | None:
         fault = self.fault.mode
-        if fault != "none":
-            if fault == "hang":
-                return None
-            if fault == "http500":
-                return Response(500, b"Internal Server Error\n", "text/plain")
-            if fault == "garbage":
-                return Response(200, _GARBAGE, "text/xml")
-            if fault == "error":
-                return _error(self.fault.number, "simulated fault")
+        if fault == "hang":
+            return None
+        if fault == "http500":
+            return Response(500, b"Internal Server Error\n", "text/plain")
+        if fault == "http401":
+            return Response(
+                401,
+                _error_body(4, "Authentication error"),
+                "text/xml",
+                headers=(("WWW-Authenticate", 'Basic realm="phone"'),),
+            )
+        if fault == "garbage":
+            return Response(200, _GARBAGE, "text/xml")
+        if fault == "error":
+            return _error(self.fault.number, "simulated fault")
         if request.path != _EXECUTE_PATH:
             return Response(404, b"Not Found\n", "text/plain")
         if request.method != "POST":
@@ -554,42 +622,64 @@ class SimPhone:
             return _error(6, "Expect: 100-continue is not supported", close=True)
         if not request.has_length:
             return Response(411, b"Length Required\n", "text/plain", close=True)
-        if self._lock.locked() and self._waiting >= self._settings.max_waiting:
-            return _error(6, "busy")
-        self._waiting += 1
+        if self._busy:
+            self.state.overlaps += 1
+            return self._busy_answer()
+        self._busy = True
         try:
-            await self._lock.acquire()
+            response = await self._push(request, record)
+            answer_after = (
+                self.fault.delay_ms
+                if self.fault.mode == "answer-after"
+                else self._settings.answer_after_ms
+            )
+            if answer_after > 0:
+                await asyncio.sleep(answer_after / 1000)
+            return response
         finally:
-            self._waiting -= 1
-        try:
-            return await self._push(request, record)
-        finally:
-            self._lock.release()
+            self._busy = False
+
+    def _busy_answer(self) -> Response:
+        if self.model == "multiplatform":
+            return _html(503, "Busy", headers=(("Retry-After", "1"),))
+        return _error(6, "Busy")
 
     async def _push(self, request: Request, record: dict[str, Any]) -> Response:
         settings = self._settings
         delay = settings.delay_ms + (self.fault.delay_ms if self.fault.mode == "slow" else 0)
         if delay > 0:
             await asyncio.sleep(delay / 1000)
+        multiplatform = self.model == "multiplatform"
         if (settings.username or settings.auth_url) and not await self._authorized(request):
+            if multiplatform:
+                return _html(
+                    401, "Unauthorized", headers=(("WWW-Authenticate", 'Basic realm="phone"'),)
+                )
             return _error(4, "Authentication error")
         content_type = request.headers.get("content-type", "")
         xml = _form_xml(request.body) if content_type[:33].lower() == _FORM else None
         if xml is None:
-            return _error(1, "expected a form field named XML")
+            return (
+                _html(400, "Bad Request")
+                if multiplatform
+                else _error(1, "expected a form field named XML")
+            )
         record["xml"] = xml.decode("utf-8", "replace")
         try:
             push = parse_push(xml)
         except MalformedPush as exc:
-            return _error(exc.number, str(exc))
+            return _html(400, "Bad Request") if multiplatform else _error(exc.number, str(exc))
         if isinstance(push, ExecutePush):
             record["items"] = [{"url": i.url, "priority": i.priority} for i in push.items]
-            return _ok(await self._execute(push.items))
-        if isinstance(push, BackgroundPush):
+            items = await self._execute(push.items)
+        elif isinstance(push, BackgroundPush):
             self.state.background = {"icon": push.icon, "image": push.image}
-            return _ok([ResponseItem(push.image, "Success", 0)])
-        self.state.ringtone = push.url
-        return _ok([ResponseItem(push.url, "Success", 0)])
+            items = [ResponseItem(push.image, "Success", 0)]
+        else:
+            self.state.ringtone = push.url
+            items = [ResponseItem(push.url, "Success", 0)]
+        # Multiplatform firmware executes but answers neither Cisco object: the status says it.
+        return _html(200, "OK") if multiplatform else _ok(items)
 
     async def _authorized(self, request: Request) -> bool:
         credentials = _basic_credentials(request.headers.get("authorization"))
@@ -638,6 +728,7 @@ class SimPhone:
                 continue
             kind, _, arg = url.partition(":")
             if kind == "Play":
+                state.executed.append(url)
                 if tone is not None:
                     # A new tone (or Stop) cuts the one playing; that Play completes now.
                     done.append(ResponseItem(tone.url, "Success", 0))
@@ -655,13 +746,17 @@ class SimPhone:
             elif kind in ("Dial", "EditDial", "SendDigits"):
                 state.dialled.append(arg.partition(":")[0])
             elif kind in ("RTPRx", "RTPMRx") and self._settings.rtp:
-                done.append(await self._rtp_receive(kind, arg, url))
+                result = await self._rtp_receive(kind, arg, url)
+                if result.ok:
+                    state.executed.append(url)
+                done.append(result)
                 continue
             elif kind.startswith("RTP"):
                 direction = "transmit" if kind.endswith("Tx") else "receive"
                 state.rtp[direction] = None if arg == "Stop" else url
             else:
                 state.keys.append(url)
+            state.executed.append(url)
             done.append(ResponseItem(url, "Success", 0))
         if tone is not None:
             remaining = tone.ends_at - loop.time()
@@ -715,13 +810,15 @@ class SimPhone:
 
     async def _show(self, url: str) -> ResponseItem:
         try:
-            self.state.screen = await self._fetch_screen(url)
+            screen = await self._fetch_screen(url)
         except PhoneError as exc:
             logger.info("%s: fetch of %s failed: %s", self.name, url, exc)
             return ResponseItem(url, "URI not found", 6)
         except WireError as exc:
             logger.info("%s: %s is not a CiscoIPPhoneText: %s", self.name, url, exc)
             return ResponseItem(url, "Parse error", 6)
+        self.state.screen = screen
+        self.state.executed.append(url)
         return ResponseItem(url, "Success", 0)
 
     async def _fetch_screen(self, url: str) -> Screen:
@@ -742,11 +839,21 @@ class _FetchStatus(PhoneError):
 
 
 def _ok(items: list[ResponseItem]) -> Response:
-    return Response(200, response_xml(items).encode("utf-8"), "text/xml")
+    return Response(200, response_xml(items).encode("utf-8"), "text/xml", success=True)
+
+
+def _error_body(number: int, text: str) -> bytes:
+    return error_xml(number, text).encode("utf-8")
 
 
 def _error(number: int, text: str = "", *, close: bool = False) -> Response:
-    return Response(200, error_xml(number, text).encode("utf-8"), "text/xml", close=close)
+    return Response(200, _error_body(number, text), "text/xml", close=close)
+
+
+def _html(status: int, title: str, *, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    """A multiplatform phone's answer: a short HTML page, the HTTP status saying how it went."""
+    body = f"<html><head><title>{title}</title></head><body>{title}</body></html>\n"
+    return Response(status, body.encode(), "text/html", headers=headers, success=status == 200)
 
 
 def _form_xml(body: bytes) -> bytes | None:
@@ -809,9 +916,10 @@ class Fleet:
         hosts: Sequence[str] | None = None,
         fetch_timeout: float = 5.0,
         fetch_ssl: ssl.SSLContext | None = None,
-        max_waiting: int = 64,
         on_push: PushLog | None = None,
         rtp: bool = True,
+        model: str = "8800",
+        answer_after_ms: float = 0,
     ) -> None:
         if phones < 1:
             raise ValueError("a fleet has at least one phone")
@@ -821,6 +929,10 @@ class Fleet:
             raise ValueError(f"{len(hosts)} hosts for {phones} phones")
         if names is not None and len(set(names)) != len(names):
             raise ValueError("phone names must be unique")
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r}; one of {', '.join(MODELS)}")
+        if answer_after_ms < 0:
+            raise ValueError("answer_after_ms must be >= 0")
         if port and port + phones - 1 > 65535:
             raise ValueError(f"{phones} phones from port {port} run past 65535")
         settings = _Settings(
@@ -830,7 +942,8 @@ class Fleet:
             delay_ms=delay_ms,
             tone_ms=tone_ms,
             fetch_timeout=fetch_timeout,
-            max_waiting=max_waiting,
+            answer_after_ms=answer_after_ms,
+            model=model,
             fetch_ssl=fetch_ssl,
             rtp=rtp,
         )
@@ -939,6 +1052,8 @@ class Fleet:
             await _make_certificate(cert, key, self._names[0] if self._names else "SEP0000AA000000")
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
+        if self._settings.model == "7900":
+            _tls10_only(context)
         self.certificate = cert
         return context
 
@@ -978,6 +1093,8 @@ class Fleet:
                     number=int(body.get("number", 6)),
                     delay_ms=float(body.get("delay_ms", 0)),
                 )
+            elif action == "model":
+                phone.set_model(str(body.get("model", "")))
             elif action == "reset":
                 await phone.reset()
             elif action == "press":
@@ -1004,9 +1121,20 @@ class Fleet:
             screen = s.screen.title or s.screen.text[:30]
             lines.append(
                 f"{p.index:>3} {p.name} {p.url} pushes={s.pushes} errors={s.errors} "
-                f"fault={p.fault.mode} screen={screen!r}"
+                f"overlaps={s.overlaps} fault={p.fault.mode} screen={screen!r}"
             )
         return "\n".join(lines) + "\n"
+
+
+def _tls10_only(context: ssl.SSLContext) -> None:
+    """Speak TLS 1.0 and nothing else, as 7900-series phones do. OpenSSL 3 allows TLS 1.0 only at
+    security level 0; a client must lower its own level too, as it must for a real 7900."""
+    with warnings.catch_warnings():
+        # Python deprecates TLSVersion.TLSv1; modelling a phone that speaks only that is the point.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.maximum_version = ssl.TLSVersion.TLSv1
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
 
 
 def _json(data: Any, status: int = 200) -> Response:
