@@ -694,8 +694,9 @@ class AuthenticationConfig(_Section):
     #: phonepush itself pushes with.
     phone_credentials: bool = True
     users: list[AuthUserConfig] = Field(default_factory=list)
-    #: Failed checks per (client address, UserID) within ``failure_window`` before further
-    #: checks are refused unexamined until the window passes.
+    #: Failures with user names nobody configured, per client address within ``failure_window``
+    #: (ten times as many from all addresses together), before further unknown names are refused
+    #: unexamined until the window passes. Configured users are never locked out.
     max_failures: int = Field(default=10, ge=1, le=100_000)
     failure_window: PositiveDuration = 60.0
 
