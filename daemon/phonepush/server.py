@@ -322,6 +322,9 @@ def uvicorn_config(app: ASGIApp, server: ServerConfig) -> uvicorn.Config:
         # h11 (never httptools even if installed): the protocol above extends h11's, and
         # the header-size bound is h11's.
         http=http_protocol(server.header_timeout),
+        # No route speaks WebSocket: an upgrade would only hand a connection to a protocol
+        # without the bounds above.
+        ws="none",
         limit_concurrency=server.max_connections,
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         timeout_keep_alive=max(1, round(server.keepalive_timeout)),
