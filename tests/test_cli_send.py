@@ -159,8 +159,9 @@ ANSWER_DIVERGENCES = {
     ),
 }
 
-# `send -u admin -p pässword` with these URLs: the reference's body and Authorization, byte for
-# byte (the password is ISO-8859-1 encoded, as requests does).
+# `send -u admin -p pässword` with these URLs: the reference's body, byte for byte, and its
+# Authorization but for the encoding: UTF-8 on purpose, where requests sends ISO-8859-1
+# ("Basic YWRtaW46cORzc3dvcmQ="), which phones and /authenticate would read as another password.
 REQUEST_ARGS = [
     "-u",
     "admin",
@@ -177,7 +178,7 @@ REQUEST_BODY = (
     b"%26%23x27%3Bz%26%23x27%3B%22+Priority%3D%220%22+%2F%3E%3CExecuteItem+URL%3D%22Dial%3A%2A67"
     b"%23%22+Priority%3D%220%22+%2F%3E%3C%2FCiscoIPPhoneExecute%3E"
 )
-REQUEST_AUTHORIZATION = "Basic YWRtaW46cORzc3dvcmQ="
+REQUEST_AUTHORIZATION = "Basic YWRtaW46cMOkc3N3b3Jk"
 
 
 # --- a recording HTTP server ----------------------------------------------------------------------
