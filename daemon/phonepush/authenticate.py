@@ -164,15 +164,11 @@ class Authenticator:
 
     def _throttled(self, client: str, now: float) -> bool:
         horizon = now - self._window
-        for failures in (self._by_address.get(client), self._everyone):
-            if failures is None:
-                continue
+        mine = self._by_address.get(client, deque())
+        for failures in (mine, self._everyone):
             while failures and failures[0] <= horizon:
                 failures.popleft()
-        mine = self._by_address.get(client)
-        return (mine is not None and len(mine) >= self._max_failures) or len(self._everyone) >= (
-            self._everyone.maxlen or 0
-        )
+        return len(mine) >= self._max_failures or len(self._everyone) == self._everyone.maxlen
 
     def _failed(self, known: str | None, client: str, now: float) -> None:
         if self._metrics is not None:
