@@ -209,10 +209,11 @@ def _head_refusal(headers: list[tuple[bytes, bytes]]) -> tuple[int, str] | None:
 
 # --- the HTTP protocol ------------------------------------------------------------------------
 
+_TIMEOUT_BODY: Final = b"request head not complete in time\n"
 #: What a client that took too long over its request head is told before the close.
 _TIMEOUT_ANSWER: Final = (
-    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain\r\nContent-Length: 34\r\n"
-    b"Connection: close\r\n\r\nrequest head not complete in time\r\n"
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
 )
 
 
