@@ -24,9 +24,9 @@ from _daemon_fixtures import DaemonRunner, eventually
 from _mqtt_fixtures import Broker
 from _sim_fixtures import MakeFleet
 from phonepush.authenticate import Authenticator
-from phonepush.config import ServerConfig
+from phonepush.config import ServerConfig, parse_config
 from phonepush.daemon import _bind
-from phonepush.errors import PhoneError
+from phonepush.errors import ConfigError, PhoneError
 from phonepush.phone import PhoneClient, PhoneTarget
 from phonepush.server import http_protocol, uvicorn_config
 from phonepush.simulator import Fleet
@@ -272,6 +272,22 @@ async def test_finding_5_forwarded_for_is_believed_from_trusted_proxies(
     assert other == b"UNAUTHORIZED"
     assert daemon_runner.metric("phonepush_authenticate_total", result="unauthorized") == 4
     assert daemon_runner.metric("phonepush_authenticate_total", result="throttled") == 1
+
+
+def test_finding_5_trusted_proxies_and_timeouts_are_checked_naming_the_key() -> None:
+    config = parse_config(
+        {"server": {"trusted_proxies": ["10.0.0.5", " 10.1.0.0/16 "]}}, environ={}
+    )
+    assert config.server.trusted_proxies == ["10.0.0.5/32", "10.1.0.0/16"]
+    for server, message in (
+        ({"trusted_proxies": ["*"]}, "server.trusted_proxies: '*' is not an IP address or network"),
+        ({"trusted_proxies": ["proxy.lan"]}, "server.trusted_proxies: 'proxy.lan' is not an IP"),
+        ({"header_timeout": "0s"}, "server.header_timeout: must be more than 0s"),
+        ({"keepalive_timeout": "-1s"}, "server.keepalive_timeout: "),
+    ):
+        with pytest.raises(ConfigError) as error:
+            parse_config({"server": server}, environ={})
+        assert str(error.value).startswith(message), str(error.value)
 
 
 def test_finding_5_distinct_user_names_and_addresses_cannot_flush_the_throttle() -> None:
