@@ -1,4 +1,4 @@
-"""JSON from outside the process, decoded within bounds on size and nesting depth.
+"""JSON from outside the process, decoded within a bound on nesting depth.
 
 The standard decoder recurses once per nesting level, so a 2 KB document of ``[[[[…`` raises
 :class:`RecursionError` (a 500 with a traceback, or an event dropped as an intake failure)
@@ -9,7 +9,8 @@ JSON with a 400 (or treats it as text) does the same for these.
 
 Every decode of network data goes through here: webhook bodies, ``/api/silences``, event
 payloads as rules and silences see them (:func:`phonepush.events.decode_payload`) and the
-``fromjson`` template filter.
+``fromjson`` template filter. Their sizes are bounded before they get here, where the bytes
+arrive: ``server.max_body`` (413), the silences API's 64 KiB (413), MQTT's payload limit.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from array import array
 from itertools import accumulate
 from typing import Any, Final
 
-__all__ = ["MAX_DEPTH", "JsonLimitError", "JsonTooDeep", "JsonTooLarge", "json_depth", "loads"]
+__all__ = ["MAX_DEPTH", "JsonTooDeep", "json_depth", "loads"]
 
 #: Nesting levels accepted. Alertmanager, Grafana and Home Assistant payloads nest about six
 #: deep; the standard decoder gives up near a thousand, depending on the caller's stack.
@@ -33,16 +34,8 @@ _STEPS: Final = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 _NOT_BRACKETS: Final = bytes(set(range(256)) - set(b"[]{}"))
 
 
-class JsonLimitError(ValueError):
-    """JSON refused for its size or depth, before being parsed."""
-
-
-class JsonTooDeep(JsonLimitError):
-    pass
-
-
-class JsonTooLarge(JsonLimitError):
-    pass
+class JsonTooDeep(ValueError):
+    """JSON refused for its depth, before being parsed."""
 
 
 def json_depth(data: bytes) -> int:
@@ -54,12 +47,10 @@ def json_depth(data: bytes) -> int:
     return max(accumulate(steps), default=0)
 
 
-def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH, max_bytes: int | None = None) -> Any:
-    """``json.loads(data)``, refusing with :class:`JsonTooLarge` past ``max_bytes`` and with
-    :class:`JsonTooDeep` past ``max_depth`` levels (both :class:`ValueError`)."""
+def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
+    """``json.loads(data)``, refusing with :class:`JsonTooDeep` (a :class:`ValueError`) past
+    ``max_depth`` levels."""
     raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
-    if max_bytes is not None and len(raw) > max_bytes:
-        raise JsonTooLarge(f"JSON over the {max_bytes}-byte limit")
     # Cheap first: fewer brackets than the limit cannot nest past it.
     if raw.count(b"[") + raw.count(b"{") > max_depth and json_depth(raw) > max_depth:
         raise JsonTooDeep(f"JSON nested deeper than {max_depth} levels")
