@@ -1,6 +1,6 @@
 """Fuzz the phone-response parser, the URI validator, template rendering, silence matchers, the
-webhook endpoint, the silences API and the end-to-end push structure, with the strategies and
-checks of tests/test_hostile_input.py.
+bounded JSON decoder, the webhook endpoint, the silences API, MQTT payload depth and size, and the
+end-to-end push structure, with the strategies and checks of tests/test_hostile_input.py.
 
     .venv/bin/python bench/fuzz.py                       # 10,000 cases per target
     .venv/bin/python bench/fuzz.py --examples 50000 --targets response,uri
@@ -9,8 +9,9 @@ checks of tests/test_hostile_input.py.
 Unlike a test run, a failing case does not stop the target: every case runs, failures are
 counted and the first few printed. A case slower than ``--hang`` seconds counts as a failure (a
 hang). Prints cases / failures / time per target, and exits 1 if anything failed. The webhook,
-silences and structure targets run the real daemon and a simulated phone on 127.0.0.1; the
-mqtt_size target runs the real MQTT source against a mosquitto started for the run.
+silences, mqtt and structure targets run the real daemon and a simulated phone on 127.0.0.1 (mqtt
+also a mosquitto broker); the mqtt_size target runs the real MQTT source against a mosquitto
+started for the run.
 """
 
 from __future__ import annotations
@@ -33,16 +34,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import test_hostile_input as hostile  # noqa: E402
+from _daemon_fixtures import free_port  # noqa: E402
+from _mqtt_fixtures import Broker  # noqa: E402
 
 ALL_TARGETS = (
     "response",
     "uri",
     "template",
     "silence",
+    "depth",
     "webhook",
     "silences",
-    "structure",
+    "mqtt",
     "mqtt_size",
+    "structure",
 )
 
 
@@ -172,6 +177,26 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 result.what += f" ({structure.pushed} pushed and parsed)"  # type: ignore[attr-defined]
                 results.append(result)
+    if "mqtt" in wanted:
+        with tempfile.TemporaryDirectory(prefix="phonepush-fuzz-mqtt-") as tmp:
+            broker = Broker(Path(tmp), free_port())
+            broker.write_conf()
+            broker.start()
+            try:
+                with hostile.BackgroundDaemon(Path(tmp), mqtt_url=broker.url) as daemon:
+                    print("fuzzing mqtt (payloads nested to any depth, via mosquitto) ...")
+                    results.append(
+                        _run(
+                            "mqtt",
+                            "MQTT payload depth: taken, JSON or text as the limit says",
+                            hostile.nested_example,
+                            hostile.mqtt_depth_check(daemon, broker),
+                            args.examples,
+                            args.hang,
+                        )
+                    )
+            finally:
+                broker.stop()
 
     if "mqtt_size" in wanted:
         results.append(_fuzz_mqtt_size(args.examples, args.hang))

@@ -149,31 +149,38 @@ async def test_without_an_authentication_section_the_route_is_absent(
     assert answer.content != b"AUTHORIZED"
 
 
-async def test_too_many_failures_refuse_even_the_right_password(
+async def test_failures_never_lock_out_a_configured_user_but_throttle_unknown_names(
     daemon_runner: DaemonRunner,
 ) -> None:
     await daemon_runner.start(_config(max_failures=3))
     async with httpx.AsyncClient(base_url=daemon_runner.url) as client:
-        for _ in range(3):
+        for _ in range(5):
             await client.get("/authenticate", params={"UserID": "push", "Password": "x"})
         right = await client.get("/authenticate", params={"UserID": "push", "Password": SECRET})
-        other_user = await client.get("/authenticate", params={"UserID": "p2", "Password": "x"})
-    assert right.content == b"UNAUTHORIZED"
-    assert other_user.content == b"UNAUTHORIZED"
+        for name in ("p1", "p2", "p3", "p4"):
+            await client.get("/authenticate", params={"UserID": name, "Password": "x"})
+        still_right = await client.get(
+            "/authenticate", params={"UserID": "push", "Password": SECRET}
+        )
+    assert right.content == b"AUTHORIZED" and still_right.content == b"AUTHORIZED"
     assert daemon_runner.metric("phonepush_authenticate_total", result="throttled") == 1
-    assert daemon_runner.metric("phonepush_authenticate_total", result="unauthorized") == 4
+    assert daemon_runner.metric("phonepush_authenticate_total", result="unauthorized") == 8
+    assert daemon_runner.metric("phonepush_authenticate_failures_total", user="push") == 5
+    assert daemon_runner.metric("phonepush_authenticate_failures_total", user="") == 3
 
 
-def test_failures_are_forgotten_after_the_window_and_a_success_clears_them() -> None:
+def test_unknown_names_are_throttled_per_address_for_the_window() -> None:
     now = [0.0]
     auth = Authenticator([("push", "pw")], max_failures=2, failure_window=60, clock=lambda: now[0])
-    assert auth.check("push", "x", "10.0.0.1") == "unauthorized"
-    assert auth.check("push", "pw", "10.0.0.1") == "authorized"  # clears the one failure
-    assert [auth.check("push", "x", "10.0.0.1") for _ in range(2)] == ["unauthorized"] * 2
-    assert auth.check("push", "pw", "10.0.0.1") == "throttled"
-    assert auth.check("push", "pw", "10.0.0.2") == "authorized"  # another phone is unaffected
+    assert [auth.check(f"u{i}", "x", "10.0.0.1") for i in range(3)] == [
+        "unauthorized",
+        "unauthorized",
+        "throttled",
+    ]
+    assert auth.check("push", "pw", "10.0.0.1") == "authorized"  # the push user is unaffected
+    assert auth.check("u9", "x", "10.0.0.2") == "unauthorized"  # another phone is unaffected
     now[0] = 61.0
-    assert auth.check("push", "pw", "10.0.0.1") == "authorized"
+    assert auth.check("u3", "x", "10.0.0.1") == "unauthorized"
 
 
 def test_an_empty_user_name_never_authorizes() -> None:

@@ -160,8 +160,10 @@ ANSWER_DIVERGENCES = {
 }
 
 # `send -u admin -p pässword` with these URLs: the reference's body and Authorization, byte for
-# byte (the password is ISO-8859-1 encoded, as requests does), but for "'": the reference writes
-# html.escape's &#x27;, we write &apos;, the entity Cisco's notes list.
+# byte, but for two choices of ours. The reference writes html.escape's &#x27; for "'", we write
+# &apos;, the entity Cisco's notes list. Its Authorization is ISO-8859-1 ("Basic
+# YWRtaW46cORzc3dvcmQ=", as requests does), ours UTF-8 on purpose: phones and /authenticate would
+# read the ISO-8859-1 bytes as another password.
 REQUEST_ARGS = [
     "-u",
     "admin",
@@ -178,7 +180,7 @@ REQUEST_BODY = (
     b"%26apos%3Bz%26apos%3B%22+Priority%3D%220%22+%2F%3E%3CExecuteItem+URL%3D%22Dial%3A%2A67"
     b"%23%22+Priority%3D%220%22+%2F%3E%3C%2FCiscoIPPhoneExecute%3E"
 )
-REQUEST_AUTHORIZATION = "Basic YWRtaW46cORzc3dvcmQ="
+REQUEST_AUTHORIZATION = "Basic YWRtaW46cMOkc3N3b3Jk"
 
 
 # --- a recording HTTP server ----------------------------------------------------------------------

@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 from lxml import etree
 
 from _daemon_fixtures import DaemonRunner
-from phonepush import cisco
+from _mqtt_fixtures import Broker
+from phonepush import cisco, jsonlimits
 from phonepush.cisco import ResponseItem, sanitize_text
 from phonepush.errors import (
     ConfigError,
@@ -421,6 +422,92 @@ def silences_api_check(base_url: str) -> Callable[[list[dict[str, Any]]], None]:
 
 
 silences_example = st.lists(matcher_example, min_size=1, max_size=4)
+# --- target: nesting depth (the bounded JSON decoder, as webhooks and MQTT use it) -------------
+
+#: Layers a nested document is built from: what wraps the inner value, before and after it.
+_LAYERS: Final = (
+    (b"[", b"]"),
+    (b'{"k":', b"}"),
+    (b' [ 1 , "[[{" , ', b" ] "),  # brackets in strings do not nest
+    (b'{"a\\"[{": [], "v": ', b', "w": {"x": [[]]}}'),  # an escaped quote, then a sibling
+    (b"[{}, [], ", b"]"),
+)
+
+
+@dataclass(frozen=True)
+class Nested:
+    """A JSON document nested ``depth`` layers deep (or cut short, so not JSON at all)."""
+
+    depth: int
+    layers: tuple[int, ...]
+    core: bytes
+    cut: int | None
+
+    @property
+    def body(self) -> bytes:
+        opens = b"".join(_LAYERS[self.layers[i % len(self.layers)]][0] for i in range(self.depth))
+        closes = b"".join(
+            _LAYERS[self.layers[i % len(self.layers)]][1] for i in reversed(range(self.depth))
+        )
+        document = opens + self.core + closes
+        return document if self.cut is None else document[: self.cut % max(1, len(document))]
+
+
+nested_example = st.builds(
+    Nested,
+    depth=st.one_of(st.integers(0, 70), st.integers(60, 70), st.integers(0, 5000)),
+    layers=st.lists(st.integers(0, len(_LAYERS) - 1), min_size=1, max_size=4).map(tuple),
+    core=st.sampled_from(
+        [b"1", b'"x"', b"null", b"[]", b"{}", b'"]]]}}}"', b'"\\\\"', b'"\\\\\\"]"']
+    ),
+    cut=st.one_of(st.none(), st.none(), st.integers(0, 10**6)),
+)
+
+
+def reference_depth(data: bytes) -> int:
+    """The nesting depth of a JSON text, by the simplest scanner there is (an oracle for the
+    decoder's own, which does not scan character by character)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    return deepest
+
+
+def check_nested(example: Nested) -> None:
+    """Up to the limit, the bounded decoder agrees with json.loads; beyond it, it refuses with
+    JsonTooDeep (a ValueError), and what rules see is the text, as for malformed JSON."""
+    body = example.body
+    deep = reference_depth(body) > jsonlimits.MAX_DEPTH
+    refused = True
+    try:
+        decoded = jsonlimits.loads(body)
+    except jsonlimits.JsonTooDeep:
+        assert deep or example.cut is not None, "refused as too deep within the limit"
+    except ValueError:
+        assert example.cut is not None, "a whole document refused as malformed"
+    else:
+        refused = False
+        assert not deep, "decoded past the depth limit"
+        assert decoded == json.loads(body)
+    payload = decode_payload(body)
+    if refused:
+        assert payload == body.decode("utf-8", "replace")
+    else:
+        assert payload == decoded
 
 
 # --- target: the webhook endpoint (needs a running daemon) --------------------------------------
@@ -471,6 +558,7 @@ hook_example = st.builds(
     content_type=st.one_of(st.none(), st.sampled_from(_CONTENT_TYPES), _header_text),
     body=st.one_of(
         json_values.map(lambda v: json.dumps(v).encode()),
+        nested_example.map(lambda n: n.body),
         st.dictionaries(hostile_text, hostile_text, max_size=4).map(
             lambda d: "&".join(
                 f"{quote(_clean(k))}={quote(_clean(v))}" for k, v in d.items()
@@ -505,6 +593,8 @@ def _expected_status(request: HookRequest) -> int:
         return 413
     media = (request.content_type or "").split(";", 1)[0].strip().lower()
     if media == "application/json" or media.endswith("+json"):
+        if reference_depth(request.body) > jsonlimits.MAX_DEPTH:
+            return 400
         try:
             json.loads(request.body)
         except ValueError:
@@ -551,9 +641,10 @@ def webhook_check(base_url: str) -> Callable[[HookRequest], None]:
 # --- the daemon, on its own loop in a thread ----------------------------------------------------
 
 
-def daemon_config(fleet: Fleet) -> dict[str, Any]:
-    """One phone; a rule that feeds hostile payload fields into every template it has."""
-    return {
+def daemon_config(fleet: Fleet, mqtt_url: str | None = None) -> dict[str, Any]:
+    """One phone; a rule that feeds hostile payload fields into every template it has; with
+    ``mqtt_url``, two rules telling apart what MQTT payloads rules saw as JSON and as text."""
+    data: dict[str, Any] = {
         "webhook": {"token": TOKEN},
         "server": {"listen": "127.0.0.1:0", "max_body": MAX_BODY},
         "phones": [{"name": "desk", "host": fleet.phones[0].address}],
@@ -576,14 +667,24 @@ def daemon_config(fleet: Fleet) -> dict[str, Any]:
             },
         ],
     }
+    if mqtt_url is not None:
+        data["mqtt"] = {"url": mqtt_url}
+        for name, when in (
+            ("mqtt-json", "payload is not string"),
+            ("mqtt-text", "payload is string"),
+        ):
+            rule = {"on": f"mqtt:{MQTT_TOPIC}", "to": "desk", "execute": ["Key:Headset"]}
+            data["rules"].append({"name": name, "when": when, **rule})
+    return data
 
 
 class BackgroundDaemon:
     """The real daemon and one simulated phone on an event loop in a thread, so synchronous
     hypothesis tests and the bench script can drive them over real sockets."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, mqtt_url: str | None = None) -> None:
         self._tmp = tmp
+        self._mqtt_url = mqtt_url
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="daemon-loop", daemon=True)
         self._error: BaseException | None = None
@@ -621,7 +722,7 @@ class BackgroundDaemon:
         self._stop = asyncio.Event()
         async with Fleet(1, names=["desk"], tone_ms=1) as fleet:
             runner = DaemonRunner(self._tmp)
-            data = daemon_config(fleet)
+            data = daemon_config(fleet, self._mqtt_url)
             data["server"] = dict(data["server"], listen=f"127.0.0.1:{runner.port}")
             await runner.start(data)
             self.runner, self.fleet = runner, fleet
@@ -631,6 +732,9 @@ class BackgroundDaemon:
             finally:
                 await runner.stop()
 
+    def events(self, source: str, rule: str) -> float:
+        return self.runner.metric("phonepush_events_total", source=source, rule=rule)
+
     def delivered(self) -> float:
         return sum(
             self.runner.metric("phonepush_deliveries_total", phone="desk", result=result)
@@ -639,9 +743,52 @@ class BackgroundDaemon:
 
 
 @contextlib.contextmanager
-def running_daemon(tmp: Path) -> Iterator[BackgroundDaemon]:
-    with BackgroundDaemon(tmp) as daemon:
+def running_daemon(tmp: Path, mqtt_url: str | None = None) -> Iterator[BackgroundDaemon]:
+    with BackgroundDaemon(tmp, mqtt_url) as daemon:
         yield daemon
+
+
+# --- target: MQTT payloads nested deep (needs a running daemon and broker) ---------------------
+
+MQTT_TOPIC: Final = "fuzz/depth"
+
+
+def mqtt_depth_check(daemon: BackgroundDaemon, broker: Broker) -> Callable[[Nested], None]:
+    """The check for MQTT payloads of any depth: each is taken (never an intake failure), and
+    rules see JSON up to the depth limit, the text beyond it or when it is not JSON."""
+
+    def taken() -> tuple[float, float]:
+        return daemon.events("mqtt", "mqtt-json"), daemon.events("mqtt", "mqtt-text")
+
+    def check(example: Nested) -> None:
+        body = example.body
+        before, failures = taken(), _mqtt_failures(daemon)
+        broker.publish(MQTT_TOPIC, body)
+        deadline = time.monotonic() + 10
+        while taken() == before:
+            assert _mqtt_failures(daemon) == failures, "the payload failed intake"
+            assert time.monotonic() < deadline, "the event was not taken in 10 s"
+            time.sleep(0.002)
+        json_seen = taken()[0] > before[0]
+        assert json_seen == _rules_see_json(body), f"rules saw {'JSON' if json_seen else 'text'}"
+        check.taken += 1  # type: ignore[attr-defined]
+
+    check.taken = 0  # type: ignore[attr-defined]
+    return check
+
+
+def _rules_see_json(body: bytes) -> bool:
+    """Whether rules should see ``body`` as parsed JSON other than a string (the oracle)."""
+    if reference_depth(body) > jsonlimits.MAX_DEPTH:
+        return False
+    try:
+        return not isinstance(json.loads(body), str)
+    except ValueError:
+        return False
+
+
+def _mqtt_failures(daemon: BackgroundDaemon) -> float:
+    return daemon.runner.metric("phonepush_events_rejected_total", source="mqtt", reason="error")
 
 
 # --- the end-to-end structural property ---------------------------------------------------------
@@ -797,6 +944,7 @@ TARGETS: Final = (
     Target("uri", uri_example, check_uri, "URI validator and push round trip"),
     Target("template", template_example, check_template, "template compile and render"),
     Target("silence", silence_example, check_silence, "silence matcher parse and match"),
+    Target("depth", nested_example, check_nested, "bounded JSON decoder and event payloads"),
 )
 
 # --- the tests ----------------------------------------------------------------------------------
@@ -826,6 +974,15 @@ def test_fuzz_silences_api(background_daemon: BackgroundDaemon) -> None:
     with check.client:  # type: ignore[attr-defined]
         _FUZZ_SETTINGS(given(silences_example)(check))()
         assert check.client.get("/api/silences").json() == []  # type: ignore[attr-defined]
+
+
+def test_fuzz_mqtt_payload_depth(
+    tmp_path_factory: pytest.TempPathFactory, mosquitto: Broker
+) -> None:
+    with running_daemon(tmp_path_factory.mktemp("mqtt-depth"), mqtt_url=mosquitto.url) as daemon:
+        check = mqtt_depth_check(daemon, mosquitto)
+        settings(_FUZZ_SETTINGS, max_examples=60)(given(nested_example)(check))()
+    assert check.taken >= 60  # type: ignore[attr-defined]
 
 
 def test_no_payload_changes_the_xml_a_phone_receives(background_daemon: BackgroundDaemon) -> None:
@@ -1055,7 +1212,6 @@ class BackgroundMqtt:
     ):
         import queue
 
-        from phonepush.events import Event
 
         self._url = broker_url
         self._broker_log = broker_log
@@ -1093,7 +1249,6 @@ class BackgroundMqtt:
 
     async def _main(self) -> None:
         from phonepush.config import MqttConfig
-        from phonepush.events import Event
         from phonepush.metrics import Metrics
         from phonepush.sources.mqtt import MqttSource
 

@@ -294,7 +294,7 @@ async def test_request_shape() -> None:
     assert "Transfer-Encoding" not in request.headers
     assert "Expect" not in request.headers
     assert request.headers["Authorization"] == "Basic " + base64.b64encode(
-        "admin:pä:ss".encode("latin-1")
+        "admin:pä:ss".encode()
     ).decode("ascii")
     assert parse_qs(request.content.decode("ascii")) == {"XML": [execute_xml(items)]}
 

@@ -534,7 +534,11 @@ async def test_bodies_over_the_limit_are_refused_however_sent(
 async def test_connections_beyond_the_limit_get_503(
     daemon_runner: DaemonRunner, bell: Fleet
 ) -> None:
+    # Requests in progress fill the limit (idle connections give way: test_attacks_http.py):
+    # each of these has sent its head and part of its body.
     held = [socket.create_connection(("127.0.0.1", daemon_runner.port)) for _ in range(4)]
+    for sock in held:
+        sock.sendall(_post(body=b'{"who": "slow", "pad": "' + b"a" * 100 + b'"}')[:-20])
     try:
         await asyncio.sleep(0.2)  # let the server register them
         async with httpx.AsyncClient(base_url=daemon_runner.url) as client:

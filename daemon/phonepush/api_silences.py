@@ -14,7 +14,6 @@ whose ``error`` says what is wrong; a failing spool is a 503.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from phonepush import jsonlimits
 from phonepush.config import parse_duration
 from phonepush.errors import SpoolError
 from phonepush.silences import MAX_MATCHERS, Matcher, Silence, Silences
@@ -162,9 +162,11 @@ def silence_routes(
     async def create(request: Request, silences: Silences) -> Response:
         body = await _read_body(request)
         try:
-            silence = parse_silence(json.loads(body), now=clock(), silence_id=str(uuid.uuid4()))
+            silence = parse_silence(
+                jsonlimits.loads(body), now=clock(), silence_id=str(uuid.uuid4())
+            )
             silences.add(silence)
-        except ValueError as exc:  # json.JSONDecodeError is a ValueError too
+        except ValueError as exc:  # so are json.JSONDecodeError and jsonlimits refusals
             raise _Invalid(400, str(exc)) from None
         return JSONResponse({"id": silence.id}, status_code=201)
 

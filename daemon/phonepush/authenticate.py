@@ -14,10 +14,19 @@ Choices:
 
 * Passwords are compared through SHA-256 digests with :func:`hmac.compare_digest`, against every
   accepted pair, so the time taken says nothing about how much of a guess was right.
-* After ``max_failures`` failed checks for one (client address, UserID) within
-  ``failure_window``, further checks for that pair are refused without being examined until the
-  window has passed; a success clears the pair's failures. The client is the phone, so a
-  brute-force run through a phone locks that user out *on that phone* for the window.
+* A configured user is never locked out. The client asking is the phone, not whoever pushed
+  to it, so a lockout keyed on it would let anyone who can reach a phone shut the daemon's own
+  user out of that phone. Wrong passwords for configured users are counted
+  (``phonepush_authenticate_failures_total{user="<name>"}``) and logged, at most once per user
+  per ``failure_window`` with the count in between: guessing shows on a dashboard instead.
+* UserIDs nobody configured are throttled: after ``max_failures`` failures from one client
+  address within ``failure_window``, and after ``max_failures`` × 10 from all addresses
+  together, further checks of unknown names are refused unexamined until the window has passed.
+  The per-address table is keyed by address only (a new user name makes no new entry) and
+  holds at most 4,096 addresses, the least recently failing evicted first; the shared bucket
+  means filling the table with addresses buys no extra guesses.
+* The client address is the TCP peer unless ``server.trusted_proxies`` names the proxy in front
+  (uvicorn believes ``X-Forwarded-For`` from those only).
 * The reply is ``text/plain`` with no trailing newline, HTTP 200 either way (phones read the
   body; the reference authentication server does the same).
 * Passwords are never logged; user names and device names are logged ``repr``-quoted, since they
@@ -30,7 +39,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from typing import Final, Literal
 from urllib.parse import parse_qsl
@@ -59,8 +68,11 @@ AuthResult = Literal["authorized", "unauthorized", "throttled"]
 
 #: A form body from a phone is three short fields; anything longer is not one.
 _MAX_BODY: Final = 4096
-#: Failure records kept at most; beyond it the oldest pairs are forgotten first.
-_MAX_TRACKED: Final = 10_000
+#: Client addresses whose unknown-name failures are tracked at most; the least recently failing
+#: is forgotten first.
+_MAX_ADDRESSES: Final = 4096
+#: All addresses together may fail this many times ``max_failures`` per window with unknown names.
+_GLOBAL_FACTOR: Final = 10
 
 
 def _digest(text: str) -> bytes:
@@ -83,12 +95,18 @@ class Authenticator:
         failure_window: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._pairs = tuple((_digest(user), _digest(password)) for user, password in credentials)
+        pairs = [(user, _digest(user), _digest(password)) for user, password in credentials]
+        self._pairs = tuple((user, password) for _, user, password in pairs)
+        self._known = {digest: name for name, digest, _ in pairs if name}
         self._metrics = metrics
         self._max_failures = max_failures
         self._window = failure_window
         self._clock = clock
-        self._failures: dict[tuple[str, str], deque[float]] = {}
+        self._by_address: OrderedDict[str, deque[float]] = OrderedDict()
+        self._everyone: deque[float] = deque(maxlen=max_failures * _GLOBAL_FACTOR)
+        #: configured user -> (when its failures were last logged, failures since)
+        self._logged: dict[str, tuple[float, int]] = {}
+        self._everyone_logged = float("-inf")
 
     @classmethod
     def from_config(
@@ -122,17 +140,14 @@ class Authenticator:
         )
 
     def check(self, user: str, password: str, client: str = "") -> AuthResult:
-        """Whether ``user``/``password`` may push; ``client`` keys the failure count."""
-        key = (client, user)
+        """Whether ``user``/``password`` may push; ``client`` is the asking phone's address."""
         now = self._clock()
-        failures = self._failures.get(key)
-        if failures is not None:
-            while failures and failures[0] <= now - self._window:
-                failures.popleft()
-        if failures is not None and len(failures) >= self._max_failures:
+        user_digest = _digest(user)
+        known = self._known.get(user_digest)
+        if known is None and self._throttled(client, now):
             result: AuthResult = "throttled"
         else:
-            user_digest, password_digest = _digest(user), _digest(password)
+            password_digest = _digest(password)
             matched = False
             for known_user, known_password in self._pairs:
                 # Every pair is compared in full: no early exit that timing could reveal.
@@ -141,24 +156,68 @@ class Authenticator:
                 )
                 matched |= same
             result = "authorized" if matched and user else "unauthorized"
-            if result == "authorized":
-                self._failures.pop(key, None)
-            else:
-                self._record_failure(key, now)
+            if result == "unauthorized":
+                self._failed(known, client, now)
         if self._metrics is not None:
             self._metrics.authenticate.labels(result).inc()
         return result
 
-    def _record_failure(self, key: tuple[str, str], now: float) -> None:
-        failures = self._failures.pop(key, None)
+    def _throttled(self, client: str, now: float) -> bool:
+        horizon = now - self._window
+        mine = self._by_address.get(client, deque())
+        for failures in (mine, self._everyone):
+            while failures and failures[0] <= horizon:
+                failures.popleft()
+        return len(mine) >= self._max_failures or len(self._everyone) == self._everyone.maxlen
+
+    def _failed(self, known: str | None, client: str, now: float) -> None:
+        if self._metrics is not None:
+            self._metrics.authenticate_failures.labels(known or "").inc()
+        if known is not None:
+            self._log_known_failure(known, client, now)
+            return
+        self._everyone.append(now)
+        failures = self._by_address.pop(client, None)
         if failures is None:
             failures = deque(maxlen=self._max_failures)
         failures.append(now)
-        # Re-inserted last, so the dict's order is least recently failed first.
-        self._failures[key] = failures
-        if len(self._failures) > _MAX_TRACKED:
-            oldest = next(iter(self._failures))
-            del self._failures[oldest]
+        # Re-inserted last, so the table's order is least recently failed first.
+        self._by_address[client] = failures
+        if len(failures) == self._max_failures:
+            log.warning(
+                "%d failures with unknown user names from %s within %gs: unknown names from "
+                "there are refused unexamined until the window has passed",
+                self._max_failures,
+                client,
+                self._window,
+            )
+        if (
+            len(self._everyone) == self._everyone.maxlen
+            and now - self._everyone_logged >= self._window
+        ):
+            self._everyone_logged = now
+            log.warning(
+                "%d failures with unknown user names from all clients within %gs: unknown "
+                "names are refused unexamined until the window has passed",
+                len(self._everyone),
+                self._window,
+            )
+        if len(self._by_address) > _MAX_ADDRESSES:
+            self._by_address.popitem(last=False)
+
+    def _log_known_failure(self, user: str, client: str, now: float) -> None:
+        last, since = self._logged.get(user, (float("-inf"), 0))
+        if now - last < self._window:
+            self._logged[user] = (last, since + 1)
+            return
+        self._logged[user] = (now, 0)
+        log.warning(
+            "wrong password for configured user %r from %s%s; not locked out (the client is a "
+            "phone, anyone could lock it out); see phonepush_authenticate_failures_total",
+            user,
+            client,
+            f" ({since} more wrong since the last such line)" if since else "",
+        )
 
 
 def _fields(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
@@ -207,8 +266,9 @@ def authenticate_routes(get: Callable[[], Authenticator | None]) -> list[Route]:
         if result == "authorized":
             log.debug("authorized %r for %r from %s", user, device, client)
             return _reply(AUTHORIZED)
+        # Said at debug: the Authenticator logs what an operator must see, at a bounded rate.
         reason = "too many failures, not checked" if result == "throttled" else "wrong credentials"
-        log.warning("unauthorized: user %r, device %r, from %s: %s", user, device, client, reason)
+        log.debug("unauthorized: user %r, device %r, from %s: %s", user, device, client, reason)
         return _reply(UNAUTHORIZED)
 
     return [Route("/authenticate", authenticate, methods=["GET", "POST"])]

@@ -265,7 +265,29 @@ class ServerConfig(_Section):
     public_url: str = ""
     max_body: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
     #: Concurrent connections served; beyond it new requests get 503 instead of queueing.
+    #: At the limit a new connection closes the longest-idle one (no request in progress).
     max_connections: int = Field(default=1000, ge=1, le=100_000)
+    #: A connection whose request head is not complete this long after it opened (on a kept-alive
+    #: connection: after the next request's first byte) is closed: slow or silent clients.
+    header_timeout: PositiveDuration = 10.0
+    #: An idle keep-alive connection is closed this long after its last response.
+    keepalive_timeout: PositiveDuration = 15.0
+    #: Reverse proxies (addresses or networks) whose ``X-Forwarded-For``/``-Proto`` are
+    #: believed. Empty: those headers are ignored and the client is the TCP peer.
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: list[str]) -> list[str]:
+        networks = []
+        for entry in value:
+            try:
+                networks.append(str(ipaddress.ip_network(entry.strip(), strict=False)))
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an IP address or network (e.g. 10.0.0.5, 10.0.0.0/8)"
+                ) from None
+        return networks
 
     @field_validator("listen")
     @classmethod
@@ -728,8 +750,9 @@ class AuthenticationConfig(_Section):
     #: phonepush itself pushes with.
     phone_credentials: bool = True
     users: list[AuthUserConfig] = Field(default_factory=list)
-    #: Failed checks per (client address, UserID) within ``failure_window`` before further
-    #: checks are refused unexamined until the window passes.
+    #: Failures with user names nobody configured, per client address within ``failure_window``
+    #: (ten times as many from all addresses together), before further unknown names are refused
+    #: unexamined until the window passes. Configured users are never locked out.
     max_failures: int = Field(default=10, ge=1, le=100_000)
     failure_window: PositiveDuration = 60.0
 

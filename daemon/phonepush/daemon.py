@@ -41,7 +41,7 @@ from phonepush.phone import PhoneClient, PhoneTarget
 from phonepush.redact import url_for_log
 from phonepush.repeats import Repeater
 from phonepush.rules import RuleSet
-from phonepush.server import ServerState, create_app
+from phonepush.server import ServerState, create_app, uvicorn_config
 from phonepush.silences import Silences
 from phonepush.spool import Spool
 from phonepush.systemd import Notifier
@@ -244,22 +244,7 @@ class Daemon:
             state.authenticator = Authenticator.from_config(config, metrics=metrics)
             sock = _bind(config.server.listen)
             stack.callback(sock.close)
-            server = _Server(
-                uvicorn.Config(
-                    create_app(state),
-                    log_config=None,
-                    access_log=False,
-                    lifespan="off",
-                    # h11, not httptools even if installed: the header-size bound below is h11's.
-                    http="h11",
-                    # Bounds on what clients can make us hold: concurrent connections (503
-                    # beyond), header size (h11), idle keep-alive.
-                    limit_concurrency=config.server.max_connections,
-                    h11_max_incomplete_event_size=16 * 1024,
-                    timeout_keep_alive=15,
-                    timeout_graceful_shutdown=2,
-                )
-            )
+            server = _Server(uvicorn_config(create_app(state), config.server))
             port = sock.getsockname()[1]
             self.running = Running(
                 config, spool, dispatcher, intake, metrics, mqtt, port, announcer, housekeeper
@@ -345,7 +330,15 @@ class Daemon:
             log.error("reload failed, keeping the running configuration:\n%s", exc)
             self._notifier.ready("reload failed; running the previous configuration")
             return
-        for key in ("server.listen", "spool.path", "mqtt"):
+        for key in (
+            "server.listen",
+            "server.max_connections",
+            "server.header_timeout",
+            "server.keepalive_timeout",
+            "server.trusted_proxies",
+            "spool.path",
+            "mqtt",
+        ):
             if _dig(config, key) != _dig(running.config, key):
                 log.warning("reload: %s changed; it takes effect after a restart", key)
         running.intake.rules = rules

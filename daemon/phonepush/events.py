@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from phonepush import jsonlimits
 
 __all__ = ["Event", "Source", "decode_payload", "new_event_id"]
 
@@ -47,7 +48,8 @@ def decode_payload(payload: bytes) -> Any:
     """What rules see as ``payload``: parsed JSON when the body is JSON, else the text.
 
     Bytes that are not UTF-8 are decoded with replacement characters rather than refused: the
-    event still reaches rules, and nothing in it can break the XML we build later.
+    event still reaches rules, and nothing in it can break the XML we build later. JSON nested
+    deeper than :data:`phonepush.jsonlimits.MAX_DEPTH` is treated like malformed JSON: the text.
     """
     text = payload.decode("utf-8", errors="replace")
     stripped = text.strip()
@@ -57,7 +59,7 @@ def decode_payload(payload: bytes) -> Any:
         or _numeric(stripped)
     ):
         try:
-            return json.loads(stripped)
+            return jsonlimits.loads(stripped)
         except ValueError:
             return text
     return text

@@ -134,6 +134,14 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.authenticate_failures = Counter(
+            "phonepush_authenticate_failures",
+            "Wrong credentials checked at /authenticate, by user: a configured user's name "
+            '(never locked out: a rising count is someone guessing), or user="" for names '
+            "nobody configured.",
+            ["user"],
+            registry=r,
+        )
         self.mqtt_configured = Gauge(
             "phonepush_mqtt_configured",
             "1 when an [mqtt] section is configured: phonepush_mqtt_connected 0 then means the "

@@ -17,8 +17,9 @@ Choices (see ``docs/design.md`` and ``docs/performance.md`` for the why):
   one field ``XML``, always a ``Content-Length``; never chunked, never ``Expect:`` (phones answer
   404 or error 6 to those). No redirects, no proxies from the environment (phones are on the LAN),
   ``Accept-Encoding: identity`` (nothing to decompress, so nothing to bomb us with).
-* **Basic credentials** are encoded as ISO-8859-1 when they fit (as the reference client, through
-  ``requests``, sends them), else UTF-8.
+* **Basic credentials** are always UTF-8 (RFC 7617 ``charset="UTF-8"``), the encoding
+  ``/authenticate`` compares and phones decode: ISO-8859-1 when it fits, as ``requests`` sends
+  them, made ``pä`` a different password from the one configured.
 * **HTTPS with a pinned certificate** (``certificate``): the peer must present a chain ending in
   that certificate (it may be the phone's own, self-signed or CA-issued); the host name is not
   checked, since a phone's certificate names its MAC, not its address. Because the key is pinned,
@@ -152,11 +153,7 @@ class PhoneTarget:
 
 
 def _basic_auth(username: str, password: str) -> str:
-    raw = f"{username}:{password}"
-    try:
-        data = raw.encode("latin-1")
-    except UnicodeEncodeError:
-        data = raw.encode("utf-8")
+    data = f"{username}:{password}".encode()
     return "Basic " + base64.b64encode(data).decode("ascii")
 
 

@@ -16,15 +16,21 @@ Routes (a contract, pinned by tests):
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl
 
+import h11
+import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -32,11 +38,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from phonepush import jsonlimits
 from phonepush.acks import AckService
 from phonepush.api import api_routes
 from phonepush.api_silences import silence_routes
 from phonepush.authenticate import Authenticator, authenticate_routes
+from phonepush.config import ServerConfig
 from phonepush.errors import SpoolError, SpoolFull
 from phonepush.events import Event
 from phonepush.intake import Intake
@@ -44,7 +53,7 @@ from phonepush.metrics import Metrics
 from phonepush.silences import Silences
 from phonepush.spool import Spool
 
-__all__ = ["MAX_HEADER_BYTES", "ServerState", "create_app"]
+__all__ = ["MAX_HEADER_BYTES", "ServerState", "create_app", "http_protocol", "uvicorn_config"]
 
 log = logging.getLogger("phonepush.server")
 
@@ -160,29 +169,172 @@ def create_app(state: ServerState) -> Starlette:
         *api_routes(state, bearer_ok=_bearer_ok),
         *authenticate_routes(lambda: state.authenticator),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(_HeaderLimit)])
+    return Starlette(routes=routes, middleware=[Middleware(_HeadChecks)])
 
 
-class _HeaderLimit:
-    """Refuse requests whose headers are over :data:`MAX_HEADER_BYTES`. h11's own bound
-    (``h11_max_incomplete_event_size``) only applies to headers still arriving: a head that comes
-    in one read of up to 256 KiB is parsed whole, so the limit is enforced again here."""
+class _HeadChecks:
+    """Refuse, and close the connection after, requests whose head is over
+    :data:`MAX_HEADER_BYTES` or that carry both ``Content-Length`` and ``Transfer-Encoding``.
+
+    h11's own size bound (``h11_max_incomplete_event_size``) only applies to headers still
+    arriving: a head that comes in one read of up to 256 KiB is parsed whole. Both length headers
+    is how requests are smuggled past a proxy that reads the other one (RFC 9112 §6.1: a server
+    may reject it and must close the connection); h11 would frame by the chunks and serve
+    whatever was pipelined behind them. ``Connection: close`` on the answer makes uvicorn drop the
+    connection with anything still buffered on it.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            size = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
-            if size > MAX_HEADER_BYTES:
-                response = _error(
-                    431,
-                    f"request headers over the {MAX_HEADER_BYTES}-byte limit",
-                    Connection="close",
-                )
-                await response(scope, receive, send)
+            refusal = _head_refusal(scope["headers"])
+            if refusal is not None:
+                status, message = refusal
+                await _error(status, message, Connection="close")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _head_refusal(headers: list[tuple[bytes, bytes]]) -> tuple[int, str] | None:
+    size = sum(len(name) + len(value) + 4 for name, value in headers)
+    if size > MAX_HEADER_BYTES:
+        return 431, f"request headers over the {MAX_HEADER_BYTES}-byte limit"
+    names = {name for name, _ in headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return 400, "both Content-Length and Transfer-Encoding: refused (RFC 9112 section 6.1)"
+    return None
+
+
+# --- the HTTP protocol ------------------------------------------------------------------------
+
+_TIMEOUT_BODY: Final = b"request head not complete in time\n"
+#: What a client that took too long over its request head is told before the close.
+_TIMEOUT_ANSWER: Final = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
+)
+
+
+def http_protocol(header_timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with what it lacks against slow and idle clients.
+
+    * **Header timeout.** uvicorn times a connection out only once a response has been sent
+      (keep-alive); a connection that opens and sends nothing, or sends its head a byte at a time,
+      is held for ever. Here the head must be complete ``header_timeout`` after the connection
+      opens, or after the first byte of a later request on a kept-alive connection; later bytes
+      do not extend it.
+    * **Idle connections give way.** uvicorn answers 503 to every request once ``limit_concurrency``
+      connections are open, idle ones included, so that many silent sockets shut everyone out.
+      At the limit a new connection closes the longest-idle ones: those with no request in
+      progress (a partial head counts as idle). Only requests being served can fill the limit.
+    * **TCP_NODELAY** on every accepted socket. asyncio sets it only when the listening socket
+      says ``IPPROTO_TCP``, which one bound as ``socket(AF_INET, SOCK_STREAM)`` does not; without
+      it, a response written as head then body waits out the client's delayed ACK (~40 ms) on
+      every kept-alive request.
+    """
+
+    class Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+        _idle_since: float = 0.0
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._idle_since = time.monotonic()
+            self._arm_header_timer()
+            if self.limit_concurrency is not None:
+                self._make_room(self.limit_concurrency)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE:
+                # The next request has begun but its head is not complete yet.
+                if self._header_timer is None and not self.transport.is_closing():
+                    self._arm_header_timer()
+            else:
+                self._cancel_header_timer()
+
+        def on_response_complete(self) -> None:
+            self._idle_since = time.monotonic()
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        @property
+        def idle(self) -> bool:
+            """No request in progress: waiting for (the rest of) a request head."""
+            return self.conn.their_state is h11.IDLE and (
+                self.cycle is None or self.cycle.response_complete
+            )
+
+        def _arm_header_timer(self) -> None:
+            self._header_timer = self.loop.call_later(header_timeout, self._header_timed_out)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_timed_out(self) -> None:
+            self._header_timer = None
+            if self.transport.is_closing() or not self.idle:
+                return
+            if self.conn.trailing_data[0]:
+                # Part of a head came: say why, as a client deserves that is merely slow.
+                self.transport.write(_TIMEOUT_ANSWER)
+            log.debug("closing a connection from %s: no request head in time", self.client)
+            self.transport.close()
+
+        def _make_room(self, limit: int) -> None:
+            excess = len(self.connections) - limit + 1
+            if excess <= 0:
+                return
+            idle = sorted(
+                (
+                    c
+                    for c in self.connections
+                    if c is not self and isinstance(c, Protocol) and c.idle
+                ),
+                key=lambda c: c._idle_since,
+            )
+            for other in idle[:excess]:
+                log.debug("closing an idle connection from %s to make room", other.client)
+                # Out of the count now: connection_lost only runs on a later loop turn.
+                self.connections.discard(other)
+                other.transport.close()
+
+    return Protocol
+
+
+def uvicorn_config(app: ASGIApp, server: ServerConfig) -> uvicorn.Config:
+    """How the daemon's app is served: the bounds on what clients can make us hold."""
+    return uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        # h11 (never httptools even if installed): the protocol above extends h11's, and
+        # the header-size bound is h11's.
+        http=http_protocol(server.header_timeout),
+        # No route speaks WebSocket: an upgrade would only hand a connection to a protocol
+        # without the bounds above.
+        ws="none",
+        limit_concurrency=server.max_connections,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        timeout_keep_alive=max(1, round(server.keepalive_timeout)),
+        timeout_graceful_shutdown=2,
+        # Forwarded headers are a client's word unless a configured proxy says them: believed
+        # from anyone, they choose the address /authenticate throttles by.
+        proxy_headers=bool(server.trusted_proxies),
+        forwarded_allow_ips=list(server.trusted_proxies) or None,
+    )
 
 
 def _bearer_ok(request: Request, token: str) -> bool:
@@ -220,8 +372,8 @@ def _payload(content_type: str, body: bytes) -> bytes:
     media = content_type.split(";", 1)[0].strip().lower()
     if media == "application/json" or media.endswith("+json"):
         try:
-            json.loads(body)
-        except ValueError as exc:
+            jsonlimits.loads(body)
+        except ValueError as exc:  # malformed, or refused by the depth limit
             raise _BadRequest(400, f"malformed JSON: {exc}") from None
         return body
     if media == "application/x-www-form-urlencoded":

@@ -57,6 +57,7 @@ from jinja2 import nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from phonepush import jsonlimits
 from phonepush.errors import ConfigError, TemplateError
 
 __all__ = [
@@ -213,7 +214,7 @@ def _tojson(value: Any, indent: int | None = None) -> str:
 
 
 def _fromjson(value: Any) -> Any:
-    return json.loads(str(value))
+    return jsonlimits.loads(str(value))
 
 
 def _digits(value: Any) -> str:

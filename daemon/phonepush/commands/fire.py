@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from phonepush import jsonlimits
 from phonepush.commands import CONFIG_EXIT, add_config_option, load_or_report
 from phonepush.config import Config
 from phonepush.errors import PhonepushError
@@ -127,7 +127,7 @@ async def _inject(config: Config, event: Event) -> int:
 
 def _content_type(payload: bytes) -> str:
     try:
-        json.loads(payload)
+        jsonlimits.loads(payload)
     except ValueError:
         return "text/plain; charset=utf-8"
     return "application/json"

@@ -15,7 +15,9 @@ Where it differs, on purpose:
   ``Play:`` names over 25 characters, ``Display:`` minutes over 1440, URIs over 256 characters,
   a trailing newline, and XML bodies over 512 bytes are refused before sending);
 * a timeout must be a positive whole number of seconds;
-* the password may come from ``PHONEPUSH_PASSWORD`` (``-p`` wins), so it stays out of ``ps``.
+* the password may come from ``PHONEPUSH_PASSWORD`` (``-p`` wins), so it stays out of ``ps``;
+* Basic credentials are UTF-8 (``requests`` sends ISO-8859-1 when they fit): what phones and
+  ``/authenticate`` decode, so ``pässword`` is the password configured there.
 """
 
 from __future__ import annotations
