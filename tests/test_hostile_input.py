@@ -1212,7 +1212,6 @@ class BackgroundMqtt:
     ):
         import queue
 
-
         self._url = broker_url
         self._broker_log = broker_log
         self._publish = publish
