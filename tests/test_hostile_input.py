@@ -30,6 +30,7 @@ from _daemon_fixtures import DaemonRunner
 from _mqtt_fixtures import Broker
 from phonepush import cisco, jsonlimits
 from phonepush.cisco import ResponseItem, sanitize_text
+from phonepush.config import MqttConfig
 from phonepush.errors import (
     ConfigError,
     InvalidURI,
@@ -760,11 +761,24 @@ def mqtt_depth_check(daemon: BackgroundDaemon, broker: Broker) -> Callable[[Nest
     def taken() -> tuple[float, float]:
         return daemon.events("mqtt", "mqtt-json"), daemon.events("mqtt", "mqtt-text")
 
+    def too_large() -> float:
+        return daemon.runner.metric(
+            "phonepush_events_rejected_total", source="mqtt", reason="too_large"
+        )
+
     def check(example: Nested) -> None:
         body = example.body
-        before, failures = taken(), _mqtt_failures(daemon)
+        before, failures, refused = taken(), _mqtt_failures(daemon), too_large()
         broker.publish(MQTT_TOPIC, body)
         deadline = time.monotonic() + 10
+        if len(body) > MqttConfig.model_fields["max_payload"].default:
+            # Deep and long: over mqtt.max_payload, refused unread before any decoding.
+            while too_large() == refused:
+                assert time.monotonic() < deadline, "the oversized payload was not counted"
+                time.sleep(0.002)
+            assert taken() == before, "an oversized payload was taken"
+            check.refused += 1  # type: ignore[attr-defined]
+            return
         while taken() == before:
             assert _mqtt_failures(daemon) == failures, "the payload failed intake"
             assert time.monotonic() < deadline, "the event was not taken in 10 s"
@@ -774,6 +788,7 @@ def mqtt_depth_check(daemon: BackgroundDaemon, broker: Broker) -> Callable[[Nest
         check.taken += 1  # type: ignore[attr-defined]
 
     check.taken = 0  # type: ignore[attr-defined]
+    check.refused = 0  # type: ignore[attr-defined]
     return check
 
 
@@ -982,7 +997,9 @@ def test_fuzz_mqtt_payload_depth(
     with running_daemon(tmp_path_factory.mktemp("mqtt-depth"), mqtt_url=mosquitto.url) as daemon:
         check = mqtt_depth_check(daemon, mosquitto)
         settings(_FUZZ_SETTINGS, max_examples=60)(given(nested_example)(check))()
-    assert check.taken >= 60  # type: ignore[attr-defined]
+    # Every example was either taken or, over mqtt.max_payload, refused; most are taken.
+    assert check.taken + check.refused >= 60  # type: ignore[attr-defined]
+    assert check.taken > check.refused  # type: ignore[attr-defined]
 
 
 def test_no_payload_changes_the_xml_a_phone_receives(background_daemon: BackgroundDaemon) -> None:
