@@ -6,8 +6,9 @@ kept between runs by ``.ci/debian-rootfs``). A wheel built from this tree goes i
 byte for byte, and the service is driven with ``systemctl`` while a ``phonepush simulate`` phone
 runs on the host: the container shares the host's network, so both sides meet on 127.0.0.1.
 
-Needs root, ``systemd-nspawn`` (Debian: systemd-container), ``mmdebstrap`` and ``nsenter``:
-skipped without them on a developer's machine, a failure in CI, where ``.ci/run`` installs them.
+Needs root, ``systemd-nspawn`` (Debian: systemd-container), ``mmdebstrap``, ``nsenter`` and
+``setpriv`` (util-linux): skipped without them on a developer's machine, a failure in CI, where
+``.ci/run`` installs them.
 Figures (boot, install, connections, descriptors) print with ``-s``; docs/reliability.md keeps
 them.
 """
@@ -100,6 +101,7 @@ def rootfs_tarball(measured: Measured) -> Path:
     _require("systemd-nspawn", "systemd-container")
     _require("mmdebstrap", "mmdebstrap")
     _require("nsenter", "util-linux")
+    _require("setpriv", "util-linux")
     with measured.timed("rootfs tarball s (cached unless first run)"):
         out = subprocess.run(
             [str(ROOT / ".ci" / "debian-rootfs"), *PACKAGES],
@@ -155,6 +157,9 @@ class Machine:
         ]
         if not Path("/run/systemd/system").is_dir():
             argv.append("--keep-unit")
+        # If this test process dies, nspawn gets SIGTERM and shuts the machine down: no
+        # container is left running. setpriv execs nspawn, so the pid stays nspawn's.
+        argv = ["setpriv", "--pdeathsig=TERM", *argv]
         with self._log.open("wb") as log:
             self._nspawn = await asyncio.create_subprocess_exec(
                 *argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
