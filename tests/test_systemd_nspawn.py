@@ -512,6 +512,10 @@ async def test_the_unit_under_systemd_as_pid_1(
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
         # --- stop with a Play: in flight: the push finishes, the daemon exits cleanly ---
+        async def idle() -> bool:
+            return all("answer" in request for request in (await phone_state())["requests"])
+
+        await eventually(idle, timeout=10)
         before = await phone_state()
         assert (await client.post("/hooks/door", json={"who": "late"})).status_code == 202
 
