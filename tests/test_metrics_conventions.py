@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import resource
 import shutil
 import subprocess
 from pathlib import Path
@@ -133,6 +134,13 @@ async def test_metrics_after_real_traffic_pass_promtool_check_metrics(
         assert sample in text.splitlines(), sample
     assert re.search(r'^phonepush_delivery_retries_total\{phone="gone"\} [1-9]', text, re.M)
     assert re.search(r'^phonepush_delivery_duration_seconds_count\{phone="desk"\} 2', text, re.M)
+    # The process metrics an operator watches the open-files limit with; the daemon here runs
+    # in this test's process, so they describe it.
+    soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert f"process_max_fds {float(soft_limit)}" in text.splitlines()
+    open_fds = re.search(r"^process_open_fds (\d+\.\d+)$", text, re.M)
+    assert open_fds and 0 < float(open_fds[1]) <= soft_limit
+    assert re.search(r"^process_resident_memory_bytes \d", text, re.M)
     # Everything exposed is documented in the contract (Metrics), nothing else sneaks in.
     exposed = {m.group(0) for m in re.finditer(r"^phonepush_[a-z0-9_]+", text, re.M)}
     assert exposed <= _exported_names()

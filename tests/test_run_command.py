@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
+import resource
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -14,6 +17,7 @@ import httpx
 import pytest
 
 from _daemon_fixtures import eventually, free_port
+from phonepush.limits import raise_open_files_limit
 from phonepush.simulator import Fleet
 
 TOKEN = "run-test-token"
@@ -75,7 +79,15 @@ class Process:
 async def start_run(tmp_path: Path) -> AsyncIterator[Any]:
     procs: list[Process] = []
 
-    async def start(config: Path) -> Process:
+    async def start(config: Path, open_files: int | None = None) -> Process:
+        """``open_files``: the soft RLIMIT_NOFILE the process starts with, as a service
+        manager would set it."""
+
+        def lower_soft_limit() -> None:
+            if open_files is not None:
+                _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, hard))
+
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -86,6 +98,7 @@ async def start_run(tmp_path: Path) -> AsyncIterator[Any]:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=lower_soft_limit,
         )
         process = Process(proc)
         procs.append(process)
@@ -170,6 +183,67 @@ execute = ["Display:On:5"]
 
     process.proc.send_signal(signal.SIGTERM)
     assert await process.wait() == 0
+
+
+def _open_files_limits(pid: int) -> tuple[int, int]:
+    """(soft, hard) RLIMIT_NOFILE of a running process, as the kernel reports it."""
+    text = Path(f"/proc/{pid}/limits").read_text()
+    match = re.search(r"^Max open files\s+(\d+)\s+(\d+)", text, re.M)
+    assert match, text
+    return int(match[1]), int(match[2])
+
+
+async def test_the_soft_open_files_limit_is_raised_to_the_hard_limit(
+    tmp_path: Path, make_fleet: Any, start_run: Any
+) -> None:
+    # A service manager's default soft limit (1,024) is too few for thousands of phones; the
+    # hard limit is what the administrator allows.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 256:
+        pytest.skip(f"the hard open files limit ({hard}) leaves nothing to raise")
+    fleet: Fleet = await make_fleet(names=["desk"])
+    port = free_port()
+    config = tmp_path / "phonepush.toml"
+    write_config(config, port, fleet.phones[0].address, tmp_path / "spool.db")
+    process = await start_run(config, open_files=256)
+
+    assert _open_files_limits(process.proc.pid) == (hard, hard)
+    assert f"open files limit: raised from 256 to {hard} (the hard limit)" in process.output
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.wait() == 0
+
+
+async def test_an_open_files_limit_already_at_the_hard_limit_is_only_logged(
+    tmp_path: Path, make_fleet: Any, start_run: Any
+) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fleet: Fleet = await make_fleet(names=["desk"])
+    port = free_port()
+    config = tmp_path / "phonepush.toml"
+    write_config(config, port, fleet.phones[0].address, tmp_path / "spool.db")
+    process = await start_run(config, open_files=hard)
+
+    assert _open_files_limits(process.proc.pid) == (hard, hard)
+    assert f"open files limit: {hard} (already the hard limit)" in process.output
+    process.proc.send_signal(signal.SIGTERM)
+    assert await process.wait() == 0
+
+
+def test_a_refused_raise_is_a_warning_and_the_daemon_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What a sandbox that forbids setrlimit does; the real call is exercised above.
+    def refuse(which: int, limits: tuple[int, int]) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (1024, 524288))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    with caplog.at_level(logging.INFO, logger="phonepush.limits"):
+        assert raise_open_files_limit() == 1024
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "could not raise it from 1024 to the hard limit 524288" in record.getMessage()
+    assert "Operation not permitted" in record.getMessage()
 
 
 async def test_config_errors_exit_2_naming_the_key(tmp_path: Path) -> None:

@@ -114,6 +114,19 @@ def test_unit_is_a_notify_service_with_watchdog() -> None:
     assert settings["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
 
 
+def test_unit_allows_thousands_of_open_files() -> None:
+    # Thousands of phone connections plus HTTP clients: systemd's default soft limit (1,024)
+    # would end in EMFILE. One value sets soft and hard alike.
+    (limit,) = _unit_settings()["LimitNOFILE"]
+    assert limit.isdigit() and int(limit) >= 65536
+
+
+def test_unit_keeps_proc_stat_for_the_process_metrics() -> None:
+    # ProcSubset=pid hides /proc/stat; prometheus-client's ProcessCollector then exports nothing,
+    # and process_open_fds/process_max_fds vanish from /metrics.
+    assert "ProcSubset" not in _unit_settings()
+
+
 def test_spool_lies_in_the_writable_state_directory() -> None:
     # ProtectSystem=strict makes everything else read-only: a spool elsewhere could not open.
     settings = _unit_settings()

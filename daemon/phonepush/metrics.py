@@ -1,9 +1,13 @@
 """Prometheus metrics. One :class:`Metrics` per daemon, on a registry passed in (tests pass
-their own), so nothing lives in prometheus-client's global registry."""
+their own), so nothing lives in prometheus-client's global registry.
+
+Beside the ``phonepush_*`` metrics the registry carries the standard ``process_*`` ones
+(prometheus-client's ProcessCollector): ``process_open_fds`` against ``process_max_fds`` is how an
+operator sees a fan-out or a crowd of HTTP clients nearing the open-files limit."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 __all__ = ["DELIVERY_RESULTS", "Metrics"]
 
@@ -17,6 +21,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
         self.events = Counter(
             "phonepush_events",
             "Events accepted into the spool, by source and matched rule "

@@ -13,6 +13,7 @@ from phonepush.commands import (
     report_config_error,
 )
 from phonepush.errors import ConfigError
+from phonepush.limits import raise_open_files_limit
 from phonepush.logs import setup_logging
 
 __all__ = ["main"]
@@ -51,6 +52,7 @@ def main(argv: Sequence[str], prog: str = "phonepush run") -> int:
     if config is None:
         return CONFIG_EXIT
     setup_logging(args.log_format or config.log.format, args.log_level or config.log.level)
+    raise_open_files_limit()
     # Imported here so that a config error is reported without paying for the daemon's imports.
     from phonepush.daemon import Daemon
 
