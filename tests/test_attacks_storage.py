@@ -26,9 +26,11 @@ import pytest
 from _daemon_fixtures import DaemonRunner, eventually, free_port
 from _mqtt_fixtures import Broker
 from _sim_fixtures import MakeFleet
+from phonepush.errors import SpoolError
 from phonepush.events import Event
 from phonepush.housekeeping import Housekeeper
 from phonepush.spool import NewDelivery, PushRequest, Spool
+from phonepush.systemd import state_directories
 
 PHONEPUSH = Path(sys.executable).with_name("phonepush")
 
@@ -336,6 +338,31 @@ async def test_finding_12_follow_symlinks_opens_the_target(tmp_path: Path) -> No
     async with Spool(link, follow_symlinks=True) as spool:
         spool.check()
     assert target.exists() and _mode(target) == 0o600
+
+
+async def test_finding_12_the_service_managers_state_directory_link_is_taken(
+    tmp_path: Path,
+) -> None:
+    # systemd's StateDirectory= under DynamicUser= is a root-owned link to private/<name>, named
+    # in $STATE_DIRECTORY: the shipped unit's spool lives behind it.
+    (tmp_path / "private" / "phonepush").mkdir(parents=True)
+    state = tmp_path / "phonepush"
+    state.symlink_to("private/phonepush")
+    if state.lstat().st_uid != 0:
+        pytest.skip("needs root: only a root-owned link is trusted")
+    assert state_directories({"STATE_DIRECTORY": f"{state}:/elsewhere"})[0] == state
+    async with Spool(state / "spool.db", trusted_links=[state]) as spool:
+        spool.check()
+    assert (tmp_path / "private" / "phonepush" / "spool.db").exists()
+
+    # Not named: refused as any other link. Named but not root's: refused too.
+    with pytest.raises(SpoolError, match="symbolic link"):
+        async with Spool(state / "spool.db"):
+            pass
+    os.lchown(state, 65534, 65534)
+    with pytest.raises(SpoolError, match="symbolic link"):
+        async with Spool(state / "spool.db", trusted_links=[state]):
+            pass
 
 
 def test_finding_12_read_only_folder_is_one_clear_error(open_dir: Path) -> None:

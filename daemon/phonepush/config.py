@@ -334,6 +334,8 @@ class SpoolConfig(_Section):
     max_size: int = Field(default=1 << 30, ge=1 << 20)
     #: Open ``path`` even when it, or the folder it is in, is a symbolic link. Off, such a path
     #: is refused at start-up: a link planted there would make the daemon write where it points.
+    #: The folder systemd made for the service is taken all the same (``$STATE_DIRECTORY``: under
+    #: ``DynamicUser=`` a root-owned link to ``private/<name>`` that only root could have made).
     follow_symlinks: bool = False
 
 

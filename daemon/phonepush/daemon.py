@@ -44,7 +44,7 @@ from phonepush.rules import RuleSet
 from phonepush.server import ServerState, create_app, uvicorn_config
 from phonepush.silences import Silences
 from phonepush.spool import Spool
-from phonepush.systemd import Notifier
+from phonepush.systemd import Notifier, state_directories
 
 if TYPE_CHECKING:
     from phonepush.sources.mqtt import MqttSource
@@ -143,6 +143,7 @@ class Daemon:
                         synchronous=config.spool.synchronous,
                         max_size=config.spool.max_size,
                         follow_symlinks=config.spool.follow_symlinks,
+                        trusted_links=state_directories(),
                     )
                 )
             except SpoolError as exc:

@@ -45,7 +45,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -451,6 +451,9 @@ class Spool:
     pending work alone is over it, setting :attr:`full`, which makes :meth:`add_event` refuse.
     The spool file and its side files are created ``0600`` (and an existing one is narrowed to
     that); a symbolic link at ``path`` or at its folder is refused unless ``follow_symlinks``.
+    ``trusted_links`` are links taken all the same when root owns them: the folders the service
+    manager made (systemd's ``StateDirectory=`` under ``DynamicUser=`` is a root-owned link to
+    ``private/<name>``, and only root could have put it there).
     """
 
     def __init__(
@@ -463,6 +466,7 @@ class Spool:
         busy_timeout: float = 0.2,
         max_size: int | None = None,
         follow_symlinks: bool = False,
+        trusted_links: Collection[Path] = (),
     ) -> None:
         if synchronous.lower() not in _SYNCHRONOUS:
             raise ValueError(
@@ -474,6 +478,7 @@ class Spool:
         self.max_pending = max_pending
         self.max_size = max_size
         self.follow_symlinks = follow_symlinks
+        self._trusted_links = frozenset(Path(link) for link in trusted_links)
         #: True while pending work alone is over ``max_size``: :meth:`add_event` refuses.
         self.full = False
         self.synchronous = synchronous.lower()
@@ -794,11 +799,14 @@ class Spool:
         if self.follow_symlinks:
             return
         for path in paths:
-            if path.is_symlink():
+            if path.is_symlink() and not self._trusted(path):
                 raise SpoolError(
                     f"spool {self.path}: {path} is a symbolic link (to {os.readlink(path)});"
                     " refused unless spool.follow_symlinks = true"
                 )
+
+    def _trusted(self, link: Path) -> bool:
+        return link in self._trusted_links and link.lstat().st_uid == 0
 
     def _prepare_file(self) -> None:
         """Create the database file 0600 (SQLite gives its -wal and -shm the same mode), or

@@ -124,6 +124,16 @@ def credential_path(name: str, environ: Mapping[str, str] | None = None) -> Path
     return path if path.is_file() else None
 
 
+def state_directories(environ: Mapping[str, str] | None = None) -> tuple[Path, ...]:
+    """The folders systemd made for the service (``StateDirectory=``, as ``$STATE_DIRECTORY``).
+
+    Under ``DynamicUser=yes`` each is a symbolic link systemd made, as root, to
+    ``private/<name>``: the spool trusts exactly these links (see ``Spool(trusted_links=)``).
+    """
+    env = os.environ if environ is None else environ
+    return tuple(Path(item) for item in env.get("STATE_DIRECTORY", "").split(":") if item)
+
+
 def _socket_address(value: str) -> str | None:
     """``$NOTIFY_SOCKET`` as a ``sendto`` address: a path, or ``@name`` (abstract namespace)."""
     if value.startswith("/"):
