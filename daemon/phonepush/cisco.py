@@ -16,6 +16,7 @@ Phones' limits we enforce here (see ``docs/design.md`` for the sources):
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from phonepush.errors import (
     WireError,
 )
 from phonepush.uri import MAX_URL_LENGTH, ExecuteItem, is_http, validate_uri
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_PUSH_BYTES",
@@ -298,18 +301,31 @@ def _clip(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
+def _accepted(body: bytes, content_type: str | None, status: int) -> list[ResponseItem]:
+    _log.debug(
+        "phone answered %d %s without receipts, taken as success: %r",
+        status,
+        _clip(content_type or "(no Content-Type)"),
+        body[:64],
+    )
+    return []
+
+
 def parse_response(
     body: bytes, content_type: str | None, status: int = 200, *, receipts: bool = True
 ) -> list[ResponseItem]:
     """Read a phone's answer to a push.
 
-    Returns the ResponseItems (in the phone's completion order); an empty 2xx body is success
-    without receipts (multiplatform phones). Raises a :class:`~phonepush.errors.PhoneError`:
+    Returns the ResponseItems (in the phone's completion order). Any 2xx answer that is not a
+    CiscoIPPhoneError is success: multiplatform (3PCC) firmware answers ``200 text/html``, some
+    answer nothing, and the phone has taken the push either way; its first bytes go to the debug
+    log, and the result is empty (no receipts). Raises a :class:`~phonepush.errors.PhoneError`:
     :class:`PhoneRejected` / :class:`PhoneAuthError` for a CiscoIPPhoneError, whatever the HTTP
     status; :class:`PhoneHTTPError` for an error status without one; :class:`PhoneBadResponse`
-    for anything else unreadable. With ``receipts=False`` (setBackground, setRingTone, whose
-    success body is undocumented) any 2xx answer that is not a CiscoIPPhoneError is success.
+    for an error object we cannot read. ``receipts`` is kept for callers; it no longer changes
+    anything.
     """
+    del receipts
     ok = 200 <= status < 300
     if not body.strip():
         if ok:
@@ -323,15 +339,16 @@ def parse_response(
             raise PhoneAuthError("HTTP 401")
         if not ok:
             raise PhoneHTTPError(status)
-        if not receipts:
-            return []
-        raise PhoneBadResponse(f"Unexpected Content-Type: {_clip(content_type or '')}")
+        return _accepted(body, content_type, status)
     try:
         root = _parse_xml(body, MAX_RESPONSE_BYTES, PhoneBadResponse)
     except PhoneBadResponse:
         if not ok:
             raise PhoneHTTPError(status) from None
-        raise
+        if b"CiscoIPPhoneError" in body:
+            # An error object we cannot read: the phone said no, we cannot tell why.
+            raise
+        return _accepted(body, content_type, status)
     if root.tag == "CiscoIPPhoneError":
         number_text = root.get("Number", "")
         text = (root.text or "").strip()
@@ -350,9 +367,7 @@ def parse_response(
     if not ok:
         raise PhoneHTTPError(status)
     if root.tag != "CiscoIPPhoneResponse":
-        if not receipts:
-            return []
-        raise PhoneBadResponse(f"unexpected answer <{_clip(root.tag)}>")
+        return _accepted(body, content_type, status)
     items = []
     for element in root.iterfind("ResponseItem"):
         try:
