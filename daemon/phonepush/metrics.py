@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 __all__ = ["DELIVERY_RESULTS", "Metrics"]
 
 #: The ``result`` label values of ``phonepush_deliveries_total``.
-DELIVERY_RESULTS = ("delivered", "failed", "expired", "suppressed")
+DELIVERY_RESULTS = ("delivered", "unconfirmed", "failed", "expired", "suppressed")
 
 
 class Metrics:
