@@ -214,7 +214,6 @@ def _serve_phones(
             port=port,
             delay_ms=delay_ms,
             tone_ms=0,
-            max_waiting=1000,
             on_push=on_push,
         ) as fleet:
             conn.send([p.port for p in fleet.phones])

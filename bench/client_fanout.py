@@ -62,7 +62,7 @@ def _serve(conn: Connection, phones: int, delay_ms: float, cpu: int | None) -> N
         os.sched_setaffinity(0, {cpu})
 
     async def run() -> None:
-        async with Fleet(phones, delay_ms=delay_ms, tone_ms=0, max_waiting=4) as fleet:
+        async with Fleet(phones, delay_ms=delay_ms, tone_ms=0) as fleet:
             conn.send([p.port for p in fleet.phones])
             loop = asyncio.get_running_loop()
             stop = asyncio.Event()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -36,6 +37,7 @@ from phonepush.cisco import (
 )
 from phonepush.errors import PhoneAuthError, PhoneBadResponse, PhoneRejected
 from phonepush.simulator import Fleet, SimPhone
+from phonepush.simulator import SoftKey as SimSoftKey
 from phonepush.uri import ExecuteItem
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -169,6 +171,165 @@ async def test_invalid_uri_fails_only_that_item(fleet: Fleet) -> None:
     ]
 
 
+# Each URI pushed alone; the phone's ResponseItem Status and Data for it.
+URI_ANSWERS = [
+    ("Key:Headset", 0, "Success"),
+    ("Key:Line120", 0, "Success"),
+    ("Key:KeyPadPound", 0, "Success"),
+    ("Key:NavDwn", 0, "Success"),
+    ("Key:headset", 1, "Invalid URI"),  # names are exact
+    ("Key:Line121", 1, "Invalid URI"),
+    ("Key:Head", 1, "Invalid URI"),
+    ("SoftKey:Select", 0, "Success"),
+    ("SoftKey:Dance", 1, "Invalid URI"),
+    ("Init:CallHistory", 0, "Success"),
+    ("Init:Foo", 1, "Invalid URI"),
+    ("Dial:5551234,,#*AD", 0, "Success"),
+    ("Dial:5551234:1:Cisco/Dialer", 0, "Success"),
+    ("Dial:5551234:0:app:1", 0, "Success"),
+    ("Dial:555E", 1, "Invalid URI"),
+    ("Dial:1:2:app", 1, "Invalid URI"),
+    ("EditDial:*1#", 0, "Success"),
+    ("SendDigits:123:1::app", 0, "Success"),
+    ("SendDigits:123::app", 0, "Success"),
+    ("SendDigits:6185551212,,987654321,1234:1:Cisco/Dialer", 0, "Success"),
+    ("SendDigits:", 1, "Invalid URI"),
+    ("Play:Chime.raw", 0, "Success"),
+    ("Play:Ring7.raw", 0, "Success"),
+    ("Play:Stop", 0, "Success"),
+    ("Play:NotOnThePhone.raw", 6, "URI not found"),
+    ("Play:" + "a" * 26, 1, "Invalid URI"),
+    ("Play:../x.raw", 1, "Invalid URI"),
+    ("Display:Default:0", 0, "Success"),
+    ("Display:Off:1440", 0, "Success"),
+    ("Display:On:1441", 1, "Invalid URI"),
+    ("Display:on", 1, "Invalid URI"),
+    ("RTPRx:10.0.0.5:20480:100", 0, "Success"),
+    ("RTPMRx:239.1.1.1:32768", 0, "Success"),
+    ("RTPTx:10.0.0.5:20482", 0, "Success"),
+    ("RTPMTx:Stop", 0, "Success"),
+    ("RTPRx:10.0.0.5:20481", 1, "Invalid URI"),  # odd port
+    ("RTPRx:10.0.0.5:20480:101", 1, "Invalid URI"),
+    ("RTPMRx:224.0.1.1:20480", 1, "Invalid URI"),
+    ("RTPRx:239.1.1.1:20480", 1, "Invalid URI"),  # unicast needs a unicast address
+    ("RTPTx:10.0.0.5:20480:50", 1, "Invalid URI"),  # no volume on transmit
+    ("Notify:x", 1, "Invalid URI"),
+    ("Bogus:thing", 1, "Invalid URI"),
+    ("http://127.0.0.1:1/" + "x" * 238, 1, "Invalid URI"),  # over 256 characters
+    ("HTTP://127.0.0.1:1/gone", 6, "URI not found"),  # understood: fetched, nothing there
+]
+
+
+async def test_uri_grammar_and_tables(make_fleet: MakeFleet) -> None:
+    fleet = await make_fleet(rtp=False)
+    phone = fleet.phones[0]
+    got = [
+        (uri, item.status, item.data)
+        for uri, _, _ in URI_ANSWERS
+        for item in items_of(await push(phone, raw_execute(uri)))
+    ]
+    assert got == URI_ANSWERS
+    executed = [uri for uri, status, _ in URI_ANSWERS if status == 0]
+    assert list(phone.state.executed) == executed
+
+
+async def test_play_files_are_the_phones(make_fleet: MakeFleet) -> None:
+    fleet = await make_fleet(play_files=["Doorbell.raw"], tone_ms=10)
+    phone = fleet.phones[0]
+    items = items_of(await push(phone, raw_execute("Play:Doorbell.raw", "Play:Chime.raw")))
+    assert items == [
+        ResponseItem("Play:Chime.raw", "URI not found", 6),
+        ResponseItem("Play:Doorbell.raw", "Success", 0),
+    ]
+    assert list(phone.state.tones) == ["Doorbell.raw"]
+    with pytest.raises(ValueError, match="ring file"):
+        Fleet(play_files=["../etc/passwd"])
+
+
+async def test_uppercase_http_scheme_is_fetched(fleet: Fleet) -> None:
+    async with page_server() as pages:
+        pages.pages["/p"] = (200, text_xml(TextPage(title="Upper", text="x")).encode())
+        url = pages.url("/p").replace("http://", "HTTP://")
+        assert items_of(await push(fleet.phones[0], raw_execute(url))) == [
+            ResponseItem(url, "Success", 0)
+        ]
+    assert fleet.phones[0].state.screen.title == "Upper"
+
+
+def pad_to(size: int) -> str:
+    """A valid one-item CiscoIPPhoneExecute of exactly ``size`` bytes."""
+    bare = raw_execute("Dial:1", "Dial:2")
+    return bare.replace("<ExecuteItem", " " * (size - len(bare)) + "<ExecuteItem", 1)
+
+
+async def test_512_byte_limit(fleet: Fleet) -> None:
+    phone = fleet.phones[0]
+    exactly = pad_to(512)
+    assert len(exactly.encode()) == 512
+    assert items_of(await push(phone, exactly))[0].ok
+    with pytest.raises(PhoneRejected) as caught:
+        items_of(await push(phone, pad_to(513)))
+    assert caught.value.number == 1
+    assert list(phone.state.executed) == ["Dial:1", "Dial:2"]
+
+
+@pytest.mark.parametrize(
+    ("xml", "number"),
+    [
+        ('<?xml version="1.0" encoding="UTF-16"?><CiscoIPPhoneExecute/>', 1),
+        ('<ciscoIPPhoneExecute><ExecuteItem URL="Dial:1"/></ciscoIPPhoneExecute>', 1),
+        ('<CiscoIPPhoneExecute><executeItem URL="Dial:1"/></CiscoIPPhoneExecute>', 1),
+        ('<CiscoIPPhoneExecute><ExecuteItem url="Dial:1"/></CiscoIPPhoneExecute>', 1),
+        ('<CiscoIPPhoneExecute><ExecuteItem URL="Dial:1" Priority="3"/></CiscoIPPhoneExecute>', 2),
+        ("<CiscoIPPhoneExecute><ExecuteItem/></CiscoIPPhoneExecute>", 2),
+        ("<CiscoIPPhoneExecute></CiscoIPPhoneExecute>", 2),
+        ("<CiscoIPPhoneText><Text>x</Text></CiscoIPPhoneText>", 2),
+        ("<setRingTone><ringtone>http://h/r.raw</ringtone></setRingTone>", 1),
+        (
+            '<!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]>'
+            '<CiscoIPPhoneExecute><ExecuteItem URL="Dial:&e;"/></CiscoIPPhoneExecute>',
+            1,
+        ),
+        (
+            '<!DOCTYPE x [<!ENTITY a "1111111111">]>'
+            '<CiscoIPPhoneExecute><ExecuteItem URL="Dial:&a;"/></CiscoIPPhoneExecute>',
+            1,
+        ),
+    ],
+    ids=[
+        "utf16",
+        "root-case",
+        "item-case",
+        "attribute-case",
+        "priority",
+        "no-url",
+        "no-items",
+        "text-object",
+        "ringtone-case",
+        "external-entity",
+        "internal-entity",
+    ],
+)
+async def test_objects_a_phone_cannot_read_or_act_on(fleet: Fleet, xml: str, number: int) -> None:
+    phone = fleet.phones[0]
+    with pytest.raises(PhoneRejected) as caught:
+        items_of(await push(phone, xml))
+    assert caught.value.number == number
+    assert not phone.state.executed
+
+
+async def test_without_prolog_the_phone_reads_its_locale_charset(fleet: Fleet) -> None:
+    phone = fleet.phones[0]
+    ascii_only = '<CiscoIPPhoneExecute><ExecuteItem URL="Dial:1"/></CiscoIPPhoneExecute>'
+    assert items_of(await push(phone, ascii_only)) == [ResponseItem("Dial:1", "Success", 0)]
+    url = "http://127.0.0.1:1/café"
+    no_prolog = f'<CiscoIPPhoneExecute><ExecuteItem URL="{url}"/></CiscoIPPhoneExecute>'
+    with_prolog = raw_execute(url)
+    # The same UTF-8 bytes, read as ISO-8859-1 without the prolog: the phone echoes what it read.
+    assert items_of(await push(phone, no_prolog))[0].url == "http://127.0.0.1:1/cafÃ©"
+    assert items_of(await push(phone, with_prolog))[0].url == url
+
+
 @pytest.mark.parametrize(
     ("body", "content_type", "number"),
     [
@@ -264,6 +425,44 @@ async def test_basic_auth(make_fleet: MakeFleet) -> None:
     assert phone.state.errors == 3
 
 
+def basic_header(user: str, password: str, encoding: str) -> bytes:
+    token = base64.b64encode(f"{user}:{password}".encode(encoding))
+    return b"Authorization: Basic " + token + b"\r\n"
+
+
+async def raw_push(phone: SimPhone, xml: str, extra_head: bytes = b"") -> bytes:
+    body = form_body(xml)
+    answer = await raw_request(
+        phone,
+        b"POST /CGI/Execute HTTP/1.1\r\nHost: phone\r\nConnection: close\r\n"
+        + extra_head
+        + b"Content-Type: application/x-www-form-urlencoded\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body,
+    )
+    return answer.partition(b"\r\n\r\n")[2]
+
+
+async def test_credentials_are_utf8(make_fleet: MakeFleet) -> None:
+    password = "pässwörd-€"
+    fleet = await make_fleet(username="admin", password=password)
+    phone = fleet.phones[0]
+    xml = raw_execute("Dial:1")
+    # The header's bytes are written by hand: what any client sends for a non-ASCII password.
+    ok = await raw_push(phone, xml, basic_header("admin", password, "utf-8"))
+    assert b'Status="0"' in ok
+    latin1 = await raw_push(phone, xml, basic_header("admin", "pässwörd", "latin-1"))
+    assert b'<CiscoIPPhoneError Number="4"' in latin1
+    assert list(phone.state.executed) == ["Dial:1"]
+    async with page_server() as auth:
+        auth.pages["/auth"] = (200, b"AUTHORIZED")
+        asking = await make_fleet(auth_url=auth.url("/auth"))
+        answer = await raw_push(asking.phones[0], xml, basic_header("jürgen", password, "utf-8"))
+        assert b'Status="0"' in answer
+        _, query, _ = auth.seen[0]
+        assert (query["UserID"], query["Password"]) == (["jürgen"], [password])
+
+
 async def test_auth_url_decides(make_fleet: MakeFleet) -> None:
     async with page_server() as auth:
         auth.pages["/auth"] = (200, b"AUTHORIZED")
@@ -296,26 +495,23 @@ async def test_auth_url_decides(make_fleet: MakeFleet) -> None:
 async def test_play_holds_the_answer_and_the_phone(make_fleet: MakeFleet) -> None:
     fleet = await make_fleet(tone_ms=300)
     phone = fleet.phones[0]
-    finished: list[str] = []
-
-    async def send(name: str, xml: str) -> list[ResponseItem]:
-        items = items_of(await push(phone, xml))
-        finished.append(name)
-        return items
-
-    first = asyncio.create_task(send("tone", raw_execute("Play:Chime.raw", "Dial:1")))
+    first = asyncio.create_task(push(phone, raw_execute("Play:Chime.raw", "Dial:1")))
     await fleet.wait_for(lambda: phone.state.pushes == 1)
-    second = asyncio.create_task(send("dial", raw_execute("Dial:2")))
+    # The phone is busy while the tone plays: a second push is refused at once, not queued.
+    with pytest.raises(PhoneRejected) as caught:
+        items_of(await push(phone, raw_execute("Dial:2")))
+    assert caught.value.number == 6
+    assert not first.done()
     # The Play's item comes last: completion order, after the Dial that ran meanwhile.
-    assert await first == [
+    assert items_of(await first) == [
         ResponseItem("Dial:1", "Success", 0),
         ResponseItem("Play:Chime.raw", "Success", 0),
     ]
-    assert (await second)[0].ok
-    # One push at a time: the second waited for the tone to end.
-    assert finished == ["tone", "dial"]
     assert phone.state.last_tone == "Chime.raw"
-    assert list(phone.state.dialled) == ["1", "2"]
+    assert list(phone.state.dialled) == ["1"]
+    assert list(phone.state.executed) == ["Play:Chime.raw", "Dial:1"]
+    assert phone.state.overlaps == 1
+    assert items_of(await push(phone, raw_execute("Dial:2")))[0].ok
 
 
 async def test_play_stop_and_busy_phone_drops_priority_2(make_fleet: MakeFleet) -> None:
@@ -397,15 +593,99 @@ async def test_background_ringtone_and_rtp(fleet: Fleet) -> None:
     assert phone.state.rtp["receive"] is None
 
 
-async def test_full_queue_answers_busy(make_fleet: MakeFleet) -> None:
-    fleet = await make_fleet(tone_ms=400, max_waiting=0)
+async def test_push_while_busy_gets_error_6_and_is_counted(make_fleet: MakeFleet) -> None:
+    fleet = await make_fleet(delay_ms=300)
     phone = fleet.phones[0]
-    first = asyncio.create_task(push(phone, raw_execute("Play:Chime.raw")))
+    first = asyncio.create_task(push(phone, raw_execute("Dial:1")))
     await fleet.wait_for(lambda: phone.state.pushes == 1)
-    with pytest.raises(PhoneRejected) as caught:
-        items_of(await push(phone, raw_execute("Dial:1")))
-    assert caught.value.number == 6 and caught.value.retryable
+    for number in ("2", "3"):
+        with pytest.raises(PhoneRejected) as caught:
+            items_of(await push(phone, raw_execute(f"Dial:{number}")))
+        assert caught.value.number == 6 and caught.value.retryable
     assert items_of(await first)[0].ok
+    assert list(phone.state.executed) == ["Dial:1"]
+    async with httpx.AsyncClient(base_url=fleet.control_url) as control:
+        state = (await control.get("/phones/0")).json()
+    assert state["overlaps"] == 2 and state["executed"] == ["Dial:1"]
+    assert state["pushes"] == 3 and state["errors"] == 2
+
+
+async def test_executed_lists_what_ran_in_order(fleet: Fleet) -> None:
+    phone = fleet.phones[0]
+    await push(phone, raw_execute("Dial:5551234", "Bogus:1", "Key:Headset"))
+    await push(phone, raw_execute("Display:Off"))
+    await push(phone, raw_execute("Dial:5551234"))
+    assert list(phone.state.executed) == [
+        "Dial:5551234",
+        "Key:Headset",
+        "Display:Off",
+        "Dial:5551234",
+    ]
+    assert list(phone.state.executed).count("Dial:5551234") == 2
+
+
+async def test_answer_after_executes_once_and_stays_busy(make_fleet: MakeFleet) -> None:
+    fleet = await make_fleet(answer_after_ms=700)
+    phone = fleet.phones[0]
+    # A client that gives up before the answer: the phone has dialled all the same.
+    with pytest.raises(httpx.ReadTimeout):
+        await push(phone, raw_execute("Dial:5551234"), timeout=0.2)
+    assert list(phone.state.executed) == ["Dial:5551234"]
+    # Until its (lost) answer would have been written, the phone is busy.
+    with pytest.raises(PhoneRejected) as caught:
+        items_of(await push(phone, raw_execute("Dial:5551234")))
+    assert caught.value.number == 6
+    await fleet.wait_for(lambda: phone.state.requests[0].get("answer") is not None)
+    answered = items_of(await push(phone, raw_execute("Dial:9"), timeout=5))
+    assert answered == [ResponseItem("Dial:9", "Success", 0)]
+    assert list(phone.state.executed) == ["Dial:5551234", "Dial:9"]
+    assert phone.state.overlaps == 1
+
+
+async def test_answer_after_as_a_fault_mode_per_phone(fleet: Fleet) -> None:
+    slow, other = fleet.phones[0], fleet.phones[1]
+    async with httpx.AsyncClient(base_url=fleet.control_url) as control:
+        set_mode = await control.post(
+            "/phones/0/fault", json={"mode": "answer-after", "delay_ms": 600}
+        )
+        assert set_mode.json()["fault"] == {"mode": "answer-after", "number": 6, "delay_ms": 600}
+    with pytest.raises(httpx.ReadTimeout):
+        await push(slow, raw_execute("Key:Services"), timeout=0.2)
+    assert list(slow.state.executed) == ["Key:Services"]
+    assert items_of(await push(other, raw_execute("Dial:1")))[0].ok
+    await fleet.wait_for(lambda: slow.state.requests[0].get("answer") is not None)
+    await slow.set_fault("none")
+    assert items_of(await push(slow, raw_execute("Dial:1")))[0].ok
+
+
+async def test_multiplatform_executes_and_answers_html(make_fleet: MakeFleet) -> None:
+    fleet = await make_fleet(model="multiplatform", username="u", password="p")
+    phone = fleet.phones[0]
+    response = await push(phone, raw_execute("Play:Chime.raw", "Dial:1"), auth=("u", "p"))
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert b"CiscoIPPhone" not in response.content
+    assert list(phone.state.executed) == ["Play:Chime.raw", "Dial:1"]
+    denied = await push(phone, raw_execute("Dial:2"), auth=("u", "wrong"))
+    assert denied.status_code == 401 and "CiscoIPPhone" not in denied.text
+    broken = await push(phone, "<CiscoIPPhoneExecute><ExecuteItem", auth=("u", "p"))
+    assert broken.status_code == 400
+    assert list(phone.state.executed) == ["Play:Chime.raw", "Dial:1"]
+    assert phone.to_dict()["model"] == "multiplatform"
+    assert (phone.state.pushes, phone.state.errors) == (3, 2)
+
+
+async def test_model_is_set_per_phone_through_the_control_endpoint(fleet: Fleet) -> None:
+    phone = fleet.phones[1]
+    async with httpx.AsyncClient(base_url=fleet.control_url) as control:
+        changed = await control.post("/phones/1/model", json={"model": "multiplatform"})
+        assert changed.json()["model"] == "multiplatform"
+        response = await push(phone, raw_execute("Dial:1"))
+        assert response.headers["content-type"].startswith("text/html")
+        assert (await control.post("/phones/1/model", json={"model": "9900"})).status_code == 400
+        reset = (await control.post("/phones/1/reset")).json()
+        assert reset["model"] == "8800"
+    assert items_of(await push(phone, raw_execute("Dial:1")))[0].ok
 
 
 # --- faults ---------------------------------------------------------------------------------
@@ -422,6 +702,11 @@ async def test_fault_modes(fleet: Fleet) -> None:
         await push(phone, xml, timeout=0.3)
     await phone.set_fault("http500")
     assert (await push(phone, xml)).status_code == 500
+    await phone.set_fault("http401")
+    unauthorized = await push(phone, xml)
+    assert unauthorized.status_code == 401
+    with pytest.raises(PhoneAuthError):
+        items_of(unauthorized)
     await phone.set_fault("garbage")
     with pytest.raises(PhoneBadResponse):
         items_of(await push(phone, xml))
@@ -527,7 +812,7 @@ async def test_press_softkey_fetches_its_page(fleet: Fleet) -> None:
         assert (ack_path, ack_query) == ("/ack", {"event": ["7"]})
         assert ack_headers["x-ciscoipphonemodelname"] == "CP-8841"
     await push(phone, raw_execute("Dial:1"))
-    phone.state.screen.softkeys.append(SoftKey("Exit", "SoftKey:Exit", 2))
+    phone.state.screen.softkeys.append(SimSoftKey("Exit", "SoftKey:Exit", 2))
     screen = await phone.press(name="Exit")
     assert screen.title == "" and screen.softkeys == []
 
@@ -610,6 +895,42 @@ async def test_cli_runs_phones_until_sigterm(tmp_path: Path) -> None:
     assert b"stopped" in rest[0]
 
 
+async def test_cli_model_and_answer_after() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "phonepush",
+        "simulate",
+        "--port",
+        "18751",
+        "--model",
+        "multiplatform",
+        "--answer-after",
+        "400",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        for _ in range(2):
+            await asyncio.wait_for(process.stdout.readline(), 10)
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(httpx.ReadTimeout):
+                await client.post(
+                    "http://127.0.0.1:18751/CGI/Execute",
+                    content=form_body(raw_execute("Dial:3")),
+                    headers=FORM,
+                    timeout=0.1,
+                )
+            log = (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
+            state = (await client.get("http://127.0.0.1:18752/phones/0")).json()
+        assert "Dial:3 -> ok" in log
+        assert state["model"] == "multiplatform" and state["executed"] == ["Dial:3"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.communicate(), 10)
+    assert process.returncode == 0
+
+
 async def test_certificate_is_named_like_a_phone_and_kept(
     make_fleet: MakeFleet, tmp_path: Path
 ) -> None:
@@ -627,3 +948,36 @@ async def test_certificate_is_named_like_a_phone_and_kept(
     writer.close()
     assert presented["subject"] == ((("commonName", first.phones[0].name),),)
     assert presented["subjectAltName"] == (("DNS", first.phones[0].name),)
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1 is deprecated:DeprecationWarning")
+async def test_7900_speaks_only_tls_1_0(make_fleet: MakeFleet, tmp_path: Path) -> None:
+    fleet = await make_fleet(tls=True, cert_dir=tmp_path, model="7900")
+    phone = fleet.phones[0]
+    assert fleet.certificate is not None
+    modern = ssl.create_default_context(cafile=str(fleet.certificate))
+    modern.check_hostname = False
+    with pytest.raises(httpx.ConnectError):
+        await push(phone, raw_execute("Dial:1"), verify=modern)
+    # What a client must do to reach a real 7900: allow TLS 1.0 and OpenSSL's weakest level.
+    old = ssl.create_default_context(cafile=str(fleet.certificate))
+    old.check_hostname = False
+    old.minimum_version = ssl.TLSVersion.TLSv1
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")
+    _, writer = await asyncio.open_connection(phone.host, phone.port, ssl=old)
+    version = writer.get_extra_info("ssl_object").version()
+    writer.close()
+    assert version == "TLSv1"
+    assert items_of(await push(phone, raw_execute("Dial:1"), verify=old))[0].ok
+    assert list(phone.state.executed) == ["Dial:1"]
+
+
+async def test_softkey_exit_clears_the_screen(fleet: Fleet) -> None:
+    phone = fleet.phones[0]
+    async with page_server() as pages:
+        pages.pages["/p"] = (200, text_xml(TextPage(title="Shown", text="x")).encode())
+        await push(phone, raw_execute(pages.url("/p")))
+    assert phone.state.screen.title == "Shown"
+    assert items_of(await push(phone, raw_execute("SoftKey:Exit")))[0].ok
+    assert phone.state.screen.title == ""
+    assert list(phone.state.keys) == ["SoftKey:Exit"]

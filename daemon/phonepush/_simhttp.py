@@ -21,9 +21,18 @@ from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import urlsplit
 
-from phonepush.errors import PhoneBadResponse, PhoneTimeout, PhoneUnreachable
-
-__all__ = ["HTTPResult", "HTTPServerProtocol", "Handler", "Request", "Response", "http_get"]
+__all__ = [
+    "FetchBadAnswer",
+    "FetchError",
+    "FetchTimeout",
+    "FetchUnreachable",
+    "HTTPResult",
+    "HTTPServerProtocol",
+    "Handler",
+    "Request",
+    "Response",
+    "http_get",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +80,8 @@ class Response:
     content_type: str = "text/xml"
     close: bool = False
     headers: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    #: The phone did what it was asked (for its ``errors`` counter; not sent).
+    success: bool = False
 
     def encode(self, keep_alive: bool) -> bytes:
         reason = _REASONS.get(self.status, "Unknown")
@@ -81,6 +92,22 @@ class Response:
             f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
         )
         return head.encode("latin-1") + self.body
+
+
+class FetchError(Exception):
+    """A phone's GET failed (to the pusher: ``URI not found``)."""
+
+
+class FetchUnreachable(FetchError):
+    """No connection to the server."""
+
+
+class FetchTimeout(FetchError):
+    """No complete answer in time."""
+
+
+class FetchBadAnswer(FetchError):
+    """Not an HTTP/1.x answer, too large, or not an http(s) URL."""
 
 
 #: Answers one request; ``None`` means never answer (a hung phone).
@@ -259,17 +286,17 @@ async def http_get(
 ) -> HTTPResult:
     """GET ``url`` on a fresh connection, as a phone fetches a page.
 
-    Raises :class:`PhoneUnreachable` (cannot connect), :class:`PhoneTimeout`, or
-    :class:`PhoneBadResponse` (not HTTP/1.x, over :data:`MAX_FETCH` bytes). Any status is returned.
+    Raises :class:`FetchUnreachable` (cannot connect), :class:`FetchTimeout`, or
+    :class:`FetchBadAnswer` (not HTTP/1.x, over :data:`MAX_FETCH` bytes). Any status is returned.
     """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
-        raise PhoneBadResponse(f"not an http(s) URL: {url!r}")
+        raise FetchBadAnswer(f"not an http(s) URL: {url!r}")
     try:
         port = parts.port or (443 if scheme == "https" else 80)
     except ValueError as exc:
-        raise PhoneBadResponse(f"bad port in {url!r}") from exc
+        raise FetchBadAnswer(f"bad port in {url!r}") from exc
     host = parts.hostname
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     tls: ssl.SSLContext | None = None
@@ -283,9 +310,9 @@ async def http_get(
         async with asyncio.timeout(timeout_s):
             raw = await _exchange(host, port, tls, request)
     except TimeoutError as exc:
-        raise PhoneTimeout(f"no answer from {host}:{port} in {timeout_s} s") from exc
+        raise FetchTimeout(f"no answer from {host}:{port} in {timeout_s} s") from exc
     except (OSError, ssl.SSLError) as exc:
-        raise PhoneUnreachable(f"cannot fetch from {host}:{port}: {exc}") from exc
+        raise FetchUnreachable(f"cannot fetch from {host}:{port}: {exc}") from exc
     return _parse_result(raw)
 
 
@@ -314,10 +341,10 @@ async def _exchange(host: str, port: int, tls: ssl.SSLContext | None, request: b
 
 def _parse_result(raw: bytes) -> HTTPResult:
     if len(raw) > MAX_FETCH:
-        raise PhoneBadResponse(f"answer over {MAX_FETCH} bytes")
+        raise FetchBadAnswer(f"answer over {MAX_FETCH} bytes")
     end = raw.find(b"\r\n\r\n")
     if end < 0:
-        raise PhoneBadResponse("no complete HTTP answer")
+        raise FetchBadAnswer("no complete HTTP answer")
     lines = raw[:end].decode("latin-1").split("\r\n")
     status_parts = lines[0].split(" ", 2)
     if (
@@ -325,7 +352,7 @@ def _parse_result(raw: bytes) -> HTTPResult:
         or not status_parts[0].startswith("HTTP/1.")
         or not (status_parts[1].isdigit())
     ):
-        raise PhoneBadResponse(f"not an HTTP answer: {lines[0][:80]!r}")
+        raise FetchBadAnswer(f"not an HTTP answer: {lines[0][:80]!r}")
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, _, value = line.partition(":")
@@ -344,16 +371,16 @@ def _dechunk(data: bytes) -> bytes:
     while True:
         eol = data.find(b"\r\n", pos)
         if eol < 0:
-            raise PhoneBadResponse("truncated chunked answer")
+            raise FetchBadAnswer("truncated chunked answer")
         size_text = data[pos:eol].split(b";", 1)[0].strip()
         try:
             size = int(size_text, 16)
         except ValueError as exc:
-            raise PhoneBadResponse("bad chunk size") from exc
+            raise FetchBadAnswer("bad chunk size") from exc
         if size == 0:
             return bytes(out)
         start = eol + 2
         if start + size > len(data):
-            raise PhoneBadResponse("truncated chunked answer")
+            raise FetchBadAnswer("truncated chunked answer")
         out += data[start : start + size]
         pos = start + size + 2

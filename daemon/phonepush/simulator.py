@@ -2,40 +2,71 @@
 
 A :class:`Fleet` runs N :class:`SimPhone` s, each listening on its own port and answering
 ``POST /CGI/Execute`` the way a phone does (see ``/work/shared/cisco-notes.md`` for the facts),
-plus a control endpoint serving every phone's state as JSON and taking fault modes and softkey
-presses. HTTP is hand-written on raw asyncio (:mod:`phonepush._simhttp`) so one core serves
-thousands of pushes a second.
+plus a control endpoint serving every phone's state as JSON and taking fault modes, models and
+softkey presses. HTTP is hand-written on raw asyncio (:mod:`phonepush._simhttp`) so one core
+serves thousands of pushes a second.
+
+The phone is an independent model: what it reads and writes (the pushed objects, the URI
+grammar, its tables of ``Key:``/``SoftKey:``/``Init:`` names and ``Play:`` files, fetched pages,
+its answers) lives in :mod:`phonepush._simphone`, written from the phone's side of the notes and
+importing nothing from phonepush's client (``uri``, ``cisco``), so the client cannot pass its
+tests by agreeing with itself. The choices behind that grammar are in that module's docstring.
 
 Choices where real phones vary or the notes leave room:
 
 * **Authentication.** With ``username``/``password`` the phone checks HTTP Basic itself; with
   ``auth_url`` it asks that URL instead (GET with ``UserID``, ``Password``, ``devicename``) and
   accepts only a 200 whose body is exactly ``AUTHORIZED``; an unreachable auth server denies. A
-  push without an ``Authorization`` header is denied without asking. Denial is
+  push without an ``Authorization`` header is denied without asking. Basic credentials are
+  decoded as UTF-8, the one encoding phonepush uses everywhere; a header that is not valid
+  UTF-8 (a Latin-1 client's non-ASCII password) is denied. Denial is
   ``CiscoIPPhoneError Number="4"`` with HTTP **200** (phones vary between 200 and 401; clients
   must accept both, and 200 is the case that needs the body parsed).
-* **One push at a time.** A push arriving while another is being served on the same phone
-  *waits* its turn, like a real phone's single worker; up to ``max_waiting`` pushes wait, and
-  one more is answered ``CiscoIPPhoneError Number="6"`` (busy) at once.
+* **One push at a time.** A phone is busy from the moment a push is received until its answer
+  is written, or would have been had the client hung up (the phone finishes what it began). A
+  push that arrives meanwhile is answered ``CiscoIPPhoneError Number="6"`` at once, executes
+  nothing, and is counted in ``overlaps``. (What real firmware does with a concurrent push is
+  not documented; refusing it makes a client that overlaps pushes visible in tests.)
+* **Execution log.** ``executed`` lists every ExecuteItem URI the phone carried out, in the order
+  it did (a ``Play:`` when its tone starts; failed items are not listed), so tests can count
+  how often an action really happened.
+* **Late answers.** ``answer_after_ms`` (or the fault mode ``answer-after`` with ``delay_ms``)
+  makes the phone execute, then answer that much later; the phone stays busy meanwhile, and an
+  answer the client gave up on is lost while the execution stands.
+* **Models.** ``8800`` (the default) is described here. ``multiplatform`` (3PCC firmware)
+  executes the same way but answers neither Cisco object: ``200 text/html`` with a short page
+  on success, 400 for a request it cannot parse, 401 (``WWW-Authenticate``) for bad
+  credentials and 503 while busy. ``7900`` speaks only TLS 1.0 when the fleet serves HTTPS.
+  The model can be changed per phone at run time (the TLS versions stay the fleet's).
 * **Transport quirks.** A chunked upload gets HTTP 404 (a phone's web server does that), ``Expect:
   100-continue`` gets error 6, a POST without ``Content-Length`` gets HTTP 411. All three close the
   connection. Other paths: 404; other methods on ``/CGI/Execute``: 405. Bodies that are not
-  ``application/x-www-form-urlencoded`` with a field named exactly ``XML`` get error 1.
-* **Items** run in request order. ``Play:<file>`` starts a tone and its ResponseItem comes when
-  the tone ends (``tone_ms``), so the answer is held and lists the Play after items that finished
-  meanwhile — completion order, as phones do. ``Play:Stop`` ends a tone at once. While a tone
-  plays, the phone is busy: an http item with Priority 2 ("only if idle") is dropped and answered
-  ``Status="6" Data="Phone busy"``; Priority 1 ("when idle") runs after the tone. Otherwise the
-  phone is idle (a serialized push never sees another push's tone).
+  ``application/x-www-form-urlencoded`` with a field named exactly ``XML`` get error 1. The XML
+  is at most 512 bytes and holds at most 3 items; an object the phone cannot read is error 1,
+  one it reads but cannot act on error 2 (details in :mod:`phonepush._simphone`).
+* **Items** run in request order. A URI outside the grammar is ``Status="1" Data="Invalid
+  URI"``; a ``Play:`` file the phone does not have (``play_files``, by default
+  :data:`~phonepush._simphone.DEFAULT_PLAY_FILES`) is ``Status="6" Data="URI not found"``.
+  ``Play:<file>`` starts a tone and its ResponseItem comes when the tone ends (``tone_ms``), so
+  the answer is held and lists the Play after items that finished meanwhile: completion order,
+  as phones do. ``Play:Stop`` ends a tone at once. While a tone plays, the phone is busy: an
+  http item with Priority 2 ("only if idle") is dropped and answered ``Status="6" Data="Phone
+  busy"``; Priority 1 ("when idle") runs after the tone. Otherwise the phone is idle (one push
+  at a time never sees another push's tone).
 * **Fetches.** ``http(s)`` items are fetched with a phone's headers; a CiscoIPPhoneText answer is
   shown on the screen. Failure to fetch (refused, timeout, HTTP error) is ``Status="6"
   Data="URI not found"``; an answer that is not a valid CiscoIPPhoneText is ``Status="6"
   Data="Parse error"`` and leaves the screen as it was.
+* **Internal URIs** change the state a test reads: ``Dial:``/``EditDial:``/``SendDigits:`` add
+  their digits to ``dialled``; ``Key:``, ``SoftKey:`` and ``Init:`` are listed in ``keys``
+  (``SoftKey:Exit`` also clears the screen); ``Display:`` sets the backlight.
 * **setBackground / setRingTone** set state and answer a CiscoIPPhoneResponse with one Success
   item whose URL is the image (background) or the ring tone URL.
 * **Counters.** ``pushes`` counts requests to ``POST /CGI/Execute``; ``errors`` counts those not
-  answered with a CiscoIPPhoneResponse (error objects, HTTP errors, fault answers).
-* **Reset** clears a phone's state *and* its fault mode (and closes its RTP listener).
+  answered with success (a CiscoIPPhoneResponse, or a multiplatform phone's 200): error objects,
+  HTTP errors, fault answers, busy answers.
+* **Reset** clears a phone's state, its fault mode and its model (back to the fleet's), and
+  closes its RTP listener.
 * **RTP reception.** ``RTPRx:<source>:<port>[:<volume>]`` makes the phone listen for RTP on its
   *own* address and ``port`` (unicast; ``source`` is where the stream is said to come from: it is
   recorded, and ``from_source`` says whether the packets came from it; none are dropped);
@@ -65,32 +96,47 @@ import shutil
 import ssl
 import tempfile
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
-from urllib.parse import unquote_plus, unquote_to_bytes, urlencode
+from urllib.parse import unquote_plus, urlencode
 
-from phonepush._simhttp import HTTPServerProtocol, Request, Response, http_get
-from phonepush.cisco import (
-    BackgroundPush,
-    ExecutePush,
-    ResponseItem,
+from phonepush._simhttp import FetchError, HTTPServerProtocol, Request, Response, http_get
+from phonepush._simphone import (
+    DEFAULT_PLAY_FILES,
+    Background,
+    DialUri,
+    DisplayUri,
+    Execute,
+    FetchUri,
+    Item,
+    KeyUri,
+    ObjectRefused,
+    PageRefused,
+    PlayUri,
+    Result,
+    RtpUri,
     SoftKey,
-    error_xml,
-    parse_push,
-    parse_text,
-    response_xml,
+    error_body,
+    form_field,
+    html_body,
+    read_object,
+    read_page,
+    read_uri,
+    response_body,
+    ring_files,
 )
-from phonepush.errors import AudioError, InvalidURI, MalformedPush, PhoneError, WireError
+from phonepush.errors import AudioError
 from phonepush.rtp import ReceiveStats, RtpReceiver
-from phonepush.uri import ExecuteItem, is_http, validate_uri
 
 __all__ = [
     "FAULT_MODES",
     "MAX_RTP_HISTORY",
+    "MODELS",
     "PHONE_HEADERS",
     "Backlight",
     "Fault",
@@ -99,17 +145,41 @@ __all__ = [
     "PushLog",
     "Screen",
     "SimPhone",
+    "SoftKey",
 ]
 
 logger = logging.getLogger(__name__)
 
-FAULT_MODES: Final = ("none", "refuse", "hang", "slow", "http500", "garbage", "error", "flap")
+FAULT_MODES: Final = (
+    "none",
+    "refuse",
+    "hang",
+    "slow",
+    "http500",
+    "http401",
+    "garbage",
+    "error",
+    "flap",
+    "answer-after",
+)
+#: Phone families the simulator models (see the module docstring).
+MODELS: Final = ("7900", "8800", "multiplatform")
 #: What a CP-8841 sends when it fetches a page.
 PHONE_HEADERS: Final = {
     "x-CiscoIPPhoneModelName": "CP-8841",
     "x-CiscoIPPhoneDisplay": "800,480,24,C",
     "Accept": "x-CiscoIPPhone/*",
     "User-Agent": "Allegro-Software-WebClient/4.34",
+}
+#: What each model sends when it fetches a page or asks the authentication URL.
+MODEL_HEADERS: Final = {
+    "8800": PHONE_HEADERS,
+    "7900": {
+        **PHONE_HEADERS,
+        "x-CiscoIPPhoneModelName": "CP-7965",
+        "x-CiscoIPPhoneDisplay": "298,168,16,C",
+    },
+    "multiplatform": {**PHONE_HEADERS, "x-CiscoIPPhoneModelName": "CP-8841-3PCC"},
 }
 MAX_RECORDS: Final = 1000
 #: Finished RTP receptions a phone remembers.
@@ -135,8 +205,9 @@ PushLog = Callable[["SimPhone", dict[str, Any]], None]
 
 @dataclass
 class Fault:
-    """A phone's fault mode. ``number`` is for ``error``; ``delay_ms`` for ``slow`` (extra delay)
-    and ``flap`` (time up and time down, default 1000 ms)."""
+    """A phone's fault mode. ``number`` is for ``error``; ``delay_ms`` for ``slow`` (extra delay
+    before executing), ``answer-after`` (the answer comes this long after executing) and ``flap``
+    (time up and time down, default 1000 ms)."""
 
     mode: str = "none"
     number: int = 6
@@ -198,6 +269,10 @@ class PhoneState:
     presses: deque[dict[str, Any]] = field(default_factory=_capped)
     pushes: int = 0
     errors: int = 0
+    #: Pushes that arrived while the phone was serving another (answered error 6 at once).
+    overlaps: int = 0
+    #: Every ExecuteItem URI the phone carried out, in the order it did.
+    executed: deque[str] = field(default_factory=_capped)
     requests: deque[dict[str, Any]] = field(default_factory=_capped)
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,6 +289,8 @@ class PhoneState:
             "presses": list(self.presses),
             "pushes": self.pushes,
             "errors": self.errors,
+            "overlaps": self.overlaps,
+            "executed": list(self.executed),
             "requests": list(self.requests),
         }
 
@@ -226,7 +303,9 @@ class _Settings:
     delay_ms: float
     tone_ms: float
     fetch_timeout: float
-    max_waiting: int
+    answer_after_ms: float
+    model: str
+    play_files: frozenset[str]
     fetch_ssl: ssl.SSLContext | None
     rtp: bool = True
 
@@ -333,8 +412,11 @@ class SimPhone:
         self._clock = clock
         self._server: asyncio.Server | None = None
         self._connections: set[HTTPServerProtocol] = set()
-        self._lock = asyncio.Lock()
-        self._waiting = 0
+        self.model = settings.model
+        # Set from the moment a push is received until its answer is written (or would have
+        # been, had the client not hung up): a real phone's single worker.
+        self._busy = False
+        self._work: set[asyncio.Task[Response | None]] = set()
         self._flapper: asyncio.Task[None] | None = None
         self._running = False
         self._reception: _Reception | None = None
@@ -359,6 +441,7 @@ class SimPhone:
             "host": self.host,
             "port": self.port,
             "url": self.url,
+            "model": self.model,
             "fault": self.fault.to_dict(),
         }
         data.update(self.state.to_dict())
@@ -395,6 +478,11 @@ class SimPhone:
         self._running = False
         await self._cancel_flapper()
         await self._unlisten()
+        for task in list(self._work):
+            task.cancel()
+        for task in list(self._work):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self._rtp_stop("shutdown")
 
     async def _listen(self) -> None:
@@ -453,9 +541,17 @@ class SimPhone:
             await asyncio.sleep(period)
             await self._listen()
 
+    def set_model(self, model: str) -> None:
+        """Answer as a phone of ``model`` (one of :data:`MODELS`) from the next push on. The TLS
+        versions a 7900 speaks are the fleet's, set when it starts."""
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r}; one of {', '.join(MODELS)}")
+        self.model = model
+
     async def reset(self) -> None:
         """Forget everything the phone did and heal any fault."""
         await self.set_fault("none")
+        self.model = self._settings.model
         await self._rtp_stop("reset")
         self.state = PhoneState()
 
@@ -464,7 +560,8 @@ class SimPhone:
 
         An http(s) softkey URL is fetched and its CiscoIPPhoneText shown; ``SoftKey:Exit`` clears
         the screen; other internal URIs are recorded in ``keys``. Raises :class:`LookupError` if
-        no such softkey is shown and :class:`~phonepush.errors.PhoneError` if the fetch fails.
+        no such softkey is shown, :class:`~phonepush._simhttp.FetchError` if the fetch fails and
+        :class:`~phonepush._simphone.PageRefused` if what it fetched is no page.
         """
         key = next(
             (
@@ -484,7 +581,7 @@ class SimPhone:
             "url": key.url,
         }
         self.state.presses.append(record)
-        if is_http(key.url):
+        if isinstance(read_uri(key.url), FetchUri):
             record["result"] = "fetched"
             screen = await self._fetch_screen(key.url)
             self.state.screen = screen
@@ -499,6 +596,15 @@ class SimPhone:
     # --- serving pushes -----------------------------------------------------------------------
 
     async def _handle(self, request: Request) -> Response | None:
+        # The phone's work goes on when the client hangs up (the connection's task is then
+        # cancelled): a phone that has begun executing finishes, and stays busy until it would
+        # have answered.
+        task = asyncio.get_running_loop().create_task(self._serve(request))
+        self._work.add(task)
+        task.add_done_callback(self._work.discard)
+        return await asyncio.shield(task)
+
+    async def _serve(self, request: Request) -> Response | None:
         record: dict[str, Any] = {
             "time": self._clock(),
             "method": request.method,
@@ -517,10 +623,7 @@ class SimPhone:
         if response is None:
             record["answer"] = {"status": None, "fault": "hang"}
             return None
-        error_kind = response.status != 200 or not response.body.startswith(
-            b'<?xml version="1.0" encoding="UTF-8"?><CiscoIPPhoneResponse'
-        )
-        if is_push and error_kind:
+        if is_push and not response.success:
             self.state.errors += 1
         record["answer"] = {
             "status": response.status,
@@ -533,15 +636,21 @@ class SimPhone:
 
     async def _answer(self, request: Request, record: dict[str, Any]) -> Response | None:
         fault = self.fault.mode
-        if fault != "none":
-            if fault == "hang":
-                return None
-            if fault == "http500":
-                return Response(500, b"Internal Server Error\n", "text/plain")
-            if fault == "garbage":
-                return Response(200, _GARBAGE, "text/xml")
-            if fault == "error":
-                return _error(self.fault.number, "simulated fault")
+        if fault == "hang":
+            return None
+        if fault == "http500":
+            return Response(500, b"Internal Server Error\n", "text/plain")
+        if fault == "http401":
+            return Response(
+                401,
+                error_body(4, "Authentication error"),
+                "text/xml",
+                headers=(_CHALLENGE,),
+            )
+        if fault == "garbage":
+            return Response(200, _GARBAGE, "text/xml")
+        if fault == "error":
+            return _error(self.fault.number, "simulated fault")
         if request.path != _EXECUTE_PATH:
             return Response(404, b"Not Found\n", "text/plain")
         if request.method != "POST":
@@ -554,42 +663,60 @@ class SimPhone:
             return _error(6, "Expect: 100-continue is not supported", close=True)
         if not request.has_length:
             return Response(411, b"Length Required\n", "text/plain", close=True)
-        if self._lock.locked() and self._waiting >= self._settings.max_waiting:
-            return _error(6, "busy")
-        self._waiting += 1
+        if self._busy:
+            self.state.overlaps += 1
+            return self._busy_answer()
+        self._busy = True
         try:
-            await self._lock.acquire()
+            response = await self._push(request, record)
+            answer_after = (
+                self.fault.delay_ms
+                if self.fault.mode == "answer-after"
+                else self._settings.answer_after_ms
+            )
+            if answer_after > 0:
+                await asyncio.sleep(answer_after / 1000)
+            return response
         finally:
-            self._waiting -= 1
-        try:
-            return await self._push(request, record)
-        finally:
-            self._lock.release()
+            self._busy = False
+
+    def _busy_answer(self) -> Response:
+        if self.model == "multiplatform":
+            return _html(503, "Busy", headers=(("Retry-After", "1"),))
+        return _error(6, "Busy")
 
     async def _push(self, request: Request, record: dict[str, Any]) -> Response:
         settings = self._settings
         delay = settings.delay_ms + (self.fault.delay_ms if self.fault.mode == "slow" else 0)
         if delay > 0:
             await asyncio.sleep(delay / 1000)
+        multiplatform = self.model == "multiplatform"
         if (settings.username or settings.auth_url) and not await self._authorized(request):
+            if multiplatform:
+                return _html(401, "Unauthorized", headers=(_CHALLENGE,))
             return _error(4, "Authentication error")
         content_type = request.headers.get("content-type", "")
-        xml = _form_xml(request.body) if content_type[:33].lower() == _FORM else None
+        xml = form_field(request.body) if content_type[:33].lower() == _FORM else None
         if xml is None:
+            if multiplatform:
+                return _html(400, "Bad Request")
             return _error(1, "expected a form field named XML")
         record["xml"] = xml.decode("utf-8", "replace")
         try:
-            push = parse_push(xml)
-        except MalformedPush as exc:
-            return _error(exc.number, str(exc))
-        if isinstance(push, ExecutePush):
-            record["items"] = [{"url": i.url, "priority": i.priority} for i in push.items]
-            return _ok(await self._execute(push.items))
-        if isinstance(push, BackgroundPush):
-            self.state.background = {"icon": push.icon, "image": push.image}
-            return _ok([ResponseItem(push.image, "Success", 0)])
-        self.state.ringtone = push.url
-        return _ok([ResponseItem(push.url, "Success", 0)])
+            pushed = read_object(xml)
+        except ObjectRefused as exc:
+            return _html(400, "Bad Request") if multiplatform else _error(exc.number, exc.text)
+        if isinstance(pushed, Execute):
+            record["items"] = [{"url": i.url, "priority": i.priority} for i in pushed.items]
+            results = await self._execute(pushed.items)
+        elif isinstance(pushed, Background):
+            self.state.background = {"icon": pushed.icon, "image": pushed.image}
+            results = [Result(pushed.image, "Success", 0)]
+        else:
+            self.state.ringtone = pushed.url
+            results = [Result(pushed.url, "Success", 0)]
+        # Multiplatform firmware executes but answers neither Cisco object: the status says it.
+        return _html(200, "OK") if multiplatform else _ok(results)
 
     async def _authorized(self, request: Request) -> bool:
         credentials = _basic_credentials(request.headers.get("authorization"))
@@ -606,100 +733,109 @@ class SimPhone:
         try:
             result = await http_get(
                 f"{settings.auth_url}{separator}{query}",
-                PHONE_HEADERS,
+                MODEL_HEADERS[self.model],
                 timeout_s=settings.fetch_timeout,
                 ssl_context=settings.fetch_ssl,
             )
-        except PhoneError as exc:
+        except FetchError as exc:
             logger.warning("%s: authentication URL failed: %s", self.name, exc)
             return False
         return result.status == 200 and result.body == b"AUTHORIZED"
 
-    async def _execute(self, items: Sequence[ExecuteItem]) -> list[ResponseItem]:
-        done: list[ResponseItem] = []
+    async def _execute(self, items: Sequence[Item]) -> list[Result]:
+        """Carry out the items in order; the results come in completion order."""
+        done: list[Result] = []
         tone: _Tone | None = None
         when_idle: list[str] = []
         loop = asyncio.get_running_loop()
         state = self.state
         for item in items:
             url = item.url
-            try:
-                validate_uri(url)
-            except InvalidURI:
-                done.append(ResponseItem(url, "Invalid URI", 1))
+            uri = read_uri(url)
+            if uri is None:
+                done.append(Result(url, "Invalid URI", 1))
                 continue
-            if is_http(url):
+            if isinstance(uri, FetchUri):
                 if tone is not None and item.priority == 2:
-                    done.append(ResponseItem(url, "Phone busy", 6))
+                    done.append(Result(url, "Phone busy", 6))
                 elif tone is not None and item.priority == 1:
                     when_idle.append(url)
                 else:
                     done.append(await self._show(url))
                 continue
-            kind, _, arg = url.partition(":")
-            if kind == "Play":
+            if isinstance(uri, PlayUri):
+                if uri.file != "Stop" and uri.file not in self._settings.play_files:
+                    done.append(Result(url, "URI not found", 6))
+                    continue
                 if tone is not None:
                     # A new tone (or Stop) cuts the one playing; that Play completes now.
-                    done.append(ResponseItem(tone.url, "Success", 0))
+                    done.append(Result(tone.url, "Success", 0))
                     tone = None
-                state.tones.append(arg)
-                if arg == "Stop":
-                    done.append(ResponseItem(url, "Success", 0))
+                state.executed.append(url)
+                state.tones.append(uri.file)
+                if uri.file == "Stop":
+                    done.append(Result(url, "Success", 0))
                 else:
-                    state.last_tone = arg
+                    state.last_tone = uri.file
                     tone = _Tone(url, loop.time() + self._settings.tone_ms / 1000)
                 continue
-            if kind == "Display":
-                mode, _, minutes = arg.partition(":")
-                state.backlight = Backlight(mode, int(minutes) if minutes else None)
-            elif kind in ("Dial", "EditDial", "SendDigits"):
-                state.dialled.append(arg.partition(":")[0])
-            elif kind in ("RTPRx", "RTPMRx") and self._settings.rtp:
-                done.append(await self._rtp_receive(kind, arg, url))
+            if isinstance(uri, RtpUri) and not uri.transmit and self._settings.rtp:
+                result = await self._rtp_receive(uri, url)
+                if result.ok:
+                    state.executed.append(url)
+                done.append(result)
                 continue
-            elif kind.startswith("RTP"):
-                direction = "transmit" if kind.endswith("Tx") else "receive"
-                state.rtp[direction] = None if arg == "Stop" else url
-            else:
-                state.keys.append(url)
-            done.append(ResponseItem(url, "Success", 0))
+            self._act(uri, url)
+            state.executed.append(url)
+            done.append(Result(url, "Success", 0))
         if tone is not None:
             remaining = tone.ends_at - loop.time()
             if remaining > 0:
                 await asyncio.sleep(remaining)
-            done.append(ResponseItem(tone.url, "Success", 0))
+            done.append(Result(tone.url, "Success", 0))
         for url in when_idle:
             done.append(await self._show(url))
         return done
 
-    async def _rtp_receive(self, kind: str, arg: str, url: str) -> ResponseItem:
-        """``RTPRx``/``RTPMRx`` (already validated): stop listening, then listen anew unless
-        told to stop."""
-        await self._rtp_stop(url if arg == "Stop" else "replaced")
+    def _act(self, uri: KeyUri | DialUri | DisplayUri | RtpUri, url: str) -> None:
+        """What an instant internal URI changes on the phone."""
+        state = self.state
+        if isinstance(uri, DisplayUri):
+            state.backlight = Backlight(uri.state, uri.minutes)
+        elif isinstance(uri, DialUri):
+            state.dialled.append(uri.digits)
+        elif isinstance(uri, RtpUri):
+            direction = "transmit" if uri.transmit else "receive"
+            state.rtp[direction] = None if uri.address is None else url
+        else:
+            if uri.kind == "SoftKey" and uri.name == "Exit":
+                state.screen = Screen()
+            state.keys.append(url)
+
+    async def _rtp_receive(self, uri: RtpUri, url: str) -> Result:
+        """``RTPRx``/``RTPMRx``: stop listening, then listen anew unless told to stop."""
+        await self._rtp_stop(url if uri.address is None else "replaced")
         self.state.rtp["receive"] = None
-        if arg == "Stop":
-            return ResponseItem(url, "Success", 0)
-        address, port_text, *rest = arg.split(":")
-        port = int(port_text)
-        multicast = kind == "RTPMRx"
-        receiver = RtpReceiver(self.host, port, group=address if multicast else None)
+        if uri.address is None:
+            return Result(url, "Success", 0)
+        receiver = RtpReceiver(self.host, uri.port, group=uri.address if uri.multicast else None)
         try:
             await receiver.__aenter__()
         except AudioError as exc:
             logger.info("%s: %s: %s", self.name, url, exc)
-            return ResponseItem(url, "RTP port unavailable", 6)
+            return Result(url, "RTP port unavailable", 6)
         self._reception = _Reception(
             uri=url,
-            multicast=multicast,
-            address=address if multicast else self.host,
-            port=port,
-            source=None if multicast else address,
-            volume=int(rest[0]) if rest else None,
+            multicast=uri.multicast,
+            address=uri.address if uri.multicast else self.host,
+            port=uri.port,
+            source=None if uri.multicast else uri.address,
+            volume=uri.volume,
             started_at=self._clock(),
             receiver=receiver,
         )
         self.state.rtp["receive"] = url
-        return ResponseItem(url, "Success", 0)
+        return Result(url, "Success", 0)
 
     async def _rtp_stop(self, ended_by: str) -> None:
         reception, self._reception = self._reception, None
@@ -713,49 +849,46 @@ class SimPhone:
             reception.describe(active=False, stopped_at=self._clock(), ended_by=ended_by)
         )
 
-    async def _show(self, url: str) -> ResponseItem:
+    async def _show(self, url: str) -> Result:
         try:
-            self.state.screen = await self._fetch_screen(url)
-        except PhoneError as exc:
+            screen = await self._fetch_screen(url)
+        except FetchError as exc:
             logger.info("%s: fetch of %s failed: %s", self.name, url, exc)
-            return ResponseItem(url, "URI not found", 6)
-        except WireError as exc:
+            return Result(url, "URI not found", 6)
+        except PageRefused as exc:
             logger.info("%s: %s is not a CiscoIPPhoneText: %s", self.name, url, exc)
-            return ResponseItem(url, "Parse error", 6)
-        return ResponseItem(url, "Success", 0)
+            return Result(url, "Parse error", 6)
+        self.state.screen = screen
+        self.state.executed.append(url)
+        return Result(url, "Success", 0)
 
     async def _fetch_screen(self, url: str) -> Screen:
         result = await http_get(
             url,
-            PHONE_HEADERS,
+            MODEL_HEADERS[self.model],
             timeout_s=self._settings.fetch_timeout,
             ssl_context=self._settings.fetch_ssl,
         )
         if result.status != 200:
-            raise _FetchStatus(f"HTTP status {result.status} from {url}")
-        page = parse_text(result.body)
+            raise FetchError(f"HTTP status {result.status} from {url}")
+        page = read_page(result.body, result.headers.get("content-type", ""))
         return Screen(page.title, page.prompt, page.text, list(page.softkeys), url)
 
 
-class _FetchStatus(PhoneError):
-    """A fetched page answered an HTTP error status (to the phone: URI not found)."""
+_CHALLENGE: Final = ("WWW-Authenticate", 'Basic realm="phone"')
 
 
-def _ok(items: list[ResponseItem]) -> Response:
-    return Response(200, response_xml(items).encode("utf-8"), "text/xml")
+def _ok(results: list[Result]) -> Response:
+    return Response(200, response_body(results), "text/xml", success=True)
 
 
 def _error(number: int, text: str = "", *, close: bool = False) -> Response:
-    return Response(200, error_xml(number, text).encode("utf-8"), "text/xml", close=close)
+    return Response(200, error_body(number, text), "text/xml", close=close)
 
 
-def _form_xml(body: bytes) -> bytes | None:
-    """The raw bytes of the form field named exactly ``XML`` (first one), or None."""
-    for pair in body.split(b"&"):
-        name, sep, value = pair.partition(b"=")
-        if sep and unquote_plus(name.decode("latin-1")) == "XML":
-            return unquote_to_bytes(value.replace(b"+", b" "))
-    return None
+def _html(status: int, title: str, *, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    """A multiplatform phone's answer: a short HTML page, the HTTP status saying how it went."""
+    return Response(status, html_body(title), "text/html", headers=headers, success=status == 200)
 
 
 def _basic_credentials(header: str | None) -> tuple[str, str] | None:
@@ -809,9 +942,11 @@ class Fleet:
         hosts: Sequence[str] | None = None,
         fetch_timeout: float = 5.0,
         fetch_ssl: ssl.SSLContext | None = None,
-        max_waiting: int = 64,
         on_push: PushLog | None = None,
         rtp: bool = True,
+        model: str = "8800",
+        answer_after_ms: float = 0,
+        play_files: Sequence[str] = DEFAULT_PLAY_FILES,
     ) -> None:
         if phones < 1:
             raise ValueError("a fleet has at least one phone")
@@ -821,6 +956,10 @@ class Fleet:
             raise ValueError(f"{len(hosts)} hosts for {phones} phones")
         if names is not None and len(set(names)) != len(names):
             raise ValueError("phone names must be unique")
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r}; one of {', '.join(MODELS)}")
+        if answer_after_ms < 0:
+            raise ValueError("answer_after_ms must be >= 0")
         if port and port + phones - 1 > 65535:
             raise ValueError(f"{phones} phones from port {port} run past 65535")
         settings = _Settings(
@@ -830,7 +969,9 @@ class Fleet:
             delay_ms=delay_ms,
             tone_ms=tone_ms,
             fetch_timeout=fetch_timeout,
-            max_waiting=max_waiting,
+            answer_after_ms=answer_after_ms,
+            model=model,
+            play_files=ring_files(play_files),
             fetch_ssl=fetch_ssl,
             rtp=rtp,
         )
@@ -939,6 +1080,8 @@ class Fleet:
             await _make_certificate(cert, key, self._names[0] if self._names else "SEP0000AA000000")
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
+        if self._settings.model == "7900":
+            _tls10_only(context)
         self.certificate = cert
         return context
 
@@ -978,6 +1121,8 @@ class Fleet:
                     number=int(body.get("number", 6)),
                     delay_ms=float(body.get("delay_ms", 0)),
                 )
+            elif action == "model":
+                phone.set_model(str(body.get("model", "")))
             elif action == "reset":
                 await phone.reset()
             elif action == "press":
@@ -992,7 +1137,7 @@ class Fleet:
             return _json({"error": str(exc)}, 400)
         except LookupError as exc:
             return _json({"error": str(exc)}, 404)
-        except (PhoneError, WireError) as exc:
+        except (FetchError, PageRefused) as exc:
             return _json({"error": f"softkey fetch failed: {exc}"}, 502)
         return _json(phone.to_dict(requests=False))
 
@@ -1004,9 +1149,20 @@ class Fleet:
             screen = s.screen.title or s.screen.text[:30]
             lines.append(
                 f"{p.index:>3} {p.name} {p.url} pushes={s.pushes} errors={s.errors} "
-                f"fault={p.fault.mode} screen={screen!r}"
+                f"overlaps={s.overlaps} fault={p.fault.mode} screen={screen!r}"
             )
         return "\n".join(lines) + "\n"
+
+
+def _tls10_only(context: ssl.SSLContext) -> None:
+    """Speak TLS 1.0 and nothing else, as 7900-series phones do. OpenSSL 3 allows TLS 1.0 only at
+    security level 0; a client must lower its own level too, as it must for a real 7900."""
+    with warnings.catch_warnings():
+        # Python deprecates TLSVersion.TLSv1; modelling a phone that speaks only that is the point.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.maximum_version = ssl.TLSVersion.TLSv1
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
 
 
 def _json(data: Any, status: int = 200) -> Response:

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from phonepush.simulator import Fleet, SimPhone
+from phonepush._simphone import DEFAULT_PLAY_FILES
+from phonepush.simulator import MODELS, Fleet, SimPhone
 
 __all__ = ["main"]
 
@@ -47,6 +48,26 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tone-ms", type=float, default=1000.0, help="how long Play: holds the answer (1000)"
+    )
+    parser.add_argument(
+        "--answer-after",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="execute, then answer this many ms later (a late phone; default 0)",
+    )
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        default="8800",
+        help="phone family: 8800 (default), 7900 (TLS 1.0 only), multiplatform (200 text/html)",
+    )
+    parser.add_argument(
+        "--play-file",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a ring file the phones have besides the stock ones (Chime.raw, ...); repeatable",
     )
     parser.add_argument("--tls", action="store_true", help="HTTPS with a self-signed certificate")
     parser.add_argument(
@@ -89,6 +110,9 @@ async def _run(args: argparse.Namespace, password: str) -> None:
         auth_url=args.auth_url,
         delay_ms=args.delay_ms,
         tone_ms=args.tone_ms,
+        answer_after_ms=args.answer_after,
+        model=args.model,
+        play_files=[*DEFAULT_PLAY_FILES, *args.play_file],
         tls=args.tls,
         cert_dir=args.cert_dir,
         on_push=_log_push,
@@ -114,6 +138,8 @@ def main(argv: Sequence[str], prog: str = "phonepush simulate") -> int:
         parser.error("--phones must be at least 1")
     if not 0 < args.port <= 65535:
         parser.error("--port must be 1-65535")
+    if args.answer_after < 0:
+        parser.error("--answer-after must be >= 0")
     password = args.password if args.password is not None else os.environ.get(_PASSWORD_ENV, "")
     if password and not args.username and not args.auth_url:
         parser.error("--password needs --username")
