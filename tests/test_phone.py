@@ -29,6 +29,7 @@ from phonepush.errors import (
     PhoneBadResponse,
     PhoneConnectTimeout,
     PhoneError,
+    PhoneHTTPBusy,
     PhoneHTTPError,
     PhoneNotSent,
     PhoneRejected,
@@ -165,9 +166,11 @@ def test_unusable_targets(kwargs: dict[str, object]) -> None:
         (404, "text/html", b"<html>no</html>", PhoneHTTPError, False),
         (405, "text/plain", b"no", PhoneHTTPError, False),
         # Written and answered with no error object: the phone may have run it. Not retryable.
-        (429, "text/plain", b"slow down", PhoneHTTPError, False),
         (500, "text/plain", b"oops", PhoneHTTPError, False),
-        (503, None, b"", PhoneHTTPError, False),
+        # Busy, said in HTTP (multiplatform firmware): it ran nothing.
+        (429, "text/plain", b"slow down", PhoneHTTPBusy, True),
+        (503, "text/html", b"<html>Busy</html>", PhoneHTTPBusy, True),
+        (503, None, b"", PhoneHTTPBusy, True),
         (502, "text/xml", b"<<<", PhoneHTTPError, False),
         (200, "text/xml", b"<CiscoIPPhoneError />", PhoneBadResponse, False),
         (200, "text/xml", b"<CiscoIPPhoneError Number=", PhoneBadResponse, False),

@@ -86,8 +86,10 @@ log = logging.getLogger("phonepush.announce")
 
 #: Pause before the one retry of a start or stop push the phone answered busy or not at all.
 _RETRY_DELAY: Final = 0.25
+#: How often a stop push is tried (0.25 + 0.5 + 1 + 2 s between tries).
+_STOP_TRIES: Final = 5
 #: How long shutdown waits for pages being cut to push their stop URIs.
-_CLOSE_GRACE: Final = 5.0
+_CLOSE_GRACE: Final = 8.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,14 +493,19 @@ def _outcome(result: TargetResult, report: PageReport) -> tuple[str, str]:
 
 async def _push(lanes: PhoneLanes, phone: str, uri: str) -> None:
     """One ExecuteItem through the phone's lane; raise :class:`PhoneError` unless the phone
-    accepted it. Busy (error 6, as an error object or an item's Status) or not sent is tried
-    once more; so is an unanswered stop, which does no harm twice."""
-    for attempt in range(2):
+    accepted it. A start answered busy (error 6, as an error object or an item's Status) or not
+    sent is tried once more. A stop is tried up to :data:`_STOP_TRIES` times, also when
+    unanswered (it does no harm twice): a phone whose cut start is still running answers busy
+    until it is done, and a phone left listening is what an operator notices."""
+    stop = uri == STOP_URI
+    tries = _STOP_TRIES if stop else 2
+    delay = _RETRY_DELAY
+    for attempt in range(1, tries + 1):
         try:
             items = await lanes.execute(phone, [ExecuteItem(uri)])
         except PhoneError as exc:
-            again = exc.retryable or (uri == STOP_URI and isinstance(exc, PhoneUnconfirmed))
-            if not again or attempt:
+            again = exc.retryable or (stop and isinstance(exc, PhoneUnconfirmed))
+            if not again or attempt == tries:
                 raise
         else:
             refused = [item for item in items if not item.ok]
@@ -506,6 +513,7 @@ async def _push(lanes: PhoneLanes, phone: str, uri: str) -> None:
                 return
             item = refused[0]
             error = PhoneError(f"{item.url}: {item.data} (Status {item.status})", phone=phone)
-            if item.status != 6 or attempt:
+            if item.status != 6 or attempt == tries:
                 raise error
-        await asyncio.sleep(_RETRY_DELAY)
+        await asyncio.sleep(delay)
+        delay *= 2

@@ -29,6 +29,8 @@ from phonepush.errors import (
     MalformedPush,
     PhoneAuthError,
     PhoneBadResponse,
+    PhoneError,
+    PhoneHTTPBusy,
     PhoneHTTPError,
     PhoneRejected,
     TooLarge,
@@ -311,6 +313,14 @@ def _accepted(body: bytes, content_type: str | None, status: int) -> list[Respon
     return []
 
 
+def _http_error(status: int) -> PhoneError:
+    if status == 401:
+        return PhoneAuthError("HTTP 401")
+    if status in (429, 503):
+        return PhoneHTTPBusy(status)
+    return PhoneHTTPError(status)
+
+
 def parse_response(
     body: bytes, content_type: str | None, status: int = 200, *, receipts: bool = True
 ) -> list[ResponseItem]:
@@ -321,7 +331,8 @@ def parse_response(
     answer nothing, and the phone has taken the push either way; its first bytes go to the debug
     log, and the result is empty (no receipts). Raises a :class:`~phonepush.errors.PhoneError`:
     :class:`PhoneRejected` / :class:`PhoneAuthError` for a CiscoIPPhoneError, whatever the HTTP
-    status; :class:`PhoneHTTPError` for an error status without one; :class:`PhoneBadResponse`
+    status; :class:`PhoneHTTPBusy` for 503/429 and :class:`PhoneHTTPError` for another error status
+    without one; :class:`PhoneBadResponse`
     for an error object we cannot read. ``receipts`` is kept for callers; it no longer changes
     anything.
     """
@@ -330,21 +341,17 @@ def parse_response(
     if not body.strip():
         if ok:
             return []
-        if status == 401:
-            raise PhoneAuthError("HTTP 401")
-        raise PhoneHTTPError(status)
+        raise _http_error(status)
     ctype = (content_type or "").strip()
     if ctype[:8].lower() != "text/xml":
-        if status == 401:
-            raise PhoneAuthError("HTTP 401")
         if not ok:
-            raise PhoneHTTPError(status)
+            raise _http_error(status)
         return _accepted(body, content_type, status)
     try:
         root = _parse_xml(body, MAX_RESPONSE_BYTES, PhoneBadResponse)
     except PhoneBadResponse:
         if not ok:
-            raise PhoneHTTPError(status) from None
+            raise _http_error(status) from None
         if b"CiscoIPPhoneError" in body:
             # An error object we cannot read: the phone said no, we cannot tell why.
             raise
@@ -365,7 +372,7 @@ def parse_response(
             raise PhoneAuthError(text)
         raise PhoneRejected(number, text)
     if not ok:
-        raise PhoneHTTPError(status)
+        raise _http_error(status)
     if root.tag != "CiscoIPPhoneResponse":
         return _accepted(body, content_type, status)
     items = []

@@ -20,6 +20,8 @@
     │   │   ├── PhoneBadResponse    hung up, reset, or sent what is not HTTP or a readable error
     │   │   └── PhoneHTTPError      HTTP status >= 400, no CiscoIPPhoneError
     │   ├── PhoneTimeout            base of the two timeouts (catch both with it)
+    │   ├── PhoneHTTPBusy           HTTP 503 or 429 (multiplatform firmware's busy): it ran
+    │   │                           nothing                                           (retryable)
     │   ├── PhoneRejected           CiscoIPPhoneError N: the phone refused; retryable only for 6
     │   │   └── PhoneAuthError      CiscoIPPhoneError 4, or HTTP 401                  (permanent)
     ├── TemplateError               a rule template failed to compile or render
@@ -51,6 +53,7 @@ __all__ = [
     "PhoneBadResponse",
     "PhoneConnectTimeout",
     "PhoneError",
+    "PhoneHTTPBusy",
     "PhoneHTTPError",
     "PhoneNotSent",
     "PhoneRejected",
@@ -184,6 +187,17 @@ class PhoneHTTPError(PhoneUnconfirmed):
     def __init__(self, status: int, *, phone: str = "") -> None:
         self.status = status
         super().__init__(f"HTTP status {status}", phone=phone)
+
+
+class PhoneHTTPBusy(PhoneError):
+    """HTTP 503 or 429: the phone says it is busy (multiplatform firmware's answer where others
+    send error 6) and ran nothing; the same push later works."""
+
+    retryable = True
+
+    def __init__(self, status: int, *, phone: str = "") -> None:
+        self.status = status
+        super().__init__(f"HTTP status {status} (busy)", phone=phone)
 
 
 class PhoneBadResponse(PhoneUnconfirmed):
