@@ -35,7 +35,7 @@ from phonepush.dispatch import Dispatcher, Outcome
 from phonepush.errors import ConfigError, PhonepushError
 from phonepush.grouping import Grouper
 from phonepush.intake import Intake
-from phonepush.lanes import PhoneLanes
+from phonepush.lanes import PhoneLanes, default_max_connections
 from phonepush.metrics import Metrics
 from phonepush.phone import PhoneClient, PhoneTarget
 from phonepush.repeats import Repeater
@@ -150,9 +150,10 @@ class Daemon:
                 PhoneLanes(
                     config.phone_targets(),
                     client_factory=self._client_factory,
-                    max_connections=config.dispatch.max_connections,
+                    max_connections=config.dispatch.max_connections or default_max_connections(),
                 )
             )
+            log.info("at most %d phone connections open at once", lanes.max_connections)
             dispatcher = await stack.enter_async_context(
                 Dispatcher(
                     spool,

@@ -16,6 +16,7 @@ below the bound, connections stay open for the next push.
 from __future__ import annotations
 
 import asyncio
+import resource
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,11 +28,23 @@ from phonepush.errors import PhoneError
 from phonepush.phone import PhoneClient, PhoneTarget
 from phonepush.uri import ExecuteItem
 
-__all__ = ["DEFAULT_MAX_CONNECTIONS", "PhoneLanes"]
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "PhoneLanes", "default_max_connections"]
 
-#: Fits under a service manager's default soft limit of 1,024 open files beside the HTTP
-#: server's connections, the spool and the MQTT client.
+#: What :func:`default_max_connections` gives under a service manager's default soft limit of
+#: 1,024 open files: half, the rest left to the HTTP server, the spool and the MQTT client.
 DEFAULT_MAX_CONNECTIONS: Final = 512
+#: Never fewer, whatever the limit says (a limit this low fails elsewhere first).
+_MIN_CONNECTIONS: Final = 64
+
+
+def default_max_connections() -> int:
+    """``dispatch.max_connections`` when unset: half the process's soft open-files limit (512
+    under the usual 1,024), so a larger limit keeps more phones' connections open between
+    pushes, and a small one is never exhausted by phone connections alone."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 100_000
+    return max(_MIN_CONNECTIONS, soft // 2)
 
 
 @dataclass(slots=True, eq=False)
@@ -68,6 +81,7 @@ class PhoneLanes:
         # Lanes holding a slot whose connection is idle, least recently used first.
         self._idle: OrderedDict[str, _Lane] = OrderedDict()
         self._held = 0
+        self._waiting = 0  # pushes waiting for a slot
         self._freed = asyncio.Condition()
         self._closed = False
 
@@ -153,6 +167,10 @@ class PhoneLanes:
             finally:
                 if client.connected and not self._closed:
                     self._idle[phone] = lane
+                    if self._waiting:
+                        # A push waiting for a slot may now close this idle connection.
+                        async with self._freed:
+                            self._freed.notify()
                 else:
                     await self._release(lane)
 
@@ -166,7 +184,11 @@ class PhoneLanes:
                     if victim.client is not None:
                         await victim.client.disconnect()
                     continue
-                await self._freed.wait()
+                self._waiting += 1
+                try:
+                    await self._freed.wait()
+                finally:
+                    self._waiting -= 1
             self._held += 1
             lane.slot = True
 

@@ -113,8 +113,8 @@ NOTES: Final[dict[str, str]] = {
     "EscalateConfig.to": "Phones, groups or `all` repeats also go to then.",
     "DispatchConfig.concurrency": "Phones pushed to at once.",
     "DispatchConfig.max_connections": "Open phone connections at most; beyond, the least "
-    "recently used idle one is closed. Keep it, with `server.max_connections`, under the open "
-    "files limit.",
+    "recently used idle one is closed. Default: half the open-files limit at start (512 under "
+    "the usual 1,024).",
     "DispatchConfig.retry_initial": "First retry delay after a transient failure (jittered, "
     "doubling).",
     "DispatchConfig.retry_max": "Longest retry delay.",
