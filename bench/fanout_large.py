@@ -14,7 +14,8 @@ Each round publishes one event (QoS 1) and waits until every phone has answered 
 its number; the figure is publish -> last phone's answer, timed at the phones. ``--rounds``
 rounds (median; the first after start is counted too: connections are remade every round
 anyway). Also: the daemon's CPU per delivery over the rounds (``/proc/<pid>/stat``), its peak
-RSS (``VmHWM``) and the most descriptors it held (sampled every 20 ms).
+RSS (``VmHWM``), the most descriptors it held (sampled every 20 ms), and the simulator's CPU per
+push (one process on one CPU: above ~1 ms per push it, not the client, sets the wall time).
 
 The floor, measured in the same run against the same phones: this process pushes the same
 ``Dial:`` to every phone with one :class:`~phonepush.phone.PhoneClient` per phone, 256 at a time
@@ -92,12 +93,14 @@ def run_size(phones_count: int, args: argparse.Namespace) -> dict[str, Any]:
 
             rounds = []
             cpu_before = daemon.cpu()
+            sim_before = c.cpu_seconds(phones.pid)
             for i in range(args.rounds):
                 if i:
                     time.sleep(0.5)
                 rounds.append(c.fanout_round(phones, publish, 1 + i, phones_count, args.timeout))
             time.sleep(0.5)  # finishes are committed after the answers
             cpu_used = daemon.cpu() - cpu_before
+            sim_used = c.cpu_seconds(phones.pid) - sim_before
             memory = daemon.memory()
             stop.set()
             sampler.join()
@@ -108,6 +111,7 @@ def run_size(phones_count: int, args: argparse.Namespace) -> dict[str, Any]:
                 "median_s": c.median([r.get("last_answer_s", float("nan")) for r in rounds]),
                 "all_complete": all(r["complete"] for r in rounds),
                 "cpu_ms_per_delivery": round(cpu_used * 1000 / max(1, deliveries), 3),
+                "simulator_cpu_ms_per_push": round(sim_used * 1000 / max(1, deliveries), 3),
                 "memory_mb": {k: round(v, 1) for k, v in memory.items()},
                 "ready_s": round(daemon.ready_seconds, 3),
                 "peak_fds": peak_fds[0],
@@ -156,14 +160,19 @@ def run_floor(
         return sent
 
     rounds = []
+    sim_before = c.cpu_seconds(phones.pid)
     for i in range(args.rounds):
         rounds.append(c.fanout_round(phones, publish, first_mark + i, count, args.timeout))
         for thread in threads:
             thread.join()
         threads.clear()
         time.sleep(0.3)
+    pushes = sum(r["pushes"] for r in rounds)
     return {
         "client": "PhoneClient per phone, 256 at a time, fresh connections",
+        "simulator_cpu_ms_per_push": round(
+            (c.cpu_seconds(phones.pid) - sim_before) * 1000 / max(1, pushes), 3
+        ),
         "rounds": rounds,
         "median_s": c.median([r.get("last_answer_s", float("nan")) for r in rounds]),
         "cpu_ms_per_push": round(c.median(cpu_per_push), 3),
@@ -203,11 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  daemon CPU per delivery              {ours['cpu_ms_per_delivery']:.3f} ms")
         print(f"  daemon memory                        {ours['memory_mb']} MB")
         print(f"  most descriptors held                {ours['peak_fds']}")
+        print(f"  simulator CPU per push               {ours['simulator_cpu_ms_per_push']:.3f} ms")
         print(f"  EMFILE in the daemon's log           {ours['emfile_in_log']}")
         print(f"  start to ready                       {ours['ready_s']:.2f} s")
         print(
             f"  floor ({floor['client']}): {floor['median_s']:.3f} s, "
-            f"{floor['cpu_ms_per_push']:.3f} ms CPU/push, {floor['failed']} failed"
+            f"{floor['cpu_ms_per_push']:.3f} ms CPU/push, {floor['failed']} failed, simulator "
+            f"{floor['simulator_cpu_ms_per_push']:.3f} ms CPU/push"
         )
     record: dict[str, Any] = {
         "args": vars(args),

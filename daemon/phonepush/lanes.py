@@ -3,8 +3,9 @@
 A phone serves one push at a time: a second one that arrives while it is busy is answered
 CiscoIPPhoneError 6, or (some firmware) waits and runs after the first, either way not what the
 sender meant. So the daemon has exactly one :class:`PhoneLanes`, shared by the dispatcher
-(deliveries, repeats, resolve notices, test pushes) and the announcer (audio starts and stops);
-nothing else in the daemon opens a phone connection. Each lane owns its phone's client and a lock.
+(deliveries, repeats, resolve notices, events from ``phonepush fire``) and the announcer (audio
+starts and stops); nothing else in the daemon opens a phone connection. Each lane owns its
+phone's client and a lock.
 
 Open connections are bounded by ``max_connections`` (``dispatch.max_connections``): a push to a
 phone without a connection takes a slot, and when none is free the least recently used idle
