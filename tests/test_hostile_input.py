@@ -831,13 +831,15 @@ async def test_hostile_phone_answers_are_refused_over_a_real_socket(
     message = str(caught.value)
     assert "root:" not in message and "lollol" not in message
     assert caught.value.phone == "evil"
-    # ... any other 2xx answer is success, taken without expanding anything either.
+    # ... and so is the same attack in a response object.
     with caplog.at_level(logging.DEBUG):
         async with _HostilePhone(_answer(attack), None) as hostile:
             target = PhoneTarget("evil", "127.0.0.1", hostile.port, timeout=5)
             async with PhoneClient(target) as client:
-                assert await client.execute([ExecuteItem("Play:Chime.raw")]) == []
-    assert "root:" not in caplog.text and "lollol" not in caplog.text
+                with pytest.raises(PhoneBadResponse) as caught:
+                    await client.execute([ExecuteItem("Play:Chime.raw")])
+    assert "root:" not in str(caught.value) + caplog.text
+    assert "lollol" not in str(caught.value) + caplog.text
 
 
 async def test_an_endless_answer_is_cut_at_the_cap_and_refused() -> None:
@@ -853,12 +855,12 @@ async def test_an_endless_answer_is_cut_at_the_cap_and_refused() -> None:
 async def test_a_compressed_bomb_is_never_decompressed() -> None:
     import gzip
 
-    bomb = gzip.compress(b'<CiscoIPPhoneError Number="1">' + b"A" * 20_000_000)
+    bomb = gzip.compress(b'<CiscoIPPhoneResponse Data="' + b"A" * 20_000_000 + b'"/>')
     async with _HostilePhone(_answer(bomb, extra="Content-Encoding: gzip\r\n"), None) as hostile:
         target = PhoneTarget("evil", "127.0.0.1", hostile.port, timeout=5)
         async with PhoneClient(target) as client:
-            # Decompressed, it would be an error object; read as sent, it is a 2xx without one.
-            assert await client.execute([ExecuteItem("Play:Chime.raw")]) == []
+            with pytest.raises(PhoneBadResponse, match="malformed XML"):
+                await client.execute([ExecuteItem("Play:Chime.raw")])
 
 
 # --- configuration with errors ------------------------------------------------------------------

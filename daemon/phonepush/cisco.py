@@ -329,12 +329,14 @@ def parse_response(
     Returns the ResponseItems (in the phone's completion order). Any 2xx answer that is not a
     CiscoIPPhoneError is success: multiplatform (3PCC) firmware answers ``200 text/html``, some
     answer nothing, and the phone has taken the push either way; its first bytes go to the debug
-    log, and the result is empty (no receipts). Raises a :class:`~phonepush.errors.PhoneError`:
-    :class:`PhoneRejected` / :class:`PhoneAuthError` for a CiscoIPPhoneError, whatever the HTTP
-    status; :class:`PhoneHTTPBusy` for 503/429 and :class:`PhoneHTTPError` for another error status
-    without one; :class:`PhoneBadResponse`
-    for an error object we cannot read. ``receipts`` is kept for callers; it no longer changes
-    anything.
+    log, and the result is empty (no receipts). Only a ``text/xml`` answer that is not readable
+    XML (garbage, a DTD, over the size limit) is not.
+
+    Raises a :class:`~phonepush.errors.PhoneError`: :class:`PhoneRejected` /
+    :class:`PhoneAuthError` for a CiscoIPPhoneError, whatever the HTTP status;
+    :class:`PhoneHTTPBusy` for 503/429 and :class:`PhoneHTTPError` for another error status
+    without one; :class:`PhoneBadResponse` for unreadable XML or an error object without a
+    number. ``receipts`` is kept for callers; it no longer changes anything.
     """
     del receipts
     ok = 200 <= status < 300
@@ -352,10 +354,9 @@ def parse_response(
     except PhoneBadResponse:
         if not ok:
             raise _http_error(status) from None
-        if b"CiscoIPPhoneError" in body:
-            # An error object we cannot read: the phone said no, we cannot tell why.
-            raise
-        return _accepted(body, content_type, status)
+        # It says XML and is not (or is hostile, or too long): a sick phone, or an error object
+        # we cannot read. Written and not answered: unconfirmed.
+        raise
     if root.tag == "CiscoIPPhoneError":
         number_text = root.get("Number", "")
         text = (root.text or "").strip()
