@@ -907,6 +907,10 @@ async def test_cli_model_and_answer_after() -> None:
         "multiplatform",
         "--answer-after",
         "400",
+        "--tone-ms",
+        "10",
+        "--play-file",
+        "Doorbell.raw",
         stdout=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None
@@ -917,14 +921,15 @@ async def test_cli_model_and_answer_after() -> None:
             with pytest.raises(httpx.ReadTimeout):
                 await client.post(
                     "http://127.0.0.1:18751/CGI/Execute",
-                    content=form_body(raw_execute("Dial:3")),
+                    content=form_body(raw_execute("Dial:3", "Play:Doorbell.raw")),
                     headers=FORM,
                     timeout=0.1,
                 )
             log = (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
             state = (await client.get("http://127.0.0.1:18752/phones/0")).json()
-        assert "Dial:3 -> ok" in log
-        assert state["model"] == "multiplatform" and state["executed"] == ["Dial:3"]
+        assert "Dial:3 Play:Doorbell.raw -> ok" in log
+        assert state["model"] == "multiplatform"
+        assert state["executed"] == ["Dial:3", "Play:Doorbell.raw"]
     finally:
         process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.communicate(), 10)
@@ -981,3 +986,18 @@ async def test_softkey_exit_clears_the_screen(fleet: Fleet) -> None:
     assert items_of(await push(phone, raw_execute("SoftKey:Exit")))[0].ok
     assert phone.state.screen.title == ""
     assert list(phone.state.keys) == ["SoftKey:Exit"]
+
+
+async def test_fetched_page_with_a_dtd_is_not_shown(fleet: Fleet) -> None:
+    phone = fleet.phones[0]
+    hostile = (
+        b'<?xml version="1.0" encoding="UTF-8"?><!DOCTYPE t [<!ENTITY x SYSTEM '
+        b'"file:///etc/hostname">]><CiscoIPPhoneText><Text>&x;</Text></CiscoIPPhoneText>'
+    )
+    async with page_server() as pages:
+        pages.pages["/dtd"] = (200, hostile)
+        url = pages.url("/dtd")
+        assert items_of(await push(phone, raw_execute(url))) == [
+            ResponseItem(url, "Parse error", 6)
+        ]
+    assert phone.state.screen.text == "" and not phone.state.executed

@@ -36,8 +36,10 @@ Choices where real phones vary or the notes leave room:
 * **Models.** ``8800`` (the default) is described here. ``multiplatform`` (3PCC firmware)
   executes the same way but answers neither Cisco object: ``200 text/html`` with a short page
   on success, 400 for a request it cannot parse, 401 (``WWW-Authenticate``) for bad
-  credentials and 503 while busy. ``7900`` speaks only TLS 1.0 when the fleet serves HTTPS.
-  The model can be changed per phone at run time (the TLS versions stay the fleet's).
+  credentials and 503 while busy. ``7900`` speaks only TLS 1.0 when the fleet serves HTTPS (at
+  OpenSSL security level 0, which a client must allow too) and fetches as a CP-7965 (298x168
+  screen); its text limits are modelled as the 8800's, which the notes give for both. The
+  model can be changed per phone at run time (the TLS versions stay the fleet's).
 * **Transport quirks.** A chunked upload gets HTTP 404 (a phone's web server does that), ``Expect:
   100-continue`` gets error 6, a POST without ``Content-Length`` gets HTTP 411. All three close the
   connection. Other paths: 404; other methods on ``/CGI/Execute``: 405. Bodies that are not
@@ -921,7 +923,9 @@ class Fleet:
     Phones listen on consecutive ports from ``port`` (``port=0``: each an ephemeral port), on
     ``host`` or, per phone, on ``hosts[i]``. The control endpoint listens on ``control_port``;
     by default the port after the last phone (ephemeral when ``port=0``). With ``rtp=False``
-    phones record ``RTPRx``/``RTPMRx`` URIs without listening for RTP.
+    phones record ``RTPRx``/``RTPMRx`` URIs without listening for RTP. ``model`` is one of
+    :data:`MODELS`; ``answer_after_ms`` delays every answer after execution; ``play_files`` are
+    the ring files the phones have (``Play:`` of another answers ``URI not found``).
     """
 
     def __init__(
