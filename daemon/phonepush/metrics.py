@@ -32,7 +32,9 @@ class Metrics:
         )
         self.deliveries = Counter(
             "phonepush_deliveries",
-            "Finished deliveries (one rule's pushes to one phone), by phone and result.",
+            "Finished deliveries (one rule's pushes to one phone), by phone and result: "
+            "delivered, unconfirmed (a request the phone got but did not answer; not sent "
+            "again), failed, expired, suppressed.",
             ["phone", "result"],
             registry=r,
         )
