@@ -243,3 +243,25 @@ async def test_a_page_cut_by_shutdown_mid_start_stops_every_started_phone(
     await daemon_runner.stop()
 
     assert _started_and_stopped(fleet) == [(True, True)] * 3
+
+
+@pytest.mark.slow
+async def test_a_request_cut_by_shutdown_after_it_was_written_is_not_sent_again(
+    daemon_runner: DaemonRunner, make_fleet: Any
+) -> None:
+    # The phone dials at once and answers after 4 s; the daemon stops meanwhile (it waits
+    # 2 s for requests on the wire), then starts again on the same spool.
+    fleet: Fleet = await make_fleet(phones=1, answer_after_ms=4000)
+    phone = fleet.phones[0]
+    config = _one_phone(phone, {"execute": ["Dial:5551234"], "ttl": "1m"})
+    await daemon_runner.start(config)
+    event = await _fire(daemon_runner, "call")
+    await eventually(lambda: list(phone.state.executed) == ["Dial:5551234"])
+    await daemon_runner.stop()
+
+    running = await daemon_runner.start(config)
+    [delivery] = await _settled(daemon_runner, running, event)
+    await running.dispatcher.wait_idle()
+    assert delivery["state"] == "unconfirmed"
+    assert "the daemon stopped while waiting for the answer" in delivery["error"]
+    assert list(phone.state.executed) == ["Dial:5551234"]
