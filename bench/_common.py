@@ -22,6 +22,7 @@ import multiprocessing as mp
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -198,6 +199,10 @@ def _serve_phones(
 ) -> None:
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
+    # A phone is a listening socket: thousands of them need more than a default soft limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     from phonepush.simulator import Fleet, SimPhone
 
     log: list[tuple[int, int, float, float]] = []
@@ -375,9 +380,20 @@ def daemon_toml(
 
 
 class DaemonProcess:
-    """``phonepush run --config F`` in a subprocess; ``ready_seconds`` is start to ``/readyz``."""
+    """``phonepush run --config F`` in a subprocess; ``ready_seconds`` is start to ``/readyz``.
+    ``nofile`` sets its open-files limit (soft and hard)."""
 
-    def __init__(self, workdir: Path, config: str, *, server_port: int) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: str,
+        *,
+        server_port: int,
+        nofile: int | None = None,
+        ready_timeout: float = 30.0,
+    ) -> None:
+        self.nofile = nofile
+        self.ready_timeout = ready_timeout
         self.workdir = workdir
         self.config_path = workdir / "phonepush.toml"
         self.config_path.write_text(config)
@@ -392,14 +408,21 @@ class DaemonProcess:
                 Path(f"{spool}{suffix}").unlink()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PHONEPUSH_")}
         started = time.perf_counter()
+        nofile = self.nofile
+
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.process = subprocess.Popen(
             [str(VENV_PYTHON), "-m", "phonepush", "run", "--config", str(self.config_path)],
             stdout=(self.workdir / "daemon.log").open("wb"),
             stderr=subprocess.STDOUT,
             env=env,
+            preexec_fn=limit if nofile is not None else None,
         )
         url = f"http://127.0.0.1:{self.server_port}/readyz"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(
@@ -413,7 +436,7 @@ class DaemonProcess:
             except OSError:
                 pass
             time.sleep(0.005)
-        raise RuntimeError("daemon not ready in 30 s")
+        raise RuntimeError(f"daemon not ready in {self.ready_timeout:g} s")
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -1,11 +1,11 @@
 """``bench/run``: every daemon benchmark in one run, then the tables in docs/performance.md.
 
-Runs fanout.py (with the bare-client floor), throughput.py, latency.py, startup_memory.py and
-alternatives.py one after the other (never at once: they share 2 CPUs), then reads the JSON each
-wrote in this run and rewrites the text between ``<!-- bench:daemon:begin -->`` and
-``<!-- bench:daemon:end -->`` in docs/performance.md. ``--quick`` passes ``--quick`` to every
-script, skips the bare-client floor (it needs a venv with aiohttp) and leaves the docs alone
-(unless ``--docs``).
+Runs fanout.py (with the bare-client floor), fanout_large.py, throughput.py, latency.py,
+startup_memory.py and alternatives.py one after the other (never at once: they share 2 CPUs),
+then reads the JSON each wrote in this run and rewrites the text between
+``<!-- bench:daemon:begin -->`` and ``<!-- bench:daemon:end -->`` in docs/performance.md.
+``--quick`` passes ``--quick`` to every script, skips the bare-client floor (it needs a venv
+with aiohttp) and leaves the docs alone (unless ``--docs``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ DOC = c.ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:daemon:begin -->", "<!-- bench:daemon:end -->"
 SCRIPTS = {
     "fanout": ["bench/fanout.py", "--floor"],
+    "fanout_large": ["bench/fanout_large.py"],
     "throughput": ["bench/throughput.py"],
     "latency": ["bench/latency.py"],
     "startup_memory": ["bench/startup_memory.py"],
@@ -220,9 +221,48 @@ def render(records: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
                 f"| {names.get(name, name)} | {figures['wall_s']:.2f}{capped} | "
                 f"{figures['cpu_ms_per_push']:.3f} |"
             )
+    large = records.get("fanout_large")
+    if large:
+        lines += _render_large(large)
     if alt:
         lines += _render_alternatives(alt)
     return "\n".join(lines)
+
+
+def _render_large(large: dict[str, Any]) -> list[str]:
+    """(7) one event to 5,000 and 10,000 phones, the daemon held to 1,024 open files."""
+    limits = {5000: 2.5, 10000: 5.0}
+    lines = [
+        "",
+        f"Large fan-out (`bench/fanout_large.py`): one event to N phones at 20 ms, the daemon "
+        f"held to {large.get('daemon_nofile', 1024)} open files (soft and hard), median of "
+        f"{_get(large, 'args', 'rounds')} rounds; the floor is bare PhoneClients pushing to the "
+        "same phones in the same run, 256 at a time, a fresh connection each:",
+        "",
+        "| phones | publish → last answer (target) | floor | daemon CPU per delivery (≤ 0.3 ms) "
+        "| floor CPU per push | simulator CPU per push | peak RSS (≤ 200 MB) | most fds | "
+        "all answered, no EMFILE |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in large.get("results", []):
+        ours, floor = result["phonepush"], result["floor"]
+        phones = result["phones"]
+        target = limits.get(phones)
+        wall = ours.get("median_s")
+        cpu = ours.get("cpu_ms_per_delivery")
+        rss = _get(ours, "memory_mb", "VmHWM")
+        lines.append(
+            f"| {phones:,} | {_num(wall, '{:.2f}')} s (≤ {_num(target, '{:g}')} s: "
+            f"{_met(None if target is None or wall is None else wall <= target)}) | "
+            f"{_num(floor.get('median_s'), '{:.2f}')} s | {_num(cpu, '{:.3f}')} ms "
+            f"({_met(None if cpu is None else cpu <= 0.3)}) | "
+            f"{_num(floor.get('cpu_ms_per_push'), '{:.3f}')} ms | "
+            f"{_num(ours.get('simulator_cpu_ms_per_push'), '{:.3f}')} ms | "
+            f"{_num(rss, '{:.0f}')} MB ({_met(None if rss is None else rss <= 200)}) | "
+            f"{ours.get('peak_fds')} | "
+            f"{_met(bool(ours.get('all_complete')) and not ours.get('emfile_in_log'))} |"
+        )
+    return lines
 
 
 def _render_alternatives(alt: dict[str, Any]) -> list[str]:

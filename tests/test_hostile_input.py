@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -1070,6 +1071,7 @@ class _HostilePhone:
             await reader.readuntil(b"\r\n\r\n")
             writer.write(self._head)
             if self._endless:
+                writer.write(self._body or b"")
                 chunk = b"<a>" * 10_000
                 for _ in range(2000):  # 60 MB at most; the client must stop long before
                     writer.write(chunk)
@@ -1092,8 +1094,12 @@ def _answer(body: bytes, content_type: str = "text/xml", extra: str = "") -> byt
     [_ATTACKS[0], _ATTACKS[1], _ATTACKS[2], _ATTACKS[3], _ATTACKS[4], _ATTACKS[5]],
     ids=["xxe-file", "xxe-network", "parameter-entity", "billion-laughs", "oversized", "deep"],
 )
-async def test_hostile_phone_answers_are_refused_over_a_real_socket(attack: bytes) -> None:
-    async with _HostilePhone(_answer(attack), None) as hostile:
+async def test_hostile_phone_answers_are_refused_over_a_real_socket(
+    attack: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As an error object the answer must be read, and is refused unexpanded ...
+    error = attack.replace(b"CiscoIPPhoneResponse", b"CiscoIPPhoneError")
+    async with _HostilePhone(_answer(error), None) as hostile:
         target = PhoneTarget("evil", "127.0.0.1", hostile.port, timeout=5)
         async with PhoneClient(target) as client:
             with pytest.raises((PhoneBadResponse, PhoneHTTPError)) as caught:
@@ -1101,11 +1107,21 @@ async def test_hostile_phone_answers_are_refused_over_a_real_socket(attack: byte
     message = str(caught.value)
     assert "root:" not in message and "lollol" not in message
     assert caught.value.phone == "evil"
+    # ... and so is the same attack in a response object.
+    with caplog.at_level(logging.DEBUG):
+        async with _HostilePhone(_answer(attack), None) as hostile:
+            target = PhoneTarget("evil", "127.0.0.1", hostile.port, timeout=5)
+            async with PhoneClient(target) as client:
+                with pytest.raises(PhoneBadResponse) as caught:
+                    await client.execute([ExecuteItem("Play:Chime.raw")])
+    assert "root:" not in str(caught.value) + caplog.text
+    assert "lollol" not in str(caught.value) + caplog.text
 
 
 async def test_an_endless_answer_is_cut_at_the_cap_and_refused() -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\nConnection: close\r\n\r\n"
-    async with _HostilePhone(head, None, endless=True) as hostile:
+    # An error object: what is cut is read (any other 2xx answer is success unread).
+    async with _HostilePhone(head, b"<CiscoIPPhoneError>", endless=True) as hostile:
         target = PhoneTarget("evil", "127.0.0.1", hostile.port, timeout=5)
         async with PhoneClient(target) as client:
             with pytest.raises(PhoneBadResponse, match="over the 65536-byte limit"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import socket
 import ssl
 import subprocess
@@ -23,12 +24,17 @@ from _sim_fixtures import MakeFleet
 from phonepush.cisco import MAX_RESPONSE_BYTES, ResponseItem, execute_xml, response_xml
 from phonepush.errors import (
     InvalidTarget,
+    PhoneAnswerTimeout,
     PhoneAuthError,
     PhoneBadResponse,
+    PhoneConnectTimeout,
     PhoneError,
+    PhoneHTTPBusy,
     PhoneHTTPError,
+    PhoneNotSent,
     PhoneRejected,
     PhoneTimeout,
+    PhoneUnconfirmed,
     PhoneUnreachable,
     WireError,
 )
@@ -159,17 +165,18 @@ def test_unusable_targets(kwargs: dict[str, object]) -> None:
         (401, None, b"", PhoneAuthError, False),
         (404, "text/html", b"<html>no</html>", PhoneHTTPError, False),
         (405, "text/plain", b"no", PhoneHTTPError, False),
-        (429, "text/plain", b"slow down", PhoneHTTPError, True),
-        (500, "text/plain", b"oops", PhoneHTTPError, True),
-        (503, None, b"", PhoneHTTPError, True),
-        (502, "text/xml", b"<<<", PhoneHTTPError, True),
-        (200, "text/html", b"<html>ok</html>", PhoneBadResponse, True),
-        (200, None, b"<x/>", PhoneBadResponse, True),
-        (200, "text/xml", b"\x00\xffnot xml", PhoneBadResponse, True),
-        (200, "text/xml", b"<CiscoIPPhoneError />", PhoneBadResponse, True),
-        (200, "text/xml", b"<Unexpected/>", PhoneBadResponse, True),
+        # Written and answered with no error object: the phone may have run it. Not retryable.
+        (500, "text/plain", b"oops", PhoneHTTPError, False),
+        # Busy, said in HTTP (multiplatform firmware): it ran nothing.
+        (429, "text/plain", b"slow down", PhoneHTTPBusy, True),
+        (503, "text/html", b"<html>Busy</html>", PhoneHTTPBusy, True),
+        (503, None, b"", PhoneHTTPBusy, True),
+        (502, "text/xml", b"<<<", PhoneHTTPError, False),
+        (200, "text/xml", b"<CiscoIPPhoneError />", PhoneBadResponse, False),
+        (200, "text/xml", b"<CiscoIPPhoneError Number=", PhoneBadResponse, False),
+        (200, "text/xml", b"\x00\xffnot xml", PhoneBadResponse, False),
         (200, "text/xml", b"<!DOCTYPE x [<!ENTITY e SYSTEM 'file:///etc/passwd'>]><x>&e;</x>",
-         PhoneBadResponse, True),
+         PhoneBadResponse, False),
     ],
 )  # fmt: skip
 async def test_answer_to_error(
@@ -183,7 +190,27 @@ async def test_answer_to_error(
         await _push(_answer(status, content_type, body))
     assert type(caught.value) is error
     assert caught.value.retryable is retryable
+    assert isinstance(caught.value, PhoneUnconfirmed) is (
+        error in (PhoneHTTPError, PhoneBadResponse)
+    )
     assert caught.value.phone == "desk-1"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("text/html", b"<html>ok</html>"),  # multiplatform (3PCC) firmware
+        (None, b"<x/>"),
+        ("text/plain", b"OK"),
+        ("text/xml", b"<Unexpected/>"),
+    ],
+)
+async def test_any_2xx_without_an_error_object_is_success(
+    content_type: str | None, body: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="phonepush.cisco"):
+        assert await _push(_answer(200, content_type, body)) == []
+    assert repr(body[:20])[2:-1] in caplog.text
 
 
 async def test_success_answers() -> None:
@@ -200,12 +227,12 @@ async def test_success_answers() -> None:
         await _push(_answer(200, "text/xml", _error("4")), receipts=False)
 
 
-async def test_oversized_answer_is_refused_without_reading_it_all() -> None:
+async def test_oversized_answer_is_not_read_to_its_end() -> None:
     sent = 0
 
     async def endless() -> AsyncIterator[bytes]:
         nonlocal sent
-        yield b"<CiscoIPPhoneResponse>"
+        yield b'<CiscoIPPhoneError Number="6">'
         while True:
             sent += 1
             yield b" " * 4096
@@ -226,30 +253,51 @@ REQUEST = httpx.Request("POST", "http://192.0.2.10/CGI/Execute")
     [
         (httpx.ConnectError("[Errno 111] Connection refused", request=REQUEST), PhoneUnreachable,
          "Cannot connect to 192.0.2.10:80: [Errno 111] Connection refused"),
-        (httpx.ConnectTimeout("timed out", request=REQUEST), PhoneTimeout,
+        (httpx.ConnectTimeout("timed out", request=REQUEST), PhoneConnectTimeout,
          "Timed out after 10 s connecting to 192.0.2.10:80"),
-        (httpx.ReadTimeout("timed out", request=REQUEST), PhoneTimeout,
-         "Timed out after 10 s waiting for 192.0.2.10:80"),
-        (httpx.WriteTimeout("timed out", request=REQUEST), PhoneTimeout,
-         "Timed out after 10 s waiting for 192.0.2.10:80"),
-        (httpx.PoolTimeout("timed out", request=REQUEST), PhoneTimeout,
-         "Timed out after 10 s waiting for 192.0.2.10:80"),
-        (httpx.ReadError("reset", request=REQUEST), PhoneUnreachable,
-         "Connection to 192.0.2.10:80 failed: reset"),
+        (httpx.WriteTimeout("timed out", request=REQUEST), PhoneConnectTimeout,
+         "Timed out after 10 s writing to 192.0.2.10:80"),
+        (httpx.PoolTimeout("timed out", request=REQUEST), PhoneConnectTimeout,
+         "Timed out after 10 s connecting to 192.0.2.10:80"),
         (httpx.WriteError("broken pipe", request=REQUEST), PhoneUnreachable,
-         "Connection to 192.0.2.10:80 failed: broken pipe"),
-        (httpx.RemoteProtocolError("Server disconnected", request=REQUEST), PhoneBadResponse,
-         "Bad answer from 192.0.2.10:80: Server disconnected"),
-        (ConnectionResetError(104, "Connection reset by peer"), PhoneUnreachable,
-         "Connection to 192.0.2.10:80 failed: Connection reset by peer"),
+         "Connection to 192.0.2.10:80 failed before the request was written: broken pipe"),
     ],
 )  # fmt: skip
-async def test_transport_errors(exc: Exception, error: type[PhoneError], message: str) -> None:
+async def test_transport_errors_before_the_request_was_written(
+    exc: Exception, error: type[PhoneError], message: str
+) -> None:
     with pytest.raises(PhoneError) as caught:
         await _push(_raise(exc))
     assert type(caught.value) is error
+    assert isinstance(caught.value, PhoneNotSent)
     assert caught.value.retryable
     assert caught.value.phone == "desk-1"
+    assert str(caught.value) == message
+    assert caught.value.__cause__ is exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "error", "message"),
+    [
+        (httpx.ReadTimeout("timed out", request=REQUEST), PhoneAnswerTimeout,
+         "Timed out after 10 s waiting for 192.0.2.10:80"),
+        (httpx.ReadError("reset", request=REQUEST), PhoneBadResponse,
+         "Connection to 192.0.2.10:80 lost after the request was written: reset"),
+        (httpx.RemoteProtocolError("Server disconnected", request=REQUEST), PhoneBadResponse,
+         "Bad answer from 192.0.2.10:80: Server disconnected"),
+        (ConnectionResetError(104, "Connection reset by peer"), PhoneBadResponse,
+         "Connection to 192.0.2.10:80 lost after the request was written: "
+         "Connection reset by peer"),
+    ],
+)  # fmt: skip
+async def test_transport_errors_after_the_request_was_written(
+    exc: Exception, error: type[PhoneError], message: str
+) -> None:
+    with pytest.raises(PhoneError) as caught:
+        await _push(_raise(exc))
+    assert type(caught.value) is error
+    assert isinstance(caught.value, PhoneUnconfirmed)
+    assert not caught.value.retryable
     assert str(caught.value) == message
     assert caught.value.__cause__ is exc
 

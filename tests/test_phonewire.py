@@ -4,12 +4,19 @@ and some illegal ones: what a user sees is the push's result or one clear PhoneE
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from phonepush.cisco import MAX_RESPONSE_BYTES, ResponseItem, response_xml
-from phonepush.errors import PhoneBadResponse, PhoneUnreachable
+from phonepush.errors import (
+    PhoneAnswerTimeout,
+    PhoneBadResponse,
+    PhoneNotSent,
+    PhoneUnconfirmed,
+    PhoneUnreachable,
+)
 from phonepush.phone import PhoneClient, PhoneTarget
 from phonepush.uri import ExecuteItem
 
@@ -174,7 +181,9 @@ async def test_unreadable_answers(
     async with await _start(phone) as client:
         with pytest.raises(PhoneBadResponse, match=message) as caught:
             await client.execute(ITEMS)
-    assert caught.value.retryable
+    # Written, then no readable answer: the phone may have run it, so it is not sent again.
+    assert isinstance(caught.value, PhoneUnconfirmed)
+    assert not caught.value.retryable
     assert caught.value.phone == "desk-1"
 
 
@@ -182,7 +191,8 @@ async def test_unreadable_answers(
 async def test_oversized_answer_is_cut_at_the_cap(
     raw_phone: Callable[[Answerer], RawPhone], framing: str
 ) -> None:
-    big = b"<CiscoIPPhoneResponse>" + b" " * (MAX_RESPONSE_BYTES * 4)
+    # An error object, so that what is cut matters (any other 2xx answer is success unread).
+    big = b"<CiscoIPPhoneError>" + b" " * (MAX_RESPONSE_BYTES * 4)
     head = b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\n"
     if framing == "content-length":
         data = head + b"Content-Length: %d\r\n\r\n" % len(big) + big
@@ -211,3 +221,45 @@ async def test_phone_gone_after_an_answer(raw_phone: Callable[[Answerer], RawPho
         # The idle connection was closed by the phone: the next push reconnects, and is refused.
         with pytest.raises(PhoneUnreachable, match="Connection refused"):
             await client.execute(ITEMS)
+
+
+# --- written or not: what the phone can have run ------------------------------------------------
+
+
+async def test_no_answer_after_the_request_was_written_is_unconfirmed(
+    raw_phone: Callable[[Answerer], RawPhone],
+) -> None:
+    phone = raw_phone(_fixed(b""))  # reads the request, never answers
+    phone.server = await asyncio.start_server(phone.serve, "127.0.0.1", 0)
+    target = PhoneTarget("desk-1", "127.0.0.1", phone.port, timeout=0.3)
+    async with PhoneClient(target) as client:
+        with pytest.raises(PhoneAnswerTimeout) as caught:
+            await client.execute(ITEMS)
+        assert client.written
+    assert isinstance(caught.value, PhoneUnconfirmed) and not caught.value.retryable
+    assert len(phone.requests) == 1
+
+
+async def test_a_cancelled_push_says_whether_it_was_written(
+    raw_phone: Callable[[Answerer], RawPhone],
+) -> None:
+    phone = raw_phone(_fixed(b""))
+    async with await _start(phone) as client:
+        task = asyncio.create_task(client.execute(ITEMS))
+        while not phone.requests:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert client.written
+
+
+async def test_a_refused_connection_was_not_written() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with PhoneClient(PhoneTarget("desk-1", "127.0.0.1", port)) as client:
+        with pytest.raises(PhoneUnreachable) as caught:
+            await client.execute(ITEMS)
+        assert not client.written
+    assert isinstance(caught.value, PhoneNotSent) and caught.value.retryable

@@ -14,10 +14,16 @@ aiohttp 0.25 ms, this client a fraction of that. It speaks only what phones spea
 * one connection, one request at a time (the caller holds a lock), reused while the phone keeps
   it open.
 
-Errors are raised as :class:`ConnectFailed` (wrapping the ``OSError``/``TimeoutError`` of the
-connect) or :class:`BadAnswer` (what the phone sent is not HTTP/1.1 we can read), or plain
-``OSError``/``TimeoutError`` once connected; :mod:`phonepush.phone` turns them into
-``PhoneError``\\ s.
+Errors say whether the request reached the phone, since only then can the phone have run it:
+
+* :class:`NotWritten` (and its :class:`ConnectFailed`): the request was not fully handed to the
+  kernel (connect failed, or the connection failed or timed out while writing); ``__cause__`` is
+  the ``OSError`` or ``TimeoutError``;
+* after the write: :class:`BadAnswer` (the phone hung up, or sent what is not HTTP/1.1 we can
+  read), or a plain ``OSError`` (reset) or ``TimeoutError`` (no answer in time).
+
+:attr:`Connection.written` says the same for a request cut by a cancellation.
+:mod:`phonepush.phone` turns them into ``PhoneError``\\ s.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import asyncio
 import ssl
 from typing import Final
 
-__all__ = ["Answer", "BadAnswer", "ConnectFailed", "Connection", "request_head"]
+__all__ = ["Answer", "BadAnswer", "ConnectFailed", "Connection", "NotWritten", "request_head"]
 
 _MAX_HEAD: Final = 16 * 1024
 _CRLF: Final = b"\r\n"
@@ -38,7 +44,12 @@ class BadAnswer(Exception):
     """The phone's answer is not readable HTTP/1.1 (or the phone hung up before answering)."""
 
 
-class ConnectFailed(Exception):
+class NotWritten(Exception):
+    """The request was not fully written: the phone cannot have run it. ``__cause__`` is the
+    ``OSError`` or ``TimeoutError``."""
+
+
+class ConnectFailed(NotWritten):
     """Connecting failed; ``__cause__`` is the ``OSError`` or ``TimeoutError``."""
 
 
@@ -60,10 +71,22 @@ class _Protocol(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.lost: BaseException | None = None
         self.eof = False
+        # Set while the transport holds bytes the kernel has not taken (write buffer above 0).
+        self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        # Told (pause_writing) whenever a write leaves bytes in our buffer: until the kernel has
+        # them all, the request is not written.
+        transport.set_write_buffer_limits(high=0, low=0)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._wake()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -114,6 +137,15 @@ class Connection:
         # Seconds for the connect, and again for the exchange (send and whole answer).
         self._timeout = timeout
         self._proto: _Protocol | None = None
+        #: Whether the last request was fully written (the phone may have run it), also when
+        #: it was cut by a cancellation.
+        self.written = False
+
+    @property
+    def is_open(self) -> bool:
+        """A connection is held (it may still be closed by the phone unnoticed)."""
+        proto = self._proto
+        return proto is not None and not proto.eof
 
     def close(self) -> None:
         proto, self._proto = self._proto, None
@@ -122,6 +154,7 @@ class Connection:
 
     async def request(self, body: bytes) -> Answer:
         """Send one push and return (status, Content-Type, body capped at ``cap`` bytes)."""
+        self.written = False
         proto = self._proto
         if proto is None or proto.eof or proto.buffer:
             # Closed by the phone while idle, or it sent something unasked: start afresh.
@@ -131,12 +164,21 @@ class Connection:
         done = False
         try:
             async with asyncio.timeout(self._timeout):
-                proto.transport.write(
-                    b"%sContent-Length: %d\r\n\r\n%s" % (self._head, len(body), body)
-                )
+                try:
+                    proto.transport.write(
+                        b"%sContent-Length: %d\r\n\r\n%s" % (self._head, len(body), body)
+                    )
+                    await self._drain(proto)
+                except OSError as exc:
+                    raise NotWritten(str(exc) or type(exc).__name__) from exc
+                self.written = True
                 answer, reusable = await self._read(proto)
             done = reusable
             return answer
+        except TimeoutError as exc:
+            if not self.written:
+                raise NotWritten(f"timed out writing the request: {exc}") from exc
+            raise
         finally:
             # A timeout, a cancellation or a bad answer leaves the connection mid-exchange.
             if not done:
@@ -152,6 +194,22 @@ class Connection:
             raise ConnectFailed(str(exc)) from exc
         self._proto = proto
         return proto
+
+    async def _drain(self, proto: _Protocol) -> None:
+        """Wait until the kernel has taken the whole request (usually at once: it is small)."""
+        loop = asyncio.get_running_loop()
+        while proto.paused:
+            if proto.eof:
+                raise proto.lost or ConnectionResetError("connection closed while writing")
+            proto.waiter = loop.create_future()
+            try:
+                await proto.waiter
+            finally:
+                proto.waiter = None
+        assert proto.transport is not None
+        if proto.transport.is_closing():
+            # The write itself failed (reset, broken pipe): the transport closed at once.
+            raise proto.lost or ConnectionResetError("connection closed while writing")
 
     async def _read(self, proto: _Protocol) -> tuple[Answer, bool]:
         loop = asyncio.get_running_loop()

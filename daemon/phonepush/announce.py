@@ -33,12 +33,14 @@ Durability and the spool (an audio page is *live*: played late, it is wrong):
   (phones slow to answer the start push) is cancelled, its phones told to stop.
 * **One page at a time.** A phone plays one stream; two pages at once would replace each other
   on shared phones. Pages queue (their TTLs still apply while waiting).
-* **Pushes.** Start and stop pushes go through a phone client of their own (made with the
-  daemon's client factory), not through the dispatcher's per-phone queue: a page must not wait
-  behind a phone's retries, and a phone's other deliveries must not wait for a whole
-  announcement. A phone serves one push at a time and queues the others itself. A push the
-  phone answers busy (error 6), or does not answer, is tried once more after 0.25 s; then the
-  phone is reported and left out.
+* **Pushes.** Start and stop pushes go through the phones' lanes (:mod:`phonepush.lanes`),
+  shared with the dispatcher: a phone gets one push at a time, so a start waits for a
+  delivery in flight to that phone (not for its retries, which wait outside the lane). A start
+  the phone answers busy (error 6), or that never reached it, is tried once more after 0.25 s;
+  one written but not answered is not (the phone may be listening: it is stopped like the
+  others). A stop is also tried again when unanswered: it does no harm twice.
+* **Stops are guaranteed.** Every phone whose start may have been written is pushed the stop,
+  also when the page is cut (TTL, shutdown); the stops run shielded from the cancellation.
 """
 
 from __future__ import annotations
@@ -58,11 +60,18 @@ from urllib.parse import urlsplit
 from phonepush.audio import SAMPLE_RATE, Speech, announcement, load_file
 from phonepush.config import Config, RuleAudioConfig
 from phonepush.dispatch import Outcome
-from phonepush.errors import AudioError, ConfigError, PhoneError, TemplateError, WireError
+from phonepush.errors import (
+    AudioError,
+    ConfigError,
+    PhoneError,
+    PhoneUnconfirmed,
+    TemplateError,
+    WireError,
+)
 from phonepush.events import Event
+from phonepush.lanes import PhoneLanes
 from phonepush.metrics import Metrics
-from phonepush.paging import PageReport, PageSettings, PageTarget, TargetResult, page
-from phonepush.phone import PhoneClient, PhoneTarget
+from phonepush.paging import STOP_URI, PageReport, PageSettings, PageTarget, TargetResult, page
 from phonepush.rules import event_context
 from phonepush.spool import Delivery, NewDelivery, Spool
 from phonepush.templates import Templates, TextTemplate
@@ -77,8 +86,10 @@ log = logging.getLogger("phonepush.announce")
 
 #: Pause before the one retry of a start or stop push the phone answered busy or not at all.
 _RETRY_DELAY: Final = 0.25
+#: How often a stop push is tried (0.25 + 0.5 + 1 + 2 s between tries).
+_STOP_TRIES: Final = 5
 #: How long shutdown waits for pages being cut to push their stop URIs.
-_CLOSE_GRACE: Final = 5.0
+_CLOSE_GRACE: Final = 8.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,8 +186,8 @@ Publish = Callable[[Outcome], Awaitable[None]]
 class Announcer:
     """Plays rules' audio pages; an async context manager (closing cuts pages in progress).
 
-    ``client_factory`` makes the phone clients for the start and stop pushes (the daemon passes
-    its own, so tests inject transports the same way). ``speech`` defaults to espeak-ng with
+    ``lanes`` carry the start and stop pushes (the daemon's, shared with the dispatcher).
+    ``speech`` defaults to espeak-ng with
     ``[audio] voice`` and ``cache_dir``. ``on_outcome`` is told each phone's outcome, like the
     dispatcher's. ``lead_in_s`` passes between the start pushes and the first packet.
     """
@@ -189,7 +200,7 @@ class Announcer:
         metrics: Metrics,
         actions: Mapping[str, AudioAction] | None = None,
         base_dir: Path | None = None,
-        client_factory: Callable[[PhoneTarget], PhoneClient] = PhoneClient,
+        lanes: PhoneLanes,
         speech: Speech | None = None,
         on_outcome: Publish | None = None,
         clock: Callable[[], float] = time.time,
@@ -197,7 +208,7 @@ class Announcer:
     ) -> None:
         self._spool = spool
         self._metrics = metrics
-        self._client_factory = client_factory
+        self._lanes = lanes
         self._on_outcome = on_outcome
         self._clock = clock
         self._lead_in = lead_in_s
@@ -375,32 +386,25 @@ class Announcer:
             ttl=action.multicast_ttl,
             lead_in_s=self._lead_in,
         )
-        async with contextlib.AsyncExitStack() as stack:
-            clients: dict[str, PhoneClient] = {}
+        lanes = self._lanes
 
-            async def push(target: PageTarget, uri: str) -> None:
-                client = clients.get(target.name)
-                if client is None:
-                    client = self._client_factory(phones[target.name])
-                    clients[target.name] = await stack.enter_async_context(client)
-                await _push(client, target.name, uri)
+        async def push(target: PageTarget, uri: str) -> None:
+            await _push(lanes, target.name, uri)
 
-            try:
-                async with asyncio.timeout(max(0.0, expires_at - self._clock())):
-                    report = await page(targets, audio, push=push, settings=settings)
-            except TimeoutError:
-                self._expired(
-                    action, [by_name[t.name] for t in targets], "TTL passed during the page"
-                )
-                return
-            except (AudioError, WireError) as exc:
-                # The stream's source does not resolve, or a start URI is invalid: nothing sent.
-                log.error("event %s rule %s: audio page not sent: %s", event.id, rule, exc)
-                self._finish_all(
-                    [by_name[t.name] for t in targets], "failed", f"audio: {exc}", publish=True
-                )
-                self._metrics.audio_pages.labels(rule, "failed").inc()
-                return
+        try:
+            async with asyncio.timeout(max(0.0, expires_at - self._clock())):
+                report = await page(targets, audio, push=push, settings=settings)
+        except TimeoutError:
+            self._expired(action, [by_name[t.name] for t in targets], "TTL passed during the page")
+            return
+        except (AudioError, WireError) as exc:
+            # The stream's source does not resolve, or a start URI is invalid: nothing sent.
+            log.error("event %s rule %s: audio page not sent: %s", event.id, rule, exc)
+            self._finish_all(
+                [by_name[t.name] for t in targets], "failed", f"audio: {exc}", publish=True
+            )
+            self._metrics.audio_pages.labels(rule, "failed").inc()
+            return
         self._report(event, action, report, by_name)
 
     async def _audio(self, action: AudioAction, event: Event) -> bytes:
@@ -501,14 +505,21 @@ def _outcome(result: TargetResult, report: PageReport) -> tuple[str, str]:
     return "delivered", ""
 
 
-async def _push(client: PhoneClient, phone: str, uri: str) -> None:
-    """One ExecuteItem; raise :class:`PhoneError` unless the phone accepted it. Busy (error 6,
-    as an error object or an item's Status) or no answer is tried once more."""
-    for attempt in range(2):
+async def _push(lanes: PhoneLanes, phone: str, uri: str) -> None:
+    """One ExecuteItem through the phone's lane; raise :class:`PhoneError` unless the phone
+    accepted it. A start answered busy (error 6, as an error object or an item's Status) or not
+    sent is tried once more. A stop is tried up to :data:`_STOP_TRIES` times, also when
+    unanswered (it does no harm twice): a phone whose cut start is still running answers busy
+    until it is done, and a phone left listening is what an operator notices."""
+    stop = uri == STOP_URI
+    tries = _STOP_TRIES if stop else 2
+    delay = _RETRY_DELAY
+    for attempt in range(1, tries + 1):
         try:
-            items = await client.execute([ExecuteItem(uri)])
+            items = await lanes.execute(phone, [ExecuteItem(uri)])
         except PhoneError as exc:
-            if not exc.retryable or attempt:
+            again = exc.retryable or (stop and isinstance(exc, PhoneUnconfirmed))
+            if not again or attempt == tries:
                 raise
         else:
             refused = [item for item in items if not item.ok]
@@ -516,6 +527,7 @@ async def _push(client: PhoneClient, phone: str, uri: str) -> None:
                 return
             item = refused[0]
             error = PhoneError(f"{item.url}: {item.data} (Status {item.status})", phone=phone)
-            if item.status != 6 or attempt:
+            if item.status != 6 or attempt == tries:
                 raise error
-        await asyncio.sleep(_RETRY_DELAY)
+        await asyncio.sleep(delay)
+        delay *= 2

@@ -30,6 +30,7 @@ __all__ = ["DELIVERY_STATES", "api_routes", "event_status"]
 DELIVERY_STATES: Final = (
     "pending",
     "delivered",
+    "unconfirmed",
     "failed",
     "expired",
     "acknowledged",

@@ -16,6 +16,7 @@ Phones' limits we enforce here (see ``docs/design.md`` for the sources):
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,12 +29,16 @@ from phonepush.errors import (
     MalformedPush,
     PhoneAuthError,
     PhoneBadResponse,
+    PhoneError,
+    PhoneHTTPBusy,
     PhoneHTTPError,
     PhoneRejected,
     TooLarge,
     WireError,
 )
 from phonepush.uri import MAX_URL_LENGTH, ExecuteItem, is_http, validate_uri
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "CUT",
@@ -303,39 +308,59 @@ def _clip(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - len(CUT)] + CUT
 
 
+def _accepted(body: bytes, content_type: str | None, status: int) -> list[ResponseItem]:
+    _log.debug(
+        "phone answered %d %s without receipts, taken as success: %r",
+        status,
+        _clip(content_type or "(no Content-Type)"),
+        body[:64],
+    )
+    return []
+
+
+def _http_error(status: int) -> PhoneError:
+    if status == 401:
+        return PhoneAuthError("HTTP 401")
+    if status in (429, 503):
+        return PhoneHTTPBusy(status)
+    return PhoneHTTPError(status)
+
+
 def parse_response(
     body: bytes, content_type: str | None, status: int = 200, *, receipts: bool = True
 ) -> list[ResponseItem]:
     """Read a phone's answer to a push.
 
-    Returns the ResponseItems (in the phone's completion order); an empty 2xx body is success
-    without receipts (multiplatform phones). Raises a :class:`~phonepush.errors.PhoneError`:
-    :class:`PhoneRejected` / :class:`PhoneAuthError` for a CiscoIPPhoneError, whatever the HTTP
-    status; :class:`PhoneHTTPError` for an error status without one; :class:`PhoneBadResponse`
-    for anything else unreadable. With ``receipts=False`` (setBackground, setRingTone, whose
-    success body is undocumented) any 2xx answer that is not a CiscoIPPhoneError is success.
+    Returns the ResponseItems (in the phone's completion order). Any 2xx answer that is not a
+    CiscoIPPhoneError is success: multiplatform (3PCC) firmware answers ``200 text/html``, some
+    answer nothing, and the phone has taken the push either way; its first bytes go to the debug
+    log, and the result is empty (no receipts). Only a ``text/xml`` answer that is not readable
+    XML (garbage, a DTD, over the size limit) is not.
+
+    Raises a :class:`~phonepush.errors.PhoneError`: :class:`PhoneRejected` /
+    :class:`PhoneAuthError` for a CiscoIPPhoneError, whatever the HTTP status;
+    :class:`PhoneHTTPBusy` for 503/429 and :class:`PhoneHTTPError` for another error status
+    without one; :class:`PhoneBadResponse` for unreadable XML or an error object without a
+    number. ``receipts`` is kept for callers; it no longer changes anything.
     """
+    del receipts
     ok = 200 <= status < 300
     if not body.strip():
         if ok:
             return []
-        if status == 401:
-            raise PhoneAuthError("HTTP 401")
-        raise PhoneHTTPError(status)
+        raise _http_error(status)
     ctype = (content_type or "").strip()
     if ctype[:8].lower() != "text/xml":
-        if status == 401:
-            raise PhoneAuthError("HTTP 401")
         if not ok:
-            raise PhoneHTTPError(status)
-        if not receipts:
-            return []
-        raise PhoneBadResponse(f"Unexpected Content-Type: {_clip(content_type or '')}")
+            raise _http_error(status)
+        return _accepted(body, content_type, status)
     try:
         root = _parse_xml(body, MAX_RESPONSE_BYTES, PhoneBadResponse)
     except PhoneBadResponse:
         if not ok:
-            raise PhoneHTTPError(status) from None
+            raise _http_error(status) from None
+        # It says XML and is not (or is hostile, or too long): a sick phone, or an error object
+        # we cannot read. Written and not answered: unconfirmed.
         raise
     if root.tag == "CiscoIPPhoneError":
         number_text = root.get("Number", "")
@@ -353,11 +378,9 @@ def parse_response(
             raise PhoneAuthError(text)
         raise PhoneRejected(number, text)
     if not ok:
-        raise PhoneHTTPError(status)
+        raise _http_error(status)
     if root.tag != "CiscoIPPhoneResponse":
-        if not receipts:
-            return []
-        raise PhoneBadResponse(f"unexpected answer <{_clip(root.tag)}>")
+        return _accepted(body, content_type, status)
     items = []
     for element in root.iterfind("ResponseItem"):
         try:

@@ -615,6 +615,9 @@ class RuleConfig(_Section):
     dedupe: str = ""
     cooldown: Duration | None = None
     ttl: PositiveDuration = 300.0
+    # Send again a request that was written but got no answer (docs/design.md, "Delivery
+    # guarantees"): only for content that does no harm twice (Display:, text pages).
+    retry_unconfirmed: bool = False
     # Acknowledgements and repeats (docs/design.md, "Acknowledgements and repeats").
     repeat: Duration | None = None
     max_repeats: int | None = Field(default=None, ge=1, le=1000)
@@ -812,6 +815,8 @@ class DispatchConfig(_Section):
     """``[dispatch]``: how deliveries go out."""
 
     concurrency: int = Field(default=256, ge=1, le=100_000)
+    # None: half the open-files limit at start (phonepush.lanes.default_max_connections).
+    max_connections: int | None = Field(default=None, ge=1, le=1_000_000)
     retry_initial: Duration = 1.0
     retry_max: Duration = 60.0
 

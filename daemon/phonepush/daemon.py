@@ -31,11 +31,12 @@ from phonepush.acks import AckService, Alerting, ack_prefix
 from phonepush.announce import Announcer, compile_actions
 from phonepush.authenticate import Authenticator
 from phonepush.config import Config, load_config
-from phonepush.dispatch import Dispatcher, Outcome, close_clients
+from phonepush.dispatch import Dispatcher, Outcome
 from phonepush.errors import ConfigError, PhonepushError, SpoolError
 from phonepush.grouping import Grouper
 from phonepush.housekeeping import Housekeeper
 from phonepush.intake import Intake
+from phonepush.lanes import PhoneLanes, default_max_connections
 from phonepush.metrics import Metrics
 from phonepush.phone import PhoneClient, PhoneTarget
 from phonepush.redact import url_for_log
@@ -155,15 +156,25 @@ class Daemon:
                 spool, retention=config.spool.retention, max_size=config.spool.max_size
             )
             mqtt: MqttSource | None = None
+            # Every push to a phone goes through its lane, deliveries and audio pages alike;
+            # closed last, after the pages' stop pushes.
+            lanes = await stack.enter_async_context(
+                PhoneLanes(
+                    config.phone_targets(),
+                    client_factory=self._client_factory,
+                    max_connections=config.dispatch.max_connections or default_max_connections(),
+                )
+            )
+            log.info("at most %d phone connections open at once", lanes.max_connections)
             dispatcher = await stack.enter_async_context(
                 Dispatcher(
                     spool,
-                    config.phone_targets(),
+                    lanes,
                     metrics=metrics,
                     concurrency=config.dispatch.concurrency,
                     retry_initial=config.dispatch.retry_initial,
                     retry_max=config.dispatch.retry_max,
-                    client_factory=self._client_factory,
+                    retry_unconfirmed=_retry_unconfirmed(config),
                     on_outcome=self._publish_outcome,
                 )
             )
@@ -192,7 +203,7 @@ class Daemon:
                     spool,
                     metrics=metrics,
                     actions=audio_actions,
-                    client_factory=self._client_factory,
+                    lanes=lanes,
                     on_outcome=self._publish_outcome,
                 )
             )
@@ -339,6 +350,7 @@ class Daemon:
             "server.trusted_proxies",
             "spool.path",
             "mqtt",
+            "dispatch.max_connections",
         ):
             if _dig(config, key) != _dig(running.config, key):
                 log.warning("reload: %s changed; it takes effect after a restart", key)
@@ -356,8 +368,8 @@ class Daemon:
         if state.acks is not None:
             state.acks.webhook = config.ack.webhook
         running.config = self.config = config
-        stale = running.dispatcher.update_phones(config.phone_targets())
-        await close_clients(stale)
+        running.dispatcher.update_phones(config.phone_targets())
+        running.dispatcher.retry_unconfirmed = _retry_unconfirmed(config)
         if running.mqtt is not None:
             running.mqtt.update_filters(rules.mqtt_filters)
         state.token = _secret(config.webhook.token)
@@ -386,6 +398,10 @@ class Daemon:
         finally:
             for sig in handled:
                 loop.remove_signal_handler(sig)
+
+
+def _retry_unconfirmed(config: Config) -> frozenset[str]:
+    return frozenset(rule.name for rule in config.rules if rule.retry_unconfirmed)
 
 
 def _secret(value: object) -> str | None:

@@ -1,31 +1,51 @@
 """The dispatcher: deliveries from the spool to the phones.
 
 One worker task per phone takes that phone's deliveries in order and sends their requests one at a
-time (phones handle one push at a time). Workers run concurrently, bounded by a global semaphore,
-so a dead or slow phone holds up only its own queue. Transient failures (unreachable, timeout, HTTP
-5xx, error 6, unreadable answer) are retried with full-jitter exponential backoff until the
-delivery's TTL; permanent ones (error 1/2/3/4, an item the phone refused) fail at once.
+time through the phone's lane (:mod:`phonepush.lanes`, shared with audio pages). Workers run
+concurrently, bounded by a global semaphore, so a dead or slow phone holds up only its own queue.
+
+What happens after a failure depends on what the phone can have done (docs/design.md, "Delivery
+guarantees"):
+
+* the request never fully reached the phone (:class:`~phonepush.errors.PhoneNotSent`), or the
+  phone answered busy (error 6): retried with full-jitter exponential backoff until the TTL;
+* the request was written and no answer we can read came back
+  (:class:`~phonepush.errors.PhoneUnconfirmed`): the phone may have run it, so it is not sent
+  again; the delivery goes on with its next request and ends ``unconfirmed``. A rule with
+  ``retry_unconfirmed = true`` (idempotent content) has it retried like the first case;
+* the phone refused (error 1/2/3/4, an item with a non-zero Status): ``failed`` at once;
+* any 2xx answer that is not a CiscoIPPhoneError: the request is done.
+
+A delivery resumes after its last done request (``sent`` in the spool) and never sends one again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from phonepush.errors import PhoneError, PhoneTimeout, PhoneUnreachable, SpoolError
+from phonepush.errors import (
+    PhoneError,
+    PhoneNotSent,
+    PhoneTimeout,
+    PhoneUnconfirmed,
+    SpoolError,
+)
+from phonepush.lanes import DEFAULT_MAX_CONNECTIONS, PhoneLanes
 from phonepush.metrics import Metrics
 from phonepush.phone import PhoneClient, PhoneTarget
 from phonepush.spool import Delivery, Spool
 
-__all__ = ["Dispatcher", "Outcome", "close_clients"]
+__all__ = ["Dispatcher", "Outcome"]
 
 log = logging.getLogger("phonepush.dispatch")
 
@@ -37,7 +57,7 @@ class Outcome:
     event: str
     rule: str
     phone: str
-    result: str  # delivered | failed | expired
+    result: str  # delivered | unconfirmed | failed | expired
     attempts: int
     error: str
     seconds: float
@@ -54,17 +74,17 @@ class Outcome:
         }
 
 
-async def close_clients(clients: Iterable[PhoneClient]) -> None:
-    """Close phone clients opened by the dispatcher (on shutdown, or replaced by a reload)."""
-    await asyncio.gather(*(c.__aexit__(None, None, None) for c in clients), return_exceptions=True)
-
-
 @dataclass(frozen=True, slots=True)
 class _PhoneMetrics:
     up: Gauge
     ok: Counter
     delivered: Counter
     duration: Histogram
+
+
+#: How the error of a delivery that had a request go unconfirmed begins (kept in the spool, so a
+#: resumed delivery still ends ``unconfirmed``).
+_UNCONFIRMED: Final = "unconfirmed: "
 
 
 class _Draining(Exception):
@@ -78,37 +98,48 @@ class _ItemRefused(PhoneError):
 class Dispatcher:
     """Delivers pending work to phones; an async context manager whose :meth:`run` is a task.
 
-    ``client_factory`` makes one client per phone (tests inject a transport through it).
+    ``phones`` is the daemon's :class:`PhoneLanes`, or a phone list for a dispatcher with lanes
+    of its own (made with ``client_factory`` and ``max_connections``, closed with it).
+    ``retry_unconfirmed`` names the rules whose unconfirmed requests are sent again.
     """
 
     def __init__(
         self,
         spool: Spool,
-        phones: Mapping[str, PhoneTarget],
+        phones: PhoneLanes | Mapping[str, PhoneTarget],
         *,
         metrics: Metrics,
         concurrency: int = 256,
         retry_initial: float = 1.0,
         retry_max: float = 60.0,
+        retry_unconfirmed: Collection[str] = (),
         client_factory: Callable[[PhoneTarget], PhoneClient] = PhoneClient,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
         on_outcome: Callable[[Outcome], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self._spool = spool
-        self._targets = dict(phones)
+        self._own_lanes = not isinstance(phones, PhoneLanes)
+        self._lanes = (
+            phones
+            if isinstance(phones, PhoneLanes)
+            else PhoneLanes(phones, client_factory=client_factory, max_connections=max_connections)
+        )
+        self.retry_unconfirmed = frozenset(retry_unconfirmed)
         self._metrics = metrics
         self._bound = asyncio.Semaphore(concurrency)
         self._retry_initial = retry_initial
         self._retry_max = retry_max
-        self._client_factory = client_factory
         self._on_outcome = on_outcome
         self._clock = clock
         self._rng = rng
-        self._clients: dict[str, PhoneClient] = {}
-        self._queues: dict[str, asyncio.Queue[Delivery]] = {}
+        # Per phone, while it has work: its queue and its worker (which ends when the queue is
+        # empty; an idle worker and queue per phone of a 10,000-phone fan-out cost ~40 MB).
+        self._queues: dict[str, collections.deque[Delivery]] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._sending: set[str] = set()  # phones with a request on the wire
+        self._cut: set[int] = set()  # deliveries cancelled after their request was written
         self._wire_idle = asyncio.Event()  # set while _sending is empty
         self._wire_idle.set()
         self._closing = False
@@ -135,8 +166,8 @@ class Dispatcher:
         for delivery in deliveries:
             queue = self._queues.get(delivery.phone)
             if queue is None:
-                queue = self._queues[delivery.phone] = asyncio.Queue()
-            queue.put_nowait(delivery)
+                queue = self._queues[delivery.phone] = collections.deque()
+            queue.append(delivery)
             self._outstanding += 1
             self._idle.clear()
             if delivery.phone not in self._workers and not self._closing:
@@ -149,15 +180,13 @@ class Dispatcher:
         is skipped, one waiting out a retry gives up; a request on the wire still finishes."""
         self._cancelled.update(delivery_ids)
 
-    def update_phones(self, phones: Mapping[str, PhoneTarget]) -> list[PhoneClient]:
-        """Apply a reloaded phone list; returns the clients that must be closed by the caller."""
-        stale = [
-            self._clients.pop(name)
-            for name, target in list(self._targets.items())
-            if name in self._clients and phones.get(name) != target
-        ]
-        self._targets = dict(phones)
-        return stale
+    @property
+    def lanes(self) -> PhoneLanes:
+        return self._lanes
+
+    def update_phones(self, phones: Mapping[str, PhoneTarget]) -> None:
+        """Apply a reloaded phone list (to the lanes, which may be shared)."""
+        self._lanes.update(phones)
 
     @property
     def outstanding(self) -> int:
@@ -172,31 +201,29 @@ class Dispatcher:
 
     async def _work(self, phone: str) -> None:
         queue = self._queues[phone]
-        while not self._closing:
-            delivery = await queue.get()
-            try:
-                await self._deliver(delivery)
-            except _Draining:
-                return
-            finally:
-                self._outstanding -= 1
-                if self._outstanding == 0:
-                    self._flush_finished()
-                    self._idle.set()
-
-    async def _client(self, phone: str) -> PhoneClient | None:
-        client = self._clients.get(phone)
-        if client is None:
-            target = self._targets.get(phone)
-            if target is None:
-                return None
-            # Opened on first use: opening hundreds of clients up front would slow start-up.
-            client = await self._client_factory(target).__aenter__()
-            self._clients[phone] = client
-        return client
+        try:
+            while queue and not self._closing:
+                delivery = queue.popleft()
+                try:
+                    await self._deliver(delivery)
+                except _Draining:
+                    return
+                finally:
+                    self._outstanding -= 1
+                    if self._outstanding == 0:
+                        self._flush_finished()
+                        self._idle.set()
+        finally:
+            # No await between the empty queue and this: a later submit makes a new worker.
+            if self._workers.get(phone) is asyncio.current_task():
+                del self._workers[phone]
+            if not queue and self._queues.get(phone) is queue:
+                del self._queues[phone]
 
     async def _deliver(self, delivery: Delivery) -> None:
         sent, attempts, error = delivery.sent, delivery.attempts, delivery.error
+        # A resumed delivery whose stored error says a request went unconfirmed ends that way.
+        unconfirmed = error if error.startswith(_UNCONFIRMED) else ""
         backoff = self._retry_initial
         while True:
             if delivery.id in self._cancelled:
@@ -205,12 +232,7 @@ class Dispatcher:
             if self._clock() >= delivery.expires_at:
                 await self._finish(delivery, "expired", attempts, error or "TTL passed")
                 return
-            try:
-                client = await self._client(delivery.phone)
-            except PhoneError as exc:
-                await self._finish(delivery, "failed", attempts, str(exc))
-                return
-            if client is None:
+            if delivery.phone not in self._lanes:
                 await self._finish(delivery, "failed", attempts, "phone not in the configuration")
                 return
             try:
@@ -219,20 +241,19 @@ class Dispatcher:
                         if self._closing:
                             raise _Draining
                         attempts += 1
-                        self._sending.add(delivery.phone)
-                        self._wire_idle.clear()
                         try:
-                            await self._send(client, delivery, sent)
-                        finally:
-                            self._sending.discard(delivery.phone)
-                            if not self._sending:
-                                self._wire_idle.set()
+                            await self._send(delivery, sent)
+                        except PhoneUnconfirmed as exc:
+                            if delivery.rule in self.retry_unconfirmed:
+                                raise
+                            # The phone may have run it: never again. Go on with the rest.
+                            unconfirmed = f"{_UNCONFIRMED}{exc}"
                         sent += 1
                         if sent < len(delivery.requests):
-                            self._progress(delivery, sent, attempts)
+                            self._progress(delivery, sent, attempts, unconfirmed)
             except PhoneError as exc:
                 error = str(exc)
-                if not exc.retryable:
+                if not (exc.retryable or isinstance(exc, PhoneUnconfirmed)):
                     await self._finish(delivery, "failed", attempts, error)
                     return
                 delay = min(self._retry_max, backoff) * self._rng()
@@ -242,7 +263,7 @@ class Dispatcher:
                     # No attempt can happen inside the TTL: the page is already too late.
                     await asyncio.sleep(max(0.0, remaining))
                     continue
-                self._progress(delivery, sent, attempts, error)
+                self._progress(delivery, sent, attempts, unconfirmed or error)
                 self._metrics.retries.labels(delivery.phone).inc()
                 log.info(
                     "delivery %s to %s: %s; retrying in %.1f s",
@@ -253,20 +274,45 @@ class Dispatcher:
                 )
                 await asyncio.sleep(delay)
                 continue
-            await self._finish(delivery, "delivered", attempts, "")
+            except asyncio.CancelledError:
+                if delivery.id in self._cut and delivery.rule not in self.retry_unconfirmed:
+                    # Cut (shutdown) after the request was written: the phone may have run it,
+                    # so it must not be sent again on the next start.
+                    await self._finish(
+                        delivery,
+                        "unconfirmed",
+                        attempts,
+                        f"{_UNCONFIRMED}the daemon stopped while waiting for the answer",
+                    )
+                self._cut.discard(delivery.id)
+                raise
+            if unconfirmed:
+                await self._finish(delivery, "unconfirmed", attempts, unconfirmed)
+            else:
+                await self._finish(delivery, "delivered", attempts, "")
             return
 
-    async def _send(self, client: PhoneClient, delivery: Delivery, index: int) -> None:
+    async def _send(self, delivery: Delivery, index: int) -> None:
         request = delivery.requests[index]
         phone = delivery.phone
         metrics = self._metrics_of(phone)
+        self._sending.add(phone)
+        self._wire_idle.clear()
         try:
-            items = await client.push(request.xml, receipts=request.kind == "execute")
+            items = await self._lanes.push(phone, request.xml, receipts=request.kind == "execute")
         except PhoneError as exc:
-            reachable = not isinstance(exc, PhoneUnreachable | PhoneTimeout)
+            reachable = not isinstance(exc, PhoneNotSent | PhoneTimeout)
             metrics.up.set(1 if reachable else 0)
             self._metrics.requests.labels(phone, type(exc).__name__).inc()
             raise
+        except asyncio.CancelledError:
+            if self._lanes.written(phone):
+                self._cut.add(delivery.id)
+            raise
+        finally:
+            self._sending.discard(phone)
+            if not self._sending:
+                self._wire_idle.set()
         metrics.up.set(1)
         metrics.ok.inc()
         refused = [i for i in items if not i.ok]
@@ -358,16 +404,17 @@ class Dispatcher:
         cancel the rest. Unfinished deliveries stay pending in the spool for the next start.
         Returns how many requests were cut short."""
         self._closing = True
-        for phone, task in self._workers.items():
+        for phone, task in list(self._workers.items()):
             if phone not in self._sending:
-                task.cancel()  # idle, or waiting out a retry backoff: nothing to finish
+                task.cancel()  # waiting out a retry backoff: nothing to finish
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
                 await self._wire_idle.wait()
         cut = len(self._sending)
-        for task in self._workers.values():
+        workers = list(self._workers.values())
+        for task in workers:
             task.cancel()
-        await asyncio.gather(*self._workers.values(), return_exceptions=True)
+        await asyncio.gather(*workers, return_exceptions=True)
         self._workers.clear()
         self._flush_finished()
         return cut
@@ -375,5 +422,5 @@ class Dispatcher:
     async def close(self) -> None:
         if self._workers:
             await self.drain(0)
-        clients, self._clients = list(self._clients.values()), {}
-        await close_clients(clients)
+        if self._own_lanes:
+            await self._lanes.close()

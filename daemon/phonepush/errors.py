@@ -9,18 +9,30 @@
     │   ├── TooLarge                XML body over 512 bytes, URL over 256 characters, …
     │   ├── InvalidTarget           a phone address we cannot use (host, port, scheme, timeout)
     │   └── MalformedPush           (phone side) a pushed object a phone would answer error 1/2 to
-    ├── PhoneError                  a push failed; ``retryable`` says if trying again can help
-    │   ├── PhoneUnreachable        connection refused, no route, DNS, TLS handshake  (retryable)
-    │   ├── PhoneTimeout            no answer within the timeout                      (retryable)
-    │   ├── PhoneAuthError          CiscoIPPhoneError 4, or HTTP 401                  (permanent)
-    │   ├── PhoneRejected           CiscoIPPhoneError N; retryable only for 6 (busy / internal)
-    │   ├── PhoneHTTPError          HTTP status >= 400, no CiscoIPPhoneError  (5xx retryable)
-    │   └── PhoneBadResponse        wrong Content-Type, malformed or hostile XML      (retryable)
+    ├── PhoneError                  a push failed; ``retryable``: sending it again is safe
+    │   ├── PhoneNotSent            the request never fully reached the phone: it cannot
+    │   │   │                       have run it                                       (retryable)
+    │   │   ├── PhoneUnreachable    connect refused/reset, no route, DNS, TLS, reset while writing
+    │   │   └── PhoneConnectTimeout no connection (or no room to write) in time; also PhoneTimeout
+    │   ├── PhoneUnconfirmed        the request was written, no answer we can read: the phone
+    │   │   │                       may have run it                               (not retryable)
+    │   │   ├── PhoneAnswerTimeout  no answer within the timeout; also PhoneTimeout
+    │   │   ├── PhoneBadResponse    hung up, reset, or sent what is not HTTP or a readable error
+    │   │   └── PhoneHTTPError      HTTP status >= 400, no CiscoIPPhoneError
+    │   ├── PhoneTimeout            base of the two timeouts (catch both with it)
+    │   ├── PhoneHTTPBusy           HTTP 503 or 429 (multiplatform firmware's busy): it ran
+    │   │                           nothing                                           (retryable)
+    │   ├── PhoneRejected           CiscoIPPhoneError N: the phone refused; retryable only for 6
+    │   │   └── PhoneAuthError      CiscoIPPhoneError 4, or HTTP 401                  (permanent)
     ├── TemplateError               a rule template failed to compile or render
     ├── MqttError                   the MQTT broker refused or could not take a publish
     ├── AudioError                  page audio cannot be read, converted, synthesized or streamed
     └── SpoolError                  the embedded store cannot take or give events
         └── SpoolFull               over the configured backlog limit: intake must slow down
+
+``PhoneNotSent`` against ``PhoneUnconfirmed`` is what delivery semantics rest on: only the first
+(and error 6) may be sent again without risking a second dial or chime; see docs/design.md,
+"Delivery guarantees".
 
 Third-party exceptions (httpx, lxml, sqlite3, jinja2) are translated into these at one boundary
 each, with ``raise ... from exc`` so the cause stays in tracebacks.
@@ -36,12 +48,17 @@ __all__ = [
     "InvalidURI",
     "MalformedPush",
     "MqttError",
+    "PhoneAnswerTimeout",
     "PhoneAuthError",
     "PhoneBadResponse",
+    "PhoneConnectTimeout",
     "PhoneError",
+    "PhoneHTTPBusy",
     "PhoneHTTPError",
+    "PhoneNotSent",
     "PhoneRejected",
     "PhoneTimeout",
+    "PhoneUnconfirmed",
     "PhoneUnreachable",
     "PhonepushError",
     "SpoolError",
@@ -112,16 +129,37 @@ class PhoneError(PhonepushError):
         super().__init__(message)
 
 
-class PhoneUnreachable(PhoneError):
-    """The phone could not be connected to."""
+class PhoneNotSent(PhoneError):
+    """The request did not fully reach the phone (no connection, or it failed while writing):
+    the phone cannot have run it, so sending it again is safe."""
 
     retryable = True
+
+
+class PhoneUnconfirmed(PhoneError):
+    """The request was written but no answer we can read came back (timeout, reset, garbage, an
+    HTTP error without an error object): the phone may have run it. Sending it again could dial
+    or chime twice, so only content a rule declares idempotent is (``retry_unconfirmed``)."""
+
+    retryable = False
+
+
+class PhoneUnreachable(PhoneNotSent):
+    """The phone could not be connected to, or the connection failed before the request was
+    written."""
 
 
 class PhoneTimeout(PhoneError):
-    """The phone did not answer in time (``Play:`` holds the answer for the tone's length)."""
+    """The phone did not connect or answer in time (``Play:`` holds the answer for the tone's
+    length). Raised as :class:`PhoneConnectTimeout` or :class:`PhoneAnswerTimeout`."""
 
-    retryable = True
+
+class PhoneConnectTimeout(PhoneTimeout, PhoneNotSent):
+    """No connection, or no room to write the request, within the timeout."""
+
+
+class PhoneAnswerTimeout(PhoneTimeout, PhoneUnconfirmed):
+    """The request was written; no answer came within the timeout."""
 
 
 class PhoneRejected(PhoneError):
@@ -143,19 +181,28 @@ class PhoneAuthError(PhoneRejected):
         super().__init__(4, text, phone=phone)
 
 
-class PhoneHTTPError(PhoneError):
-    """An HTTP error status without a CiscoIPPhoneError body."""
+class PhoneHTTPError(PhoneUnconfirmed):
+    """An HTTP error status without a CiscoIPPhoneError body: nothing says what the phone did."""
 
     def __init__(self, status: int, *, phone: str = "") -> None:
         self.status = status
-        self.retryable = status >= 500 or status == 429
         super().__init__(f"HTTP status {status}", phone=phone)
 
 
-class PhoneBadResponse(PhoneError):
-    """The phone answered something that is not a CiscoIPPhone object we can read."""
+class PhoneHTTPBusy(PhoneError):
+    """HTTP 503 or 429: the phone says it is busy (multiplatform firmware's answer where others
+    send error 6) and ran nothing; the same push later works."""
 
     retryable = True
+
+    def __init__(self, status: int, *, phone: str = "") -> None:
+        self.status = status
+        super().__init__(f"HTTP status {status} (busy)", phone=phone)
+
+
+class PhoneBadResponse(PhoneUnconfirmed):
+    """After the request was written the phone hung up, reset the connection, or answered what
+    is neither HTTP nor a CiscoIPPhone object we can read."""
 
 
 class TemplateError(PhonepushError):

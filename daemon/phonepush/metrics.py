@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 __all__ = ["DELIVERY_RESULTS", "Metrics"]
 
 #: The ``result`` label values of ``phonepush_deliveries_total``.
-DELIVERY_RESULTS = ("delivered", "failed", "expired", "suppressed")
+DELIVERY_RESULTS = ("delivered", "unconfirmed", "failed", "expired", "suppressed")
 
 
 class Metrics:
@@ -37,7 +37,9 @@ class Metrics:
         )
         self.deliveries = Counter(
             "phonepush_deliveries",
-            "Finished deliveries (one rule's pushes to one phone), by phone and result.",
+            "Finished deliveries (one rule's pushes to one phone), by phone and result: "
+            "delivered, unconfirmed (a request the phone got but did not answer; not sent "
+            "again), failed, expired, suppressed.",
             ["phone", "result"],
             registry=r,
         )

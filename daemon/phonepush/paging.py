@@ -5,14 +5,18 @@
 or ``RTPMRx:<group>:<port>[:<volume>]`` (multicast) — then streams the µ-law audio with one
 :class:`~phonepush.rtp.RtpStream` to the phones that accepted (each phone's own address and
 ``port``; or once to the group), then pushes ``RTPRx:Stop`` (which ends unicast and multicast
-reception alike) to them. A phone that could not be told to listen is reported and left out; the
-others still hear the page. The stop is pushed even if streaming fails or the page is cancelled.
+reception alike) to every phone the start may have reached (it was written, even if unanswered).
+A phone that could not be told to listen is reported and left out; the others still hear the
+page. The stops are pushed even if streaming fails or the page is cancelled (TTL, shutdown):
+they run shielded from the cancellation, which goes on once they are done.
 
 How pushes are made is the caller's: ``push(target, uri)`` must send one ExecuteItem and raise a
 :class:`~phonepush.errors.PhonepushError` if the phone did not accept it (an error object, an HTTP
 error, or a ResponseItem with a non-zero Status). The CLI (``phonepush page``) passes a function
-over :class:`~phonepush.phone.PhoneClient`; the daemon passes one over its dispatcher, so pushes
-to a phone stay one at a time. Extra exceptions are not swallowed.
+over :class:`~phonepush.phone.PhoneClient`; the daemon passes one over its phone lanes
+(:mod:`phonepush.lanes`), so pushes to a phone stay one at a time. A start that raises
+:class:`~phonepush.errors.PhoneNotSent` or :class:`~phonepush.errors.PhoneRejected` is taken as
+not reaching the phone (no stop). Extra exceptions are not swallowed.
 
 Choices (not settled by Cisco's notes; ours):
 
@@ -44,8 +48,9 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
-from phonepush.errors import AudioError, PhonepushError
+from phonepush.errors import AudioError, PhoneNotSent, PhonepushError, PhoneRejected
 from phonepush.rtp import RtpStream, SendStats
 from phonepush.uri import validate_uri
 
@@ -63,6 +68,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: The port phones listen on unless told otherwise (the lowest RTP port phones accept).
 DEFAULT_PORT = 20480
@@ -202,43 +209,75 @@ async def page(
     validate_uri(STOP_URI)
     limit = asyncio.Semaphore(max(1, settings.concurrency))
     multicast = settings.multicast is not None
+    results: list[TargetResult | None] = [None] * len(targets)
+    # Phones whose start may have reached them: each is stopped, whatever else happens.
+    reached: dict[int, TargetResult] = {}
 
-    async def start(target: PageTarget) -> TargetResult:
+    async def start(i: int, target: PageTarget) -> None:
         address: str | None = None
         try:
             if not multicast:
                 address = await _resolve(target.host)
             async with limit:
+                reached[i] = TargetResult(target, started=False, address=address)
                 await push(target, uri)
         except PhonepushError as exc:
-            return TargetResult(target, started=False, error=str(exc), address=address)
-        return TargetResult(target, started=True, address=address)
-
-    async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(start(target)) for target in targets]
-    results = [task.result() for task in tasks]
-    listening = [i for i, r in enumerate(results) if r.started]
+            failed = TargetResult(target, started=False, error=str(exc), address=address)
+            results[i] = failed
+            if isinstance(exc, PhoneNotSent | PhoneRejected | AudioError):
+                reached.pop(i, None)  # it cannot be listening: it refused, or never got it
+            else:
+                reached[i] = failed
+            return
+        results[i] = reached[i] = TargetResult(target, started=True, address=address)
 
     stats: SendStats | None = None
     error = ""
     destinations: list[tuple[str, int]] = []
     try:
+        async with asyncio.TaskGroup() as group:
+            for i, target in enumerate(targets):
+                group.create_task(start(i, target))
+        listening = [r for r in results if r is not None and r.started]
         if listening:
             if settings.multicast is not None:
                 destinations = [(settings.multicast, settings.port)]
             else:
                 # Phones sharing an address (several simulated phones on one host) hear one copy.
-                addresses = (str(results[i].address) for i in listening)
+                addresses = (str(r.address) for r in listening)
                 destinations = list(dict.fromkeys((a, settings.port) for a in addresses))
             try:
                 stats = await _stream(audio, destinations, settings, stream)
             except AudioError as exc:
                 error = str(exc)
     finally:
-        stopped = await _stop([results[i] for i in listening], push, limit)
-        for i, result in zip(listening, stopped, strict=True):
+        order = sorted(reached)
+        stopped = await _shielded(_stop([reached[i] for i in order], push, limit))
+        for i, result in zip(order, stopped, strict=True):
             results[i] = result
-    return PageReport(uri, tuple(results), stats, error, tuple(destinations))
+    final = tuple(
+        r if r is not None else TargetResult(t, started=False, error="not started")
+        for t, r in zip(targets, results, strict=True)
+    )
+    return PageReport(uri, final, stats, error, tuple(destinations))
+
+
+async def _shielded(work: Awaitable[_T]) -> _T:
+    """Run ``work`` to its end even if the caller is cancelled meanwhile (then the cancellation
+    goes on once ``work`` is done): stop pushes must not be lost to a TTL or a shutdown."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+            continue
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
 
 
 async def _stream(

@@ -52,9 +52,10 @@ from phonepush import __version__, _phonewire, cisco
 from phonepush.cisco import ResponseItem
 from phonepush.errors import (
     InvalidTarget,
+    PhoneAnswerTimeout,
     PhoneBadResponse,
+    PhoneConnectTimeout,
     PhoneError,
-    PhoneTimeout,
     PhoneUnreachable,
 )
 from phonepush.uri import ExecuteItem
@@ -257,6 +258,29 @@ class PhoneClient:
         if client is not None:
             await client.aclose()
 
+    @property
+    def connected(self) -> bool:
+        """A connection to the phone is held open (what ``dispatch.max_connections`` counts)."""
+        if self._wire is not None:
+            return self._wire.is_open
+        return self._client is not None
+
+    @property
+    def written(self) -> bool:
+        """Whether the last push's request was fully written, so the phone may have run it;
+        read after a push was cancelled. Over an injected transport it is assumed."""
+        if self._wire is not None:
+            return self._wire.written
+        return True
+
+    async def disconnect(self) -> None:
+        """Close the connection but keep the client: the next push connects again."""
+        if self._wire is not None:
+            self._wire.close()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
     def _headers(self) -> dict[str, str]:
         headers = {"User-Agent": f"phonepush/{__version__}", "Accept-Encoding": "identity"}
         if self.target.username:
@@ -363,18 +387,26 @@ class PhoneClient:
         target = self.target
         try:
             return await wire.request(body)
-        except _phonewire.ConnectFailed as exc:
+        except _phonewire.NotWritten as exc:
             cause = exc.__cause__ or exc
+            connecting = isinstance(exc, _phonewire.ConnectFailed)
             if isinstance(cause, TimeoutError):
-                raise PhoneTimeout(
-                    f"Timed out after {target.timeout:g} s connecting to {target.authority}",
+                doing = "connecting to" if connecting else "writing to"
+                raise PhoneConnectTimeout(
+                    f"Timed out after {target.timeout:g} s {doing} {target.authority}",
                     phone=target.name,
                 ) from cause
+            if connecting:
+                raise PhoneUnreachable(
+                    f"Cannot connect to {target.authority}: {_reason(cause)}", phone=target.name
+                ) from cause
             raise PhoneUnreachable(
-                f"Cannot connect to {target.authority}: {_reason(cause)}", phone=target.name
+                f"Connection to {target.authority} failed before the request was written: "
+                f"{_reason(cause)}",
+                phone=target.name,
             ) from cause
         except TimeoutError as exc:
-            raise PhoneTimeout(
+            raise PhoneAnswerTimeout(
                 f"Timed out after {target.timeout:g} s waiting for {target.authority}",
                 phone=target.name,
             ) from exc
@@ -383,8 +415,10 @@ class PhoneClient:
                 f"Bad answer from {target.authority}: {exc}", phone=target.name
             ) from exc
         except OSError as exc:
-            raise PhoneUnreachable(
-                f"Connection to {target.authority} failed: {_reason(exc)}", phone=target.name
+            raise PhoneBadResponse(
+                f"Connection to {target.authority} lost after the request was written: "
+                f"{_reason(exc)}",
+                phone=target.name,
             ) from exc
 
     async def _post(self, client: httpx.AsyncClient, body: bytes) -> tuple[int, str | None, bytes]:
@@ -395,13 +429,14 @@ class PhoneClient:
             ) as response:
                 answer = await _read_capped(response, cisco.MAX_RESPONSE_BYTES + 1)
                 return response.status_code, response.headers.get("Content-Type"), answer
-        except httpx.ConnectTimeout as exc:
-            raise PhoneTimeout(
-                f"Timed out after {target.timeout:g} s connecting to {target.authority}",
+        except (httpx.ConnectTimeout, httpx.PoolTimeout, httpx.WriteTimeout) as exc:
+            doing = "writing to" if isinstance(exc, httpx.WriteTimeout) else "connecting to"
+            raise PhoneConnectTimeout(
+                f"Timed out after {target.timeout:g} s {doing} {target.authority}",
                 phone=target.name,
             ) from exc
         except httpx.TimeoutException as exc:
-            raise PhoneTimeout(
+            raise PhoneAnswerTimeout(
                 f"Timed out after {target.timeout:g} s waiting for {target.authority}",
                 phone=target.name,
             ) from exc
@@ -409,14 +444,23 @@ class PhoneClient:
             raise PhoneUnreachable(
                 f"Cannot connect to {target.authority}: {_reason(exc)}", phone=target.name
             ) from exc
+        except httpx.WriteError as exc:
+            raise PhoneUnreachable(
+                f"Connection to {target.authority} failed before the request was written: "
+                f"{_reason(exc)}",
+                phone=target.name,
+            ) from exc
         except httpx.RemoteProtocolError as exc:
             # The phone closed the connection or sent something that is not HTTP/1.1.
             raise PhoneBadResponse(
                 f"Bad answer from {target.authority}: {_reason(exc)}", phone=target.name
             ) from exc
         except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
-            raise PhoneUnreachable(
-                f"Connection to {target.authority} failed: {_reason(exc)}", phone=target.name
+            # A read error, or one httpx does not place: the request may have reached the phone.
+            raise PhoneBadResponse(
+                f"Connection to {target.authority} lost after the request was written: "
+                f"{_reason(exc)}",
+                phone=target.name,
             ) from exc
 
 

@@ -82,7 +82,7 @@ RequestKind = Literal["execute", "background", "ringtone"]
 #: The version of the schema below, kept in ``PRAGMA user_version``.
 SCHEMA_VERSION: Final = 1
 #: States a delivery ends in; :meth:`Spool.finish` moves a pending delivery to one of them.
-FINAL_STATES: Final = frozenset({"delivered", "failed", "expired", "suppressed"})
+FINAL_STATES: Final = frozenset({"delivered", "unconfirmed", "failed", "expired", "suppressed"})
 #: States intake may record a new delivery in (a suppressed or failed one is kept for the record).
 INTAKE_STATES: Final = frozenset({"pending", "failed", "suppressed"})
 
@@ -643,7 +643,7 @@ class Spool:
         )
 
     def finish(self, delivery_id: int, state: str, error: str = "") -> None:
-        """Move a pending delivery to its final ``state`` (delivered, failed, expired, suppressed).
+        """Move a pending delivery to its final ``state`` (one of :data:`FINAL_STATES`).
 
         Does nothing for a delivery that is no longer pending, so finishing twice is harmless.
         """

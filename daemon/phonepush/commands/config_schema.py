@@ -94,6 +94,9 @@ NOTES: Final[dict[str, str]] = {
     "RuleConfig.dedupe": "Template: events with the same key within `cooldown` page once.",
     "RuleConfig.cooldown": "After a page, the same rule (and `dedupe` key) stays quiet this long.",
     "RuleConfig.ttl": "A delivery not done by then expires instead of ringing late.",
+    "RuleConfig.retry_unconfirmed": "Send again a request the phone got but did not answer "
+    "(timeout, reset, garbage). Only for content that does no harm twice (`Display:`, text "
+    "pages): a `Dial:` or `Play:` could run twice. Off: such a delivery ends `unconfirmed`.",
     "RuleConfig.repeat": "Push an unacknowledged page again this often.",
     "RuleConfig.max_repeats": "At most this many repeats (default 5 with `repeat`).",
     "RuleConfig.resolve_when": "Template expression: a later event for which it holds resolves "
@@ -109,6 +112,9 @@ NOTES: Final[dict[str, str]] = {
     "EscalateConfig.after": "Unacknowledged rounds before escalating.",
     "EscalateConfig.to": "Phones, groups or `all` repeats also go to then.",
     "DispatchConfig.concurrency": "Phones pushed to at once.",
+    "DispatchConfig.max_connections": "Open phone connections at most; beyond, the least "
+    "recently used idle one is closed. Default: half the open-files limit at start (512 under "
+    "the usual 1,024).",
     "DispatchConfig.retry_initial": "First retry delay after a transient failure (jittered, "
     "doubling).",
     "DispatchConfig.retry_max": "Longest retry delay.",

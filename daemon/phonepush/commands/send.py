@@ -10,7 +10,8 @@ Where it differs, on purpose:
   a missing or unreadable certificate file is an error line, not a traceback;
 * an HTTP error status without a CiscoIPPhoneError prints "HTTP status N" (401: "Error:
   Authentication error"), not "Unexpected Content-Type: ..."; unreadable XML prints
-  "malformed XML: ..."; an empty 2xx answer is success with no lines;
+  "malformed XML: ..."; any 2xx answer that is not a CiscoIPPhoneError (an empty one, the
+  ``200 text/html`` of multiplatform firmware) is success with no lines;
 * the URI grammar is :mod:`phonepush.uri`'s (a superset: ``RTPRx:``, ``SendDigits:``...; but
   ``Play:`` names over 25 characters, ``Display:`` minutes over 1440, URIs over 256 characters,
   a trailing newline, and XML bodies over 512 bytes are refused before sending);

@@ -22,7 +22,15 @@ from phonepush.commands import CONFIG_EXIT, add_config_option, load_or_report
 __all__ = ["STATE_ORDER", "main", "recent_events"]
 
 #: The order delivery states are listed in.
-STATE_ORDER: Final = ("pending", "delivered", "acknowledged", "failed", "expired", "suppressed")
+STATE_ORDER: Final = (
+    "pending",
+    "delivered",
+    "acknowledged",
+    "unconfirmed",
+    "failed",
+    "expired",
+    "suppressed",
+)
 
 _RECENT: Final = (
     "SELECT id, source, topic, received_at, rules FROM events ORDER BY seq DESC LIMIT ?"
