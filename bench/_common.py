@@ -381,7 +381,8 @@ def daemon_toml(
 
 class DaemonProcess:
     """``phonepush run --config F`` in a subprocess; ``ready_seconds`` is start to ``/readyz``.
-    ``nofile`` sets its open-files limit (soft and hard)."""
+    ``nofile`` sets its open-files limit: soft and hard, or with ``soft_only`` the soft limit
+    alone (``ulimit -Sn``: the daemon raises it to the hard limit at start)."""
 
     def __init__(
         self,
@@ -390,9 +391,11 @@ class DaemonProcess:
         *,
         server_port: int,
         nofile: int | None = None,
+        soft_only: bool = False,
         ready_timeout: float = 30.0,
     ) -> None:
         self.nofile = nofile
+        self.soft_only = soft_only
         self.ready_timeout = ready_timeout
         self.workdir = workdir
         self.config_path = workdir / "phonepush.toml"
@@ -408,11 +411,12 @@ class DaemonProcess:
                 Path(f"{spool}{suffix}").unlink()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PHONEPUSH_")}
         started = time.perf_counter()
-        nofile = self.nofile
+        nofile, soft_only = self.nofile, self.soft_only
 
         def limit() -> None:
             if nofile is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1] if soft_only else nofile
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
 
         self.process = subprocess.Popen(
             [str(VENV_PYTHON), "-m", "phonepush", "run", "--config", str(self.config_path)],
