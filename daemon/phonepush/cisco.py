@@ -16,6 +16,7 @@ Phones' limits we enforce here (see ``docs/design.md`` for the sources):
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -150,8 +151,10 @@ def ringtone_xml(url: str) -> str:
     return _check_size(f"{PROLOG}<setRingTone><ringTone>{_escape(url)}</ringTone></setRingTone>")
 
 
+@functools.lru_cache(maxsize=64)
 def form_body(xml: str) -> bytes:
-    """The request body a phone expects: one urlencoded form field named ``XML``."""
+    """The request body a phone expects: one urlencoded form field named ``XML``. Memoised: a
+    fan-out sends the same object to every phone, and quoting it costs more than the lookup."""
     return urlencode({"XML": xml}).encode("ascii")
 
 
@@ -354,6 +357,10 @@ def parse_response(
         if not ok:
             raise _http_error(status)
         return _accepted(body, content_type, status)
+    if ok and len(body) <= _MEMO_MAX:
+        known = _response_items(body)
+        if known is not None:
+            return list(known)
     try:
         root = _parse_xml(body, MAX_RESPONSE_BYTES, PhoneBadResponse)
     except PhoneBadResponse:
@@ -381,6 +388,10 @@ def parse_response(
         raise _http_error(status)
     if root.tag != "CiscoIPPhoneResponse":
         return _accepted(body, content_type, status)
+    return _items(root)
+
+
+def _items(root: etree._Element) -> list[ResponseItem]:
     items = []
     for element in root.iterfind("ResponseItem"):
         try:
@@ -389,6 +400,25 @@ def parse_response(
             item_status = -1
         items.append(ResponseItem(element.get("URL", ""), element.get("Data", ""), item_status))
     return items
+
+
+#: Answers up to this size are memoised by :func:`_response_items`.
+_MEMO_MAX: Final = 2048
+
+
+@functools.lru_cache(maxsize=64)
+def _response_items(body: bytes) -> tuple[ResponseItem, ...] | None:
+    """The items of a 2xx ``text/xml`` CiscoIPPhoneResponse, or None for any other answer (left
+    to :func:`parse_response`). Memoised because the phones of a fan-out answer the same bytes,
+    and parsing costs more than the lookup; only this pure case is, so errors are built afresh
+    each time and nothing is logged from here."""
+    try:
+        root = _parse_xml(body, MAX_RESPONSE_BYTES, PhoneBadResponse)
+    except PhoneBadResponse:
+        return None
+    if root.tag != "CiscoIPPhoneResponse":
+        return None
+    return tuple(_items(root))
 
 
 # --- what a phone receives (the simulator's side) -----------------------------------------------

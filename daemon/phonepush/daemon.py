@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -286,6 +287,11 @@ class Daemon:
                         len(config.rules),
                         f", MQTT {url_for_log(config.mqtt.url)}" if config.mqtt is not None else "",
                     )
+                    # What start-up made lives as long as the process (modules, config,
+                    # routes): kept out of the collector's full passes, which would otherwise
+                    # walk it again and again while a fan-out allocates (its garbage goes first).
+                    gc.collect()
+                    gc.freeze()
                     self.ready.set()
                     self._notifier.ready("listening")
                     await self._serve_until_stopped(state, rules)
