@@ -403,13 +403,15 @@ class _Poller:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> _Poller:
+    async def __aenter__(self) -> _Poller:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(10)
+        # Joined off the event loop: the daemon under test runs on it and must answer the
+        # request in flight, or that request waits for its timeout and counts as unanswered.
+        await asyncio.to_thread(self._thread.join, 10)
 
     def _run(self) -> None:
         with httpx.Client(timeout=10) as client:
@@ -466,7 +468,7 @@ async def test_finding_15_full_spool_evicts_finished_rows_keeps_pending_and_answ
     assert before > 20 << 20
 
     limit = 4 << 20
-    with _Poller(daemon_runner.url) as poller:
+    async with _Poller(daemon_runner.url) as poller:
         await asyncio.sleep(0.2)
         # As a reload with a smaller spool.max_size does:
         housekeeper.max_size = spool.max_size = limit
