@@ -11,7 +11,8 @@ import pytest
 
 from phonepush.cisco import ResponseItem, response_xml
 from phonepush.errors import PhoneError
-from phonepush.lanes import PhoneLanes, default_max_connections
+from phonepush.lanes import PhoneLanes
+from phonepush.limits import default_max_connections
 from phonepush.phone import PhoneTarget
 from phonepush.uri import ExecuteItem
 

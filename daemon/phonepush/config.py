@@ -815,7 +815,7 @@ class DispatchConfig(_Section):
     """``[dispatch]``: how deliveries go out."""
 
     concurrency: int = Field(default=256, ge=1, le=100_000)
-    # None: half the open-files limit at start (phonepush.lanes.default_max_connections).
+    # None: half the open-files limit at start (phonepush.limits.default_max_connections).
     max_connections: int | None = Field(default=None, ge=1, le=1_000_000)
     retry_initial: Duration = 1.0
     retry_max: Duration = 60.0

@@ -37,7 +37,8 @@ from phonepush.errors import ConfigError, PhonepushError, SpoolError
 from phonepush.grouping import Grouper
 from phonepush.housekeeping import Housekeeper
 from phonepush.intake import Intake
-from phonepush.lanes import PhoneLanes, default_max_connections
+from phonepush.lanes import PhoneLanes
+from phonepush.limits import default_max_connections
 from phonepush.metrics import Metrics
 from phonepush.phone import PhoneClient, PhoneTarget
 from phonepush.redact import url_for_log

@@ -17,7 +17,6 @@ below the bound, connections stay open for the next push.
 from __future__ import annotations
 
 import asyncio
-import resource
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,23 +28,11 @@ from phonepush.errors import PhoneError
 from phonepush.phone import PhoneClient, PhoneTarget
 from phonepush.uri import ExecuteItem
 
-__all__ = ["DEFAULT_MAX_CONNECTIONS", "PhoneLanes", "default_max_connections"]
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "PhoneLanes"]
 
-#: What :func:`default_max_connections` gives under a service manager's default soft limit of
-#: 1,024 open files: half, the rest left to the HTTP server, the spool and the MQTT client.
+#: What :func:`phonepush.limits.default_max_connections` gives under a service manager's default
+#: soft limit of 1,024 open files: half, the rest left to the HTTP server, the spool and MQTT.
 DEFAULT_MAX_CONNECTIONS: Final = 512
-#: Never fewer, whatever the limit says (a limit this low fails elsewhere first).
-_MIN_CONNECTIONS: Final = 64
-
-
-def default_max_connections() -> int:
-    """``dispatch.max_connections`` when unset: half the process's soft open-files limit (512
-    under the usual 1,024), so a larger limit keeps more phones' connections open between
-    pushes, and a small one is never exhausted by phone connections alone."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 100_000
-    return max(_MIN_CONNECTIONS, soft // 2)
 
 
 @dataclass(slots=True, eq=False)

@@ -12,9 +12,13 @@ from __future__ import annotations
 import logging
 import resource
 
-__all__ = ["raise_open_files_limit"]
+__all__ = ["default_max_connections", "raise_open_files_limit"]
 
 log = logging.getLogger("phonepush.limits")
+
+#: Phone connections never fall below this, whatever the limit says (a limit this low fails
+#: elsewhere first).
+_MIN_CONNECTIONS = 64
 
 
 def raise_open_files_limit() -> int:
@@ -44,3 +48,14 @@ def raise_open_files_limit() -> int:
 
 def _show(limit: int) -> str:
     return "unlimited" if limit == resource.RLIM_INFINITY else str(limit)
+
+
+def default_max_connections() -> int:
+    """``dispatch.max_connections`` when unset: half the soft open-files limit in force (512
+    under the usual 1,024; read after :func:`raise_open_files_limit`), so a larger limit keeps
+    more phones' connections open between pushes, and a small one is never exhausted by phone
+    connections alone."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 100_000
+    return max(_MIN_CONNECTIONS, soft // 2)
