@@ -49,6 +49,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from phonepush.config import Config
+from phonepush.logs import LogLimiter
 from phonepush.metrics import Metrics
 
 __all__ = [
@@ -104,8 +105,8 @@ class Authenticator:
         self._clock = clock
         self._by_address: OrderedDict[str, deque[float]] = OrderedDict()
         self._everyone: deque[float] = deque(maxlen=max_failures * _GLOBAL_FACTOR)
-        #: configured user -> (when its failures were last logged, failures since)
-        self._logged: dict[str, tuple[float, int]] = {}
+        # Configured users' failures: a line per user per window, with the count in between.
+        self._known_failures_log = LogLimiter(failure_window, max(1, len(self._known)), clock)
         self._everyone_logged = float("-inf")
 
     @classmethod
@@ -174,7 +175,7 @@ class Authenticator:
         if self._metrics is not None:
             self._metrics.authenticate_failures.labels(known or "").inc()
         if known is not None:
-            self._log_known_failure(known, client, now)
+            self._log_known_failure(known, client)
             return
         self._everyone.append(now)
         failures = self._by_address.pop(client, None)
@@ -205,18 +206,18 @@ class Authenticator:
         if len(self._by_address) > _MAX_ADDRESSES:
             self._by_address.popitem(last=False)
 
-    def _log_known_failure(self, user: str, client: str, now: float) -> None:
-        last, since = self._logged.get(user, (float("-inf"), 0))
-        if now - last < self._window:
-            self._logged[user] = (last, since + 1)
+    def _log_known_failure(self, user: str, client: str) -> None:
+        log_limit = self._known_failures_log
+        if not log_limit.allow(user):
             return
-        self._logged[user] = (now, 0)
         log.warning(
             "wrong password for configured user %r from %s%s; not locked out (the client is a "
             "phone, anyone could lock it out); see phonepush_authenticate_failures_total",
             user,
             client,
-            f" ({since} more wrong since the last such line)" if since else "",
+            f" ({log_limit.suppressed} more wrong since the last such line)"
+            if log_limit.suppressed
+            else "",
         )
 
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Final, Literal
 
 from phonepush.redact import url_for_log
@@ -95,3 +97,42 @@ def setup_logging(fmt: LogFormat = "text", level: str = "info") -> None:
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+class LogLimiter:
+    """Whether to log for a key now: at most once per ``interval`` per key, with at most
+    ``size`` keys remembered. When the table is full of keys still within their interval, new
+    keys share one overflow slot, so a flood of distinct keys costs one line per interval.
+    After :meth:`allow` says yes, :attr:`suppressed` is how many times it said no for that key
+    since its previous line, for the line to say so."""
+
+    _OVERFLOW: Final = "\x00overflow"
+
+    def __init__(
+        self, interval: float, size: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._interval = interval
+        self._size = size
+        self._clock = clock
+        #: key -> (when it was last allowed, refusals since)
+        self._last: dict[str, tuple[float, int]] = {}
+        self._pruned_at = -math.inf
+        self.suppressed = 0
+
+    def allow(self, key: str) -> bool:
+        now = self._clock()
+        if key not in self._last and len(self._last) >= self._size:
+            # Pruning walks the whole table: at most once a second, not per call of a flood.
+            if now - self._pruned_at >= 1.0:
+                self._pruned_at = now
+                cutoff = now - self._interval
+                self._last = {k: v for k, v in self._last.items() if v[0] > cutoff}
+            if len(self._last) >= self._size:
+                key = self._OVERFLOW
+        last, refused = self._last.get(key, (-math.inf, 0))
+        if now - last < self._interval:
+            self._last[key] = (last, refused + 1)
+            return False
+        self._last[key] = (now, 0)
+        self.suppressed = refused
+        return True

@@ -31,7 +31,6 @@ import contextlib
 import functools
 import json
 import logging
-import math
 import random as _random
 import secrets
 import ssl
@@ -52,6 +51,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from phonepush.config import MqttConfig
 from phonepush.errors import ConfigError, MqttError, SpoolError, SpoolFull
 from phonepush.events import Event
+from phonepush.logs import LogLimiter
 from phonepush.metrics import Metrics
 
 __all__ = ["MqttSource", "packet_cap", "publish_once", "reconnect_delay"]
@@ -92,39 +92,6 @@ _MAX_PACKET_CAP: Final = 268_435_460  # the largest an MQTT packet can be, with 
 def packet_cap(max_payload: int) -> int:
     """The Maximum Packet Size an MQTT 5 connection asks the broker for."""
     return min(_MAX_PACKET_CAP, max(_MIN_PACKET_CAP, _PACKET_CAP_FACTOR * max_payload))
-
-
-class _LogLimiter:
-    """Whether to log for a key now: at most once per ``interval`` per key, with at most
-    ``size`` keys remembered. When the table is full of keys still within their interval, new
-    keys share one overflow slot, so a flood of distinct topics costs one line a minute."""
-
-    _OVERFLOW: Final = "\x00overflow"
-
-    def __init__(
-        self, interval: float, size: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._interval = interval
-        self._size = size
-        self._clock = clock
-        self._last: dict[str, float] = {}
-        self._pruned_at = -math.inf
-
-    def allow(self, key: str) -> bool:
-        now = self._clock()
-        if key not in self._last and len(self._last) >= self._size:
-            # Pruning walks the whole table: at most once a second, not per message of a flood.
-            if now - self._pruned_at >= 1.0:
-                self._pruned_at = now
-                cutoff = now - self._interval
-                self._last = {k: t for k, t in self._last.items() if t > cutoff}
-            if len(self._last) >= self._size:
-                key = self._OVERFLOW
-        last = self._last.get(key)
-        if last is not None and now - last < self._interval:
-            return False
-        self._last[key] = now
-        return True
 
 
 def reconnect_delay(
@@ -224,7 +191,7 @@ class MqttSource:
         # topic_matches_sub builds a matcher per call: with a filter per rule, checking every
         # message against all of them cost more than the rest of intake.
         self._matched: dict[str, bool] = {}
-        self._too_large_log = _LogLimiter(_TOO_LARGE_LOG_INTERVAL, _TOO_LARGE_TOPICS)
+        self._too_large_log = LogLimiter(_TOO_LARGE_LOG_INTERVAL, _TOO_LARGE_TOPICS)
         self._accept = accept
         self._metrics = metrics
         self._clock = clock
