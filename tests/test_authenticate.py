@@ -183,6 +183,24 @@ def test_unknown_names_are_throttled_per_address_for_the_window() -> None:
     assert auth.check("u3", "x", "10.0.0.1") == "unauthorized"
 
 
+def test_a_configured_users_failures_are_logged_a_line_per_window_with_the_count_between(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    auth = Authenticator([("push", "pw")], failure_window=60, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="phonepush"):
+        for _ in range(4):
+            assert auth.check("push", "guess-4711", "10.0.0.1") == "unauthorized"
+        now[0] = 61.0
+        assert auth.check("push", "guess-4711", "10.0.0.2") == "unauthorized"
+    lines = [r.getMessage() for r in caplog.records if "configured user 'push'" in r.getMessage()]
+    assert len(lines) == 2
+    assert "more wrong" not in lines[0]
+    assert "from 10.0.0.2 (3 more wrong since the last such line)" in lines[1]
+    assert not any("guess-4711" in line for line in lines)  # the password is never logged
+    assert auth.check("push", "pw", "10.0.0.1") == "authorized"
+
+
 def test_an_empty_user_name_never_authorizes() -> None:
     auth = Authenticator([("", "")])
     assert auth.check("", "") == "unauthorized"
