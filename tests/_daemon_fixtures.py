@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,3 +100,56 @@ async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+class RunProcess:
+    """``phonepush run --config F`` as a process, its stdout and stderr collected line by line
+    (see :func:`start_run_process`)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        assert proc.stdout is not None
+        self._reader = asyncio.create_task(self._read(proc.stdout))
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        async for line in stream:
+            self.lines.append(line.decode("utf-8", "replace"))
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    async def wait(self, timeout: float = 20) -> int:
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        await self._reader
+        return code
+
+
+async def start_run_process(
+    config: Path, *, preexec_fn: Callable[[], object] | None = None
+) -> RunProcess:
+    """Start ``phonepush run`` on ``config`` and wait until it says it is ready (or ends)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "phonepush",
+        "run",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=preexec_fn,
+    )
+    process = RunProcess(proc)
+    try:
+        await eventually(
+            lambda: "phonepush ready" in process.output or proc.returncode is not None, 30
+        )
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+        raise
+    assert "phonepush ready" in process.output, process.output
+    return process

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from _daemon_fixtures import DaemonRunner, eventually, free_port
+from _daemon_fixtures import DaemonRunner, RunProcess, eventually, free_port, start_run_process
 from phonepush.simulator import Fleet
 from phonepush.spool import Spool, StoredSilence
 
@@ -115,28 +115,12 @@ async def test_finding_1_nested_quantifier_regex_cannot_freeze(
 # --- findings 6 and 8: what the daemon writes to stdout ------------------------------------------
 
 
-class _Process:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        assert proc.stdout is not None
-        self._reader = asyncio.create_task(self._read(proc.stdout))
-
-    async def _read(self, stream: asyncio.StreamReader) -> None:
-        async for line in stream:
-            self.lines.append(line.decode("utf-8", "replace"))
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-
 @pytest.fixture
 async def run_daemon(tmp_path: Path) -> AsyncIterator[Any]:
     """``phonepush run`` as a process with text logs; yields a starter taking the TOML body."""
-    procs: list[_Process] = []
+    procs: list[RunProcess] = []
 
-    async def start(body: str) -> tuple[_Process, str]:
+    async def start(body: str) -> tuple[RunProcess, str]:
         port = free_port()
         config = tmp_path / "phonepush.toml"
         config.write_text(
@@ -145,23 +129,8 @@ async def run_daemon(tmp_path: Path) -> AsyncIterator[Any]:
             f'[webhook]\ntoken = "{TOKEN}"\n'
             '[dispatch]\nretry_initial = "50ms"\nretry_max = "200ms"\n' + body
         )
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "phonepush",
-            "run",
-            "--config",
-            str(config),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        process = _Process(proc)
+        process = await start_run_process(config)
         procs.append(process)
-        await eventually(
-            lambda: "phonepush ready" in process.output or proc.returncode is not None, 30
-        )
-        assert "phonepush ready" in process.output, process.output
         return process, f"http://127.0.0.1:{port}"
 
     yield start

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import resource
 import signal
@@ -16,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from _daemon_fixtures import eventually, free_port
+from _daemon_fixtures import RunProcess, eventually, free_port, start_run_process
 from phonepush.limits import raise_open_files_limit
 from phonepush.simulator import Fleet
 
@@ -54,32 +53,11 @@ ttl = "1m"
     )
 
 
-class Process:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        assert proc.stdout is not None
-        self._reader = asyncio.create_task(self._read(proc.stdout))
-
-    async def _read(self, stream: asyncio.StreamReader) -> None:
-        async for line in stream:
-            self.lines.append(line.decode())
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    async def wait(self, timeout: float = 20) -> int:
-        code = await asyncio.wait_for(self.proc.wait(), timeout)
-        await self._reader
-        return code
-
-
 @pytest.fixture
 async def start_run(tmp_path: Path) -> AsyncIterator[Any]:
-    procs: list[Process] = []
+    procs: list[RunProcess] = []
 
-    async def start(config: Path, open_files: int | None = None) -> Process:
+    async def start(config: Path, open_files: int | None = None) -> RunProcess:
         """``open_files``: the soft RLIMIT_NOFILE the process starts with, as a service
         manager would set it."""
 
@@ -88,25 +66,8 @@ async def start_run(tmp_path: Path) -> AsyncIterator[Any]:
                 _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
                 resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, hard))
 
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "phonepush",
-            "run",
-            "--config",
-            str(config),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            preexec_fn=lower_soft_limit,
-        )
-        process = Process(proc)
+        process = await start_run_process(config, preexec_fn=lower_soft_limit)
         procs.append(process)
-        await eventually(
-            lambda: "phonepush ready" in process.output or proc.returncode is not None,
-            timeout=30,
-        )
-        assert "phonepush ready" in process.output, process.output
         return process
 
     yield start
