@@ -39,4 +39,8 @@ def url_for_log(url: str) -> str:
     """``url`` with its user information and every query value masked:
     ``https://u:p@h/x?token=s`` becomes ``https://***@h/x?token=***``. Text that is not a
     ``scheme://`` URL is returned masked the same way wherever it holds one."""
+    # Every log line passes through here (the formatters' backstop): most hold no URL, and the
+    # substring test is a hundred times cheaper than the regex's scan.
+    if "://" not in url:
+        return url
     return _URL.sub(_mask, url)
