@@ -9,6 +9,7 @@ answers without a clear error, or breaks a property.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import json
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Self
 from urllib.parse import parse_qsl, quote
 
 import httpx
@@ -680,25 +681,24 @@ def daemon_config(fleet: Fleet, mqtt_url: str | None = None) -> dict[str, Any]:
     return data
 
 
-class BackgroundDaemon:
-    """The real daemon and one simulated phone on an event loop in a thread, so synchronous
-    hypothesis tests and the bench script can drive them over real sockets."""
+class _LoopThread(abc.ABC):
+    """An event loop in a thread for synchronous hypothesis tests and the bench script:
+    :meth:`_serve` sets things up, then :meth:`_serving` until the ``with`` block ends.
+    An error before that is raised in the thread that entered."""
 
-    def __init__(self, tmp: Path, mqtt_url: str | None = None) -> None:
-        self._tmp = tmp
-        self._mqtt_url = mqtt_url
+    _name = "loop"
+
+    def __init__(self) -> None:
         self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="daemon-loop", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
-        self.runner: DaemonRunner
-        self.fleet: Fleet
 
-    def __enter__(self) -> BackgroundDaemon:
+    def __enter__(self) -> Self:
         self._thread.start()
         if not self._ready.wait(20):
-            raise RuntimeError("daemon did not start in 20 s")
+            raise RuntimeError(f"{self._name} did not start in 20 s")
         if self._error is not None:
             raise self._error
         return self
@@ -707,10 +707,6 @@ class BackgroundDaemon:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
-
-    @property
-    def url(self) -> str:
-        return self.runner.url
 
     def _run(self) -> None:
         try:
@@ -722,6 +718,36 @@ class BackgroundDaemon:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        await self._serve()
+
+    async def _serving(self) -> None:
+        """Say ready, then wait for the end of the ``with`` block."""
+        assert self._stop is not None
+        self._ready.set()
+        await self._stop.wait()
+
+    @abc.abstractmethod
+    async def _serve(self) -> None: ...
+
+
+class BackgroundDaemon(_LoopThread):
+    """The real daemon and one simulated phone on an event loop in a thread, so synchronous
+    hypothesis tests and the bench script can drive them over real sockets."""
+
+    _name = "daemon-loop"
+
+    def __init__(self, tmp: Path, mqtt_url: str | None = None) -> None:
+        super().__init__()
+        self._tmp = tmp
+        self._mqtt_url = mqtt_url
+        self.runner: DaemonRunner
+        self.fleet: Fleet
+
+    @property
+    def url(self) -> str:
+        return self.runner.url
+
+    async def _serve(self) -> None:
         async with Fleet(1, names=["desk"], tone_ms=1) as fleet:
             runner = DaemonRunner(self._tmp)
             data = daemon_config(fleet, self._mqtt_url)
@@ -729,8 +755,7 @@ class BackgroundDaemon:
             await runner.start(data)
             self.runner, self.fleet = runner, fleet
             try:
-                self._ready.set()
-                await self._stop.wait()
+                await self._serving()
             finally:
                 await runner.stop()
 
@@ -1232,7 +1257,7 @@ def _mqtt_sizes() -> st.SearchStrategy[int]:
 mqtt_size_example = st.deferred(_mqtt_sizes)
 
 
-class BackgroundMqtt:
+class BackgroundMqtt(_LoopThread):
     """The real MQTT source (paho, QoS 1, MQTT 5) on an event loop in a thread, against a real
     broker, with ``mqtt.max_payload = MQTT_LIMIT``; what it accepts lands in :attr:`accepted`.
 
@@ -1240,52 +1265,27 @@ class BackgroundMqtt:
     at or under the limit; over it, acknowledged and counted ``too_large`` and never taken;
     over the Maximum Packet Size, dropped by the broker (its log says so) and never seen."""
 
+    _name = "mqtt-fuzz"
+
     def __init__(
         self, broker_url: str, broker_log: Callable[[], str], publish: Callable[..., None]
     ):
         import queue
 
+        super().__init__()
         self._url = broker_url
         self._broker_log = broker_log
         self._publish = publish
         self.accepted: queue.Queue[Event] = queue.Queue()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mqtt-fuzz", daemon=True)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
         self._cases = 0
         from prometheus_client import CollectorRegistry
 
         self.registry = CollectorRegistry()
 
-    def __enter__(self) -> BackgroundMqtt:
-        self._thread.start()
-        if not self._ready.wait(20):
-            raise RuntimeError("MQTT source did not connect in 20 s")
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(20)
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
-            self._error = exc
-            self._ready.set()
-
-    async def _main(self) -> None:
+    async def _serve(self) -> None:
         from phonepush.config import MqttConfig
         from phonepush.metrics import Metrics
         from phonepush.sources.mqtt import MqttSource
-
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
 
         async def accept(event: Event) -> None:
             self.accepted.put(event)
@@ -1298,8 +1298,7 @@ class BackgroundMqtt:
             runner = tasks.create_task(source.run())
             while not source.connected:
                 await asyncio.sleep(0.01)
-            self._ready.set()
-            await self._stop.wait()
+            await self._serving()
             runner.cancel()
 
     def _too_large(self) -> float:
