@@ -203,7 +203,7 @@ def _serve_phones(
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    from phonepush.simulator import Fleet, SimPhone
+    from phonepush.sim.simulator import Fleet, SimPhone
 
     log: list[tuple[int, int, float, float]] = []
 

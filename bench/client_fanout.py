@@ -45,10 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "daemon"))
 
 import httpx
 
-from phonepush.cisco import execute_xml, form_body, parse_response
-from phonepush.phone import PhoneClient, PhoneTarget
-from phonepush.simulator import Fleet
-from phonepush.uri import ExecuteItem
+from phonepush.phone.client import PhoneClient, PhoneTarget
+from phonepush.sim.simulator import Fleet
+from phonepush.wire.cisco import execute_xml, form_body, parse_response
+from phonepush.wire.uri import ExecuteItem
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ITEMS = [ExecuteItem("Key:Headset"), ExecuteItem("Display:On:10")]

@@ -21,7 +21,7 @@ RSS (``VmHWM``), the most descriptors it held (sampled every 20 ms), and the sim
 push (one process on one CPU: above ~1 ms per push it, not the client, sets the wall time).
 
 The floor, measured in the same run against the same phones: this process pushes the same
-``Dial:`` to every phone with one :class:`~phonepush.phone.PhoneClient` per phone, 256 at a time
+``Dial:`` to every phone with one :class:`PhoneClient` per phone, 256 at a time
 (the daemon's concurrency), no daemon, no spool, no MQTT, a fresh connection each (as the daemon
 has under its connection bound); its wall time (start -> last answer, at the phones) and CPU per
 push.
@@ -134,8 +134,8 @@ def run_floor(
 ) -> dict[str, Any]:
     """Bare PhoneClients, 256 at a time, a fresh connection each; timed at the phones."""
     from phonepush.errors import PhonepushError
-    from phonepush.phone import PhoneClient, PhoneTarget
-    from phonepush.uri import ExecuteItem
+    from phonepush.phone.client import PhoneClient, PhoneTarget
+    from phonepush.wire.uri import ExecuteItem
 
     targets = [PhoneTarget(f"p{i}", "127.0.0.1", port) for i, port in enumerate(phones.ports)]
     cpu_per_push: list[float] = []

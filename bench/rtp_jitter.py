@@ -27,8 +27,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from phonepush.audio import pcm16_to_ulaw
-from phonepush.rtp import RtpReceiver, RtpStream, SendStats
+from phonepush.audio.clips import pcm16_to_ulaw
+from phonepush.audio.rtp import RtpReceiver, RtpStream, SendStats
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

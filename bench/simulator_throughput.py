@@ -23,9 +23,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from phonepush.cisco import execute_xml, form_body
-from phonepush.simulator import Fleet
-from phonepush.uri import ExecuteItem
+from phonepush.sim.simulator import Fleet
+from phonepush.wire.cisco import execute_xml, form_body
+from phonepush.wire.uri import ExecuteItem
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ITEMS = [ExecuteItem("Play:Chime.raw"), ExecuteItem("Display:On:10"), ExecuteItem("Key:Services")]

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from phonepush.events import Event
-from phonepush.housekeeping import Housekeeper
-from phonepush.spool import NewDelivery, PushRequest, Spool
+from phonepush.store.housekeeping import Housekeeper
+from phonepush.store.spool import NewDelivery, PushRequest, Spool
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from phonepush.cisco import TextPage, execute_xml, text_xml
 from phonepush.events import Event
-from phonepush.spool import NewDelivery, PushRequest, Spool
-from phonepush.uri import ExecuteItem
+from phonepush.store.spool import NewDelivery, PushRequest, Spool
+from phonepush.wire.cisco import TextPage, execute_xml, text_xml
+from phonepush.wire.uri import ExecuteItem
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAYLOAD = json.dumps(

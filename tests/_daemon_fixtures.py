@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from phonepush.config import Config, parse_config
 
 if TYPE_CHECKING:
-    from phonepush.daemon import Daemon, Running
+    from phonepush.app.daemon import Daemon, Running
 
 
 def free_port() -> int:
@@ -47,7 +47,7 @@ class DaemonRunner:
         return parse_config(merged, environ={})
 
     async def start(self, data: Mapping[str, Any]) -> Running:
-        from phonepush.daemon import Daemon
+        from phonepush.app.daemon import Daemon
 
         self.registry = CollectorRegistry()
         self.daemon = Daemon(self.config(data), registry=self.registry, drain_timeout=2)

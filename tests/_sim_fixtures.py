@@ -1,4 +1,4 @@
-"""Fixtures for simulated phones (:mod:`phonepush.simulator`), on real sockets."""
+"""Fixtures for simulated phones (:mod:`phonepush.sim.simulator`), on real sockets."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from phonepush.simulator import Fleet
+from phonepush.sim.simulator import Fleet
 
 __all__ = ["MakeFleet", "fleet", "free_rtp_port", "make_fleet"]
 

@@ -13,7 +13,7 @@ import pytest
 
 from _daemon_fixtures import DaemonRunner, eventually
 from _mqtt_fixtures import Broker
-from phonepush.simulator import Fleet, SimPhone
+from phonepush.sim.simulator import Fleet, SimPhone
 
 TOKEN = "t0ken-for-acks"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -230,7 +230,7 @@ def test_ack_needs_a_message() -> None:
     [("phonepush/status", "phonepush"), ("site/a/phonepush", "site/a"), ("status", "status")],
 )
 def test_ack_topic_prefix_is_the_status_topics_parent(status_topic: str, prefix: str) -> None:
-    from phonepush.acks import ack_prefix
+    from phonepush.alerting.acks import ack_prefix
     from phonepush.config import MqttConfig
 
     mqtt = MqttConfig(url="mqtt://127.0.0.1", status_topic=status_topic)
@@ -239,13 +239,13 @@ def test_ack_topic_prefix_is_the_status_topics_parent(status_topic: str, prefix:
 
 
 async def test_purge_forgets_old_acknowledgements_with_their_events(tmp_path: Any) -> None:
-    from phonepush.acks import Alerting
+    from phonepush.alerting.acks import Alerting
     from phonepush.config import parse_config
     from phonepush.events import Event
-    from phonepush.intake import Intake
     from phonepush.metrics import Metrics
-    from phonepush.rules import RuleSet
-    from phonepush.spool import Delivery, Spool
+    from phonepush.pipeline.intake import Intake
+    from phonepush.rules.book import RuleSet
+    from phonepush.store.spool import Delivery, Spool
 
     data = {
         "webhook": {"allow_anonymous": True},

@@ -23,14 +23,14 @@ from starlette.types import Receive, Scope, Send
 from _daemon_fixtures import DaemonRunner, eventually
 from _mqtt_fixtures import Broker
 from _sim_fixtures import MakeFleet
-from phonepush.authenticate import Authenticator
+from phonepush.app.daemon import _bind
 from phonepush.config import ServerConfig, parse_config
-from phonepush.daemon import _bind
 from phonepush.errors import ConfigError, PhoneError
-from phonepush.phone import PhoneClient, PhoneTarget
-from phonepush.server import http_protocol, uvicorn_config
-from phonepush.simulator import Fleet
-from phonepush.uri import ExecuteItem
+from phonepush.http.authenticate import Authenticator
+from phonepush.http.server import http_protocol, uvicorn_config
+from phonepush.phone.client import PhoneClient, PhoneTarget
+from phonepush.sim.simulator import Fleet
+from phonepush.wire.uri import ExecuteItem
 
 TOKEN: Final = "attacks-http-token"
 #: Far deeper than any event, far shallower than what breaks json.loads on its own (~1,000).

@@ -26,11 +26,11 @@ import pytest
 from _daemon_fixtures import DaemonRunner, eventually, free_port
 from _mqtt_fixtures import Broker
 from _sim_fixtures import MakeFleet
+from phonepush.app.systemd import state_directories
 from phonepush.errors import SpoolError
 from phonepush.events import Event
-from phonepush.housekeeping import Housekeeper
-from phonepush.spool import NewDelivery, PushRequest, Spool
-from phonepush.systemd import state_directories
+from phonepush.store.housekeeping import Housekeeper
+from phonepush.store.spool import NewDelivery, PushRequest, Spool
 
 PHONEPUSH = Path(sys.executable).with_name("phonepush")
 

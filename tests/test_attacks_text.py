@@ -19,8 +19,8 @@ import httpx
 import pytest
 
 from _daemon_fixtures import DaemonRunner, RunProcess, eventually, free_port, start_run_process
-from phonepush.simulator import Fleet
-from phonepush.spool import Spool, StoredSilence
+from phonepush.sim.simulator import Fleet
+from phonepush.store.spool import Spool, StoredSilence
 
 TOKEN = "t0ken-for-text-attacks"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -168,7 +168,7 @@ async def test_finding_8_text_logs_escape_control_characters_in_user_fields(
         '[[rules]]\nname = "page"\non = "webhook:page"\nto = ["desk"]\n'
         'execute = ["Dial:{{ payload.number }}"]\n'
     )
-    forged = "2026-01-01 00:00:00,000 ERROR phonepush.daemon: FORGED"
+    forged = "2026-01-01 00:00:00,000 ERROR phonepush.app.daemon: FORGED"
     async with httpx.AsyncClient(base_url=url, headers=AUTH) as client:
         made = await client.post(
             "/api/silences",

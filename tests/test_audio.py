@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from phonepush.audio import (
+from phonepush.audio.clips import (
     SAMPLE_RATE,
     Speech,
     announcement,

@@ -14,11 +14,11 @@ import pytest
 
 from _daemon_fixtures import DaemonRunner, eventually
 from _sim_fixtures import MakeFleet
-from phonepush.authenticate import Authenticator
 from phonepush.commands import send
 from phonepush.config import parse_config
 from phonepush.errors import ConfigError
-from phonepush.simulator import Fleet
+from phonepush.http.authenticate import Authenticator
+from phonepush.sim.simulator import Fleet
 
 SECRET = "s3cret & <ok>"
 

@@ -10,7 +10,19 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from phonepush.cisco import (
+from phonepush.errors import (
+    InvalidURI,
+    MalformedPush,
+    PhoneAuthError,
+    PhoneBadResponse,
+    PhoneError,
+    PhoneHTTPBusy,
+    PhoneHTTPError,
+    PhoneRejected,
+    TooLarge,
+    WireError,
+)
+from phonepush.wire.cisco import (
     MAX_PUSH_BYTES,
     MAX_RESPONSE_BYTES,
     BackgroundPush,
@@ -32,19 +44,7 @@ from phonepush.cisco import (
     sanitize_text,
     text_xml,
 )
-from phonepush.errors import (
-    InvalidURI,
-    MalformedPush,
-    PhoneAuthError,
-    PhoneBadResponse,
-    PhoneError,
-    PhoneHTTPBusy,
-    PhoneHTTPError,
-    PhoneRejected,
-    TooLarge,
-    WireError,
-)
-from phonepush.uri import ExecuteItem
+from phonepush.wire.uri import ExecuteItem
 
 P = '<?xml version="1.0" encoding="UTF-8"?>'
 

@@ -23,7 +23,7 @@ import pytest
 
 from _sim_fixtures import MakeFleet
 from phonepush.commands import send
-from phonepush.simulator import Fleet
+from phonepush.sim.simulator import Fleet
 
 PROG = "phonepush send"
 REFERENCE_ENV = "PHONEPUSH_REFERENCE_CGIEXECUTE"

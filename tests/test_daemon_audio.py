@@ -20,13 +20,13 @@ import pytest
 
 from _daemon_fixtures import DaemonRunner
 from _sim_fixtures import free_rtp_port
-from phonepush.announce import compile_actions
-from phonepush.audio import announcement, load_file
-from phonepush.daemon import Running
+from phonepush.app.daemon import Running
+from phonepush.audio.announce import compile_actions
+from phonepush.audio.clips import announcement, load_file
 from phonepush.errors import ConfigError
 from phonepush.events import Event
-from phonepush.simulator import Fleet
-from phonepush.spool import NewDelivery, Spool
+from phonepush.sim.simulator import Fleet
+from phonepush.store.spool import NewDelivery, Spool
 
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 NAMES = ("lobby", "office", "hall")

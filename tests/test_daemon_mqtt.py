@@ -16,7 +16,7 @@ import pytest
 from _daemon_fixtures import DaemonRunner, eventually
 from _mqtt_fixtures import Broker, StartMosquitto
 from phonepush.config import parse_config
-from phonepush.simulator import Fleet
+from phonepush.sim.simulator import Fleet
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "phonepush.toml"
 

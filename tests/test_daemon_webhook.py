@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from _daemon_fixtures import DaemonRunner, eventually
-from phonepush.simulator import Fleet
+from phonepush.sim.simulator import Fleet
 
 TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -19,9 +19,9 @@ import pytest
 
 from _daemon_fixtures import DaemonRunner, eventually
 from _sim_fixtures import free_rtp_port
+from phonepush.app.daemon import Running
 from phonepush.commands.status import recent_events
-from phonepush.daemon import Running
-from phonepush.simulator import Fleet, SimPhone
+from phonepush.sim.simulator import Fleet, SimPhone
 
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 

@@ -9,13 +9,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from _sim_fixtures import MakeFleet
-from phonepush.cisco import execute_xml
-from phonepush.dispatch import Dispatcher
+from phonepush.dispatch.dispatcher import Dispatcher
 from phonepush.events import Event
 from phonepush.metrics import Metrics
-from phonepush.phone import PhoneTarget
-from phonepush.spool import NewDelivery, PushRequest, Spool
-from phonepush.uri import ExecuteItem
+from phonepush.phone.client import PhoneTarget
+from phonepush.store.spool import NewDelivery, PushRequest, Spool
+from phonepush.wire.cisco import execute_xml
+from phonepush.wire.uri import ExecuteItem
 
 REQUEST = PushRequest("execute", execute_xml([ExecuteItem("Key:Headset")]))
 

@@ -39,7 +39,7 @@ from paho.mqtt.properties import Properties
 from prometheus_client.parser import text_string_to_metric_families
 
 from _mqtt_fixtures import Broker
-from phonepush.simulator import Fleet
+from phonepush.sim.simulator import Fleet
 
 __all__ = [
     "SCALE",

@@ -9,10 +9,10 @@ import httpx
 import pytest
 
 from _daemon_fixtures import DaemonRunner, eventually
-from phonepush.cisco import MAX_TITLE, TextPage, parse_text, text_xml
 from phonepush.errors import ConfigError
-from phonepush.grouping import MAX_LISTED, group_page
-from phonepush.simulator import Fleet
+from phonepush.grouping.grouper import MAX_LISTED, group_page
+from phonepush.sim.simulator import Fleet
+from phonepush.wire.cisco import MAX_TITLE, TextPage, parse_text, text_xml
 
 TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

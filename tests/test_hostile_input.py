@@ -30,8 +30,7 @@ from lxml import etree
 
 from _daemon_fixtures import DaemonRunner
 from _mqtt_fixtures import Broker
-from phonepush import cisco, jsonlimits
-from phonepush.cisco import ResponseItem, sanitize_text
+from phonepush import jsonlimits
 from phonepush.config import MqttConfig
 from phonepush.errors import (
     ConfigError,
@@ -44,11 +43,13 @@ from phonepush.errors import (
     WireError,
 )
 from phonepush.events import Event, decode_payload
-from phonepush.phone import PhoneClient, PhoneTarget
-from phonepush.silences import Facts, Matcher
-from phonepush.simulator import Fleet
-from phonepush.templates import MAX_OUTPUT, Templates
-from phonepush.uri import ExecuteItem, validate_uri
+from phonepush.phone.client import PhoneClient, PhoneTarget
+from phonepush.rules.templates import MAX_OUTPUT, Templates
+from phonepush.silence.silences import Facts, Matcher
+from phonepush.sim.simulator import Fleet
+from phonepush.wire import cisco
+from phonepush.wire.cisco import ResponseItem, sanitize_text
+from phonepush.wire.uri import ExecuteItem, validate_uri
 
 __all__ = ["TARGETS", "BackgroundDaemon", "Target"]
 

@@ -20,7 +20,7 @@ from _daemon_fixtures import DaemonRunner, eventually
 from _mqtt_fixtures import Broker
 from _sim_fixtures import MakeFleet
 from phonepush.config import parse_config
-from phonepush.simulator import Fleet, SimPhone
+from phonepush.sim.simulator import Fleet, SimPhone
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDES = ROOT / "docs" / "integrations"

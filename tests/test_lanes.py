@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from phonepush.cisco import ResponseItem, response_xml
+from phonepush.app.limits import default_max_connections
 from phonepush.errors import PhoneError
-from phonepush.lanes import PhoneLanes
-from phonepush.limits import default_max_connections
-from phonepush.phone import PhoneTarget
-from phonepush.uri import ExecuteItem
+from phonepush.phone.client import PhoneTarget
+from phonepush.phone.lanes import PhoneLanes
+from phonepush.wire.cisco import ResponseItem, response_xml
+from phonepush.wire.uri import ExecuteItem
 
 ANSWER = response_xml([ResponseItem("Key:Headset", "Success", 0)]).encode()
 ITEMS = [ExecuteItem("Key:Headset")]

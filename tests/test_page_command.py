@@ -1,4 +1,4 @@
-"""``phonepush page`` and :func:`phonepush.paging.page` end to end: simulated phones take the
+"""``phonepush page`` and :func:`phonepush.audio.paging.page` end to end: simulated phones take the
 push, real RTP receivers on the phones' own loopback addresses take the audio (the phones' own RTP
 listeners are off: ``rtp=False``)."""
 
@@ -19,11 +19,11 @@ import pytest
 
 from _sim_fixtures import MakeFleet
 from phonepush import cli
+from phonepush.audio.paging import PageSettings, PageTarget, page
+from phonepush.audio.rtp import RtpReceiver
 from phonepush.commands import page as page_command
 from phonepush.errors import AudioError, InvalidURI, PhoneRejected
-from phonepush.paging import PageSettings, PageTarget, page
-from phonepush.rtp import RtpReceiver
-from phonepush.simulator import Fleet, SimPhone
+from phonepush.sim.simulator import Fleet, SimPhone
 
 HOSTS = ("127.0.0.2", "127.0.0.3")
 GROUP = "239.10.0.7"

@@ -21,7 +21,6 @@ import httpx
 import pytest
 
 from _sim_fixtures import MakeFleet
-from phonepush.cisco import MAX_RESPONSE_BYTES, ResponseItem, execute_xml, response_xml
 from phonepush.errors import (
     InvalidTarget,
     PhoneAnswerTimeout,
@@ -38,9 +37,10 @@ from phonepush.errors import (
     PhoneUnreachable,
     WireError,
 )
-from phonepush.phone import PhoneClient, PhoneTarget, parse_host
-from phonepush.simulator import Fleet
-from phonepush.uri import ExecuteItem
+from phonepush.phone.client import PhoneClient, PhoneTarget, parse_host
+from phonepush.sim.simulator import Fleet
+from phonepush.wire.cisco import MAX_RESPONSE_BYTES, ResponseItem, execute_xml, response_xml
+from phonepush.wire.uri import ExecuteItem
 
 PROLOG = '<?xml version="1.0" encoding="UTF-8"?>'
 OK = response_xml([ResponseItem("Key:Headset", "Success", 0)]).encode()

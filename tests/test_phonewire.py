@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from phonepush.cisco import MAX_RESPONSE_BYTES, ResponseItem, response_xml
 from phonepush.errors import (
     PhoneAnswerTimeout,
     PhoneBadResponse,
@@ -17,8 +16,9 @@ from phonepush.errors import (
     PhoneUnconfirmed,
     PhoneUnreachable,
 )
-from phonepush.phone import PhoneClient, PhoneTarget
-from phonepush.uri import ExecuteItem
+from phonepush.phone.client import PhoneClient, PhoneTarget
+from phonepush.wire.cisco import MAX_RESPONSE_BYTES, ResponseItem, response_xml
+from phonepush.wire.uri import ExecuteItem
 
 OK = response_xml([ResponseItem("Key:Headset", "Success", 0)]).encode()
 ITEMS = [ExecuteItem("Key:Headset")]

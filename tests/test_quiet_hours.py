@@ -13,16 +13,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from phonepush.config import parse_config
-from phonepush.dispatch import Dispatcher
+from phonepush.dispatch.dispatcher import Dispatcher
 from phonepush.errors import ConfigError
 from phonepush.events import Event
-from phonepush.grouping import Grouper
-from phonepush.intake import Intake
+from phonepush.grouping.grouper import Grouper
 from phonepush.metrics import Metrics
-from phonepush.rules import RuleSet
-from phonepush.silences import QuietHours, QuietHoursConfig, Silences
-from phonepush.simulator import Fleet
-from phonepush.spool import Spool
+from phonepush.pipeline.intake import Intake
+from phonepush.rules.book import RuleSet
+from phonepush.silence.silences import QuietHours, QuietHoursConfig, Silences
+from phonepush.sim.simulator import Fleet
+from phonepush.store.spool import Spool
 
 BERLIN = ZoneInfo("Europe/Berlin")
 

@@ -10,15 +10,15 @@ import httpx
 import pytest
 
 from _daemon_fixtures import DaemonRunner, eventually
-from phonepush.acks import Alerting
+from phonepush.alerting.acks import Alerting
+from phonepush.alerting.repeats import Repeater
 from phonepush.config import parse_config
 from phonepush.events import Event
-from phonepush.intake import Intake
 from phonepush.metrics import Metrics
-from phonepush.repeats import Repeater
-from phonepush.rules import RuleSet
-from phonepush.simulator import Fleet, SimPhone
-from phonepush.spool import Delivery, Spool
+from phonepush.pipeline.intake import Intake
+from phonepush.rules.book import RuleSet
+from phonepush.sim.simulator import Fleet, SimPhone
+from phonepush.store.spool import Delivery, Spool
 
 TOKEN = "t0ken-for-repeats"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -11,15 +11,15 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from phonepush.audio import level_dbfs, pcm16_to_ulaw
-from phonepush.errors import AudioError
-from phonepush.rtp import (
+from phonepush.audio.clips import level_dbfs, pcm16_to_ulaw
+from phonepush.audio.rtp import (
     PACKET_SAMPLES,
     RtpReceiver,
     RtpStream,
     packetize,
     parse_packet,
 )
+from phonepush.errors import AudioError
 
 GROUP = "239.10.0.1"
 

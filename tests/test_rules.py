@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from phonepush.cisco import TextPage
 from phonepush.config import load_config
 from phonepush.errors import ConfigError
 from phonepush.events import Event
-from phonepush.rules import Match, RuleSet, topic_matches
-from phonepush.uri import ExecuteItem
+from phonepush.rules.book import Match, RuleSet, topic_matches
+from phonepush.wire.cisco import TextPage
+from phonepush.wire.uri import ExecuteItem
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "config" / "examples"

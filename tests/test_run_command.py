@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from _daemon_fixtures import RunProcess, eventually, free_port, start_run_process
-from phonepush.limits import raise_open_files_limit
-from phonepush.simulator import Fleet
+from phonepush.app.limits import raise_open_files_limit
+from phonepush.sim.simulator import Fleet
 
 TOKEN = "run-test-token"
 

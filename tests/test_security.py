@@ -24,7 +24,7 @@ from _daemon_fixtures import DaemonRunner, eventually, free_port
 from _sim_fixtures import MakeFleet
 from phonepush.config import parse_config
 from phonepush.errors import ConfigError
-from phonepush.simulator import Fleet
+from phonepush.sim.simulator import Fleet
 
 TOKEN: Final = "tok-Sekr1t-9f8e7d6c5b4a"
 HMAC_SECRET: Final = "hmac-Sekr1t-0a1b2c3d4e5f"
@@ -235,7 +235,7 @@ async def test_secrets_appear_in_no_log_metric_readyz_error_or_check_output(
     assert not _leaks(repr(config)) and not _leaks(str(config))
     assert not _leaks(repr(config.phone_targets()))
 
-    from phonepush.daemon import Daemon
+    from phonepush.app.daemon import Daemon
 
     runner_daemon = Daemon(config, config_path=path, registry=daemon_runner.registry)
     task = asyncio.create_task(runner_daemon.run())
@@ -358,7 +358,7 @@ async def test_a_refused_mqtt_password_is_not_logged(
             "rules": [{"name": "m", "on": "mqtt:x", "to": "all", "execute": ["Key:Services"]}],
         }
     )
-    from phonepush.daemon import Daemon
+    from phonepush.app.daemon import Daemon
 
     # Started by hand: start-up waits up to 10 s for a broker that will keep refusing.
     daemon = Daemon(config, registry=daemon_runner.registry)

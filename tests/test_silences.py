@@ -9,8 +9,8 @@ import pytest
 
 from _daemon_fixtures import DaemonRunner, eventually
 from phonepush.events import Event
-from phonepush.silences import MAX_REGEX_SUBJECT, Facts, Matcher
-from phonepush.simulator import Fleet
+from phonepush.silence.silences import MAX_REGEX_SUBJECT, Facts, Matcher
+from phonepush.sim.simulator import Fleet
 
 TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

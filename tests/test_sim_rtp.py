@@ -13,12 +13,12 @@ from typing import Any
 import httpx
 
 from _sim_fixtures import MakeFleet, free_rtp_port
-from phonepush.audio import pcm16_to_ulaw
-from phonepush.cisco import ResponseItem
-from phonepush.phone import PhoneClient, PhoneTarget
-from phonepush.rtp import RtpStream
-from phonepush.simulator import Fleet, SimPhone
-from phonepush.uri import ExecuteItem
+from phonepush.audio.clips import pcm16_to_ulaw
+from phonepush.audio.rtp import RtpStream
+from phonepush.phone.client import PhoneClient, PhoneTarget
+from phonepush.sim.simulator import Fleet, SimPhone
+from phonepush.wire.cisco import ResponseItem
+from phonepush.wire.uri import ExecuteItem
 
 HOSTS = ("127.0.0.2", "127.0.0.3")
 SOURCE = "127.0.0.1"

@@ -24,7 +24,10 @@ import requests.auth
 from lxml import etree
 
 from _sim_fixtures import MakeFleet
-from phonepush.cisco import (
+from phonepush.errors import PhoneAuthError, PhoneBadResponse, PhoneRejected
+from phonepush.sim.simulator import Fleet, SimPhone
+from phonepush.sim.simulator import SoftKey as SimSoftKey
+from phonepush.wire.cisco import (
     ResponseItem,
     SoftKey,
     TextPage,
@@ -35,10 +38,7 @@ from phonepush.cisco import (
     ringtone_xml,
     text_xml,
 )
-from phonepush.errors import PhoneAuthError, PhoneBadResponse, PhoneRejected
-from phonepush.simulator import Fleet, SimPhone
-from phonepush.simulator import SoftKey as SimSoftKey
-from phonepush.uri import ExecuteItem
+from phonepush.wire.uri import ExecuteItem
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 

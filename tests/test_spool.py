@@ -25,7 +25,7 @@ import pytest
 
 from phonepush.errors import SpoolError, SpoolFull
 from phonepush.events import Event
-from phonepush.spool import SCHEMA_VERSION, Delivery, NewDelivery, PushRequest, Spool
+from phonepush.store.spool import SCHEMA_VERSION, Delivery, NewDelivery, PushRequest, Spool
 
 EXECUTE = PushRequest(
     "execute",
@@ -195,7 +195,7 @@ _CRASH_WRITER = textwrap.dedent(
     """
     import asyncio, sys
     from phonepush.events import Event
-    from phonepush.spool import NewDelivery, PushRequest, Spool
+    from phonepush.store.spool import NewDelivery, PushRequest, Spool
 
     async def main(path: str) -> None:
         request = PushRequest("execute", "<CiscoIPPhoneExecute/>")

@@ -11,7 +11,7 @@ import pytest
 
 from _daemon_fixtures import DaemonRunner, eventually
 from phonepush.cli import main as cli_main
-from phonepush.simulator import Fleet
+from phonepush.sim.simulator import Fleet
 
 TOKEN = "t0ken-for-status"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

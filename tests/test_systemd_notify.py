@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from phonepush.app.systemd import Notifier, credential_path
 from phonepush.errors import ConfigError
-from phonepush.systemd import Notifier, credential_path
 
 
 class FakeSystemd:

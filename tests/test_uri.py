@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from phonepush.cisco import execute_xml
 from phonepush.errors import InvalidURI, WireError
-from phonepush.uri import ExecuteItem, parse_target, validate_uri
+from phonepush.wire.cisco import execute_xml
+from phonepush.wire.uri import ExecuteItem, parse_target, validate_uri
 
 VALID = [
     # the reference client's grammar

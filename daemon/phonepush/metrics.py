@@ -133,7 +133,7 @@ class Metrics:
             ["rule"],
             registry=r,
         )
-        # --- the phones' authentication URL (phonepush.authenticate) ---
+        # --- the phones' authentication URL (phonepush.http.authenticate) ---
         self.authenticate = Counter(
             "phonepush_authenticate",
             "Answers to phones asking /authenticate, by result (authorized, unauthorized, "
@@ -155,7 +155,7 @@ class Metrics:
             "broker is out of reach, not that MQTT is unused.",
             registry=r,
         )
-        # --- audio paging (phonepush.announce) ---
+        # --- audio paging (phonepush.audio.announce) ---
         self.audio_pages = Counter(
             "phonepush_audio_pages",
             "Audio pages (a rule's audio for one event), by rule and result: ok (every phone "

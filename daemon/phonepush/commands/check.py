@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from phonepush.announce import compile_actions
+from phonepush.audio.announce import compile_actions
 from phonepush.commands import (
     CONFIG_EXIT,
     add_config_option,
@@ -20,7 +20,7 @@ from phonepush.commands import (
 from phonepush.config import Config, format_duration
 from phonepush.errors import ConfigError
 from phonepush.redact import url_for_log
-from phonepush.rules import RuleSet
+from phonepush.rules.book import RuleSet
 
 __all__ = ["main", "summary"]
 

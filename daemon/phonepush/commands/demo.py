@@ -22,7 +22,7 @@ import httpx
 
 from phonepush.config import Config, parse_config
 from phonepush.logs import setup_logging
-from phonepush.simulator import Fleet, SimPhone
+from phonepush.sim.simulator import Fleet, SimPhone
 
 __all__ = ["demo_config", "main"]
 
@@ -118,7 +118,7 @@ def _show(phone: SimPhone) -> str:
 
 async def _demo(port: int, *, once: bool) -> None:
     # Imported late so that `phonepush --help` and the other commands stay light.
-    from phonepush.daemon import Daemon
+    from phonepush.app.daemon import Daemon
 
     names = [name for name, _ in _PHONES]
 

@@ -23,10 +23,10 @@ from phonepush.commands import CONFIG_EXIT, add_config_option, load_or_report
 from phonepush.config import Config
 from phonepush.errors import PhonepushError
 from phonepush.events import Event
-from phonepush.intake import Intake, Plan
 from phonepush.metrics import Metrics
-from phonepush.rules import RuleSet
-from phonepush.spool import Spool
+from phonepush.pipeline.intake import Intake, Plan
+from phonepush.rules.book import RuleSet
+from phonepush.store.spool import Spool
 
 __all__ = ["main"]
 

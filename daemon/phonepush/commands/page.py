@@ -5,7 +5,7 @@
 
 Each phone is pushed ``RTPRx:<source>:<port>[:<volume>]`` (or ``RTPMRx:<group>:<port>...``), the
 audio is streamed over RTP, then each phone is pushed ``RTPRx:Stop`` (see
-:mod:`phonepush.paging`). The connection options are ``phonepush send``'s (``-u``, ``-p`` or
+:mod:`phonepush.audio.paging`). The connection options are ``phonepush send``'s (``-u``, ``-p`` or
 ``$PHONEPUSH_PASSWORD``, ``-c``, ``-t``) and apply to every phone. ``--source`` defaults to the
 local address this machine uses to reach the first phone (found without sending anything).
 
@@ -26,10 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from phonepush.audio import Speech, announcement, load_file
-from phonepush.commands.send import getopt_message
-from phonepush.errors import PhoneError, PhonepushError
-from phonepush.paging import (
+from phonepush.audio.clips import Speech, announcement, load_file
+from phonepush.audio.paging import (
     DEFAULT_PORT,
     PageReport,
     PageSettings,
@@ -37,8 +35,10 @@ from phonepush.paging import (
     local_address_for,
     page,
 )
-from phonepush.phone import DEFAULT_TIMEOUT, PhoneClient, PhoneTarget, parse_host
-from phonepush.uri import ExecuteItem
+from phonepush.commands.send import getopt_message
+from phonepush.errors import PhoneError, PhonepushError
+from phonepush.phone.client import DEFAULT_TIMEOUT, PhoneClient, PhoneTarget, parse_host
+from phonepush.wire.uri import ExecuteItem
 
 __all__ = ["main"]
 

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 from collections.abc import Sequence
 
+from phonepush.app.limits import raise_open_files_limit
 from phonepush.commands import (
     CONFIG_EXIT,
     add_config_option,
@@ -13,7 +14,6 @@ from phonepush.commands import (
     report_config_error,
 )
 from phonepush.errors import ConfigError
-from phonepush.limits import raise_open_files_limit
 from phonepush.logs import setup_logging
 
 __all__ = ["main"]
@@ -54,7 +54,7 @@ def main(argv: Sequence[str], prog: str = "phonepush run") -> int:
     setup_logging(args.log_format or config.log.format, args.log_level or config.log.level)
     raise_open_files_limit()
     # Imported here so that a config error is reported without paying for the daemon's imports.
-    from phonepush.daemon import Daemon
+    from phonepush.app.daemon import Daemon
 
     daemon = Daemon(
         config, config_path=args.config, handle_signals=True, drain_timeout=args.drain_timeout

@@ -12,7 +12,7 @@ Where it differs, on purpose:
   Authentication error"), not "Unexpected Content-Type: ..."; unreadable XML prints
   "malformed XML: ..."; any 2xx answer that is not a CiscoIPPhoneError (an empty one, the
   ``200 text/html`` of multiplatform firmware) is success with no lines;
-* the URI grammar is :mod:`phonepush.uri`'s (a superset: ``RTPRx:``, ``SendDigits:``...; but
+* the URI grammar is :mod:`phonepush.wire.uri`'s (a superset: ``RTPRx:``, ``SendDigits:``...; but
   ``Play:`` names over 25 characters, ``Display:`` minutes over 1440, URIs over 256 characters,
   a trailing newline, and XML bodies over 512 bytes are refused before sending);
 * a timeout must be a positive whole number of seconds;
@@ -31,10 +31,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from phonepush.cisco import background_xml, execute_xml, ringtone_xml
 from phonepush.errors import PhonepushError
-from phonepush.phone import DEFAULT_TIMEOUT, PhoneClient, PhoneTarget, parse_host
-from phonepush.uri import ExecuteItem, parse_target
+from phonepush.phone.client import DEFAULT_TIMEOUT, PhoneClient, PhoneTarget, parse_host
+from phonepush.wire.cisco import background_xml, execute_xml, ringtone_xml
+from phonepush.wire.uri import ExecuteItem, parse_target
 
 __all__ = ["PASSWORD_ENV", "getopt_message", "main"]
 

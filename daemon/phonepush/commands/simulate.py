@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from phonepush._simphone import DEFAULT_PLAY_FILES
-from phonepush.simulator import MODELS, Fleet, SimPhone
+from phonepush.sim.phone import DEFAULT_PLAY_FILES
+from phonepush.sim.simulator import MODELS, Fleet, SimPhone
 
 __all__ = ["main"]
 

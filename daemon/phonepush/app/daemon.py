@@ -1,0 +1,444 @@
+"""The daemon's lifespan: open resources in order, supervise the tasks, reload, shut down.
+
+Start-up: spool → dispatcher (pending deliveries resume) → intake → MQTT source → HTTP server;
+ready once the server listens and MQTT (when configured) is subscribed.
+
+Shutdown (SIGTERM/SIGINT, or :meth:`Daemon.stop`): stop taking input (MQTT stops acking new
+messages, which stay queued in the persistent session for the next start; the
+webhook answers 503), let requests already on the wire finish under ``drain_timeout``, cancel
+the rest (still pending in the spool for the next start), close. SIGHUP reloads the config
+atomically: a bad file keeps the old config and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from phonepush.alerting.acks import AckService, Alerting, ack_prefix
+from phonepush.alerting.repeats import Repeater
+from phonepush.app.limits import default_max_connections
+from phonepush.app.systemd import Notifier, state_directories
+from phonepush.audio.announce import Announcer, compile_actions
+from phonepush.config import Config, load_config
+from phonepush.dispatch.dispatcher import Dispatcher, Outcome
+from phonepush.errors import ConfigError, PhonepushError, SpoolError
+from phonepush.grouping.grouper import Grouper
+from phonepush.http.authenticate import Authenticator
+from phonepush.http.server import ServerState, create_app, uvicorn_config
+from phonepush.metrics import Metrics
+from phonepush.phone.client import PhoneClient, PhoneTarget
+from phonepush.phone.lanes import PhoneLanes
+from phonepush.pipeline.intake import Intake
+from phonepush.redact import url_for_log
+from phonepush.rules.book import RuleSet
+from phonepush.silence.silences import Silences
+from phonepush.store.housekeeping import Housekeeper
+from phonepush.store.spool import Spool
+
+if TYPE_CHECKING:
+    from phonepush.sources.mqtt import MqttSource
+
+__all__ = ["Daemon", "Running"]
+
+log = logging.getLogger("phonepush.daemon")
+
+#: How long start-up waits for the broker before declaring itself ready anyway (``/readyz``
+#: still says MQTT is down): a broker outage must not keep the webhook side from serving.
+_MQTT_READY_WAIT = 10.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon owns signals and shutdown order."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass(slots=True)
+class Running:
+    """The live parts of a started daemon, for tests and in-process users (``demo``)."""
+
+    config: Config
+    spool: Spool
+    dispatcher: Dispatcher
+    intake: Intake
+    metrics: Metrics
+    mqtt: MqttSource | None
+    port: int
+    announcer: Announcer | None = None
+    housekeeper: Housekeeper | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class Daemon:
+    """One daemon run. ``await run()`` until :meth:`stop` (or a signal when ``handle_signals``).
+
+    Doubles come in through the constructor: a metrics ``registry`` and a ``client_factory``
+    for phone clients.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        registry: CollectorRegistry | None = None,
+        client_factory: Callable[[PhoneTarget], PhoneClient] = PhoneClient,
+        notifier: Notifier | None = None,
+        handle_signals: bool = False,
+        drain_timeout: float = 10.0,
+    ) -> None:
+        self.config = config
+        self._config_path = config_path
+        self._metrics = Metrics(registry)
+        self._client_factory = client_factory
+        self._notifier = notifier if notifier is not None else Notifier()
+        self._handle_signals = handle_signals
+        self._drain_timeout = drain_timeout
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.running: Running | None = None
+
+    @property
+    def _base_dir(self) -> Path | None:
+        """Where relative audio files are found: next to the config file."""
+        return self._config_path.parent if self._config_path is not None else None
+
+    def stop(self) -> None:
+        """Begin an orderly shutdown (safe to call from a signal handler)."""
+        self._stop.set()
+
+    def reload(self) -> None:
+        """Reload the configuration file (SIGHUP)."""
+        self._reload.set()
+
+    async def run(self) -> None:
+        config = self.config
+        rules = RuleSet.compile(config)
+        # Audio files are loaded now, so a missing one stops start-up naming its rule.
+        audio_actions = compile_actions(config, base_dir=self._base_dir)
+        metrics = self._metrics
+        async with AsyncExitStack() as stack:
+            try:
+                spool = await stack.enter_async_context(
+                    Spool(
+                        config.spool.path,
+                        max_pending=config.spool.max_pending,
+                        synchronous=config.spool.synchronous,
+                        max_size=config.spool.max_size,
+                        follow_symlinks=config.spool.follow_symlinks,
+                        trusted_links=state_directories(),
+                    )
+                )
+            except SpoolError as exc:
+                # At start-up a spool that cannot open is a deployment problem: one line naming
+                # the key, exit 2, as for any other bad setting.
+                raise ConfigError(f"spool.path: {exc}") from exc
+            metrics.spool_bytes.set_function(spool.disk_bytes)
+            housekeeper = Housekeeper(
+                spool, retention=config.spool.retention, max_size=config.spool.max_size
+            )
+            mqtt: MqttSource | None = None
+            # Every push to a phone goes through its lane, deliveries and audio pages alike;
+            # closed last, after the pages' stop pushes.
+            lanes = await stack.enter_async_context(
+                PhoneLanes(
+                    config.phone_targets(),
+                    client_factory=self._client_factory,
+                    max_connections=config.dispatch.max_connections or default_max_connections(),
+                )
+            )
+            log.info("at most %d phone connections open at once", lanes.max_connections)
+            dispatcher = await stack.enter_async_context(
+                Dispatcher(
+                    spool,
+                    lanes,
+                    metrics=metrics,
+                    concurrency=config.dispatch.concurrency,
+                    retry_initial=config.dispatch.retry_initial,
+                    retry_max=config.dispatch.retry_max,
+                    retry_unconfirmed=_retry_unconfirmed(config),
+                    on_outcome=self._publish_outcome,
+                )
+            )
+            silences = Silences(spool)
+            silences.load()
+            grouper = Grouper(
+                config,
+                spool,
+                silences,
+                public_url=config.server.public_url,
+                metrics=metrics,
+                submit=dispatcher.submit,
+            )
+            repeater = Repeater(spool, metrics=metrics, submit=dispatcher.submit)
+            alerting = Alerting(
+                config,
+                spool,
+                metrics=metrics,
+                submit=dispatcher.submit,
+                cancel=dispatcher.cancel,
+                wake=repeater.wake,
+            )
+            announcer = await stack.enter_async_context(
+                Announcer(
+                    config,
+                    spool,
+                    metrics=metrics,
+                    actions=audio_actions,
+                    lanes=lanes,
+                    on_outcome=self._publish_outcome,
+                )
+            )
+            intake = Intake(
+                rules,
+                spool,
+                public_url=config.server.public_url,
+                metrics=metrics,
+                submit=dispatcher.submit,
+                grouper=grouper,
+                alerting=alerting,
+                announcer=announcer,
+                keep_headers=config.webhook.keep_headers,
+            )
+            if config.mqtt is not None:
+                # paho is imported only by daemons that use MQTT.
+                from phonepush.sources.mqtt import MqttSource
+
+                mqtt = await stack.enter_async_context(
+                    MqttSource(
+                        config.mqtt, filters=rules.mqtt_filters, accept=intake, metrics=metrics
+                    )
+                )
+            self._mqtt = mqtt
+            metrics.mqtt_configured.set(1 if mqtt is not None else 0)
+            acks = await stack.enter_async_context(
+                AckService(
+                    spool,
+                    metrics=metrics,
+                    public_url=config.server.public_url,
+                    cancel=dispatcher.cancel,
+                    mqtt=mqtt,
+                    topic_prefix=ack_prefix(config.mqtt) if config.mqtt is not None else "",
+                    webhook=config.ack.webhook,
+                    webhook_timeout=config.ack.webhook_timeout,
+                )
+            )
+            state = ServerState(
+                intake,
+                spool,
+                metrics,
+                token=_secret(config.webhook.token),
+                hmac_secret=_secret(config.webhook.hmac_secret),
+                max_body=config.server.max_body,
+            )
+            if mqtt is not None:
+                state.readiness["mqtt"] = lambda: "" if mqtt.connected else "not connected"
+            state.silences = silences
+            state.acks = acks
+            state.authenticator = Authenticator.from_config(config, metrics=metrics)
+            sock = _bind(config.server.listen)
+            stack.callback(sock.close)
+            server = _Server(uvicorn_config(create_app(state), config.server))
+            port = sock.getsockname()[1]
+            self.running = Running(
+                config, spool, dispatcher, intake, metrics, mqtt, port, announcer, housekeeper
+            )
+            # A live audio page is never replayed: its rows left pending are finished here.
+            resumed = announcer.abandon(spool.pending())
+            dispatcher.submit(resumed)
+            metrics.spool_pending.set(spool.pending_count())
+            if resumed:
+                log.info("resuming %d pending deliveries from the spool", len(resumed))
+
+            async with asyncio.TaskGroup() as tg:
+                tasks = [tg.create_task(server.serve(sockets=[sock]), name="http")]
+                if mqtt is not None:
+                    tasks.append(tg.create_task(mqtt.run(), name="mqtt"))
+                tasks.append(tg.create_task(housekeeper.run(), name="housekeeping"))
+                tasks.append(tg.create_task(grouper.run(), name="grouping"))
+                tasks.append(tg.create_task(repeater.run(), name="repeats"))
+                if self._notifier.watchdog_interval:
+                    tasks.append(tg.create_task(self._notifier.watchdog_loop(), name="watchdog"))
+                with self._signals():
+                    await self._until_ready(server, mqtt)
+                    log.info(
+                        "phonepush ready: listening on %s, %d phones, %d rules%s",
+                        config.server.listen,
+                        len(config.phones),
+                        len(config.rules),
+                        f", MQTT {url_for_log(config.mqtt.url)}" if config.mqtt is not None else "",
+                    )
+                    # What start-up made lives as long as the process (modules, config,
+                    # routes): kept out of the collector's full passes, which would otherwise
+                    # walk it again and again while a fan-out allocates (its garbage goes first).
+                    gc.collect()
+                    gc.freeze()
+                    self.ready.set()
+                    self._notifier.ready("listening")
+                    await self._serve_until_stopped(state, rules)
+                log.info("stopping: intake closed, draining deliveries")
+                self._notifier.stopping()
+                if mqtt is not None:
+                    await mqtt.stop_intake()
+                state.accepting = False
+                cut = await dispatcher.drain(self._drain_timeout)
+                server.should_exit = True
+                for task in tasks[1:]:
+                    task.cancel()
+            log.info(
+                "stopped; %d deliveries left pending in the spool%s",
+                spool.pending_count(),
+                f" ({cut} cut short)" if cut else "",
+            )
+
+    async def _until_ready(self, server: _Server, mqtt: MqttSource | None) -> None:
+        # uvicorn and paho offer flags, not events, for "listening" and "connected".
+        while not server.started:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        deadline = time.monotonic() + _MQTT_READY_WAIT
+        while mqtt is not None and not mqtt.connected and time.monotonic() < deadline:
+            if self._stop.is_set():
+                return
+            await asyncio.sleep(0.01)
+
+    async def _serve_until_stopped(self, state: ServerState, rules: RuleSet) -> None:
+        while not self._stop.is_set():
+            stop = asyncio.ensure_future(self._stop.wait())
+            reload = asyncio.ensure_future(self._reload.wait())
+            try:
+                await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                reload.cancel()
+            if self._reload.is_set() and not self._stop.is_set():
+                self._reload.clear()
+                await self._apply_reload(state)
+
+    async def _apply_reload(self, state: ServerState) -> None:
+        running = self.running
+        assert running is not None
+        self._notifier.reloading()
+        try:
+            if self._config_path is None:
+                raise ConfigError("no configuration file to reload")
+            config = load_config(self._config_path)
+            rules = RuleSet.compile(config)
+            audio_actions = compile_actions(config, base_dir=self._base_dir)
+        except PhonepushError as exc:
+            self._metrics.config_reloads.labels("error").inc()
+            log.error("reload failed, keeping the running configuration:\n%s", exc)
+            self._notifier.ready("reload failed; running the previous configuration")
+            return
+        for key in (
+            "server.listen",
+            "server.max_connections",
+            "server.header_timeout",
+            "server.keepalive_timeout",
+            "server.trusted_proxies",
+            "spool.path",
+            "mqtt",
+            "dispatch.max_connections",
+        ):
+            if _dig(config, key) != _dig(running.config, key):
+                log.warning("reload: %s changed; it takes effect after a restart", key)
+        running.intake.rules = rules
+        running.intake.keep_headers = frozenset(config.webhook.keep_headers)
+        if running.housekeeper is not None:
+            running.housekeeper.retention = config.spool.retention
+            running.housekeeper.max_size = running.spool.max_size = config.spool.max_size
+        if running.announcer is not None:
+            running.announcer.update(config, audio_actions)
+        if running.intake.grouper is not None:
+            running.intake.grouper.update(config)
+        if running.intake.alerting is not None:
+            running.intake.alerting.update(config)
+        if state.acks is not None:
+            state.acks.webhook = config.ack.webhook
+        running.config = self.config = config
+        running.dispatcher.update_phones(config.phone_targets())
+        running.dispatcher.retry_unconfirmed = _retry_unconfirmed(config)
+        if running.mqtt is not None:
+            running.mqtt.update_filters(rules.mqtt_filters)
+        state.token = _secret(config.webhook.token)
+        state.hmac_secret = _secret(config.webhook.hmac_secret)
+        state.max_body = config.server.max_body
+        state.authenticator = Authenticator.from_config(config, metrics=self._metrics)
+        self._metrics.config_reloads.labels("ok").inc()
+        log.info("reloaded: %d phones, %d rules", len(config.phones), len(config.rules))
+        self._notifier.ready("reloaded")
+
+    async def _publish_outcome(self, outcome: Outcome) -> None:
+        if self._mqtt is not None:
+            await self._mqtt.publish_outcome(outcome.as_dict())
+
+    @contextlib.contextmanager
+    def _signals(self) -> Iterator[None]:
+        if not self._handle_signals:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        handled = {signal.SIGTERM: self.stop, signal.SIGINT: self.stop, signal.SIGHUP: self.reload}
+        for sig, handler in handled.items():
+            loop.add_signal_handler(sig, handler)
+        try:
+            yield
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+
+
+def _retry_unconfirmed(config: Config) -> frozenset[str]:
+    return frozenset(rule.name for rule in config.rules if rule.retry_unconfirmed)
+
+
+def _secret(value: object) -> str | None:
+    if value is None:
+        return None
+    getter = getattr(value, "get_secret_value", None)
+    text = getter() if callable(getter) else str(value)
+    return text or None
+
+
+def _dig(config: Config, dotted: str) -> object:
+    value: object = config
+    for part in dotted.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _bind(listen: str) -> socket.socket:
+    """Bind the HTTP socket ourselves: a busy port fails start-up with a clear message, and
+    tests can listen on port 0 and learn the port."""
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port_text)))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"server.listen: cannot listen on {listen}: {exc.strerror}") from exc
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock

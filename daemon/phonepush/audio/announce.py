@@ -1,0 +1,540 @@
+"""Audio paging from rules: a rule's ``audio = {...}`` action, streamed live to its phones.
+
+A rule with ``audio`` (alone, or with ``execute``/``message``/...) makes each event it matches
+play an announcement on the rule's phones: every phone is pushed ``RTPRx:<source>:<port>[:vol]``
+(or ``RTPMRx:<group>:<port>[:vol]``), the audio is streamed over RTP, then every phone that
+listened is pushed ``RTPRx:Stop`` (:func:`phonepush.audio.paging.page`). A phone that could not be
+told to listen is reported (log, ``phonepush_deliveries_total``, its delivery row); the others
+still hear the page.
+
+* **Sources.** ``file`` and ``chime`` are WAV or raw µ-law files, relative to the config file's
+  directory; they are loaded and converted when the configuration is (start-up, reload), so a
+  missing or unreadable file stops the daemon from starting — or a reload from applying — with
+  an error naming ``rules[<name>].audio.file``. ``say`` is a template rendered with the event
+  (like a message) and spoken by espeak-ng at delivery time (:class:`phonepush.audio.clips.Speech`,
+  cached in memory and, with ``[audio] cache_dir``, on disk).
+* **Addresses.** The stream comes from ``[audio] address`` (default: the host of
+  ``server.public_url``, the address phones already reach the daemon at); phones listen on
+  ``[audio] port`` (default 20480); RTP goes to each phone's own address (its ``host``).
+
+Durability and the spool (an audio page is *live*: played late, it is wrong):
+
+* The event is committed as usual, and with it one delivery row per (rule, phone) for the
+  audio, holding no requests. Intake hands those rows here, not to the dispatcher; the page's
+  outcome finishes them (``delivered``, ``failed`` with the phone's answer, ``expired``), so
+  ``/events/<id>``, logs, the outcome topic and ``phonepush_deliveries_total`` show each phone's
+  part like any other delivery. Silences apply to them as to any delivery.
+* **No replay.** A page the daemon was playing (or had not started) when it stopped is not
+  played again on the next start: its rows are finished ``expired`` at start-up
+  (:meth:`Announcer.abandon`). On shutdown a page in progress is cut, its phones pushed the stop
+  URI, and its rows finished ``expired`` at once.
+* **TTL.** Nothing is streamed after the rule's ``ttl``: a page that cannot start before it
+  expires, the audio is cut so that the stream ends by it, and a page still running at the TTL
+  (phones slow to answer the start push) is cancelled, its phones told to stop.
+* **One page at a time.** A phone plays one stream; two pages at once would replace each other
+  on shared phones. Pages queue (their TTLs still apply while waiting).
+* **Pushes.** Start and stop pushes go through the phones' lanes (:mod:`phonepush.phone.lanes`),
+  shared with the dispatcher: a phone gets one push at a time, so a start waits for a
+  delivery in flight to that phone (not for its retries, which wait outside the lane). A start
+  the phone answers busy (error 6), or that never reached it, is tried once more after 0.25 s;
+  one written but not answered is not (the phone may be listening: it is stopped like the
+  others). A stop is also tried again when unanswered: it does no harm twice.
+* **Stops are guaranteed.** Every phone whose start may have been written is pushed the stop,
+  also when the page is cut (TTL, shutdown); the stops run shielded from the cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Final, Self
+from urllib.parse import urlsplit
+
+from phonepush.audio.clips import SAMPLE_RATE, Speech, announcement, load_file
+from phonepush.audio.paging import (
+    STOP_URI,
+    PageReport,
+    PageSettings,
+    PageTarget,
+    TargetResult,
+    page,
+)
+from phonepush.config import Config, RuleAudioConfig
+from phonepush.dispatch.dispatcher import Outcome
+from phonepush.errors import (
+    AudioError,
+    ConfigError,
+    PhoneError,
+    PhoneUnconfirmed,
+    TemplateError,
+    WireError,
+)
+from phonepush.events import Event
+from phonepush.metrics import Metrics
+from phonepush.phone.lanes import PhoneLanes
+from phonepush.rules.book import event_context
+from phonepush.rules.templates import Templates, TextTemplate
+from phonepush.store.spool import Delivery, NewDelivery, Spool
+from phonepush.wire.uri import ExecuteItem
+
+if TYPE_CHECKING:
+    from phonepush.pipeline.intake import Plan
+
+__all__ = ["Announcer", "AudioAction", "compile_actions", "stream_source"]
+
+log = logging.getLogger("phonepush.announce")
+
+#: Pause before the one retry of a start or stop push the phone answered busy or not at all.
+_RETRY_DELAY: Final = 0.25
+#: How often a stop push is tried (0.25 + 0.5 + 1 + 2 s between tries).
+_STOP_TRIES: Final = 5
+#: How long shutdown waits for pages being cut to push their stop URIs.
+_CLOSE_GRACE: Final = 8.0
+
+
+@dataclass(frozen=True, slots=True)
+class AudioAction:
+    """A rule's compiled ``audio``: what to play (``body`` loaded, or ``say`` to render), and
+    how."""
+
+    rule: str
+    say: TextTemplate | None
+    body: bytes | None
+    chime: bytes | None
+    multicast: tuple[str, int] | None
+    volume: int | None
+    repeat: int
+    #: Hops a multicast stream may cross: the rule's ``audio.multicast_ttl``, else ``[audio]``'s.
+    multicast_ttl: int = 1
+
+
+def compile_actions(config: Config, *, base_dir: Path | None = None) -> dict[str, AudioAction]:
+    """Compile every rule's ``audio``, loading its files (relative ones from ``base_dir``,
+    default the working directory). Raises :class:`ConfigError` listing every problem, one line
+    each, naming ``rules[<name>].audio.<key>``."""
+    base = base_dir if base_dir is not None else Path.cwd()
+    templates = Templates()
+    actions: dict[str, AudioAction] = {}
+    problems: list[str] = []
+    loaded: dict[Path, bytes] = {}
+    for rule in config.rules:
+        if rule.audio is None:
+            continue
+        where = f"rules[{rule.name}].audio"
+        try:
+            actions[rule.name] = _compile(
+                rule.name,
+                rule.audio,
+                where,
+                base,
+                templates,
+                loaded,
+                rule.audio.multicast_ttl or config.audio.multicast_ttl,
+            )
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return actions
+
+
+def _compile(
+    name: str,
+    audio: RuleAudioConfig,
+    where: str,
+    base: Path,
+    templates: Templates,
+    loaded: dict[Path, bytes],
+    multicast_ttl: int = 1,
+) -> AudioAction:
+    problems: list[str] = []
+
+    def load(key: str, value: str) -> bytes | None:
+        if not value:
+            return None
+        path = base / value
+        if path not in loaded:
+            try:
+                loaded[path] = load_file(path)
+            except AudioError as exc:
+                problems.append(f"{where}.{key}: {exc}")
+                return None
+        return loaded[path]
+
+    body, chime = load("file", audio.file), load("chime", audio.chime)
+    say: TextTemplate | None = None
+    if audio.say.strip():
+        try:
+            say = templates.compile_template(audio.say, f"{where}.say")
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return AudioAction(
+        name, say, body, chime, audio.group, audio.volume, audio.repeat, multicast_ttl
+    )
+
+
+def stream_source(config: Config) -> str:
+    """The address pages come from: ``[audio] address``, else the host of the public URL."""
+    return config.audio.address or urlsplit(config.server.public_url).hostname or "127.0.0.1"
+
+
+Publish = Callable[[Outcome], Awaitable[None]]
+
+
+class Announcer:
+    """Plays rules' audio pages; an async context manager (closing cuts pages in progress).
+
+    ``lanes`` carry the start and stop pushes (the daemon's, shared with the dispatcher).
+    ``speech`` defaults to espeak-ng with
+    ``[audio] voice`` and ``cache_dir``. ``on_outcome`` is told each phone's outcome, like the
+    dispatcher's. ``lead_in_s`` passes between the start pushes and the first packet.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        spool: Spool,
+        *,
+        metrics: Metrics,
+        actions: Mapping[str, AudioAction] | None = None,
+        base_dir: Path | None = None,
+        lanes: PhoneLanes,
+        speech: Speech | None = None,
+        on_outcome: Publish | None = None,
+        clock: Callable[[], float] = time.time,
+        lead_in_s: float = 0.2,
+    ) -> None:
+        self._spool = spool
+        self._metrics = metrics
+        self._lanes = lanes
+        self._on_outcome = on_outcome
+        self._clock = clock
+        self._lead_in = lead_in_s
+        self._speech = speech or Speech(
+            voice=config.audio.voice, cache_dir=config.audio.cache_dir or None
+        )
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._open: set[int] = set()  # audio rows taken and not finished yet
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+        self.config = config
+        self.actions: dict[str, AudioAction] = (
+            dict(actions) if actions is not None else compile_actions(config, base_dir=base_dir)
+        )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def update(self, config: Config, actions: Mapping[str, AudioAction]) -> None:
+        """Apply a reload (``actions`` compiled beforehand, so a bad file keeps the old ones).
+        Pages already accepted play with what they were accepted with."""
+        self.config = config
+        self.actions = dict(actions)
+
+    def handles(self, rule: str) -> bool:
+        """Whether ``rule`` has an audio action."""
+        return rule in self.actions
+
+    # --- intake side ------------------------------------------------------------------------
+
+    def deliveries(self, event: Event, plan: Plan) -> list[NewDelivery]:
+        """The audio rows of an event's rules that also push something (a rule with audio only
+        already gets request-less rows from intake): one per (rule, phone), no requests."""
+        return [
+            NewDelivery(
+                rule=p.rule,
+                phone=phone,
+                requests=(),
+                expires_at=event.received_at + p.ttl,
+            )
+            for p in plan.rules
+            if p.state == "pending" and p.requests and p.rule in self.actions
+            for phone in p.phones
+        ]
+
+    def take(self, event: Event, pending: Sequence[Delivery]) -> list[Delivery]:
+        """Start the pages of committed audio rows (pending rows without requests) and return
+        the other rows, for the dispatcher. Must run on the event loop."""
+        audio: dict[str, list[Delivery]] = defaultdict(list)
+        rest: list[Delivery] = []
+        for delivery in pending:
+            if delivery.requests:
+                rest.append(delivery)
+            else:
+                audio[delivery.rule].append(delivery)
+        for rule, rows in audio.items():
+            self._open.update(row.id for row in rows)
+            action = self.actions.get(rule)
+            if action is None or self._closing:
+                # Rules swapped by a reload between plan and commit, or shutting down.
+                self._finish_all(rows, "expired", "not played: the rule's audio is gone")
+                continue
+            task = asyncio.get_running_loop().create_task(
+                self._run(event, action, rows), name=f"audio:{rule}:{event.id}"
+            )
+            self._tasks.add(task)
+            self._idle.clear()
+            task.add_done_callback(self._done)
+        return rest
+
+    def abandon(self, pending: Iterable[Delivery]) -> list[Delivery]:
+        """At start-up: finish the audio rows a previous run left pending as ``expired`` (a
+        live page is never replayed) and return the rest for the dispatcher."""
+        rest: list[Delivery] = []
+        stale: list[Delivery] = []
+        for delivery in pending:
+            (rest if delivery.requests else stale).append(delivery)
+        if stale:
+            self._open.update(row.id for row in stale)
+            log.warning(
+                "%d audio page deliveries were interrupted by a restart; not replayed", len(stale)
+            )
+            self._finish_all(stale, "expired", "interrupted by a restart; audio is not replayed")
+        return rest
+
+    async def wait_idle(self) -> None:
+        """Return when no page is queued or playing (tests)."""
+        await self._idle.wait()
+
+    async def close(self) -> None:
+        """Cut pages in progress (their phones are pushed the stop URI) and wait for them."""
+        self._closing = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_CLOSE_GRACE):
+                    await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not self._tasks:
+            self._idle.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("audio page %s failed", task.get_name(), exc_info=exc)
+
+    # --- a page ---------------------------------------------------------------------------
+
+    async def _run(self, event: Event, action: AudioAction, rows: list[Delivery]) -> None:
+        started = self._clock()
+        try:
+            async with self._lock:
+                await self._page(event, action, rows)
+        except asyncio.CancelledError:
+            self._finish_all(rows, "expired", "the daemon stopped during the audio page")
+            self._metrics.audio_pages.labels(action.rule, "expired").inc()
+            raise
+        log.debug("audio page of event %s took %.2f s", event.id, self._clock() - started)
+
+    async def _page(self, event: Event, action: AudioAction, rows: list[Delivery]) -> None:
+        rule = action.rule
+        expires_at = min(row.expires_at for row in rows)
+        if self._clock() >= expires_at:
+            self._expired(action, rows, "TTL passed before the audio page could start")
+            return
+        try:
+            audio = await self._audio(action, event)
+        except (AudioError, TemplateError) as exc:
+            log.warning("event %s rule %s: no audio page: %s", event.id, rule, exc)
+            self._finish_all(rows, "failed", f"audio: {exc}", publish=True)
+            self._metrics.audio_pages.labels(rule, "failed").inc()
+            return
+        # Cut the audio so that the stream ends by the TTL (as far as can be known now).
+        room = expires_at - self._clock() - self._lead_in
+        if room * SAMPLE_RATE < len(audio):
+            if room <= 0:
+                self._expired(action, rows, "TTL passed before the audio page could start")
+                return
+            log.warning(
+                "event %s rule %s: audio cut from %.1f s to %.1f s to end within the TTL",
+                event.id,
+                rule,
+                len(audio) / SAMPLE_RATE,
+                room,
+            )
+            audio = audio[: int(room * SAMPLE_RATE)]
+
+        phones = self.config.phone_targets()
+        by_name = {row.phone: row for row in rows}
+        missing = [row for row in rows if row.phone not in phones]
+        if missing:
+            self._finish_all(missing, "failed", "phone not in the configuration", publish=True)
+        targets = [
+            PageTarget(row.phone, phones[row.phone].host) for row in rows if row.phone in phones
+        ]
+        if not targets:
+            self._metrics.audio_pages.labels(rule, "failed").inc()
+            return
+        settings = PageSettings(
+            source=stream_source(self.config),
+            port=action.multicast[1] if action.multicast else self.config.audio.port,
+            multicast=action.multicast[0] if action.multicast else None,
+            volume=action.volume,
+            ttl=action.multicast_ttl,
+            lead_in_s=self._lead_in,
+        )
+        lanes = self._lanes
+
+        async def push(target: PageTarget, uri: str) -> None:
+            await _push(lanes, target.name, uri)
+
+        try:
+            async with asyncio.timeout(max(0.0, expires_at - self._clock())):
+                report = await page(targets, audio, push=push, settings=settings)
+        except TimeoutError:
+            self._expired(action, [by_name[t.name] for t in targets], "TTL passed during the page")
+            return
+        except (AudioError, WireError) as exc:
+            # The stream's source does not resolve, or a start URI is invalid: nothing sent.
+            log.error("event %s rule %s: audio page not sent: %s", event.id, rule, exc)
+            self._finish_all(
+                [by_name[t.name] for t in targets], "failed", f"audio: {exc}", publish=True
+            )
+            self._metrics.audio_pages.labels(rule, "failed").inc()
+            return
+        self._report(event, action, report, by_name)
+
+    async def _audio(self, action: AudioAction, event: Event) -> bytes:
+        body = action.body
+        if body is None:
+            assert action.say is not None
+            text = action.say(event_context(event))
+            body = await self._speech.render(text)
+        return announcement(body, chime=action.chime, repeat=action.repeat)
+
+    def _report(
+        self, event: Event, action: AudioAction, report: PageReport, rows: Mapping[str, Delivery]
+    ) -> None:
+        rule = action.rule
+        metrics = self._metrics
+        for target_result in report.results:
+            state, error = _outcome(target_result, report)
+            self._finish(rows[target_result.target.name], state, error, publish=True)
+        stream = report.stream
+        if stream is not None:
+            metrics.audio_stream_seconds.labels(rule).observe(stream.duration_s)
+        heard = len(report.started) if not report.error else 0
+        result = "ok" if report.ok else "partial" if heard else "failed"
+        metrics.audio_pages.labels(rule, result).inc()
+        log.log(
+            logging.INFO if report.ok else logging.WARNING,
+            "event %s rule %s: audio page %s (%s) to %d of %d phone(s)%s%s",
+            event.id,
+            rule,
+            result,
+            report.uri,
+            heard,
+            len(report.results),
+            f", {stream.packets * 0.02:.2f} s streamed" if stream is not None else "",
+            f"; stream failed: {report.error}" if report.error else "",
+        )
+
+    # --- outcomes -------------------------------------------------------------------------
+
+    def _expired(self, action: AudioAction, rows: Sequence[Delivery], reason: str) -> None:
+        log.warning("rule %s: audio page expired: %s", action.rule, reason)
+        self._finish_all(rows, "expired", reason, publish=True)
+        self._metrics.audio_pages.labels(action.rule, "expired").inc()
+
+    def _finish_all(
+        self, rows: Iterable[Delivery], state: str, error: str, *, publish: bool = False
+    ) -> None:
+        for row in rows:
+            self._finish(row, state, error, publish=publish)
+
+    def _finish(self, row: Delivery, state: str, error: str, *, publish: bool) -> None:
+        if row.id not in self._open:
+            return  # finished already (a page cut after some of its phones were done)
+        self._open.discard(row.id)
+        self._spool.finish(row.id, state, error)
+        self._metrics.deliveries.labels(row.phone, state).inc()
+        self._metrics.spool_pending.set(self._spool.pending_count())
+        if state != "delivered":
+            log.warning(
+                "delivery %s event %s rule %s phone %s (audio) %s: %s",
+                row.id,
+                row.event_id,
+                row.rule,
+                row.phone,
+                state,
+                error,
+            )
+        if publish and self._on_outcome is not None:
+            outcome = Outcome(
+                row.event_id,
+                row.rule,
+                row.phone,
+                state,
+                1,
+                error,
+                self._clock() - row.created_at,
+            )
+            task = asyncio.get_running_loop().create_task(self._publish(outcome))
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
+
+    async def _publish(self, outcome: Outcome) -> None:
+        if self._on_outcome is None:
+            return
+        try:
+            await self._on_outcome(outcome)
+        except Exception:  # an outcome publisher must never stop a page
+            log.exception("publishing the outcome of an audio page failed")
+
+
+def _outcome(result: TargetResult, report: PageReport) -> tuple[str, str]:
+    if not result.started:
+        return "failed", f"would not listen: {result.error}"
+    if report.error:
+        return "failed", f"stream failed: {report.error}"
+    if not result.stopped:
+        return "delivered", f"heard the page, but the stop push failed: {result.stop_error}"
+    return "delivered", ""
+
+
+async def _push(lanes: PhoneLanes, phone: str, uri: str) -> None:
+    """One ExecuteItem through the phone's lane; raise :class:`PhoneError` unless the phone
+    accepted it. A start answered busy (error 6, as an error object or an item's Status) or not
+    sent is tried once more. A stop is tried up to :data:`_STOP_TRIES` times, also when
+    unanswered (it does no harm twice): a phone whose cut start is still running answers busy
+    until it is done, and a phone left listening is what an operator notices."""
+    stop = uri == STOP_URI
+    tries = _STOP_TRIES if stop else 2
+    delay = _RETRY_DELAY
+    for attempt in range(1, tries + 1):
+        try:
+            items = await lanes.execute(phone, [ExecuteItem(uri)])
+        except PhoneError as exc:
+            again = exc.retryable or (stop and isinstance(exc, PhoneUnconfirmed))
+            if not again or attempt == tries:
+                raise
+        else:
+            refused = [item for item in items if not item.ok]
+            if not refused:
+                return
+            item = refused[0]
+            error = PhoneError(f"{item.url}: {item.data} (Status {item.status})", phone=phone)
+            if item.status != 6 or attempt == tries:
+                raise error
+        await asyncio.sleep(delay)
+        delay *= 2

@@ -1,0 +1,426 @@
+"""The dispatcher: deliveries from the spool to the phones.
+
+One worker task per phone takes that phone's deliveries in order and sends their requests one at a
+time through the phone's lane (:mod:`phonepush.phone.lanes`, shared with audio pages). Workers run
+concurrently, bounded by a global semaphore, so a dead or slow phone holds up only its own queue.
+
+What happens after a failure depends on what the phone can have done (docs/design.md, "Delivery
+guarantees"):
+
+* the request never fully reached the phone (:class:`~phonepush.errors.PhoneNotSent`), or the
+  phone answered busy (error 6): retried with full-jitter exponential backoff until the TTL;
+* the request was written and no answer we can read came back
+  (:class:`~phonepush.errors.PhoneUnconfirmed`): the phone may have run it, so it is not sent
+  again; the delivery goes on with its next request and ends ``unconfirmed``. A rule with
+  ``retry_unconfirmed = true`` (idempotent content) has it retried like the first case;
+* the phone refused (error 1/2/3/4, an item with a non-zero Status): ``failed`` at once;
+* any 2xx answer that is not a CiscoIPPhoneError: the request is done.
+
+A delivery resumes after its last done request (``sent`` in the spool) and never sends one again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from phonepush.errors import (
+    PhoneError,
+    PhoneNotSent,
+    PhoneTimeout,
+    PhoneUnconfirmed,
+    SpoolError,
+)
+from phonepush.metrics import Metrics
+from phonepush.phone.client import PhoneClient, PhoneTarget
+from phonepush.phone.lanes import DEFAULT_MAX_CONNECTIONS, PhoneLanes
+from phonepush.store.spool import Delivery, Spool
+
+__all__ = ["Dispatcher", "Outcome"]
+
+log = logging.getLogger("phonepush.dispatch")
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one delivery ended: published to MQTT when configured, and logged."""
+
+    event: str
+    rule: str
+    phone: str
+    result: str  # delivered | unconfirmed | failed | expired
+    attempts: int
+    error: str
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "event": self.event,
+            "rule": self.rule,
+            "phone": self.phone,
+            "result": self.result,
+            "attempts": self.attempts,
+            "error": self.error,
+            "seconds": round(self.seconds, 4),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _PhoneMetrics:
+    up: Gauge
+    ok: Counter
+    delivered: Counter
+    duration: Histogram
+
+
+#: How the error of a delivery that had a request go unconfirmed begins (kept in the spool, so a
+#: resumed delivery still ends ``unconfirmed``).
+_UNCONFIRMED: Final = "unconfirmed: "
+
+
+class _Draining(Exception):
+    """Raised inside a worker between requests once shutdown has begun."""
+
+
+class _ItemRefused(PhoneError):
+    """The phone answered, but refused an item (ResponseItem Status other than 0)."""
+
+
+class Dispatcher:
+    """Delivers pending work to phones; an async context manager whose :meth:`run` is a task.
+
+    ``phones`` is the daemon's :class:`PhoneLanes`, or a phone list for a dispatcher with lanes
+    of its own (made with ``client_factory`` and ``max_connections``, closed with it).
+    ``retry_unconfirmed`` names the rules whose unconfirmed requests are sent again.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        phones: PhoneLanes | Mapping[str, PhoneTarget],
+        *,
+        metrics: Metrics,
+        concurrency: int = 256,
+        retry_initial: float = 1.0,
+        retry_max: float = 60.0,
+        retry_unconfirmed: Collection[str] = (),
+        client_factory: Callable[[PhoneTarget], PhoneClient] = PhoneClient,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        on_outcome: Callable[[Outcome], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._spool = spool
+        self._own_lanes = not isinstance(phones, PhoneLanes)
+        self._lanes = (
+            phones
+            if isinstance(phones, PhoneLanes)
+            else PhoneLanes(phones, client_factory=client_factory, max_connections=max_connections)
+        )
+        self.retry_unconfirmed = frozenset(retry_unconfirmed)
+        self._metrics = metrics
+        self._bound = asyncio.Semaphore(concurrency)
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._on_outcome = on_outcome
+        self._clock = clock
+        self._rng = rng
+        # Per phone, while it has work: its queue and its worker (which ends when the queue is
+        # empty; an idle worker and queue per phone of a 10,000-phone fan-out cost ~40 MB).
+        self._queues: dict[str, collections.deque[Delivery]] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._sending: set[str] = set()  # phones with a request on the wire
+        self._cut: set[int] = set()  # deliveries cancelled after their request was written
+        self._wire_idle = asyncio.Event()  # set while _sending is empty
+        self._wire_idle.set()
+        self._closing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._outstanding = 0
+        self._cancelled: set[int] = set()  # no longer pending in the spool (acked, resolved)
+        # Finished deliveries not yet written: answers that arrive together share one commit.
+        self._finished: list[tuple[int, str, str]] = []
+        self._flush: asyncio.Handle | None = None
+        # Labelled metric children per phone: a labels() lookup costs more than the update.
+        self._phone_metrics: dict[str, _PhoneMetrics] = {}
+
+    async def __aenter__(self) -> Dispatcher:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # --- intake side ----------------------------------------------------------------------------
+
+    def submit(self, deliveries: Iterable[Delivery]) -> None:
+        """Queue pending deliveries (after intake's commit, or on start from the spool)."""
+        for delivery in deliveries:
+            queue = self._queues.get(delivery.phone)
+            if queue is None:
+                queue = self._queues[delivery.phone] = collections.deque()
+            queue.append(delivery)
+            self._outstanding += 1
+            self._idle.clear()
+            if delivery.phone not in self._workers and not self._closing:
+                self._workers[delivery.phone] = asyncio.create_task(
+                    self._work(delivery.phone), name=f"phone:{delivery.phone}"
+                )
+
+    def cancel(self, delivery_ids: Iterable[int]) -> None:
+        """Drop deliveries the spool no longer has pending (acknowledged, resolved): a queued one
+        is skipped, one waiting out a retry gives up; a request on the wire still finishes."""
+        self._cancelled.update(delivery_ids)
+
+    @property
+    def lanes(self) -> PhoneLanes:
+        return self._lanes
+
+    def update_phones(self, phones: Mapping[str, PhoneTarget]) -> None:
+        """Apply a reloaded phone list (to the lanes, which may be shared)."""
+        self._lanes.update(phones)
+
+    @property
+    def outstanding(self) -> int:
+        """Deliveries queued or in flight."""
+        return self._outstanding
+
+    async def wait_idle(self) -> None:
+        """Return when nothing is queued or in flight (tests, ``fire``)."""
+        await self._idle.wait()
+
+    # --- workers --------------------------------------------------------------------------------
+
+    async def _work(self, phone: str) -> None:
+        queue = self._queues[phone]
+        try:
+            while queue and not self._closing:
+                delivery = queue.popleft()
+                try:
+                    await self._deliver(delivery)
+                except _Draining:
+                    return
+                finally:
+                    self._outstanding -= 1
+                    if self._outstanding == 0:
+                        self._flush_finished()
+                        self._idle.set()
+        finally:
+            # No await between the empty queue and this: a later submit makes a new worker.
+            if self._workers.get(phone) is asyncio.current_task():
+                del self._workers[phone]
+            if not queue and self._queues.get(phone) is queue:
+                del self._queues[phone]
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        sent, attempts, error = delivery.sent, delivery.attempts, delivery.error
+        # A resumed delivery whose stored error says a request went unconfirmed ends that way.
+        unconfirmed = error if error.startswith(_UNCONFIRMED) else ""
+        backoff = self._retry_initial
+        while True:
+            if delivery.id in self._cancelled:
+                self._cancelled.discard(delivery.id)
+                return
+            if self._clock() >= delivery.expires_at:
+                await self._finish(delivery, "expired", attempts, error or "TTL passed")
+                return
+            if delivery.phone not in self._lanes:
+                await self._finish(delivery, "failed", attempts, "phone not in the configuration")
+                return
+            try:
+                async with self._bound:
+                    while sent < len(delivery.requests):
+                        if self._closing:
+                            raise _Draining
+                        attempts += 1
+                        try:
+                            await self._send(delivery, sent)
+                        except PhoneUnconfirmed as exc:
+                            if delivery.rule in self.retry_unconfirmed:
+                                raise
+                            # The phone may have run it: never again. Go on with the rest.
+                            unconfirmed = f"{_UNCONFIRMED}{exc}"
+                        sent += 1
+                        if sent < len(delivery.requests):
+                            self._progress(delivery, sent, attempts, unconfirmed)
+            except PhoneError as exc:
+                error = str(exc)
+                if not (exc.retryable or isinstance(exc, PhoneUnconfirmed)):
+                    await self._finish(delivery, "failed", attempts, error)
+                    return
+                delay = min(self._retry_max, backoff) * self._rng()
+                backoff = min(self._retry_max, backoff * 2)
+                remaining = delivery.expires_at - self._clock()
+                if delay >= remaining:
+                    # No attempt can happen inside the TTL: the page is already too late.
+                    await asyncio.sleep(max(0.0, remaining))
+                    continue
+                self._progress(delivery, sent, attempts, unconfirmed or error)
+                self._metrics.retries.labels(delivery.phone).inc()
+                log.info(
+                    "delivery %s to %s: %s; retrying in %.1f s",
+                    delivery.id,
+                    delivery.phone,
+                    error,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            except asyncio.CancelledError:
+                if delivery.id in self._cut and delivery.rule not in self.retry_unconfirmed:
+                    # Cut (shutdown) after the request was written: the phone may have run it,
+                    # so it must not be sent again on the next start.
+                    await self._finish(
+                        delivery,
+                        "unconfirmed",
+                        attempts,
+                        f"{_UNCONFIRMED}the daemon stopped while waiting for the answer",
+                    )
+                self._cut.discard(delivery.id)
+                raise
+            if unconfirmed:
+                await self._finish(delivery, "unconfirmed", attempts, unconfirmed)
+            else:
+                await self._finish(delivery, "delivered", attempts, "")
+            return
+
+    async def _send(self, delivery: Delivery, index: int) -> None:
+        request = delivery.requests[index]
+        phone = delivery.phone
+        metrics = self._metrics_of(phone)
+        self._sending.add(phone)
+        self._wire_idle.clear()
+        try:
+            items = await self._lanes.push(phone, request.xml, receipts=request.kind == "execute")
+        except PhoneError as exc:
+            reachable = not isinstance(exc, PhoneNotSent | PhoneTimeout)
+            metrics.up.set(1 if reachable else 0)
+            self._metrics.requests.labels(phone, type(exc).__name__).inc()
+            raise
+        except asyncio.CancelledError:
+            if self._lanes.written(phone):
+                self._cut.add(delivery.id)
+            raise
+        finally:
+            self._sending.discard(phone)
+            if not self._sending:
+                self._wire_idle.set()
+        metrics.up.set(1)
+        metrics.ok.inc()
+        refused = [i for i in items if not i.ok]
+        if refused:
+            raise _ItemRefused(
+                "; ".join(f"{i.url}: {i.data} (status {i.status})" for i in refused), phone=phone
+            )
+
+    async def _finish(self, delivery: Delivery, result: str, attempts: int, error: str) -> None:
+        self._cancelled.discard(delivery.id)
+        self._finished.append((delivery.id, result, error))
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_soon(self._flush_finished)
+        seconds = self._clock() - delivery.created_at
+        if result == "delivered":
+            metrics = self._metrics_of(delivery.phone)
+            metrics.delivered.inc()
+            metrics.duration.observe(seconds)
+        else:
+            self._metrics.deliveries.labels(delivery.phone, result).inc()
+        outcome = Outcome(
+            delivery.event_id, delivery.rule, delivery.phone, result, attempts, error, seconds
+        )
+        level = logging.INFO if result == "delivered" else logging.WARNING
+        log.log(
+            level,
+            "delivery %s event %s rule %s phone %s %s after %d attempt(s) in %.3f s%s",
+            delivery.id,
+            delivery.event_id,
+            delivery.rule,
+            delivery.phone,
+            result,
+            attempts,
+            seconds,
+            f": {error}" if error else "",
+        )
+        if self._on_outcome is not None:
+            try:
+                await self._on_outcome(outcome)
+            except Exception:  # an outcome publisher must never stop deliveries
+                log.exception("publishing the outcome of delivery %s failed", delivery.id)
+
+    def _flush_finished(self) -> None:
+        """Write the finished deliveries collected since the last flush in one transaction
+        (scheduled with ``call_soon`` by the first of them; also run before going idle)."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        finished, self._finished = self._finished, []
+        if not finished:
+            return
+        try:
+            self._spool.finish_many(finished)
+        except SpoolError as exc:
+            # Kept and written again later (a full disk comes back): dropped, they would stay
+            # pending in the spool, counted against max_pending, until a restart sent them again.
+            # If the daemon stops first, they are sent again after the restart (at least once).
+            log.error("recording %d finished deliveries failed: %s", len(finished), exc)
+            self._finished[:0] = finished
+            if not self._closing:
+                loop = asyncio.get_running_loop()
+                self._flush = loop.call_later(self._retry_initial, self._flush_finished)
+        self._metrics.spool_pending.set(self._spool.pending_count())
+
+    def _progress(self, delivery: Delivery, sent: int, attempts: int, error: str = "") -> None:
+        try:
+            self._spool.progress(delivery.id, sent, attempts, error)
+        except SpoolError as exc:
+            # Only a saving for a resumed delivery (its answered requests are not sent again);
+            # raised from here, it would end this phone's worker and strand its queue.
+            log.warning("recording progress of delivery %s failed: %s", delivery.id, exc)
+
+    def _metrics_of(self, phone: str) -> _PhoneMetrics:
+        metrics = self._phone_metrics.get(phone)
+        if metrics is None:
+            m = self._metrics
+            metrics = self._phone_metrics[phone] = _PhoneMetrics(
+                up=m.phone_up.labels(phone),
+                ok=m.requests.labels(phone, "ok"),
+                delivered=m.deliveries.labels(phone, "delivered"),
+                duration=m.delivery_duration.labels(phone),
+            )
+        return metrics
+
+    # --- shutdown -------------------------------------------------------------------------------
+
+    async def drain(self, grace: float) -> int:
+        """Stop taking work, let requests on the wire finish for up to ``grace`` seconds, then
+        cancel the rest. Unfinished deliveries stay pending in the spool for the next start.
+        Returns how many requests were cut short."""
+        self._closing = True
+        for phone, task in list(self._workers.items()):
+            if phone not in self._sending:
+                task.cancel()  # waiting out a retry backoff: nothing to finish
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._wire_idle.wait()
+        cut = len(self._sending)
+        workers = list(self._workers.values())
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        self._workers.clear()
+        self._flush_finished()
+        return cut
+
+    async def close(self) -> None:
+        if self._workers:
+            await self.drain(0)
+        if self._own_lanes:
+            await self._lanes.close()

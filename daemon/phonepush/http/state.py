@@ -1,0 +1,41 @@
+"""What the HTTP routes share: the daemon builds it and swaps fields on reload."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from phonepush.metrics import Metrics
+
+if TYPE_CHECKING:
+    from phonepush.alerting.acks import AckService
+    from phonepush.http.authenticate import Authenticator
+    from phonepush.pipeline.intake import Intake
+    from phonepush.silence.silences import Silences
+    from phonepush.store.spool import Spool
+
+__all__ = ["ServerState"]
+
+
+@dataclass(slots=True)
+class ServerState:
+    """What the routes need; the daemon swaps fields on reload."""
+
+    intake: Intake
+    spool: Spool
+    metrics: Metrics
+    token: str | None = None
+    hmac_secret: str | None = None
+    max_body: int = 64 * 1024
+    retry_after: int = 5
+    #: False once shutdown begins: hooks answer 503 so senders retry against the next start.
+    accepting: bool = True
+    #: extra readiness checks, name -> callable returning an error text or "" when fine
+    readiness: dict[str, Callable[[], str]] = field(default_factory=dict)
+    #: runtime silences (``/api/silences``, phonepush.http.silences_api); None: the API answers 503
+    silences: Silences | None = None
+    #: acknowledgements (``/ack/<token>``, phonepush.http.api); None: those routes answer 404
+    acks: AckService | None = None
+    #: the phones' authentication URL (phonepush.http.authenticate); None: ``/authenticate`` is 404
+    authenticator: Authenticator | None = None

@@ -1,0 +1,378 @@
+"""Compiled rules: which rules an event triggers, and what each one sends.
+
+:meth:`RuleSet.compile` turns the validated configuration into rules with compiled templates
+(once, at start-up); :meth:`RuleSet.match` runs per event and never raises: a template that
+fails or renders an invalid URI gives a :class:`Match` with ``error`` set, which intake records
+as a failed delivery.
+
+Per event the work is: one dict lookup for the candidate rules (a per-topic cache in front of a
+topic-level trie, so many rules cost nothing for topics they cannot match), then the payload is
+decoded once and shared by every candidate's ``when`` and templates. Literal parts of a rule
+(the usual ``Play:Chime.raw``) are built once at compile time.
+
+Template context: ``payload`` (:func:`phonepush.events.decode_payload`: parsed JSON, else text),
+``topic`` (MQTT topic or hook name), ``headers`` (lower-case names), ``source`` (``mqtt`` or
+``webhook``), ``event`` (``{id, received_at}``) and ``now`` (the event's arrival as an aware
+local datetime, so a re-rendered event says the same thing).
+
+An ``execute`` entry that renders to nothing (``{{ 'Play:Alarm.raw' if payload.critical }}``)
+is left out, so one rule can send an item only for some events.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, Literal
+
+from phonepush.config import Config, RuleConfig, is_template, split_priority
+from phonepush.errors import ConfigError, TemplateError, WireError
+from phonepush.events import Event, decode_payload
+from phonepush.rules.templates import Expression, Templates, TextTemplate
+from phonepush.wire.cisco import TextPage
+from phonepush.wire.uri import ExecuteItem, is_http, validate_uri
+
+__all__ = ["Match", "Rule", "RuleSet", "event_context", "topic_matches"]
+
+#: Distinct topics remembered by a RuleSet's match cache before it starts over.
+_TOPIC_CACHE_SIZE: Final = 4096
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT matching: ``+`` is one level, a final ``#`` the parent and any levels below it;
+    topics starting with ``$`` are not matched by a wildcard in the first level."""
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    filters = topic_filter.split("/")
+    levels = topic.split("/")
+    for i, part in enumerate(filters):
+        if part == "#":
+            return True
+        if i >= len(levels) or (part != "+" and part != levels[i]):
+            return False
+    return len(filters) == len(levels)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A compiled rule, as intake and the dispatcher see it."""
+
+    name: str
+    source: Literal["mqtt", "webhook"]
+    pattern: str
+    phones: tuple[str, ...]
+    priority: int
+    ttl: float
+    cooldown: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """One rule triggered by one event, with everything it sends rendered and validated."""
+
+    rule: Rule
+    execute: tuple[ExecuteItem, ...] = ()
+    page: TextPage | None = None
+    background: tuple[str, str] | None = None
+    ringtone: str | None = None
+    dedupe_key: str = ""
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One ``execute`` entry: a constant item, or a template and the priority to give it."""
+
+    constant: ExecuteItem | None
+    render: TextTemplate | None
+    priority: int
+    where: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    rule: Rule
+    when: Expression | None
+    items: tuple[_Item, ...]
+    static_execute: tuple[ExecuteItem, ...] | None  # all items constant: no work per event
+    page: tuple[TextTemplate, TextTemplate, TextTemplate] | None
+    static_page: TextPage | None
+    background: tuple[TextTemplate, TextTemplate] | None
+    ringtone: TextTemplate | None
+    dedupe: TextTemplate | None
+
+
+class _Node:
+    __slots__ = ("children", "here", "rest")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.here: list[int] = []  # rules whose filter ends at this level
+        self.rest: list[int] = []  # rules whose filter is "<this level>/#"
+
+
+class RuleSet:
+    """The compiled rules of one configuration."""
+
+    def __init__(self, rules: Sequence[_Compiled]) -> None:
+        self._rules = tuple(rules)
+        self.rules: tuple[Rule, ...] = tuple(c.rule for c in self._rules)
+        self.mqtt_filters: list[str] = list(
+            dict.fromkeys(r.pattern for r in self.rules if r.source == "mqtt")
+        )
+        self.hooks: frozenset[str] = frozenset(
+            r.pattern for r in self.rules if r.source == "webhook"
+        )
+        self._by_hook: dict[str, tuple[_Compiled, ...]] = {
+            hook: tuple(
+                c for c in self._rules if c.rule.source == "webhook" and c.rule.pattern == hook
+            )
+            for hook in self.hooks
+        }
+        self._trie = _Node()
+        for index, compiled in enumerate(self._rules):
+            if compiled.rule.source == "mqtt":
+                self._insert(compiled.rule.pattern, index)
+        self._topic_cache: dict[str, tuple[_Compiled, ...]] = {}
+
+    @classmethod
+    def compile(cls, config: Config) -> RuleSet:
+        """Compile every rule; a bad template raises :class:`ConfigError` naming
+        ``rules[<name>].<key>``."""
+        templates = Templates()
+        return cls([_compile_rule(rule, config, templates) for rule in config.rules])
+
+    def rule(self, name: str) -> Rule:
+        for rule in self.rules:
+            if rule.name == name:
+                return rule
+        raise KeyError(name)
+
+    def match(self, event: Event) -> list[Match]:
+        """The rules ``event`` triggers, in config order. Never raises."""
+        if event.source == "webhook":
+            candidates = self._by_hook.get(event.topic, ())
+        else:
+            candidates = self._mqtt_candidates(event.topic)
+        if not candidates:
+            return []
+        context = _context(event)
+        matches: list[Match] = []
+        for compiled in candidates:
+            match = _apply(compiled, context)
+            if match is not None:
+                matches.append(match)
+        return matches
+
+    def _insert(self, topic_filter: str, index: int) -> None:
+        node = self._trie
+        levels = topic_filter.split("/")
+        for level in levels:
+            if level == "#":
+                node.rest.append(index)
+                return
+            node = node.children.setdefault(level, _Node())
+        node.here.append(index)
+
+    def _mqtt_candidates(self, topic: str) -> tuple[_Compiled, ...]:
+        cached = self._topic_cache.get(topic)
+        if cached is not None:
+            return cached
+        found: list[int] = []
+        self._walk(self._trie, topic.split("/"), 0, topic.startswith("$"), found)
+        result = tuple(self._rules[i] for i in sorted(set(found)))
+        if len(self._topic_cache) >= _TOPIC_CACHE_SIZE:
+            self._topic_cache.clear()
+        self._topic_cache[topic] = result
+        return result
+
+    def _walk(self, node: _Node, levels: list[str], i: int, dollar: bool, found: list[int]) -> None:
+        wildcards = not (dollar and i == 0)
+        if wildcards:
+            found.extend(node.rest)
+        if i == len(levels):
+            found.extend(node.here)
+            return
+        child = node.children.get(levels[i])
+        if child is not None:
+            self._walk(child, levels, i + 1, dollar, found)
+        if wildcards and (child := node.children.get("+")) is not None:
+            self._walk(child, levels, i + 1, dollar, found)
+
+
+# --- compiling ----------------------------------------------------------------------------------
+
+
+def _compile_rule(rule: RuleConfig, config: Config, templates: Templates) -> _Compiled:
+    where = f"rules[{rule.name}]"
+    try:
+        phones = config.expand(rule.to)
+    except KeyError as exc:
+        raise ConfigError(f"{where}.to: no phone or group named {exc.args[0]!r}") from None
+    compiled_rule = Rule(
+        name=rule.name,
+        source=rule.source,
+        pattern=rule.pattern,
+        phones=phones,
+        priority=rule.priority,
+        ttl=rule.ttl,
+        cooldown=rule.cooldown,
+    )
+    when = templates.compile_expression(rule.when, f"{where}.when") if rule.when.strip() else None
+    items = tuple(
+        _compile_item(entry, rule.priority, f"{where}.execute[{i}]", templates)
+        for i, entry in enumerate(rule.execute)
+    )
+    static_execute: tuple[ExecuteItem, ...] | None = None
+    if all(item.constant is not None for item in items):
+        static_execute = tuple(item.constant for item in items if item.constant is not None)
+
+    page = static_page = None
+    if rule.message is not None:
+        message = rule.message
+        page = (
+            templates.compile_template(message.title, f"{where}.message.title"),
+            templates.compile_template(message.text, f"{where}.message.text"),
+            templates.compile_template(message.prompt, f"{where}.message.prompt"),
+        )
+        if not any(map(is_template, (message.title, message.text, message.prompt))):
+            static_page = TextPage(title=message.title, text=message.text, prompt=message.prompt)
+    background = None
+    if rule.background is not None:
+        background = (
+            templates.compile_url_template(rule.background.icon, f"{where}.background.icon"),
+            templates.compile_url_template(rule.background.image, f"{where}.background.image"),
+        )
+    ringtone = (
+        templates.compile_url_template(rule.ringtone, f"{where}.ringtone")
+        if rule.ringtone
+        else None
+    )
+    dedupe = templates.compile_template(rule.dedupe, f"{where}.dedupe") if rule.dedupe else None
+    return _Compiled(
+        compiled_rule, when, items, static_execute, page, static_page, background, ringtone, dedupe
+    )
+
+
+def _compile_item(entry: str, default: int, where: str, templates: Templates) -> _Item:
+    try:
+        url, priority = split_priority(entry)
+    except WireError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    priority = default if priority is None else priority
+    if not is_template(url):
+        try:
+            return _Item(ExecuteItem(validate_uri(url), priority), None, priority, where)
+        except WireError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    # An item written as an http(s) URL is one the phone fetches: its values are URL-encoded.
+    compile = templates.compile_url_template if is_http(url) else templates.compile_template
+    return _Item(None, compile(url, where), priority, where)
+
+
+# --- per event ----------------------------------------------------------------------------------
+
+
+# A JSON string escape of a UTF-16 surrogate ("\ud800"): json.loads turns an unpaired one into a
+# lone surrogate, which no UTF-8 encoder (SQLite, logs, XML) accepts.
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def _scrub(value: Any) -> Any:
+    """``value`` with lone surrogates replaced by U+FFFD, in strings, keys and nested values."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    return value
+
+
+def event_context(event: Event) -> dict[str, Any]:
+    """What rule templates see for ``event`` (for templates compiled elsewhere: ``group_by``)."""
+    return _context(event)
+
+
+def _context(event: Event) -> dict[str, Any]:
+    payload = decode_payload(event.payload)
+    if _SURROGATE_ESCAPE.search(event.payload):
+        payload = _scrub(payload)
+    return {
+        "payload": payload,
+        "topic": event.topic,
+        "headers": {name.lower(): value for name, value in event.headers.items()},
+        "source": event.source,
+        "event": {"id": event.id, "received_at": event.received_at},
+        "now": datetime.fromtimestamp(event.received_at).astimezone(),
+    }
+
+
+def _apply(compiled: _Compiled, context: Mapping[str, Any]) -> Match | None:
+    rule = compiled.rule
+    try:
+        if compiled.when is not None and not compiled.when(context):
+            return None
+        return Match(
+            rule=rule,
+            execute=_execute(compiled, context),
+            page=_page(compiled, context),
+            background=_background(compiled, context),
+            ringtone=_ringtone(compiled, context),
+            dedupe_key=compiled.dedupe(context) if compiled.dedupe is not None else "",
+        )
+    except (TemplateError, WireError) as exc:
+        return Match(rule=rule, error=str(exc))
+
+
+def _execute(compiled: _Compiled, context: Mapping[str, Any]) -> tuple[ExecuteItem, ...]:
+    if compiled.static_execute is not None:
+        return compiled.static_execute
+    out: list[ExecuteItem] = []
+    for item in compiled.items:
+        if item.constant is not None:
+            out.append(item.constant)
+            continue
+        assert item.render is not None
+        url = item.render(context).strip()
+        if url:
+            out.append(ExecuteItem(_checked(url, item.where), item.priority))
+    return tuple(out)
+
+
+def _checked(url: str, where: str) -> str:
+    try:
+        return validate_uri(url)
+    except WireError as exc:
+        raise WireError(f"{where}: {exc}") from exc
+
+
+def _http(url: str, where: str) -> str:
+    url = url.strip()
+    if not is_http(url):
+        raise WireError(f"{where}: must be an http:// or https:// URL, got {url[:80]!r}")
+    return _checked(url, where)
+
+
+def _page(compiled: _Compiled, context: Mapping[str, Any]) -> TextPage | None:
+    if compiled.static_page is not None or compiled.page is None:
+        return compiled.static_page
+    title, text, prompt = compiled.page
+    return TextPage(title=title(context), text=text(context), prompt=prompt(context))
+
+
+def _background(compiled: _Compiled, context: Mapping[str, Any]) -> tuple[str, str] | None:
+    if compiled.background is None:
+        return None
+    icon, image = compiled.background
+    where = f"rules[{compiled.rule.name}].background"
+    return _http(icon(context), f"{where}.icon"), _http(image(context), f"{where}.image")
+
+
+def _ringtone(compiled: _Compiled, context: Mapping[str, Any]) -> str | None:
+    if compiled.ringtone is None:
+        return None
+    return _http(compiled.ringtone(context), f"rules[{compiled.rule.name}].ringtone")
