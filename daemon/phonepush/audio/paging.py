@@ -67,7 +67,7 @@ __all__ = [
     "start_uri",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("phonepush.paging")
 
 _T = TypeVar("_T")
 

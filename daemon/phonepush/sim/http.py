@@ -34,7 +34,7 @@ __all__ = [
     "http_get",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("phonepush._simhttp")
 
 MAX_HEAD: Final = 16 * 1024
 MAX_BODY: Final = 64 * 1024

@@ -150,7 +150,7 @@ __all__ = [
     "SoftKey",
 ]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("phonepush.simulator")
 
 FAULT_MODES: Final = (
     "none",

@@ -110,7 +110,7 @@ _SIDE_FILES: Final = ("-wal", "-shm", "-journal")
 _FILE_MODE: Final = 0o600
 _DIR_MODE: Final = 0o700
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("phonepush.spool")
 
 # Every index costs a page write per commit, so there are only those a lookup needs: events by
 # age (purge), deliveries by event and the pending ones (a partial index, small), pages by event

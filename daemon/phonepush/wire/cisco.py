@@ -39,7 +39,7 @@ from phonepush.errors import (
 )
 from phonepush.wire.uri import MAX_URL_LENGTH, ExecuteItem, is_http, validate_uri
 
-_log = logging.getLogger(__name__)
+_log = logging.getLogger("phonepush.cisco")
 
 __all__ = [
     "CUT",
