@@ -1,1 +1,3 @@
-"""silence."""
+"""Silences and quiet hours: runtime silences with Alertmanager-style matchers (RE2), and the
+compiled quiet hours of rules and phones (:mod:`.silences`).
+"""
