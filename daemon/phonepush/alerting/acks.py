@@ -37,7 +37,6 @@ from phonepush.events import Event
 from phonepush.metrics import Metrics
 from phonepush.redact import url_for_log
 from phonepush.rules.book import Match, event_context, topic_matches
-from phonepush.rules.templates import Expression, Templates, TextTemplate
 from phonepush.store.spool import (
     AckResult,
     AlertRecord,
@@ -49,6 +48,7 @@ from phonepush.store.spool import (
     Resolution,
     Spool,
 )
+from phonepush.templates import Expression, Templates, TextTemplate
 from phonepush.wire import cisco
 from phonepush.wire.cisco import SoftKey, TextPage
 from phonepush.wire.uri import ExecuteItem

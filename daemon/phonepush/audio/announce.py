@@ -80,8 +80,8 @@ from phonepush.events import Event
 from phonepush.metrics import Metrics
 from phonepush.phone.lanes import PhoneLanes
 from phonepush.rules.book import event_context
-from phonepush.rules.templates import Templates, TextTemplate
 from phonepush.store.spool import Delivery, NewDelivery, Spool
+from phonepush.templates import Templates, TextTemplate
 from phonepush.wire.uri import ExecuteItem
 
 if TYPE_CHECKING:

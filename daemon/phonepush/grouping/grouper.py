@@ -33,7 +33,6 @@ from phonepush.errors import ConfigError, SpoolError, TemplateError, WireError
 from phonepush.events import Event, Source
 from phonepush.metrics import Metrics
 from phonepush.rules.book import event_context
-from phonepush.rules.templates import Templates, TextTemplate
 from phonepush.silence.silences import Facts, Quieting, Screened, Silences, Verdict
 from phonepush.store.spool import (
     Delivery,
@@ -44,6 +43,7 @@ from phonepush.store.spool import (
     PushRequest,
     Spool,
 )
+from phonepush.templates import Templates, TextTemplate
 from phonepush.wire import cisco
 from phonepush.wire.cisco import TextPage
 from phonepush.wire.uri import ExecuteItem

@@ -30,7 +30,7 @@ from typing import Any, Final, Literal
 from phonepush.config import Config, RuleConfig, is_template, split_priority
 from phonepush.errors import ConfigError, TemplateError, WireError
 from phonepush.events import Event, decode_payload
-from phonepush.rules.templates import Expression, Templates, TextTemplate
+from phonepush.templates import Expression, Templates, TextTemplate
 from phonepush.wire.cisco import TextPage
 from phonepush.wire.uri import ExecuteItem, is_http, validate_uri
 
