@@ -27,11 +27,12 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import Any, Final, cast
 
-from phonepush.errors import ConfigError, SpoolError, TemplateError, WireError
+from phonepush.errors import SpoolError, TemplateError, WireError
 from phonepush.events import Event, Source
 from phonepush.metrics import Metrics
+from phonepush.pipeline.plan import Plan, PlannedRule, Work
 from phonepush.rules.book import event_context
 from phonepush.silence.silences import Facts, Quieting, Screened, Silences, Verdict
 from phonepush.store.spool import (
@@ -43,14 +44,9 @@ from phonepush.store.spool import (
     PushRequest,
     Spool,
 )
-from phonepush.templates import Templates, TextTemplate
 from phonepush.wire import cisco
 from phonepush.wire.cisco import TextPage
 from phonepush.wire.uri import ExecuteItem
-
-if TYPE_CHECKING:
-    from phonepush.config import Config
-    from phonepush.pipeline.intake import Plan, PlannedRule
 
 __all__ = ["MAX_LISTED", "Grouper", "Staged", "group_page"]
 
@@ -61,12 +57,6 @@ MAX_LISTED: Final = 50
 #: How long the flusher waits before trying again after the spool failed.
 _RETRY_SECONDS: Final = 1.0
 _KEY_SEPARATOR: Final = "\x1f"
-
-
-@dataclass(frozen=True, slots=True)
-class _Spec:
-    templates: tuple[TextTemplate, ...]
-    wait: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +108,6 @@ class Grouper:
 
     def __init__(
         self,
-        config: Config,
         spool: Spool,
         silences: Silences,
         *,
@@ -128,55 +117,45 @@ class Grouper:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._spool = spool
-        self._silences = silences
-        self._pages_url = public_url.rstrip("/") + "/pages/"
+        self.silences = silences
+        #: Where group pages are served; set again by each (re)load.
+        self.pages_url = public_url.rstrip("/") + "/pages/"
         self._metrics = metrics
         self._submit = submit
         self._clock = clock
         self._wake = asyncio.Event()
-        self._specs: dict[str, _Spec] = {}
-        self._quieting = Quieting(silences)
-        self.update(config)
-
-    def update(self, config: Config) -> None:
-        """Apply a (re)loaded configuration. Windows already open keep their due time and TTL."""
-        templates = Templates()
-        specs: dict[str, _Spec] = {}
-        for rule in config.rules:
-            if rule.grouped:
-                specs[rule.name] = _Spec(
-                    tuple(
-                        templates.compile_template(source, f"rules[{rule.name}].group_by[{i}]")
-                        for i, source in enumerate(rule.group_by)
-                    ),
-                    rule.group_window,
-                )
-        try:
-            quieting = Quieting.from_config(config, self._silences)
-        except ValueError as exc:  # checked when the configuration was loaded; here for reloads
-            raise ConfigError(str(exc)) from exc
-        self._specs, self._quieting = specs, quieting
-
-    @property
-    def quieting(self) -> Quieting:
-        return self._quieting
+        #: Silences and the configured quiet hours; set again by each (re)load (the builder's).
+        self.quieting = Quieting(silences)
 
     # --- intake side ----------------------------------------------------------------------------
 
-    def stage(self, event: Event, plan: Plan, deliveries: Sequence[NewDelivery]) -> Staged:
+    def stage(self, work: Work) -> None:
+        """The pipeline stage: grouped rules' pending work becomes window rows, silences and
+        quiet hours screen the rest; counted and logged once committed."""
+        event = work.event
+        staged = self.split(event, work.plan, work.deliveries)
+        work.deliveries, work.groups = staged.deliveries, staged.groups
+
+        def committed(pending: list[Delivery]) -> list[Delivery]:
+            self.committed(event, staged)
+            return pending
+
+        work.committed.append(committed)
+
+    def split(self, event: Event, plan: Plan, deliveries: Sequence[NewDelivery]) -> Staged:
         """Take grouped rules' pending work out of ``deliveries`` (as window rows), then apply
         silences and quiet hours to what is left. Writes nothing."""
         now = self._clock()
         groups: list[NewGroupedEvent] = []
         context: dict[str, Any] | None = None
         for planned in plan.rules:
-            spec = self._specs.get(planned.rule)
-            if spec is None or planned.state != "pending":
+            rule = planned.match.rule if planned.match is not None else None
+            if rule is None or rule.group_window is None or planned.state != "pending":
                 continue
             if context is None:
                 context = event_context(event)
             try:
-                key = _KEY_SEPARATOR.join(t(context) for t in spec.templates)
+                key = _KEY_SEPARATOR.join(t(context) for t in rule.group_by)
                 content = self._content(planned, plan.pages)
             except (TemplateError, WireError) as exc:
                 # Better a page on its own than none: the event is sent as if ungrouped.
@@ -193,13 +172,13 @@ class Grouper:
                     key=key,
                     phones=planned.phones,
                     content=content,
-                    due_at=now + spec.wait,
+                    due_at=now + rule.group_window,
                     ttl=planned.ttl,
                 )
             )
         grouped = {g.rule for g in groups}
         rest = [d for d in deliveries if not (d.rule in grouped and d.state == "pending")]
-        screened = self._quieting.screen(event, rest, now)
+        screened = self.quieting.screen(event, rest, now)
         return Staged(screened.deliveries, groups, screened)
 
     def committed(self, event: Event, staged: Staged) -> None:
@@ -213,7 +192,7 @@ class Grouper:
 
     def _content(self, planned: PlannedRule, pages: Mapping[str, str]) -> str:
         """What this event adds to a group page, read back from what intake rendered."""
-        page_url = self._pages_url + planned.page_id if planned.page_id else None
+        page_url = self.pages_url + planned.page_id if planned.page_id else None
         page: TextPage | None = None
         if planned.page_id and planned.page_id in pages:
             page = cisco.parse_text(pages[planned.page_id].encode("utf-8"))
@@ -283,13 +262,13 @@ class Grouper:
             kept: list[_Member] = []
             ids: list[str] = []
             for member in (m for m in members if phone in m.phones):
-                silence = self._quieting.silenced(window.rule, phone, member.facts, now)
+                silence = self.quieting.silenced(window.rule, phone, member.facts, now)
                 if silence is None:
                     kept.append(member)
                 else:
                     ids.append(silence.id)
                     silenced.append((phone, silence.id))
-            verdict = self._quieting.quiet(window.rule, phone, now)
+            verdict = self.quieting.quiet(window.rule, phone, now)
             if not kept:
                 verdict = Verdict("drop", "silenced by " + ", ".join(dict.fromkeys(ids)))
             if verdict.action == "drop":
@@ -377,7 +356,7 @@ class Grouper:
         if shown:
             pages[page_id] = cisco.text_xml(group_page(shown))
             first = next(m for m in members if m.page is not None)
-            items.append(ExecuteItem(self._pages_url + page_id, first.page_priority))
+            items.append(ExecuteItem(self.pages_url + page_id, first.page_priority))
         seen: set[str] = set()
         for member in members:
             for item in member.items:
