@@ -5,7 +5,8 @@ with it to show what the daemon would do. Everything that can fail (a template, 
 a quiet-hours range) is compiled first; only then are the long-lived services told about the
 new configuration, so a reload that fails changes nothing.
 
-Stages, in order (a service left out of :class:`Services` leaves its stage out):
+Stages, in order (a service left out of :class:`Services`, or a feature no rule uses, leaves its
+stage out):
 
 * planning: cooldowns and dedupe (:mod:`phonepush.pipeline.cooldown`), alert tokens
   (:class:`phonepush.alerting.acks.AlertPlanning`);
@@ -85,27 +86,34 @@ def build(config: Config, services: Services, *, base_dir: Path | None = None) -
         except ValueError as exc:  # checked when the configuration was loaded; here for reloads
             raise ConfigError(str(exc)) from exc
     public_url = config.server.public_url.rstrip("/")
-    planning: tuple[Stage, ...] = (Cooldowns(services.spool.in_cooldown), AlertPlanning())
+    # A feature no rule uses gets no stage: an event only passes through what its rules need.
+    alerts = any(rule.alert is not None for rule in book.rules)
+    planning: list[Stage] = []
+    if any(rule.cooldown is not None or rule.dedupe is not None for rule in book.rules):
+        planning.append(Cooldowns(services.spool.in_cooldown))
+    if alerts:
+        planning.append(AlertPlanning())
     staging: list[Stage] = []
-    if announcer is not None:
+    if announcer is not None and any(rule.audio for rule in book.rules):
         staging.append(announcer)
     if grouper is not None:
         staging.append(grouper)
-    staging.append(
-        Alerting(
-            services.spool,
-            book,
-            public_url=public_url,
-            metrics=services.metrics,
-            submit=services.submit,
-            cancel=services.cancel,
-            wake=services.wake_repeats,
-            clock=services.clock,
+    if alerts:
+        staging.append(
+            Alerting(
+                services.spool,
+                book,
+                public_url=public_url,
+                metrics=services.metrics,
+                submit=services.submit,
+                cancel=services.cancel,
+                wake=services.wake_repeats,
+                clock=services.clock,
+            )
         )
-    )
     pipeline = Pipeline(
         book=book,
-        planning=planning,
+        planning=tuple(planning),
         staging=tuple(staging),
         pages_url=public_url + "/pages/",
         keep_headers=frozenset(config.webhook.keep_headers),
