@@ -83,7 +83,8 @@ def _describe(plan: Plan, config: Config) -> str:
             + (f" ({rule.error})" if rule.error else "")
             + f", {len(rule.phones)} phone(s)"
         )
-        if rule.state == "pending" and rule.match is not None and rule.match.rule.audio:
+        if rule.state == "pending" and not rule.requests:
+            # An audio-only rule: its page is played, nothing is pushed as XML.
             lines.append(f"  audio page to {', '.join(rule.phones)}")
         for phone in rule.phones if rule.requests else ():
             target = targets[phone]
