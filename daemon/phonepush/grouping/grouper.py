@@ -13,9 +13,9 @@ daemon) flushes every window that is due, including ones that fell due while the
 down. A flush turns a window into ordinary deliveries (attached to the window's first event) and
 removes the window in one transaction, so a crash repeats a flush or does not happen at all.
 
-:class:`Grouper` is also where intake applies silences and quiet hours
-(:mod:`phonepush.silence`) to the deliveries of ungrouped rules; for a group they are applied at
-flush time, per phone and per event: a silenced event is left out of that phone's page.
+Silences and quiet hours (:mod:`phonepush.silence`) screen ungrouped deliveries in their own
+pipeline stage; for a group they are applied here at flush time, per phone and per event: a
+silenced event is left out of that phone's page.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, cast
 
 from phonepush.errors import SpoolError, TemplateError, WireError
@@ -34,7 +34,7 @@ from phonepush.events import Event, Source
 from phonepush.metrics import Metrics
 from phonepush.pipeline.plan import Plan, PlannedRule, Work
 from phonepush.rules.book import event_context
-from phonepush.silence.silences import Facts, Quieting, Screened, Silences, Verdict
+from phonepush.silence.silences import Facts, Quieting, Silences, Verdict, count_held
 from phonepush.store.spool import (
     Delivery,
     GroupedEvent,
@@ -61,11 +61,10 @@ _KEY_SEPARATOR: Final = "\x1f"
 
 @dataclass(frozen=True, slots=True)
 class Staged:
-    """An event's deliveries after grouping, silences and quiet hours, ready for the spool."""
+    """An event's deliveries after grouping, and its rows for group windows."""
 
     deliveries: list[NewDelivery]
     groups: list[NewGroupedEvent]
-    screened: Screened = field(default_factory=lambda: Screened([], []))
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,11 +129,13 @@ class Grouper:
     # --- intake side ----------------------------------------------------------------------------
 
     def stage(self, work: Work) -> None:
-        """The pipeline stage: grouped rules' pending work becomes window rows, silences and
-        quiet hours screen the rest; counted and logged once committed."""
+        """The pipeline stage: grouped rules' pending work becomes window rows; counted and
+        logged once committed."""
         event = work.event
         staged = self.split(event, work.plan, work.deliveries)
         work.deliveries, work.groups = staged.deliveries, staged.groups
+        if not staged.groups:
+            return
 
         def committed(pending: list[Delivery]) -> list[Delivery]:
             self.committed(event, staged)
@@ -143,8 +144,8 @@ class Grouper:
         work.committed.append(committed)
 
     def split(self, event: Event, plan: Plan, deliveries: Sequence[NewDelivery]) -> Staged:
-        """Take grouped rules' pending work out of ``deliveries`` (as window rows), then apply
-        silences and quiet hours to what is left. Writes nothing."""
+        """Take grouped rules' pending work out of ``deliveries`` (as window rows). Writes
+        nothing; silences and quiet hours screen what is left in their own stage."""
         now = self._clock()
         groups: list[NewGroupedEvent] = []
         context: dict[str, Any] | None = None
@@ -178,15 +179,13 @@ class Grouper:
             )
         grouped = {g.rule for g in groups}
         rest = [d for d in deliveries if not (d.rule in grouped and d.state == "pending")]
-        screened = self.quieting.screen(event, rest, now)
-        return Staged(screened.deliveries, groups, screened)
+        return Staged(rest, groups)
 
     def committed(self, event: Event, staged: Staged) -> None:
         """Count and log what :meth:`stage` decided, once the spool has committed it."""
         for group in staged.groups:
             self._metrics.grouped_events.labels(group.rule).inc()
             log.info("event %s joined a group of rule %s", event.id, group.rule)
-        self._count_held(event.id, staged.screened.held)
         if staged.groups:
             self._wake.set()
 
@@ -299,7 +298,7 @@ class Grouper:
             log.info(
                 "group of rule %s: an event for %s silenced by %s", window.rule, phone, silence_id
             )
-        self._count_held(lead.event_id, held)
+        count_held(self._metrics, lead.event_id, held)
         for delivery in stored:
             if delivery.state == "failed":
                 self._metrics.deliveries.labels(delivery.phone, "failed").inc()
@@ -370,10 +369,3 @@ class Grouper:
         if not requests:
             raise WireError("the group renders nothing to push")
         return tuple(requests)
-
-    def _count_held(self, event_id: str, held: Sequence[tuple[str, str, Verdict]]) -> None:
-        for rule, phone, verdict in held:
-            self._metrics.deliveries.labels(phone, "suppressed").inc()
-            if verdict.silence:
-                self._metrics.silenced.labels(rule).inc()
-            log.info("event %s rule %s to %s: %s", event_id, rule, phone, verdict.reason)

@@ -10,8 +10,9 @@ stage out):
 
 * planning: cooldowns and dedupe (:mod:`phonepush.pipeline.cooldown`), alert tokens
   (:class:`phonepush.alerting.acks.AlertPlanning`);
-* staging: audio rows (:class:`phonepush.audio.announce.Announcer`), grouping, silences and quiet
-  hours (:class:`phonepush.grouping.grouper.Grouper`), resolves and alert rows
+* staging: audio rows (:class:`phonepush.audio.announce.Announcer`), group windows
+  (:class:`phonepush.grouping.grouper.Grouper`), silences and quiet hours
+  (:class:`phonepush.silence.silences.Screening`), resolves and alert rows
   (:class:`phonepush.alerting.acks.Alerting`).
 """
 
@@ -31,7 +32,7 @@ from phonepush.metrics import Metrics
 from phonepush.pipeline.cooldown import Cooldowns
 from phonepush.pipeline.plan import Pipeline, Stage
 from phonepush.rules.book import RuleBook
-from phonepush.silence.silences import Quieting
+from phonepush.silence.silences import Quieting, Screening, Silences
 from phonepush.store.spool import Delivery, Spool
 
 __all__ = ["Built", "Services", "build"]
@@ -55,6 +56,9 @@ class Services:
     clock: Callable[[], float] = time.time
     grouper: Grouper | None = None
     announcer: Announcer | None = None
+    #: Runtime silences (the grouper's when not given); with them, silences and quiet hours
+    #: screen every event.
+    silences: Silences | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +69,7 @@ class Built:
     pipeline: Pipeline
     #: Rules' audio pages, files loaded (empty without an announcer).
     audio: dict[str, AudioAction]
-    #: Silences and quiet hours as the grouper applies them (None without a grouper).
+    #: Silences and quiet hours (None without silences).
     quieting: Quieting | None
 
 
@@ -80,9 +84,10 @@ def build(config: Config, services: Services, *, base_dir: Path | None = None) -
     # Audio files are loaded now, so a missing one stops start-up (or a reload) naming its rule.
     audio = compile_actions(config, base_dir=base_dir, book=book) if announcer else {}
     quieting: Quieting | None = None
-    if grouper is not None:
+    silences = services.silences or (grouper.silences if grouper is not None else None)
+    if silences is not None:
         try:
-            quieting = Quieting.from_config(config, grouper.silences)
+            quieting = Quieting.from_config(config, silences)
         except ValueError as exc:  # checked when the configuration was loaded; here for reloads
             raise ConfigError(str(exc)) from exc
     public_url = config.server.public_url.rstrip("/")
@@ -96,8 +101,10 @@ def build(config: Config, services: Services, *, base_dir: Path | None = None) -
     staging: list[Stage] = []
     if announcer is not None and any(rule.audio for rule in book.rules):
         staging.append(announcer)
-    if grouper is not None:
+    if grouper is not None and any(rule.group_window is not None for rule in book.rules):
         staging.append(grouper)
+    if quieting is not None:
+        staging.append(Screening(quieting, metrics=services.metrics, clock=services.clock))
     if alerts:
         staging.append(
             Alerting(
@@ -122,6 +129,7 @@ def build(config: Config, services: Services, *, base_dir: Path | None = None) -
     if announcer is not None:
         announcer.update(config, audio)
     if grouper is not None and quieting is not None:
+        # Group flushes apply the same silences and quiet hours, per phone and event.
         grouper.quieting = quieting
         grouper.pages_url = public_url + "/pages/"
     return Built(config, pipeline, audio, quieting)
