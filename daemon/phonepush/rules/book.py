@@ -182,7 +182,8 @@ class RuleBook:
     def compile(cls, config: Config) -> RuleBook:
         """Compile every rule; a bad template raises :class:`ConfigError` naming
         ``rules[<name>].<key>``."""
-        templates = Templates()
+        # Loading compiled every template already (to report errors): these are cache hits.
+        templates = config.templates
         return cls([_compile_rule(rule, config, templates) for rule in config.rules])
 
     def rule(self, name: str) -> CompiledRule:
