@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -157,7 +157,7 @@ class Grouper:
                 context = event_context(event)
             try:
                 key = _KEY_SEPARATOR.join(t(context) for t in rule.group_by)
-                content = self._content(planned, plan.pages)
+                content = self._content(planned)
             except (TemplateError, WireError) as exc:
                 # Better a page on its own than none: the event is sent as if ungrouped.
                 log.warning(
@@ -189,35 +189,28 @@ class Grouper:
         if staged.groups:
             self._wake.set()
 
-    def _content(self, planned: PlannedRule, pages: Mapping[str, str]) -> str:
-        """What this event adds to a group page, read back from what intake rendered."""
-        page_url = self.pages_url + planned.page_id if planned.page_id else None
-        page: TextPage | None = None
-        if planned.page_id and planned.page_id in pages:
-            page = cisco.parse_text(pages[planned.page_id].encode("utf-8"))
-        page_priority = 0
-        items: list[list[Any]] = []
-        extra: list[list[str]] = []
-        for request in planned.requests:
-            if request.kind != "execute":
-                extra.append([request.kind, request.xml])
-                continue
-            push = cisco.parse_push(request.xml.encode("utf-8"))
-            if not isinstance(push, cisco.ExecutePush):
-                raise WireError("an execute request holds no CiscoIPPhoneExecute")
-            for item in push.items:
-                if item.url == page_url:
-                    page_priority = item.priority
-                else:
-                    items.append([item.url, item.priority])
+    @staticmethod
+    def _content(planned: PlannedRule) -> str:
+        """What this event adds to a group page, as the spool keeps it, taken from the rule's
+        structured content: the page as the phone would show it, the execute items, and the
+        other requests as rendered. XML is built once, when the group is flushed."""
+        match = planned.match
+        assert match is not None  # every pending rule was rendered from its match
+        page = match.page
+        shown = None
+        if page is not None:
+            # What the phone shows of the page: text_xml's sanitizing and cuts, without the XML.
+            shown = {
+                "title": cisco.sanitize_text(page.title, cisco.MAX_TITLE),
+                "text": cisco.sanitize_text(page.text, cisco.MAX_TEXT),
+                "prompt": cisco.sanitize_text(page.prompt, cisco.MAX_TITLE),
+            }
         return json.dumps(
             {
-                "page": None
-                if page is None
-                else {"title": page.title, "text": page.text, "prompt": page.prompt},
-                "page_priority": page_priority,
-                "items": items,
-                "extra": extra,
+                "page": shown,
+                "page_priority": match.rule.priority if page is not None else 0,
+                "items": [[item.url, item.priority] for item in match.execute],
+                "extra": [[r.kind, r.xml] for r in planned.requests if r.kind != "execute"],
             },
             ensure_ascii=False,
         )
