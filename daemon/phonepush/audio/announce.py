@@ -245,10 +245,6 @@ class Announcer:
         self.config = config
         self.actions = dict(actions)
 
-    def handles(self, rule: str) -> bool:
-        """Whether ``rule`` has an audio action."""
-        return rule in self.actions
-
     # --- intake side ------------------------------------------------------------------------
 
     def stage(self, work: Work) -> None:

@@ -1,5 +1,5 @@
 """Rules compiled once per load or reload: a :class:`RuleBook` of :class:`CompiledRule`."""
 
-from phonepush.rules.book import RuleSet
+from phonepush.rules.book import CompiledRule, RuleBook, RuleSet
 
-__all__ = ["RuleSet"]
+__all__ = ["CompiledRule", "RuleBook", "RuleSet"]

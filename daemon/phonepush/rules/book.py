@@ -1,9 +1,11 @@
 """Compiled rules: which rules an event triggers, and what each one sends.
 
-:meth:`RuleSet.compile` turns the validated configuration into rules with compiled templates
-(once, at start-up); :meth:`RuleSet.match` runs per event and never raises: a template that
-fails or renders an invalid URI gives a :class:`Match` with ``error`` set, which intake records
-as a failed delivery.
+:meth:`RuleBook.compile` turns the validated configuration into :class:`CompiledRule`s holding
+every template a rule uses (once per load or reload, reusing what loading compiled); features
+(acks, grouping, audio) take their templates and policies from the compiled rule.
+:meth:`RuleBook.match` runs per event and never raises: a template that fails or renders an
+invalid URI gives a :class:`Match` with ``error`` set, which intake records as a failed
+delivery. ``RuleSet`` is the book's former name, kept for those who import it.
 
 Per event the work is: one dict lookup for the candidate rules (a per-topic cache in front of a
 topic-level trie, so many rules cost nothing for topics they cannot match), then the payload is
@@ -45,7 +47,7 @@ __all__ = [
     "topic_matches",
 ]
 
-#: Distinct topics remembered by a RuleSet's match cache before it starts over.
+#: Distinct topics remembered by a RuleBook's match cache before it starts over.
 _TOPIC_CACHE_SIZE: Final = 4096
 
 
