@@ -47,10 +47,19 @@ class DaemonRunner:
         return parse_config(merged, environ={})
 
     async def start(self, data: Mapping[str, Any]) -> Running:
+        return await self._start(self.config(data), None)
+
+    async def start_file(self, path: Path) -> Running:
+        """Run the daemon on a config file, as ``phonepush run`` does: it can reload it."""
+        from phonepush.config import load_config
+
+        return await self._start(load_config(path, environ={}), path)
+
+    async def _start(self, config: Config, path: Path | None) -> Running:
         from phonepush.app.daemon import Daemon
 
         self.registry = CollectorRegistry()
-        self.daemon = Daemon(self.config(data), registry=self.registry, drain_timeout=2)
+        self.daemon = Daemon(config, config_path=path, registry=self.registry, drain_timeout=2)
         self._task = asyncio.create_task(self.daemon.run(), name="daemon-under-test")
         ready = asyncio.ensure_future(self.daemon.ready.wait())
         done, _ = await asyncio.wait(

@@ -239,12 +239,11 @@ def test_ack_topic_prefix_is_the_status_topics_parent(status_topic: str, prefix:
 
 
 async def test_purge_forgets_old_acknowledgements_with_their_events(tmp_path: Any) -> None:
-    from phonepush.alerting.acks import Alerting
     from phonepush.config import parse_config
     from phonepush.events import Event
     from phonepush.metrics import Metrics
+    from phonepush.pipeline.builder import Services, build
     from phonepush.pipeline.intake import Intake
-    from phonepush.rules.book import RuleSet
     from phonepush.store.spool import Delivery, Spool
 
     data = {
@@ -264,17 +263,8 @@ async def test_purge_forgets_old_acknowledgements_with_their_events(tmp_path: An
     metrics = Metrics()
     sent: list[Delivery] = []
     async with Spool(tmp_path / "spool.db") as spool:
-        alerting = Alerting(
-            cfg, spool, metrics=metrics, submit=sent.extend, cancel=lambda ids: None
-        )
-        intake = Intake(
-            RuleSet.compile(cfg),
-            spool,
-            public_url="http://127.0.0.1:8080",
-            metrics=metrics,
-            submit=sent.extend,
-            alerting=alerting,
-        )
+        built = build(cfg, Services(spool, metrics, sent.extend))
+        intake = Intake(built.pipeline, spool, metrics=metrics, submit=sent.extend)
         accepted = intake.accept(Event("webhook", "alert", b"{}", received_at=1000.0))
         (delivery,) = sent
         spool.finish(delivery.id, "delivered")

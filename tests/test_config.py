@@ -145,6 +145,20 @@ def test_process_environment_is_not_read_when_a_mapping_is_given(
     assert out == ["127.0.0.1:8080", "127.0.0.1:7070"]
 
 
+def test_the_configuration_loads_no_io_library() -> None:
+    # Anything may import the configuration (the CLI's check, tools, the daemon's start-up): it
+    # must not drag in the spool's, the phone client's, the XML parser's or the web server's
+    # libraries. A child process, so modules the test run already loaded do not count.
+    code = (
+        "import sys, phonepush.config; "
+        "print([m for m in ('sqlite3', 'lxml', 'httpx', 'starlette') if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == "[]"
+
+
 def test_secret_files_from_credentials_directory_and_next_to_the_config(tmp_path: Path) -> None:
     credentials = tmp_path / "credentials"
     credentials.mkdir()

@@ -131,6 +131,25 @@ async def test_group_wait_alone_groups_every_event_of_the_rule_with_titles_per_l
     assert office.state.screen.text == "DiskFull: /srv 97% full\nMemoryHigh: swap in use"
 
 
+async def test_a_group_page_lists_each_event_as_its_own_page_would_show_it(
+    daemon_runner: DaemonRunner, phones: Fleet
+) -> None:
+    # Each event's title and text are what its own page would show (cut to the phone's 32
+    # characters for a title, control characters dropped, CR LF as a line end) before they
+    # are joined into the group's page.
+    await daemon_runner.start(config(phones, group_by=[], group_wait="200ms"))
+    long_name = "FilesystemAlmostOutOfSpaceOnAllVolumes"
+    await post(
+        daemon_runner,
+        alert(long_name, "nas:9100", "/srv 97%\x07 full"),
+        alert("MemoryHigh", "db:9100", "swap\r\nin use"),
+    )
+    await eventually(lambda: delivered(daemon_runner, "office") == 1)
+    office = phones.phone("office")
+    shown = long_name[:29] + "..."
+    assert office.state.screen.text == f"{shown}: /srv 97% full\nMemoryHigh: swap\nin use"
+
+
 async def test_a_restart_during_the_window_still_delivers_the_group_once(
     daemon_runner: DaemonRunner, phones: Fleet
 ) -> None:

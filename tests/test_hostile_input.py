@@ -44,9 +44,9 @@ from phonepush.errors import (
 )
 from phonepush.events import Event, decode_payload
 from phonepush.phone.client import PhoneClient, PhoneTarget
-from phonepush.rules.templates import MAX_OUTPUT, Templates
 from phonepush.silence.silences import Facts, Matcher
 from phonepush.sim.simulator import Fleet
+from phonepush.templates import MAX_OUTPUT, Templates
 from phonepush.wire import cisco
 from phonepush.wire.cisco import ResponseItem, sanitize_text
 from phonepush.wire.uri import ExecuteItem, validate_uri

@@ -18,8 +18,8 @@ from phonepush.errors import ConfigError
 from phonepush.events import Event
 from phonepush.grouping.grouper import Grouper
 from phonepush.metrics import Metrics
+from phonepush.pipeline.builder import Services, build
 from phonepush.pipeline.intake import Intake
-from phonepush.rules.book import RuleSet
 from phonepush.silence.silences import QuietHours, QuietHoursConfig, Silences
 from phonepush.sim.simulator import Fleet
 from phonepush.store.spool import Spool
@@ -129,7 +129,6 @@ async def pipeline(
             silences = Silences(spool, clock=clock)
             silences.load()
             grouper = Grouper(
-                config,
                 spool,
                 silences,
                 public_url=config.server.public_url,
@@ -137,16 +136,15 @@ async def pipeline(
                 submit=dispatcher.submit,
                 clock=clock,
             )
+            services = Services(spool, metrics, dispatcher.submit, clock=clock, grouper=grouper)
             made["intake"] = Intake(
-                RuleSet.compile(config),
+                build(config, services).pipeline,
                 spool,
-                public_url=config.server.public_url,
                 metrics=metrics,
                 submit=dispatcher.submit,
                 clock=clock,
-                grouper=grouper,
             )
-            made.update(spool=spool, dispatcher=dispatcher, metrics=metrics)
+            made.update(spool=spool, dispatcher=dispatcher, metrics=metrics, grouper=grouper)
             return made
 
         yield fleet, clock, start
@@ -232,7 +230,7 @@ async def test_a_group_flushed_in_quiet_hours_is_held_back(pipeline: Any) -> Non
     clock.now = at("2030-03-08 21:58")  # the events arrive before the quiet hours ...
     for _ in range(2):
         made["intake"].accept(Event("webhook", "bell", b"{}", received_at=clock.now))
-    grouper = made["intake"].grouper
+    grouper = made["grouper"]
     assert grouper.flush_due() == []
     clock.now = at("2030-03-08 22:03")  # ... but the window ends inside them
     flushed = grouper.flush_due()

@@ -10,13 +10,12 @@ import httpx
 import pytest
 
 from _daemon_fixtures import DaemonRunner, eventually
-from phonepush.alerting.acks import Alerting
 from phonepush.alerting.repeats import Repeater
 from phonepush.config import parse_config
 from phonepush.events import Event
 from phonepush.metrics import Metrics
+from phonepush.pipeline.builder import Services, build
 from phonepush.pipeline.intake import Intake
-from phonepush.rules.book import RuleSet
 from phonepush.sim.simulator import Fleet, SimPhone
 from phonepush.store.spool import Delivery, Spool
 
@@ -131,22 +130,9 @@ async def test_rounds_fall_due_every_repeat_and_stop_after_max_repeats(tmp_path:
     submitted: list[Delivery] = []
     async with Spool(tmp_path / "spool.db", clock=clock) as spool:
         repeater = Repeater(spool, metrics=metrics, submit=submitted.extend, clock=clock)
-        alerting = Alerting(
-            cfg,
-            spool,
-            metrics=metrics,
-            submit=submitted.extend,
-            cancel=lambda ids: None,
-            clock=clock,
-        )
+        built = build(cfg, Services(spool, metrics, submitted.extend, clock=clock))
         intake = Intake(
-            RuleSet.compile(cfg),
-            spool,
-            public_url="http://127.0.0.1:8080",
-            metrics=metrics,
-            submit=submitted.extend,
-            clock=clock,
-            alerting=alerting,
+            built.pipeline, spool, metrics=metrics, submit=submitted.extend, clock=clock
         )
         intake.accept(Event("webhook", "alert", b"{}", received_at=clock.now))
         (first,) = submitted
@@ -204,17 +190,9 @@ async def test_a_phone_still_retrying_is_not_sent_another_round(tmp_path: Path) 
     submitted: list[Delivery] = []
     async with Spool(tmp_path / "spool.db", clock=clock) as spool:
         repeater = Repeater(spool, metrics=metrics, submit=submitted.extend, clock=clock)
-        alerting = Alerting(
-            cfg, spool, metrics=metrics, submit=submitted.extend, cancel=lambda ids: None
-        )
+        built = build(cfg, Services(spool, metrics, submitted.extend))
         intake = Intake(
-            RuleSet.compile(cfg),
-            spool,
-            public_url="http://127.0.0.1:8080",
-            metrics=metrics,
-            submit=submitted.extend,
-            clock=clock,
-            alerting=alerting,
+            built.pipeline, spool, metrics=metrics, submit=submitted.extend, clock=clock
         )
         intake.accept(Event("webhook", "alert", b"{}", received_at=clock.now))
         clock.now += 60

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -471,3 +472,56 @@ def test_shelly_gen1_and_gen2_buttons(examples: dict[str, RuleSet]) -> None:
     assert match.page == TextPage(title="Button", text="shellyplus1-a8032ab12345: single press")
     status = {"method": "NotifyStatus", "params": {"switch:0": {"output": True}}}
     assert rs.match(mqtt("shellyplus1-a8032ab12345/events/rpc", status)) == []
+
+
+def test_the_rule_book_compiles_no_template_loading_compiled_already(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "phonepush.toml"
+    rules = """
+        [[rules]]
+        name = "door"
+        on = "mqtt:doors/+"
+        when = "payload.action == 'open'"
+        to = "lobby"
+        dedupe = "{{ topic }}"
+        execute = ["http://192.0.2.9/door?who={{ payload.who }}", "Play:{{ payload.tone }}"]
+        message = { title = "Door", text = "{{ payload.who }} at {{ topic }}" }
+        ringtone = "http://192.0.2.9/{{ payload.tone }}.raw"
+        resolve_when = "payload.action == 'closed'"
+        ack = true
+
+        [[rules]]
+        name = "floor"
+        on = "mqtt:floors/#"
+        to = "office"
+        message = { text = "{{ payload.what }}" }
+        group_by = ["{{ payload.floor }}"]
+
+        [[rules]]
+        name = "announce"
+        on = "webhook:door"
+        to = "lobby"
+        audio = { say = "Door {{ payload.who }}" }
+        """
+    path.write_text(PHONES + textwrap.dedent(rules), encoding="utf-8")
+    config = load_config(path, environ={})
+    compiled: list[str] = []
+    for name in ("from_string", "compile_expression"):
+        real = getattr(jinja2.Environment, name)
+
+        def counting(self: Any, source: Any, *args: Any, _real: Any = real, **kw: Any) -> Any:
+            compiled.append(str(source))
+            return _real(self, source, *args, **kw)
+
+        monkeypatch.setattr(jinja2.Environment, name, counting)
+    book = RuleSet.compile(config)
+    assert compiled == []
+    (match,) = book.match(mqtt("doors/front", b'{"action": "open", "who": "Ann", "tone": "Ding"}'))
+    assert match.page is not None and match.page.text == "Ann at doors/front"
+    assert [item.url for item in match.execute] == [
+        "http://192.0.2.9/door?who=Ann",
+        "Play:Ding",
+    ]
+    assert match.ringtone == "http://192.0.2.9/Ding.raw"
+    assert book.rule("floor").group_by and book.rule("announce").audio_say is not None

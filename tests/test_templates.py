@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from phonepush.errors import ConfigError, TemplateError
-from phonepush.rules.templates import (
+from phonepush.templates import (
     MAX_LOOP_ITEMS,
     MAX_OUTPUT,
     Templates,

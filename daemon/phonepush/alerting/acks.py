@@ -11,8 +11,11 @@ who acknowledged and when, answers the phone with a short confirmation page, cou
 ``{rule, event, phone, at}`` to MQTT (``<status prefix>/ack/<rule>``) and, when configured, POSTs it
 to ``[ack] webhook``.
 
-:class:`Alerting` is the side intake calls: it plans the alert of a matched rule (tokens and each
-phone's requests) and resolves earlier alerts when an event satisfies a rule's ``resolve_when``.
+:class:`AlertPlanning` and :class:`Alerting` are the pipeline's stages
+(:mod:`phonepush.pipeline.plan`): the first plans the alert of a matched rule (tokens and each
+phone's requests), the second resolves earlier alerts when an event satisfies a rule's
+``resolve_when`` and stores the new alerts. The rule's policy is compiled with the rule
+(:class:`phonepush.rules.book.AlertPolicy`).
 """
 
 from __future__ import annotations
@@ -31,13 +34,13 @@ from typing import TYPE_CHECKING, Any, Final, Self
 
 import httpx
 
-from phonepush.config import Config, MqttConfig
+from phonepush.config import MqttConfig
 from phonepush.errors import MqttError, TemplateError, WireError
 from phonepush.events import Event
 from phonepush.metrics import Metrics
+from phonepush.pipeline.plan import Plan, PlannedRule, Work, render
 from phonepush.redact import url_for_log
-from phonepush.rules.book import Match, event_context, topic_matches
-from phonepush.rules.templates import Expression, Templates, TextTemplate
+from phonepush.rules.book import AlertPolicy, Match, RuleBook, event_context
 from phonepush.store.spool import (
     AckResult,
     AlertRecord,
@@ -54,15 +57,14 @@ from phonepush.wire.cisco import SoftKey, TextPage
 from phonepush.wire.uri import ExecuteItem
 
 if TYPE_CHECKING:
-    from phonepush.pipeline.intake import Plan
     from phonepush.sources.mqtt import MqttSource
 
 __all__ = [
     "ACK_LABEL",
     "CLOSE_LABEL",
     "AckService",
+    "AlertPlanning",
     "Alerting",
-    "RulePolicy",
     "ack_prefix",
     "ack_url",
     "new_token",
@@ -112,75 +114,84 @@ def _clock_text(at: float) -> str:
     return datetime.fromtimestamp(at).astimezone().strftime("%H:%M:%S")
 
 
-@dataclass(frozen=True, slots=True)
-class RulePolicy:
-    """What a rule does about acks, repeats and resolves, compiled from its configuration."""
+class AlertPlanning:
+    """The planning stage: the alert each acknowledging, repeating or resolving rule starts
+    (tokens and each phone's requests). A rule whose per-phone requests no longer fit fails."""
 
-    rule: str
-    source: str
-    pattern: str
-    ack: bool
-    scope: str
-    repeat: float
-    max_repeats: int
-    escalate_after: int
-    escalate_phones: tuple[str, ...]
-    resolve_when: Expression | None
-    dedupe: TextTemplate | None
+    def stage(self, work: Work) -> None:
+        plan = work.plan
+        if not any(p.match is not None and p.match.rule.alert is not None for p in plan.rules):
+            return
+        planned: list[PlannedRule] = []
+        for p in plan.rules:
+            match = p.match
+            if match is None or match.rule.alert is None or p.state != "pending":
+                planned.append(p)
+                continue
+            try:
+                alert = _alert(match, match.rule.alert, p, work)
+            except WireError as exc:
+                planned.append(PlannedRule(p.rule, p.phones, p.ttl, (), "failed", str(exc)))
+                continue
+            planned.append(dataclasses.replace(p, alert=alert))
+        work.plan = dataclasses.replace(plan, rules=tuple(planned))
 
-    def listens_to(self, event: Event) -> bool:
-        if event.source != self.source:
-            return False
-        if self.source == "webhook":
-            return event.topic == self.pattern
-        return topic_matches(self.pattern, event.topic)
 
-
-def _policies(config: Config) -> dict[str, RulePolicy]:
-    templates = Templates()
-    policies: dict[str, RulePolicy] = {}
-    for rule in config.rules:
-        if not (rule.acked or rule.repeat is not None or rule.resolve_when.strip()):
-            continue
-        where = f"rules[{rule.name}]"
-        phones = config.expand(rule.to)
-        escalate: tuple[str, ...] = ()
-        if rule.escalate is not None:
-            escalate = tuple(p for p in config.expand(rule.escalate.to) if p not in phones)
-        policies[rule.name] = RulePolicy(
-            rule=rule.name,
-            source=rule.source,
-            pattern=rule.pattern,
-            ack=rule.acked,
-            scope=rule.ack_scope,
-            repeat=rule.repeat or 0.0,
-            max_repeats=rule.repeats,
-            escalate_after=rule.escalate.after if rule.escalate is not None else 0,
-            escalate_phones=escalate,
-            resolve_when=(
-                templates.compile_expression(rule.resolve_when, f"{where}.resolve_when")
-                if rule.resolve_when.strip()
-                else None
-            ),
-            dedupe=(
-                templates.compile_template(rule.dedupe, f"{where}.dedupe") if rule.dedupe else None
-            ),
-        )
-    return policies
+def _alert(match: Match, policy: AlertPolicy, planned: PlannedRule, work: Work) -> NewAlert:
+    """The alert a matched rule starts. Raises :class:`~phonepush.errors.WireError` when the
+    rule's requests no longer fit with a per-phone page URL."""
+    page_id = planned.page_id
+    ack = policy.ack and bool(page_id)
+    phones: list[NewAlertPhone] = []
+    everyone = [(p, False) for p in match.rule.phones]
+    everyone += [(p, True) for p in policy.escalate_phones]
+    shape: tuple[PushRequest, ...] = ()
+    if ack:
+        # Rendered and packed once, with a stand-in token: every token has the same length
+        # and needs no XML escaping, so each phone's requests are this text with its token
+        # put in (for a thousand phones, 60 ms less per event on the event loop).
+        shape = render(match, page_id, work.plan.pages, f"{work.pages_url}{page_id}/{_STAND_IN}")
+    for phone, escalation in everyone:
+        if ack:
+            token = new_token()
+            mine = f"/{page_id}/{token}"
+            own = tuple(
+                PushRequest(r.kind, r.xml.replace(f"/{page_id}/{_STAND_IN}", mine)) for r in shape
+            )
+            phones.append(NewAlertPhone(phone, token, own, escalation))
+        else:
+            phones.append(NewAlertPhone(phone, None, planned.requests, escalation))
+    repeats = policy.max_repeats if policy.repeat > 0 else 0
+    received_at = work.event.received_at
+    return NewAlert(
+        rule=match.rule.name,
+        key=match.dedupe_key,
+        page_id=page_id,
+        scope=policy.scope,
+        repeat=policy.repeat,
+        max_repeats=repeats,
+        escalate_after=policy.escalate_after,
+        ttl=match.rule.ttl,
+        next_at=received_at + policy.repeat if repeats else None,
+        phones=tuple(phones),
+    )
 
 
 class Alerting:
-    """Intake's side of acks, repeats and resolves.
+    """The staging stage of acks, repeats and resolves: resolves earlier alerts an event ends,
+    and stores the alerts of the event's rules with its deliveries.
 
     ``submit`` and ``cancel`` are the dispatcher's (new deliveries; deliveries the spool no
-    longer has pending); ``wake`` tells the repeat scheduler a new alert exists.
+    longer has pending); ``wake`` tells the repeat scheduler a new alert exists. Built per
+    configuration (``rules`` is its rule book); alerts already out keep their own policy.
     """
 
     def __init__(
         self,
-        config: Config,
         spool: Spool,
+        rules: RuleBook,
         *,
+        public_url: str,
         metrics: Metrics,
         submit: Callable[[Sequence[Delivery]], None],
         cancel: Callable[[Iterable[int]], None],
@@ -193,62 +204,21 @@ class Alerting:
         self._cancel = cancel
         self.wake = wake
         self._clock = clock
-        self.update(config)
-
-    def update(self, config: Config) -> None:
-        """Apply a (re)loaded configuration; alerts already out keep their own policy."""
-        self.public_url = config.server.public_url.rstrip("/")
+        self.public_url = public_url.rstrip("/")
         self._pages_url = self.public_url + "/pages/"
-        self.policies = _policies(config)
-
-    def plan(
-        self,
-        match: Match,
-        page_id: str,
-        render: Callable[[str], tuple[PushRequest, ...]],
-        requests: tuple[PushRequest, ...],
-        received_at: float,
-    ) -> NewAlert | None:
-        """The alert a matched rule starts, or None if the rule neither acks, repeats nor
-        resolves. ``render(page_url)`` renders the rule's requests with another page URL (raises
-        :class:`~phonepush.errors.WireError` when one no longer fits)."""
-        policy = self.policies.get(match.rule.name)
-        if policy is None:
-            return None
-        ack = policy.ack and bool(page_id)
-        phones: list[NewAlertPhone] = []
-        everyone = [(p, False) for p in match.rule.phones]
-        everyone += [(p, True) for p in policy.escalate_phones]
-        shape: tuple[PushRequest, ...] = ()
-        if ack:
-            # Rendered and packed once, with a stand-in token: every token has the same length
-            # and needs no XML escaping, so each phone's requests are this text with its token
-            # put in (for a thousand phones, 60 ms less per event on the event loop).
-            shape = render(f"{self._pages_url}{page_id}/{_STAND_IN}")
-        for phone, escalation in everyone:
-            if ack:
-                token = new_token()
-                mine = f"/{page_id}/{token}"
-                own = tuple(
-                    PushRequest(r.kind, r.xml.replace(f"/{page_id}/{_STAND_IN}", mine))
-                    for r in shape
-                )
-                phones.append(NewAlertPhone(phone, token, own, escalation))
-            else:
-                phones.append(NewAlertPhone(phone, None, requests, escalation))
-        repeats = policy.max_repeats if policy.repeat > 0 else 0
-        return NewAlert(
-            rule=policy.rule,
-            key=match.dedupe_key,
-            page_id=page_id,
-            scope=policy.scope,
-            repeat=policy.repeat,
-            max_repeats=repeats,
-            escalate_after=policy.escalate_after,
-            ttl=match.rule.ttl,
-            next_at=received_at + policy.repeat if repeats else None,
-            phones=tuple(phones),
+        self._resolvers = tuple(
+            r for r in rules.rules if r.alert is not None and r.alert.resolve_when is not None
         )
+
+    def stage(self, work: Work) -> None:
+        self.resolve(work.event)
+        work.alerts = self.committed(work.plan, work.deliveries)
+        if any(p.alert for p in work.plan.rules):
+            work.committed.append(self._woken)
+
+    def _woken(self, pending: list[Delivery]) -> list[Delivery]:
+        self.wake()
+        return pending
 
     def committed(self, plan: Plan, deliveries: Sequence[NewDelivery]) -> list[NewAlert]:
         """The alerts of ``plan`` as they are stored with ``deliveries``: a phone whose first
@@ -271,34 +241,32 @@ class Alerting:
         came from (its ``when`` is not consulted) and whose ``resolve_when`` is true, the alerts
         of that rule with the event's dedupe key. Cancels their pending deliveries and hands the
         resolved notices to the dispatcher. A template error skips that rule (logged)."""
-        candidates = [
-            p for p in self.policies.values() if p.resolve_when is not None and p.listens_to(event)
-        ]
+        candidates = [r for r in self._resolvers if r.listens_to(event)]
         if not candidates:
             return []
         context = event_context(event)
         done: list[Resolution] = []
-        for policy in candidates:
-            assert policy.resolve_when is not None
+        for rule in candidates:
+            assert rule.alert is not None and rule.alert.resolve_when is not None
             try:
-                if not policy.resolve_when(context):
+                if not rule.alert.resolve_when(context):
                     continue
-                key = policy.dedupe(context) if policy.dedupe is not None else ""
+                key = rule.dedupe(context) if rule.dedupe is not None else ""
             except TemplateError as exc:
-                log.warning("event %s: rules[%s].resolve_when: %s", event.id, policy.rule, exc)
+                log.warning("event %s: rules[%s].resolve_when: %s", event.id, rule.name, exc)
                 continue
             resolved = self._spool.resolve(
-                policy.rule, key, by_event=event.id, at=self._clock(), notice=self._notice
+                rule.name, key, by_event=event.id, at=self._clock(), notice=self._notice
             )
             for resolution in resolved:
-                self._metrics.resolved.labels(policy.rule).inc()
+                self._metrics.resolved.labels(rule.name).inc()
                 self._cancel(resolution.cancelled)
                 if resolution.notices:
                     self._submit(resolution.notices)
                 log.info(
                     "event %s resolved %s of event %s: %d pending cancelled, %d notice(s)",
                     event.id,
-                    policy.rule,
+                    rule.name,
                     resolution.alert.event_id,
                     len(resolution.cancelled),
                     len(resolution.notices),

@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING
 import uvicorn
 from prometheus_client import CollectorRegistry
 
-from phonepush.alerting.acks import AckService, Alerting, ack_prefix
+from phonepush.alerting.acks import AckService, ack_prefix
 from phonepush.alerting.repeats import Repeater
 from phonepush.app.limits import default_max_connections
 from phonepush.app.systemd import Notifier, state_directories
-from phonepush.audio.announce import Announcer, compile_actions
+from phonepush.audio.announce import Announcer
 from phonepush.config import Config, load_config
 from phonepush.dispatch.dispatcher import Dispatcher, Outcome
 from phonepush.errors import ConfigError, PhonepushError, SpoolError
@@ -42,9 +42,9 @@ from phonepush.http.server import ServerState, create_app, uvicorn_config
 from phonepush.metrics import Metrics
 from phonepush.phone.client import PhoneClient, PhoneTarget
 from phonepush.phone.lanes import PhoneLanes
+from phonepush.pipeline.builder import Built, Services, build
 from phonepush.pipeline.intake import Intake
 from phonepush.redact import url_for_log
-from phonepush.rules.book import RuleSet
 from phonepush.silence.silences import Silences
 from phonepush.store.housekeeping import Housekeeper
 from phonepush.store.spool import Spool
@@ -117,6 +117,8 @@ class Daemon:
         self._reload = asyncio.Event()
         self.ready = asyncio.Event()
         self.running: Running | None = None
+        #: What each (re)load's stages hand work to; set once the services are open.
+        self._services: Services | None = None
 
     @property
     def _base_dir(self) -> Path | None:
@@ -133,9 +135,6 @@ class Daemon:
 
     async def run(self) -> None:
         config = self.config
-        rules = RuleSet.compile(config)
-        # Audio files are loaded now, so a missing one stops start-up naming its rule.
-        audio_actions = compile_actions(config, base_dir=self._base_dir)
         metrics = self._metrics
         async with AsyncExitStack() as stack:
             try:
@@ -183,7 +182,6 @@ class Daemon:
             silences = Silences(spool)
             silences.load()
             grouper = Grouper(
-                config,
                 spool,
                 silences,
                 public_url=config.server.public_url,
@@ -191,35 +189,28 @@ class Daemon:
                 submit=dispatcher.submit,
             )
             repeater = Repeater(spool, metrics=metrics, submit=dispatcher.submit)
-            alerting = Alerting(
-                config,
-                spool,
-                metrics=metrics,
-                submit=dispatcher.submit,
-                cancel=dispatcher.cancel,
-                wake=repeater.wake,
-            )
             announcer = await stack.enter_async_context(
                 Announcer(
                     config,
                     spool,
                     metrics=metrics,
-                    actions=audio_actions,
+                    actions={},
                     lanes=lanes,
                     on_outcome=self._publish_outcome,
                 )
             )
-            intake = Intake(
-                rules,
+            self._services = Services(
                 spool,
-                public_url=config.server.public_url,
-                metrics=metrics,
-                submit=dispatcher.submit,
+                metrics,
+                dispatcher.submit,
+                cancel=dispatcher.cancel,
+                wake_repeats=repeater.wake,
                 grouper=grouper,
-                alerting=alerting,
                 announcer=announcer,
-                keep_headers=config.webhook.keep_headers,
             )
+            built = build(config, self._services, base_dir=self._base_dir)
+            rules = built.pipeline.book
+            intake = Intake(built.pipeline, spool, metrics=metrics, submit=dispatcher.submit)
             if config.mqtt is not None:
                 # paho is imported only by daemons that use MQTT.
                 from phonepush.sources.mqtt import MqttSource
@@ -295,7 +286,7 @@ class Daemon:
                     gc.freeze()
                     self.ready.set()
                     self._notifier.ready("listening")
-                    await self._serve_until_stopped(state, rules)
+                    await self._serve_until_stopped(state)
                 log.info("stopping: intake closed, draining deliveries")
                 self._notifier.stopping()
                 if mqtt is not None:
@@ -321,7 +312,7 @@ class Daemon:
                 return
             await asyncio.sleep(0.01)
 
-    async def _serve_until_stopped(self, state: ServerState, rules: RuleSet) -> None:
+    async def _serve_until_stopped(self, state: ServerState) -> None:
         while not self._stop.is_set():
             stop = asyncio.ensure_future(self._stop.wait())
             reload = asyncio.ensure_future(self._reload.wait())
@@ -339,11 +330,12 @@ class Daemon:
         assert running is not None
         self._notifier.reloading()
         try:
-            if self._config_path is None:
+            if self._config_path is None or self._services is None:
                 raise ConfigError("no configuration file to reload")
             config = load_config(self._config_path)
-            rules = RuleSet.compile(config)
-            audio_actions = compile_actions(config, base_dir=self._base_dir)
+            # The new rule book and stages; the services see the new configuration only once
+            # all of it compiled.
+            built = build(config, self._services, base_dir=self._base_dir)
         except PhonepushError as exc:
             self._metrics.config_reloads.labels("error").inc()
             log.error("reload failed, keeping the running configuration:\n%s", exc)
@@ -361,31 +353,32 @@ class Daemon:
         ):
             if _dig(config, key) != _dig(running.config, key):
                 log.warning("reload: %s changed; it takes effect after a restart", key)
-        running.intake.rules = rules
-        running.intake.keep_headers = frozenset(config.webhook.keep_headers)
+        self._install(built, state)
+        self._metrics.config_reloads.labels("ok").inc()
+        log.info("reloaded: %d phones, %d rules", len(config.phones), len(config.rules))
+        self._notifier.ready("reloaded")
+
+    def _install(self, built: Built, state: ServerState) -> None:
+        """Swap in a reloaded configuration: the intake's pipeline (rule book and stages) in one
+        reference, then the settings long-lived objects hold for themselves."""
+        running = self.running
+        assert running is not None
+        config = built.config
+        running.intake.pipeline = built.pipeline
+        running.config = self.config = config
         if running.housekeeper is not None:
             running.housekeeper.retention = config.spool.retention
             running.housekeeper.max_size = running.spool.max_size = config.spool.max_size
-        if running.announcer is not None:
-            running.announcer.update(config, audio_actions)
-        if running.intake.grouper is not None:
-            running.intake.grouper.update(config)
-        if running.intake.alerting is not None:
-            running.intake.alerting.update(config)
-        if state.acks is not None:
-            state.acks.webhook = config.ack.webhook
-        running.config = self.config = config
         running.dispatcher.update_phones(config.phone_targets())
         running.dispatcher.retry_unconfirmed = _retry_unconfirmed(config)
         if running.mqtt is not None:
-            running.mqtt.update_filters(rules.mqtt_filters)
+            running.mqtt.update_filters(built.pipeline.book.mqtt_filters)
+        if state.acks is not None:
+            state.acks.webhook = config.ack.webhook
         state.token = _secret(config.webhook.token)
         state.hmac_secret = _secret(config.webhook.hmac_secret)
         state.max_body = config.server.max_body
         state.authenticator = Authenticator.from_config(config, metrics=self._metrics)
-        self._metrics.config_reloads.labels("ok").inc()
-        log.info("reloaded: %d phones, %d rules", len(config.phones), len(config.rules))
-        self._notifier.ready("reloaded")
 
     async def _publish_outcome(self, outcome: Outcome) -> None:
         if self._mqtt is not None:

@@ -54,7 +54,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Self
+from typing import Final, Self
 from urllib.parse import urlsplit
 
 from phonepush.audio.clips import SAMPLE_RATE, Speech, announcement, load_file
@@ -79,13 +79,11 @@ from phonepush.errors import (
 from phonepush.events import Event
 from phonepush.metrics import Metrics
 from phonepush.phone.lanes import PhoneLanes
-from phonepush.rules.book import event_context
-from phonepush.rules.templates import Templates, TextTemplate
+from phonepush.pipeline.plan import Plan, Work
+from phonepush.rules.book import RuleBook, event_context
 from phonepush.store.spool import Delivery, NewDelivery, Spool
+from phonepush.templates import TextTemplate
 from phonepush.wire.uri import ExecuteItem
-
-if TYPE_CHECKING:
-    from phonepush.pipeline.intake import Plan
 
 __all__ = ["Announcer", "AudioAction", "compile_actions", "stream_source"]
 
@@ -115,12 +113,15 @@ class AudioAction:
     multicast_ttl: int = 1
 
 
-def compile_actions(config: Config, *, base_dir: Path | None = None) -> dict[str, AudioAction]:
-    """Compile every rule's ``audio``, loading its files (relative ones from ``base_dir``,
-    default the working directory). Raises :class:`ConfigError` listing every problem, one line
-    each, naming ``rules[<name>].audio.<key>``."""
+def compile_actions(
+    config: Config, *, base_dir: Path | None = None, book: RuleBook | None = None
+) -> dict[str, AudioAction]:
+    """Every rule's ``audio``, its files loaded (relative ones from ``base_dir``, default the
+    working directory) and its ``say`` taken from ``book`` (compiled from ``config`` when not
+    given). Raises :class:`ConfigError` listing every problem, one line each, naming
+    ``rules[<name>].audio.<key>``."""
     base = base_dir if base_dir is not None else Path.cwd()
-    templates = Templates()
+    rules = book if book is not None else RuleBook.compile(config)
     actions: dict[str, AudioAction] = {}
     problems: list[str] = []
     loaded: dict[Path, bytes] = {}
@@ -134,7 +135,7 @@ def compile_actions(config: Config, *, base_dir: Path | None = None) -> dict[str
                 rule.audio,
                 where,
                 base,
-                templates,
+                rules.rule(rule.name).audio_say,
                 loaded,
                 rule.audio.multicast_ttl or config.audio.multicast_ttl,
             )
@@ -150,7 +151,7 @@ def _compile(
     audio: RuleAudioConfig,
     where: str,
     base: Path,
-    templates: Templates,
+    say: TextTemplate | None,
     loaded: dict[Path, bytes],
     multicast_ttl: int = 1,
 ) -> AudioAction:
@@ -169,12 +170,6 @@ def _compile(
         return loaded[path]
 
     body, chime = load("file", audio.file), load("chime", audio.chime)
-    say: TextTemplate | None = None
-    if audio.say.strip():
-        try:
-            say = templates.compile_template(audio.say, f"{where}.say")
-        except ConfigError as exc:
-            problems.append(str(exc))
     if problems:
         raise ConfigError("\n".join(problems))
     return AudioAction(
@@ -250,11 +245,18 @@ class Announcer:
         self.config = config
         self.actions = dict(actions)
 
-    def handles(self, rule: str) -> bool:
-        """Whether ``rule`` has an audio action."""
-        return rule in self.actions
-
     # --- intake side ------------------------------------------------------------------------
+
+    def stage(self, work: Work) -> None:
+        """The pipeline stage: audio rows for rules that also push; after the commit, the
+        event's audio rows start their page instead of going to the dispatcher."""
+        event = work.event
+        work.deliveries += self.deliveries(event, work.plan)
+
+        def take(pending: list[Delivery]) -> list[Delivery]:
+            return self.take(event, pending)
+
+        work.committed.append(take)
 
     def deliveries(self, event: Event, plan: Plan) -> list[NewDelivery]:
         """The audio rows of an event's rules that also push something (a rule with audio only
@@ -267,7 +269,7 @@ class Announcer:
                 expires_at=event.received_at + p.ttl,
             )
             for p in plan.rules
-            if p.state == "pending" and p.requests and p.rule in self.actions
+            if p.state == "pending" and p.requests and p.match is not None and p.match.rule.audio
             for phone in p.phones
         ]
 

@@ -20,7 +20,7 @@ from phonepush.commands import (
 from phonepush.config import Config, format_duration
 from phonepush.errors import ConfigError
 from phonepush.redact import url_for_log
-from phonepush.rules.book import RuleSet
+from phonepush.rules.book import RuleBook
 
 __all__ = ["main", "summary"]
 
@@ -35,7 +35,7 @@ def main(argv: Sequence[str], prog: str = "phonepush check") -> int:
     if config is None:
         return CONFIG_EXIT
     try:
-        rules = RuleSet.compile(config)
+        rules = RuleBook.compile(config)
         # Audio files are loaded as the daemon would, so a missing one is caught here too.
         compile_actions(config, base_dir=args.config.parent)
     except ConfigError as exc:
@@ -45,7 +45,7 @@ def main(argv: Sequence[str], prog: str = "phonepush check") -> int:
     return 0
 
 
-def summary(config: Config, rules: RuleSet, path: Path | None = None) -> str:
+def summary(config: Config, rules: RuleBook, path: Path | None = None) -> str:
     """A human-readable description of ``config``, free of secrets."""
     lines = [f"{path}: OK" if path else "configuration: OK"]
     server = config.server

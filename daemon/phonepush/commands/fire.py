@@ -1,10 +1,10 @@
 """``phonepush fire --config F (--mqtt TOPIC | --hook NAME) PAYLOAD [--dry-run]``.
 
 With ``--dry-run``: which rules match the event and the exact requests each phone would get,
-computed by the daemon's own intake code; nothing is sent or stored (cooldowns are not
-consulted). Without it: the event is injected the way a real sender would, so the running
-daemon handles it: published to the configured broker (QoS 1), or POSTed to the daemon's
-webhook with the configured token.
+computed by the daemon's own intake code and pipeline builder; nothing is sent or stored
+(cooldowns are not consulted). Without it: the event is injected the way a real sender would,
+so the running daemon handles it: published to the configured broker (QoS 1), or POSTed to the
+daemon's webhook with the configured token.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from phonepush.config import Config
 from phonepush.errors import PhonepushError
 from phonepush.events import Event
 from phonepush.metrics import Metrics
+from phonepush.pipeline.builder import Services, build
 from phonepush.pipeline.intake import Intake, Plan
-from phonepush.rules.book import RuleSet
 from phonepush.store.spool import Spool
 
 __all__ = ["main"]
@@ -64,13 +64,10 @@ def main(argv: Sequence[str], prog: str = "phonepush fire") -> int:
 async def _plan(config: Config, event: Event) -> Plan:
     with tempfile.TemporaryDirectory(prefix="phonepush-fire-") as tmp:
         async with Spool(Path(tmp) / "spool.db") as spool:
-            intake = Intake(
-                RuleSet.compile(config),
-                spool,
-                public_url=config.server.public_url,
-                metrics=Metrics(),
-                submit=lambda deliveries: None,
-            )
+            metrics = Metrics()
+            # The daemon's own builder: the plan is what the daemon would make of the event.
+            built = build(config, Services(spool, metrics, submit=lambda deliveries: None))
+            intake = Intake(built.pipeline, spool, metrics=metrics, submit=lambda deliveries: None)
             return intake.plan(event)
 
 
@@ -86,6 +83,9 @@ def _describe(plan: Plan, config: Config) -> str:
             + (f" ({rule.error})" if rule.error else "")
             + f", {len(rule.phones)} phone(s)"
         )
+        if rule.state == "pending" and not rule.requests:
+            # An audio-only rule: its page is played, nothing is pushed as XML.
+            lines.append(f"  audio page to {', '.join(rule.phones)}")
         for phone in rule.phones if rule.requests else ():
             target = targets[phone]
             lines.append(f"  {phone}: POST {target.scheme}://{target.authority}/CGI/Execute")

@@ -39,6 +39,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -53,9 +54,9 @@ from pydantic_settings import (
 
 from phonepush.config.quiet_hours import QuietHoursConfig
 from phonepush.errors import ConfigError, InvalidTarget, WireError
-from phonepush.phone.client import PhoneTarget, parse_host
+from phonepush.phone.target import PhoneTarget, parse_host
 from phonepush.redact import url_for_log
-from phonepush.rules.templates import Templates
+from phonepush.templates import Templates
 from phonepush.wire.uri import is_http, parse_priority, parse_target, validate_uri
 
 __all__ = [
@@ -853,6 +854,10 @@ class Config(BaseSettings):
         frozen=True,
     )
 
+    # Loading compiles every template to report its errors with the others; the rule book takes
+    # them from here instead of compiling them again (one compile per load or reload).
+    _templates: Templates | None = PrivateAttr(default=None)
+
     server: ServerConfig = Field(default_factory=ServerConfig)
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     mqtt: MqttConfig | None = None
@@ -883,6 +888,14 @@ class Config(BaseSettings):
             if phone.name == name:
                 return phone
         raise KeyError(name)
+
+    @property
+    def templates(self) -> Templates:
+        """The template sandbox the rules' templates were compiled in while loading (a fresh one
+        for a configuration built some other way)."""
+        if self._templates is None:
+            self._templates = Templates()
+        return self._templates
 
     def groups(self) -> dict[str, tuple[str, ...]]:
         """Group name -> its phones, both in config order."""
@@ -1166,7 +1179,7 @@ def _cross_check(config: Config) -> list[str]:
         for group in phone.groups:
             if group in seen:
                 problems.append(f"phones[{phone.name}].groups: {group!r} is also a phone's name")
-    templates = Templates()
+    templates = config.templates
 
     host, _ = config.server.address
     if config.webhook.token is None and not _is_loopback(host):
@@ -1240,21 +1253,26 @@ def _cross_check(config: Config) -> list[str]:
 
 def _template_problems(rule: RuleConfig, where: str, templates: Templates) -> list[str]:
     """Compile every template once so that all syntax errors are reported at load time."""
-    sources: list[tuple[str, str]] = []
+    # (key, source, is a URL the phone fetches): compiled as the rule book compiles them, so it
+    # finds every one compiled already.
+    sources: list[tuple[str, str, bool]] = []
     for i, entry in enumerate(rule.execute):
         try:
-            sources.append((f"execute[{i}]", split_priority(entry)[0]))
+            url = split_priority(entry)[0]
         except WireError:
             continue  # reported with the literal checks
-    sources += [("dedupe", rule.dedupe), ("ringtone", rule.ringtone)]
-    sources += [(f"group_by[{i}]", source) for i, source in enumerate(rule.group_by)]
+        sources.append((f"execute[{i}]", url, is_http(url)))
+    sources += [("dedupe", rule.dedupe, False), ("ringtone", rule.ringtone, True)]
+    sources += [(f"group_by[{i}]", source, False) for i, source in enumerate(rule.group_by)]
     if rule.message is not None:
-        sources += [(f"message.{k}", getattr(rule.message, k)) for k in ("title", "text", "prompt")]
+        sources += [
+            (f"message.{k}", getattr(rule.message, k), False) for k in ("title", "text", "prompt")
+        ]
     if rule.background is not None:
-        sources += [("background.icon", rule.background.icon)]
-        sources += [("background.image", rule.background.image)]
+        sources += [("background.icon", rule.background.icon, True)]
+        sources += [("background.image", rule.background.image, True)]
     if rule.audio is not None and rule.audio.say:
-        sources += [("audio.say", rule.audio.say)]
+        sources += [("audio.say", rule.audio.say, False)]
     problems: list[str] = []
     if rule.when.strip():
         try:
@@ -1266,9 +1284,10 @@ def _template_problems(rule: RuleConfig, where: str, templates: Templates) -> li
             templates.compile_expression(rule.resolve_when, f"{where}.resolve_when")
         except ConfigError as exc:
             problems.append(str(exc))
-    for key, source in sources:
+    for key, source, fetched in sources:
+        compile = templates.compile_url_template if fetched else templates.compile_template
         try:
-            templates.compile_template(source, f"{where}.{key}")
+            compile(source, f"{where}.{key}")
         except ConfigError as exc:
             problems.append(str(exc))
     return problems

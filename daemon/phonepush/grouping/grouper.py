@@ -13,9 +13,9 @@ daemon) flushes every window that is due, including ones that fell due while the
 down. A flush turns a window into ordinary deliveries (attached to the window's first event) and
 removes the window in one transaction, so a crash repeats a flush or does not happen at all.
 
-:class:`Grouper` is also where intake applies silences and quiet hours
-(:mod:`phonepush.silence`) to the deliveries of ungrouped rules; for a group they are applied at
-flush time, per phone and per event: a silenced event is left out of that phone's page.
+Silences and quiet hours (:mod:`phonepush.silence`) screen ungrouped deliveries in their own
+pipeline stage; for a group they are applied here at flush time, per phone and per event: a
+silenced event is left out of that phone's page.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, cast
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, cast
 
-from phonepush.errors import ConfigError, SpoolError, TemplateError, WireError
+from phonepush.errors import SpoolError, TemplateError, WireError
 from phonepush.events import Event, Source
 from phonepush.metrics import Metrics
+from phonepush.pipeline.plan import Plan, PlannedRule, Work
 from phonepush.rules.book import event_context
-from phonepush.rules.templates import Templates, TextTemplate
-from phonepush.silence.silences import Facts, Quieting, Screened, Silences, Verdict
+from phonepush.silence.silences import Facts, Quieting, Silences, Verdict, count_held
 from phonepush.store.spool import (
     Delivery,
     GroupedEvent,
@@ -48,10 +48,6 @@ from phonepush.wire import cisco
 from phonepush.wire.cisco import TextPage
 from phonepush.wire.uri import ExecuteItem
 
-if TYPE_CHECKING:
-    from phonepush.config import Config
-    from phonepush.pipeline.intake import Plan, PlannedRule
-
 __all__ = ["MAX_LISTED", "Grouper", "Staged", "group_page"]
 
 log = logging.getLogger("phonepush.grouping")
@@ -64,18 +60,11 @@ _KEY_SEPARATOR: Final = "\x1f"
 
 
 @dataclass(frozen=True, slots=True)
-class _Spec:
-    templates: tuple[TextTemplate, ...]
-    wait: float
-
-
-@dataclass(frozen=True, slots=True)
 class Staged:
-    """An event's deliveries after grouping, silences and quiet hours, ready for the spool."""
+    """An event's deliveries after grouping, and its rows for group windows."""
 
     deliveries: list[NewDelivery]
     groups: list[NewGroupedEvent]
-    screened: Screened = field(default_factory=lambda: Screened([], []))
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +107,6 @@ class Grouper:
 
     def __init__(
         self,
-        config: Config,
         spool: Spool,
         silences: Silences,
         *,
@@ -128,56 +116,48 @@ class Grouper:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._spool = spool
-        self._silences = silences
-        self._pages_url = public_url.rstrip("/") + "/pages/"
+        self.silences = silences
+        #: Where group pages are served; set again by each (re)load.
+        self.pages_url = public_url.rstrip("/") + "/pages/"
         self._metrics = metrics
         self._submit = submit
         self._clock = clock
         self._wake = asyncio.Event()
-        self._specs: dict[str, _Spec] = {}
-        self._quieting = Quieting(silences)
-        self.update(config)
-
-    def update(self, config: Config) -> None:
-        """Apply a (re)loaded configuration. Windows already open keep their due time and TTL."""
-        templates = Templates()
-        specs: dict[str, _Spec] = {}
-        for rule in config.rules:
-            if rule.grouped:
-                specs[rule.name] = _Spec(
-                    tuple(
-                        templates.compile_template(source, f"rules[{rule.name}].group_by[{i}]")
-                        for i, source in enumerate(rule.group_by)
-                    ),
-                    rule.group_window,
-                )
-        try:
-            quieting = Quieting.from_config(config, self._silences)
-        except ValueError as exc:  # checked when the configuration was loaded; here for reloads
-            raise ConfigError(str(exc)) from exc
-        self._specs, self._quieting = specs, quieting
-
-    @property
-    def quieting(self) -> Quieting:
-        return self._quieting
+        #: Silences and the configured quiet hours; set again by each (re)load (the builder's).
+        self.quieting = Quieting(silences)
 
     # --- intake side ----------------------------------------------------------------------------
 
-    def stage(self, event: Event, plan: Plan, deliveries: Sequence[NewDelivery]) -> Staged:
-        """Take grouped rules' pending work out of ``deliveries`` (as window rows), then apply
-        silences and quiet hours to what is left. Writes nothing."""
+    def stage(self, work: Work) -> None:
+        """The pipeline stage: grouped rules' pending work becomes window rows; counted and
+        logged once committed."""
+        event = work.event
+        staged = self.split(event, work.plan, work.deliveries)
+        work.deliveries, work.groups = staged.deliveries, staged.groups
+        if not staged.groups:
+            return
+
+        def committed(pending: list[Delivery]) -> list[Delivery]:
+            self.committed(event, staged)
+            return pending
+
+        work.committed.append(committed)
+
+    def split(self, event: Event, plan: Plan, deliveries: Sequence[NewDelivery]) -> Staged:
+        """Take grouped rules' pending work out of ``deliveries`` (as window rows). Writes
+        nothing; silences and quiet hours screen what is left in their own stage."""
         now = self._clock()
         groups: list[NewGroupedEvent] = []
         context: dict[str, Any] | None = None
         for planned in plan.rules:
-            spec = self._specs.get(planned.rule)
-            if spec is None or planned.state != "pending":
+            rule = planned.match.rule if planned.match is not None else None
+            if rule is None or rule.group_window is None or planned.state != "pending":
                 continue
             if context is None:
                 context = event_context(event)
             try:
-                key = _KEY_SEPARATOR.join(t(context) for t in spec.templates)
-                content = self._content(planned, plan.pages)
+                key = _KEY_SEPARATOR.join(t(context) for t in rule.group_by)
+                content = self._content(planned)
             except (TemplateError, WireError) as exc:
                 # Better a page on its own than none: the event is sent as if ungrouped.
                 log.warning(
@@ -193,53 +173,44 @@ class Grouper:
                     key=key,
                     phones=planned.phones,
                     content=content,
-                    due_at=now + spec.wait,
+                    due_at=now + rule.group_window,
                     ttl=planned.ttl,
                 )
             )
         grouped = {g.rule for g in groups}
         rest = [d for d in deliveries if not (d.rule in grouped and d.state == "pending")]
-        screened = self._quieting.screen(event, rest, now)
-        return Staged(screened.deliveries, groups, screened)
+        return Staged(rest, groups)
 
     def committed(self, event: Event, staged: Staged) -> None:
         """Count and log what :meth:`stage` decided, once the spool has committed it."""
         for group in staged.groups:
             self._metrics.grouped_events.labels(group.rule).inc()
             log.info("event %s joined a group of rule %s", event.id, group.rule)
-        self._count_held(event.id, staged.screened.held)
         if staged.groups:
             self._wake.set()
 
-    def _content(self, planned: PlannedRule, pages: Mapping[str, str]) -> str:
-        """What this event adds to a group page, read back from what intake rendered."""
-        page_url = self._pages_url + planned.page_id if planned.page_id else None
-        page: TextPage | None = None
-        if planned.page_id and planned.page_id in pages:
-            page = cisco.parse_text(pages[planned.page_id].encode("utf-8"))
-        page_priority = 0
-        items: list[list[Any]] = []
-        extra: list[list[str]] = []
-        for request in planned.requests:
-            if request.kind != "execute":
-                extra.append([request.kind, request.xml])
-                continue
-            push = cisco.parse_push(request.xml.encode("utf-8"))
-            if not isinstance(push, cisco.ExecutePush):
-                raise WireError("an execute request holds no CiscoIPPhoneExecute")
-            for item in push.items:
-                if item.url == page_url:
-                    page_priority = item.priority
-                else:
-                    items.append([item.url, item.priority])
+    @staticmethod
+    def _content(planned: PlannedRule) -> str:
+        """What this event adds to a group page, as the spool keeps it, taken from the rule's
+        structured content: the page as the phone would show it, the execute items, and the
+        other requests as rendered. XML is built once, when the group is flushed."""
+        match = planned.match
+        assert match is not None  # every pending rule was rendered from its match
+        page = match.page
+        shown = None
+        if page is not None:
+            # What the phone shows of the page: text_xml's sanitizing and cuts, without the XML.
+            shown = {
+                "title": cisco.sanitize_text(page.title, cisco.MAX_TITLE),
+                "text": cisco.sanitize_text(page.text, cisco.MAX_TEXT),
+                "prompt": cisco.sanitize_text(page.prompt, cisco.MAX_TITLE),
+            }
         return json.dumps(
             {
-                "page": None
-                if page is None
-                else {"title": page.title, "text": page.text, "prompt": page.prompt},
-                "page_priority": page_priority,
-                "items": items,
-                "extra": extra,
+                "page": shown,
+                "page_priority": match.rule.priority if page is not None else 0,
+                "items": [[item.url, item.priority] for item in match.execute],
+                "extra": [[r.kind, r.xml] for r in planned.requests if r.kind != "execute"],
             },
             ensure_ascii=False,
         )
@@ -283,13 +254,13 @@ class Grouper:
             kept: list[_Member] = []
             ids: list[str] = []
             for member in (m for m in members if phone in m.phones):
-                silence = self._quieting.silenced(window.rule, phone, member.facts, now)
+                silence = self.quieting.silenced(window.rule, phone, member.facts, now)
                 if silence is None:
                     kept.append(member)
                 else:
                     ids.append(silence.id)
                     silenced.append((phone, silence.id))
-            verdict = self._quieting.quiet(window.rule, phone, now)
+            verdict = self.quieting.quiet(window.rule, phone, now)
             if not kept:
                 verdict = Verdict("drop", "silenced by " + ", ".join(dict.fromkeys(ids)))
             if verdict.action == "drop":
@@ -320,7 +291,7 @@ class Grouper:
             log.info(
                 "group of rule %s: an event for %s silenced by %s", window.rule, phone, silence_id
             )
-        self._count_held(lead.event_id, held)
+        count_held(self._metrics, lead.event_id, held)
         for delivery in stored:
             if delivery.state == "failed":
                 self._metrics.deliveries.labels(delivery.phone, "failed").inc()
@@ -377,7 +348,7 @@ class Grouper:
         if shown:
             pages[page_id] = cisco.text_xml(group_page(shown))
             first = next(m for m in members if m.page is not None)
-            items.append(ExecuteItem(self._pages_url + page_id, first.page_priority))
+            items.append(ExecuteItem(self.pages_url + page_id, first.page_priority))
         seen: set[str] = set()
         for member in members:
             for item in member.items:
@@ -391,10 +362,3 @@ class Grouper:
         if not requests:
             raise WireError("the group renders nothing to push")
         return tuple(requests)
-
-    def _count_held(self, event_id: str, held: Sequence[tuple[str, str, Verdict]]) -> None:
-        for rule, phone, verdict in held:
-            self._metrics.deliveries.labels(phone, "suppressed").inc()
-            if verdict.silence:
-                self._metrics.silenced.labels(rule).inc()
-            log.info("event %s rule %s to %s: %s", event_id, rule, phone, verdict.reason)

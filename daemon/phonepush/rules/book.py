@@ -1,9 +1,11 @@
 """Compiled rules: which rules an event triggers, and what each one sends.
 
-:meth:`RuleSet.compile` turns the validated configuration into rules with compiled templates
-(once, at start-up); :meth:`RuleSet.match` runs per event and never raises: a template that
-fails or renders an invalid URI gives a :class:`Match` with ``error`` set, which intake records
-as a failed delivery.
+:meth:`RuleBook.compile` turns the validated configuration into :class:`CompiledRule`s holding
+every template a rule uses (once per load or reload, reusing what loading compiled); features
+(acks, grouping, audio) take their templates and policies from the compiled rule.
+:meth:`RuleBook.match` runs per event and never raises: a template that fails or renders an
+invalid URI gives a :class:`Match` with ``error`` set, which intake records as a failed
+delivery. ``RuleSet`` is the book's former name, kept for those who import it.
 
 Per event the work is: one dict lookup for the candidate rules (a per-topic cache in front of a
 topic-level trie, so many rules cost nothing for topics they cannot match), then the payload is
@@ -30,13 +32,22 @@ from typing import Any, Final, Literal
 from phonepush.config import Config, RuleConfig, is_template, split_priority
 from phonepush.errors import ConfigError, TemplateError, WireError
 from phonepush.events import Event, decode_payload
-from phonepush.rules.templates import Expression, Templates, TextTemplate
+from phonepush.templates import Expression, Templates, TextTemplate
 from phonepush.wire.cisco import TextPage
 from phonepush.wire.uri import ExecuteItem, is_http, validate_uri
 
-__all__ = ["Match", "Rule", "RuleSet", "event_context", "topic_matches"]
+__all__ = [
+    "AlertPolicy",
+    "CompiledRule",
+    "Match",
+    "Rule",
+    "RuleBook",
+    "RuleSet",
+    "event_context",
+    "topic_matches",
+]
 
-#: Distinct topics remembered by a RuleSet's match cache before it starts over.
+#: Distinct topics remembered by a RuleBook's match cache before it starts over.
 _TOPIC_CACHE_SIZE: Final = 4096
 
 
@@ -56,29 +67,17 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class Rule:
-    """A compiled rule, as intake and the dispatcher see it."""
+class AlertPolicy:
+    """What a rule does about acks, repeats and resolves (``ack``, ``repeat``, ``escalate``,
+    ``resolve_when``); :mod:`phonepush.alerting` carries it out."""
 
-    name: str
-    source: Literal["mqtt", "webhook"]
-    pattern: str
-    phones: tuple[str, ...]
-    priority: int
-    ttl: float
-    cooldown: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class Match:
-    """One rule triggered by one event, with everything it sends rendered and validated."""
-
-    rule: Rule
-    execute: tuple[ExecuteItem, ...] = ()
-    page: TextPage | None = None
-    background: tuple[str, str] | None = None
-    ringtone: str | None = None
-    dedupe_key: str = ""
-    error: str | None = None
+    ack: bool
+    scope: str
+    repeat: float
+    max_repeats: int
+    escalate_after: int
+    escalate_phones: tuple[str, ...]
+    resolve_when: Expression | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,17 +90,62 @@ class _Item:
     where: str
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class CompiledRule:
+    """One rule with every template it uses compiled, as intake and the features see it.
+
+    Compiled once per load or reload by :meth:`RuleBook.compile`; features take their part from
+    here (``alert``, ``group_by``, ``audio_say``) instead of compiling their own.
+    """
+
+    name: str
+    source: Literal["mqtt", "webhook"]
+    pattern: str
+    phones: tuple[str, ...]
+    priority: int
+    ttl: float
+    cooldown: float | None
+    when: Expression | None = None
+    items: tuple[_Item, ...] = ()
+    static_execute: tuple[ExecuteItem, ...] | None = ()  # all items constant: no work per event
+    page: tuple[TextTemplate, TextTemplate, TextTemplate] | None = None
+    static_page: TextPage | None = None
+    background: tuple[TextTemplate, TextTemplate] | None = None
+    ringtone: TextTemplate | None = None
+    dedupe: TextTemplate | None = None
+    #: Acks, repeats and resolves; None when the rule uses none of them.
+    alert: AlertPolicy | None = None
+    #: ``group_by`` keys; a grouped rule (``group_window`` set) may have none.
+    group_by: tuple[TextTemplate, ...] = ()
+    group_window: float | None = None
+    #: Whether the rule plays an audio page (``audio``), and its ``audio.say`` when it speaks.
+    audio: bool = False
+    audio_say: TextTemplate | None = None
+
+    def listens_to(self, event: Event) -> bool:
+        """Whether ``event`` comes from where this rule listens (its ``when`` not consulted)."""
+        if event.source != self.source:
+            return False
+        if self.source == "webhook":
+            return event.topic == self.pattern
+        return topic_matches(self.pattern, event.topic)
+
+
+#: The name rules had before they carried their templates.
+Rule = CompiledRule
+
+
 @dataclass(frozen=True, slots=True)
-class _Compiled:
-    rule: Rule
-    when: Expression | None
-    items: tuple[_Item, ...]
-    static_execute: tuple[ExecuteItem, ...] | None  # all items constant: no work per event
-    page: tuple[TextTemplate, TextTemplate, TextTemplate] | None
-    static_page: TextPage | None
-    background: tuple[TextTemplate, TextTemplate] | None
-    ringtone: TextTemplate | None
-    dedupe: TextTemplate | None
+class Match:
+    """One rule triggered by one event, with everything it sends rendered and validated."""
+
+    rule: CompiledRule
+    execute: tuple[ExecuteItem, ...] = ()
+    page: TextPage | None = None
+    background: tuple[str, str] | None = None
+    ringtone: str | None = None
+    dedupe_key: str = ""
+    error: str | None = None
 
 
 class _Node:
@@ -113,42 +157,42 @@ class _Node:
         self.rest: list[int] = []  # rules whose filter is "<this level>/#"
 
 
-class RuleSet:
+class RuleBook:
     """The compiled rules of one configuration."""
 
-    def __init__(self, rules: Sequence[_Compiled]) -> None:
+    def __init__(self, rules: Sequence[CompiledRule]) -> None:
         self._rules = tuple(rules)
-        self.rules: tuple[Rule, ...] = tuple(c.rule for c in self._rules)
+        self.rules: tuple[CompiledRule, ...] = self._rules
+        self._by_name = {rule.name: rule for rule in self._rules}
         self.mqtt_filters: list[str] = list(
             dict.fromkeys(r.pattern for r in self.rules if r.source == "mqtt")
         )
         self.hooks: frozenset[str] = frozenset(
             r.pattern for r in self.rules if r.source == "webhook"
         )
-        self._by_hook: dict[str, tuple[_Compiled, ...]] = {
-            hook: tuple(
-                c for c in self._rules if c.rule.source == "webhook" and c.rule.pattern == hook
-            )
+        self._by_hook: dict[str, tuple[CompiledRule, ...]] = {
+            hook: tuple(c for c in self._rules if c.source == "webhook" and c.pattern == hook)
             for hook in self.hooks
         }
         self._trie = _Node()
         for index, compiled in enumerate(self._rules):
-            if compiled.rule.source == "mqtt":
-                self._insert(compiled.rule.pattern, index)
-        self._topic_cache: dict[str, tuple[_Compiled, ...]] = {}
+            if compiled.source == "mqtt":
+                self._insert(compiled.pattern, index)
+        self._topic_cache: dict[str, tuple[CompiledRule, ...]] = {}
 
     @classmethod
-    def compile(cls, config: Config) -> RuleSet:
+    def compile(cls, config: Config) -> RuleBook:
         """Compile every rule; a bad template raises :class:`ConfigError` naming
         ``rules[<name>].<key>``."""
-        templates = Templates()
+        # Loading compiled every template already (to report errors): these are cache hits.
+        templates = config.templates
         return cls([_compile_rule(rule, config, templates) for rule in config.rules])
 
-    def rule(self, name: str) -> Rule:
-        for rule in self.rules:
-            if rule.name == name:
-                return rule
-        raise KeyError(name)
+    def rule(self, name: str) -> CompiledRule:
+        return self._by_name[name]
+
+    def get(self, name: str) -> CompiledRule | None:
+        return self._by_name.get(name)
 
     def match(self, event: Event) -> list[Match]:
         """The rules ``event`` triggers, in config order. Never raises."""
@@ -176,7 +220,7 @@ class RuleSet:
             node = node.children.setdefault(level, _Node())
         node.here.append(index)
 
-    def _mqtt_candidates(self, topic: str) -> tuple[_Compiled, ...]:
+    def _mqtt_candidates(self, topic: str) -> tuple[CompiledRule, ...]:
         cached = self._topic_cache.get(topic)
         if cached is not None:
             return cached
@@ -202,24 +246,20 @@ class RuleSet:
             self._walk(child, levels, i + 1, dollar, found)
 
 
+#: The name the rule book had before it held every template of a rule (the configuration
+#: reference names it).
+RuleSet = RuleBook
+
+
 # --- compiling ----------------------------------------------------------------------------------
 
 
-def _compile_rule(rule: RuleConfig, config: Config, templates: Templates) -> _Compiled:
+def _compile_rule(rule: RuleConfig, config: Config, templates: Templates) -> CompiledRule:
     where = f"rules[{rule.name}]"
     try:
         phones = config.expand(rule.to)
     except KeyError as exc:
         raise ConfigError(f"{where}.to: no phone or group named {exc.args[0]!r}") from None
-    compiled_rule = Rule(
-        name=rule.name,
-        source=rule.source,
-        pattern=rule.pattern,
-        phones=phones,
-        priority=rule.priority,
-        ttl=rule.ttl,
-        cooldown=rule.cooldown,
-    )
     when = templates.compile_expression(rule.when, f"{where}.when") if rule.when.strip() else None
     items = tuple(
         _compile_item(entry, rule.priority, f"{where}.execute[{i}]", templates)
@@ -251,8 +291,57 @@ def _compile_rule(rule: RuleConfig, config: Config, templates: Templates) -> _Co
         else None
     )
     dedupe = templates.compile_template(rule.dedupe, f"{where}.dedupe") if rule.dedupe else None
-    return _Compiled(
-        compiled_rule, when, items, static_execute, page, static_page, background, ringtone, dedupe
+    return CompiledRule(
+        name=rule.name,
+        source=rule.source,
+        pattern=rule.pattern,
+        phones=phones,
+        priority=rule.priority,
+        ttl=rule.ttl,
+        cooldown=rule.cooldown,
+        when=when,
+        items=items,
+        static_execute=static_execute,
+        page=page,
+        static_page=static_page,
+        background=background,
+        ringtone=ringtone,
+        dedupe=dedupe,
+        alert=_alert_policy(rule, phones, config, templates),
+        group_by=tuple(
+            templates.compile_template(source, f"{where}.group_by[{i}]")
+            for i, source in enumerate(rule.group_by)
+        ),
+        group_window=rule.group_window if rule.grouped else None,
+        audio=rule.audio is not None,
+        audio_say=(
+            templates.compile_template(rule.audio.say, f"{where}.audio.say")
+            if rule.audio is not None and rule.audio.say.strip()
+            else None
+        ),
+    )
+
+
+def _alert_policy(
+    rule: RuleConfig, phones: tuple[str, ...], config: Config, templates: Templates
+) -> AlertPolicy | None:
+    if not (rule.acked or rule.repeat is not None or rule.resolve_when.strip()):
+        return None
+    escalate: tuple[str, ...] = ()
+    if rule.escalate is not None:
+        escalate = tuple(p for p in config.expand(rule.escalate.to) if p not in phones)
+    return AlertPolicy(
+        ack=rule.acked,
+        scope=rule.ack_scope,
+        repeat=rule.repeat or 0.0,
+        max_repeats=rule.repeats,
+        escalate_after=rule.escalate.after if rule.escalate is not None else 0,
+        escalate_phones=escalate,
+        resolve_when=(
+            templates.compile_expression(rule.resolve_when, f"rules[{rule.name}].resolve_when")
+            if rule.resolve_when.strip()
+            else None
+        ),
     )
 
 
@@ -311,8 +400,8 @@ def _context(event: Event) -> dict[str, Any]:
     }
 
 
-def _apply(compiled: _Compiled, context: Mapping[str, Any]) -> Match | None:
-    rule = compiled.rule
+def _apply(compiled: CompiledRule, context: Mapping[str, Any]) -> Match | None:
+    rule = compiled
     try:
         if compiled.when is not None and not compiled.when(context):
             return None
@@ -328,7 +417,7 @@ def _apply(compiled: _Compiled, context: Mapping[str, Any]) -> Match | None:
         return Match(rule=rule, error=str(exc))
 
 
-def _execute(compiled: _Compiled, context: Mapping[str, Any]) -> tuple[ExecuteItem, ...]:
+def _execute(compiled: CompiledRule, context: Mapping[str, Any]) -> tuple[ExecuteItem, ...]:
     if compiled.static_execute is not None:
         return compiled.static_execute
     out: list[ExecuteItem] = []
@@ -357,22 +446,22 @@ def _http(url: str, where: str) -> str:
     return _checked(url, where)
 
 
-def _page(compiled: _Compiled, context: Mapping[str, Any]) -> TextPage | None:
+def _page(compiled: CompiledRule, context: Mapping[str, Any]) -> TextPage | None:
     if compiled.static_page is not None or compiled.page is None:
         return compiled.static_page
     title, text, prompt = compiled.page
     return TextPage(title=title(context), text=text(context), prompt=prompt(context))
 
 
-def _background(compiled: _Compiled, context: Mapping[str, Any]) -> tuple[str, str] | None:
+def _background(compiled: CompiledRule, context: Mapping[str, Any]) -> tuple[str, str] | None:
     if compiled.background is None:
         return None
     icon, image = compiled.background
-    where = f"rules[{compiled.rule.name}].background"
+    where = f"rules[{compiled.name}].background"
     return _http(icon(context), f"{where}.icon"), _http(image(context), f"{where}.image")
 
 
-def _ringtone(compiled: _Compiled, context: Mapping[str, Any]) -> str | None:
+def _ringtone(compiled: CompiledRule, context: Mapping[str, Any]) -> str | None:
     if compiled.ringtone is None:
         return None
-    return _http(compiled.ringtone(context), f"rules[{compiled.rule.name}].ringtone")
+    return _http(compiled.ringtone(context), f"rules[{compiled.name}].ringtone")

@@ -45,7 +45,9 @@ import re2
 from phonepush.config.quiet_hours import DAYS, QuietHoursConfig, parse_days, parse_range, parse_zone
 from phonepush.errors import WireError
 from phonepush.events import Event, decode_payload
-from phonepush.store.spool import NewDelivery, PushRequest, Spool, StoredSilence
+from phonepush.metrics import Metrics
+from phonepush.pipeline.plan import Work
+from phonepush.store.spool import Delivery, NewDelivery, PushRequest, Spool, StoredSilence
 from phonepush.wire import cisco
 from phonepush.wire.uri import ExecuteItem
 
@@ -527,3 +529,38 @@ class Quieting:
             else:
                 out.append(new)
         return Screened(out, held, idled)
+
+
+def count_held(metrics: Metrics, event_id: str, held: Sequence[tuple[str, str, Verdict]]) -> None:
+    """Count and log the deliveries silences and quiet hours dropped, once they are committed."""
+    for rule, phone, verdict in held:
+        metrics.deliveries.labels(phone, "suppressed").inc()
+        if verdict.silence:
+            metrics.silenced.labels(rule).inc()
+        log.info("event %s rule %s to %s: %s", event_id, rule, phone, verdict.reason)
+
+
+class Screening:
+    """The pipeline stage of silences and quiet hours: an event's pending deliveries are dropped
+    (``suppressed``) or sent idle-only (Priority 2); counted once committed. Grouped events are
+    screened per phone when their group is flushed (:mod:`phonepush.grouping`)."""
+
+    def __init__(
+        self, quieting: Quieting, *, metrics: Metrics, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.quieting = quieting
+        self._metrics = metrics
+        self._clock = clock
+
+    def stage(self, work: Work) -> None:
+        screened = self.quieting.screen(work.event, work.deliveries, self._clock())
+        work.deliveries = screened.deliveries
+        if not screened.held:
+            return
+        event_id = work.event.id
+
+        def committed(pending: list[Delivery]) -> list[Delivery]:
+            count_held(self._metrics, event_id, screened.held)
+            return pending
+
+        work.committed.append(committed)

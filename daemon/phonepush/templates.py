@@ -244,7 +244,8 @@ def _center(value: Any, width: int = 80) -> str:
 class Templates:
     """One configured sandbox; compiles ``when`` expressions and text templates against it.
 
-    A :class:`~phonepush.rules.book.RuleSet` makes one and compiles all its templates with it.
+    Loading a configuration makes one and compiles all its templates with it (to report errors);
+    the :class:`~phonepush.rules.book.RuleBook` then finds each one in its caches.
     """
 
     def __init__(self) -> None:

@@ -1,0 +1,103 @@
+"""``phonepush fire --dry-run``: what the daemon would do with an event, planned by its builder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+CONFIG = """
+[server]
+listen = "127.0.0.1:8080"
+public_url = "http://192.0.2.10:8080"
+
+[webhook]
+allow_anonymous = true
+
+[[phones]]
+name = "lobby"
+host = "192.0.2.21"
+
+[[phones]]
+name = "office"
+host = "192.0.2.22:8081"
+"""
+
+
+def phonepush(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "phonepush", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def config(tmp_path: Path, rules: str) -> Path:
+    path = tmp_path / "phonepush.toml"
+    path.write_text(CONFIG + textwrap.dedent(rules), encoding="utf-8")
+    return path
+
+
+def test_an_audio_only_rule_dry_runs_as_a_page_as_check_accepts_it(tmp_path: Path) -> None:
+    path = config(
+        tmp_path,
+        """
+        [[rules]]
+        name = "evacuate"
+        on = "webhook:alarm"
+        to = "all"
+        audio = { say = "Leave the building by {{ payload.exit }}" }
+        """,
+    )
+    assert phonepush("check", "--config", str(path)).returncode == 0
+    result = phonepush(
+        "fire", "--config", str(path), "--hook", "alarm", '{"exit": "B"}', "--dry-run"
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1:] == ["rule evacuate: pending, 2 phone(s)", "  audio page to lobby, office"]
+
+
+def test_a_page_dry_runs_with_each_phones_request_and_the_page(tmp_path: Path) -> None:
+    path = config(
+        tmp_path,
+        """
+        [[rules]]
+        name = "door"
+        on = "webhook:door"
+        to = "office"
+        priority = 1
+        message = { title = "Door", text = "{{ payload.who }} rang" }
+        execute = ["Play:Chime.raw"]
+        """,
+    )
+    result = phonepush(
+        "fire", "--config", str(path), "--hook", "door", '{"who": "Ann"}', "--dry-run"
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "rule door: pending, 1 phone(s)" in out
+    assert "  office: POST http://192.0.2.22:8081/CGI/Execute" in out
+    assert "Play:Chime.raw" in out
+    page = next(line for line in out.splitlines() if line.startswith("  page "))
+    assert page.startswith("  page http://192.0.2.10:8080/pages/")
+    assert "<Text>Ann rang</Text>" in out
+
+
+def test_a_rule_that_renders_nothing_still_fails_the_dry_run(tmp_path: Path) -> None:
+    path = config(
+        tmp_path,
+        """
+        [[rules]]
+        name = "maybe"
+        on = "webhook:x"
+        to = "lobby"
+        execute = ["{{ 'Play:Alarm.raw' if payload.critical }}"]
+        """,
+    )
+    result = phonepush("fire", "--config", str(path), "--hook", "x", "{}", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "rule maybe: failed (the rule renders nothing to push), 1 phone(s)" in result.stdout
