@@ -239,10 +239,10 @@ def test_ack_topic_prefix_is_the_status_topics_parent(status_topic: str, prefix:
 
 
 async def test_purge_forgets_old_acknowledgements_with_their_events(tmp_path: Any) -> None:
+    from phonepush.app.builder import Services, build
     from phonepush.config import parse_config
     from phonepush.events import Event
     from phonepush.metrics import Metrics
-    from phonepush.pipeline.builder import Services, build
     from phonepush.pipeline.intake import Intake
     from phonepush.store.spool import Delivery, Spool
 

@@ -78,4 +78,4 @@ def test_the_intake_names_no_feature_and_features_never_the_intake() -> None:
     for module, imports in graph.items():
         if module.startswith(FEATURES):
             assert "phonepush.pipeline.intake" not in imports, module
-            assert "phonepush.pipeline.builder" not in imports, module
+            assert "phonepush.app.builder" not in imports, module

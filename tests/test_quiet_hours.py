@@ -12,13 +12,13 @@ from zoneinfo import ZoneInfo
 import pytest
 from prometheus_client import CollectorRegistry
 
+from phonepush.app.builder import Services, build
 from phonepush.config import parse_config
 from phonepush.dispatch.dispatcher import Dispatcher
 from phonepush.errors import ConfigError
 from phonepush.events import Event
 from phonepush.grouping.grouper import Grouper
 from phonepush.metrics import Metrics
-from phonepush.pipeline.builder import Services, build
 from phonepush.pipeline.intake import Intake
 from phonepush.silence.silences import QuietHours, QuietHoursConfig, Silences
 from phonepush.sim.simulator import Fleet

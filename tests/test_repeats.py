@@ -11,10 +11,10 @@ import pytest
 
 from _daemon_fixtures import DaemonRunner, eventually
 from phonepush.alerting.repeats import Repeater
+from phonepush.app.builder import Services, build
 from phonepush.config import parse_config
 from phonepush.events import Event
 from phonepush.metrics import Metrics
-from phonepush.pipeline.builder import Services, build
 from phonepush.pipeline.intake import Intake
 from phonepush.sim.simulator import Fleet, SimPhone
 from phonepush.store.spool import Delivery, Spool

@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from phonepush.alerting.acks import AckService, ack_prefix
 from phonepush.alerting.repeats import Repeater
+from phonepush.app.builder import Built, Services, build
 from phonepush.app.limits import default_max_connections
 from phonepush.app.systemd import Notifier, state_directories
 from phonepush.audio.announce import Announcer
@@ -42,7 +43,6 @@ from phonepush.http.server import ServerState, create_app, uvicorn_config
 from phonepush.metrics import Metrics
 from phonepush.phone.client import PhoneClient, PhoneTarget
 from phonepush.phone.lanes import PhoneLanes
-from phonepush.pipeline.builder import Built, Services, build
 from phonepush.pipeline.intake import Intake
 from phonepush.redact import url_for_log
 from phonepush.silence.silences import Silences

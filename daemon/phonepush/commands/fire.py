@@ -19,12 +19,12 @@ from pathlib import Path
 import httpx
 
 from phonepush import jsonlimits
+from phonepush.app.builder import Services, build
 from phonepush.commands import CONFIG_EXIT, add_config_option, load_or_report
 from phonepush.config import Config
 from phonepush.errors import PhonepushError
 from phonepush.events import Event
 from phonepush.metrics import Metrics
-from phonepush.pipeline.builder import Services, build
 from phonepush.pipeline.intake import Intake, Plan
 from phonepush.store.spool import Spool
 

@@ -54,9 +54,9 @@ from pydantic_settings import (
 
 from phonepush.config.quiet_hours import QuietHoursConfig
 from phonepush.errors import ConfigError, InvalidTarget, WireError
-from phonepush.phone.target import PhoneTarget, parse_host
 from phonepush.redact import url_for_log
 from phonepush.templates import Templates
+from phonepush.wire.target import PhoneTarget, parse_host
 from phonepush.wire.uri import is_http, parse_priority, parse_target, validate_uri
 
 __all__ = [

@@ -53,9 +53,9 @@ from phonepush.errors import (
     PhoneUnreachable,
 )
 from phonepush.phone import http11 as _phonewire
-from phonepush.phone.target import DEFAULT_TIMEOUT, PhoneTarget, Scheme, parse_host
 from phonepush.wire import cisco
 from phonepush.wire.cisco import ResponseItem
+from phonepush.wire.target import DEFAULT_TIMEOUT, PhoneTarget, Scheme, parse_host
 from phonepush.wire.uri import ExecuteItem
 
 __all__ = [

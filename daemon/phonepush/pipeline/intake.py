@@ -6,7 +6,7 @@ does the same planning without writing anything, for ``phonepush fire --dry-run`
 
 The intake names no feature: what happens between matching and the commit is the
 :class:`~phonepush.pipeline.plan.Stage` list of its :class:`~phonepush.pipeline.plan.Pipeline`
-(:mod:`phonepush.pipeline.builder`). A reload replaces :attr:`Intake.pipeline` as a whole.
+(:mod:`phonepush.app.builder`). A reload replaces :attr:`Intake.pipeline` as a whole.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Features (alerting, grouping, audio, silences) import this module, never the intake; the intake
 names no feature: it runs the :class:`Stage` objects of a :class:`Pipeline`, which
-:mod:`phonepush.pipeline.builder` assembles from a configuration.
+:mod:`phonepush.app.builder` assembles from a configuration.
 
 An event's way: the intake matches it against the rule book and renders what each rule sends
 (:func:`render`) into a :class:`Plan`; the pipeline's *planning* stages (cooldowns, alert

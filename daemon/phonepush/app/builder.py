@@ -5,6 +5,10 @@ with it to show what the daemon would do. Everything that can fail (a template, 
 a quiet-hours range) is compiled first; only then are the long-lived services told about the
 new configuration, so a reload that fails changes nothing.
 
+It lives in ``app`` rather than ``pipeline`` because it names every feature: the features
+import :mod:`phonepush.pipeline.plan`, so a builder inside ``pipeline`` would make the two
+packages import each other.
+
 Stages, in order (a service left out of :class:`Services`, or a feature no rule uses, leaves its
 stage out):
 
