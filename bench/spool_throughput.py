@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from phonepush.events import Event
+from phonepush.store.commit import commit_event
 from phonepush.store.spool import NewDelivery, PushRequest, Spool
 from phonepush.wire.cisco import TextPage, execute_xml, text_xml
 from phonepush.wire.uri import ExecuteItem
@@ -74,7 +75,8 @@ async def _add_events(
             for n in range(per_event)
         ]
         before, cpu_at = time.perf_counter(), time.thread_time()
-        stored = spool.add_event(
+        stored = commit_event(
+            spool,
             event,
             rules=["door"],
             deliveries=deliveries,
@@ -116,8 +118,8 @@ async def _progress_finish(spool: Spool, ids: list[int], seconds: float) -> dict
         if time.perf_counter() >= deadline:
             break
         before, cpu_at = time.perf_counter(), time.thread_time()
-        spool.progress(delivery_id, sent=1, attempts=1)
-        spool.finish(delivery_id, "delivered")
+        spool.deliveries.progress(delivery_id, sent=1, attempts=1)
+        spool.deliveries.finish(delivery_id, "delivered")
         loop_cpu += time.thread_time() - cpu_at
         latencies.append(time.perf_counter() - before)
         await asyncio.sleep(0)
@@ -145,7 +147,7 @@ async def _run_case(directory: Path, synchronous: str, seconds: float) -> dict[s
                 result["progress_finish"] = await _progress_finish(spool, ids, seconds)
         async with Spool(path, synchronous=synchronous, max_pending=10_000_000) as spool:
             before = time.perf_counter()
-            backlog = spool.pending()
+            backlog = spool.deliveries.pending()
             result[f"resume_{per_event}"] = {
                 "pending": len(backlog),
                 "seconds": time.perf_counter() - before,

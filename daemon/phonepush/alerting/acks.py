@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, Final, Self
 
 import httpx
 
+from phonepush.alerting import ledger
+from phonepush.alerting.ledger import AckResult, Resolution
 from phonepush.config import Config, MqttConfig
 from phonepush.errors import MqttError, TemplateError, WireError
 from phonepush.events import Event
@@ -38,16 +40,14 @@ from phonepush.metrics import Metrics
 from phonepush.redact import url_for_log
 from phonepush.rules.book import Match, event_context, topic_matches
 from phonepush.rules.templates import Expression, Templates, TextTemplate
-from phonepush.store.spool import (
-    AckResult,
+from phonepush.store.interface import Store
+from phonepush.store.records import (
     AlertRecord,
     Delivery,
     NewAlert,
     NewAlertPhone,
     NewDelivery,
     PushRequest,
-    Resolution,
-    Spool,
 )
 from phonepush.wire import cisco
 from phonepush.wire.cisco import SoftKey, TextPage
@@ -179,7 +179,7 @@ class Alerting:
     def __init__(
         self,
         config: Config,
-        spool: Spool,
+        spool: Store,
         *,
         metrics: Metrics,
         submit: Callable[[Sequence[Delivery]], None],
@@ -287,8 +287,13 @@ class Alerting:
             except TemplateError as exc:
                 log.warning("event %s: rules[%s].resolve_when: %s", event.id, policy.rule, exc)
                 continue
-            resolved = self._spool.resolve(
-                policy.rule, key, by_event=event.id, at=self._clock(), notice=self._notice
+            resolved = ledger.resolve(
+                self._spool,
+                policy.rule,
+                key,
+                by_event=event.id,
+                at=self._clock(),
+                notice=self._notice,
             )
             for resolution in resolved:
                 self._metrics.resolved.labels(policy.rule).inc()
@@ -338,7 +343,7 @@ class AckService:
 
     def __init__(
         self,
-        spool: Spool,
+        spool: Store,
         *,
         metrics: Metrics,
         public_url: str,
@@ -393,8 +398,8 @@ class AckService:
 
     def page(self, page_id: str, token: str) -> _Answer:
         """The page behind a per-phone page URL, with Ack and Close softkeys."""
-        found = self._spool.alert_by_token(token)
-        xml = self._spool.page(page_id)
+        found = self._spool.alerts.by_token(token)
+        xml = self._spool.events.page(page_id)
         if found is None or xml is None or found[0].page_id != page_id:
             return _Answer(404, _text_page("Not found", "This page is no longer available."))
         softkeys = (
@@ -413,7 +418,7 @@ class AckService:
         model = headers.get("x-ciscoipphonemodelname", "")
         device = " ".join(part for part in (model[:64], address) if part)
         at = self._clock()
-        result = self._spool.acknowledge(token, at, device)
+        result = ledger.acknowledge(self._spool, token, at, device)
         if result is None:
             return _Answer(404, _text_page("Not found", "This alert is no longer known."))
         self._cancel(result.cancelled)

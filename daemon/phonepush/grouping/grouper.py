@@ -35,14 +35,15 @@ from phonepush.metrics import Metrics
 from phonepush.rules.book import event_context
 from phonepush.rules.templates import Templates, TextTemplate
 from phonepush.silence.silences import Facts, Quieting, Screened, Silences, Verdict
-from phonepush.store.spool import (
+from phonepush.store.interface import Store
+from phonepush.store.records import (
     Delivery,
+    DeliveryState,
     GroupedEvent,
     GroupWindow,
     NewDelivery,
     NewGroupedEvent,
     PushRequest,
-    Spool,
 )
 from phonepush.wire import cisco
 from phonepush.wire.cisco import TextPage
@@ -119,7 +120,7 @@ class Grouper:
     def __init__(
         self,
         config: Config,
-        spool: Spool,
+        spool: Store,
         silences: Silences,
         *,
         public_url: str,
@@ -252,7 +253,7 @@ class Grouper:
             self._wake.clear()
             try:
                 self.flush_due()
-                due = self._spool.next_group_due()
+                due = self._spool.groups.next_due()
             except SpoolError as exc:
                 log.error("flushing groups failed, retrying: %s", exc)
                 due = self._clock() + _RETRY_SECONDS
@@ -265,7 +266,7 @@ class Grouper:
         """Turn every window due now into deliveries; hand the pending ones to ``submit``."""
         now = self._clock()
         flushed: list[Delivery] = []
-        for window in self._spool.due_groups(now):
+        for window in self._spool.groups.due(now):
             flushed.extend(self._flush(window, now))
         return flushed
 
@@ -310,9 +311,7 @@ class Grouper:
                 deliveries.append(NewDelivery(window.rule, phone, (), expires_at, "failed", result))
             else:
                 deliveries.append(NewDelivery(window.rule, phone, result, expires_at))
-        stored = self._spool.flush_group(
-            window, event_id=lead.event_id, deliveries=deliveries, pages=pages
-        )
+        stored = self._store_flush(window, lead.event_id, deliveries, pages)
         # Per event left out of a phone's page; a phone left with nothing is also one suppressed
         # delivery, counted with the quiet-hours drops.
         for phone, silence_id in silenced:
@@ -322,7 +321,7 @@ class Grouper:
             )
         self._count_held(lead.event_id, held)
         for delivery in stored:
-            if delivery.state == "failed":
+            if delivery.state is DeliveryState.FAILED:
                 self._metrics.deliveries.labels(delivery.phone, "failed").inc()
         log.info(
             "group of rule %s: %d event(s) (%s) over %.1f s -> %d phone(s)",
@@ -332,10 +331,28 @@ class Grouper:
             now - window.opened_at,
             len(phones),
         )
-        pending = [d for d in stored if d.state == "pending"]
+        pending = [d for d in stored if d.state is DeliveryState.PENDING]
         if pending:
             self._submit(pending)
-        self._metrics.spool_pending.set(self._spool.pending_count())
+        return stored
+
+    def _store_flush(
+        self,
+        window: GroupWindow,
+        event_id: str,
+        deliveries: Sequence[NewDelivery],
+        pages: Mapping[str, str],
+    ) -> list[Delivery]:
+        """Turn the window into ``deliveries`` (and ``pages``) of its first event and take its
+        events out, in one durable commit: a crash repeats the flush or it did not happen. Not
+        held to the backlog limit: the events were accepted already. An event that joined after
+        the window was read keeps it open (and due) for the next pass."""
+        last = max((e.seq for e in window.events), default=0)
+        with self._spool.transaction(f"cannot flush group {window.rule}", durable=True) as tx:
+            stored = tx.deliveries.add(event_id, deliveries)
+            tx.events.add_pages(event_id, pages)
+            tx.groups.remove_events(window.rule, window.key, last)
+            tx.groups.close_if_empty(window.rule, window.key)
         return stored
 
     def _member(self, grouped: GroupedEvent) -> _Member | None:

@@ -19,7 +19,9 @@ from phonepush.errors import WireError
 from phonepush.events import Event
 from phonepush.metrics import Metrics
 from phonepush.rules.book import Match, RuleSet
-from phonepush.store.spool import Delivery, NewAlert, NewDelivery, PushRequest, Spool
+from phonepush.store.commit import commit_event
+from phonepush.store.interface import Store
+from phonepush.store.records import Delivery, NewAlert, NewDelivery, PushRequest
 from phonepush.wire import cisco
 from phonepush.wire.uri import ExecuteItem
 
@@ -77,7 +79,7 @@ class Intake:
     def __init__(
         self,
         rules: RuleSet,
-        spool: Spool,
+        spool: Store,
         *,
         public_url: str,
         metrics: Metrics,
@@ -123,7 +125,7 @@ class Intake:
             if window is None and match.dedupe_key:
                 window = rule.ttl
             if window is not None:
-                if self._spool.in_cooldown(rule.name, match.dedupe_key, now) or any(
+                if self._spool.events.in_cooldown(rule.name, match.dedupe_key, now) or any(
                     c[0] == rule.name and c[1] == match.dedupe_key for c in cooldowns
                 ):
                     planned.append(
@@ -202,7 +204,8 @@ class Intake:
             # Request-less rows for the audio of rules that also push: played, not dispatched.
             new += self.announcer.deliveries(event, plan)
         staged = self.grouper.stage(event, plan, new) if self.grouper is not None else None
-        deliveries = self._spool.add_event(
+        deliveries = commit_event(
+            self._spool,
             self._stored(event),
             rules=[p.rule for p in plan.rules],
             deliveries=new if staged is None else staged.deliveries,
@@ -225,7 +228,6 @@ class Intake:
             self._submit(pending)
         if self.alerting is not None and any(p.alert for p in plan.rules):
             self.alerting.wake()
-        self._metrics.spool_pending.set(self._spool.pending_count())
         return Accepted(event, tuple(p.rule for p in plan.rules), tuple(deliveries))
 
     def _stored(self, event: Event) -> Event:
