@@ -72,9 +72,11 @@ INTAKE_STATES: Final = frozenset(
 
 
 class DeliveryKind(StrEnum):
-    """How a delivery reaches its phone: HTTP pushes (the dispatcher) or an audio page (the
-    announcer). A delivery carries requests exactly when it is a push: the store keeps no
-    separate column for it, so spool files of every version read the same."""
+    """How a pending delivery reaches its phone: HTTP pushes (the dispatcher) or an audio page
+    (the announcer). A delivery carries requests exactly when it is a push: the store keeps no
+    separate column for it, so spool files of every version read the same. A row recorded
+    suppressed or failed before anything was rendered carries none either, and reads as audio;
+    only pending rows are ever acted on by their kind."""
 
     PUSH = "push"
     AUDIO = "audio"
