@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from phonepush.errors import SpoolError, SpoolFull
 from phonepush.events import Event
+from phonepush.metrics import Metrics
 from phonepush.store.commit import commit_event
 from phonepush.store.spool import SCHEMA_VERSION, Delivery, NewDelivery, PushRequest, Spool
 
@@ -331,6 +333,50 @@ async def test_add_event_is_all_or_nothing(tmp_path: Path) -> None:
         assert spool.healthy
         add(spool, clashing, delivery("a"), delivery("b"), pages={"page-2": PAGE})
         assert spool.pending_count() == 3
+
+
+async def test_a_transaction_across_repositories_commits_together_or_not_at_all(
+    tmp_path: Path,
+) -> None:
+    async with Spool(tmp_path / "spool.db") as spool:
+        ev = event()
+        with pytest.raises(RuntimeError), spool.transaction("test") as tx:
+            tx.events.add(ev, ["door"])
+            tx.deliveries.add(ev.id, [delivery("a"), delivery("b")])
+            tx.events.add_pages(ev.id, {"page-1": PAGE})
+            raise RuntimeError("given up half-way")
+        assert spool.events.get(ev.id) is None
+        assert spool.events.page("page-1") is None
+        assert spool.pending_count() == len(spool.deliveries.pending()) == 0
+        assert spool.healthy
+
+        with spool.transaction("test") as tx:
+            tx.events.add(ev, ["door"])
+            stored = tx.deliveries.add(ev.id, [delivery("a"), delivery("b")])
+            tx.events.add_pages(ev.id, {"page-1": PAGE})
+            tx.deliveries.suppress([stored[1].id], "cancelled")
+        record = spool.events.get(ev.id)
+        assert record is not None
+        assert [(d.phone, d.state, d.error) for d in record.deliveries] == [
+            ("a", "pending", ""),
+            ("b", "suppressed", "cancelled"),
+        ]
+        assert spool.events.page("page-1") == PAGE
+        assert spool.pending_count() == len(spool.deliveries.pending()) == 1
+
+
+async def test_the_pending_gauge_is_read_from_the_spool_when_scraped(tmp_path: Path) -> None:
+    metrics = Metrics(CollectorRegistry())
+    registry = metrics.registry
+    assert registry.get_sample_value("phonepush_spool_pending") == 0  # no spool open yet
+    async with Spool(tmp_path / "spool.db") as spool:
+        metrics.watch(spool)
+        first, _ = add(spool, None, delivery("a"), delivery("b"))
+        assert registry.get_sample_value("phonepush_spool_pending") == 2
+        spool.deliveries.finish(first.id, "delivered")
+        assert registry.get_sample_value("phonepush_spool_pending") == 1
+        size = registry.get_sample_value("phonepush_spool_bytes")
+        assert size is not None and size > 0
 
 
 @pytest.fixture

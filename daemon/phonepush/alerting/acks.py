@@ -43,6 +43,7 @@ from phonepush.rules.templates import Expression, Templates, TextTemplate
 from phonepush.store.interface import Store
 from phonepush.store.records import (
     AlertRecord,
+    AlertState,
     Delivery,
     NewAlert,
     NewAlertPhone,
@@ -455,11 +456,11 @@ class AckService:
         when = _clock_text(phone.acked_at)
         if not result.first:
             text = f"Already acknowledged on {phone.phone} at {when}."
-        elif alert.state == "resolved":
+        elif alert.state is AlertState.RESOLVED:
             text = f"Acknowledged on {phone.phone} at {when}. The alert was already resolved."
-        elif alert.scope == "phone" and alert.state == "active":
+        elif alert.scope == "phone" and alert.state is AlertState.ACTIVE:
             text = f"Acknowledged on {phone.phone} at {when}. This phone gets no more repeats."
-        elif alert.state == "acknowledged" and alert.ended_by not in ("", phone.phone):
+        elif alert.state is AlertState.ACKNOWLEDGED and alert.ended_by not in ("", phone.phone):
             text = (
                 f"Acknowledged on {phone.phone} at {when}; {alert.ended_by} had acknowledged"
                 " it already."

@@ -25,7 +25,14 @@ from dataclasses import dataclass
 
 from phonepush.errors import SpoolFull
 from phonepush.store.interface import Store, Transaction
-from phonepush.store.records import AlertPhone, AlertRecord, Delivery, DeliveryState, PushRequest
+from phonepush.store.records import (
+    AlertPhone,
+    AlertRecord,
+    AlertState,
+    Delivery,
+    DeliveryState,
+    PushRequest,
+)
 
 __all__ = ["AckResult", "Resolution", "acknowledge", "repeat_round", "resolve"]
 
@@ -73,7 +80,7 @@ def acknowledge(store: Store, token: str, at: float, by: str) -> AckResult | Non
             tx.deliveries.set_state(delivery_id, DeliveryState.ACKNOWLEDGED)
             if state is DeliveryState.PENDING:
                 cancelled.append(delivery_id)
-        if alert.state == "active":
+        if alert.state is AlertState.ACTIVE:
             everyone = alert.scope == "any"
             cancelled += _cancel(
                 tx, alert, None if everyone else phone.phone, f"acknowledged on {phone.phone}"
@@ -82,7 +89,7 @@ def acknowledge(store: Store, token: str, at: float, by: str) -> AckResult | Non
                 escalating = alert.escalate_after > 0 and alert.rounds >= alert.escalate_after
                 everyone = tx.alerts.waiting(alert.event_id, alert.rule, escalation=escalating) == 0
             if everyone:
-                tx.alerts.end(alert.event_id, alert.rule, "acknowledged", at, phone.phone)
+                tx.alerts.end(alert.event_id, alert.rule, AlertState.ACKNOWLEDGED, at, phone.phone)
                 alert = tx.alerts.get(alert.event_id, alert.rule) or alert
     acked = dataclasses.replace(phone, acked_at=at, acked_by=by)
     return AckResult(alert, acked, first=True, cancelled=tuple(cancelled))
@@ -96,7 +103,7 @@ def repeat_round(
     longer active. Raises :class:`SpoolFull` (writing nothing) when the backlog has no room."""
     with store.transaction(f"cannot repeat {rule} of event {event_id}") as tx:
         alert = tx.alerts.get(event_id, rule)
-        if alert is None or alert.state != "active" or alert.next_at is None:
+        if alert is None or alert.state is not AlertState.ACTIVE or alert.next_at is None:
             return None
         number = alert.rounds + 1
         busy = tx.deliveries.pending_phones(event_id, rule)
@@ -137,7 +144,7 @@ def resolve(
         alerts = tx.alerts.unresolved(rule, key, besides=by_event)
         for alert in alerts:
             cancelled = _cancel(tx, alert, None, f"resolved by {by_event}")
-            tx.alerts.end(alert.event_id, alert.rule, "resolved", at, by_event)
+            tx.alerts.end(alert.event_id, alert.rule, AlertState.RESOLVED, at, by_event)
             shown = tx.deliveries.phones_reached(alert.event_id, alert.rule, _SHOWN)
             page = tx.events.page(alert.page_id) if alert.page_id else None
             notices: list[Delivery] = []
@@ -151,7 +158,7 @@ def resolve(
                     tx.alerts.add_round_delivery(delivery.id, alert.rounds, "resolved")
                     notices.append(delivery)
             ended = dataclasses.replace(
-                alert, state="resolved", ended_at=at, ended_by=by_event, next_at=None
+                alert, state=AlertState.RESOLVED, ended_at=at, ended_by=by_event, next_at=None
             )
             resolved.append(Resolution(ended, tuple(cancelled), tuple(notices)))
         if alerts:

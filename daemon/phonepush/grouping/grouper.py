@@ -295,7 +295,14 @@ class Grouper:
                 verdict = Verdict("drop", "silenced by " + ", ".join(dict.fromkeys(ids)))
             if verdict.action == "drop":
                 deliveries.append(
-                    NewDelivery(window.rule, phone, (), expires_at, "suppressed", verdict.reason)
+                    NewDelivery(
+                        window.rule,
+                        phone,
+                        (),
+                        expires_at,
+                        DeliveryState.SUPPRESSED,
+                        verdict.reason,
+                    )
                 )
                 held.append((window.rule, phone, verdict))
                 continue
@@ -308,7 +315,9 @@ class Grouper:
                     rendered[variant] = str(exc)
             result = rendered[variant]
             if isinstance(result, str):
-                deliveries.append(NewDelivery(window.rule, phone, (), expires_at, "failed", result))
+                deliveries.append(
+                    NewDelivery(window.rule, phone, (), expires_at, DeliveryState.FAILED, result)
+                )
             else:
                 deliveries.append(NewDelivery(window.rule, phone, result, expires_at))
         stored = self._store_flush(window, lead.event_id, deliveries, pages)
@@ -322,7 +331,7 @@ class Grouper:
         self._count_held(lead.event_id, held)
         for delivery in stored:
             if delivery.state is DeliveryState.FAILED:
-                self._metrics.deliveries.labels(delivery.phone, "failed").inc()
+                self._metrics.deliveries.labels(delivery.phone, DeliveryState.FAILED).inc()
         log.info(
             "group of rule %s: %d event(s) (%s) over %.1f s -> %d phone(s)",
             window.rule,
@@ -411,7 +420,7 @@ class Grouper:
 
     def _count_held(self, event_id: str, held: Sequence[tuple[str, str, Verdict]]) -> None:
         for rule, phone, verdict in held:
-            self._metrics.deliveries.labels(phone, "suppressed").inc()
+            self._metrics.deliveries.labels(phone, DeliveryState.SUPPRESSED).inc()
             if verdict.silence:
                 self._metrics.silenced.labels(rule).inc()
             log.info("event %s rule %s to %s: %s", event_id, rule, phone, verdict.reason)

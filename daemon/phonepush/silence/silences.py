@@ -46,7 +46,7 @@ from phonepush.config.quiet_hours import DAYS, QuietHoursConfig, parse_days, par
 from phonepush.errors import WireError
 from phonepush.events import Event, decode_payload
 from phonepush.store.interface import Store
-from phonepush.store.records import NewDelivery, PushRequest, StoredSilence
+from phonepush.store.records import DeliveryState, NewDelivery, PushRequest, StoredSilence
 from phonepush.wire import cisco
 from phonepush.wire.uri import ExecuteItem
 
@@ -512,12 +512,12 @@ class Quieting:
         idled = 0
         idle_cache: dict[tuple[PushRequest, ...], tuple[PushRequest, ...]] = {}
         for new in deliveries:
-            if new.state != "pending":
+            if new.state != DeliveryState.PENDING:
                 out.append(new)
                 continue
             verdict = self.verdict(new.rule, new.phone, facts, now)
             if verdict.action == "drop":
-                out.append(replace(new, state="suppressed", error=verdict.reason))
+                out.append(replace(new, state=DeliveryState.SUPPRESSED, error=verdict.reason))
                 held.append((new.rule, new.phone, verdict))
             elif verdict.action == "idle":
                 requests = idle_cache.get(new.requests)

@@ -28,6 +28,7 @@ from phonepush.events import Event
 from phonepush.store.records import (
     AlertPhone,
     AlertRecord,
+    AlertState,
     AlertTarget,
     Delivery,
     DeliveryState,
@@ -201,7 +202,7 @@ class AlertRepository(Protocol):
     def set_round(self, event_id: str, rule: str, rounds: int, next_at: float | None) -> None:
         """Record that round ``rounds`` was pushed and when the next one is due."""
 
-    def end(self, event_id: str, rule: str, state: str, at: float, by: str) -> None:
+    def end(self, event_id: str, rule: str, state: AlertState, at: float, by: str) -> None:
         """Stop an alert: ``state`` (acknowledged, resolved), when and by whom; no more rounds."""
 
     def acknowledge_phone(self, token: str, at: float, by: str) -> None:

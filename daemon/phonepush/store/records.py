@@ -19,6 +19,7 @@ __all__ = [
     "INTAKE_STATES",
     "AlertPhone",
     "AlertRecord",
+    "AlertState",
     "AlertTarget",
     "Delivery",
     "DeliveryKind",
@@ -179,8 +180,17 @@ class EventSummary:
 # per phone, the requests that phone is pushed (its page URL carries its ack token). What an ack,
 # a repeat round or a resolve does to them is phonepush.alerting's; the store only keeps them.
 
-#: What an alert can be: still running, stopped by an acknowledgement, stopped by a resolve.
-ALERT_STATES: Final = frozenset({"active", "acknowledged", "resolved"})
+
+class AlertState(StrEnum):
+    """What an alert can be: still running, stopped by an acknowledgement, stopped by a resolve.
+    The values are in spool files and in the status API's JSON."""
+
+    ACTIVE = "active"
+    ACKNOWLEDGED = "acknowledged"
+    RESOLVED = "resolved"
+
+
+ALERT_STATES: Final = frozenset(AlertState)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +237,7 @@ class AlertRecord:
     ttl: float
     rounds: int
     next_at: float | None
-    state: str
+    state: AlertState
     ended_at: float | None
     ended_by: str
 

@@ -22,6 +22,7 @@ from phonepush.store.records import (
     INTAKE_STATES,
     AlertPhone,
     AlertRecord,
+    AlertState,
     AlertTarget,
     Delivery,
     DeliveryState,
@@ -49,6 +50,7 @@ _KINDS: Final = frozenset(get_args(RequestKind))
 _PENDING: Final = DeliveryState.PENDING
 # A dict lookup: calling the enum costs a microsecond a row.
 _STATES: Final = {state.value: state for state in DeliveryState}
+_ALERT_STATES: Final = {state.value: state for state in AlertState}
 
 
 class Sql(Protocol):
@@ -586,7 +588,7 @@ class SqliteAlerts:
             f"cannot update alert {rule} of event {event_id}",
         )
 
-    def end(self, event_id: str, rule: str, state: str, at: float, by: str) -> None:
+    def end(self, event_id: str, rule: str, state: AlertState, at: float, by: str) -> None:
         self._sql.write(
             "UPDATE alerts SET state = ?, ended_at = ?, ended_by = ?, next_at = NULL"
             " WHERE event_id = ? AND rule = ?",
@@ -631,7 +633,7 @@ def _alert(row: sqlite3.Row) -> AlertRecord:
         ttl=row["ttl"],
         rounds=row["rounds"],
         next_at=row["next_at"],
-        state=row["state"],
+        state=_ALERT_STATES[row["state"]],
         ended_at=row["ended_at"],
         ended_by=row["ended_by"],
     )
