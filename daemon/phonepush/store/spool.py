@@ -643,8 +643,9 @@ class Spool:
 
     def insert(self, sql: str, params: Sequence[Any], what: str) -> int:
         """Run one INSERT (in the open transaction, or as its own); the new row's id."""
-        if self._in_transaction:
-            rowid = self._connection().execute(sql, params).lastrowid
+        conn = self._conn
+        if self._in_transaction and conn is not None:
+            rowid = conn.execute(sql, params).lastrowid
         else:
             with self.transaction(what):
                 rowid = self._connection().execute(sql, params).lastrowid

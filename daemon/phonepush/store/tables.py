@@ -251,34 +251,41 @@ class SqliteDeliveries:
         for new in deliveries:
             if new.state not in INTAKE_STATES:
                 raise ValueError(f"a new delivery cannot be {new.state!r}")
-        dumped = [_dump_requests(new.requests) for new in deliveries]
+        # The deliveries of one event to many phones carry the same requests: encode them once.
+        dumped: dict[tuple[PushRequest, ...], str] = {}
         created_at = self._clock()
+        insert = self._sql.insert
         stored: list[Delivery] = []
-        for new, requests in zip(deliveries, dumped, strict=True):
+        for new in deliveries:
+            requests = tuple(new.requests)
+            text = dumped.get(requests)
+            if text is None:
+                text = dumped[requests] = _dump_requests(requests)
+            state = _STATES[new.state]
             row = (
                 event_id,
                 new.rule,
                 new.phone,
-                requests,
+                text,
                 created_at,
                 new.expires_at,
-                new.state,
+                state,
                 new.error,
             )
-            delivery_id = self._sql.insert(_INSERT_DELIVERY, row, "cannot store deliveries")
+            delivery_id = insert(_INSERT_DELIVERY, row, "cannot store deliveries")
             stored.append(
                 Delivery(
-                    id=delivery_id,
-                    event_id=event_id,
-                    rule=new.rule,
-                    phone=new.phone,
-                    requests=tuple(new.requests),
-                    sent=0,
-                    attempts=0,
-                    created_at=created_at,
-                    expires_at=new.expires_at,
-                    state=_STATES[new.state],
-                    error=new.error,
+                    delivery_id,
+                    event_id,
+                    new.rule,
+                    new.phone,
+                    requests,
+                    0,
+                    0,
+                    created_at,
+                    new.expires_at,
+                    state,
+                    new.error,
                 )
             )
         self._sql.pending_changed(sum(1 for d in stored if d.state is _PENDING))
