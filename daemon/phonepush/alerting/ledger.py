@@ -32,6 +32,7 @@ from phonepush.store.records import (
     Delivery,
     DeliveryState,
     PushRequest,
+    RoundKind,
 )
 
 __all__ = ["AckResult", "Resolution", "acknowledge", "repeat_round", "resolve"]
@@ -125,7 +126,7 @@ def repeat_round(
             delivery = tx.deliveries.add_pending(
                 event_id, rule, target.phone, target.requests, now, expires_at
             )
-            kind = "escalation" if target.escalation else "repeat"
+            kind = RoundKind.ESCALATION if target.escalation else RoundKind.REPEAT
             tx.alerts.add_round_delivery(delivery.id, number, kind)
             created.append(delivery)
         next_at = now + alert.repeat if number < alert.max_repeats else None
@@ -155,7 +156,7 @@ def resolve(
                     delivery = tx.deliveries.add_pending(
                         alert.event_id, rule, phone, requests, at, at + alert.ttl
                     )
-                    tx.alerts.add_round_delivery(delivery.id, alert.rounds, "resolved")
+                    tx.alerts.add_round_delivery(delivery.id, alert.rounds, RoundKind.RESOLVED)
                     notices.append(delivery)
             ended = dataclasses.replace(
                 alert, state=AlertState.RESOLVED, ended_at=at, ended_by=by_event, next_at=None

@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from phonepush.errors import SpoolError
 from phonepush.store.interface import Store
-from phonepush.store.records import AlertPhone, DeliveryState, EventRecord
+from phonepush.store.records import AlertPhone, DeliveryState, EventRecord, RoundKind
 
 if TYPE_CHECKING:
     from phonepush.http.state import ServerState
@@ -40,7 +40,7 @@ def event_status(spool: Store, record: EventRecord) -> dict[str, Any]:
     }
     deliveries = []
     for d in record.deliveries:
-        number, kind = rounds.get(d.id, (0, "page"))
+        number, kind = rounds.get(d.id, (0, RoundKind.PAGE))
         entry: dict[str, Any] = {
             "id": d.id,
             "rule": d.rule,

@@ -38,6 +38,7 @@ from phonepush.store.records import (
     NewDelivery,
     NewGroupedEvent,
     PushRequest,
+    RoundKind,
     StoredSilence,
 )
 
@@ -208,10 +209,10 @@ class AlertRepository(Protocol):
     def acknowledge_phone(self, token: str, at: float, by: str) -> None:
         """Record that the phone holding ``token`` acknowledged at ``at``, from ``by``."""
 
-    def add_round_delivery(self, delivery_id: int, round_: int, kind: str) -> None:
+    def add_round_delivery(self, delivery_id: int, round_: int, kind: RoundKind) -> None:
         """Mark a delivery as pushed by round ``round_`` (kind: repeat, escalation, resolved)."""
 
-    def delivery_rounds(self, event_id: str) -> dict[int, tuple[int, str]]:
+    def delivery_rounds(self, event_id: str) -> dict[int, tuple[int, RoundKind]]:
         """Delivery id -> (round, kind) of the deliveries rounds and resolves added to an event;
         the first pages are not listed (round 0)."""
 

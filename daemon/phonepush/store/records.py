@@ -34,6 +34,7 @@ __all__ = [
     "NewGroupedEvent",
     "PushRequest",
     "RequestKind",
+    "RoundKind",
     "StoredSilence",
 ]
 
@@ -191,6 +192,17 @@ class AlertState(StrEnum):
 
 
 ALERT_STATES: Final = frozenset(AlertState)
+
+
+class RoundKind(StrEnum):
+    """Why a delivery of an alert's event went out: the first page, a repeat round, an
+    escalation round, or the notice that a later event resolved it. The values are in spool
+    files (all but ``page``, which is every delivery no round added) and in the status API."""
+
+    PAGE = "page"
+    REPEAT = "repeat"
+    ESCALATION = "escalation"
+    RESOLVED = "resolved"
 
 
 @dataclass(frozen=True, slots=True)

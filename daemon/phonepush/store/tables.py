@@ -34,6 +34,7 @@ from phonepush.store.records import (
     NewGroupedEvent,
     PushRequest,
     RequestKind,
+    RoundKind,
     StoredSilence,
 )
 
@@ -610,21 +611,21 @@ class SqliteAlerts:
             "cannot record an acknowledgement",
         )
 
-    def add_round_delivery(self, delivery_id: int, round_: int, kind: str) -> None:
+    def add_round_delivery(self, delivery_id: int, round_: int, kind: RoundKind) -> None:
         self._sql.write(
             "INSERT INTO alert_deliveries (delivery_id, round, kind) VALUES (?, ?, ?)",
             (delivery_id, round_, kind),
             "cannot store deliveries",
         )
 
-    def delivery_rounds(self, event_id: str) -> dict[int, tuple[int, str]]:
+    def delivery_rounds(self, event_id: str) -> dict[int, tuple[int, RoundKind]]:
         rows = self._sql.rows(
             "SELECT a.delivery_id, a.round, a.kind FROM alert_deliveries a"
             " JOIN deliveries d ON d.id = a.delivery_id WHERE d.event_id = ?",
             (event_id,),
             "cannot read deliveries",
         )
-        return {row["delivery_id"]: (row["round"], row["kind"]) for row in rows}
+        return {row["delivery_id"]: (row["round"], RoundKind(row["kind"])) for row in rows}
 
 
 def _alert(row: sqlite3.Row) -> AlertRecord:
