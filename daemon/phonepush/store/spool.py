@@ -534,9 +534,11 @@ class Spool:
         try:
             self._set_synchronous(conn, self.synchronous if durable else "normal")
             conn.execute("BEGIN IMMEDIATE")
+            changes = conn.total_changes
             self._in_transaction = True
             yield self
             self._in_transaction = False
+            wrote = conn.total_changes != changes
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self._in_transaction = False
@@ -546,7 +548,8 @@ class Spool:
             self._abandon(conn)
             raise
         self._pending += self._pending_delta
-        self._committed()
+        if wrote:  # a commit that wrote nothing says nothing about the disk
+            self._committed()
 
     def pending_count(self) -> int:
         """How many deliveries are pending (kept in memory, consistent with the database)."""
