@@ -102,8 +102,8 @@ class NewDelivery:
 
     ``state`` is pending for work to do; a delivery suppressed or failed at intake (a phone in
     cooldown, a URI over the limit) is recorded with that state and its ``error``, and is never
-    dispatched. A pending delivery without requests is an audio page's row
-    (:meth:`audio`), played by the announcer instead of pushed.
+    dispatched. A pending delivery without requests is an audio page's row (:attr:`kind`),
+    played by the announcer instead of pushed.
     """
 
     rule: str
@@ -112,11 +112,6 @@ class NewDelivery:
     expires_at: float
     state: str = DeliveryState.PENDING
     error: str = ""
-
-    @classmethod
-    def audio(cls, rule: str, phone: str, expires_at: float) -> NewDelivery:
-        """The row of an audio page to ``phone``: pending, nothing to push."""
-        return cls(rule, phone, (), expires_at)
 
     @property
     def kind(self) -> DeliveryKind:
