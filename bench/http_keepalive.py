@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT / "daemon"))
 from prometheus_client import CollectorRegistry  # noqa: E402
 from uvicorn.protocols.http.h11_impl import H11Protocol  # noqa: E402
 
-from phonepush.http import server  # noqa: E402
 from phonepush.app.daemon import Daemon  # noqa: E402
 from phonepush.config import parse_config  # noqa: E402
+from phonepush.http import server  # noqa: E402
 
 
 def _free_port() -> int:

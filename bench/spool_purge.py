@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from phonepush.events import Event
+from phonepush.store.commit import commit_event
 from phonepush.store.housekeeping import Housekeeper
 from phonepush.store.spool import NewDelivery, PushRequest, Spool
 
@@ -40,7 +41,8 @@ async def _fill(spool: Spool, events: int, payload: bytes) -> None:
     page = "<CiscoIPPhoneText><Title>Door</Title><Text>" + "x" * 200 + "</Text></CiscoIPPhoneText>"
     for i in range(events):
         event = Event("mqtt", "home/door", payload, {}, id=f"e{i:08d}", received_at=1000.0 + i)
-        spool.add_event(
+        commit_event(
+            spool,
             event,
             rules=["door"],
             deliveries=[NewDelivery("door", "desk", requests, 2000.0 + i, "suppressed", "bench")],
@@ -85,7 +87,7 @@ async def _case(directory: Path, events: int, payload_bytes: int, batched: bool)
         live = spool.live_bytes()
         keeper = Housekeeper(spool, retention=86400, max_size=None)
         times: list[float] = []
-        purge_batch = spool.purge_batch
+        purge_batch = spool.events.purge_batch
 
         def timed(*args: Any) -> tuple[int, tuple[float, int]]:
             started = time.perf_counter()
@@ -94,7 +96,7 @@ async def _case(directory: Path, events: int, payload_bytes: int, batched: bool)
             finally:
                 times.append(time.perf_counter() - started)
 
-        spool.purge_batch = timed  # type: ignore[method-assign]
+        spool.events.purge_batch = timed  # type: ignore[method-assign]
         with _Probe() as probe:
             await asyncio.sleep(0.01)
             started = time.perf_counter()
@@ -102,7 +104,7 @@ async def _case(directory: Path, events: int, payload_bytes: int, batched: bool)
                 removed = await keeper.purge(math.inf)
                 longest = keeper.longest_batch
             else:
-                removed = spool.purge(math.inf)
+                removed = spool.events.purge(math.inf)
                 longest = time.perf_counter() - started
             elapsed = time.perf_counter() - started
             await asyncio.sleep(0.01)

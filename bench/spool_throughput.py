@@ -3,7 +3,7 @@
 For ``synchronous`` normal and full, on a fresh temporary database in ``--dir`` (default: the
 system temp directory, which should be on the disk the daemon would use, not a tmpfs):
 
-* ``add_event`` with 1 and with 10 deliveries per event (each event also stores one page and
+* ``commit_event`` with 1 and with 10 deliveries per event (each event also stores one page and
   sets one cooldown, as a rule with a ``message`` and a ``cooldown`` does): events/s,
   deliveries/s, and per-call latency percentiles (each call blocks the event loop that long);
 * ``progress`` + ``finish`` of each pending delivery (what the dispatcher does for a one-request
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from phonepush.events import Event
+from phonepush.store.commit import commit_event
 from phonepush.store.spool import NewDelivery, PushRequest, Spool
 from phonepush.wire.cisco import TextPage, execute_xml, text_xml
 from phonepush.wire.uri import ExecuteItem
@@ -74,7 +75,8 @@ async def _add_events(
             for n in range(per_event)
         ]
         before, cpu_at = time.perf_counter(), time.thread_time()
-        stored = spool.add_event(
+        stored = commit_event(
+            spool,
             event,
             rules=["door"],
             deliveries=deliveries,
@@ -98,7 +100,8 @@ async def _add_events(
         "events_per_s": events / elapsed,
         "deliveries_per_s": len(ids) / elapsed,
         "cpu_share": cpu / elapsed,
-        # Events per second of time spent inside add_event: the rate if the loop did nothing else.
+        # Events per second of time spent inside commit_event: the rate if the loop did nothing
+        # else.
         "events_per_call_s": events / max(sum(latencies), 1e-9),
         "loop_cpu_per_event_us": loop_cpu / max(events, 1) * 1e6,
         "latency_p50_ms": _percentile(latencies, 0.50) * 1000,
@@ -116,8 +119,8 @@ async def _progress_finish(spool: Spool, ids: list[int], seconds: float) -> dict
         if time.perf_counter() >= deadline:
             break
         before, cpu_at = time.perf_counter(), time.thread_time()
-        spool.progress(delivery_id, sent=1, attempts=1)
-        spool.finish(delivery_id, "delivered")
+        spool.deliveries.progress(delivery_id, sent=1, attempts=1)
+        spool.deliveries.finish(delivery_id, "delivered")
         loop_cpu += time.thread_time() - cpu_at
         latencies.append(time.perf_counter() - before)
         await asyncio.sleep(0)
@@ -145,7 +148,7 @@ async def _run_case(directory: Path, synchronous: str, seconds: float) -> dict[s
                 result["progress_finish"] = await _progress_finish(spool, ids, seconds)
         async with Spool(path, synchronous=synchronous, max_pending=10_000_000) as spool:
             before = time.perf_counter()
-            backlog = spool.pending()
+            backlog = spool.deliveries.pending()
             result[f"resume_{per_event}"] = {
                 "pending": len(backlog),
                 "seconds": time.perf_counter() - before,
@@ -184,14 +187,14 @@ def _median(runs: list[dict[str, Any]], key: str, field: str) -> float:
 
 def _report(runs_by_mode: dict[str, list[dict[str, Any]]]) -> None:
     print(
-        f"{'synchronous':<11} {'measure':<24} {'events/s':>9} {'deliv/s':>9} {'in-call':>8}"
+        f"{'synchronous':<11} {'measure':<27} {'events/s':>9} {'deliv/s':>9} {'in-call':>8}"
         f" {'loop us':>8} {'p50 ms':>7} {'p99 ms':>7}"
     )
     for mode, runs in runs_by_mode.items():
         for per_event in (1, 10):
             key = f"add_event_{per_event}"
             print(
-                f"{mode:<11} {f'add_event, {per_event} deliveries':<24}"
+                f"{mode:<11} {f'commit_event, {per_event} deliveries':<27}"
                 f" {_median(runs, key, 'events_per_s'):>9.0f}"
                 f" {_median(runs, key, 'deliveries_per_s'):>9.0f}"
                 f" {_median(runs, key, 'events_per_call_s'):>8.0f}"
@@ -201,7 +204,7 @@ def _report(runs_by_mode: dict[str, list[dict[str, Any]]]) -> None:
             )
         key = "progress_finish"
         print(
-            f"{mode:<11} {'progress + finish':<24} {'':>9}"
+            f"{mode:<11} {'progress + finish':<27} {'':>9}"
             f" {_median(runs, key, 'deliveries_per_s'):>9.0f}"
             f" {_median(runs, key, 'deliveries_per_call_s'):>8.0f}"
             f" {_median(runs, key, 'loop_cpu_per_delivery_us'):>8.0f}"
@@ -213,7 +216,7 @@ def _report(runs_by_mode: dict[str, list[dict[str, Any]]]) -> None:
             run["resume_10"]["seconds"] / max(run["resume_10"]["pending"], 1) for run in runs
         )
         print(
-            f"{mode:<11} {'pending() at start':<24} {rows:>9.0f} rows,"
+            f"{mode:<11} {'pending() at start':<27} {rows:>9.0f} rows,"
             f" {per_row * 1e6:.1f} us/row ({per_row * 100_000:.2f} s for 100,000)"
         )
 

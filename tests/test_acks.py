@@ -239,6 +239,7 @@ def test_ack_topic_prefix_is_the_status_topics_parent(status_topic: str, prefix:
 
 
 async def test_purge_forgets_old_acknowledgements_with_their_events(tmp_path: Any) -> None:
+    from phonepush.alerting.ledger import acknowledge
     from phonepush.app.builder import Services, build
     from phonepush.config import parse_config
     from phonepush.events import Event
@@ -267,13 +268,13 @@ async def test_purge_forgets_old_acknowledgements_with_their_events(tmp_path: An
         intake = Intake(built.pipeline, spool, metrics=metrics, submit=sent.extend)
         accepted = intake.accept(Event("webhook", "alert", b"{}", received_at=1000.0))
         (delivery,) = sent
-        spool.finish(delivery.id, "delivered")
-        (phone,) = spool.alert_phones_of(accepted.event.id)
+        spool.deliveries.finish(delivery.id, "delivered")
+        (phone,) = spool.alerts.phones_of(accepted.event.id)
         assert phone.token is not None
-        result = spool.acknowledge(phone.token, 1001.0, "CP-8841 127.0.0.1")
+        result = acknowledge(spool, phone.token, 1001.0, "CP-8841 127.0.0.1")
         assert result is not None and result.first and result.alert.state == "acknowledged"
 
-        assert spool.purge(before=2000.0) == 1
-        assert spool.alert_by_token(phone.token) is None
-        assert spool.alerts_of(accepted.event.id) == []
-        assert spool.acknowledge(phone.token, 1002.0, "") is None
+        assert spool.events.purge(before=2000.0) == 1
+        assert spool.alerts.by_token(phone.token) is None
+        assert spool.alerts.of_event(accepted.event.id) == []
+        assert acknowledge(spool, phone.token, 1002.0, "") is None

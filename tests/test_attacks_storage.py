@@ -29,6 +29,7 @@ from _sim_fixtures import MakeFleet
 from phonepush.app.systemd import state_directories
 from phonepush.errors import SpoolError
 from phonepush.events import Event
+from phonepush.store.commit import commit_event
 from phonepush.store.housekeeping import Housekeeper
 from phonepush.store.spool import NewDelivery, PushRequest, Spool
 
@@ -83,7 +84,7 @@ async def test_finding_2_oversized_mqtt_payload_is_acked_not_stored(
     notes = [r for r in caplog.records if "mqtt.max_payload" in r.getMessage()]
     assert len(notes) == 1, [r.getMessage() for r in notes]  # once per topic per minute
     assert "door/big" in notes[0].getMessage()
-    stored = running.spool.recent_events(10)
+    stored = running.spool.events.recent(10)
     assert [e.topic for e in stored] == ["door/front"]
     assert fleet.phones[0].state.pushes == 1
 
@@ -92,7 +93,7 @@ async def test_finding_2_oversized_mqtt_payload_is_acked_not_stored(
     running = await daemon_runner.start(config)
     await asyncio.to_thread(mosquitto.publish, "door/front", json.dumps({"who": "Bob"}))
     await eventually(lambda: fleet.phones[0].state.screen.text == "Bob")
-    assert [e.topic for e in running.spool.recent_events(10)] == ["door/front", "door/front"]
+    assert [e.topic for e in running.spool.events.recent(10)] == ["door/front", "door/front"]
     assert (
         daemon_runner.metric("phonepush_events_rejected_total", source="mqtt", reason="too_large")
         == 0
@@ -111,7 +112,7 @@ async def test_finding_2_oversized_payload_over_mqtt_3_is_acked_not_stored(
     running = await daemon_runner.start(config)
     await asyncio.to_thread(mosquitto.publish, "v3/big", b"z" * 2_000_000)
     await asyncio.to_thread(mosquitto.publish, "v3/small", b"{}")
-    await eventually(lambda: len(running.spool.recent_events(5)) == 1)
+    await eventually(lambda: len(running.spool.events.recent(5)) == 1)
     await eventually(
         lambda: (
             daemon_runner.metric(
@@ -120,11 +121,11 @@ async def test_finding_2_oversized_payload_over_mqtt_3_is_acked_not_stored(
             == 1
         )
     )
-    assert [e.topic for e in running.spool.recent_events(5)] == ["v3/small"]
+    assert [e.topic for e in running.spool.events.recent(5)] == ["v3/small"]
     await daemon_runner.stop()
     running = await daemon_runner.start(config)
     await asyncio.to_thread(mosquitto.publish, "v3/small", b"{}")
-    await eventually(lambda: len(running.spool.recent_events(5)) == 2)
+    await eventually(lambda: len(running.spool.events.recent(5)) == 2)
     assert (
         daemon_runner.metric("phonepush_events_rejected_total", source="mqtt", reason="too_large")
         == 0
@@ -219,7 +220,7 @@ async def test_finding_7_credential_headers_not_stored_and_spool_files_private(
     event_id = answer.json()["event"]
     assert answer.json()["rules"] == ["ci"]
     await eventually(lambda: fleet.phones[0].state.screen.text == "push")
-    record = running.spool.event(event_id)
+    record = running.spool.events.get(event_id)
     assert record is not None
     assert dict(record.headers) == {
         "content-type": "application/json",
@@ -461,7 +462,7 @@ async def test_finding_15_full_spool_evicts_finished_rows_keeps_pending_and_answ
     fillers = 6000
     for i in range(fillers):
         event, deliveries, pages = _filler(i, payload)
-        spool.add_event(event, rules=["fill"], deliveries=deliveries, pages=pages, cooldowns=())
+        commit_event(spool, event, rules=["fill"], deliveries=deliveries, pages=pages, cooldowns=())
         if i % 200 == 0:
             await asyncio.sleep(0)
     before = spool.live_bytes()
@@ -485,11 +486,11 @@ async def test_finding_15_full_spool_evicts_finished_rows_keeps_pending_and_answ
         f" batch size now {housekeeper.batch}"
     )
     # Oldest finished first, pending work kept whole.
-    assert spool.event("fill-000000") is None
-    assert spool.event(f"fill-{fillers - 1:06d}") is not None
+    assert spool.events.get("fill-000000") is None
+    assert spool.events.get(f"fill-{fillers - 1:06d}") is not None
     assert spool.pending_count() == 20
     for event_id in work:
-        record = spool.event(event_id)
+        record = spool.events.get(event_id)
         assert record is not None and [d.state for d in record.deliveries] == ["pending"]
     assert daemon_runner.metric("phonepush_spool_bytes") >= after
 
@@ -523,7 +524,7 @@ async def test_finding_15_full_spool_evicts_finished_rows_keeps_pending_and_answ
         answer = await client.post("/hooks/work", json={"n": "taken"})
         assert answer.status_code == 202, answer.text
     await eventually(lambda: spool.pending_count() == 22, timeout=15)
-    assert {(e.source, e.topic) for e in spool.recent_events(2)} == {
+    assert {(e.source, e.topic) for e in spool.events.recent(2)} == {
         ("mqtt", "work"),
         ("webhook", "work"),
     }
@@ -536,7 +537,8 @@ async def test_finding_15_retention_purges_finished_events_only(tmp_path: Path) 
         done = NewDelivery("r", "desk", (), now, "suppressed", "test")
         ages = {"old-done": 8 * 86400, "old-pending": 8 * 86400, "new-done": 6 * 86400}
         for name, age in ages.items():
-            spool.add_event(
+            commit_event(
+                spool,
                 Event("webhook", "x", b"{}", {}, id=name, received_at=now - age),
                 rules=["r"],
                 deliveries=[pending if "pending" in name else done],
@@ -545,11 +547,11 @@ async def test_finding_15_retention_purges_finished_events_only(tmp_path: Path) 
             )
         keeper = Housekeeper(spool, retention=7 * 86400, max_size=None, clock=lambda: now)
         await keeper.tidy()
-        assert spool.event("old-done") is None
-        assert spool.event("old-pending") is not None
-        assert spool.event("new-done") is not None
-        assert not spool.in_cooldown("r", "old-done", now - 9 * 86400)
-        assert spool.in_cooldown("r", "new-done", now - 6 * 86400)
+        assert spool.events.get("old-done") is None
+        assert spool.events.get("old-pending") is not None
+        assert spool.events.get("new-done") is not None
+        assert not spool.events.in_cooldown("r", "old-done", now - 9 * 86400)
+        assert spool.events.in_cooldown("r", "new-done", now - 6 * 86400)
 
 
 async def test_finding_15_purge_batches_stay_small(tmp_path: Path) -> None:
@@ -559,10 +561,14 @@ async def test_finding_15_purge_batches_stay_small(tmp_path: Path) -> None:
         payload = b"z" * 2000
         for i in range(3000):
             event, deliveries, pages = _filler(i, payload)
-            spool.add_event(event, rules=["fill"], deliveries=deliveries, pages=pages, cooldowns=())
+            commit_event(
+                spool, event, rules=["fill"], deliveries=deliveries, pages=pages, cooldowns=()
+            )
         keeper = Housekeeper(spool, retention=86400, max_size=None)
         removed = await keeper.purge(1000.0 + 2500)  # events 0..2499
         assert removed == 2500
-        assert spool.event("fill-002499") is None and spool.event("fill-002500") is not None
+        assert (
+            spool.events.get("fill-002499") is None and spool.events.get("fill-002500") is not None
+        )
         assert 1 <= keeper.batch <= 2048
         assert math.isfinite(keeper.longest_batch)

@@ -61,7 +61,7 @@ async def _fire(url: str, payload: dict[str, Any], hook: str = "page") -> str:
 
 def _deliveries(runner: DaemonRunner, event_id: str) -> list[tuple[str, str]]:
     assert runner.daemon is not None and runner.daemon.running is not None
-    record = runner.daemon.running.spool.event(event_id)
+    record = runner.daemon.running.spool.events.get(event_id)
     assert record is not None
     return [(d.state, d.error) for d in record.deliveries]
 
@@ -82,7 +82,7 @@ async def test_finding_1_nested_quantifier_regex_cannot_freeze(
     stored = json.dumps([{"name": "label.x", "value": NESTED, "isRegex": True, "isEqual": True}])
     now = time.time()
     async with Spool(daemon_runner.spool) as spool:
-        spool.add_silence(StoredSilence("old-bad", stored, now, now + 3600, now, "ops", ""))
+        spool.silences.add(StoredSilence("old-bad", stored, now, now + 3600, now, "ops", ""))
     caplog.set_level(logging.ERROR, logger="phonepush.silences")
     await daemon_runner.start(_page_rule(desk))
     assert "old-bad" in caplog.text and "is ignored" in caplog.text

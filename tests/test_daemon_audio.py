@@ -26,6 +26,7 @@ from phonepush.audio.clips import announcement, load_file
 from phonepush.errors import ConfigError
 from phonepush.events import Event
 from phonepush.sim.simulator import Fleet
+from phonepush.store.commit import commit_event
 from phonepush.store.spool import NewDelivery, Spool
 
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
@@ -86,7 +87,7 @@ def _heard(fleet: Fleet) -> list[dict[str, Any]]:
 
 
 def _audio_rows(running: Running, event: str) -> dict[str, tuple[str, str]]:
-    record = running.spool.event(event)
+    record = running.spool.events.get(event)
     assert record is not None
     return {d.phone: (d.state, d.error) for d in record.deliveries if not d.requests}
 
@@ -139,7 +140,7 @@ async def test_wav_file_with_chime_and_a_message(
         # The message went out as usual, through the dispatcher.
         assert phone.state.screen.title == "Evacuate"
         assert phone.state.screen.text == "Leave by the stairs, zone C"
-    record = running.spool.event(event)
+    record = running.spool.events.get(event)
     assert record is not None
     assert sorted((d.phone, bool(d.requests), d.state) for d in record.deliveries) == sorted(
         [(name, with_requests, "delivered") for name in NAMES for with_requests in (True, False)]
@@ -304,7 +305,8 @@ async def test_audio_left_pending_by_a_crash_is_expired_at_start(
     event = Event("webhook", "alarm", b"{}", {}, "0" * 26, time.time())
     async with Spool(daemon_runner.spool) as spool:
         # What a daemon killed mid-page leaves: the audio rows still pending.
-        spool.add_event(
+        commit_event(
+            spool,
             event,
             rules=["evacuate"],
             deliveries=[NewDelivery("evacuate", name, (), time.time() + 300) for name in NAMES],

@@ -13,6 +13,7 @@ from phonepush.dispatch.dispatcher import Dispatcher
 from phonepush.events import Event
 from phonepush.metrics import Metrics
 from phonepush.phone.client import PhoneTarget
+from phonepush.store.commit import commit_event
 from phonepush.store.spool import NewDelivery, PushRequest, Spool
 from phonepush.wire.cisco import execute_xml
 from phonepush.wire.uri import ExecuteItem
@@ -26,7 +27,8 @@ def _event() -> Event:
 
 async def test_finish_many_is_finish_for_each(tmp_path: Path) -> None:
     async with Spool(tmp_path / "spool.db") as spool:
-        stored = spool.add_event(
+        stored = commit_event(
+            spool,
             _event(),
             rules=["fire"],
             deliveries=[NewDelivery("fire", f"desk-{i}", (REQUEST,), 9e9) for i in range(3)],
@@ -35,17 +37,17 @@ async def test_finish_many_is_finish_for_each(tmp_path: Path) -> None:
         )
         first, second, third = (d.id for d in stored)
         with pytest.raises(ValueError, match="pending"):
-            spool.finish_many([(first, "delivered", ""), (second, "pending", "")])
+            spool.deliveries.finish_many([(first, "delivered", ""), (second, "pending", "")])
         assert spool.pending_count() == 3  # nothing of a refused batch is written
 
-        spool.finish_many([(first, "delivered", ""), (second, "failed", "HTTP 404")])
+        spool.deliveries.finish_many([(first, "delivered", ""), (second, "failed", "HTTP 404")])
         # Finishing again is harmless, as with finish(): the first final state stays.
-        spool.finish_many([(first, "expired", "late")])
-        spool.finish_many([])
+        spool.deliveries.finish_many([(first, "expired", "late")])
+        spool.deliveries.finish_many([])
 
         assert spool.pending_count() == 1
-        assert [d.id for d in spool.pending()] == [third]
-        record = spool.event(stored[0].event_id)
+        assert [d.id for d in spool.deliveries.pending()] == [third]
+        record = spool.events.get(stored[0].event_id)
         assert record is not None
         states = {d.id: (d.state, d.error) for d in record.deliveries}
         assert states == {
@@ -62,7 +64,9 @@ async def test_every_delivery_is_recorded_when_the_dispatcher_is_idle(
     targets = {p.name: PhoneTarget(p.name, p.host, p.port) for p in fleet.phones}
     metrics = Metrics(CollectorRegistry())
     async with Spool(tmp_path / "spool.db") as spool:
-        stored = spool.add_event(
+        metrics.watch(spool)
+        stored = commit_event(
+            spool,
             _event(),
             rules=["fire"],
             deliveries=[NewDelivery("fire", name, (REQUEST,), 9e9) for name in targets],
@@ -74,7 +78,7 @@ async def test_every_delivery_is_recorded_when_the_dispatcher_is_idle(
             await dispatcher.wait_idle()
             # Checked at once, before the loop runs again: idle means written.
             assert spool.pending_count() == 0
-            record = spool.event(stored[0].event_id)
+            record = spool.events.get(stored[0].event_id)
             assert record is not None
             assert {d.state for d in record.deliveries} == {"delivered"}
             registry = metrics.registry

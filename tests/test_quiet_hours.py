@@ -154,7 +154,7 @@ async def ring(made: dict[str, Any], clock: Clock) -> dict[str, tuple[str, str]]
     """Send one event at the clock's time; the (state, error) of its delivery per phone."""
     accepted = made["intake"].accept(Event("webhook", "bell", b"{}", received_at=clock.now))
     await made["dispatcher"].wait_idle()
-    record = made["spool"].event(accepted.event.id)
+    record = made["spool"].events.get(accepted.event.id)
     return {d.phone: (d.state, d.error) for d in record.deliveries}
 
 

@@ -137,8 +137,8 @@ async def test_rounds_fall_due_every_repeat_and_stop_after_max_repeats(tmp_path:
         intake.accept(Event("webhook", "alert", b"{}", received_at=clock.now))
         (first,) = submitted
         for d in submitted:
-            spool.finish(d.id, "delivered")
-        assert spool.next_repeat_at() == clock.now + 120
+            spool.deliveries.finish(d.id, "delivered")
+        assert spool.alerts.next_due() == clock.now + 120
 
         assert repeater.tick(clock.now + 119) == 0
         clock.now += 120
@@ -149,20 +149,20 @@ async def test_rounds_fall_due_every_repeat_and_stop_after_max_repeats(tmp_path:
         assert repeater.tick() == 0  # the same moment again: nothing more is due
 
         # Round 2 escalates: the boss gets the page too, with a token of its own.
-        spool.finish(submitted[1].id, "delivered")
+        spool.deliveries.finish(submitted[1].id, "delivered")
         clock.now += 120
         assert repeater.tick() == 1
         assert sorted(d.phone for d in submitted[2:]) == ["boss", "office"]
         boss = next(d for d in submitted[2:] if d.phone == "boss")
         assert boss.requests != first.requests
         for d in submitted[2:]:
-            spool.finish(d.id, "delivered")
+            spool.deliveries.finish(d.id, "delivered")
 
         # A daemon that was down for an hour pushes the missed round once, not twenty times.
         clock.now += 3600
         assert repeater.tick() == 1
         assert len(submitted) == 6
-        assert spool.next_repeat_at() is None
+        assert spool.alerts.next_due() is None
         assert repeater.tick(clock.now + 3600) == 0
 
     sample = metrics.registry.get_sample_value

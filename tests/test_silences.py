@@ -71,7 +71,7 @@ async def fire(client: httpx.AsyncClient, payload: dict[str, Any] = FIRING) -> s
 
 def states(runner: DaemonRunner, event_id: str) -> dict[str, tuple[str, str]]:
     assert runner.daemon is not None and runner.daemon.running is not None
-    record = runner.daemon.running.spool.event(event_id)
+    record = runner.daemon.running.spool.events.get(event_id)
     assert record is not None
     return {d.phone: (d.state, d.error) for d in record.deliveries}
 

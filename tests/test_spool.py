@@ -22,9 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from phonepush.errors import SpoolError, SpoolFull
 from phonepush.events import Event
+from phonepush.metrics import Metrics
+from phonepush.store.commit import commit_event
 from phonepush.store.spool import SCHEMA_VERSION, Delivery, NewDelivery, PushRequest, Spool
 
 EXECUTE = PushRequest(
@@ -73,7 +76,8 @@ def add(
     cooldowns: Sequence[tuple[str, str, float]] = (),
 ) -> list[Delivery]:
     """Intake's call, with one pending delivery to desk-1 unless told otherwise."""
-    return spool.add_event(
+    return commit_event(
+        spool,
         ev or event(),
         rules=rules,
         deliveries=deliveries or (delivery(),),
@@ -106,9 +110,9 @@ async def test_round_trip_event_deliveries_pages(tmp_path: Path) -> None:
         assert (stored[1].state, stored[1].error) == ("suppressed", "in cooldown")
         # The suppressed delivery is on record but is no work to do.
         assert spool.pending_count() == 1
-        assert spool.pending() == [stored[0]]
+        assert spool.deliveries.pending() == [stored[0]]
 
-        record = spool.event(ev.id)
+        record = spool.events.get(ev.id)
         assert record is not None
         assert (record.source, record.topic, record.received_at) == ("mqtt", "home/door", 1_230.0)
         assert record.payload == b"\xff\x00 not utf-8"
@@ -116,9 +120,9 @@ async def test_round_trip_event_deliveries_pages(tmp_path: Path) -> None:
         assert record.rules == ("door", "night")
         assert record.deliveries == tuple(stored)
 
-        assert spool.page("p-" + ev.id) == PAGE
-        assert spool.page("p-unknown") is None
-        assert spool.event("no-such-event") is None
+        assert spool.events.page("p-" + ev.id) == PAGE
+        assert spool.events.page("p-unknown") is None
+        assert spool.events.get("no-such-event") is None
 
 
 async def test_progress_and_finish(tmp_path: Path) -> None:
@@ -127,30 +131,30 @@ async def test_progress_and_finish(tmp_path: Path) -> None:
         (second,) = add(spool)
         assert spool.pending_count() == 2
 
-        spool.progress(first.id, sent=2, attempts=3, error="PhoneTimeout: no answer")
-        (resumed, _) = spool.pending()
+        spool.deliveries.progress(first.id, sent=2, attempts=3, error="PhoneTimeout: no answer")
+        (resumed, _) = spool.deliveries.pending()
         assert (resumed.sent, resumed.attempts, resumed.error) == (2, 3, "PhoneTimeout: no answer")
 
-        spool.finish(first.id, "delivered")
+        spool.deliveries.finish(first.id, "delivered")
         assert spool.pending_count() == 1
-        assert [d.id for d in spool.pending()] == [second.id]
+        assert [d.id for d in spool.deliveries.pending()] == [second.id]
         # Finishing again, or recording progress on a finished delivery, changes nothing.
-        spool.finish(first.id, "failed", "late")
-        spool.progress(first.id, sent=0, attempts=9)
+        spool.deliveries.finish(first.id, "failed", "late")
+        spool.deliveries.progress(first.id, sent=0, attempts=9)
         assert spool.pending_count() == 1
-        record = spool.event(first.event_id)
+        record = spool.events.get(first.event_id)
         assert record is not None
         (done,) = record.deliveries
         assert (done.state, done.error, done.sent, done.attempts) == ("delivered", "", 2, 3)
 
         with pytest.raises(ValueError, match="pending"):
-            spool.finish(second.id, "pending")
+            spool.deliveries.finish(second.id, "pending")
 
 
 async def test_recent_events_newest_first(tmp_path: Path) -> None:
     async with Spool(tmp_path / "spool.db") as spool:
         ids = [add(spool, event(topic=f"t/{i}"))[0].event_id for i in range(5)]
-        recent = spool.recent_events(limit=3)
+        recent = spool.events.recent(limit=3)
         assert [r.id for r in recent] == ids[::-1][:3]
         assert [r.topic for r in recent] == ["t/4", "t/3", "t/2"]
         assert all(len(r.deliveries) == 1 for r in recent)
@@ -163,30 +167,30 @@ async def test_pending_resumes_in_order_after_reopen(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     async with Spool(path) as spool:
         stored = [add(spool, event(topic=f"t/{i}"))[0] for i in range(4)]
-        spool.progress(stored[0].id, sent=1, attempts=1)
-        spool.finish(stored[2].id, "expired", "TTL reached")
+        spool.deliveries.progress(stored[0].id, sent=1, attempts=1)
+        spool.deliveries.finish(stored[2].id, "expired", "TTL reached")
 
     async with Spool(path) as spool:
         assert spool.pending_count() == 3
-        pending = spool.pending()
+        pending = spool.deliveries.pending()
         assert [d.id for d in pending] == [stored[0].id, stored[1].id, stored[3].id]
         assert pending[0].sent == 1
         # New work after a restart gets ids after the old ones.
         (newer,) = add(spool)
         assert newer.id > stored[3].id
-        assert spool.pending()[-1].id == newer.id
+        assert spool.deliveries.pending()[-1].id == newer.id
 
 
 async def test_synchronous_full_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     async with Spool(path, synchronous="FULL") as spool:
         first, second = (add(spool)[0] for _ in range(2))
-        spool.progress(first.id, sent=1, attempts=1)
-        spool.finish(second.id, "delivered")
+        spool.deliveries.progress(first.id, sent=1, attempts=1)
+        spool.deliveries.finish(second.id, "delivered")
         add(spool)
     async with Spool(path, synchronous="full") as spool:
         assert spool.pending_count() == 2
-        assert spool.pending()[0].sent == 1
+        assert spool.deliveries.pending()[0].sent == 1
     with pytest.raises(ValueError, match="synchronous"):
         Spool(path, synchronous="off")
 
@@ -195,6 +199,7 @@ _CRASH_WRITER = textwrap.dedent(
     """
     import asyncio, sys
     from phonepush.events import Event
+    from phonepush.store.commit import commit_event
     from phonepush.store.spool import NewDelivery, PushRequest, Spool
 
     async def main(path: str) -> None:
@@ -204,14 +209,15 @@ _CRASH_WRITER = textwrap.dedent(
             i = 0
             while True:
                 ev = Event("webhook", "alarm", b"payload %d" % i, {})
-                spool.add_event(
+                commit_event(
+                    spool,
                     ev,
                     rules=["alarm"],
                     deliveries=[NewDelivery("alarm", p, (request,), 9e9) for p in phones],
                     pages={f"page-{ev.id}": "<CiscoIPPhoneText/>"},
                     cooldowns=[("alarm", "k", 9e9)],
                 )
-                # Only printed once add_event has returned, i.e. the event was acknowledged.
+                # Only printed once commit_event has returned, i.e. the event was acknowledged.
                 print(ev.id, flush=True)
                 i += 1
                 # Let the background checkpoints run, so the kill may land in one.
@@ -244,10 +250,10 @@ async def test_every_returned_add_event_survives_sigkill(tmp_path: Path) -> None
 
     async with Spool(path) as spool:
         for event_id in acknowledged:
-            record = spool.event(event_id)
+            record = spool.events.get(event_id)
             assert record is not None, event_id
             assert len(record.deliveries) == 3
-            assert spool.page(f"page-{event_id}") == "<CiscoIPPhoneText/>"
+            assert spool.events.page(f"page-{event_id}") == "<CiscoIPPhoneText/>"
         # The writer may have committed a few more after the last line we read, never a part of
         # one: every stored event has all three deliveries.
         assert spool.pending_count() % 3 == 0
@@ -263,7 +269,7 @@ async def test_clean_close_after_many_commits_leaves_one_complete_file(tmp_path:
             # As in the daemon, the loop runs between events: background checkpoints happen.
             await asyncio.sleep(0)
         for d in stored[::2]:
-            spool.finish(d.id, "delivered")
+            spool.deliveries.finish(d.id, "delivered")
             await asyncio.sleep(0)
     assert not Path(f"{path}-wal").exists()
     # With the log gone, these counts come from the database file itself.
@@ -273,7 +279,7 @@ async def test_clean_close_after_many_commits_leaves_one_complete_file(tmp_path:
             "SELECT count(*) FROM deliveries WHERE state = 'pending'"
         ).fetchone() == (400,)
     async with Spool(path) as spool:
-        assert [d.id for d in spool.pending()] == [d.id for d in stored[1::2]]
+        assert [d.id for d in spool.deliveries.pending()] == [d.id for d in stored[1::2]]
 
 
 # -- backlog limit --------------------------------------------------------------------------
@@ -292,11 +298,11 @@ async def test_spool_full_writes_nothing(tmp_path: Path) -> None:
                 pages={"p-refused": PAGE},
                 cooldowns=[("door", "key", 9_999.0)],
             )
-        assert spool.event(refused.id) is None
-        assert spool.page("p-refused") is None
-        assert not spool.in_cooldown("door", "key", 1_000.0)
+        assert spool.events.get(refused.id) is None
+        assert spool.events.page("p-refused") is None
+        assert not spool.events.in_cooldown("door", "key", 1_000.0)
         assert spool.pending_count() == 2
-        assert len(spool.pending()) == 2
+        assert len(spool.deliveries.pending()) == 2
 
         # Deliveries recorded as suppressed or failed are not work, so they are not refused.
         add(spool, None, delivery("c", state="failed", error="URI too long"))
@@ -304,7 +310,7 @@ async def test_spool_full_writes_nothing(tmp_path: Path) -> None:
         (third,) = add(spool, None, delivery("c"))
         with pytest.raises(SpoolFull):
             add(spool)
-        spool.finish(third.id, "delivered")
+        spool.deliveries.finish(third.id, "delivered")
         add(spool)
         assert spool.pending_count() == 3
 
@@ -320,13 +326,57 @@ async def test_add_event_is_all_or_nothing(tmp_path: Path) -> None:
         with pytest.raises(SpoolError, match="page") as caught:
             add(spool, clashing, delivery("a"), delivery("b"), pages={"page-1": "<other/>"})
         assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)
-        assert spool.event(clashing.id) is None
-        assert spool.page("page-1") == PAGE
-        assert spool.pending_count() == len(spool.pending()) == 1
+        assert spool.events.get(clashing.id) is None
+        assert spool.events.page("page-1") == PAGE
+        assert spool.pending_count() == len(spool.deliveries.pending()) == 1
         # A caller's mistake says nothing about the disk.
         assert spool.healthy
         add(spool, clashing, delivery("a"), delivery("b"), pages={"page-2": PAGE})
         assert spool.pending_count() == 3
+
+
+async def test_a_transaction_across_repositories_commits_together_or_not_at_all(
+    tmp_path: Path,
+) -> None:
+    async with Spool(tmp_path / "spool.db") as spool:
+        ev = event()
+        with pytest.raises(RuntimeError), spool.transaction("test") as tx:
+            tx.events.add(ev, ["door"])
+            tx.deliveries.add(ev.id, [delivery("a"), delivery("b")])
+            tx.events.add_pages(ev.id, {"page-1": PAGE})
+            raise RuntimeError("given up half-way")
+        assert spool.events.get(ev.id) is None
+        assert spool.events.page("page-1") is None
+        assert spool.pending_count() == len(spool.deliveries.pending()) == 0
+        assert spool.healthy
+
+        with spool.transaction("test") as tx:
+            tx.events.add(ev, ["door"])
+            stored = tx.deliveries.add(ev.id, [delivery("a"), delivery("b")])
+            tx.events.add_pages(ev.id, {"page-1": PAGE})
+            tx.deliveries.suppress([stored[1].id], "cancelled")
+        record = spool.events.get(ev.id)
+        assert record is not None
+        assert [(d.phone, d.state, d.error) for d in record.deliveries] == [
+            ("a", "pending", ""),
+            ("b", "suppressed", "cancelled"),
+        ]
+        assert spool.events.page("page-1") == PAGE
+        assert spool.pending_count() == len(spool.deliveries.pending()) == 1
+
+
+async def test_the_pending_gauge_is_read_from_the_spool_when_scraped(tmp_path: Path) -> None:
+    metrics = Metrics(CollectorRegistry())
+    registry = metrics.registry
+    assert registry.get_sample_value("phonepush_spool_pending") == 0  # no spool open yet
+    async with Spool(tmp_path / "spool.db") as spool:
+        metrics.watch(spool)
+        first, _ = add(spool, None, delivery("a"), delivery("b"))
+        assert registry.get_sample_value("phonepush_spool_pending") == 2
+        spool.deliveries.finish(first.id, "delivered")
+        assert registry.get_sample_value("phonepush_spool_pending") == 1
+        size = registry.get_sample_value("phonepush_spool_bytes")
+        assert size is not None and size > 0
 
 
 @pytest.fixture
@@ -375,10 +425,10 @@ async def test_full_disk_is_a_spool_error_then_recovers(small_disk: Path) -> Non
         with pytest.raises(SpoolError):
             spool.check()
         # Rolled back, and the counter agrees with the file.
-        assert spool.event(big.id) is None
-        assert spool.page("p-big") is None
+        assert spool.events.get(big.id) is None
+        assert spool.events.page("p-big") is None
         assert spool.pending_count() == 1
-        assert [d.id for d in spool.pending()] == [kept.id]
+        assert [d.id for d in spool.deliveries.pending()] == [kept.id]
 
         # Space comes back: the same spool, without a restart, takes writes again.
         filler.unlink()
@@ -386,13 +436,13 @@ async def test_full_disk_is_a_spool_error_then_recovers(small_disk: Path) -> Non
         assert spool.healthy
         stored = add(spool, big, delivery("a"), delivery("b"), pages={"p-big": PAGE})
         assert spool.pending_count() == 3
-        assert [d.id for d in spool.pending()] == [kept.id] + [d.id for d in stored]
-        spool.finish(kept.id, "delivered")
+        assert [d.id for d in spool.deliveries.pending()] == [kept.id] + [d.id for d in stored]
+        spool.deliveries.finish(kept.id, "delivered")
         assert spool.pending_count() == 2
 
     async with Spool(small_disk / "spool.db") as reopened:
         assert reopened.pending_count() == 2
-        assert reopened.page("p-big") == PAGE
+        assert reopened.events.page("p-big") == PAGE
 
 
 async def test_finish_on_a_full_disk_keeps_the_delivery_pending(small_disk: Path) -> None:
@@ -404,16 +454,16 @@ async def test_finish_on_a_full_disk_keeps_the_delivery_pending(small_disk: Path
         failures = 0
         for d in stored:
             try:
-                spool.finish(d.id, "delivered")
+                spool.deliveries.finish(d.id, "delivered")
             except SpoolError:
                 failures += 1
         assert failures > 0
-        assert spool.pending_count() == len(spool.pending()) == failures
+        assert spool.pending_count() == len(spool.deliveries.pending()) == failures
         filler.unlink()
-        for d in spool.pending():
-            spool.finish(d.id, "delivered")
+        for d in spool.deliveries.pending():
+            spool.deliveries.finish(d.id, "delivered")
         assert spool.pending_count() == 0
-        assert spool.pending() == []
+        assert spool.deliveries.pending() == []
         assert spool.healthy
 
 
@@ -495,7 +545,7 @@ async def test_write_lock_held_elsewhere_fails_then_recovers(tmp_path: Path) -> 
             other.execute("ROLLBACK")
         finally:
             other.close()
-        assert spool.event(blocked.id) is None
+        assert spool.events.get(blocked.id) is None
         assert spool.pending_count() == 1
         add(spool, blocked)
         assert spool.healthy
@@ -507,7 +557,7 @@ async def test_closed_spool_refuses_calls(tmp_path: Path) -> None:
     async with spool:
         add(spool)
     with pytest.raises(SpoolError, match="not open"):
-        spool.pending()
+        spool.deliveries.pending()
 
 
 # -- cooldowns and housekeeping -------------------------------------------------------------
@@ -516,14 +566,14 @@ async def test_closed_spool_refuses_calls(tmp_path: Path) -> None:
 async def test_cooldown_lasts_until_its_end(tmp_path: Path) -> None:
     async with Spool(tmp_path / "spool.db") as spool:
         add(spool, cooldowns=[("door", "desk-1", 1_060.0)])
-        assert spool.in_cooldown("door", "desk-1", 1_000.0)
-        assert spool.in_cooldown("door", "desk-1", 1_059.9)
-        assert not spool.in_cooldown("door", "desk-1", 1_060.0)
-        assert not spool.in_cooldown("door", "desk-2", 1_000.0)
-        assert not spool.in_cooldown("window", "desk-1", 1_000.0)
+        assert spool.events.in_cooldown("door", "desk-1", 1_000.0)
+        assert spool.events.in_cooldown("door", "desk-1", 1_059.9)
+        assert not spool.events.in_cooldown("door", "desk-1", 1_060.0)
+        assert not spool.events.in_cooldown("door", "desk-2", 1_000.0)
+        assert not spool.events.in_cooldown("window", "desk-1", 1_000.0)
         # A later event restarts the cooldown.
         add(spool, cooldowns=[("door", "desk-1", 1_120.0)])
-        assert spool.in_cooldown("door", "desk-1", 1_100.0)
+        assert spool.events.in_cooldown("door", "desk-1", 1_100.0)
 
 
 async def test_purge_removes_finished_old_events_only(tmp_path: Path) -> None:
@@ -535,19 +585,19 @@ async def test_purge_removes_finished_old_events_only(tmp_path: Path) -> None:
         (d1,) = add(spool, old_done, pages={"p-old": PAGE}, cooldowns=[("door", "old", 150.0)])
         add(spool, old_pending, pages={"p-pending": PAGE})
         (d3,) = add(spool, new_done, pages={"p-new": PAGE}, cooldowns=[("door", "new", 950.0)])
-        spool.finish(d1.id, "delivered")
-        spool.finish(d3.id, "failed", "PhoneAuthError")
+        spool.deliveries.finish(d1.id, "delivered")
+        spool.deliveries.finish(d3.id, "failed", "PhoneAuthError")
 
-        assert spool.purge(before=500.0) == 1
-        assert spool.event(old_done.id) is None
-        assert spool.page("p-old") is None
+        assert spool.events.purge(before=500.0) == 1
+        assert spool.events.get(old_done.id) is None
+        assert spool.events.page("p-old") is None
         # Work still to do is kept however old it is; recent history is kept.
-        assert spool.event(old_pending.id) is not None
-        assert spool.page("p-pending") == PAGE
-        assert spool.event(new_done.id) is not None
-        assert spool.page("p-new") == PAGE
+        assert spool.events.get(old_pending.id) is not None
+        assert spool.events.page("p-pending") == PAGE
+        assert spool.events.get(new_done.id) is not None
+        assert spool.events.page("p-new") == PAGE
         assert spool.pending_count() == 1
-        assert spool.purge(before=500.0) == 0
+        assert spool.events.purge(before=500.0) == 0
 
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 2
@@ -568,8 +618,8 @@ async def test_readers_on_other_connections_do_not_block(tmp_path: Path) -> None
             # With a zero busy timeout any blocking would be an error: the spool writes while a
             # reader holds its snapshot.
             (second,) = add(spool)
-            spool.progress(first.id, sent=1, attempts=1)
-            spool.finish(first.id, "delivered")
+            spool.deliveries.progress(first.id, sent=1, attempts=1)
+            spool.deliveries.finish(first.id, "delivered")
             spool.check()
             assert reader.execute("SELECT count(*) FROM events").fetchone()[0] == 1
             reader.execute("COMMIT")
@@ -578,8 +628,8 @@ async def test_readers_on_other_connections_do_not_block(tmp_path: Path) -> None
             # And the spool reads while another connection holds the write lock.
             reader.execute("BEGIN IMMEDIATE")
             reader.execute("UPDATE deliveries SET error = 'x' WHERE id = ?", (second.id,))
-            assert [d.id for d in spool.pending()] == [second.id]
-            assert spool.event(first.event_id) is not None
+            assert [d.id for d in spool.deliveries.pending()] == [second.id]
+            assert spool.events.get(first.event_id) is not None
             reader.execute("ROLLBACK")
         finally:
             reader.close()

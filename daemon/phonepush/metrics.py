@@ -7,12 +7,58 @@ operator sees a fan-out or a crowd of HTTP clients nearing the open-files limit.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Final, Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-__all__ = ["DELIVERY_RESULTS", "Metrics"]
+from phonepush.store.records import FINAL_STATES, DeliveryState
 
-#: The ``result`` label values of ``phonepush_deliveries_total``.
-DELIVERY_RESULTS = ("delivered", "unconfirmed", "failed", "expired", "suppressed")
+__all__ = ["DELIVERY_RESULTS", "Metrics", "StoredState"]
+
+#: The ``result`` label values of ``phonepush_deliveries_total``: the final delivery states.
+DELIVERY_RESULTS: Final = tuple(s.value for s in DeliveryState if s in FINAL_STATES)
+
+
+class StoredState(Protocol):
+    """What the stored-state gauges read of the store, at scrape time."""
+
+    def pending_count(self) -> int: ...
+    def disk_bytes(self) -> int: ...
+
+
+class _StoreCollector(Collector):
+    """``phonepush_spool_pending`` and ``phonepush_spool_bytes``, read from the store when
+    scraped: nothing that writes to the store has to remember to set them. 0 until a store is
+    watched (before the spool opens)."""
+
+    def __init__(self) -> None:
+        self.store: StoredState | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families(0, 0)
+
+    def collect(self) -> Iterable[Metric]:
+        store = self.store
+        if store is None:
+            return self._families(0, 0)
+        return self._families(store.pending_count(), store.disk_bytes())
+
+    @staticmethod
+    def _families(pending: int, size: int) -> list[Metric]:
+        return [
+            GaugeMetricFamily(
+                "phonepush_spool_pending", "Deliveries waiting in the spool.", value=pending
+            ),
+            GaugeMetricFamily(
+                "phonepush_spool_bytes",
+                "Bytes the spool's files (database, write-ahead log, shared memory) take on disk, "
+                "read at scrape time.",
+                value=size,
+            ),
+        ]
 
 
 class Metrics:
@@ -74,15 +120,8 @@ class Metrics:
             ["phone"],
             registry=r,
         )
-        self.spool_pending = Gauge(
-            "phonepush_spool_pending", "Deliveries waiting in the spool.", registry=r
-        )
-        self.spool_bytes = Gauge(
-            "phonepush_spool_bytes",
-            "Bytes the spool's files (database, write-ahead log, shared memory) take on disk, "
-            "read at scrape time.",
-            registry=r,
-        )
+        self._stored = _StoreCollector()
+        r.register(self._stored)
         self.mqtt_connected = Gauge(
             "phonepush_mqtt_connected", "1 while connected to the MQTT broker.", registry=r
         )
@@ -171,3 +210,7 @@ class Metrics:
             registry=r,
             buckets=(1, 2.5, 5, 10, 20, 30, 60, 120, 300),
         )
+
+    def watch(self, store: StoredState) -> None:
+        """Read the stored-state gauges (``phonepush_spool_*``) from ``store`` from now on."""
+        self._stored.store = store

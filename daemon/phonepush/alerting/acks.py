@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any, Final, Self
 
 import httpx
 
+from phonepush.alerting import ledger
+from phonepush.alerting.ledger import AckResult, Resolution
 from phonepush.config import MqttConfig
 from phonepush.errors import MqttError, TemplateError, WireError
 from phonepush.events import Event
@@ -41,16 +43,15 @@ from phonepush.metrics import Metrics
 from phonepush.pipeline.plan import Plan, PlannedRule, Work, render
 from phonepush.redact import url_for_log
 from phonepush.rules.book import AlertPolicy, Match, RuleBook, event_context
-from phonepush.store.spool import (
-    AckResult,
+from phonepush.store.interface import Store
+from phonepush.store.records import (
     AlertRecord,
+    AlertState,
     Delivery,
     NewAlert,
     NewAlertPhone,
     NewDelivery,
     PushRequest,
-    Resolution,
-    Spool,
 )
 from phonepush.wire import cisco
 from phonepush.wire.cisco import SoftKey, TextPage
@@ -188,7 +189,7 @@ class Alerting:
 
     def __init__(
         self,
-        spool: Spool,
+        spool: Store,
         rules: RuleBook,
         *,
         public_url: str,
@@ -255,8 +256,13 @@ class Alerting:
             except TemplateError as exc:
                 log.warning("event %s: rules[%s].resolve_when: %s", event.id, rule.name, exc)
                 continue
-            resolved = self._spool.resolve(
-                rule.name, key, by_event=event.id, at=self._clock(), notice=self._notice
+            resolved = ledger.resolve(
+                self._spool,
+                rule.name,
+                key,
+                by_event=event.id,
+                at=self._clock(),
+                notice=self._notice,
             )
             for resolution in resolved:
                 self._metrics.resolved.labels(rule.name).inc()
@@ -306,7 +312,7 @@ class AckService:
 
     def __init__(
         self,
-        spool: Spool,
+        spool: Store,
         *,
         metrics: Metrics,
         public_url: str,
@@ -361,8 +367,8 @@ class AckService:
 
     def page(self, page_id: str, token: str) -> _Answer:
         """The page behind a per-phone page URL, with Ack and Close softkeys."""
-        found = self._spool.alert_by_token(token)
-        xml = self._spool.page(page_id)
+        found = self._spool.alerts.by_token(token)
+        xml = self._spool.events.page(page_id)
         if found is None or xml is None or found[0].page_id != page_id:
             return _Answer(404, _text_page("Not found", "This page is no longer available."))
         softkeys = (
@@ -381,7 +387,7 @@ class AckService:
         model = headers.get("x-ciscoipphonemodelname", "")
         device = " ".join(part for part in (model[:64], address) if part)
         at = self._clock()
-        result = self._spool.acknowledge(token, at, device)
+        result = ledger.acknowledge(self._spool, token, at, device)
         if result is None:
             return _Answer(404, _text_page("Not found", "This alert is no longer known."))
         self._cancel(result.cancelled)
@@ -418,11 +424,11 @@ class AckService:
         when = _clock_text(phone.acked_at)
         if not result.first:
             text = f"Already acknowledged on {phone.phone} at {when}."
-        elif alert.state == "resolved":
+        elif alert.state is AlertState.RESOLVED:
             text = f"Acknowledged on {phone.phone} at {when}. The alert was already resolved."
-        elif alert.scope == "phone" and alert.state == "active":
+        elif alert.scope == "phone" and alert.state is AlertState.ACTIVE:
             text = f"Acknowledged on {phone.phone} at {when}. This phone gets no more repeats."
-        elif alert.state == "acknowledged" and alert.ended_by not in ("", phone.phone):
+        elif alert.state is AlertState.ACKNOWLEDGED and alert.ended_by not in ("", phone.phone):
             text = (
                 f"Acknowledged on {phone.phone} at {when}; {alert.ended_by} had acknowledged"
                 " it already."

@@ -16,9 +16,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from phonepush.alerting import ledger
 from phonepush.errors import SpoolError
 from phonepush.metrics import Metrics
-from phonepush.store.spool import Delivery, Spool
+from phonepush.store.interface import Store
+from phonepush.store.records import Delivery
 
 __all__ = ["Repeater"]
 
@@ -37,7 +39,7 @@ class Repeater:
 
     def __init__(
         self,
-        spool: Spool,
+        spool: Store,
         *,
         metrics: Metrics,
         submit: Callable[[Sequence[Delivery]], None],
@@ -61,8 +63,8 @@ class Repeater:
         """
         now = self._clock() if now is None else now
         done = 0
-        for alert in self._spool.alerts_due(now):
-            result = self._spool.repeat_round(alert.event_id, alert.rule, now)
+        for alert in self._spool.alerts.due(now):
+            result = ledger.repeat_round(self._spool, alert.event_id, alert.rule, now)
             if result is None:
                 continue
             updated, deliveries = result
@@ -88,8 +90,6 @@ class Repeater:
                 )
             if deliveries:
                 self._submit(deliveries)
-        if done:
-            self._metrics.spool_pending.set(self._spool.pending_count())
         return done
 
     async def run(self) -> None:
@@ -98,7 +98,7 @@ class Repeater:
             self._woken.clear()
             try:
                 self.tick()
-                due = self._spool.next_repeat_at()
+                due = self._spool.alerts.next_due()
             except SpoolError as exc:
                 log.error("repeats held back: %s; trying again in %.0f s", exc, _RETRY_SECONDS)
                 due = self._clock() + _RETRY_SECONDS

@@ -99,7 +99,7 @@ def build(config: Config, services: Services, *, base_dir: Path | None = None) -
     alerts = any(rule.alert is not None for rule in book.rules)
     planning: list[Stage] = []
     if any(rule.cooldown is not None or rule.dedupe is not None for rule in book.rules):
-        planning.append(Cooldowns(services.spool.in_cooldown))
+        planning.append(Cooldowns(services.spool.events.in_cooldown))
     if alerts:
         planning.append(AlertPlanning())
     staging: list[Stage] = []

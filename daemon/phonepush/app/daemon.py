@@ -152,7 +152,7 @@ class Daemon:
                 # At start-up a spool that cannot open is a deployment problem: one line naming
                 # the key, exit 2, as for any other bad setting.
                 raise ConfigError(f"spool.path: {exc}") from exc
-            metrics.spool_bytes.set_function(spool.disk_bytes)
+            metrics.watch(spool)
             housekeeper = Housekeeper(
                 spool, retention=config.spool.retention, max_size=config.spool.max_size
             )
@@ -255,9 +255,8 @@ class Daemon:
                 config, spool, dispatcher, intake, metrics, mqtt, port, announcer, housekeeper
             )
             # A live audio page is never replayed: its rows left pending are finished here.
-            resumed = announcer.abandon(spool.pending())
+            resumed = announcer.abandon(spool.deliveries.pending())
             dispatcher.submit(resumed)
-            metrics.spool_pending.set(spool.pending_count())
             if resumed:
                 log.info("resuming %d pending deliveries from the spool", len(resumed))
 

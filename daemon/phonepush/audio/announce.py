@@ -81,7 +81,8 @@ from phonepush.metrics import Metrics
 from phonepush.phone.lanes import PhoneLanes
 from phonepush.pipeline.plan import Plan, Work
 from phonepush.rules.book import RuleBook, event_context
-from phonepush.store.spool import Delivery, NewDelivery, Spool
+from phonepush.store.interface import Store
+from phonepush.store.records import Delivery, DeliveryKind, DeliveryState, NewDelivery
 from phonepush.templates import TextTemplate
 from phonepush.wire.uri import ExecuteItem
 
@@ -197,7 +198,7 @@ class Announcer:
     def __init__(
         self,
         config: Config,
-        spool: Spool,
+        spool: Store,
         *,
         metrics: Metrics,
         actions: Mapping[str, AudioAction] | None = None,
@@ -279,16 +280,18 @@ class Announcer:
         audio: dict[str, list[Delivery]] = defaultdict(list)
         rest: list[Delivery] = []
         for delivery in pending:
-            if delivery.requests:
-                rest.append(delivery)
-            else:
+            if delivery.kind is DeliveryKind.AUDIO:
                 audio[delivery.rule].append(delivery)
+            else:
+                rest.append(delivery)
         for rule, rows in audio.items():
             self._open.update(row.id for row in rows)
             action = self.actions.get(rule)
             if action is None or self._closing:
                 # Rules swapped by a reload between plan and commit, or shutting down.
-                self._finish_all(rows, "expired", "not played: the rule's audio is gone")
+                self._finish_all(
+                    rows, DeliveryState.EXPIRED, "not played: the rule's audio is gone"
+                )
                 continue
             task = asyncio.get_running_loop().create_task(
                 self._run(event, action, rows), name=f"audio:{rule}:{event.id}"
@@ -304,13 +307,15 @@ class Announcer:
         rest: list[Delivery] = []
         stale: list[Delivery] = []
         for delivery in pending:
-            (rest if delivery.requests else stale).append(delivery)
+            (stale if delivery.kind is DeliveryKind.AUDIO else rest).append(delivery)
         if stale:
             self._open.update(row.id for row in stale)
             log.warning(
                 "%d audio page deliveries were interrupted by a restart; not replayed", len(stale)
             )
-            self._finish_all(stale, "expired", "interrupted by a restart; audio is not replayed")
+            self._finish_all(
+                stale, DeliveryState.EXPIRED, "interrupted by a restart; audio is not replayed"
+            )
         return rest
 
     async def wait_idle(self) -> None:
@@ -343,7 +348,9 @@ class Announcer:
             async with self._lock:
                 await self._page(event, action, rows)
         except asyncio.CancelledError:
-            self._finish_all(rows, "expired", "the daemon stopped during the audio page")
+            self._finish_all(
+                rows, DeliveryState.EXPIRED, "the daemon stopped during the audio page"
+            )
             self._metrics.audio_pages.labels(action.rule, "expired").inc()
             raise
         log.debug("audio page of event %s took %.2f s", event.id, self._clock() - started)
@@ -358,7 +365,7 @@ class Announcer:
             audio = await self._audio(action, event)
         except (AudioError, TemplateError) as exc:
             log.warning("event %s rule %s: no audio page: %s", event.id, rule, exc)
-            self._finish_all(rows, "failed", f"audio: {exc}", publish=True)
+            self._finish_all(rows, DeliveryState.FAILED, f"audio: {exc}", publish=True)
             self._metrics.audio_pages.labels(rule, "failed").inc()
             return
         # Cut the audio so that the stream ends by the TTL (as far as can be known now).
@@ -380,7 +387,9 @@ class Announcer:
         by_name = {row.phone: row for row in rows}
         missing = [row for row in rows if row.phone not in phones]
         if missing:
-            self._finish_all(missing, "failed", "phone not in the configuration", publish=True)
+            self._finish_all(
+                missing, DeliveryState.FAILED, "phone not in the configuration", publish=True
+            )
         targets = [
             PageTarget(row.phone, phones[row.phone].host) for row in rows if row.phone in phones
         ]
@@ -410,7 +419,10 @@ class Announcer:
             # The stream's source does not resolve, or a start URI is invalid: nothing sent.
             log.error("event %s rule %s: audio page not sent: %s", event.id, rule, exc)
             self._finish_all(
-                [by_name[t.name] for t in targets], "failed", f"audio: {exc}", publish=True
+                [by_name[t.name] for t in targets],
+                DeliveryState.FAILED,
+                f"audio: {exc}",
+                publish=True,
             )
             self._metrics.audio_pages.labels(rule, "failed").inc()
             return
@@ -455,23 +467,27 @@ class Announcer:
 
     def _expired(self, action: AudioAction, rows: Sequence[Delivery], reason: str) -> None:
         log.warning("rule %s: audio page expired: %s", action.rule, reason)
-        self._finish_all(rows, "expired", reason, publish=True)
+        self._finish_all(rows, DeliveryState.EXPIRED, reason, publish=True)
         self._metrics.audio_pages.labels(action.rule, "expired").inc()
 
     def _finish_all(
-        self, rows: Iterable[Delivery], state: str, error: str, *, publish: bool = False
+        self,
+        rows: Iterable[Delivery],
+        state: DeliveryState,
+        error: str,
+        *,
+        publish: bool = False,
     ) -> None:
         for row in rows:
             self._finish(row, state, error, publish=publish)
 
-    def _finish(self, row: Delivery, state: str, error: str, *, publish: bool) -> None:
+    def _finish(self, row: Delivery, state: DeliveryState, error: str, *, publish: bool) -> None:
         if row.id not in self._open:
             return  # finished already (a page cut after some of its phones were done)
         self._open.discard(row.id)
-        self._spool.finish(row.id, state, error)
+        self._spool.deliveries.finish(row.id, state, error)
         self._metrics.deliveries.labels(row.phone, state).inc()
-        self._metrics.spool_pending.set(self._spool.pending_count())
-        if state != "delivered":
+        if state is not DeliveryState.DELIVERED:
             log.warning(
                 "delivery %s event %s rule %s phone %s (audio) %s: %s",
                 row.id,
@@ -504,14 +520,15 @@ class Announcer:
             log.exception("publishing the outcome of an audio page failed")
 
 
-def _outcome(result: TargetResult, report: PageReport) -> tuple[str, str]:
+def _outcome(result: TargetResult, report: PageReport) -> tuple[DeliveryState, str]:
     if not result.started:
-        return "failed", f"would not listen: {result.error}"
+        return DeliveryState.FAILED, f"would not listen: {result.error}"
     if report.error:
-        return "failed", f"stream failed: {report.error}"
+        return DeliveryState.FAILED, f"stream failed: {report.error}"
     if not result.stopped:
-        return "delivered", f"heard the page, but the stop push failed: {result.stop_error}"
-    return "delivered", ""
+        stop = f"heard the page, but the stop push failed: {result.stop_error}"
+        return DeliveryState.DELIVERED, stop
+    return DeliveryState.DELIVERED, ""
 
 
 async def _push(lanes: PhoneLanes, phone: str, uri: str) -> None:

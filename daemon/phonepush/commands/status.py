@@ -9,8 +9,6 @@ Exit status 0, or 2 for a bad configuration or a spool that cannot be read.
 from __future__ import annotations
 
 import argparse
-import json
-import sqlite3
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -18,24 +16,14 @@ from pathlib import Path
 from typing import Final
 
 from phonepush.commands import CONFIG_EXIT, add_config_option, load_or_report
+from phonepush.errors import SpoolError
+from phonepush.store.records import DeliveryState
+from phonepush.store.spool import read_recent
 
 __all__ = ["STATE_ORDER", "main", "recent_events"]
 
 #: The order delivery states are listed in.
-STATE_ORDER: Final = (
-    "pending",
-    "delivered",
-    "acknowledged",
-    "unconfirmed",
-    "failed",
-    "expired",
-    "suppressed",
-)
-
-_RECENT: Final = (
-    "SELECT id, source, topic, received_at, rules FROM events ORDER BY seq DESC LIMIT ?"
-)
-_COUNTS: Final = "SELECT state, count(*) FROM deliveries WHERE event_id = ? GROUP BY state"
+STATE_ORDER: Final = tuple(s.value for s in DeliveryState)
 
 Row = tuple[float, str, str, tuple[str, ...], dict[str, int]]
 
@@ -43,21 +31,12 @@ Row = tuple[float, str, str, tuple[str, ...], dict[str, int]]
 def recent_events(path: Path, limit: int) -> list[Row]:
     """(received_at, id, source:topic, rules, {state: count}) of the ``limit`` newest events.
 
-    Raises :class:`sqlite3.Error` when the file is missing or not a spool.
+    Raises :class:`~phonepush.errors.SpoolError` when the file is missing or not a spool.
     """
-    if not path.is_file():
-        raise sqlite3.OperationalError(f"no spool at {path}")
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=2.0)
-    try:
-        rows: list[Row] = []
-        for event_id, source, topic, received_at, rules in conn.execute(_RECENT, (limit,)):
-            counts = dict(conn.execute(_COUNTS, (event_id,)).fetchall())
-            rows.append(
-                (received_at, event_id, f"{source}:{topic}", tuple(json.loads(rules)), counts)
-            )
-        return rows
-    finally:
-        conn.close()
+    return [
+        (e.received_at, e.id, f"{e.source}:{e.topic}", e.rules, dict(e.states))
+        for e in read_recent(path, limit)
+    ]
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -95,7 +74,7 @@ def main(argv: Sequence[str], prog: str = "phonepush status") -> int:
         return CONFIG_EXIT
     try:
         rows = recent_events(config.spool.path, args.limit)
-    except sqlite3.Error as exc:
+    except SpoolError as exc:
         print(f"{config.spool.path}: cannot read the spool: {exc}", file=sys.stderr)
         return 2
     if not rows:

@@ -43,7 +43,8 @@ from phonepush.errors import (
 from phonepush.metrics import Metrics
 from phonepush.phone.client import PhoneClient, PhoneTarget
 from phonepush.phone.lanes import DEFAULT_MAX_CONNECTIONS, PhoneLanes
-from phonepush.store.spool import Delivery, Spool
+from phonepush.store.interface import Store
+from phonepush.store.records import Delivery, DeliveryState
 
 __all__ = ["Dispatcher", "Outcome"]
 
@@ -57,7 +58,7 @@ class Outcome:
     event: str
     rule: str
     phone: str
-    result: str  # delivered | unconfirmed | failed | expired
+    result: DeliveryState  # delivered | unconfirmed | failed | expired
     attempts: int
     error: str
     seconds: float
@@ -105,7 +106,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        spool: Spool,
+        spool: Store,
         phones: PhoneLanes | Mapping[str, PhoneTarget],
         *,
         metrics: Metrics,
@@ -148,7 +149,7 @@ class Dispatcher:
         self._outstanding = 0
         self._cancelled: set[int] = set()  # no longer pending in the spool (acked, resolved)
         # Finished deliveries not yet written: answers that arrive together share one commit.
-        self._finished: list[tuple[int, str, str]] = []
+        self._finished: list[tuple[int, DeliveryState, str]] = []
         self._flush: asyncio.Handle | None = None
         # Labelled metric children per phone: a labels() lookup costs more than the update.
         self._phone_metrics: dict[str, _PhoneMetrics] = {}
@@ -230,10 +231,12 @@ class Dispatcher:
                 self._cancelled.discard(delivery.id)
                 return
             if self._clock() >= delivery.expires_at:
-                await self._finish(delivery, "expired", attempts, error or "TTL passed")
+                await self._finish(delivery, DeliveryState.EXPIRED, attempts, error or "TTL passed")
                 return
             if delivery.phone not in self._lanes:
-                await self._finish(delivery, "failed", attempts, "phone not in the configuration")
+                await self._finish(
+                    delivery, DeliveryState.FAILED, attempts, "phone not in the configuration"
+                )
                 return
             try:
                 async with self._bound:
@@ -254,7 +257,7 @@ class Dispatcher:
             except PhoneError as exc:
                 error = str(exc)
                 if not (exc.retryable or isinstance(exc, PhoneUnconfirmed)):
-                    await self._finish(delivery, "failed", attempts, error)
+                    await self._finish(delivery, DeliveryState.FAILED, attempts, error)
                     return
                 delay = min(self._retry_max, backoff) * self._rng()
                 backoff = min(self._retry_max, backoff * 2)
@@ -280,16 +283,16 @@ class Dispatcher:
                     # so it must not be sent again on the next start.
                     await self._finish(
                         delivery,
-                        "unconfirmed",
+                        DeliveryState.UNCONFIRMED,
                         attempts,
                         f"{_UNCONFIRMED}the daemon stopped while waiting for the answer",
                     )
                 self._cut.discard(delivery.id)
                 raise
             if unconfirmed:
-                await self._finish(delivery, "unconfirmed", attempts, unconfirmed)
+                await self._finish(delivery, DeliveryState.UNCONFIRMED, attempts, unconfirmed)
             else:
-                await self._finish(delivery, "delivered", attempts, "")
+                await self._finish(delivery, DeliveryState.DELIVERED, attempts, "")
             return
 
     async def _send(self, delivery: Delivery, index: int) -> None:
@@ -321,13 +324,15 @@ class Dispatcher:
                 "; ".join(f"{i.url}: {i.data} (status {i.status})" for i in refused), phone=phone
             )
 
-    async def _finish(self, delivery: Delivery, result: str, attempts: int, error: str) -> None:
+    async def _finish(
+        self, delivery: Delivery, result: DeliveryState, attempts: int, error: str
+    ) -> None:
         self._cancelled.discard(delivery.id)
         self._finished.append((delivery.id, result, error))
         if self._flush is None:
             self._flush = asyncio.get_running_loop().call_soon(self._flush_finished)
         seconds = self._clock() - delivery.created_at
-        if result == "delivered":
+        if result is DeliveryState.DELIVERED:
             metrics = self._metrics_of(delivery.phone)
             metrics.delivered.inc()
             metrics.duration.observe(seconds)
@@ -336,7 +341,7 @@ class Dispatcher:
         outcome = Outcome(
             delivery.event_id, delivery.rule, delivery.phone, result, attempts, error, seconds
         )
-        level = logging.INFO if result == "delivered" else logging.WARNING
+        level = logging.INFO if result is DeliveryState.DELIVERED else logging.WARNING
         log.log(
             level,
             "delivery %s event %s rule %s phone %s %s after %d attempt(s) in %.3f s%s",
@@ -365,7 +370,7 @@ class Dispatcher:
         if not finished:
             return
         try:
-            self._spool.finish_many(finished)
+            self._spool.deliveries.finish_many(finished)
         except SpoolError as exc:
             # Kept and written again later (a full disk comes back): dropped, they would stay
             # pending in the spool, counted against max_pending, until a restart sent them again.
@@ -375,11 +380,10 @@ class Dispatcher:
             if not self._closing:
                 loop = asyncio.get_running_loop()
                 self._flush = loop.call_later(self._retry_initial, self._flush_finished)
-        self._metrics.spool_pending.set(self._spool.pending_count())
 
     def _progress(self, delivery: Delivery, sent: int, attempts: int, error: str = "") -> None:
         try:
-            self._spool.progress(delivery.id, sent, attempts, error)
+            self._spool.deliveries.progress(delivery.id, sent, attempts, error)
         except SpoolError as exc:
             # Only a saving for a resumed delivery (its answered requests are not sent again);
             # raised from here, it would end this phone's worker and strand its queue.
@@ -392,7 +396,7 @@ class Dispatcher:
             metrics = self._phone_metrics[phone] = _PhoneMetrics(
                 up=m.phone_up.labels(phone),
                 ok=m.requests.labels(phone, "ok"),
-                delivered=m.deliveries.labels(phone, "delivered"),
+                delivered=m.deliveries.labels(phone, DeliveryState.DELIVERED),
                 duration=m.delivery_duration.labels(phone),
             )
         return metrics

@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -35,14 +35,15 @@ from phonepush.metrics import Metrics
 from phonepush.pipeline.plan import Plan, PlannedRule, Work
 from phonepush.rules.book import event_context
 from phonepush.silence.silences import Facts, Quieting, Silences, Verdict, count_held
-from phonepush.store.spool import (
+from phonepush.store.interface import Store
+from phonepush.store.records import (
     Delivery,
+    DeliveryState,
     GroupedEvent,
     GroupWindow,
     NewDelivery,
     NewGroupedEvent,
     PushRequest,
-    Spool,
 )
 from phonepush.wire import cisco
 from phonepush.wire.cisco import TextPage
@@ -107,7 +108,7 @@ class Grouper:
 
     def __init__(
         self,
-        spool: Spool,
+        spool: Store,
         silences: Silences,
         *,
         public_url: str,
@@ -223,7 +224,7 @@ class Grouper:
             self._wake.clear()
             try:
                 self.flush_due()
-                due = self._spool.next_group_due()
+                due = self._spool.groups.next_due()
             except SpoolError as exc:
                 log.error("flushing groups failed, retrying: %s", exc)
                 due = self._clock() + _RETRY_SECONDS
@@ -236,7 +237,7 @@ class Grouper:
         """Turn every window due now into deliveries; hand the pending ones to ``submit``."""
         now = self._clock()
         flushed: list[Delivery] = []
-        for window in self._spool.due_groups(now):
+        for window in self._spool.groups.due(now):
             flushed.extend(self._flush(window, now))
         return flushed
 
@@ -265,7 +266,14 @@ class Grouper:
                 verdict = Verdict("drop", "silenced by " + ", ".join(dict.fromkeys(ids)))
             if verdict.action == "drop":
                 deliveries.append(
-                    NewDelivery(window.rule, phone, (), expires_at, "suppressed", verdict.reason)
+                    NewDelivery(
+                        window.rule,
+                        phone,
+                        (),
+                        expires_at,
+                        DeliveryState.SUPPRESSED,
+                        verdict.reason,
+                    )
                 )
                 held.append((window.rule, phone, verdict))
                 continue
@@ -278,12 +286,12 @@ class Grouper:
                     rendered[variant] = str(exc)
             result = rendered[variant]
             if isinstance(result, str):
-                deliveries.append(NewDelivery(window.rule, phone, (), expires_at, "failed", result))
+                deliveries.append(
+                    NewDelivery(window.rule, phone, (), expires_at, DeliveryState.FAILED, result)
+                )
             else:
                 deliveries.append(NewDelivery(window.rule, phone, result, expires_at))
-        stored = self._spool.flush_group(
-            window, event_id=lead.event_id, deliveries=deliveries, pages=pages
-        )
+        stored = self._store_flush(window, lead.event_id, deliveries, pages)
         # Per event left out of a phone's page; a phone left with nothing is also one suppressed
         # delivery, counted with the quiet-hours drops.
         for phone, silence_id in silenced:
@@ -293,8 +301,8 @@ class Grouper:
             )
         count_held(self._metrics, lead.event_id, held)
         for delivery in stored:
-            if delivery.state == "failed":
-                self._metrics.deliveries.labels(delivery.phone, "failed").inc()
+            if delivery.state is DeliveryState.FAILED:
+                self._metrics.deliveries.labels(delivery.phone, DeliveryState.FAILED).inc()
         log.info(
             "group of rule %s: %d event(s) (%s) over %.1f s -> %d phone(s)",
             window.rule,
@@ -303,10 +311,28 @@ class Grouper:
             now - window.opened_at,
             len(phones),
         )
-        pending = [d for d in stored if d.state == "pending"]
+        pending = [d for d in stored if d.state is DeliveryState.PENDING]
         if pending:
             self._submit(pending)
-        self._metrics.spool_pending.set(self._spool.pending_count())
+        return stored
+
+    def _store_flush(
+        self,
+        window: GroupWindow,
+        event_id: str,
+        deliveries: Sequence[NewDelivery],
+        pages: Mapping[str, str],
+    ) -> list[Delivery]:
+        """Turn the window into ``deliveries`` (and ``pages``) of its first event and take its
+        events out, in one durable commit: a crash repeats the flush or it did not happen. Not
+        held to the backlog limit: the events were accepted already. An event that joined after
+        the window was read keeps it open (and due) for the next pass."""
+        last = max((e.seq for e in window.events), default=0)
+        with self._spool.transaction(f"cannot flush group {window.rule}", durable=True) as tx:
+            stored = tx.deliveries.add(event_id, deliveries)
+            tx.events.add_pages(event_id, pages)
+            tx.groups.remove_events(window.rule, window.key, last)
+            tx.groups.close_if_empty(window.rule, window.key)
         return stored
 
     def _member(self, grouped: GroupedEvent) -> _Member | None:

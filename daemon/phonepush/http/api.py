@@ -19,7 +19,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from phonepush.errors import SpoolError
-from phonepush.store.spool import AlertPhone, EventRecord, Spool
+from phonepush.store.interface import Store
+from phonepush.store.records import AlertPhone, DeliveryState, EventRecord, RoundKind
 
 if TYPE_CHECKING:
     from phonepush.http.state import ServerState
@@ -27,27 +28,19 @@ if TYPE_CHECKING:
 __all__ = ["DELIVERY_STATES", "api_routes", "event_status"]
 
 #: What ``GET /api/events/<id>`` says a delivery is.
-DELIVERY_STATES: Final = (
-    "pending",
-    "delivered",
-    "unconfirmed",
-    "failed",
-    "expired",
-    "acknowledged",
-    "suppressed",
-)
+DELIVERY_STATES: Final = tuple(s.value for s in DeliveryState)
 _XML: Final = "text/xml; charset=UTF-8"
 
 
-def event_status(spool: Spool, record: EventRecord) -> dict[str, Any]:
+def event_status(spool: Store, record: EventRecord) -> dict[str, Any]:
     """The status API's answer for one stored event."""
-    rounds = spool.delivery_rounds(record.id)
+    rounds = spool.alerts.delivery_rounds(record.id)
     acks: dict[tuple[str, str], AlertPhone] = {
-        (p.rule, p.phone): p for p in spool.alert_phones_of(record.id)
+        (p.rule, p.phone): p for p in spool.alerts.phones_of(record.id)
     }
     deliveries = []
     for d in record.deliveries:
-        number, kind = rounds.get(d.id, (0, "page"))
+        number, kind = rounds.get(d.id, (0, RoundKind.PAGE))
         entry: dict[str, Any] = {
             "id": d.id,
             "rule": d.rule,
@@ -61,7 +54,7 @@ def event_status(spool: Spool, record: EventRecord) -> dict[str, Any]:
             "expires_at": d.expires_at,
         }
         ack = acks.get((d.rule, d.phone))
-        if d.state == "acknowledged" and ack is not None:
+        if d.state is DeliveryState.ACKNOWLEDGED and ack is not None:
             entry["acknowledged_at"] = ack.acked_at
             entry["acknowledged_from"] = ack.acked_by
         deliveries.append(entry)
@@ -81,7 +74,7 @@ def event_status(spool: Spool, record: EventRecord) -> dict[str, Any]:
                 if p.rule == a.rule and p.acked_at is not None
             ],
         }
-        for a in spool.alerts_of(record.id)
+        for a in spool.alerts.of_event(record.id)
     ]
     return {
         "event": record.id,
@@ -128,7 +121,7 @@ def api_routes(state: ServerState, *, bearer_ok: Callable[[Request, str], bool])
             )
         event_id = request.path_params["event_id"]
         try:
-            record = state.spool.event(event_id)
+            record = state.spool.events.get(event_id)
             if record is None:
                 return JSONResponse({"error": f"no event {event_id[:64]!r}"}, status_code=404)
             return JSONResponse(event_status(state.spool, record))

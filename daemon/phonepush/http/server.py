@@ -108,7 +108,7 @@ def create_app(state: ServerState) -> Starlette:
         return JSONResponse({"event": event.id, "rules": list(accepted.rules)}, status_code=202)
 
     async def page(request: Request) -> Response:
-        xml = state.spool.page(request.path_params["page_id"])
+        xml = state.spool.events.page(request.path_params["page_id"])
         if xml is None:
             return PlainTextResponse("no such page", status_code=404)
         return Response(xml, media_type="text/xml; charset=UTF-8")

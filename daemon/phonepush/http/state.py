@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from phonepush.http.authenticate import Authenticator
     from phonepush.pipeline.intake import Intake
     from phonepush.silence.silences import Silences
-    from phonepush.store.spool import Spool
+    from phonepush.store.interface import Store
 
 __all__ = ["ServerState"]
 
@@ -23,7 +23,7 @@ class ServerState:
     """What the routes need; the daemon swaps fields on reload."""
 
     intake: Intake
-    spool: Spool
+    spool: Store
     metrics: Metrics
     token: str | None = None
     hmac_secret: str | None = None

@@ -21,7 +21,9 @@ from phonepush.events import Event
 from phonepush.metrics import Metrics
 from phonepush.pipeline.plan import Accepted, Pipeline, Plan, PlannedRule, Work, render
 from phonepush.rules.book import RuleBook
-from phonepush.store.spool import Delivery, NewDelivery, Spool
+from phonepush.store.commit import commit_event
+from phonepush.store.interface import Store
+from phonepush.store.records import Delivery, NewDelivery
 
 __all__ = ["Accepted", "Intake", "Plan", "PlannedRule"]
 
@@ -38,7 +40,7 @@ class Intake:
     def __init__(
         self,
         pipeline: Pipeline,
-        spool: Spool,
+        spool: Store,
         *,
         metrics: Metrics,
         submit: Callable[[Sequence[Delivery]], None],
@@ -115,7 +117,8 @@ class Intake:
         for stage in pipeline.staging:
             stage.stage(work)
         plan = work.plan
-        deliveries = self._spool.add_event(
+        deliveries = commit_event(
+            self._spool,
             self._stored(event, pipeline.keep_headers),
             rules=[p.rule for p in plan.rules],
             deliveries=work.deliveries,
@@ -130,7 +133,6 @@ class Intake:
             pending = after(pending)
         if pending:
             self._submit(pending)
-        self._metrics.spool_pending.set(self._spool.pending_count())
         return Accepted(event, tuple(p.rule for p in plan.rules), tuple(deliveries))
 
     @staticmethod

@@ -47,7 +47,8 @@ from phonepush.errors import WireError
 from phonepush.events import Event, decode_payload
 from phonepush.metrics import Metrics
 from phonepush.pipeline.plan import Work
-from phonepush.store.spool import Delivery, NewDelivery, PushRequest, Spool, StoredSilence
+from phonepush.store.interface import Store
+from phonepush.store.records import Delivery, DeliveryState, NewDelivery, PushRequest, StoredSilence
 from phonepush.wire import cisco
 from phonepush.wire.uri import ExecuteItem
 
@@ -333,7 +334,7 @@ class Silences:
     :meth:`expire`); the log keeps who made it and why.
     """
 
-    def __init__(self, spool: Spool, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, spool: Store, *, clock: Callable[[], float] = time.time) -> None:
         self._spool = spool
         self._clock = clock
         self._silences: dict[str, Silence] = {}
@@ -342,7 +343,7 @@ class Silences:
         """Read the silences from the spool (at start), forgetting those that have ended."""
         now = self._clock()
         self._silences = {}
-        for row in self._spool.stored_silences():
+        for row in self._spool.silences.all():
             try:
                 silence = Silence.from_stored(row)
             except (ValueError, TypeError) as exc:
@@ -352,14 +353,14 @@ class Silences:
             if silence.ends_at > now:
                 self._silences[silence.id] = silence
             else:
-                self._spool.delete_silence(silence.id)
+                self._spool.silences.delete(silence.id)
 
     def add(self, silence: Silence) -> None:
         """Store ``silence``; ``ValueError`` when :data:`MAX_SILENCES` are already in force."""
         self._prune()
         if len(self._silences) >= MAX_SILENCES:
             raise ValueError(f"there are already {MAX_SILENCES} silences; expire some first")
-        self._spool.add_silence(silence.stored())
+        self._spool.silences.add(silence.stored())
         self._silences[silence.id] = silence
         log.warning(
             "silence %s by %s until %s: %s (%s)",
@@ -378,7 +379,7 @@ class Silences:
         self._prune()
         if silence_id not in self._silences:
             return False
-        self._spool.delete_silence(silence_id)
+        self._spool.silences.delete(silence_id)
         del self._silences[silence_id]
         log.warning("silence %s expired through the API", silence_id)
         return True
@@ -405,7 +406,7 @@ class Silences:
     def _prune(self) -> None:
         now = self._clock()
         for silence in [s for s in self._silences.values() if s.ends_at <= now]:
-            self._spool.delete_silence(silence.id)
+            self._spool.silences.delete(silence.id)
             del self._silences[silence.id]
             log.info("silence %s ended", silence.id)
 
@@ -513,12 +514,12 @@ class Quieting:
         idled = 0
         idle_cache: dict[tuple[PushRequest, ...], tuple[PushRequest, ...]] = {}
         for new in deliveries:
-            if new.state != "pending":
+            if new.state != DeliveryState.PENDING:
                 out.append(new)
                 continue
             verdict = self.verdict(new.rule, new.phone, facts, now)
             if verdict.action == "drop":
-                out.append(replace(new, state="suppressed", error=verdict.reason))
+                out.append(replace(new, state=DeliveryState.SUPPRESSED, error=verdict.reason))
                 held.append((new.rule, new.phone, verdict))
             elif verdict.action == "idle":
                 requests = idle_cache.get(new.requests)

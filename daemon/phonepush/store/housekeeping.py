@@ -4,7 +4,7 @@ Every tick the spool's live size is measured (three ``PRAGMA`` reads). Over ``ma
 oldest finished events (every delivery done, nothing waiting in a group, no repeat to come) are
 evicted, with their deliveries, pages and alerts, until the spool is back under
 :data:`LOW_WATER` of the limit. If pending work alone keeps it over, :attr:`Spool.full
-<phonepush.store.spool.Spool.full>` is set: intake refuses events the way it does at
+<phonepush.store.interface.Store.full>` is set: intake refuses events the way it does at
 ``spool.max_pending`` (webhooks 503, MQTT messages left unacknowledged) until deliveries finish
 and can be evicted. Pending work is never dropped. Once a minute, events finished and older than
 ``retention`` are purged, and cooldowns that ended before then.
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Final
 
 from phonepush.errors import SpoolError
-from phonepush.store.spool import Spool
+from phonepush.store.interface import Store
 
 __all__ = ["LOW_WATER", "TARGET_BATCH_SECONDS", "Housekeeper"]
 
@@ -48,7 +48,7 @@ class Housekeeper:
 
     def __init__(
         self,
-        spool: Spool,
+        spool: Store,
         *,
         retention: float,
         max_size: int | None,
@@ -89,7 +89,7 @@ class Housekeeper:
             removed = await self.purge(before)
             while True:
                 limit = self.batch
-                if self.spool.purge_cooldowns(before, limit) < limit:
+                if self.spool.events.purge_cooldowns(before, limit) < limit:
                     break
                 await asyncio.sleep(0)
             if removed:
@@ -113,7 +113,7 @@ class Housekeeper:
                 spool.full = False
                 log.warning(
                     "spool %s back under spool.max_size (%d of %d bytes): taking events again",
-                    spool.path,
+                    spool.location,
                     live,
                     limit,
                 )
@@ -134,7 +134,7 @@ class Housekeeper:
             log.warning(
                 "spool %s: pending work alone is over spool.max_size (%d of %d bytes);"
                 " refusing events until deliveries finish",
-                spool.path,
+                spool.location,
                 live,
                 limit,
             )
@@ -147,7 +147,7 @@ class Housekeeper:
         while True:
             limit = self.batch
             started = time.perf_counter()
-            removed, cursor = self.spool.purge_batch(before, limit, cursor)
+            removed, cursor = self.spool.events.purge_batch(before, limit, cursor)
             self._adapt(time.perf_counter() - started)
             total += removed
             if removed < limit or (until is not None and until()):

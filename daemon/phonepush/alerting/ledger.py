@@ -1,0 +1,174 @@
+"""What an acknowledgement, a repeat round and a resolve do to an alert and its deliveries.
+
+Each is one transaction over the store's alert and delivery repositories (and, for a resolve,
+its pages and cooldowns), so a crash leaves an alert as it was or as it ends up, never half-way.
+The store only keeps alerts; these are the rules about them:
+
+* **Ack scope.** The phone's latest delivery of the page (delivered, or still on the wire: the
+  page is on screen while a ``Play:`` item holds the phone's answer) becomes acknowledged. With
+  scope "any" the alert stops and its pending deliveries to every phone are cancelled; with scope
+  "phone" only that phone's are, and the alert stops once every phone it went to acknowledged
+  (escalation phones count once escalation started). A second press changes nothing.
+* **Repeat rounds.** A due round pushes again to every phone still waiting for it (all of them,
+  or those that have not acknowledged with scope "phone"; escalation phones from round
+  ``escalate_after`` on), skipping a phone whose earlier delivery is still pending.
+* **Resolving.** A later event ends the earlier alerts of a rule with the same dedupe key: their
+  repeats stop, their pending deliveries are cancelled, the rule's cooldown for the key ends, and
+  every phone that showed the page gets a notice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from phonepush.errors import SpoolFull
+from phonepush.store.interface import Store, Transaction
+from phonepush.store.records import (
+    AlertPhone,
+    AlertRecord,
+    AlertState,
+    Delivery,
+    DeliveryState,
+    PushRequest,
+    RoundKind,
+)
+
+__all__ = ["AckResult", "Resolution", "acknowledge", "repeat_round", "resolve"]
+
+#: A notice renderer: (alert, the alert's page XML) -> (notice page id, its XML, its requests).
+Notice = Callable[[AlertRecord, str], tuple[str, str, tuple[PushRequest, ...]]]
+
+_SHOWING = (DeliveryState.DELIVERED, DeliveryState.PENDING)
+_SHOWN = (DeliveryState.DELIVERED, DeliveryState.ACKNOWLEDGED)
+
+
+@dataclass(frozen=True, slots=True)
+class AckResult:
+    """What :func:`acknowledge` did. ``first`` is False for a second press."""
+
+    alert: AlertRecord
+    phone: AlertPhone
+    first: bool
+    cancelled: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """An alert a later event resolved: the pending deliveries cancelled, the notices added."""
+
+    alert: AlertRecord
+    cancelled: tuple[int, ...]
+    notices: tuple[Delivery, ...]
+
+
+def acknowledge(store: Store, token: str, at: float, by: str) -> AckResult | None:
+    """Record that the phone holding ``token`` acknowledged its page at ``at`` (from ``by``).
+    Returns None for an unknown token."""
+    with store.transaction("cannot record an acknowledgement") as tx:
+        found = tx.alerts.by_token(token)
+        if found is None:
+            return None
+        alert, phone = found
+        if phone.acked_at is not None:
+            return AckResult(alert, phone, first=False)
+        tx.alerts.acknowledge_phone(token, at, by)
+        cancelled: list[int] = []
+        shown = tx.deliveries.latest(alert.event_id, alert.rule, phone.phone, _SHOWING)
+        if shown is not None:
+            delivery_id, state = shown
+            tx.deliveries.set_state(delivery_id, DeliveryState.ACKNOWLEDGED)
+            if state is DeliveryState.PENDING:
+                cancelled.append(delivery_id)
+        if alert.state is AlertState.ACTIVE:
+            everyone = alert.scope == "any"
+            cancelled += _cancel(
+                tx, alert, None if everyone else phone.phone, f"acknowledged on {phone.phone}"
+            )
+            if not everyone:
+                escalating = alert.escalate_after > 0 and alert.rounds >= alert.escalate_after
+                everyone = tx.alerts.waiting(alert.event_id, alert.rule, escalation=escalating) == 0
+            if everyone:
+                tx.alerts.end(alert.event_id, alert.rule, AlertState.ACKNOWLEDGED, at, phone.phone)
+                alert = tx.alerts.get(alert.event_id, alert.rule) or alert
+    acked = dataclasses.replace(phone, acked_at=at, acked_by=by)
+    return AckResult(alert, acked, first=True, cancelled=tuple(cancelled))
+
+
+def repeat_round(
+    store: Store, event_id: str, rule: str, now: float
+) -> tuple[AlertRecord, list[Delivery]] | None:
+    """Push the next round of an active alert whose repeat is due: one delivery per phone that
+    waits for it. Returns the updated alert and the new deliveries, or None if the alert is no
+    longer active. Raises :class:`SpoolFull` (writing nothing) when the backlog has no room."""
+    with store.transaction(f"cannot repeat {rule} of event {event_id}") as tx:
+        alert = tx.alerts.get(event_id, rule)
+        if alert is None or alert.state is not AlertState.ACTIVE or alert.next_at is None:
+            return None
+        number = alert.rounds + 1
+        busy = tx.deliveries.pending_phones(event_id, rule)
+        escalating = alert.escalate_after > 0 and number >= alert.escalate_after
+        targets = [
+            t
+            for t in tx.alerts.targets(event_id, rule)
+            if (not t.escalation or escalating)
+            and (alert.scope == "any" or t.acked_at is None)
+            and t.phone not in busy
+        ]
+        if len(targets) > store.room():
+            raise SpoolFull(
+                f"spool {store.location}: no room for round {number} of {rule} ({event_id})"
+            )
+        expires_at = now + min(alert.ttl, alert.repeat)
+        created: list[Delivery] = []
+        for target in targets:
+            delivery = tx.deliveries.add_pending(
+                event_id, rule, target.phone, target.requests, now, expires_at
+            )
+            kind = RoundKind.ESCALATION if target.escalation else RoundKind.REPEAT
+            tx.alerts.add_round_delivery(delivery.id, number, kind)
+            created.append(delivery)
+        next_at = now + alert.repeat if number < alert.max_repeats else None
+        tx.alerts.set_round(event_id, rule, number, next_at)
+    return dataclasses.replace(alert, rounds=number, next_at=next_at), created
+
+
+def resolve(
+    store: Store, rule: str, key: str, *, by_event: str, at: float, notice: Notice
+) -> list[Resolution]:
+    """Resolve the earlier alerts of ``rule`` with dedupe ``key`` (not yet resolved, not started
+    by ``by_event``). ``notice(alert, page_xml)`` renders the notice the phones that showed the
+    page get: (page id, page XML, requests)."""
+    resolved: list[Resolution] = []
+    with store.transaction(f"cannot resolve {rule}") as tx:
+        alerts = tx.alerts.unresolved(rule, key, besides=by_event)
+        for alert in alerts:
+            cancelled = _cancel(tx, alert, None, f"resolved by {by_event}")
+            tx.alerts.end(alert.event_id, alert.rule, AlertState.RESOLVED, at, by_event)
+            shown = tx.deliveries.phones_reached(alert.event_id, alert.rule, _SHOWN)
+            page = tx.events.page(alert.page_id) if alert.page_id else None
+            notices: list[Delivery] = []
+            if page is not None and shown:
+                page_id, xml, requests = notice(alert, page)
+                tx.events.put_page(page_id, alert.event_id, xml)
+                for phone in shown:
+                    delivery = tx.deliveries.add_pending(
+                        alert.event_id, rule, phone, requests, at, at + alert.ttl
+                    )
+                    tx.alerts.add_round_delivery(delivery.id, alert.rounds, RoundKind.RESOLVED)
+                    notices.append(delivery)
+            ended = dataclasses.replace(
+                alert, state=AlertState.RESOLVED, ended_at=at, ended_by=by_event, next_at=None
+            )
+            resolved.append(Resolution(ended, tuple(cancelled), tuple(notices)))
+        if alerts:
+            tx.events.end_cooldown(rule, key)
+    return resolved
+
+
+def _cancel(tx: Transaction, alert: AlertRecord, phone: str | None, why: str) -> list[int]:
+    """Cancel an alert's pending deliveries (to one phone, or all); their ids."""
+    ids = tx.deliveries.pending_ids(alert.event_id, alert.rule, phone)
+    tx.deliveries.suppress(ids, why)
+    return ids

@@ -1,0 +1,799 @@
+"""The SQLite repositories: one class per table group, over the statements of the spool's schema.
+
+Each runs its statements through :class:`Sql` (the :class:`~phonepush.store.spool.Spool` they
+belong to), which translates errors and knows whether a transaction is open: a single write on its
+own is its own transaction, inside ``spool.transaction()`` it is part of that one. Rows are read by
+column name (:class:`sqlite3.Row`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Final, Protocol, get_args
+
+from phonepush.events import Event
+from phonepush.store.interface import PurgeCursor, Transaction
+from phonepush.store.records import (
+    FINAL_STATES,
+    INTAKE_STATES,
+    AlertPhone,
+    AlertRecord,
+    AlertState,
+    AlertTarget,
+    Delivery,
+    DeliveryState,
+    EventRecord,
+    GroupedEvent,
+    GroupWindow,
+    NewAlert,
+    NewDelivery,
+    NewGroupedEvent,
+    PushRequest,
+    RequestKind,
+    RoundKind,
+    StoredSilence,
+)
+
+__all__ = [
+    "Sql",
+    "SqliteAlerts",
+    "SqliteDeliveries",
+    "SqliteEvents",
+    "SqliteGroups",
+    "SqliteSilences",
+]
+
+_KINDS: Final = frozenset(get_args(RequestKind))
+_PENDING: Final = DeliveryState.PENDING
+# A dict lookup: calling the enum costs a microsecond a row.
+_STATES: Final = {state.value: state for state in DeliveryState}
+_ALERT_STATES: Final = {state.value: state for state in AlertState}
+
+
+class Sql(Protocol):
+    """What the repositories need of the spool: statements, with its error handling."""
+
+    def rows(self, sql: str, params: Sequence[Any], what: str) -> list[sqlite3.Row]: ...
+    def row(self, sql: str, params: Sequence[Any], what: str) -> sqlite3.Row | None: ...
+    def write(self, sql: str, params: Sequence[Any], what: str) -> int: ...
+    def write_many(self, sql: str, params: Iterable[Sequence[Any]], what: str) -> int: ...
+    def insert(self, sql: str, params: Sequence[Any], what: str) -> int: ...
+    def pending_changed(self, delta: int) -> None: ...
+    def transaction(
+        self, what: str, *, durable: bool = False
+    ) -> AbstractContextManager[Transaction]: ...
+
+
+# --- events, pages, cooldowns -------------------------------------------------------------------
+
+_EVENT_COLUMNS: Final = "id, source, topic, payload, headers, received_at, rules"
+_INSERT_EVENT: Final = (
+    "INSERT INTO events (id, source, topic, payload, headers, received_at, rules)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_EVENT: Final = f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?"
+_RECENT: Final = f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq DESC LIMIT ?"
+_INSERT_PAGE: Final = "INSERT INTO pages (id, event_id, xml) VALUES (?, ?, ?)"
+_PUT_PAGE: Final = "INSERT OR REPLACE INTO pages (id, event_id, xml) VALUES (?, ?, ?)"
+_PAGE: Final = "SELECT xml FROM pages WHERE id = ?"
+_UPSERT_COOLDOWN: Final = (
+    "INSERT INTO cooldowns (rule, key, until) VALUES (?, ?, ?)"
+    " ON CONFLICT (rule, key) DO UPDATE SET until = excluded.until"
+)
+_IN_COOLDOWN: Final = "SELECT 1 FROM cooldowns WHERE rule = ? AND key = ? AND until > ?"
+_EXPIRED_COOLDOWNS: Final = (
+    "DELETE FROM cooldowns WHERE (rule, key) IN"
+    " (SELECT rule, key FROM cooldowns WHERE until < ? LIMIT ?)"
+)
+# Finished events, oldest first, from a cursor on: no pending delivery (looked up per event by
+# the event's deliveries), not waiting in a grouping window, no repeat still to come. The two
+# NOT IN lists are small tables SQLite reads once per statement; the cursor keeps a pass from
+# reading the same unfinished old events again in every batch.
+_PURGEABLE: Final = (
+    "SELECT id, received_at, seq FROM events INDEXED BY events_received_at"
+    " WHERE received_at < ? AND received_at >= ? AND (received_at > ? OR seq > ?)"
+    " AND NOT EXISTS (SELECT 1 FROM deliveries"
+    "  WHERE deliveries.event_id = events.id AND state = 'pending')"
+    " AND id NOT IN (SELECT event_id FROM grouped_events)"
+    " AND id NOT IN (SELECT event_id FROM alerts WHERE state = 'active' AND next_at IS NOT NULL)"
+    " ORDER BY received_at, seq LIMIT ?"
+)
+# What goes with a purged event, children first.
+_PURGE: Final = (
+    "DELETE FROM alert_deliveries WHERE delivery_id IN"
+    " (SELECT id FROM deliveries WHERE event_id = ?)",
+    "DELETE FROM alert_phones WHERE event_id = ?",
+    "DELETE FROM alerts WHERE event_id = ?",
+    "DELETE FROM deliveries WHERE event_id = ?",
+    "DELETE FROM pages WHERE event_id = ?",
+    "DELETE FROM events WHERE id = ?",
+)
+
+
+class SqliteEvents:
+    """:class:`~phonepush.store.interface.EventRepository` on SQLite."""
+
+    def __init__(self, sql: Sql, deliveries: SqliteDeliveries) -> None:
+        self._sql = sql
+        self._deliveries = deliveries
+
+    def add(self, event: Event, rules: Sequence[str]) -> None:
+        row = (
+            event.id,
+            event.source,
+            event.topic,
+            event.payload,
+            json.dumps(dict(event.headers), ensure_ascii=False),
+            event.received_at,
+            json.dumps(list(rules), ensure_ascii=False),
+        )
+        self._sql.write(_INSERT_EVENT, row, f"cannot store event {event.id}")
+
+    def get(self, event_id: str) -> EventRecord | None:
+        row = self._sql.row(_EVENT, (event_id,), "cannot read events")
+        return None if row is None else self._record(row)
+
+    def recent(self, limit: int = 20) -> list[EventRecord]:
+        return [
+            self._record(row) for row in self._sql.rows(_RECENT, (limit,), "cannot read events")
+        ]
+
+    def add_pages(self, event_id: str, pages: Mapping[str, str]) -> None:
+        if pages:
+            rows = [(page_id, event_id, xml) for page_id, xml in pages.items()]
+            self._sql.write_many(_INSERT_PAGE, rows, "cannot store pages")
+
+    def put_page(self, page_id: str, event_id: str, xml: str) -> None:
+        self._sql.write(_PUT_PAGE, (page_id, event_id, xml), f"cannot store page {page_id}")
+
+    def page(self, page_id: str) -> str | None:
+        row = self._sql.row(_PAGE, (page_id,), "cannot read pages")
+        return None if row is None else str(row["xml"])
+
+    def in_cooldown(self, rule: str, key: str, now: float) -> bool:
+        return self._sql.row(_IN_COOLDOWN, (rule, key, now), "cannot read cooldowns") is not None
+
+    def start_cooldowns(self, cooldowns: Sequence[tuple[str, str, float]]) -> None:
+        if cooldowns:
+            self._sql.write_many(_UPSERT_COOLDOWN, cooldowns, "cannot store cooldowns")
+
+    def end_cooldown(self, rule: str, key: str) -> None:
+        self._sql.write(
+            "DELETE FROM cooldowns WHERE rule = ? AND key = ?", (rule, key), "cannot end a cooldown"
+        )
+
+    def purge_cooldowns(self, before: float, limit: int) -> int:
+        return self._sql.write(_EXPIRED_COOLDOWNS, (before, limit), "cannot purge cooldowns")
+
+    def purge_batch(
+        self, before: float, limit: int, cursor: PurgeCursor = (-math.inf, 0)
+    ) -> tuple[int, PurgeCursor]:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        after_at, after_seq = cursor
+        with self._sql.transaction("cannot purge"):
+            rows = self._sql.rows(
+                _PURGEABLE, (before, after_at, after_at, after_seq, limit), "cannot purge"
+            )
+            doomed = [(row["id"],) for row in rows]
+            if doomed:
+                for statement in _PURGE:
+                    self._sql.write_many(statement, doomed, "cannot purge")
+        if doomed:
+            cursor = (float(rows[-1]["received_at"]), int(rows[-1]["seq"]))
+        return len(doomed), cursor
+
+    def purge(self, before: float) -> int:
+        total = 0
+        cursor: PurgeCursor = (-math.inf, 0)
+        while True:
+            removed, cursor = self.purge_batch(before, 1000, cursor)
+            total += removed
+            if removed < 1000:
+                break
+        while self.purge_cooldowns(before, 1000) == 1000:
+            pass
+        return total
+
+    def _record(self, row: sqlite3.Row) -> EventRecord:
+        return EventRecord(
+            id=row["id"],
+            source=row["source"],
+            topic=row["topic"],
+            received_at=row["received_at"],
+            rules=tuple(json.loads(row["rules"])),
+            deliveries=tuple(self._deliveries.of_event(row["id"])),
+            payload=bytes(row["payload"]),
+            headers=json.loads(row["headers"]),
+        )
+
+
+# --- deliveries ---------------------------------------------------------------------------------
+
+_DELIVERY_COLUMNS: Final = (
+    "id, event_id, rule, phone, requests, sent, attempts, created_at, expires_at, state, error"
+)
+_INSERT_DELIVERY: Final = (
+    "INSERT INTO deliveries (event_id, rule, phone, requests, created_at, expires_at, state, error)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_PENDING_ROWS: Final = (
+    f"SELECT {_DELIVERY_COLUMNS} FROM deliveries INDEXED BY deliveries_pending"
+    " WHERE state = 'pending' ORDER BY id"
+)
+_EVENT_DELIVERIES: Final = (
+    f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE event_id = ? ORDER BY id"
+)
+_PROGRESS: Final = (
+    "UPDATE deliveries SET sent = ?, attempts = ?, error = ? WHERE id = ? AND state = 'pending'"
+)
+_FINISH: Final = "UPDATE deliveries SET state = ?, error = ? WHERE id = ? AND state = 'pending'"
+_PENDING_OF: Final = (
+    "SELECT id, phone FROM deliveries WHERE event_id = ? AND rule = ? AND state = 'pending'"
+)
+
+
+class SqliteDeliveries:
+    """:class:`~phonepush.store.interface.DeliveryRepository` on SQLite.
+
+    Delivery ids are rowids without AUTOINCREMENT (which writes one more page per commit): they
+    increase, and can only be reused once purge removed every newer delivery.
+    """
+
+    def __init__(self, sql: Sql, clock: Callable[[], float]) -> None:
+        self._sql = sql
+        self._clock = clock
+
+    def add(self, event_id: str, deliveries: Sequence[NewDelivery]) -> list[Delivery]:
+        for new in deliveries:
+            if new.state not in INTAKE_STATES:
+                raise ValueError(f"a new delivery cannot be {new.state!r}")
+        # The deliveries of one event to many phones carry the same requests: encode them once.
+        dumped: dict[tuple[PushRequest, ...], str] = {}
+        created_at = self._clock()
+        insert = self._sql.insert
+        stored: list[Delivery] = []
+        for new in deliveries:
+            requests = tuple(new.requests)
+            text = dumped.get(requests)
+            if text is None:
+                text = dumped[requests] = _dump_requests(requests)
+            state = _STATES[new.state]
+            row = (
+                event_id,
+                new.rule,
+                new.phone,
+                text,
+                created_at,
+                new.expires_at,
+                state,
+                new.error,
+            )
+            delivery_id = insert(_INSERT_DELIVERY, row, "cannot store deliveries")
+            stored.append(
+                Delivery(
+                    delivery_id,
+                    event_id,
+                    new.rule,
+                    new.phone,
+                    requests,
+                    0,
+                    0,
+                    created_at,
+                    new.expires_at,
+                    state,
+                    new.error,
+                )
+            )
+        self._sql.pending_changed(sum(1 for d in stored if d.state is _PENDING))
+        return stored
+
+    def add_pending(
+        self,
+        event_id: str,
+        rule: str,
+        phone: str,
+        requests: Sequence[PushRequest],
+        created_at: float,
+        expires_at: float,
+    ) -> Delivery:
+        row = (event_id, rule, phone, _dump_requests(requests), created_at, expires_at)
+        delivery_id = self._sql.insert(
+            _INSERT_DELIVERY, (*row, _PENDING, ""), "cannot store deliveries"
+        )
+        self._sql.pending_changed(1)
+        return Delivery(
+            delivery_id,
+            event_id,
+            rule,
+            phone,
+            tuple(requests),
+            0,
+            0,
+            created_at,
+            expires_at,
+            _PENDING,
+            "",
+        )
+
+    def of_event(self, event_id: str) -> list[Delivery]:
+        rows = self._sql.rows(_EVENT_DELIVERIES, (event_id,), "cannot read deliveries")
+        return [_delivery(row) for row in rows]
+
+    def pending(self) -> list[Delivery]:
+        rows = self._sql.rows(_PENDING_ROWS, (), "cannot read deliveries")
+        # The deliveries of one event to many phones carry the same requests: decode them once.
+        decoded: dict[str, tuple[PushRequest, ...]] = {}
+        return [_delivery(row, decoded) for row in rows]
+
+    def pending_ids(self, event_id: str, rule: str, phone: str | None = None) -> list[int]:
+        rows = self._sql.rows(_PENDING_OF, (event_id, rule), "cannot read deliveries")
+        return [row["id"] for row in rows if phone is None or row["phone"] == phone]
+
+    def pending_phones(self, event_id: str, rule: str) -> set[str]:
+        rows = self._sql.rows(_PENDING_OF, (event_id, rule), "cannot read deliveries")
+        return {row["phone"] for row in rows}
+
+    def latest(
+        self, event_id: str, rule: str, phone: str, states: Collection[DeliveryState]
+    ) -> tuple[int, DeliveryState] | None:
+        marks = ", ".join("?" * len(states))
+        row = self._sql.row(
+            "SELECT id, state FROM deliveries WHERE event_id = ? AND rule = ? AND phone = ?"
+            f" AND state IN ({marks}) ORDER BY id DESC LIMIT 1",
+            (event_id, rule, phone, *states),
+            "cannot read deliveries",
+        )
+        return None if row is None else (row["id"], _STATES[row["state"]])
+
+    def phones_reached(
+        self, event_id: str, rule: str, states: Collection[DeliveryState]
+    ) -> list[str]:
+        marks = ", ".join("?" * len(states))
+        rows = self._sql.rows(
+            f"SELECT phone FROM deliveries WHERE event_id = ? AND rule = ? AND state IN ({marks})"
+            " GROUP BY phone ORDER BY min(id)",
+            (event_id, rule, *states),
+            "cannot read deliveries",
+        )
+        return [row["phone"] for row in rows]
+
+    def progress(self, delivery_id: int, sent: int, attempts: int, error: str = "") -> None:
+        if sent < 0 or attempts < 0:
+            raise ValueError("sent and attempts cannot be negative")
+        self._sql.write(
+            _PROGRESS, (sent, attempts, error, delivery_id), f"cannot update delivery {delivery_id}"
+        )
+
+    def finish(self, delivery_id: int, state: str, error: str = "") -> None:
+        if state not in FINAL_STATES:
+            raise ValueError(f"cannot finish a delivery as {state!r}")
+        changed = self._sql.write(
+            _FINISH, (state, error, delivery_id), f"cannot finish delivery {delivery_id}"
+        )
+        self._sql.pending_changed(-changed)
+
+    def finish_many(self, finished: Sequence[tuple[int, str, str]]) -> None:
+        for _, state, _ in finished:
+            if state not in FINAL_STATES:
+                raise ValueError(f"cannot finish a delivery as {state!r}")
+        if not finished:
+            return
+        what = f"cannot finish {len(finished)} deliveries"
+        with self._sql.transaction(what):
+            changed = self._sql.write_many(
+                _FINISH, [(state, error, i) for i, state, error in finished], what
+            )
+            self._sql.pending_changed(-changed)
+
+    def set_state(self, delivery_id: int, state: DeliveryState, error: str = "") -> None:
+        what = f"cannot update delivery {delivery_id}"
+        row = self._sql.row("SELECT state FROM deliveries WHERE id = ?", (delivery_id,), what)
+        if row is None:
+            return
+        self._sql.write(
+            "UPDATE deliveries SET state = ?, error = ? WHERE id = ?",
+            (state, error, delivery_id),
+            what,
+        )
+        self._sql.pending_changed(
+            (state is _PENDING) - (row["state"] == _PENDING)  # the count follows either way
+        )
+
+    def suppress(self, ids: Sequence[int], why: str) -> None:
+        changed = self._sql.write_many(
+            "UPDATE deliveries SET state = 'suppressed', error = ? WHERE id = ?"
+            " AND state = 'pending'",
+            [(why, i) for i in ids],
+            "cannot cancel deliveries",
+        )
+        self._sql.pending_changed(-changed)
+
+
+def _dump_requests(requests: Iterable[PushRequest]) -> str:
+    dumped = []
+    for request in requests:
+        if request.kind not in _KINDS:
+            raise ValueError(f"unknown push request kind {request.kind!r}")
+        dumped.append([request.kind, request.xml])
+    return json.dumps(dumped, ensure_ascii=False)
+
+
+def _delivery(
+    row: sqlite3.Row, decoded: dict[str, tuple[PushRequest, ...]] | None = None
+) -> Delivery:
+    requests = row["requests"]
+    parsed = None if decoded is None else decoded.get(requests)
+    if parsed is None:
+        parsed = tuple(PushRequest(kind, xml) for kind, xml in json.loads(requests))
+        if decoded is not None:
+            decoded[requests] = parsed
+    return Delivery(
+        id=row["id"],
+        event_id=row["event_id"],
+        rule=row["rule"],
+        phone=row["phone"],
+        requests=parsed,
+        sent=row["sent"],
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        state=_STATES[row["state"]],
+        error=row["error"],
+    )
+
+
+# --- alerts -------------------------------------------------------------------------------------
+
+_ALERT_COLUMNS: Final = (
+    "event_id, rule, key, page_id, scope, repeat, max_repeats, escalate_after, ttl, rounds,"
+    " next_at, state, ended_at, ended_by"
+)
+_ALERT_PHONE_COLUMNS: Final = "event_id, rule, phone, token, escalation, acked_at, acked_by"
+_ALERT: Final = f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE event_id = ? AND rule = ?"
+_ALERTS_DUE: Final = (
+    f"SELECT {_ALERT_COLUMNS} FROM alerts INDEXED BY alerts_due"
+    " WHERE state = 'active' AND next_at IS NOT NULL AND next_at <= ? ORDER BY next_at"
+)
+_NEXT_REPEAT: Final = (
+    "SELECT min(next_at) AS next_at FROM alerts INDEXED BY alerts_due"
+    " WHERE state = 'active' AND next_at IS NOT NULL"
+)
+_INSERT_ALERT: Final = (
+    "INSERT INTO alerts (event_id, rule, key, page_id, scope, repeat, max_repeats,"
+    " escalate_after, ttl, next_at, state)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'active')"
+)
+_INSERT_ALERT_PHONE: Final = (
+    "INSERT INTO alert_phones (event_id, rule, phone, token, requests, escalation)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
+class SqliteAlerts:
+    """:class:`~phonepush.store.interface.AlertRepository` on SQLite."""
+
+    def __init__(self, sql: Sql) -> None:
+        self._sql = sql
+
+    def add(self, event_id: str, alerts: Sequence[NewAlert]) -> None:
+        what = f"cannot store the alerts of event {event_id}"
+        for alert in alerts:
+            self._sql.write(
+                _INSERT_ALERT,
+                (
+                    event_id,
+                    alert.rule,
+                    alert.key,
+                    alert.page_id,
+                    alert.scope,
+                    alert.repeat,
+                    alert.max_repeats,
+                    alert.escalate_after,
+                    alert.ttl,
+                    alert.next_at,
+                ),
+                what,
+            )
+            self._sql.write_many(
+                _INSERT_ALERT_PHONE,
+                [
+                    (
+                        event_id,
+                        alert.rule,
+                        p.phone,
+                        p.token,
+                        _dump_requests(p.requests),
+                        int(p.escalation),
+                    )
+                    for p in alert.phones
+                ],
+                what,
+            )
+
+    def get(self, event_id: str, rule: str) -> AlertRecord | None:
+        row = self._sql.row(_ALERT, (event_id, rule), "cannot read alerts")
+        return None if row is None else _alert(row)
+
+    def of_event(self, event_id: str) -> list[AlertRecord]:
+        rows = self._sql.rows(
+            f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE event_id = ? ORDER BY rule",
+            (event_id,),
+            "cannot read alerts",
+        )
+        return [_alert(row) for row in rows]
+
+    def phones_of(self, event_id: str) -> list[AlertPhone]:
+        rows = self._sql.rows(
+            f"SELECT {_ALERT_PHONE_COLUMNS} FROM alert_phones WHERE event_id = ?",
+            (event_id,),
+            "cannot read alerts",
+        )
+        return [_alert_phone(row) for row in rows]
+
+    def by_token(self, token: str) -> tuple[AlertRecord, AlertPhone] | None:
+        row = self._sql.row(
+            f"SELECT {_ALERT_PHONE_COLUMNS} FROM alert_phones WHERE token = ?",
+            (token,),
+            "cannot read alerts",
+        )
+        if row is None:
+            return None
+        phone = _alert_phone(row)
+        alert = self.get(phone.event_id, phone.rule)
+        return None if alert is None else (alert, phone)
+
+    def due(self, now: float) -> list[AlertRecord]:
+        return [_alert(row) for row in self._sql.rows(_ALERTS_DUE, (now,), "cannot read alerts")]
+
+    def next_due(self) -> float | None:
+        row = self._sql.row(_NEXT_REPEAT, (), "cannot read alerts")
+        return None if row is None or row["next_at"] is None else float(row["next_at"])
+
+    def unresolved(self, rule: str, key: str, besides: str) -> list[AlertRecord]:
+        rows = self._sql.rows(
+            f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE rule = ? AND key = ?"
+            " AND state != 'resolved' AND event_id != ?",
+            (rule, key, besides),
+            "cannot read alerts",
+        )
+        return [_alert(row) for row in rows]
+
+    def targets(self, event_id: str, rule: str) -> list[AlertTarget]:
+        rows = self._sql.rows(
+            "SELECT phone, requests, escalation, acked_at FROM alert_phones"
+            " WHERE event_id = ? AND rule = ? ORDER BY rowid",
+            (event_id, rule),
+            "cannot read alerts",
+        )
+        return [
+            AlertTarget(
+                phone=row["phone"],
+                requests=tuple(PushRequest(k, xml) for k, xml in json.loads(row["requests"])),
+                escalation=bool(row["escalation"]),
+                acked_at=row["acked_at"],
+            )
+            for row in rows
+        ]
+
+    def waiting(self, event_id: str, rule: str, *, escalation: bool) -> int:
+        row = self._sql.row(
+            "SELECT count(*) AS waiting FROM alert_phones WHERE event_id = ? AND rule = ?"
+            " AND acked_at IS NULL AND (escalation = 0 OR ?)",
+            (event_id, rule, escalation),
+            "cannot read alerts",
+        )
+        return 0 if row is None else int(row["waiting"])
+
+    def set_round(self, event_id: str, rule: str, rounds: int, next_at: float | None) -> None:
+        self._sql.write(
+            "UPDATE alerts SET rounds = ?, next_at = ? WHERE event_id = ? AND rule = ?",
+            (rounds, next_at, event_id, rule),
+            f"cannot update alert {rule} of event {event_id}",
+        )
+
+    def end(self, event_id: str, rule: str, state: AlertState, at: float, by: str) -> None:
+        self._sql.write(
+            "UPDATE alerts SET state = ?, ended_at = ?, ended_by = ?, next_at = NULL"
+            " WHERE event_id = ? AND rule = ?",
+            (state, at, by, event_id, rule),
+            f"cannot update alert {rule} of event {event_id}",
+        )
+
+    def acknowledge_phone(self, token: str, at: float, by: str) -> None:
+        self._sql.write(
+            "UPDATE alert_phones SET acked_at = ?, acked_by = ? WHERE token = ?",
+            (at, by, token),
+            "cannot record an acknowledgement",
+        )
+
+    def add_round_delivery(self, delivery_id: int, round_: int, kind: RoundKind) -> None:
+        self._sql.write(
+            "INSERT INTO alert_deliveries (delivery_id, round, kind) VALUES (?, ?, ?)",
+            (delivery_id, round_, kind),
+            "cannot store deliveries",
+        )
+
+    def delivery_rounds(self, event_id: str) -> dict[int, tuple[int, RoundKind]]:
+        rows = self._sql.rows(
+            "SELECT a.delivery_id, a.round, a.kind FROM alert_deliveries a"
+            " JOIN deliveries d ON d.id = a.delivery_id WHERE d.event_id = ?",
+            (event_id,),
+            "cannot read deliveries",
+        )
+        return {row["delivery_id"]: (row["round"], RoundKind(row["kind"])) for row in rows}
+
+
+def _alert(row: sqlite3.Row) -> AlertRecord:
+    return AlertRecord(
+        event_id=row["event_id"],
+        rule=row["rule"],
+        key=row["key"],
+        page_id=row["page_id"],
+        scope=row["scope"],
+        repeat=row["repeat"],
+        max_repeats=row["max_repeats"],
+        escalate_after=row["escalate_after"],
+        ttl=row["ttl"],
+        rounds=row["rounds"],
+        next_at=row["next_at"],
+        state=_ALERT_STATES[row["state"]],
+        ended_at=row["ended_at"],
+        ended_by=row["ended_by"],
+    )
+
+
+def _alert_phone(row: sqlite3.Row) -> AlertPhone:
+    return AlertPhone(
+        event_id=row["event_id"],
+        rule=row["rule"],
+        phone=row["phone"],
+        token=row["token"],
+        escalation=bool(row["escalation"]),
+        acked_at=row["acked_at"],
+        acked_by=row["acked_by"],
+    )
+
+
+# --- grouping windows ---------------------------------------------------------------------------
+
+_DUE_WINDOWS: Final = (
+    "SELECT rule, key, opened_at, due_at, ttl FROM grouping_windows WHERE due_at <= ?"
+    " ORDER BY due_at"
+)
+_WINDOW_EVENTS: Final = (
+    "SELECT g.seq, g.event_id, g.phones, g.content, e.source, e.topic, e.payload, e.received_at"
+    " FROM grouped_events AS g LEFT JOIN events AS e ON e.id = g.event_id"
+    " WHERE g.rule = ? AND g.key = ? ORDER BY g.seq"
+)
+
+
+class SqliteGroups:
+    """:class:`~phonepush.store.interface.GroupRepository` on SQLite."""
+
+    def __init__(self, sql: Sql, clock: Callable[[], float]) -> None:
+        self._sql = sql
+        self._clock = clock
+
+    def join(self, event_id: str, groups: Sequence[NewGroupedEvent]) -> None:
+        what = f"cannot group event {event_id}"
+        now = self._clock()
+        for group in groups:
+            # The first event of a (rule, key) opens the window; later ones only join it.
+            self._sql.write(
+                "INSERT INTO grouping_windows (rule, key, opened_at, due_at, ttl)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (rule, key) DO NOTHING",
+                (group.rule, group.key, now, group.due_at, group.ttl),
+                what,
+            )
+            self._sql.write(
+                "INSERT INTO grouped_events (rule, key, event_id, phones, content)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (group.rule, group.key, event_id, json.dumps(list(group.phones)), group.content),
+                what,
+            )
+
+    def next_due(self) -> float | None:
+        row = self._sql.row(
+            "SELECT min(due_at) AS due_at FROM grouping_windows", (), "cannot read grouping windows"
+        )
+        return None if row is None or row["due_at"] is None else float(row["due_at"])
+
+    def due(self, now: float) -> list[GroupWindow]:
+        windows = self._sql.rows(_DUE_WINDOWS, (now,), "cannot read grouping windows")
+        out: list[GroupWindow] = []
+        for w in windows:
+            rows = self._sql.rows(
+                _WINDOW_EVENTS, (w["rule"], w["key"]), "cannot read grouped events"
+            )
+            events = tuple(
+                GroupedEvent(
+                    seq=row["seq"],
+                    event_id=row["event_id"],
+                    phones=tuple(json.loads(row["phones"])),
+                    content=row["content"],
+                    source=row["source"] or "",
+                    topic=row["topic"] or "",
+                    payload=bytes(row["payload"] or b""),
+                    received_at=row["received_at"] or 0.0,
+                )
+                for row in rows
+            )
+            out.append(
+                GroupWindow(w["rule"], w["key"], w["opened_at"], w["due_at"], w["ttl"], events)
+            )
+        return out
+
+    def remove_events(self, rule: str, key: str, through: int) -> None:
+        self._sql.write(
+            "DELETE FROM grouped_events WHERE rule = ? AND key = ? AND seq <= ?",
+            (rule, key, through),
+            f"cannot flush group {rule}",
+        )
+
+    def close_if_empty(self, rule: str, key: str) -> None:
+        self._sql.write(
+            "DELETE FROM grouping_windows WHERE rule = ? AND key = ? AND NOT EXISTS"
+            " (SELECT 1 FROM grouped_events WHERE rule = ? AND key = ?)",
+            (rule, key, rule, key),
+            f"cannot flush group {rule}",
+        )
+
+
+# --- silences -----------------------------------------------------------------------------------
+
+_INSERT_SILENCE: Final = (
+    "INSERT INTO silences (id, matchers, starts_at, ends_at, created_at, created_by, comment)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_SILENCES: Final = (
+    "SELECT id, matchers, starts_at, ends_at, created_at, created_by, comment FROM silences"
+    " ORDER BY created_at, id"
+)
+
+
+class SqliteSilences:
+    """:class:`~phonepush.store.interface.SilenceRepository` on SQLite."""
+
+    def __init__(self, sql: Sql) -> None:
+        self._sql = sql
+
+    def add(self, silence: StoredSilence) -> None:
+        self._sql.write(
+            _INSERT_SILENCE,
+            (
+                silence.id,
+                silence.matchers,
+                silence.starts_at,
+                silence.ends_at,
+                silence.created_at,
+                silence.created_by,
+                silence.comment,
+            ),
+            f"cannot store silence {silence.id}",
+        )
+
+    def delete(self, silence_id: str) -> bool:
+        return bool(
+            self._sql.write(
+                "DELETE FROM silences WHERE id = ?", (silence_id,), "cannot delete a silence"
+            )
+        )
+
+    def all(self) -> list[StoredSilence]:
+        return [
+            StoredSilence(
+                id=row["id"],
+                matchers=row["matchers"],
+                starts_at=row["starts_at"],
+                ends_at=row["ends_at"],
+                created_at=row["created_at"],
+                created_by=row["created_by"],
+                comment=row["comment"],
+            )
+            for row in self._sql.rows(_SILENCES, (), "cannot read silences")
+        ]
