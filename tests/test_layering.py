@@ -79,3 +79,27 @@ def test_the_intake_names_no_feature_and_features_never_the_intake() -> None:
         if module.startswith(FEATURES):
             assert "phonepush.pipeline.intake" not in imports, module
             assert "phonepush.app.builder" not in imports, module
+
+
+def test_the_top_level_stays_a_map_of_packages() -> None:
+    """Modules at the package's top level are the few that everything shares; anything with
+    a concept of its own goes in a package named for it (docs/design.md, "The package map")."""
+    top = sorted(path.name for path in ROOT.glob("*.py"))
+    assert len(top) <= 12, top
+
+
+def test_no_class_grows_past_thirty_methods() -> None:
+    """A class with more is doing the work of several (the old spool had 58 methods over 11
+    tables); split it by concern, as store/ and sources/mqtt/ are."""
+    large: list[str] = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                methods = [
+                    item
+                    for item in node.body
+                    if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef)
+                ]
+                if len(methods) > 30:
+                    large.append(f"{path.relative_to(ROOT)}:{node.name} ({len(methods)})")
+    assert not large, large
