@@ -32,8 +32,6 @@ from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self
 
-import httpx
-
 from phonepush.alerting import ledger
 from phonepush.alerting.ledger import AckResult, Resolution
 from phonepush.config import MqttConfig
@@ -58,6 +56,8 @@ from phonepush.wire.cisco import SoftKey, TextPage
 from phonepush.wire.uri import ExecuteItem
 
 if TYPE_CHECKING:
+    import httpx
+
     from phonepush.sources.mqtt import MqttSource
 
 __all__ = [
@@ -335,13 +335,22 @@ class AckService:
         self._transport = transport
         self._clock = clock
         self._client: httpx.AsyncClient | None = None
+        self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Self:
-        self._client = httpx.AsyncClient(
-            transport=self._transport, timeout=self._webhook_timeout, follow_redirects=False
-        )
         return self
+
+    def _webhook_client(self) -> httpx.AsyncClient:
+        # Made on the first ack to post: most daemons have no ack webhook, and httpx is a
+        # heavy import that nothing else in the daemon needs.
+        import httpx
+
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                transport=self._transport, timeout=self._webhook_timeout, follow_redirects=False
+            )
+        return self._client
 
     async def __aexit__(
         self,
@@ -356,6 +365,7 @@ class AckService:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        self._closed = True
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
@@ -452,10 +462,12 @@ class AckService:
             log.warning("ack not published to %s: %s", topic, exc or "timed out")
 
     async def _post_webhook(self, message: Mapping[str, object]) -> None:
-        client = self._client
-        if client is None:
+        import httpx
+
+        if self._closed:
             log.warning("ack webhook not called: the service is closed")
             return
+        client = self._webhook_client()
         try:
             async with asyncio.timeout(_PUBLISH_TIMEOUT):
                 answer = await client.post(self.webhook, json=dict(message))

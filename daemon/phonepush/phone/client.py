@@ -40,9 +40,7 @@ import ssl
 import warnings
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Final, Self
-
-import httpx
+from typing import TYPE_CHECKING, Final, Self
 
 from phonepush import __version__
 from phonepush.errors import (
@@ -57,6 +55,10 @@ from phonepush.wire import cisco
 from phonepush.wire.cisco import ResponseItem
 from phonepush.wire.target import DEFAULT_TIMEOUT, PhoneTarget, Scheme, parse_host
 from phonepush.wire.uri import ExecuteItem
+
+if TYPE_CHECKING:
+    # Loaded only for an injected transport (tests): the daemon never needs httpx to push.
+    import httpx
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -238,6 +240,8 @@ class PhoneClient:
         return self._wire
 
     def _open(self) -> httpx.AsyncClient:
+        import httpx
+
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")
         if self._client is not None:
@@ -339,6 +343,8 @@ class PhoneClient:
             ) from exc
 
     async def _post(self, client: httpx.AsyncClient, body: bytes) -> tuple[int, str | None, bytes]:
+        import httpx
+
         target = self.target
         try:
             async with client.stream(
@@ -382,6 +388,8 @@ class PhoneClient:
 
 
 async def _read_capped(response: httpx.Response, cap: int) -> bytes:
+    import httpx
+
     # Raw bytes: nothing is decompressed, so the cap bounds memory whatever the phone sends.
     chunks: list[bytes] = []
     size = 0
