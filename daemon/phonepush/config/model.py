@@ -1076,7 +1076,10 @@ def _read_secret(name: str, environ: Mapping[str, str], base_dir: Path) -> str:
                 raise ValueError(f"cannot read {candidate}: {exc}") from exc
             # Editors and `echo` add a final newline that is not part of the secret.
             return text.rstrip("\r\n")
-    raise ValueError(f"no such file: {' or '.join(str(c) for c in candidates)}")
+    raise ValueError(
+        f"no such file: {name} (looked in {', '.join(str(c.parent) for c in candidates)}); "
+        "create it there"
+    )
 
 
 def _secret_from_file(
@@ -1183,6 +1186,7 @@ def _cross_check(config: Config) -> list[str]:
         )
     if (
         config.webhook.token is None
+        and config.webhook.token_file is None  # else: file's error
         and config.hooks
         and not config.webhook.allow_anonymous
         and _is_loopback(host)  # beyond loopback the check above already asks for a token
