@@ -1,9 +1,12 @@
-"""``phonepush status --config FILE [--limit N]``: the recent events and what became of them.
+"""``phonepush status --config FILE [--limit N] [--all]``: the recent events and what became of
+them.
 
 Reads the spool file named in the configuration directly, read-only (SQLite's WAL lets a reader
 in while the daemon writes), and prints one line per event, newest first: when it arrived, its
 id, where it came from, the rules it matched and how many of its deliveries are in each state.
-Exit status 0, or 2 for a bad configuration or a spool that cannot be read.
+Only events with at least one delivery are listed unless ``--all``: a sensor that reports every
+minute on a topic a rule listens to would otherwise hide the pages. Exit status 0, or 2 for a
+bad configuration or a spool that cannot be read.
 """
 
 from __future__ import annotations
@@ -35,13 +38,19 @@ STATE_ORDER: Final = (
 _RECENT: Final = (
     "SELECT id, source, topic, received_at, rules FROM events ORDER BY seq DESC LIMIT ?"
 )
+_RECENT_DELIVERED: Final = (
+    "SELECT id, source, topic, received_at, rules FROM events"
+    " WHERE EXISTS (SELECT 1 FROM deliveries WHERE deliveries.event_id = events.id)"
+    " ORDER BY seq DESC LIMIT ?"
+)
 _COUNTS: Final = "SELECT state, count(*) FROM deliveries WHERE event_id = ? GROUP BY state"
 
 Row = tuple[float, str, str, tuple[str, ...], dict[str, int]]
 
 
-def recent_events(path: Path, limit: int) -> list[Row]:
-    """(received_at, id, source:topic, rules, {state: count}) of the ``limit`` newest events.
+def recent_events(path: Path, limit: int, *, every: bool = True) -> list[Row]:
+    """(received_at, id, source:topic, rules, {state: count}) of the ``limit`` newest events;
+    with ``every=False``, of those with at least one delivery.
 
     Raises :class:`sqlite3.Error` when the file is missing or not a spool.
     """
@@ -50,7 +59,8 @@ def recent_events(path: Path, limit: int) -> list[Row]:
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=2.0)
     try:
         rows: list[Row] = []
-        for event_id, source, topic, received_at, rules in conn.execute(_RECENT, (limit,)):
+        query = _RECENT if every else _RECENT_DELIVERED
+        for event_id, source, topic, received_at, rules in conn.execute(query, (limit,)):
             counts = dict(conn.execute(_COUNTS, (event_id,)).fetchall())
             rows.append(
                 (received_at, event_id, f"{source}:{topic}", tuple(json.loads(rules)), counts)
@@ -87,6 +97,12 @@ def main(argv: Sequence[str], prog: str = "phonepush status") -> int:
     parser.add_argument(
         "--limit", "-n", type=int, default=20, help="how many events (default: %(default)s)"
     )
+    parser.add_argument(
+        "--all",
+        "-a",
+        action="store_true",
+        help="also events that made no delivery (matched no rule, or no phone)",
+    )
     args = parser.parse_args(list(argv))
     if args.limit < 1:
         parser.error("--limit must be at least 1")
@@ -94,12 +110,15 @@ def main(argv: Sequence[str], prog: str = "phonepush status") -> int:
     if config is None:
         return CONFIG_EXIT
     try:
-        rows = recent_events(config.spool.path, args.limit)
+        rows = recent_events(config.spool.path, args.limit, every=args.all)
     except sqlite3.Error as exc:
         print(f"{config.spool.path}: cannot read the spool: {exc}", file=sys.stderr)
         return 2
     if not rows:
-        print(f"{config.spool.path}: no events")
+        if args.all:
+            print(f"{config.spool.path}: no events")
+        else:
+            print(f"{config.spool.path}: no events with deliveries (--all lists every event)")
         return 0
     print(_table(rows))
     return 0
