@@ -117,9 +117,19 @@ class Setup:
 
 
 async def _start(
-    name: str, runner: DaemonRunner, make_fleet: MakeFleet, broker: Broker | None
+    name: str,
+    runner: DaemonRunner,
+    make_fleet: MakeFleet,
+    broker: Broker | None,
+    uncomment: tuple[str, ...] = (),
 ) -> Setup:
-    data: dict[str, Any] = copy.deepcopy(tomllib.loads(guide_toml(name)))
+    """Start the daemon on guide ``name``'s config, with its commented-out lines that begin with
+    one of ``uncomment`` (``"repeat ="``) switched on."""
+    text = guide_toml(name)
+    for start in uncomment:
+        text, count = re.subn(rf"^# ({re.escape(start)})", r"\1", text, flags=re.M)
+        assert count, f"no commented '{start}' line in the {name} guide"
+    data: dict[str, Any] = copy.deepcopy(tomllib.loads(text))
     for key in ("server", "spool"):
         data.pop(key, None)  # the runner's own port and spool
     if "webhook" in data:
@@ -195,18 +205,20 @@ async def test_frigate_person_at_the_door(
     assert s.phone("guardroom").state.last_tone == "Alarm.raw"
 
 
-def _alertmanager(status: str) -> dict[str, Any]:
+def _alertmanager(
+    status: str, instances: tuple[str, ...] = ("nas", "nas2"), started: str = "09:00"
+) -> dict[str, Any]:
     alerts = [
         {
             "status": status,
-            "labels": {"alertname": "DiskFull", "instance": instance, "severity": "critical"},
-            "annotations": {"summary": f"Disk /srv is 97% full on {instance}"},
-            "startsAt": "2026-11-26T09:00:00Z",
+            "labels": {"alertname": "DiskFull", "instance": f"{name}:9100", "severity": "critical"},
+            "annotations": {"summary": f"Disk /srv is 97% full on {name}:9100"},
+            "startsAt": f"2026-11-26T{started}:00Z",
             "endsAt": "0001-01-01T00:00:00Z" if status == "firing" else "2026-11-26T09:30:00Z",
             "generatorURL": "http://prometheus:9090/graph?g0.expr=...",
-            "fingerprint": fingerprint,
+            "fingerprint": f"c4b9f6e2{name}",
         }
-        for instance, fingerprint in (("nas:9100", "c4b9f6e2a1d0b7e3"), ("nas2:9100", "0a1b2c"))
+        for name in instances
     ]
     return {
         "version": "4",
@@ -216,12 +228,17 @@ def _alertmanager(status: str) -> dict[str, Any]:
         "receiver": "desk-phones",
         "groupLabels": {"alertname": "DiskFull"},
         "commonLabels": {"alertname": "DiskFull", "severity": "critical"},
-        "commonAnnotations": {"summary": "Disks are filling up"},
+        # Empty when the summaries differ, as here: the pages list each alert's own.
+        "commonAnnotations": {},
         "externalURL": "http://alertmanager:9093",
         "alerts": alerts,
         # Newer Alertmanager versions add keys: ignored.
         "notification_reason": "new_alerts",
     }
+
+
+def _disk_lines(*names: str) -> str:
+    return "\n".join(f"{n}:9100: Disk /srv is 97% full on {n}:9100" for n in names)
 
 
 async def test_alertmanager_firing_and_resolved(
@@ -231,23 +248,56 @@ async def test_alertmanager_firing_and_resolved(
     answer = await s.post("alertmanager", _alertmanager("firing"))
     assert answer.status_code == 202 and answer.json()["rules"] == ["alert-firing"]
     for phone in ("noc-1", "noc-2"):
-        await s.shows(
-            phone,
-            "DiskFull (2)",
-            "nas:9100: Disk /srv is 97% full on nas:9100\nnas2:9100: Disk /srv is 97% full on "
-            "nas2:9100",
-        )
+        await s.shows(phone, "DiskFull (2)", _disk_lines("nas", "nas2"))
         assert list(s.phone(phone).state.tones) == ["Alarm.raw"]
         assert s.phone(phone).state.backlight.state == "On"  # critical lights the screen
     # Alertmanager re-sends the group every repeat_interval: it does not ring again.
     assert (await s.post("alertmanager", _alertmanager("firing"))).status_code == 202
     await s.delivered("noc-1", 1, "suppressed")
-    # Resolved: a quiet page.
-    answer = await s.post("alertmanager", _alertmanager("resolved"))
-    assert answer.json()["rules"] == ["alert-resolved"]
+    # A third alert joins the group: a new page showing all three.
+    grown = ("nas", "nas2", "nas3")
+    await s.post("alertmanager", _alertmanager("firing", grown))
     for phone in ("noc-1", "noc-2"):
-        await s.shows(phone, "Resolved: DiskFull", "Disks are filling up")
-        assert list(s.phone(phone).state.tones) == ["Alarm.raw"]
+        await s.shows(phone, "DiskFull (3)", _disk_lines(*grown))
+        await s.delivered(phone, 2)
+    # Resolved: one quiet page per phone, listing the alerts.
+    answer = await s.post("alertmanager", _alertmanager("resolved", grown))
+    assert answer.status_code == 202
+    for phone in ("noc-1", "noc-2"):
+        await s.shows(phone, "Resolved: DiskFull (3)", _disk_lines(*grown))
+        await s.delivered(phone, 3)
+        assert list(s.phone(phone).state.tones) == ["Alarm.raw"] * 2
+    assert s.metric("phonepush_resolved_total", rule="alert-firing") == 1
+    # The same alert fires again (a new start time): it pages at once.
+    await s.post("alertmanager", _alertmanager("firing", ("nas",), started="09:31"))
+    for phone in ("noc-1", "noc-2"):
+        await s.shows(phone, "DiskFull (1)", _disk_lines("nas"))
+        await s.delivered(phone, 4)
+    assert s.phone("noc-1").state.pushes == 4 and s.phone("noc-2").state.pushes == 4
+
+
+async def test_alertmanager_with_repeats_one_resolved_page_per_phone(
+    daemon_runner: DaemonRunner, make_fleet: MakeFleet
+) -> None:
+    s = await _start(
+        "alertmanager",
+        daemon_runner,
+        make_fleet,
+        None,
+        uncomment=("repeat =", "max_repeats =", "escalate ="),
+    )
+    await s.post("alertmanager", _alertmanager("firing"))
+    for phone in ("noc-1", "noc-2"):
+        await s.shows(phone, "DiskFull (2)", _disk_lines("nas", "nas2"))
+        assert [k.name for k in s.phone(phone).state.screen.softkeys][:1] == ["Ack"]
+    await s.post("alertmanager", _alertmanager("resolved"))
+    for phone in ("noc-1", "noc-2"):
+        await s.shows(phone, "Resolved: DiskFull (2)", _disk_lines("nas", "nas2"))
+        await s.delivered(phone, 2)
+    await daemon_runner.stop()  # nothing else on its way: every delivery is finished
+    for phone in ("noc-1", "noc-2"):
+        # The page and one resolved page: no second "Resolved" from another rule.
+        assert s.phone(phone).state.pushes == 2
 
 
 async def test_grafana_firing_and_resolved(
