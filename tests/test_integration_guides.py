@@ -151,25 +151,44 @@ async def test_zigbee2mqtt_doorbell(
     daemon_runner: DaemonRunner, make_fleet: MakeFleet, mosquitto: Broker
 ) -> None:
     s = await _start("zigbee2mqtt", daemon_runner, make_fleet, mosquitto)
-    # Both copies of one press, then Home Assistant's empty action and a plain state update.
+    # Both copies of one press, then Home Assistant's empty action.
     await s.publish("zigbee2mqtt/front_door", {"action": "single", "battery": 15, "linkquality": 9})
     await s.publish("zigbee2mqtt/front_door/action", "single")
-    await s.publish("zigbee2mqtt/front_door", {"action": ""})
-    await s.publish("zigbee2mqtt/front_door", {"battery": 15, "linkquality": 12})
+    await s.publish("zigbee2mqtt/front_door/action", "")
     for phone in ("reception", "backoffice"):
-        await s.shows(phone, "Doorbell", "front_door: single press (battery 15%)")
+        await s.shows(phone, "Doorbell", "front_door: single press")
         assert s.phone(phone).state.last_tone == "Chime.raw"
         await s.delivered(phone, 1)
-    await s.events(2)  # the empty action and the state update matched nothing
-    # Pressed again within the cooldown: noted, not paged.
-    await s.publish("zigbee2mqtt/front_door", {"action": "single", "battery": 15})
+    await s.events(1)  # the empty action matched nothing
+    # The back door half a second later: its own cooldown, so it pages.
+    await s.publish("zigbee2mqtt/back_door/action", "double")
+    for phone in ("reception", "backoffice"):
+        await s.shows(phone, "Doorbell", "back_door: double press")
+        await s.delivered(phone, 2)
+    # The front door again within its cooldown: noted, not paged.
+    await s.publish("zigbee2mqtt/front_door/action", "single")
     await s.delivered("reception", 1, "suppressed")
     # A long press pages everyone with the alarm.
-    await s.publish("zigbee2mqtt/panic", {"action": "long"})
+    await s.publish("zigbee2mqtt/panic/action", "long")
     await s.shows("backoffice", "ASSISTANCE NEEDED", "Long press on panic")
-    await s.delivered("backoffice", 2)
+    await s.delivered("backoffice", 3)
     assert s.phone("backoffice").state.last_tone == "Alarm.raw"
-    assert s.phone("reception").state.pushes == 2 and s.phone("backoffice").state.pushes == 2
+    assert s.phone("reception").state.pushes == 3 and s.phone("backoffice").state.pushes == 3
+
+
+async def test_zigbee2mqtt_sensor_reports_are_not_taken_in(
+    daemon_runner: DaemonRunner, make_fleet: MakeFleet, mosquitto: Broker
+) -> None:
+    s = await _start("zigbee2mqtt", daemon_runner, make_fleet, mosquitto)
+    for i in range(20):
+        await s.publish("zigbee2mqtt/hall_sensor", {"temperature": 21 + i / 10, "humidity": 40})
+    await s.publish("zigbee2mqtt/bridge/state", {"state": "online"})
+    # A press after them: once it is in, the reports before it would have been too.
+    await s.publish("zigbee2mqtt/front_door/action", "single")
+    await s.delivered("reception", 1)
+    await s.events(1, rule="doorbell")
+    # Messages on one subscription arrive in order: none of the reports was taken in.
+    assert s.metric("phonepush_events_total", source="mqtt", rule="") == 0
 
 
 async def test_frigate_person_at_the_door(
@@ -342,6 +361,13 @@ async def test_grafana_firing_and_resolved(
     assert (await s.post("grafana", resolved)).json()["rules"] == ["grafana-resolved"]
     await s.shows("noc-1", "OK: HighCPU", "HighCPU is back to normal")
     assert list(s.phone("noc-1").state.tones) == ["Alarm.raw"]
+    # It fires again a moment later (a new start time): a new page, not a cooldown.
+    again = dict(firing)
+    again["alerts"] = [dict(firing["alerts"][0], startsAt="2026-11-26T09:40:00Z")]
+    assert (await s.post("grafana", again)).json()["rules"] == ["grafana-firing"]
+    await s.shows("noc-1", "HighCPU", "CPU over 90% on web-1")
+    await s.delivered("noc-1", 3)
+    assert list(s.phone("noc-1").state.tones) == ["Alarm.raw"] * 2
 
 
 async def test_home_assistant_webhook_and_mqtt(
@@ -402,3 +428,7 @@ async def test_shelly_and_tasmota_buttons(
     await s.publish("shellyplusi4-08b61fcb7f3c/events/rpc", rpc)
     await s.shows("workshop", "Button", "shellyplusi4-08b61fcb7f3c: double press")
     await s.delivered("workshop", 3)
+    # Another Tasmota button within the first one's cooldown: each device has its own.
+    await s.publish("stat/gate-button/RESULT", {"Button1": {"Action": "SINGLE"}})
+    await s.shows("workshop", "Button", "gate-button pressed")
+    await s.delivered("workshop", 4)
