@@ -1076,10 +1076,8 @@ def _read_secret(name: str, environ: Mapping[str, str], base_dir: Path) -> str:
                 raise ValueError(f"cannot read {candidate}: {exc}") from exc
             # Editors and `echo` add a final newline that is not part of the secret.
             return text.rstrip("\r\n")
-    raise ValueError(
-        f"no such file: {name} (looked in {', '.join(str(c.parent) for c in candidates)}); "
-        "create it there"
-    )
+    folders = ", ".join(str(c.parent.absolute()) for c in candidates)
+    raise ValueError(f"no such file: {name} (looked in {folders}); create it there")
 
 
 def _secret_from_file(
