@@ -438,7 +438,7 @@ def test_checks_beyond_the_reference(
         (
             "phonepush background",
             ["-h", "p", "http://a/i"],
-            "Expected ICON-URL and IMAGE-URL, got 1 arguments",
+            "Expected ICON-URL and IMAGE-URL, got 1 argument",
         ),
         (
             "phonepush background",

@@ -117,9 +117,19 @@ class Setup:
 
 
 async def _start(
-    name: str, runner: DaemonRunner, make_fleet: MakeFleet, broker: Broker | None
+    name: str,
+    runner: DaemonRunner,
+    make_fleet: MakeFleet,
+    broker: Broker | None,
+    uncomment: tuple[str, ...] = (),
 ) -> Setup:
-    data: dict[str, Any] = copy.deepcopy(tomllib.loads(guide_toml(name)))
+    """Start the daemon on guide ``name``'s config, with its commented-out lines that begin with
+    one of ``uncomment`` (``"repeat ="``) switched on."""
+    text = guide_toml(name)
+    for start in uncomment:
+        text, count = re.subn(rf"^# ({re.escape(start)})", r"\1", text, flags=re.M)
+        assert count, f"no commented '{start}' line in the {name} guide"
+    data: dict[str, Any] = copy.deepcopy(tomllib.loads(text))
     for key in ("server", "spool"):
         data.pop(key, None)  # the runner's own port and spool
     if "webhook" in data:
@@ -141,25 +151,44 @@ async def test_zigbee2mqtt_doorbell(
     daemon_runner: DaemonRunner, make_fleet: MakeFleet, mosquitto: Broker
 ) -> None:
     s = await _start("zigbee2mqtt", daemon_runner, make_fleet, mosquitto)
-    # Both copies of one press, then Home Assistant's empty action and a plain state update.
+    # Both copies of one press, then Home Assistant's empty action.
     await s.publish("zigbee2mqtt/front_door", {"action": "single", "battery": 15, "linkquality": 9})
     await s.publish("zigbee2mqtt/front_door/action", "single")
-    await s.publish("zigbee2mqtt/front_door", {"action": ""})
-    await s.publish("zigbee2mqtt/front_door", {"battery": 15, "linkquality": 12})
+    await s.publish("zigbee2mqtt/front_door/action", "")
     for phone in ("reception", "backoffice"):
-        await s.shows(phone, "Doorbell", "front_door: single press (battery 15%)")
+        await s.shows(phone, "Doorbell", "front_door: single press")
         assert s.phone(phone).state.last_tone == "Chime.raw"
         await s.delivered(phone, 1)
-    await s.events(2)  # the empty action and the state update matched nothing
-    # Pressed again within the cooldown: noted, not paged.
-    await s.publish("zigbee2mqtt/front_door", {"action": "single", "battery": 15})
+    await s.events(1)  # the empty action matched nothing
+    # The back door half a second later: its own cooldown, so it pages.
+    await s.publish("zigbee2mqtt/back_door/action", "double")
+    for phone in ("reception", "backoffice"):
+        await s.shows(phone, "Doorbell", "back_door: double press")
+        await s.delivered(phone, 2)
+    # The front door again within its cooldown: noted, not paged.
+    await s.publish("zigbee2mqtt/front_door/action", "single")
     await s.delivered("reception", 1, "suppressed")
     # A long press pages everyone with the alarm.
-    await s.publish("zigbee2mqtt/panic", {"action": "long"})
+    await s.publish("zigbee2mqtt/panic/action", "long")
     await s.shows("backoffice", "ASSISTANCE NEEDED", "Long press on panic")
-    await s.delivered("backoffice", 2)
+    await s.delivered("backoffice", 3)
     assert s.phone("backoffice").state.last_tone == "Alarm.raw"
-    assert s.phone("reception").state.pushes == 2 and s.phone("backoffice").state.pushes == 2
+    assert s.phone("reception").state.pushes == 3 and s.phone("backoffice").state.pushes == 3
+
+
+async def test_zigbee2mqtt_sensor_reports_are_not_taken_in(
+    daemon_runner: DaemonRunner, make_fleet: MakeFleet, mosquitto: Broker
+) -> None:
+    s = await _start("zigbee2mqtt", daemon_runner, make_fleet, mosquitto)
+    for i in range(20):
+        await s.publish("zigbee2mqtt/hall_sensor", {"temperature": 21 + i / 10, "humidity": 40})
+    await s.publish("zigbee2mqtt/bridge/state", {"state": "online"})
+    # A press after them: once it is in, the reports before it would have been too.
+    await s.publish("zigbee2mqtt/front_door/action", "single")
+    await s.delivered("reception", 1)
+    await s.events(1, rule="doorbell")
+    # Messages on one subscription arrive in order: none of the reports was taken in.
+    assert s.metric("phonepush_events_total", source="mqtt", rule="") == 0
 
 
 async def test_frigate_person_at_the_door(
@@ -195,18 +224,20 @@ async def test_frigate_person_at_the_door(
     assert s.phone("guardroom").state.last_tone == "Alarm.raw"
 
 
-def _alertmanager(status: str) -> dict[str, Any]:
+def _alertmanager(
+    status: str, instances: tuple[str, ...] = ("nas", "nas2"), started: str = "09:00"
+) -> dict[str, Any]:
     alerts = [
         {
             "status": status,
-            "labels": {"alertname": "DiskFull", "instance": instance, "severity": "critical"},
-            "annotations": {"summary": f"Disk /srv is 97% full on {instance}"},
-            "startsAt": "2026-11-26T09:00:00Z",
+            "labels": {"alertname": "DiskFull", "instance": f"{name}:9100", "severity": "critical"},
+            "annotations": {"summary": f"Disk /srv is 97% full on {name}:9100"},
+            "startsAt": f"2026-11-26T{started}:00Z",
             "endsAt": "0001-01-01T00:00:00Z" if status == "firing" else "2026-11-26T09:30:00Z",
             "generatorURL": "http://prometheus:9090/graph?g0.expr=...",
-            "fingerprint": fingerprint,
+            "fingerprint": f"c4b9f6e2{name}",
         }
-        for instance, fingerprint in (("nas:9100", "c4b9f6e2a1d0b7e3"), ("nas2:9100", "0a1b2c"))
+        for name in instances
     ]
     return {
         "version": "4",
@@ -216,12 +247,17 @@ def _alertmanager(status: str) -> dict[str, Any]:
         "receiver": "desk-phones",
         "groupLabels": {"alertname": "DiskFull"},
         "commonLabels": {"alertname": "DiskFull", "severity": "critical"},
-        "commonAnnotations": {"summary": "Disks are filling up"},
+        # Empty when the summaries differ, as here: the pages list each alert's own.
+        "commonAnnotations": {},
         "externalURL": "http://alertmanager:9093",
         "alerts": alerts,
         # Newer Alertmanager versions add keys: ignored.
         "notification_reason": "new_alerts",
     }
+
+
+def _disk_lines(*names: str) -> str:
+    return "\n".join(f"{n}:9100: Disk /srv is 97% full on {n}:9100" for n in names)
 
 
 async def test_alertmanager_firing_and_resolved(
@@ -231,23 +267,56 @@ async def test_alertmanager_firing_and_resolved(
     answer = await s.post("alertmanager", _alertmanager("firing"))
     assert answer.status_code == 202 and answer.json()["rules"] == ["alert-firing"]
     for phone in ("noc-1", "noc-2"):
-        await s.shows(
-            phone,
-            "DiskFull (2)",
-            "nas:9100: Disk /srv is 97% full on nas:9100\nnas2:9100: Disk /srv is 97% full on "
-            "nas2:9100",
-        )
+        await s.shows(phone, "DiskFull (2)", _disk_lines("nas", "nas2"))
         assert list(s.phone(phone).state.tones) == ["Alarm.raw"]
         assert s.phone(phone).state.backlight.state == "On"  # critical lights the screen
     # Alertmanager re-sends the group every repeat_interval: it does not ring again.
     assert (await s.post("alertmanager", _alertmanager("firing"))).status_code == 202
     await s.delivered("noc-1", 1, "suppressed")
-    # Resolved: a quiet page.
-    answer = await s.post("alertmanager", _alertmanager("resolved"))
-    assert answer.json()["rules"] == ["alert-resolved"]
+    # A third alert joins the group: a new page showing all three.
+    grown = ("nas", "nas2", "nas3")
+    await s.post("alertmanager", _alertmanager("firing", grown))
     for phone in ("noc-1", "noc-2"):
-        await s.shows(phone, "Resolved: DiskFull", "Disks are filling up")
-        assert list(s.phone(phone).state.tones) == ["Alarm.raw"]
+        await s.shows(phone, "DiskFull (3)", _disk_lines(*grown))
+        await s.delivered(phone, 2)
+    # Resolved: one quiet page per phone, listing the alerts.
+    answer = await s.post("alertmanager", _alertmanager("resolved", grown))
+    assert answer.status_code == 202
+    for phone in ("noc-1", "noc-2"):
+        await s.shows(phone, "Resolved: DiskFull (3)", _disk_lines(*grown))
+        await s.delivered(phone, 3)
+        assert list(s.phone(phone).state.tones) == ["Alarm.raw"] * 2
+    assert s.metric("phonepush_resolved_total", rule="alert-firing") == 1
+    # The same alert fires again (a new start time): it pages at once.
+    await s.post("alertmanager", _alertmanager("firing", ("nas",), started="09:31"))
+    for phone in ("noc-1", "noc-2"):
+        await s.shows(phone, "DiskFull (1)", _disk_lines("nas"))
+        await s.delivered(phone, 4)
+    assert s.phone("noc-1").state.pushes == 4 and s.phone("noc-2").state.pushes == 4
+
+
+async def test_alertmanager_with_repeats_one_resolved_page_per_phone(
+    daemon_runner: DaemonRunner, make_fleet: MakeFleet
+) -> None:
+    s = await _start(
+        "alertmanager",
+        daemon_runner,
+        make_fleet,
+        None,
+        uncomment=("repeat =", "max_repeats =", "escalate ="),
+    )
+    await s.post("alertmanager", _alertmanager("firing"))
+    for phone in ("noc-1", "noc-2"):
+        await s.shows(phone, "DiskFull (2)", _disk_lines("nas", "nas2"))
+        assert [k.name for k in s.phone(phone).state.screen.softkeys][:1] == ["Ack"]
+    await s.post("alertmanager", _alertmanager("resolved"))
+    for phone in ("noc-1", "noc-2"):
+        await s.shows(phone, "Resolved: DiskFull (2)", _disk_lines("nas", "nas2"))
+        await s.delivered(phone, 2)
+    await daemon_runner.stop()  # nothing else on its way: every delivery is finished
+    for phone in ("noc-1", "noc-2"):
+        # The page and one resolved page: no second "Resolved" from another rule.
+        assert s.phone(phone).state.pushes == 2
 
 
 async def test_grafana_firing_and_resolved(
@@ -292,6 +361,13 @@ async def test_grafana_firing_and_resolved(
     assert (await s.post("grafana", resolved)).json()["rules"] == ["grafana-resolved"]
     await s.shows("noc-1", "OK: HighCPU", "HighCPU is back to normal")
     assert list(s.phone("noc-1").state.tones) == ["Alarm.raw"]
+    # It fires again a moment later (a new start time): a new page, not a cooldown.
+    again = dict(firing)
+    again["alerts"] = [dict(firing["alerts"][0], startsAt="2026-11-26T09:40:00Z")]
+    assert (await s.post("grafana", again)).json()["rules"] == ["grafana-firing"]
+    await s.shows("noc-1", "HighCPU", "CPU over 90% on web-1")
+    await s.delivered("noc-1", 3)
+    assert list(s.phone("noc-1").state.tones) == ["Alarm.raw"] * 2
 
 
 async def test_home_assistant_webhook_and_mqtt(
@@ -352,3 +428,7 @@ async def test_shelly_and_tasmota_buttons(
     await s.publish("shellyplusi4-08b61fcb7f3c/events/rpc", rpc)
     await s.shows("workshop", "Button", "shellyplusi4-08b61fcb7f3c: double press")
     await s.delivered("workshop", 3)
+    # Another Tasmota button within the first one's cooldown: each device has its own.
+    await s.publish("stat/gate-button/RESULT", {"Button1": {"Action": "SINGLE"}})
+    await s.shows("workshop", "Button", "gate-button pressed")
+    await s.delivered("workshop", 4)

@@ -353,7 +353,8 @@ def test_the_alertmanager_example_recipe_is_valid_config() -> None:
 
     example = Path(__file__).parent.parent / "config" / "examples" / "alertmanager.toml"
     text = example.read_text()
-    recipe = ("repeat", "max_repeats", "escalate", "resolve_when")
+    assert "\nresolve_when = \"payload.status == 'resolved'\"" in text  # always on
+    recipe = ("repeat", "max_repeats", "escalate")
     for key in recipe:
         assert f"\n# {key} = " in text
         text = text.replace(f"\n# {key} = ", f"\n{key} = ")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,12 @@ import jinja2
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from phonepush.rules.templates import Templates
 
 from phonepush.config import load_config
 from phonepush.errors import ConfigError
 from phonepush.events import Event
-from phonepush.rules.book import Match, RuleSet, topic_matches
+from phonepush.rules.book import Match, RuleSet, event_context, topic_matches
 from phonepush.wire.cisco import TextPage
 from phonepush.wire.uri import ExecuteItem
 
@@ -309,19 +311,22 @@ def only(matches: list[Match], rule: str) -> Match:
 
 def test_zigbee2mqtt_press_pages_once(examples: dict[str, RuleSet]) -> None:
     rs = examples["zigbee2mqtt"]
-    press = {"action": "single", "battery": 100, "linkquality": 128}
-    match = only(rs.match(mqtt("zigbee2mqtt/Front door", press)), "doorbell")
+    match = only(rs.match(mqtt("zigbee2mqtt/Front door/action", b"single")), "doorbell")
     assert match.execute == (ExecuteItem("Play:Chime.raw"), ExecuteItem("Display:On:5"))
     assert match.page == TextPage(title="Doorbell", text="Front door: single press")
     assert match.rule.phones == ("reception", "backoffice")
-    # The /action copy of the same press, the empty action after it, and state updates: nothing.
-    assert rs.match(mqtt("zigbee2mqtt/Front door/action", b"single")) == []
-    assert rs.match(mqtt("zigbee2mqtt/Front door", {"action": ""})) == []
+    # One cooldown per button.
+    assert match.dedupe_key == "zigbee2mqtt/Front door/action"
+    # The JSON copy of the same press, the empty action after it, state updates: nothing.
+    press = {"action": "single", "battery": 100, "linkquality": 128}
+    assert rs.match(mqtt("zigbee2mqtt/Front door", press)) == []
+    assert rs.match(mqtt("zigbee2mqtt/Front door/action", b"")) == []
     assert rs.match(mqtt("zigbee2mqtt/Front door", {"battery": 99})) == []
     assert rs.match(mqtt("zigbee2mqtt/bridge/state", {"state": "online"})) == []
-    low = only(rs.match(mqtt("zigbee2mqtt/Back", {"action": "double", "battery": 9})), "doorbell")
-    assert low.page is not None and low.page.text == "Back: double press (battery 9%)"
-    panic = only(rs.match(mqtt("zigbee2mqtt/Desk", {"action": "long"})), "panic-button")
+    # A sensor's report is not even on a topic the rules listen to.
+    assert "zigbee2mqtt/+/action" in rs.mqtt_filters
+    assert all(f.endswith("/action") for f in rs.mqtt_filters)
+    panic = only(rs.match(mqtt("zigbee2mqtt/Desk/action", b"long")), "panic-button")
     assert panic.execute[0] == ExecuteItem("Play:Alarm.raw")
 
 
@@ -393,18 +398,20 @@ def test_alertmanager_firing_and_resolved(examples: dict[str, RuleSet]) -> None:
     firing = only(rs.match(hook("alertmanager", alertmanager_payload("firing"))), "alert-firing")
     assert firing.execute == (ExecuteItem("Play:Alarm.raw"), ExecuteItem("Display:On:30"))
     assert firing.page == TextPage(title="InstanceDown (1)", text="db1:9100: db1 is down\n")
-    assert firing.dedupe_key == '{}:{alertname="InstanceDown"}:firing'
+    # The group and its firing alerts (fingerprint and start).
+    key = '{}:{alertname="InstanceDown"} b0f9e4d3c2a1@2024-05-06T07:08:09.123Z'
+    assert firing.dedupe_key == key
     warning = alertmanager_payload("firing")
     warning["commonLabels"] = {"alertname": "DiskFull", "severity": "warning"}
     assert only(rs.match(hook("alertmanager", warning)), "alert-firing").execute == (
         ExecuteItem("Play:Alarm.raw"),
     )
-    resolved = only(
-        rs.match(hook("alertmanager", alertmanager_payload("resolved"))), "alert-resolved"
-    )
-    assert resolved.execute == ()
-    assert resolved.rule.priority == 1
-    assert resolved.page == TextPage(title="Resolved: InstanceDown", text="db1 is down")
+    # Resolved: no rule pages (resolve_when sends the notices); its key is the firing page's.
+    resolved = alertmanager_payload("resolved")
+    assert rs.match(hook("alertmanager", resolved)) == []
+    rule = tomllib.loads((EXAMPLES / "alertmanager.toml").read_text())["rules"][0]
+    key_of = Templates().compile_template(rule["dedupe"], "dedupe")
+    assert key_of(event_context(hook("alertmanager", resolved))) == key
 
 
 def test_grafana_firing_and_resolved(examples: dict[str, RuleSet]) -> None:

@@ -1,12 +1,15 @@
 """One module per CLI command; see :mod:`phonepush.cli`.
 
 What several commands share: the ``--config`` option and loading it with errors reported the
-same way (``FILE: invalid configuration:`` then one line per problem, exit status 2).
+same way (``FILE: invalid configuration:`` then one line per problem, exit status 2). A file that
+is not there and a listen port that is taken are not problems of the configuration: each is one
+line saying what to do, with the same exit status.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -45,10 +48,30 @@ def load_or_report(path: Path) -> Config | None:
     try:
         return load_config(path, environ=os.environ)
     except ConfigError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OSError) and cause.errno == errno.ENOENT:
+            print(
+                f"{path}: no such file; name the config file with --config FILE "
+                "(or $PHONEPUSH_CONFIG); config/phonepush.toml is a commented example",
+                file=sys.stderr,
+            )
+            return None
         report_config_error(path, exc)
         return None
 
 
+#: How the daemon says its listen port is taken (phonepush.app.daemon._bind).
+_BUSY = "server.listen: cannot listen on "
+
+
 def report_config_error(path: Path, exc: ConfigError) -> None:
+    message = url_for_log(str(exc))
+    if message.startswith(_BUSY) and "\n" not in message:
+        # Nothing in the file is wrong: something else holds the port.
+        print(
+            f"{path}: {message}; stop what uses that port or set server.listen to another",
+            file=sys.stderr,
+        )
+        return
     # Rule and audio compilation raise their own ConfigErrors; a URL they quote is masked too.
-    print(f"{path}: invalid configuration:\n{url_for_log(str(exc))}", file=sys.stderr)
+    print(f"{path}: invalid configuration:\n{message}", file=sys.stderr)

@@ -22,7 +22,7 @@ from phonepush.errors import ConfigError
 from phonepush.redact import url_for_log
 from phonepush.rules.book import RuleBook
 
-__all__ = ["main", "summary"]
+__all__ = ["files_and_credentials", "main", "summary"]
 
 
 def main(argv: Sequence[str], prog: str = "phonepush check") -> int:
@@ -34,6 +34,9 @@ def main(argv: Sequence[str], prog: str = "phonepush check") -> int:
     config = load_or_report(args.config)
     if config is None:
         return CONFIG_EXIT
+    if problems := files_and_credentials(config):
+        report_config_error(args.config, ConfigError("\n".join(problems)))
+        return CONFIG_EXIT
     try:
         rules = RuleBook.compile(config)
         # Audio files are loaded as the daemon would, so a missing one is caught here too.
@@ -43,6 +46,30 @@ def main(argv: Sequence[str], prog: str = "phonepush check") -> int:
         return CONFIG_EXIT
     print(summary(config, rules, args.config))
     return 0
+
+
+def files_and_credentials(config: Config) -> list[str]:
+    """What the daemon would only find out at the first push or connection: a certificate file
+    that is not there, a phone user without a password (the phone answers "Authentication
+    error")."""
+    problems: list[str] = []
+    files: list[tuple[str, str | None]] = []
+    for phone in config.phones:
+        where = f"phones[{phone.name}]"
+        files += [(f"{where}.certificate", phone.certificate), (f"{where}.ca_file", phone.ca_file)]
+        if phone.username and phone.password is None:
+            problems.append(
+                f"{where}.password: username {phone.username!r} is set but no password; "
+                "set password or password_file (or remove username)"
+            )
+    if config.mqtt is not None:
+        mqtt = config.mqtt
+        files += [("mqtt.ca_file", mqtt.ca_file), ("mqtt.cert_file", mqtt.cert_file)]
+        files.append(("mqtt.key_file", mqtt.key_file))
+    for key, path in files:
+        if path is not None and not Path(path).is_file():
+            problems.append(f"{key}: no such file: {path}")
+    return problems
 
 
 def summary(config: Config, rules: RuleBook, path: Path | None = None) -> str:

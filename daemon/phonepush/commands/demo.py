@@ -1,7 +1,8 @@
 """``phonepush demo``: the whole daemon on embedded defaults, with simulated phones.
 
 No broker, no phone, no config file: three simulated phones start in this process, the daemon
-serves webhooks on 127.0.0.1:8080 (``--port``) with its spool in a temporary directory, a sample
+serves webhooks on 127.0.0.1:8080 (``--port``; when 8080 is taken and no port was asked for, a
+free one, and it says so) with its spool in a temporary directory, a sample
 doorbell event is fired through the real HTTP path, and what each phone received is printed.
 Then it keeps running, printing each push the phones get, until Ctrl-C.
 """
@@ -12,6 +13,7 @@ import argparse
 import asyncio
 import json
 import shlex
+import socket
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -21,11 +23,13 @@ from typing import Any
 import httpx
 
 from phonepush.config import Config, parse_config
+from phonepush.errors import ConfigError
 from phonepush.logs import setup_logging
 from phonepush.sim.simulator import Fleet, SimPhone
 
 __all__ = ["demo_config", "main"]
 
+DEFAULT_PORT = 8080
 TOKEN = "demo-token"  # noqa: S105 - printed for the user to copy; loopback only
 _PHONES = (("lobby", ["frontdesk"]), ("office", ["frontdesk", "it"]), ("server-room", ["it"]))
 
@@ -78,7 +82,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         prog=prog,
         description="Run phonepush with three simulated phones and fire a sample event.",
     )
-    parser.add_argument("--port", type=int, default=8080, help="daemon port (default 8080)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"daemon port (default {DEFAULT_PORT}, or a free one when that is taken)",
+    )
     parser.add_argument(
         "--once",
         action="store_true",
@@ -88,15 +97,48 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _taken(port: int) -> bool:
+    # Bound the way the daemon binds (SO_REUSEADDR), so a port in TIME_WAIT counts as free.
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
 def main(argv: Sequence[str], prog: str = "phonepush demo") -> int:
-    args = _parser(prog).parse_args(argv)
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
+    if args.port is not None and not 0 < args.port <= 65535:
+        parser.error("--port must be 1-65535")
+    port = DEFAULT_PORT if args.port is None else args.port
+    if _taken(port):
+        if args.port is not None:
+            print(f"{prog}: port {port} is taken; choose another with --port", file=sys.stderr)
+            return 1
+        port = _free_port()
+        print(f"{prog}: port {DEFAULT_PORT} is taken; using {port} (choose one with --port)")
     setup_logging(args.log_format, "warning")
     try:
-        asyncio.run(_demo(args.port, once=args.once))
+        asyncio.run(_demo(port, once=args.once))
     except KeyboardInterrupt:
         pass
+    except ConfigError:
+        # Only the listen port can be wrong in the demo's own configuration: taken since the
+        # check above.
+        print(f"{prog}: port {port} is taken; choose another with --port", file=sys.stderr)
+        return 1
     except OSError as exc:
-        print(f"demo: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     return 0
 

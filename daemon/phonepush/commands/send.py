@@ -170,7 +170,8 @@ def _expect(arguments: Sequence[str], names: str, count: int) -> None:
     if not arguments:
         raise _Abort("No URLs specified")
     if len(arguments) != count:
-        raise _Abort(f"Expected {names}, got {len(arguments)} arguments")
+        plural = "" if len(arguments) == 1 else "s"
+        raise _Abort(f"Expected {names}, got {len(arguments)} argument{plural}")
 
 
 async def _send(target: PhoneTarget, xml: str) -> list[str]:

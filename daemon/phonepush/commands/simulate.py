@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 import re
 import signal
@@ -19,6 +20,8 @@ from phonepush.sim.simulator import MODELS, Fleet, SimPhone
 __all__ = ["main"]
 
 _ANSWER = re.compile(r'(?:Number|Status)="(\d+)"')
+#: asyncio's "error while attempting to bind on address ('127.0.0.1', 8001): ..."
+_BOUND_PORT = re.compile(r", (\d+)\)")
 _PASSWORD_ENV = "PHONEPUSH_SIM_PASSWORD"  # noqa: S105 - the name of a variable
 
 
@@ -131,6 +134,22 @@ async def _run(args: argparse.Namespace, password: str) -> None:
     print("stopped", flush=True)
 
 
+def _busy(args: argparse.Namespace, message: str) -> str:
+    found = _BOUND_PORT.search(message)
+    port = int(found.group(1)) if found else None
+    last = args.port + args.phones - 1
+    control = args.control_port if args.control_port is not None else last + 1
+    if port is not None and port == control and args.control_port is not None:
+        return f"port {port} is taken; choose another with --control-port"
+    ports = f"{args.port}-{last}" if last > args.port else str(args.port)
+    what = f"port {port}" if port is not None else "a port"
+    # The phones take --port onwards and the control endpoint the port after them.
+    return (
+        f"{what} is taken (phones on {ports}, control on {control}); "
+        "choose another with --port (or --control-port)"
+    )
+
+
 def main(argv: Sequence[str], prog: str = "phonepush simulate") -> int:
     parser = _parser(prog)
     args = parser.parse_args(argv)
@@ -145,7 +164,13 @@ def main(argv: Sequence[str], prog: str = "phonepush simulate") -> int:
         parser.error("--password needs --username")
     try:
         asyncio.run(_run(args, password))
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            print(f"{prog}: {_busy(args, str(exc))}", file=sys.stderr)
+        else:
+            print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 1
     return 0

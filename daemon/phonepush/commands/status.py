@@ -1,9 +1,12 @@
-"""``phonepush status --config FILE [--limit N]``: the recent events and what became of them.
+"""``phonepush status --config FILE [--limit N] [--all]``: the recent events and what became of
+them.
 
 Reads the spool file named in the configuration directly, read-only (SQLite's WAL lets a reader
 in while the daemon writes), and prints one line per event, newest first: when it arrived, its
 id, where it came from, the rules it matched and how many of its deliveries are in each state.
-Exit status 0, or 2 for a bad configuration or a spool that cannot be read.
+Only events with at least one delivery are listed unless ``--all``: a sensor that reports every
+minute on a topic a rule listens to would otherwise hide the pages. Exit status 0, or 2 for a
+bad configuration or a spool that cannot be read.
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ STATE_ORDER: Final = tuple(s.value for s in DeliveryState)
 Row = tuple[float, str, str, tuple[str, ...], dict[str, int]]
 
 
-def recent_events(path: Path, limit: int) -> list[Row]:
-    """(received_at, id, source:topic, rules, {state: count}) of the ``limit`` newest events.
+def recent_events(path: Path, limit: int, *, every: bool = True) -> list[Row]:
+    """(received_at, id, source:topic, rules, {state: count}) of the ``limit`` newest events;
+    with ``every=False``, of those with at least one delivery.
 
     Raises :class:`~phonepush.errors.SpoolError` when the file is missing or not a spool.
     """
     return [
         (e.received_at, e.id, f"{e.source}:{e.topic}", e.rules, dict(e.states))
-        for e in read_recent(path, limit)
+        for e in read_recent(path, limit, every=every)
     ]
 
 
@@ -66,6 +70,12 @@ def main(argv: Sequence[str], prog: str = "phonepush status") -> int:
     parser.add_argument(
         "--limit", "-n", type=int, default=20, help="how many events (default: %(default)s)"
     )
+    parser.add_argument(
+        "--all",
+        "-a",
+        action="store_true",
+        help="also events that made no delivery (matched no rule, or no phone)",
+    )
     args = parser.parse_args(list(argv))
     if args.limit < 1:
         parser.error("--limit must be at least 1")
@@ -73,12 +83,15 @@ def main(argv: Sequence[str], prog: str = "phonepush status") -> int:
     if config is None:
         return CONFIG_EXIT
     try:
-        rows = recent_events(config.spool.path, args.limit)
+        rows = recent_events(config.spool.path, args.limit, every=args.all)
     except SpoolError as exc:
         print(f"{config.spool.path}: cannot read the spool: {exc}", file=sys.stderr)
         return 2
     if not rows:
-        print(f"{config.spool.path}: no events")
+        if args.all:
+            print(f"{config.spool.path}: no events")
+        else:
+            print(f"{config.spool.path}: no events with deliveries (--all lists every event)")
         return 0
     print(_table(rows))
     return 0

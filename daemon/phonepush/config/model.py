@@ -1089,7 +1089,8 @@ def _read_secret(name: str, environ: Mapping[str, str], base_dir: Path) -> str:
                 raise ValueError(f"cannot read {candidate}: {exc}") from exc
             # Editors and `echo` add a final newline that is not part of the secret.
             return text.rstrip("\r\n")
-    raise ValueError(f"no such file: {' or '.join(str(c) for c in candidates)}")
+    folders = ", ".join(str(c.parent.absolute()) for c in candidates)
+    raise ValueError(f"no such file: {name} (looked in {folders}); create it there")
 
 
 def _secret_from_file(
@@ -1196,6 +1197,7 @@ def _cross_check(config: Config) -> list[str]:
         )
     if (
         config.webhook.token is None
+        and config.webhook.token_file is None  # else: file's error
         and config.hooks
         and not config.webhook.allow_anonymous
         and _is_loopback(host)  # beyond loopback the check above already asks for a token

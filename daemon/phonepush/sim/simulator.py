@@ -74,15 +74,18 @@ Choices where real phones vary or the notes leave room:
   recorded, and ``from_source`` says whether the packets came from it; none are dropped);
   ``RTPMRx:<group>:<port>[:<volume>]`` joins ``group`` on the interface of the phone's own
   address. Each phone can have its own loopback address (``Fleet(hosts=[...])``), so several
-  phones listen on the same port as on a LAN. A new RTPRx/RTPMRx replaces the listener (the old
+  phones listen on the same port as on a LAN. Phones of one fleet that share an address (the
+  default: all on 127.0.0.1) share one socket for a unicast port instead, and each hears every
+  packet that arrives on it: a pager sends phones on one address one copy, and each phone hears
+  it, as if each had its own address. A new RTPRx/RTPMRx replaces the listener (the old
   one is closed first, so the same port can be taken again); ``RTPRx:Stop`` and ``RTPMRx:Stop``
   both close it. What arrives is checked by :class:`phonepush.audio.rtp.RtpReceiver` (payload type
   0, 160-byte payloads, sequence and timestamp continuity, RFC 3550 jitter) and the audio's
   duration and level kept; the state's ``rtp`` object shows the current (or last) stream and a
-  ``history`` of finished ones. A port that cannot be taken (in use, or an address the phone
-  cannot bind) is answered ``Status="6" Data="RTP port unavailable"`` and leaves the phone not
-  listening. ``Fleet(rtp=False)`` only records the URIs (for tests that run receivers of their
-  own on the phones' ports). ``RTPTx``/``RTPMTx`` are only recorded.
+  ``history`` of finished ones. A port that cannot be taken (in use outside the fleet, or an
+  address the phone cannot bind) is answered ``Status="6" Data="RTP port unavailable"`` and
+  leaves the phone not listening. ``Fleet(rtp=False)`` only records the URIs (for tests that
+  run receivers of their own on the phones' ports). ``RTPTx``/``RTPMTx`` are only recorded.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ import hmac
 import json
 import logging
 import shutil
+import socket
 import ssl
 import tempfile
 import time
@@ -312,6 +316,77 @@ class _Settings:
     rtp: bool = True
 
 
+class _UnicastShare(asyncio.DatagramProtocol):
+    """One bound socket for ``(host, port)`` and the receivers of the phones listening on it."""
+
+    def __init__(self) -> None:
+        self.receivers: list[RtpReceiver] = []
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        for receiver in list(self.receivers):
+            # The receiver's own socket is never opened: it checks what this one hands it.
+            receiver._datagram(data, addr)
+
+
+class RtpPorts:
+    """The unicast RTP sockets of one fleet's phones, shared by phones on one address.
+
+    Real phones each have an address, so each gets its own copy of a stream; simulated phones
+    often share 127.0.0.1, where only one socket can have a port. One socket per address and
+    port, handing every packet to each phone listening there, makes a page to several of them
+    work as it does on a LAN.
+    """
+
+    def __init__(self) -> None:
+        self._shares: dict[tuple[str, int], _UnicastShare] = {}
+
+    async def listen(self, receiver: RtpReceiver) -> None:
+        """Start handing ``receiver`` what arrives on its host and port (binding on first use);
+        :class:`AudioError` if the port cannot be taken."""
+        key = (receiver.host, receiver.port)
+        share = self._shares.get(key)
+        if share is None:
+            # Bound before any await: phones told at once to listen must find the one socket.
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.bind(key)
+            except OSError as exc:
+                sock.close()
+                where = f"{receiver.host}:{receiver.port}"
+                raise AudioError(
+                    f"Cannot listen for RTP on {where}: {exc.strerror or exc}"
+                ) from exc
+            sock.setblocking(False)
+            created = _UnicastShare()
+            self._shares[key] = share = created
+            share.receivers.append(receiver)
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.create_datagram_endpoint(lambda: created, sock=sock)
+            except OSError as exc:
+                self._shares.pop(key, None)
+                sock.close()
+                raise AudioError(f"Cannot listen for RTP: {exc.strerror or exc}") from exc
+            return
+        share.receivers.append(receiver)
+
+    async def leave(self, receiver: RtpReceiver) -> None:
+        """Stop handing ``receiver`` packets; the last phone to leave closes the socket."""
+        key = (receiver.host, receiver.port)
+        share = self._shares.get(key)
+        if share is None or receiver not in share.receivers:
+            return
+        share.receivers.remove(receiver)
+        if not share.receivers:
+            del self._shares[key]
+            if share.transport is not None:
+                share.transport.close()
+
+
 @dataclass(frozen=True, slots=True)
 class _Reception:
     """An RTP listener opened by ``RTPRx``/``RTPMRx``: what the phone was told, and its
@@ -401,6 +476,7 @@ class SimPhone:
         server_ssl: ssl.SSLContext | None = None,
         on_push: PushLog | None = None,
         clock: Callable[[], float] = time.time,
+        rtp_ports: RtpPorts | None = None,
     ) -> None:
         self.index = index
         self.name = name
@@ -422,6 +498,7 @@ class SimPhone:
         self._flapper: asyncio.Task[None] | None = None
         self._running = False
         self._reception: _Reception | None = None
+        self._rtp_ports = rtp_ports if rtp_ports is not None else RtpPorts()
 
     def use_tls(self, context: ssl.SSLContext) -> None:
         """Serve HTTPS with ``context`` from the next start on."""
@@ -822,7 +899,10 @@ class SimPhone:
             return Result(url, "Success", 0)
         receiver = RtpReceiver(self.host, uri.port, group=uri.address if uri.multicast else None)
         try:
-            await receiver.__aenter__()
+            if uri.multicast:
+                await receiver.__aenter__()
+            else:
+                await self._rtp_ports.listen(receiver)
         except AudioError as exc:
             logger.info("%s: %s: %s", self.name, url, exc)
             return Result(url, "RTP port unavailable", 6)
@@ -843,7 +923,10 @@ class SimPhone:
         reception, self._reception = self._reception, None
         if reception is None:
             return
-        await reception.receiver.__aexit__(None, None, None)
+        if reception.multicast:
+            await reception.receiver.__aexit__(None, None, None)
+        else:
+            await self._rtp_ports.leave(reception.receiver)
         # The transport closes its socket from a callback on the next loop iteration; let it run,
         # so that the port is free when a new RTPRx for the same port is served.
         await asyncio.sleep(0)
@@ -991,9 +1074,18 @@ class Fleet:
             list(names) if names is not None else [_default_name(i) for i in range(phones)]
         )
         self._hosts = list(hosts) if hosts is not None else [host] * phones
+        rtp_ports = RtpPorts()
         #: Exist before the fleet is entered (ports are known once it is, if ephemeral).
         self.phones: list[SimPhone] = [
-            SimPhone(i, name, self._hosts[i], port + i if port else 0, settings, on_push=on_push)
+            SimPhone(
+                i,
+                name,
+                self._hosts[i],
+                port + i if port else 0,
+                settings,
+                on_push=on_push,
+                rtp_ports=rtp_ports,
+            )
             for i, name in enumerate(self._names)
         ]
         self.certificate: Path | None = None

@@ -769,15 +769,21 @@ class Spool:
 _RECENT_SUMMARIES: Final = (
     "SELECT id, source, topic, received_at, rules FROM events ORDER BY seq DESC LIMIT ?"
 )
+_RECENT_DELIVERED: Final = (
+    "SELECT id, source, topic, received_at, rules FROM events"
+    " WHERE EXISTS (SELECT 1 FROM deliveries WHERE deliveries.event_id = events.id)"
+    " ORDER BY seq DESC LIMIT ?"
+)
 _STATE_COUNTS: Final = (
     "SELECT state, count(*) AS n FROM deliveries WHERE event_id = ? GROUP BY state"
 )
 
 
-def read_recent(path: Path, limit: int) -> list[EventSummary]:
-    """The ``limit`` newest events of the spool file at ``path``, read-only: SQLite's WAL lets
-    a reader in while the daemon writes, and nothing is created or changed (a file of any
-    schema version this phonepush knows reads the same).
+def read_recent(path: Path, limit: int, *, every: bool = True) -> list[EventSummary]:
+    """The ``limit`` newest events of the spool file at ``path`` (with ``every=False``, of those
+    with at least one delivery), read-only: SQLite's WAL lets a reader in while the daemon
+    writes, and nothing is created or changed (a file of any schema version this phonepush
+    knows reads the same).
 
     Raises :class:`SpoolError` when the file is missing or not a spool.
     """
@@ -801,7 +807,9 @@ def read_recent(path: Path, limit: int) -> list[EventSummary]:
                     for count in conn.execute(_STATE_COUNTS, (row["id"],))
                 },
             )
-            for row in conn.execute(_RECENT_SUMMARIES, (limit,)).fetchall()
+            for row in conn.execute(
+                _RECENT_SUMMARIES if every else _RECENT_DELIVERED, (limit,)
+            ).fetchall()
         ]
     except sqlite3.Error as exc:
         raise SpoolError(str(exc)) from exc
