@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from _mqtt_fixtures import Broker, Watcher
 from phonepush.config import parse_config
 from phonepush.errors import ConfigError
 from phonepush.sim.simulator import Fleet, SimPhone
+from phonepush.store.spool import Spool
 
 OPEN = {
     "label": "Open",
@@ -137,6 +139,21 @@ async def test_confirm_needs_yes(
         message = await watcher.next()
     assert message.topic == "zigbee2mqtt/front_lock/set"
     assert desk.state.screen.text == "Open: done"
+
+
+async def test_a_confirmed_action_done_already_does_not_ask_again(
+    daemon_runner: DaemonRunner, fleet: Fleet, mosquitto: Broker
+) -> None:
+    await daemon_runner.start(with_mqtt(config(fleet, {**OPEN, "confirm": True}), mosquitto))
+    await ring(daemon_runner)
+    desk = fleet.phone("desk")
+    await shows(desk, "Open")
+    page = desk.state.screen
+    await desk.press(name="Open")
+    await desk.press(name="Yes")
+    desk.state.screen = page
+    await desk.press(name="Open")
+    assert desk.state.screen.text == "Open: already done."
 
 
 async def test_no_leaves_without_acting(
@@ -265,6 +282,18 @@ async def test_page_without_ack_refuses_an_ack(daemon_runner: DaemonRunner, flee
     async with httpx.AsyncClient(base_url=daemon_runner.url) as client:
         answer = await client.get(f"/ack/{token}")
     assert answer.status_code == 404
+
+
+async def test_a_spool_made_before_actions_opens_and_gains_their_tables(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    async with Spool(path):
+        pass
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE alert_actions")
+        db.execute("DROP TABLE action_presses")
+    async with Spool(path) as spool:
+        assert spool.alerts.presses_of("nothing") == []
+        assert spool.alerts.action("nothing") is None
 
 
 # --- configuration ------------------------------------------------------------------------------

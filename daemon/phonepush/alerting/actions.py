@@ -141,7 +141,8 @@ class ActionService:
             self._record(action, at, "expired", by)
             # 200, not 404: a phone shows the page it is answered only on success.
             return ActionAnswer(200, _page("Expired", f"{label}: this action has expired."))
-        if action.confirm and not confirmed:
+        done = action.used_at is not None and not action.repeatable
+        if action.confirm and not confirmed and not done:
             return ActionAnswer(200, self._question(action))
         if not self._spool.alerts.claim_action(token, at):
             self._record(action, at, "already_done", by)

@@ -113,8 +113,7 @@ NOTES: Final[dict[str, str]] = {
     "ActionConfig.label": "The softkey's name; also the `action` label of "
     "`phonepush_actions_total`.",
     "ActionConfig.confirm": "The first press asks `LABEL?` with Yes/No; only Yes acts.",
-    "ActionConfig.repeatable": "Usable more than once (else a second press shows \"already "
-    "done\").",
+    "ActionConfig.repeatable": 'Usable more than once (else a second press shows "already done").',
     "ActionConfig.dial": "A number the phone dials itself (softkey URL `Dial:NUMBER`).",
     "ActionMqttConfig.topic": "Template; where the message is published (no wildcards).",
     "ActionMqttConfig.payload": "Template; the message.",
