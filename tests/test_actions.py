@@ -96,6 +96,9 @@ async def test_open_publishes_once_and_a_second_press_is_already_done(
     assert "/act/" in open_key.url and open_key.position == 1
 
     with mosquitto.watch("zigbee2mqtt/#") as watcher:
+        # A HEAD (a link checker, a proxy) does nothing.
+        async with httpx.AsyncClient() as client:
+            assert (await client.head(open_key.url)).status_code == 405
         # Pressed through the simulator's control endpoint, as a test harness or person would.
         async with httpx.AsyncClient() as client:
             answer = await client.post(

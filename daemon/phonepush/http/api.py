@@ -128,6 +128,9 @@ def api_routes(state: ServerState, *, bearer_ok: Callable[[Request, str], bool])
         return Response(answer.xml, status_code=answer.status, media_type=_XML)
 
     async def act(request: Request) -> Response:
+        if request.method == "HEAD":
+            # Starlette answers HEAD on GET routes; a link checker's HEAD must not open a door.
+            return Response(status_code=405, headers={"Allow": "GET, POST"})
         actions = state.actions
         if actions is None:
             return Response("actions are off", status_code=404)
