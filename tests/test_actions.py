@@ -398,3 +398,43 @@ actions = [
     path.write_text(path.read_text().replace('dial = "1234"', 'dial = "12<34"'))
     assert main(["check", "--config", str(path)]) != 0
     assert "rules[doorbell].actions[1].dial" in capsys.readouterr().err
+
+
+def test_fire_dry_run_shows_the_softkeys_of_each_phones_page(tmp_path: Path, capsys: Any) -> None:
+    from phonepush.cli import main
+
+    path = tmp_path / "phonepush.toml"
+    path.write_text(
+        """
+[server]
+public_url = "http://192.0.2.10:8080"
+[spool]
+path = "spool.db"
+[webhook]
+allow_anonymous = true
+[[phones]]
+name = "desk"
+host = "127.0.0.1"
+[[rules]]
+name = "doorbell"
+on = "webhook:door"
+to = "desk"
+ack = true
+message = { title = "Doorbell" }
+[[rules.actions]]
+label = "Open"
+webhook = { url = "http://door.lan/open/{{ payload.door }}", method = "PUT" }
+[[rules.actions]]
+label = "Call"
+dial = "1234"
+"""
+    )
+    argv = ["fire", "--config", str(path), "--hook", "door", '{"door": "front"}', "--dry-run"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "softkeys added to each phone's page" in out
+    lines = [line.strip() for line in out.splitlines()]
+    assert "Ack -> http://192.0.2.10:8080/ack/<token>" in lines
+    assert "Open -> http://192.0.2.10:8080/act/<token>: PUT http://door.lan/open/front" in lines
+    assert "Call -> Dial:1234" in lines
+    assert lines[-1] == "Close -> SoftKey:Exit"
