@@ -176,6 +176,25 @@ async def test_zigbee2mqtt_doorbell(
     assert s.phone("reception").state.pushes == 3 and s.phone("backoffice").state.pushes == 3
 
 
+async def test_zigbee2mqtt_door_lock(
+    daemon_runner: DaemonRunner, make_fleet: MakeFleet, mosquitto: Broker
+) -> None:
+    s = await _start("zigbee2mqtt", daemon_runner, make_fleet, mosquitto)
+    await s.publish("zigbee2mqtt/front_door/action", "single")
+    await s.shows("reception", "Doorbell", "front_door: single press")
+    reception = s.phone("reception")
+    await eventually(lambda: [k.name for k in reception.state.screen.softkeys] == ["Open", "Close"])
+    with mosquitto.watch("zigbee2mqtt/+/set") as watcher:
+        await reception.press(name="Open")
+        assert reception.state.screen.text == "Open?"
+        await reception.press(name="Yes")
+        message = await watcher.next()
+    assert message.topic == "zigbee2mqtt/front_door_lock/set"
+    assert json.loads(message.payload) == {"state": "UNLOCK"}
+    assert reception.state.screen.text == "Open: done"
+    assert s.metric("phonepush_actions_total", rule="doorbell", action="Open", result="ok") == 1
+
+
 async def test_zigbee2mqtt_sensor_reports_are_not_taken_in(
     daemon_runner: DaemonRunner, make_fleet: MakeFleet, mosquitto: Broker
 ) -> None:

@@ -146,6 +146,46 @@ async def test_metrics_after_real_traffic_pass_promtool_check_metrics(
     assert exposed <= _exported_names()
 
 
+async def test_action_presses_are_counted_by_rule_action_and_result(
+    daemon_runner: DaemonRunner, make_fleet: MakeFleet, mosquitto: Broker
+) -> None:
+    promtool = _promtool()
+    fleet = await make_fleet(phones=1, names=["desk"], tone_ms=10)
+    await daemon_runner.start(
+        {
+            "mqtt": {"url": mosquitto.url, "client_id": "metrics-actions"},
+            "phones": [{"name": "desk", "host": fleet.phones[0].address}],
+            "rules": [
+                {
+                    "name": "doorbell",
+                    "on": "webhook:door",
+                    "to": ["desk"],
+                    "message": {"title": "Doorbell"},
+                    "actions": [{"label": "Open", "mqtt": {"topic": "door/set", "payload": "1"}}],
+                }
+            ],
+        }
+    )
+    desk = fleet.phone("desk")
+    async with httpx.AsyncClient(base_url=daemon_runner.url) as client:
+        assert (await client.post("/hooks/door", json={})).status_code == 202
+        await eventually(lambda: any(k.name == "Open" for k in desk.state.screen.softkeys))
+        page = desk.state.screen
+        await desk.press(name="Open")
+        desk.state.screen = page
+        await desk.press(name="Open")
+        answer = await client.get("/metrics")
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=answer.content, capture_output=True, timeout=30
+    )
+    assert (checked.returncode, checked.stdout + checked.stderr) == (0, b"")
+    lines = answer.text.splitlines()
+    for result in ("ok", "already_done"):
+        sample = f'phonepush_actions_total{{action="Open",result="{result}",rule="doorbell"}} 1.0'
+        assert sample in lines, sample
+    assert "phonepush_actions_total" in _exported_names()
+
+
 def test_alert_rules_pass_promtool_check_and_unit_tests() -> None:
     promtool = _promtool()
     checked = subprocess.run(

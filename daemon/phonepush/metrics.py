@@ -159,6 +159,15 @@ class Metrics:
             ["rule"],
             registry=r,
         )
+        # --- actions (phonepush.alerting.actions) ---
+        self.actions = Counter(
+            "phonepush_actions",
+            "Presses of action softkeys, by rule, action label and result: ok, failed (the "
+            "MQTT publish or webhook failed; shown on the phone), already_done (a one-time "
+            "action pressed again), expired (past action_ttl).",
+            ["rule", "action", "result"],
+            registry=r,
+        )
         # --- silences and groups ---
         self.silenced = Counter(
             "phonepush_silenced",

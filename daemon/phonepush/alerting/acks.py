@@ -33,6 +33,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Self
 
 from phonepush.alerting import ledger
+from phonepush.alerting.actions import page_softkeys
 from phonepush.alerting.ledger import AckResult, Resolution
 from phonepush.config import MqttConfig
 from phonepush.errors import MqttError, TemplateError, WireError
@@ -46,6 +47,7 @@ from phonepush.store.records import (
     AlertRecord,
     AlertState,
     Delivery,
+    NewAction,
     NewAlert,
     NewAlertPhone,
     NewDelivery,
@@ -142,7 +144,9 @@ def _alert(match: Match, policy: AlertPolicy, planned: PlannedRule, work: Work) 
     """The alert a matched rule starts. Raises :class:`~phonepush.errors.WireError` when the
     rule's requests no longer fit with a per-phone page URL."""
     page_id = planned.page_id
-    ack = policy.ack and bool(page_id)
+    # Acks and actions both need each phone's own page URL: its token says who pressed.
+    ack = (policy.ack or bool(match.actions)) and bool(page_id)
+    action_expiry = work.event.received_at + match.rule.action_ttl
     phones: list[NewAlertPhone] = []
     everyone = [(p, False) for p in match.rule.phones]
     everyone += [(p, True) for p in policy.escalate_phones]
@@ -159,7 +163,19 @@ def _alert(match: Match, policy: AlertPolicy, planned: PlannedRule, work: Work) 
             own = tuple(
                 PushRequest(r.kind, r.xml.replace(f"/{page_id}/{_STAND_IN}", mine)) for r in shape
             )
-            phones.append(NewAlertPhone(phone, token, own, escalation))
+            actions = tuple(
+                NewAction(
+                    new_token(),
+                    position,
+                    a.label,
+                    a.spec,
+                    a.confirm,
+                    a.repeatable,
+                    action_expiry,
+                )
+                for position, a in enumerate(match.actions, start=1)
+            )
+            phones.append(NewAlertPhone(phone, token, own, escalation, actions, policy.ack))
         else:
             phones.append(NewAlertPhone(phone, None, planned.requests, escalation))
     repeats = policy.max_repeats if policy.repeat > 0 else 0
@@ -381,10 +397,15 @@ class AckService:
         xml = self._spool.events.page(page_id)
         if found is None or xml is None or found[0].page_id != page_id:
             return _Answer(404, _text_page("Not found", "This page is no longer available."))
-        softkeys = (
-            SoftKey(ACK_LABEL, ack_url(self.public_url, token), 1),
-            SoftKey(CLOSE_LABEL, _EXIT, 2),
-        )
+        actions = self._spool.alerts.actions_of_page(token)
+        if actions:
+            ack = ack_url(self.public_url, token) if actions[0].with_ack else None
+            softkeys = page_softkeys(self.public_url, actions, ack=ack)
+        else:
+            softkeys = (
+                SoftKey(ACK_LABEL, ack_url(self.public_url, token), 1),
+                SoftKey(CLOSE_LABEL, _EXIT, 2),
+            )
         try:
             return _Answer(200, page_with_softkeys(xml, softkeys))
         except WireError as exc:
@@ -397,6 +418,10 @@ class AckService:
         model = headers.get("x-ciscoipphonemodelname", "")
         device = " ".join(part for part in (model[:64], address) if part)
         at = self._clock()
+        actions = self._spool.alerts.actions_of_page(token)
+        if actions and not actions[0].with_ack:
+            # A page with actions but no Ack: its token is not an ack token.
+            return _Answer(404, _text_page("Not found", "This alert is no longer known."))
         result = ledger.acknowledge(self._spool, token, at, device)
         if result is None:
             return _Answer(404, _text_page("Not found", "This alert is no longer known."))

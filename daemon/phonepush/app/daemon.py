@@ -29,6 +29,7 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 
 from phonepush.alerting.acks import AckService, ack_prefix
+from phonepush.alerting.actions import ActionService
 from phonepush.alerting.repeats import Repeater
 from phonepush.app.builder import Built, Services, build
 from phonepush.app.limits import default_max_connections
@@ -234,6 +235,11 @@ class Daemon:
                     webhook_timeout=config.ack.webhook_timeout,
                 )
             )
+            actions = await stack.enter_async_context(
+                ActionService(
+                    spool, metrics=metrics, public_url=config.server.public_url, mqtt=mqtt
+                )
+            )
             state = ServerState(
                 intake,
                 spool,
@@ -246,6 +252,7 @@ class Daemon:
                 state.readiness["mqtt"] = lambda: "" if mqtt.connected else "not connected"
             state.silences = silences
             state.acks = acks
+            state.actions = actions
             state.authenticator = Authenticator.from_config(config, metrics=metrics)
             sock = _bind(config.server.listen)
             stack.callback(sock.close)

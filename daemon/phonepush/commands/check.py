@@ -132,4 +132,26 @@ def summary(config: Config, rules: RuleBook, path: Path | None = None) -> str:
             f"  {rule.name}: {rule.source}:{rule.pattern} -> {phones}"
             f" (ttl {format_duration(rule.ttl)}{cooldown}, priority {rule.priority})"
         )
+        lines.extend(_actions(config, rule.name))
     return "\n".join(lines)
+
+
+def _actions(config: Config, name: str) -> list[str]:
+    """A rule's action softkeys as written (templates unrendered), URLs without secrets."""
+    rule = next((r for r in config.rules if r.name == name), None)
+    if rule is None or not rule.actions:
+        return []
+    lines: list[str] = []
+    for action in rule.actions:
+        flags = [f for f in ("confirm", "repeatable") if getattr(action, f)]
+        shown = f" ({', '.join(flags)})" if flags else ""
+        if action.mqtt is not None:
+            retain = ", retained" if action.mqtt.retain else ""
+            what = f"mqtt {action.mqtt.topic} (QoS {action.mqtt.qos}{retain})"
+        elif action.webhook is not None:
+            what = f"webhook {action.webhook.method} {url_for_log(action.webhook.url)}"
+        else:
+            what = f"dial {action.dial}"
+        lines.append(f"    action {action.label}{shown}: {what}")
+    lines.append(f"    action softkeys work for {format_duration(rule.action_ttl)} after the event")
+    return lines

@@ -106,6 +106,20 @@ NOTES: Final[dict[str, str]] = {
     "phone acks itself.",
     "RuleConfig.group_by": "Templates: events with the same values in `group_wait` share one page.",
     "RuleConfig.group_wait": "Collect a group's events this long (default 30s with `group_by`).",
+    "RuleConfig.actions": "Softkeys on the page that act (at most 4, beside Ack/Close): each "
+    "one of `mqtt`, `webhook` or `dial`; needs `message`.",
+    "RuleConfig.action_ttl": "How long after the event the action softkeys work; then they show "
+    "an expired page.",
+    "ActionConfig.label": "The softkey's name; also the `action` label of "
+    "`phonepush_actions_total`.",
+    "ActionConfig.confirm": "The first press asks `LABEL?` with Yes/No; only Yes acts.",
+    "ActionConfig.repeatable": 'Usable more than once (else a second press shows "already done").',
+    "ActionConfig.dial": "A number the phone dials itself (softkey URL `Dial:NUMBER`).",
+    "ActionMqttConfig.topic": "Template; where the message is published (no wildcards).",
+    "ActionMqttConfig.payload": "Template; the message.",
+    "ActionWebhookConfig.url": "Template; an http(s) URL, called with a 5 s timeout.",
+    "ActionWebhookConfig.body": "Template; the request body (none when empty).",
+    "ActionWebhookConfig.headers": "Request headers (kept in the spool with the page).",
     "MessageConfig.title": "Page title (≤ 32 characters shown).",
     "MessageConfig.text": "Page text (cut, marked ..., beyond what a page takes).",
     "MessageConfig.prompt": "Status-line prompt.",

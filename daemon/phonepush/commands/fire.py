@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -25,7 +26,8 @@ from phonepush.config import Config
 from phonepush.errors import PhonepushError
 from phonepush.events import Event
 from phonepush.metrics import Metrics
-from phonepush.pipeline.intake import Intake, Plan
+from phonepush.pipeline.intake import Intake, Plan, PlannedRule
+from phonepush.redact import url_for_log
 from phonepush.store.spool import Spool
 
 __all__ = ["main"]
@@ -94,7 +96,34 @@ def _describe(plan: Plan, config: Config) -> str:
         if rule.page_id:
             lines.append(f"  page {config.server.public_url.rstrip('/')}/pages/{rule.page_id}:")
             lines.append(f"    {plan.pages[rule.page_id]}")
+        lines.extend(_softkeys(rule, config.server.public_url.rstrip("/")))
     return "\n".join(lines)
+
+
+def _softkeys(rule: PlannedRule, base: str) -> list[str]:
+    """The softkeys each phone's own page gets when it fetches it (acks, actions)."""
+    alert = rule.alert
+    if alert is None or not alert.phones or alert.phones[0].token is None:
+        return []
+    first = alert.phones[0]
+    lines = ["  softkeys added to each phone's page (each phone its own <token>):"]
+    if first.with_ack:
+        lines.append(f"    Ack -> {base}/ack/<token>")
+    for action in first.actions:
+        spec = json.loads(action.spec)
+        flags = [f for f in ("confirm", "repeatable") if getattr(action, f)]
+        shown = f" ({', '.join(flags)})" if flags else ""
+        if "dial" in spec:
+            lines.append(f"    {action.label}{shown} -> Dial:{spec['dial']}")
+            continue
+        if "mqtt" in spec:
+            does = f"publishes {spec['mqtt']['payload']!r} to {spec['mqtt']['topic']}"
+        else:
+            hook = spec["webhook"]
+            does = f"{hook['method']} {url_for_log(hook['url'])}"
+        lines.append(f"    {action.label}{shown} -> {base}/act/<token>: {does}")
+    lines.append("    Close -> SoftKey:Exit")
+    return lines
 
 
 async def _inject(config: Config, event: Event) -> int:

@@ -64,6 +64,9 @@ __all__ = [
     "ENV_PREFIX",
     "RESERVED_RULE_KEYS",
     "AckConfig",
+    "ActionConfig",
+    "ActionMqttConfig",
+    "ActionWebhookConfig",
     "AudioConfig",
     "AuthUserConfig",
     "AuthenticationConfig",
@@ -599,6 +602,81 @@ class EscalateConfig(_Section):
         return value
 
 
+#: The HTTP methods an action's webhook may use.
+ActionMethod = Literal["POST", "PUT", "PATCH", "GET", "DELETE"]
+
+
+class ActionMqttConfig(_Section):
+    """An action's ``mqtt = { topic, payload, qos, retain }``: published on the daemon's own
+    connection. ``topic`` and ``payload`` are templates."""
+
+    topic: str = Field(min_length=1)
+    payload: str = ""
+    qos: Literal[0, 1, 2] = 1
+    retain: bool = False
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        if not is_template(value) and ("+" in value or "#" in value or "\0" in value):
+            raise ValueError("a topic to publish to cannot hold '+', '#' or NUL")
+        return value
+
+
+class ActionWebhookConfig(_Section):
+    """An action's ``webhook = { url, method, body, headers }``; ``url`` and ``body`` are
+    templates."""
+
+    url: str
+    method: ActionMethod = "POST"
+    body: str = ""
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not is_template(value) and not is_http(value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
+class ActionConfig(_Section):
+    """One entry of a rule's ``actions``: a softkey on its page that does something."""
+
+    label: str = Field(min_length=1, max_length=32)
+    confirm: bool = False
+    repeatable: bool = False
+    mqtt: ActionMqttConfig | None = None
+    webhook: ActionWebhookConfig | None = None
+    dial: str = ""
+
+    @field_validator("dial")
+    @classmethod
+    def _dial(cls, value: str) -> str:
+        if value:
+            try:
+                validate_uri(f"Dial:{value}")
+            except WireError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ActionConfig:
+        given = [k for k in ("mqtt", "webhook", "dial") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of mqtt, webhook or dial"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+    @property
+    def kind(self) -> Literal["mqtt", "webhook", "dial"]:
+        return (
+            "mqtt" if self.mqtt is not None else "webhook" if self.webhook is not None else "dial"
+        )
+
+
 class RuleConfig(_Section):
     """One ``[[rules]]`` entry. Template checks happen in :class:`phonepush.rules.RuleSet`."""
 
@@ -634,6 +712,9 @@ class RuleConfig(_Section):
     quiet_hours: QuietHoursConfig | None = None
     # Audio paging (docs/design.md, "Audio paging").
     audio: RuleAudioConfig | None = None
+    # Softkeys that act (docs/design.md, "Actions").
+    actions: list[ActionConfig] = Field(default_factory=list, max_length=4)
+    action_ttl: PositiveDuration = 300.0
 
     @field_validator("name")
     @classmethod
@@ -714,6 +795,17 @@ class RuleConfig(_Section):
                 )
         if self.ack and self.message is None:
             raise ValueError("ack: needs a message (the Ack softkey is on the page)")
+        return self
+
+    @model_validator(mode="after")
+    def _actions(self) -> RuleConfig:
+        if self.actions and self.message is None:
+            raise ValueError("actions: needs a message (the softkeys are on the page)")
+        if self.actions and self.grouped:
+            raise ValueError(
+                "actions: a grouping rule cannot have actions (a group's page has no single"
+                " event to act on)"
+            )
         return self
 
     @property
@@ -1233,6 +1325,15 @@ def _cross_check(config: Config) -> list[str]:
         for target in rule.escalate.to if rule.escalate is not None else ():
             if target != "all" and target not in seen and target not in groups:
                 problems.append(f"{where}.escalate.to: no phone or group named {target!r}")
+        for i, action in enumerate(rule.actions):
+            if action.mqtt is not None and config.mqtt is None:
+                problems.append(
+                    f"{where}.actions[{i}].mqtt: publishes on MQTT, but there is no [mqtt] section"
+                )
+            if action.webhook is not None and not is_template(action.webhook.url):
+                problems.extend(
+                    _http_url_problems(f"{where}.actions[{i}].webhook.url", action.webhook.url)
+                )
         for i, entry in enumerate(rule.execute):
             try:
                 url, priority = split_priority(entry)
@@ -1275,6 +1376,13 @@ def _template_problems(rule: RuleConfig, where: str, templates: Templates) -> li
         sources += [("background.image", rule.background.image, True)]
     if rule.audio is not None and rule.audio.say:
         sources += [("audio.say", rule.audio.say, False)]
+    for i, action in enumerate(rule.actions):
+        if action.mqtt is not None:
+            sources += [(f"actions[{i}].mqtt.topic", action.mqtt.topic, False)]
+            sources += [(f"actions[{i}].mqtt.payload", action.mqtt.payload, False)]
+        if action.webhook is not None:
+            sources += [(f"actions[{i}].webhook.url", action.webhook.url, True)]
+            sources += [(f"actions[{i}].webhook.body", action.webhook.body, False)]
     problems: list[str] = []
     if rule.when.strip():
         try:

@@ -3,9 +3,11 @@
 ``GET /pages/<id>/<token>``  a page with Ack and Close softkeys, for the phone holding ``token``
 ``GET /ack/<token>``         what the Ack softkey requests: records the ack, answers the phone
                              with a confirmation page (404 page for an unknown token)
+``GET /act/<token>``         what an action softkey requests (``?confirm=1``: its Yes): does
+                             the action, answers the phone with the result page
 ``GET /api/events/<id>``     what became of an event (the id a hook's 202 returned); bearer
                              token as for hooks: ``{"event", "rule", "rules", "deliveries": [...],
-                             "alerts": [...]}``; a delivery's ``state`` is one of
+                             "alerts": [...], "actions": [...]}``; a delivery's ``state`` is one of
                              :data:`DELIVERY_STATES`
 """
 
@@ -76,6 +78,18 @@ def event_status(spool: Store, record: EventRecord) -> dict[str, Any]:
         }
         for a in spool.alerts.of_event(record.id)
     ]
+    presses = [
+        {
+            "phone": p.phone,
+            "rule": p.rule,
+            "action": p.label,
+            "at": p.at,
+            "result": p.result,
+            "error": p.error,
+            "from": p.by,
+        }
+        for p in spool.alerts.presses_of(record.id)
+    ]
     return {
         "event": record.id,
         "rule": record.rules[0] if record.rules else None,
@@ -85,6 +99,7 @@ def event_status(spool: Store, record: EventRecord) -> dict[str, Any]:
         "received_at": record.received_at,
         "deliveries": deliveries,
         "alerts": alerts,
+        "actions": presses,
     }
 
 
@@ -112,6 +127,25 @@ def api_routes(state: ServerState, *, bearer_ok: Callable[[Request, str], bool])
             return Response("spool unavailable", status_code=503, headers={"Retry-After": "5"})
         return Response(answer.xml, status_code=answer.status, media_type=_XML)
 
+    async def act(request: Request) -> Response:
+        if request.method == "HEAD":
+            # Starlette answers HEAD on GET routes; a link checker's HEAD must not open a door.
+            return Response(status_code=405, headers={"Allow": "GET, POST"})
+        actions = state.actions
+        if actions is None:
+            return Response("actions are off", status_code=404)
+        address = request.client.host if request.client is not None else ""
+        try:
+            answer = await actions.press(
+                request.path_params["token"],
+                confirmed=request.query_params.get("confirm") == "1",
+                headers=request.headers,
+                address=address,
+            )
+        except SpoolError:
+            return Response("spool unavailable", status_code=503, headers={"Retry-After": "5"})
+        return Response(answer.xml, status_code=answer.status, media_type=_XML)
+
     async def event(request: Request) -> Response:
         if state.token is not None and not bearer_ok(request, state.token):
             return JSONResponse(
@@ -133,5 +167,6 @@ def api_routes(state: ServerState, *, bearer_ok: Callable[[Request, str], bool])
     return [
         Route("/pages/{page_id}/{token}", ack_page, methods=["GET"]),
         Route("/ack/{token}", ack, methods=["GET", "POST"]),
+        Route("/act/{token}", act, methods=["GET", "POST"]),
         Route("/api/events/{event_id}", event, methods=["GET"]),
     ]

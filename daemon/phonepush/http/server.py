@@ -11,8 +11,8 @@ Routes (a contract, pinned by tests):
 ``GET /readyz``         spool writable and, when configured, MQTT connected (503 otherwise)
 ``/api/silences``       runtime silences (phonepush.http.silences_api)
 ``GET|POST /authenticate``  the phones' authenticationURL (phonepush.http.authenticate)
-``/ack/<token>``, ``/pages/<id>/<token>``, ``GET /api/events/<id>``
-                        acks and status (phonepush.http.api)
+``/ack/<token>``, ``/act/<token>``, ``/pages/<id>/<token>``, ``GET /api/events/<id>``
+                        acks, actions and status (phonepush.http.api)
 """
 
 from __future__ import annotations

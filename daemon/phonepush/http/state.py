@@ -10,6 +10,7 @@ from phonepush.metrics import Metrics
 
 if TYPE_CHECKING:
     from phonepush.alerting.acks import AckService
+    from phonepush.alerting.actions import ActionService
     from phonepush.http.authenticate import Authenticator
     from phonepush.pipeline.intake import Intake
     from phonepush.silence.silences import Silences
@@ -37,5 +38,7 @@ class ServerState:
     silences: Silences | None = None
     #: acknowledgements (``/ack/<token>``, phonepush.http.api); None: those routes answer 404
     acks: AckService | None = None
+    #: action softkeys (``/act/<token>``, phonepush.http.api); None: that route answers 404
+    actions: ActionService | None = None
     #: the phones' authentication URL (phonepush.http.authenticate); None: ``/authenticate`` is 404
     authenticator: Authenticator | None = None

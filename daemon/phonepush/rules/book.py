@@ -23,13 +23,14 @@ is left out, so one rule can send an item only for some events.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal
 
-from phonepush.config import Config, RuleConfig, is_template, split_priority
+from phonepush.config import ActionConfig, Config, RuleConfig, is_template, split_priority
 from phonepush.errors import ConfigError, TemplateError, WireError
 from phonepush.events import Event, decode_payload
 from phonepush.templates import Expression, Templates, TextTemplate
@@ -37,7 +38,9 @@ from phonepush.wire.cisco import TextPage
 from phonepush.wire.uri import ExecuteItem, is_http, validate_uri
 
 __all__ = [
+    "ActionSpec",
     "AlertPolicy",
+    "CompiledAction",
     "CompiledRule",
     "Match",
     "Rule",
@@ -81,6 +84,40 @@ class AlertPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class CompiledAction:
+    """One entry of a rule's ``actions`` with its templates compiled: ``topic``/``payload``
+    (mqtt), ``url``/``body`` (webhook); ``dial`` is the literal number."""
+
+    label: str
+    confirm: bool
+    repeatable: bool
+    kind: Literal["mqtt", "webhook", "dial"]
+    where: str
+    topic: TextTemplate | None = None
+    payload: TextTemplate | None = None
+    qos: int = 1
+    retain: bool = False
+    url: TextTemplate | None = None
+    method: str = "POST"
+    body: TextTemplate | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    dial: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ActionSpec:
+    """An action rendered with one event: ``spec`` is the JSON stored with each phone's
+    page (``{"mqtt": {topic, payload, qos, retain}}``, ``{"webhook": {url, method, body,
+    headers}}`` or ``{"dial": "NUMBER"}``)."""
+
+    label: str
+    confirm: bool
+    repeatable: bool
+    kind: Literal["mqtt", "webhook", "dial"]
+    spec: str
+
+
+@dataclass(frozen=True, slots=True)
 class _Item:
     """One ``execute`` entry: a constant item, or a template and the priority to give it."""
 
@@ -121,6 +158,9 @@ class CompiledRule:
     #: Whether the rule plays an audio page (``audio``), and its ``audio.say`` when it speaks.
     audio: bool = False
     audio_say: TextTemplate | None = None
+    #: Softkeys that act (``actions``) and how long their tokens work (``action_ttl``).
+    actions: tuple[CompiledAction, ...] = ()
+    action_ttl: float = 300.0
 
     def listens_to(self, event: Event) -> bool:
         """Whether ``event`` comes from where this rule listens (its ``when`` not consulted)."""
@@ -146,6 +186,7 @@ class Match:
     ringtone: str | None = None
     dedupe_key: str = ""
     error: str | None = None
+    actions: tuple[ActionSpec, ...] = ()
 
 
 class _Node:
@@ -319,13 +360,43 @@ def _compile_rule(rule: RuleConfig, config: Config, templates: Templates) -> Com
             if rule.audio is not None and rule.audio.say.strip()
             else None
         ),
+        actions=tuple(
+            _compile_action(action, f"{where}.actions[{i}]", templates)
+            for i, action in enumerate(rule.actions)
+        ),
+        action_ttl=rule.action_ttl,
     )
+
+
+def _compile_action(action: ActionConfig, where: str, templates: Templates) -> CompiledAction:
+    common = (action.label, action.confirm, action.repeatable, action.kind, where)
+    if action.mqtt is not None:
+        mqtt = action.mqtt
+        return CompiledAction(
+            *common,
+            topic=templates.compile_template(mqtt.topic, f"{where}.mqtt.topic"),
+            payload=templates.compile_template(mqtt.payload, f"{where}.mqtt.payload"),
+            qos=mqtt.qos,
+            retain=mqtt.retain,
+        )
+    if action.webhook is not None:
+        hook = action.webhook
+        return CompiledAction(
+            *common,
+            url=templates.compile_url_template(hook.url, f"{where}.webhook.url"),
+            method=hook.method,
+            body=templates.compile_template(hook.body, f"{where}.webhook.body"),
+            headers=tuple(hook.headers.items()),
+        )
+    return CompiledAction(*common, dial=action.dial)
 
 
 def _alert_policy(
     rule: RuleConfig, phones: tuple[str, ...], config: Config, templates: Templates
 ) -> AlertPolicy | None:
-    if not (rule.acked or rule.repeat is not None or rule.resolve_when.strip()):
+    # Actions live on the per-phone page an alert gives each phone (its token names the phone
+    # that pressed), so a rule with actions makes alerts even without acks.
+    if not (rule.acked or rule.repeat is not None or rule.resolve_when.strip() or rule.actions):
         return None
     escalate: tuple[str, ...] = ()
     if rule.escalate is not None:
@@ -412,6 +483,7 @@ def _apply(compiled: CompiledRule, context: Mapping[str, Any]) -> Match | None:
             background=_background(compiled, context),
             ringtone=_ringtone(compiled, context),
             dedupe_key=compiled.dedupe(context) if compiled.dedupe is not None else "",
+            actions=tuple(_action(a, context) for a in compiled.actions),
         )
     except (TemplateError, WireError) as exc:
         return Match(rule=rule, error=str(exc))
@@ -465,3 +537,35 @@ def _ringtone(compiled: CompiledRule, context: Mapping[str, Any]) -> str | None:
     if compiled.ringtone is None:
         return None
     return _http(compiled.ringtone(context), f"rules[{compiled.name}].ringtone")
+
+
+def _action(action: CompiledAction, context: Mapping[str, Any]) -> ActionSpec:
+    spec: dict[str, Any]
+    if action.kind == "mqtt":
+        assert action.topic is not None and action.payload is not None
+        topic = action.topic(context)
+        if not topic or "+" in topic or "#" in topic or "\0" in topic:
+            raise WireError(f"{action.where}.mqtt.topic: {topic[:80]!r} is no topic to publish to")
+        spec = {
+            "mqtt": {
+                "topic": topic,
+                "payload": action.payload(context),
+                "qos": action.qos,
+                "retain": action.retain,
+            }
+        }
+    elif action.kind == "webhook":
+        assert action.url is not None and action.body is not None
+        spec = {
+            "webhook": {
+                "url": _http(action.url(context), f"{action.where}.webhook.url"),
+                "method": action.method,
+                "body": action.body(context),
+                "headers": dict(action.headers),
+            }
+        }
+    else:
+        spec = {"dial": action.dial}
+    return ActionSpec(
+        action.label, action.confirm, action.repeatable, action.kind, json.dumps(spec)
+    )

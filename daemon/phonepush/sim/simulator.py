@@ -638,8 +638,9 @@ class SimPhone:
         """Press a softkey of the current screen, by position or name, like a person would.
 
         An http(s) softkey URL is fetched and its CiscoIPPhoneText shown; ``SoftKey:Exit`` clears
-        the screen; other internal URIs are recorded in ``keys``. Raises :class:`LookupError` if
-        no such softkey is shown, :class:`~phonepush.sim.http.FetchError` if the fetch fails and
+        the screen; ``Dial:`` dials (``dialled``); other internal URIs are recorded in ``keys``.
+        Raises :class:`LookupError` if no such softkey is shown,
+        :class:`~phonepush.sim.http.FetchError` if the fetch fails and
         :class:`~phonepush.sim.phone.PageRefused` if what it fetched is no page.
         """
         key = next(
@@ -660,13 +661,18 @@ class SimPhone:
             "url": key.url,
         }
         self.state.presses.append(record)
-        if isinstance(read_uri(key.url), FetchUri):
+        uri = read_uri(key.url)
+        if isinstance(uri, FetchUri):
             record["result"] = "fetched"
             screen = await self._fetch_screen(key.url)
             self.state.screen = screen
         elif key.url == "SoftKey:Exit":
             record["result"] = "exit"
             self.state.screen = Screen()
+        elif isinstance(uri, DialUri):
+            # A Dial: softkey (an action that calls someone): the phone dials, as pushed.
+            record["result"] = "dialled"
+            self.state.dialled.append(uri.digits)
         else:
             record["result"] = "key"
             self.state.keys.append(key.url)

@@ -26,6 +26,8 @@ from typing import Protocol
 
 from phonepush.events import Event
 from phonepush.store.records import (
+    ActionPress,
+    ActionRecord,
     AlertPhone,
     AlertRecord,
     AlertState,
@@ -215,6 +217,24 @@ class AlertRepository(Protocol):
     def delivery_rounds(self, event_id: str) -> dict[int, tuple[int, RoundKind]]:
         """Delivery id -> (round, kind) of the deliveries rounds and resolves added to an event;
         the first pages are not listed (round 0)."""
+
+    def actions_of_page(self, page_token: str) -> list[ActionRecord]:
+        """The action softkeys of the per-phone page ``page_token`` names, by position."""
+
+    def action(self, token: str) -> ActionRecord | None:
+        """The action an action token was handed out for, or None."""
+
+    def claim_action(self, token: str, at: float) -> bool:
+        """Mark an action used at ``at``; False if it is one-time and was used already."""
+
+    def release_action(self, token: str) -> None:
+        """Make a one-time action usable again (what it did failed)."""
+
+    def add_press(self, press: ActionPress) -> None:
+        """Record one press of an action softkey."""
+
+    def presses_of(self, event_id: str) -> list[ActionPress]:
+        """The action presses of an event, oldest first."""
 
 
 class GroupRepository(Protocol):

@@ -17,6 +17,8 @@ __all__ = [
     "ALERT_STATES",
     "FINAL_STATES",
     "INTAKE_STATES",
+    "ActionPress",
+    "ActionRecord",
     "AlertPhone",
     "AlertRecord",
     "AlertState",
@@ -28,6 +30,7 @@ __all__ = [
     "EventSummary",
     "GroupWindow",
     "GroupedEvent",
+    "NewAction",
     "NewAlert",
     "NewAlertPhone",
     "NewDelivery",
@@ -201,8 +204,58 @@ class RoundKind(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class NewAction:
+    """One softkey that acts, on one phone's page: its own token, what it does (``spec``, the
+    rendered ``{"mqtt": {...}}``, ``{"webhook": {...}}`` or ``{"dial": "NUMBER"}`` as JSON)."""
+
+    token: str
+    position: int
+    label: str
+    spec: str
+    confirm: bool
+    repeatable: bool
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ActionRecord:
+    """A stored action of one phone's page, with when it was last used."""
+
+    token: str
+    event_id: str
+    rule: str
+    phone: str
+    page_token: str
+    position: int
+    label: str
+    spec: str
+    confirm: bool
+    repeatable: bool
+    #: Whether the page also carries the Ack softkey.
+    with_ack: bool
+    expires_at: float
+    used_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ActionPress:
+    """One press of an action softkey: who, when, and what came of it."""
+
+    event_id: str
+    rule: str
+    phone: str
+    label: str
+    at: float
+    result: str
+    by: str
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class NewAlertPhone:
-    """A phone of a new alert: its ack token (None without acks) and its own requests.
+    """A phone of a new alert: its ack token (None without acks or actions) and its own
+    requests; ``actions`` are its page's action softkeys, ``with_ack`` whether that page also
+    carries Ack.
 
     ``escalation`` phones get nothing at first, only repeats from round ``escalate_after`` on.
     """
@@ -211,6 +264,8 @@ class NewAlertPhone:
     token: str | None
     requests: tuple[PushRequest, ...]
     escalation: bool = False
+    actions: tuple[NewAction, ...] = ()
+    with_ack: bool = True
 
 
 @dataclass(frozen=True, slots=True)

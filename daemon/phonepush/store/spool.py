@@ -220,6 +220,35 @@ CREATE TABLE IF NOT EXISTS alert_phones (
     acked_by TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (event_id, rule, phone)
 );
+CREATE TABLE IF NOT EXISTS alert_actions (
+    token TEXT PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    phone TEXT NOT NULL,
+    page_token TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    confirm INTEGER NOT NULL,
+    repeatable INTEGER NOT NULL,
+    with_ack INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at REAL
+);
+CREATE INDEX IF NOT EXISTS alert_actions_page ON alert_actions (page_token);
+CREATE INDEX IF NOT EXISTS alert_actions_event ON alert_actions (event_id);
+CREATE TABLE IF NOT EXISTS action_presses (
+    id INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    phone TEXT NOT NULL,
+    label TEXT NOT NULL,
+    at REAL NOT NULL,
+    result TEXT NOT NULL,
+    by TEXT NOT NULL,
+    error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS action_presses_event ON action_presses (event_id);
 CREATE TABLE IF NOT EXISTS alert_deliveries (
     delivery_id INTEGER PRIMARY KEY,
     round INTEGER NOT NULL,

@@ -20,6 +20,8 @@ from phonepush.store.interface import PurgeCursor, Transaction
 from phonepush.store.records import (
     FINAL_STATES,
     INTAKE_STATES,
+    ActionPress,
+    ActionRecord,
     AlertPhone,
     AlertRecord,
     AlertState,
@@ -107,6 +109,8 @@ _PURGE: Final = (
     "DELETE FROM alert_deliveries WHERE delivery_id IN"
     " (SELECT id FROM deliveries WHERE event_id = ?)",
     "DELETE FROM alert_phones WHERE event_id = ?",
+    "DELETE FROM alert_actions WHERE event_id = ?",
+    "DELETE FROM action_presses WHERE event_id = ?",
     "DELETE FROM alerts WHERE event_id = ?",
     "DELETE FROM deliveries WHERE event_id = ?",
     "DELETE FROM pages WHERE event_id = ?",
@@ -514,6 +518,101 @@ class SqliteAlerts:
                 ],
                 what,
             )
+            self._sql.write_many(
+                _INSERT_ACTION,
+                [
+                    (
+                        a.token,
+                        event_id,
+                        alert.rule,
+                        p.phone,
+                        p.token,
+                        a.position,
+                        a.label,
+                        a.spec,
+                        int(a.confirm),
+                        int(a.repeatable),
+                        int(p.with_ack),
+                        a.expires_at,
+                    )
+                    for p in alert.phones
+                    for a in p.actions
+                ],
+                what,
+            )
+
+    def actions_of_page(self, page_token: str) -> list[ActionRecord]:
+        rows = self._sql.rows(
+            f"SELECT {_ACTION_COLUMNS} FROM alert_actions WHERE page_token = ? ORDER BY position",
+            (page_token,),
+            "cannot read actions",
+        )
+        return [_action(row) for row in rows]
+
+    def action(self, token: str) -> ActionRecord | None:
+        row = self._sql.row(
+            f"SELECT {_ACTION_COLUMNS} FROM alert_actions WHERE token = ?",
+            (token,),
+            "cannot read actions",
+        )
+        return None if row is None else _action(row)
+
+    def claim_action(self, token: str, at: float) -> bool:
+        # One statement: of two presses at once, only one finds it unused.
+        return (
+            self._sql.write(
+                "UPDATE alert_actions SET used_at = ? WHERE token = ?"
+                " AND (used_at IS NULL OR repeatable = 1)",
+                (at, token),
+                "cannot record an action",
+            )
+            > 0
+        )
+
+    def release_action(self, token: str) -> None:
+        self._sql.write(
+            "UPDATE alert_actions SET used_at = NULL WHERE token = ? AND repeatable = 0",
+            (token,),
+            "cannot record an action",
+        )
+
+    def add_press(self, press: ActionPress) -> None:
+        self._sql.write(
+            "INSERT INTO action_presses (event_id, rule, phone, label, at, result, by, error)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                press.event_id,
+                press.rule,
+                press.phone,
+                press.label,
+                press.at,
+                press.result,
+                press.by,
+                press.error,
+            ),
+            "cannot record an action",
+        )
+
+    def presses_of(self, event_id: str) -> list[ActionPress]:
+        rows = self._sql.rows(
+            "SELECT event_id, rule, phone, label, at, result, by, error FROM action_presses"
+            " WHERE event_id = ? ORDER BY id",
+            (event_id,),
+            "cannot read actions",
+        )
+        return [
+            ActionPress(
+                row["event_id"],
+                row["rule"],
+                row["phone"],
+                row["label"],
+                float(row["at"]),
+                row["result"],
+                row["by"],
+                row["error"],
+            )
+            for row in rows
+        ]
 
     def get(self, event_id: str, rule: str) -> AlertRecord | None:
         row = self._sql.row(_ALERT, (event_id, rule), "cannot read alerts")
@@ -626,6 +725,34 @@ class SqliteAlerts:
             "cannot read deliveries",
         )
         return {row["delivery_id"]: (row["round"], RoundKind(row["kind"])) for row in rows}
+
+
+_ACTION_COLUMNS: Final = (
+    "token, event_id, rule, phone, page_token, position, label, spec, confirm, repeatable,"
+    " with_ack, expires_at, used_at"
+)
+_INSERT_ACTION: Final = (
+    "INSERT INTO alert_actions (token, event_id, rule, phone, page_token, position, label, spec,"
+    " confirm, repeatable, with_ack, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _action(row: sqlite3.Row) -> ActionRecord:
+    return ActionRecord(
+        token=row["token"],
+        event_id=row["event_id"],
+        rule=row["rule"],
+        phone=row["phone"],
+        page_token=row["page_token"],
+        position=int(row["position"]),
+        label=row["label"],
+        spec=row["spec"],
+        confirm=bool(row["confirm"]),
+        repeatable=bool(row["repeatable"]),
+        with_ack=bool(row["with_ack"]),
+        expires_at=float(row["expires_at"]),
+        used_at=None if row["used_at"] is None else float(row["used_at"]),
+    )
 
 
 def _alert(row: sqlite3.Row) -> AlertRecord:
