@@ -13,12 +13,12 @@ import jinja2
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from phonepush.rules.templates import Templates
 
 from phonepush.config import load_config
 from phonepush.errors import ConfigError
 from phonepush.events import Event
 from phonepush.rules.book import Match, RuleSet, event_context, topic_matches
+from phonepush.templates import Templates
 from phonepush.wire.cisco import TextPage
 from phonepush.wire.uri import ExecuteItem
 
