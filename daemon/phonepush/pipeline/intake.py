@@ -1,7 +1,8 @@
 """Intake: an event in, matched and rendered, committed to the spool, handed to the dispatcher.
 
 Every source calls :meth:`Intake.accept`; it returns only once the event and its deliveries are
-committed, which is what lets a source acknowledge (MQTT PUBACK, HTTP 202). :meth:`Intake.plan`
+committed, which is what lets a source acknowledge (MQTT PUBACK, HTTP 202). An event no rule
+matches is counted (``phonepush_events_unmatched_total``) and not stored. :meth:`Intake.plan`
 does the same planning without writing anything, for ``phonepush fire --dry-run``.
 
 The intake names no feature: what happens between matching and the commit is the
@@ -117,6 +118,11 @@ class Intake:
         for stage in pipeline.staging:
             stage.stage(work)
         plan = work.plan
+        if not plan.rules and not work.keep:
+            # A sensor reporting on a wildcard topic, a payload a rule's `when` passes over: kept
+            # out of the spool and the log, or they would hide the events that paged.
+            self._unmatched(event)
+            return Accepted(event, (), ())
         deliveries = commit_event(
             self._spool,
             self._stored(event, pipeline.keep_headers),
@@ -148,6 +154,18 @@ class Intake:
     async def __call__(self, event: Event) -> Accepted:
         """Sources take an async ``accept`` callable; the spool write itself is synchronous."""
         return self.accept(event)
+
+    def _unmatched(self, event: Event) -> None:
+        self._metrics.events.labels(event.source, "").inc()
+        self._metrics.events_unmatched.labels(event.source).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "event %s %s %s (%d bytes) matched no rule: not stored",
+                event.id,
+                event.source,
+                event.topic,
+                len(event.payload),
+            )
 
     def _count(self, plan: Plan) -> None:
         event = plan.event
