@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 from phonepush.errors import WireError
 from phonepush.events import Event
+from phonepush.logs import counted
 from phonepush.metrics import Metrics
 from phonepush.pipeline.plan import Accepted, Pipeline, Plan, PlannedRule, Work, render
 from phonepush.rules.book import RuleBook
@@ -179,12 +180,14 @@ class Intake:
             if p.state != "pending":
                 for phone in p.phones:
                     metrics.deliveries.labels(phone, p.state).inc()
-                log.warning(
-                    "event %s rule %s %s for %d phone(s): %s",
+                # Held back by a cooldown or dedupe is the rule working; a failure is not.
+                log.log(
+                    logging.WARNING if p.state == "failed" else logging.INFO,
+                    "event %s rule %s %s for %s: %s",
                     event.id,
                     p.rule,
                     p.state,
-                    len(p.phones),
+                    counted(len(p.phones), "phone"),
                     p.error,
                 )
         log.info(
