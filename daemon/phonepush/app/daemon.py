@@ -316,8 +316,8 @@ class Daemon:
                 for task in tasks[1:]:
                     task.cancel()
             log.info(
-                "stopped; %d deliveries left pending in the spool%s",
-                spool.pending_count(),
+                "stopped; %s left pending in the spool%s",
+                counted(spool.pending_count(), "delivery", "deliveries"),
                 f" ({cut} cut short)" if cut else "",
             )
 
