@@ -421,3 +421,36 @@ def test_check_exits_2_with_the_problems_on_stderr(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert "phones[office].host: Invalid port: 99999" in result.stderr.splitlines()
+
+
+def test_check_summary_reads_right_for_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from phonepush.cli import main as cli_main
+
+    path = tmp_path / "phonepush.toml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            [webhook]
+            allow_anonymous = true
+
+            [dispatch]
+            concurrency = 1
+
+            [[phones]]
+            name = "lobby"
+            host = "192.0.2.21"
+
+            [[rules]]
+            name = "door"
+            on = "webhook:door"
+            to = "lobby"
+            execute = ["Play:Chime.raw"]
+            """
+        )
+    )
+    assert cli_main(["check", "--config", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "dispatch: 1 push at once, retries 1s...1m" in lines
+    assert "phones (1):" in lines and "rules (1):" in lines

@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
 from _daemon_fixtures import DaemonRunner, eventually
 from _mqtt_fixtures import Broker, StartMosquitto
+from phonepush.app.daemon import Daemon
+from phonepush.app.systemd import Notifier
 from phonepush.config import parse_config
 from phonepush.sim.simulator import Fleet
 
@@ -207,7 +212,75 @@ async def test_readyz_follows_the_broker(
         assert answer.status_code == 503 and answer.json()["checks"]["mqtt"] != "ok"
         await asyncio.to_thread(broker.start)
         await eventually(lambda: daemon_runner.metric("phonepush_mqtt_connected") == 1, timeout=15)
-        assert (await client.get("/readyz")).status_code == 200
+
+        # Connected (the gauge, at CONNACK) comes just before subscribed (ready).
+        async def ready() -> bool:
+            return (await client.get("/readyz")).status_code == 200
+
+        await eventually(ready)
+
+
+async def test_with_the_broker_down_ready_is_logged_only_once_it_is_true(
+    daemon_runner: DaemonRunner,
+    start_mosquitto: StartMosquitto,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="phonepush")
+    broker = start_mosquitto()
+    await asyncio.to_thread(broker.stop)
+    config = daemon_runner.config(
+        {
+            "mqtt": {"url": broker.url, "client_id": "late-broker"},
+            "phones": [{"name": "desk", "host": "127.0.0.1:9"}],
+            "rules": [
+                {"name": "bell", "on": "mqtt:bell", "to": ["desk"], "execute": ["Key:Speaker"]}
+            ],
+        }
+    )
+    said = (
+        f"listening on 127.0.0.1:{daemon_runner.port}, 1 phone, 1 rule, MQTT mqtt://127.0.0.1:"
+        f"{broker.port}"
+    )
+
+    def daemon_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "phonepush.daemon"]
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as systemd:
+        systemd.bind(str(tmp_path / "notify"))
+        systemd.settimeout(5)
+        daemon = Daemon(
+            config,
+            registry=CollectorRegistry(),
+            notifier=Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify")}),
+            mqtt_ready_wait=0.3,
+        )
+        task = asyncio.create_task(daemon.run())
+        try:
+            await asyncio.wait_for(daemon.ready.wait(), 10)
+            # systemd hears READY=1 as before: the webhook side serves without the broker.
+            notified = (await asyncio.to_thread(systemd.recv, 4096)).decode().split("\n")
+            assert notified == ["READY=1", "STATUS=listening; MQTT not connected yet"]
+            async with httpx.AsyncClient(base_url=daemon_runner.url) as client:
+                assert (await client.get("/readyz")).status_code == 503
+                assert not [m for m in daemon_lines() if m.startswith("phonepush ready")]
+                assert (
+                    f"phonepush not ready: {said} not connected after 300ms (/readyz answers "
+                    "503); still trying"
+                ) in daemon_lines()
+
+                await asyncio.to_thread(broker.start)
+
+                async def ready() -> bool:
+                    return (await client.get("/readyz")).status_code == 200
+
+                await eventually(ready, timeout=15)
+                await eventually(lambda: f"phonepush ready: {said}, connected" in daemon_lines())
+            notified = (await asyncio.to_thread(systemd.recv, 4096)).decode().split("\n")
+            assert notified == ["STATUS=listening; MQTT connected"]
+        finally:
+            daemon.stop()
+            await asyncio.wait_for(task, 15)
 
 
 def test_example_config_loads_as_shipped() -> None:

@@ -101,3 +101,35 @@ def test_a_rule_that_renders_nothing_still_fails_the_dry_run(tmp_path: Path) -> 
     result = phonepush("fire", "--config", str(path), "--hook", "x", "{}", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "rule maybe: failed (the rule renders nothing to push), 1 phone(s)" in result.stdout
+
+
+def test_a_hook_no_rule_listens_on_dry_runs_as_the_server_answers(tmp_path: Path) -> None:
+    path = config(
+        tmp_path,
+        """
+        [[rules]]
+        name = "door"
+        on = "webhook:doorbell"
+        when = "payload.action == 'press'"
+        to = "lobby"
+        execute = ["Play:Chime.raw"]
+
+        [mqtt]
+        url = "mqtt://127.0.0.1:1883"
+
+        [[rules]]
+        name = "button"
+        on = "mqtt:buttons/+"
+        when = "payload.action == 'press'"
+        to = "lobby"
+        execute = ["Play:Chime.raw"]
+        """,
+    )
+    typo = phonepush("fire", "--config", str(path), "--hook", "doorbel", "{}", "--dry-run")
+    assert typo.returncode == 0, typo.stderr
+    assert typo.stdout.splitlines()[1:] == ["  no rule listens on webhook:doorbel"]
+    # A hook a rule listens on whose when passes the event over, and MQTT: no rule matches.
+    passed = phonepush("fire", "--config", str(path), "--hook", "doorbell", "{}", "--dry-run")
+    assert passed.stdout.splitlines()[1:] == ["  no rule matches"]
+    mqtt = phonepush("fire", "--config", str(path), "--mqtt", "lights/hall", "{}", "--dry-run")
+    assert mqtt.stdout.splitlines()[1:] == ["  no rule matches"]

@@ -83,7 +83,13 @@ async def test_metrics_after_real_traffic_pass_promtool_check_metrics(
                     "execute": ["Key:Headset"],
                     "ttl": "300ms",
                 },
-                {"name": "btn", "on": "mqtt:button/+", "to": ["desk"], "execute": ["Key:Speaker"]},
+                {
+                    "name": "btn",
+                    "on": "mqtt:button/+",
+                    "when": "payload.action != 'release'",
+                    "to": ["desk"],
+                    "execute": ["Key:Speaker"],
+                },
             ],
         }
     )
@@ -96,6 +102,8 @@ async def test_metrics_after_real_traffic_pass_promtool_check_metrics(
         assert bad.status_code == 400
         for password in ("pw", "wrong"):
             await client.get("/authenticate", params={"UserID": "push", "Password": password})
+        # A release no rule takes: counted as unmatched (MQTT messages arrive in order).
+        await asyncio.to_thread(mosquitto.publish, "button/hall", b'{"action": "release"}')
         await asyncio.to_thread(mosquitto.publish, "button/hall", b"{}")
         daemon_runner.daemon.reload()  # no config file: counted as a failed reload
 
@@ -126,7 +134,9 @@ async def test_metrics_after_real_traffic_pass_promtool_check_metrics(
         'phonepush_phone_up{phone="gone"} 0.0',
         "phonepush_mqtt_connected 1.0",
         "phonepush_mqtt_configured 1.0",
-        "phonepush_mqtt_messages_total 1.0",
+        "phonepush_mqtt_messages_total 2.0",
+        'phonepush_events_unmatched_total{source="mqtt"} 1.0',
+        'phonepush_events_total{rule="btn",source="mqtt"} 1.0',
         'phonepush_authenticate_total{result="authorized"} 1.0',
         'phonepush_authenticate_total{result="unauthorized"} 1.0',
         "phonepush_spool_pending 0.0",

@@ -116,6 +116,8 @@ async def test_sighup_reloads_and_a_bad_file_keeps_the_running_config(
     spool = tmp_path / "spool.db"
     write_config(config, port, phone.address, spool)
     process = await start_run(config)
+    # One phone and one rule read as such.
+    assert f"phonepush ready: listening on 127.0.0.1:{port}, 1 phone, 1 rule\n" in process.output
     assert (await post(port, "backlight", {})).status_code == 404
 
     write_config(
@@ -132,7 +134,7 @@ execute = ["Display:On:5"]
 """,
     )
     process.proc.send_signal(signal.SIGHUP)
-    await eventually(lambda: "reloaded" in process.output)
+    await eventually(lambda: "reloaded: 1 phone, 2 rules\n" in process.output)
     assert (await post(port, "backlight", {})).status_code == 202
     await eventually(lambda: phone.state.backlight.minutes == 5)
 

@@ -3,6 +3,8 @@ simulated phones."""
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +137,44 @@ def test_status_command_without_a_spool_says_so(
     assert cli_main(["status", "--config", str(config_file)]) == 2
     assert "cannot read the spool" in capsys.readouterr().err
     assert not (tmp_path / "none.db").exists()
+
+
+async def test_the_log_and_the_api_count_the_same_attempts(
+    daemon_runner: DaemonRunner, phones: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="phonepush")
+    ok = phones.phone("ok")
+    await ok.set_fault("refuse")
+    await phones.phone("broken").set_fault("none")
+    await daemon_runner.start(config(phones))
+    async with httpx.AsyncClient(base_url=daemon_runner.url, headers=AUTH) as client:
+        event_id = await ring(client, "c")
+        # "ok" refuses twice or more (retried), "broken" answers at the first try.
+        await eventually(
+            lambda: daemon_runner.metric("phonepush_delivery_retries_total", phone="ok") >= 2
+        )
+        await ok.set_fault("none")
+
+        async def finished() -> bool:
+            body = (await client.get(f"/api/events/{event_id}")).json()
+            return all(d["state"] == "delivered" for d in body["deliveries"])
+
+        await eventually(finished)
+        body = (await client.get(f"/api/events/{event_id}")).json()
+
+    attempts = {d["phone"]: d["attempts"] for d in body["deliveries"]}
+    logged: dict[str, int] = {}
+    for record in caplog.records:
+        said = re.fullmatch(
+            rf"delivery \d+ event {event_id} rule bell phone (\S+) delivered after (\d+) "
+            r"attempts? in [\d.]+ s",
+            record.getMessage(),
+        )
+        if said:
+            logged[said[1]] = int(said[2])
+    assert logged == attempts
+    assert attempts["broken"] == 1
+    assert attempts["ok"] >= 3
+    assert "phone broken delivered after 1 attempt in " in "\n".join(
+        r.getMessage() for r in caplog.records
+    )

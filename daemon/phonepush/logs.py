@@ -27,9 +27,16 @@ from typing import Any, Final, Literal
 
 from phonepush.redact import url_for_log
 
-__all__ = ["LogFormat", "setup_logging"]
+__all__ = ["LogFormat", "counted", "setup_logging"]
 
 LogFormat = Literal["text", "json"]
+
+
+def counted(count: int, noun: str, plural: str = "") -> str:
+    """``"1 phone"``, ``"3 phones"``: a count and its noun in the right number, for log lines and
+    command output (``plural`` when adding ``s`` is wrong)."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
 
 _CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _NAMED: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}

@@ -70,9 +70,16 @@ class Metrics:
         ProcessCollector(registry=r)
         self.events = Counter(
             "phonepush_events",
-            "Events accepted into the spool, by source and matched rule "
-            '(rule="" when no rule matched).',
+            'Events taken in, by source and matched rule (rule="" when no rule matched: '
+            "those are not stored, see phonepush_events_unmatched_total).",
             ["source", "rule"],
+            registry=r,
+        )
+        self.events_unmatched = Counter(
+            "phonepush_events_unmatched",
+            "Events no rule matched (a when that passed them over, a wildcard topic's other "
+            "messages), by source: counted, neither stored in the spool nor logged above debug.",
+            ["source"],
             registry=r,
         )
         self.events_rejected = Counter(

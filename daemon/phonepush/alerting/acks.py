@@ -228,7 +228,8 @@ class Alerting:
         )
 
     def stage(self, work: Work) -> None:
-        self.resolve(work.event)
+        if self.resolve(work.event):
+            work.keep = True
         work.alerts = self.committed(work.plan, work.deliveries)
         if any(p.alert for p in work.plan.rules):
             work.committed.append(self._woken)

@@ -1,7 +1,9 @@
 """The daemon's lifespan: open resources in order, supervise the tasks, reload, shut down.
 
 Start-up: spool → dispatcher (pending deliveries resume) → intake → MQTT source → HTTP server;
-ready once the server listens and MQTT (when configured) is subscribed.
+ready once the server listens and MQTT (when configured) is subscribed. A broker still down after
+``mqtt_ready_wait`` does not hold up the webhook side (systemd hears READY=1 then), but "phonepush
+ready" is logged only once MQTT is connected too, when ``/readyz`` says so as well.
 
 Shutdown (SIGTERM/SIGINT, or :meth:`Daemon.stop`): stop taking input (MQTT stops acking new
 messages, which stay queued in the persistent session for the next start; the
@@ -35,12 +37,13 @@ from phonepush.app.builder import Built, Services, build
 from phonepush.app.limits import default_max_connections
 from phonepush.app.systemd import Notifier, state_directories
 from phonepush.audio.announce import Announcer
-from phonepush.config import Config, load_config
+from phonepush.config import Config, format_duration, load_config
 from phonepush.dispatch.dispatcher import Dispatcher, Outcome
 from phonepush.errors import ConfigError, PhonepushError, SpoolError
 from phonepush.grouping.grouper import Grouper
 from phonepush.http.authenticate import Authenticator
 from phonepush.http.server import ServerState, create_app, uvicorn_config
+from phonepush.logs import counted
 from phonepush.metrics import Metrics
 from phonepush.phone.client import PhoneClient, PhoneTarget
 from phonepush.phone.lanes import PhoneLanes
@@ -106,6 +109,7 @@ class Daemon:
         notifier: Notifier | None = None,
         handle_signals: bool = False,
         drain_timeout: float = 10.0,
+        mqtt_ready_wait: float = _MQTT_READY_WAIT,
     ) -> None:
         self.config = config
         self._config_path = config_path
@@ -114,6 +118,7 @@ class Daemon:
         self._notifier = notifier if notifier is not None else Notifier()
         self._handle_signals = handle_signals
         self._drain_timeout = drain_timeout
+        self._mqtt_ready_wait = mqtt_ready_wait
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self.ready = asyncio.Event()
@@ -278,20 +283,35 @@ class Daemon:
                     tasks.append(tg.create_task(self._notifier.watchdog_loop(), name="watchdog"))
                 with self._signals():
                     await self._until_ready(server, mqtt)
-                    log.info(
-                        "phonepush ready: listening on %s, %d phones, %d rules%s",
-                        config.server.listen,
-                        len(config.phones),
-                        len(config.rules),
-                        f", MQTT {url_for_log(config.mqtt.url)}" if config.mqtt is not None else "",
+                    serving = (
+                        f"listening on {config.server.listen}, "
+                        f"{counted(len(config.phones), 'phone')}, "
+                        f"{counted(len(config.rules), 'rule')}{_mqtt_part(config)}"
                     )
+                    status = "listening"
+                    if mqtt is None or mqtt.connected:
+                        log.info("phonepush ready: %s", serving)
+                    else:
+                        # Webhooks are served, and systemd hears READY=1 as before (a broker
+                        # outage must not hold up the units after ours); "ready" is said only
+                        # when /readyz agrees.
+                        log.warning(
+                            "phonepush not ready: %s not connected after %s"
+                            " (/readyz answers 503); still trying",
+                            serving,
+                            format_duration(self._mqtt_ready_wait),
+                        )
+                        status = "listening; MQTT not connected yet"
+                        tasks.append(
+                            tg.create_task(self._ready_later(mqtt, serving), name="readiness")
+                        )
                     # What start-up made lives as long as the process (modules, config,
                     # routes): kept out of the collector's full passes, which would otherwise
                     # walk it again and again while a fan-out allocates (its garbage goes first).
                     gc.collect()
                     gc.freeze()
                     self.ready.set()
-                    self._notifier.ready("listening")
+                    self._notifier.ready(status)
                     await self._serve_until_stopped(state)
                 log.info("stopping: intake closed, draining deliveries")
                 self._notifier.stopping()
@@ -303,8 +323,8 @@ class Daemon:
                 for task in tasks[1:]:
                     task.cancel()
             log.info(
-                "stopped; %d deliveries left pending in the spool%s",
-                spool.pending_count(),
+                "stopped; %s left pending in the spool%s",
+                counted(spool.pending_count(), "delivery", "deliveries"),
                 f" ({cut} cut short)" if cut else "",
             )
 
@@ -312,11 +332,19 @@ class Daemon:
         # uvicorn and paho offer flags, not events, for "listening" and "connected".
         while not server.started:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
-        deadline = time.monotonic() + _MQTT_READY_WAIT
+        deadline = time.monotonic() + self._mqtt_ready_wait
         while mqtt is not None and not mqtt.connected and time.monotonic() < deadline:
             if self._stop.is_set():
                 return
             await asyncio.sleep(0.01)
+
+    async def _ready_later(self, mqtt: MqttSource, serving: str) -> None:
+        """Say "ready" once the broker connection (subscriptions acknowledged) comes up after
+        start-up gave up waiting for it."""
+        while not mqtt.connected:  # noqa: ASYNC110 (paho gives a flag, not an event)
+            await asyncio.sleep(0.05)
+        log.info("phonepush ready: %s, connected", serving)
+        self._notifier.status("listening; MQTT connected")
 
     async def _serve_until_stopped(self, state: ServerState) -> None:
         while not self._stop.is_set():
@@ -361,7 +389,11 @@ class Daemon:
                 log.warning("reload: %s changed; it takes effect after a restart", key)
         self._install(built, state)
         self._metrics.config_reloads.labels("ok").inc()
-        log.info("reloaded: %d phones, %d rules", len(config.phones), len(config.rules))
+        log.info(
+            "reloaded: %s, %s",
+            counted(len(config.phones), "phone"),
+            counted(len(config.rules), "rule"),
+        )
         self._notifier.ready("reloaded")
 
     def _install(self, built: Built, state: ServerState) -> None:
@@ -404,6 +436,10 @@ class Daemon:
         finally:
             for sig in handled:
                 loop.remove_signal_handler(sig)
+
+
+def _mqtt_part(config: Config) -> str:
+    return f", MQTT {url_for_log(config.mqtt.url)}" if config.mqtt is not None else ""
 
 
 def _retry_unconfirmed(config: Config) -> frozenset[str]:

@@ -19,6 +19,7 @@ from phonepush.commands import (
 )
 from phonepush.config import Config, format_duration
 from phonepush.errors import ConfigError
+from phonepush.logs import counted
 from phonepush.redact import url_for_log
 from phonepush.rules.book import RuleBook
 
@@ -106,7 +107,7 @@ def summary(config: Config, rules: RuleBook, path: Path | None = None) -> str:
     ]
     lines.append(f"webhook: {hooks}; requires {' and '.join(checks)}")
     lines.append(
-        f"dispatch: {config.dispatch.concurrency} pushes at once, retries "
+        f"dispatch: {counted(config.dispatch.concurrency, 'push', 'pushes')} at once, retries "
         f"{format_duration(config.dispatch.retry_initial)}..."
         f"{format_duration(config.dispatch.retry_max)}"
     )

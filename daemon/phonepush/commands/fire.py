@@ -55,7 +55,8 @@ def main(argv: Sequence[str], prog: str = "phonepush fire") -> int:
     event = Event("mqtt", args.mqtt, payload) if args.mqtt else Event("webhook", args.hook, payload)
     try:
         if args.dry_run:
-            print(_describe(asyncio.run(_plan(config, event)), config))
+            plan, hooks = asyncio.run(_plan(config, event))
+            print(_describe(plan, config, hooks))
             return 0
         return asyncio.run(_inject(config, event))
     except PhonepushError as exc:
@@ -63,20 +64,24 @@ def main(argv: Sequence[str], prog: str = "phonepush fire") -> int:
         return 1
 
 
-async def _plan(config: Config, event: Event) -> Plan:
+async def _plan(config: Config, event: Event) -> tuple[Plan, frozenset[str]]:
+    """The event's plan, and the hooks the rules listen on."""
     with tempfile.TemporaryDirectory(prefix="phonepush-fire-") as tmp:
         async with Spool(Path(tmp) / "spool.db") as spool:
             metrics = Metrics()
             # The daemon's own builder: the plan is what the daemon would make of the event.
             built = build(config, Services(spool, metrics, submit=lambda deliveries: None))
             intake = Intake(built.pipeline, spool, metrics=metrics, submit=lambda deliveries: None)
-            return intake.plan(event)
+            return intake.plan(event), built.pipeline.book.hooks
 
 
-def _describe(plan: Plan, config: Config) -> str:
+def _describe(plan: Plan, config: Config, hooks: frozenset[str]) -> str:
     event = plan.event
     lines = [f"event {event.key} ({len(event.payload)} bytes)"]
-    if not plan.rules:
+    if event.source == "webhook" and event.topic not in hooks:
+        # What the daemon answers such a POST (404), word for word.
+        lines.append(f"  no rule listens on webhook:{event.topic}")
+    elif not plan.rules:
         lines.append("  no rule matches")
     targets = config.phone_targets()
     for rule in plan.rules:

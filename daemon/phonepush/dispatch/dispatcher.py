@@ -40,6 +40,7 @@ from phonepush.errors import (
     PhoneUnconfirmed,
     SpoolError,
 )
+from phonepush.logs import counted
 from phonepush.metrics import Metrics
 from phonepush.phone.client import PhoneClient, PhoneTarget
 from phonepush.phone.lanes import DEFAULT_MAX_CONNECTIONS, PhoneLanes
@@ -149,7 +150,7 @@ class Dispatcher:
         self._outstanding = 0
         self._cancelled: set[int] = set()  # no longer pending in the spool (acked, resolved)
         # Finished deliveries not yet written: answers that arrive together share one commit.
-        self._finished: list[tuple[int, DeliveryState, str]] = []
+        self._finished: list[tuple[int, DeliveryState, str, int]] = []
         self._flush: asyncio.Handle | None = None
         # Labelled metric children per phone: a labels() lookup costs more than the update.
         self._phone_metrics: dict[str, _PhoneMetrics] = {}
@@ -328,7 +329,7 @@ class Dispatcher:
         self, delivery: Delivery, result: DeliveryState, attempts: int, error: str
     ) -> None:
         self._cancelled.discard(delivery.id)
-        self._finished.append((delivery.id, result, error))
+        self._finished.append((delivery.id, result, error, attempts))
         if self._flush is None:
             self._flush = asyncio.get_running_loop().call_soon(self._flush_finished)
         seconds = self._clock() - delivery.created_at
@@ -344,13 +345,13 @@ class Dispatcher:
         level = logging.INFO if result is DeliveryState.DELIVERED else logging.WARNING
         log.log(
             level,
-            "delivery %s event %s rule %s phone %s %s after %d attempt(s) in %.3f s%s",
+            "delivery %s event %s rule %s phone %s %s after %s in %.3f s%s",
             delivery.id,
             delivery.event_id,
             delivery.rule,
             delivery.phone,
             result,
-            attempts,
+            counted(attempts, "attempt"),
             seconds,
             f": {error}" if error else "",
         )

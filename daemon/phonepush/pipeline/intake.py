@@ -1,7 +1,8 @@
 """Intake: an event in, matched and rendered, committed to the spool, handed to the dispatcher.
 
 Every source calls :meth:`Intake.accept`; it returns only once the event and its deliveries are
-committed, which is what lets a source acknowledge (MQTT PUBACK, HTTP 202). :meth:`Intake.plan`
+committed, which is what lets a source acknowledge (MQTT PUBACK, HTTP 202). An event no rule
+matches is counted (``phonepush_events_unmatched_total``) and not stored. :meth:`Intake.plan`
 does the same planning without writing anything, for ``phonepush fire --dry-run``.
 
 The intake names no feature: what happens between matching and the commit is the
@@ -18,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 from phonepush.errors import WireError
 from phonepush.events import Event
+from phonepush.logs import counted
 from phonepush.metrics import Metrics
 from phonepush.pipeline.plan import Accepted, Pipeline, Plan, PlannedRule, Work, render
 from phonepush.rules.book import RuleBook
@@ -117,6 +119,11 @@ class Intake:
         for stage in pipeline.staging:
             stage.stage(work)
         plan = work.plan
+        if not plan.rules and not work.keep:
+            # A sensor reporting on a wildcard topic, a payload a rule's `when` passes over: kept
+            # out of the spool and the log, or they would hide the events that paged.
+            self._unmatched(event)
+            return Accepted(event, (), ())
         deliveries = commit_event(
             self._spool,
             self._stored(event, pipeline.keep_headers),
@@ -149,6 +156,18 @@ class Intake:
         """Sources take an async ``accept`` callable; the spool write itself is synchronous."""
         return self.accept(event)
 
+    def _unmatched(self, event: Event) -> None:
+        self._metrics.events.labels(event.source, "").inc()
+        self._metrics.events_unmatched.labels(event.source).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "event %s %s %s (%d bytes) matched no rule: not stored",
+                event.id,
+                event.source,
+                event.topic,
+                len(event.payload),
+            )
+
     def _count(self, plan: Plan) -> None:
         event = plan.event
         metrics = self._metrics
@@ -161,12 +180,14 @@ class Intake:
             if p.state != "pending":
                 for phone in p.phones:
                     metrics.deliveries.labels(phone, p.state).inc()
-                log.warning(
-                    "event %s rule %s %s for %d phone(s): %s",
+                # Held back by a cooldown or dedupe is the rule working; a failure is not.
+                log.log(
+                    logging.WARNING if p.state == "failed" else logging.INFO,
+                    "event %s rule %s %s for %s: %s",
                     event.id,
                     p.rule,
                     p.state,
-                    len(p.phones),
+                    counted(len(p.phones), "phone"),
                     p.error,
                 )
         log.info(

@@ -68,7 +68,9 @@ class Plan:
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """An event committed to the spool."""
+    """An event taken in: committed to the spool with its deliveries, or, when no rule matched
+    it (and no stage kept it), only counted: ``rules`` and ``deliveries`` empty, nothing
+    written."""
 
     event: Event
     rules: tuple[str, ...]
@@ -94,6 +96,10 @@ class Work:
     groups: list[NewGroupedEvent] = field(default_factory=list)
     alerts: list[NewAlert] = field(default_factory=list)
     committed: list[AfterCommit] = field(default_factory=list)
+    #: Set by a stage that did something for the event beyond its rules (resolved an earlier
+    #: alert): the spool keeps the event even when no rule matched, so what it ended can be
+    #: traced to it.
+    keep: bool = False
 
 
 class Stage(Protocol):

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Final
 
 from phonepush.errors import SpoolError
+from phonepush.logs import counted
 from phonepush.store.interface import Store
 
 __all__ = ["LOW_WATER", "TARGET_BATCH_SECONDS", "Housekeeper"]
@@ -94,8 +95,8 @@ class Housekeeper:
                 await asyncio.sleep(0)
             if removed:
                 log.info(
-                    "purged %d finished events older than %s",
-                    removed,
+                    "purged %s older than %s",
+                    counted(removed, "finished event"),
                     _days(self.retention),
                 )
         await self.enforce_size()
@@ -123,10 +124,9 @@ class Housekeeper:
         live = spool.live_bytes()
         if removed:
             log.info(
-                "spool over spool.max_size (%d bytes): evicted the %d oldest finished events,"
-                " now %d bytes",
+                "spool over spool.max_size (%d bytes): evicted the %s, now %d bytes",
                 limit,
-                removed,
+                "oldest finished event" if removed == 1 else f"{removed} oldest finished events",
                 live,
             )
         if live > limit and not spool.full:

@@ -153,11 +153,17 @@ class DeliveryRepository(Protocol):
         """Record that the phone answered the first ``sent`` requests after ``attempts`` tries
         (nothing for a delivery no longer pending)."""
 
-    def finish(self, delivery_id: int, state: str, error: str = "") -> None:
-        """Move a pending delivery to a final state (nothing if it is no longer pending)."""
+    def finish(
+        self, delivery_id: int, state: str, error: str = "", attempts: int | None = None
+    ) -> None:
+        """Move a pending delivery to a final state (nothing if it is no longer pending), with
+        the tries it took when given (kept as last recorded otherwise)."""
 
-    def finish_many(self, finished: Sequence[tuple[int, str, str]]) -> None:
-        """:meth:`finish` for many ``(delivery_id, state, error)``, in one transaction."""
+    def finish_many(
+        self, finished: Sequence[tuple[int, str, str] | tuple[int, str, str, int]]
+    ) -> None:
+        """:meth:`finish` for many ``(delivery_id, state, error[, attempts])``, in one
+        transaction."""
 
     def set_state(self, delivery_id: int, state: DeliveryState, error: str = "") -> None:
         """Put a delivery in ``state`` whatever state it is in now (an ack of a page)."""

@@ -235,7 +235,10 @@ _EVENT_DELIVERIES: Final = (
 _PROGRESS: Final = (
     "UPDATE deliveries SET sent = ?, attempts = ?, error = ? WHERE id = ? AND state = 'pending'"
 )
-_FINISH: Final = "UPDATE deliveries SET state = ?, error = ? WHERE id = ? AND state = 'pending'"
+_FINISH: Final = (
+    "UPDATE deliveries SET state = ?, error = ?, attempts = COALESCE(?, attempts)"
+    " WHERE id = ? AND state = 'pending'"
+)
 _PENDING_OF: Final = (
     "SELECT id, phone FROM deliveries WHERE event_id = ? AND rule = ? AND state = 'pending'"
 )
@@ -373,25 +376,30 @@ class SqliteDeliveries:
             _PROGRESS, (sent, attempts, error, delivery_id), f"cannot update delivery {delivery_id}"
         )
 
-    def finish(self, delivery_id: int, state: str, error: str = "") -> None:
+    def finish(
+        self, delivery_id: int, state: str, error: str = "", attempts: int | None = None
+    ) -> None:
         if state not in FINAL_STATES:
             raise ValueError(f"cannot finish a delivery as {state!r}")
         changed = self._sql.write(
-            _FINISH, (state, error, delivery_id), f"cannot finish delivery {delivery_id}"
+            _FINISH, (state, error, attempts, delivery_id), f"cannot finish delivery {delivery_id}"
         )
         self._sql.pending_changed(-changed)
 
-    def finish_many(self, finished: Sequence[tuple[int, str, str]]) -> None:
-        for _, state, _ in finished:
+    def finish_many(
+        self, finished: Sequence[tuple[int, str, str] | tuple[int, str, str, int]]
+    ) -> None:
+        rows: list[tuple[str, str, int | None, int]] = []
+        for row in finished:
+            state = row[1]
             if state not in FINAL_STATES:
                 raise ValueError(f"cannot finish a delivery as {state!r}")
-        if not finished:
+            rows.append((state, row[2], row[3] if len(row) == 4 else None, row[0]))
+        if not rows:
             return
-        what = f"cannot finish {len(finished)} deliveries"
+        what = f"cannot finish {len(rows)} deliveries"
         with self._sql.transaction(what):
-            changed = self._sql.write_many(
-                _FINISH, [(state, error, i) for i, state, error in finished], what
-            )
+            changed = self._sql.write_many(_FINISH, rows, what)
             self._sql.pending_changed(-changed)
 
     def set_state(self, delivery_id: int, state: DeliveryState, error: str = "") -> None:
