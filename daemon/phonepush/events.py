@@ -12,7 +12,7 @@ from phonepush import jsonlimits
 
 __all__ = ["Event", "Source", "decode_payload", "new_event_id"]
 
-Source = Literal["mqtt", "webhook"]
+Source = Literal["mqtt", "webhook", "schedule"]
 
 
 def new_event_id() -> str:
@@ -40,7 +40,8 @@ class Event:
 
     @property
     def key(self) -> str:
-        """How rules name this event's origin: ``mqtt:<topic>`` or ``webhook:<name>``."""
+        """How rules name this event's origin: ``mqtt:<topic>``, ``webhook:<name>``
+        or ``schedule:<name>``."""
         return f"{self.source}:{self.topic}"
 
 

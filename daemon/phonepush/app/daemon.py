@@ -46,6 +46,7 @@ from phonepush.phone.lanes import PhoneLanes
 from phonepush.pipeline.intake import Intake
 from phonepush.redact import url_for_log
 from phonepush.silence.silences import Silences
+from phonepush.sources.schedule import Clock, Scheduler
 from phonepush.store.housekeeping import Housekeeper
 from phonepush.store.spool import Spool
 
@@ -91,8 +92,8 @@ class Running:
 class Daemon:
     """One daemon run. ``await run()`` until :meth:`stop` (or a signal when ``handle_signals``).
 
-    Doubles come in through the constructor: a metrics ``registry`` and a ``client_factory``
-    for phone clients.
+    Doubles come in through the constructor: a metrics ``registry``, a ``client_factory``
+    for phone clients and the schedules' ``schedule_clock``.
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class Daemon:
         notifier: Notifier | None = None,
         handle_signals: bool = False,
         drain_timeout: float = 10.0,
+        schedule_clock: Clock | None = None,
     ) -> None:
         self.config = config
         self._config_path = config_path
@@ -113,6 +115,8 @@ class Daemon:
         self._notifier = notifier if notifier is not None else Notifier()
         self._handle_signals = handle_signals
         self._drain_timeout = drain_timeout
+        self._schedule_clock = schedule_clock
+        self._scheduler: Scheduler | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self.ready = asyncio.Event()
@@ -221,6 +225,10 @@ class Daemon:
                     )
                 )
             self._mqtt = mqtt
+            # Always there, so a reload can add the first schedule.
+            scheduler = self._scheduler = await stack.enter_async_context(
+                Scheduler(config.schedules, store=spool, accept=intake, clock=self._schedule_clock)
+            )
             metrics.mqtt_configured.set(1 if mqtt is not None else 0)
             acks = await stack.enter_async_context(
                 AckService(
@@ -267,6 +275,7 @@ class Daemon:
                 tasks.append(tg.create_task(housekeeper.run(), name="housekeeping"))
                 tasks.append(tg.create_task(grouper.run(), name="grouping"))
                 tasks.append(tg.create_task(repeater.run(), name="repeats"))
+                tasks.append(tg.create_task(scheduler.run(), name="schedules"))
                 if self._notifier.watchdog_interval:
                     tasks.append(tg.create_task(self._notifier.watchdog_loop(), name="watchdog"))
                 with self._signals():
@@ -372,6 +381,8 @@ class Daemon:
         running.dispatcher.retry_unconfirmed = _retry_unconfirmed(config)
         if running.mqtt is not None:
             running.mqtt.update_filters(built.pipeline.book.mqtt_filters)
+        if self._scheduler is not None:
+            self._scheduler.update(config.schedules)
         if state.acks is not None:
             state.acks.webhook = config.ack.webhook
         state.token = _secret(config.webhook.token)
