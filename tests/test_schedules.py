@@ -488,3 +488,51 @@ def test_check_lists_the_next_three_firings_in_local_time(
     years = [int(f.split()[1][:4]) for f in firings]
     assert years == [years[0], years[0] + 1, years[0] + 2]
     assert all(f.endswith("-01-01 08:00:00 CET") for f in (f.split(" ", 1)[1] for f in firings))
+
+
+async def test_a_firing_the_spool_refuses_is_counted_and_the_next_one_still_fires(
+    spool: Spool,
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from phonepush.errors import SpoolFull
+    from phonepush.metrics import Metrics
+
+    metrics = Metrics(CollectorRegistry())
+    clock = FakeClock(1_800_000_000.0)
+    fired = Recorder()
+
+    async def full_once(event: Event) -> None:
+        if not metrics.registry.get_sample_value(
+            "phonepush_events_rejected_total", {"source": "schedule", "reason": "spool_full"}
+        ):
+            raise SpoolFull("spool full")
+        await fired(event)
+
+    scheduler = Scheduler(
+        [schedule(every="10s")], store=spool, accept=full_once, clock=clock.clock, metrics=metrics
+    )
+    await run_until(scheduler, lambda: len(fired.events) >= 1)
+    assert fired.payloads()[0]["timestamp"] == 1_800_000_020.0
+
+
+def test_the_school_bells_example_loads_and_renders_its_pages(tmp_path: Path) -> None:
+    from phonepush.config import load_config
+    from phonepush.rules.book import RuleBook
+    from phonepush.sources.schedule import firing_event
+
+    example = Path(__file__).resolve().parent.parent / "config" / "examples" / "school-bells.toml"
+    (tmp_path / "school-bells.toml").write_text(example.read_text())
+    (tmp_path / "phone-password").write_text("secret\n")
+    config = load_config(tmp_path / "school-bells.toml", environ={})
+    book = RuleBook.compile(config)
+    chime = next(s for s in config.schedules if s.name == "chime-test")
+    berlin = datetime(2026, 12, 1, 7, 30, tzinfo=ZoneInfo("Europe/Berlin")).timestamp()
+    assert chime.timetable.next_after(berlin - 60) == berlin
+    (match,) = book.match(firing_event(chime, berlin))
+    assert match.rule.phones == ("caretaker",)
+    assert match.page is not None and match.page.text == "Daily test, 2026-12-01T07:30."
+    lessons = next(s for s in config.schedules if s.name == "lessons-start")
+    saturday = datetime(2026, 12, 5, 12, 0, tzinfo=ZoneInfo("Europe/Berlin")).timestamp()
+    monday = datetime(2026, 12, 7, 8, 0, tzinfo=ZoneInfo("Europe/Berlin")).timestamp()
+    assert lessons.timetable.next_after(saturday) == monday

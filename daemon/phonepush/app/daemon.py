@@ -227,7 +227,13 @@ class Daemon:
             self._mqtt = mqtt
             # Always there, so a reload can add the first schedule.
             scheduler = self._scheduler = await stack.enter_async_context(
-                Scheduler(config.schedules, store=spool, accept=intake, clock=self._schedule_clock)
+                Scheduler(
+                    config.schedules,
+                    store=spool,
+                    accept=intake,
+                    clock=self._schedule_clock,
+                    metrics=metrics,
+                )
             )
             metrics.mqtt_configured.set(1 if mqtt is not None else 0)
             acks = await stack.enter_async_context(

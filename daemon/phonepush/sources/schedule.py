@@ -30,8 +30,9 @@ from typing import Final, Self
 
 from phonepush.config import ScheduleConfig
 from phonepush.config.timetable import Timetable
-from phonepush.errors import PhonepushError, SpoolError
+from phonepush.errors import PhonepushError, SpoolError, SpoolFull
 from phonepush.events import Event
+from phonepush.metrics import Metrics
 from phonepush.store.interface import Store
 
 __all__ = ["Clock", "Scheduler", "firing_event"]
@@ -74,7 +75,9 @@ class Scheduler:
     :meth:`update` on a reload.
 
     ``accept`` is the intake (an async callable taking an event, committing it before it
-    returns); ``store`` holds the newest firing claimed per schedule.
+    returns); ``store`` holds the newest firing claimed per schedule. A firing the intake
+    refuses is logged and counted in ``phonepush_events_rejected_total{source="schedule"}``,
+    not retried (the next firing is the retry).
     """
 
     def __init__(
@@ -84,8 +87,10 @@ class Scheduler:
         store: Store,
         accept: Callable[[Event], Awaitable[object]],
         clock: Clock | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self._accept = accept
         self._clock = clock if clock is not None else Clock()
         self._entries: dict[str, _Entry] = {}
@@ -205,5 +210,14 @@ class Scheduler:
             await self._accept(firing_event(entry.config, at, made_up=made_up))
         except PhonepushError as exc:  # the spool failing or full: the task keeps running
             log.error("schedule %s: the firing due at %s was not paged: %s", name, when, exc)
+            if self._metrics is not None:
+                reason = (
+                    "spool_full"
+                    if isinstance(exc, SpoolFull)
+                    else "spool_error"
+                    if isinstance(exc, SpoolError)
+                    else "error"
+                )
+                self._metrics.events_rejected.labels("schedule", reason).inc()
             return
         log.info("schedule %s: fired for %s%s", name, when, " (made up)" if made_up else "")
