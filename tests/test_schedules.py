@@ -536,3 +536,34 @@ def test_the_school_bells_example_loads_and_renders_its_pages(tmp_path: Path) ->
     saturday = datetime(2026, 12, 5, 12, 0, tzinfo=ZoneInfo("Europe/Berlin")).timestamp()
     monday = datetime(2026, 12, 7, 8, 0, tzinfo=ZoneInfo("Europe/Berlin")).timestamp()
     assert lessons.timetable.next_after(saturday) == monday
+
+
+def test_fire_dry_run_shows_a_schedules_next_page(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from phonepush.commands.fire import main as fire_main
+
+    path = tmp_path / "phonepush.toml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            [[phones]]
+            name = "office"
+            host = "127.0.0.1:1"
+            [[schedules]]
+            name = "new-year"
+            cron = "0 8 1 1 *"
+            timezone = "Europe/Berlin"
+            to = "office"
+            message = { title = "Happy new year", text = "{{ payload.scheduled_at[:10] }}" }
+            """
+        )
+    )
+    assert fire_main(["--config", str(path), "--schedule", "new-year", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "event schedule:new-year" in out and "rule new-year: pending, 1 phone(s)" in out
+    assert "<Title>Happy new year</Title><Text>20" in out and "-01-01</Text>" in out
+    assert fire_main(["--config", str(path), "--schedule", "nope", "--dry-run"]) == 1
+    assert "no schedule named 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fire_main(["--config", str(path), "--schedule", "new-year"])
