@@ -567,3 +567,29 @@ def test_fire_dry_run_shows_a_schedules_next_page(
     assert "no schedule named 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         fire_main(["--config", str(path), "--schedule", "new-year"])
+
+
+async def test_a_schedules_quiet_hours_hold_its_page(spool: Spool) -> None:
+    from phonepush.silence.silences import Facts, Quieting, Silences
+
+    config = parse_config(
+        {
+            **BASE,
+            "schedules": [
+                {
+                    "name": "bell",
+                    "every": "1h",
+                    "to": "office",
+                    "execute": ["Play:Chime.raw"],
+                    "quiet_hours": {"ranges": ["12:00-13:00"], "timezone": "Europe/Berlin"},
+                }
+            ],
+        },
+        environ={},
+    )
+    silences = Silences(spool)
+    quieting = Quieting.from_config(config, silences)
+    lunch = datetime(2026, 12, 1, 12, 30, tzinfo=ZoneInfo("Europe/Berlin")).timestamp()
+    event = Facts(Event("schedule", "bell", b"{}"))
+    assert quieting.verdict("bell", "office", event, lunch).reason == "quiet hours"
+    assert quieting.verdict("bell", "office", event, lunch + 3600).action == "send"

@@ -41,6 +41,9 @@ log = logging.getLogger("phonepush.schedules")
 
 #: How late the running loop may reach a firing and still make it (beyond ``catch_up``).
 _GRACE: Final = 60.0
+#: The longest sleep: the wall clock is looked at again at least this often, so a clock set
+#: right (NTP stepping it) moves the next firing with it.
+_MAX_SLEEP: Final = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +169,8 @@ class Scheduler:
             self._woken.clear()
             now = self._clock.now()
             for name, entry in list(self._entries.items()):
+                if name not in self._entries:
+                    continue  # removed by a reload while an earlier one fired
                 if entry.timetable.next_after(self._last[name]) <= now:
                     latest = entry.timetable.latest_at_or_before(now)
                     self._last[name] = latest
@@ -181,7 +186,8 @@ class Scheduler:
             return
         waits: set[asyncio.Future[object]] = {asyncio.ensure_future(self._woken.wait())}
         if due is not None:
-            waits.add(asyncio.ensure_future(self._clock.sleep(max(0.0, due - self._clock.now()))))
+            delay = min(max(0.0, due - self._clock.now()), _MAX_SLEEP)
+            waits.add(asyncio.ensure_future(self._clock.sleep(delay)))
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
