@@ -27,7 +27,8 @@ def new_event_id() -> str:
 class Event:
     """One received event.
 
-    ``topic`` is the MQTT topic, or the hook name for a webhook (``POST /hooks/<name>``).
+    ``topic`` is the MQTT topic, the hook name for a webhook (``POST /hooks/<name>``), or the
+    schedule's name for a ``[[schedules]]`` firing.
     ``payload`` is kept as bytes; rules see :func:`decode_payload` of it.
     """
 
