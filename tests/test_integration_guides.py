@@ -27,7 +27,7 @@ GUIDES = ROOT / "docs" / "integrations"
 EXAMPLES = ROOT / "config" / "examples"
 NAMES = ["zigbee2mqtt", "frigate", "alertmanager", "grafana", "home-assistant", "shelly-tasmota"]
 #: Examples of a feature rather than an integration with another tool: no guide here.
-FEATURE_EXAMPLES = {"evacuation"}
+FEATURE_EXAMPLES = {"evacuation", "school-bells"}
 TOKEN = "guide-test-token"
 _TOML_BLOCK = re.compile(r"## phonepush config\n.*?```toml\n(.*?)```", re.S)
 _client_ids = itertools.count()

@@ -292,8 +292,9 @@ def examples(tmp_path: Path) -> dict[str, RuleSet]:
 
 
 def test_every_integration_has_an_example(examples: dict[str, RuleSet]) -> None:
-    # evacuation.toml shows a feature (audio paging), not an integration with another tool.
-    assert set(examples) - {"evacuation"} == {
+    # evacuation.toml and school-bells.toml show features (audio paging, schedules), not an
+    # integration with another tool.
+    assert set(examples) - {"evacuation", "school-bells"} == {
         "zigbee2mqtt",
         "frigate",
         "alertmanager",

@@ -12,7 +12,7 @@ from phonepush import jsonlimits
 
 __all__ = ["Event", "Source", "decode_payload", "new_event_id"]
 
-Source = Literal["mqtt", "webhook"]
+Source = Literal["mqtt", "webhook", "schedule"]
 
 
 def new_event_id() -> str:
@@ -27,7 +27,8 @@ def new_event_id() -> str:
 class Event:
     """One received event.
 
-    ``topic`` is the MQTT topic, or the hook name for a webhook (``POST /hooks/<name>``).
+    ``topic`` is the MQTT topic, the hook name for a webhook (``POST /hooks/<name>``), or the
+    schedule's name for a ``[[schedules]]`` firing.
     ``payload`` is kept as bytes; rules see :func:`decode_payload` of it.
     """
 
@@ -40,7 +41,8 @@ class Event:
 
     @property
     def key(self) -> str:
-        """How rules name this event's origin: ``mqtt:<topic>`` or ``webhook:<name>``."""
+        """How rules name this event's origin: ``mqtt:<topic>``, ``webhook:<name>``
+        or ``schedule:<name>``."""
         return f"{self.source}:{self.topic}"
 
 

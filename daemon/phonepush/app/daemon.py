@@ -50,6 +50,7 @@ from phonepush.phone.lanes import PhoneLanes
 from phonepush.pipeline.intake import Intake
 from phonepush.redact import url_for_log
 from phonepush.silence.silences import Silences
+from phonepush.sources.schedule import Clock, Scheduler
 from phonepush.store.housekeeping import Housekeeper
 from phonepush.store.spool import Spool
 
@@ -95,8 +96,8 @@ class Running:
 class Daemon:
     """One daemon run. ``await run()`` until :meth:`stop` (or a signal when ``handle_signals``).
 
-    Doubles come in through the constructor: a metrics ``registry`` and a ``client_factory``
-    for phone clients.
+    Doubles come in through the constructor: a metrics ``registry``, a ``client_factory``
+    for phone clients and the schedules' ``schedule_clock``.
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class Daemon:
         handle_signals: bool = False,
         drain_timeout: float = 10.0,
         mqtt_ready_wait: float = _MQTT_READY_WAIT,
+        schedule_clock: Clock | None = None,
     ) -> None:
         self.config = config
         self._config_path = config_path
@@ -119,6 +121,8 @@ class Daemon:
         self._handle_signals = handle_signals
         self._drain_timeout = drain_timeout
         self._mqtt_ready_wait = mqtt_ready_wait
+        self._schedule_clock = schedule_clock
+        self._scheduler: Scheduler | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self.ready = asyncio.Event()
@@ -227,6 +231,16 @@ class Daemon:
                     )
                 )
             self._mqtt = mqtt
+            # Always there, so a reload can add the first schedule.
+            scheduler = self._scheduler = await stack.enter_async_context(
+                Scheduler(
+                    config.schedules,
+                    store=spool,
+                    accept=intake,
+                    clock=self._schedule_clock,
+                    metrics=metrics,
+                )
+            )
             metrics.mqtt_configured.set(1 if mqtt is not None else 0)
             acks = await stack.enter_async_context(
                 AckService(
@@ -279,6 +293,7 @@ class Daemon:
                 tasks.append(tg.create_task(housekeeper.run(), name="housekeeping"))
                 tasks.append(tg.create_task(grouper.run(), name="grouping"))
                 tasks.append(tg.create_task(repeater.run(), name="repeats"))
+                tasks.append(tg.create_task(scheduler.run(), name="schedules"))
                 if self._notifier.watchdog_interval:
                     tasks.append(tg.create_task(self._notifier.watchdog_loop(), name="watchdog"))
                 with self._signals():
@@ -411,6 +426,8 @@ class Daemon:
         running.dispatcher.retry_unconfirmed = _retry_unconfirmed(config)
         if running.mqtt is not None:
             running.mqtt.update_filters(built.pipeline.book.mqtt_filters)
+        if self._scheduler is not None:
+            self._scheduler.update(config.schedules)
         if state.acks is not None:
             state.acks.webhook = config.ack.webhook
         state.token = _secret(config.webhook.token)

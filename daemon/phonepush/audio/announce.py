@@ -126,10 +126,11 @@ def compile_actions(
     actions: dict[str, AudioAction] = {}
     problems: list[str] = []
     loaded: dict[Path, bytes] = {}
-    for rule in config.rules:
+    for rule in config.all_rules:
         if rule.audio is None:
             continue
-        where = f"rules[{rule.name}].audio"
+        section = "schedules" if rule.source == "schedule" else "rules"
+        where = f"{section}[{rule.name}].audio"
         try:
             actions[rule.name] = _compile(
                 rule.name,

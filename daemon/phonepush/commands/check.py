@@ -7,6 +7,7 @@ Nothing secret is printed: not passwords or tokens, and not the MQTT user name e
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -134,6 +135,27 @@ def summary(config: Config, rules: RuleBook, path: Path | None = None) -> str:
             f" (ttl {format_duration(rule.ttl)}{cooldown}, priority {rule.priority})"
         )
         lines.extend(_actions(config, rule.name))
+    if config.schedules:
+        lines.append(f"schedules ({len(config.schedules)}):")
+        now = time.time()
+        for schedule in config.schedules:
+            when = (
+                f"every {format_duration(schedule.every)} (from the epoch, UTC)"
+                if schedule.every is not None
+                else f"cron {schedule.cron!r} in {schedule.timezone}"
+            )
+            lines.append(
+                f"  {schedule.name}: {when}, "
+                + (
+                    f"catch_up {format_duration(schedule.catch_up)}"
+                    if schedule.catch_up
+                    else "missed firings skipped (no catch_up)"
+                )
+            )
+            upcoming = schedule.timetable.upcoming(now, 3)
+            lines.append(
+                "    next: " + ", ".join(t.strftime("%a %Y-%m-%d %H:%M:%S %Z") for t in upcoming)
+            )
     return "\n".join(lines)
 
 

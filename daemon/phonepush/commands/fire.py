@@ -1,10 +1,12 @@
-"""``phonepush fire --config F (--mqtt TOPIC | --hook NAME) PAYLOAD [--dry-run]``.
+"""``phonepush fire --config F (--mqtt TOPIC | --hook NAME) PAYLOAD [--dry-run]``, or
+``phonepush fire --config F --schedule NAME --dry-run``.
 
 With ``--dry-run``: which rules match the event and the exact requests each phone would get,
 computed by the daemon's own intake code and pipeline builder; nothing is sent or stored
 (cooldowns are not consulted). Without it: the event is injected the way a real sender would,
 so the running daemon handles it: published to the configured broker (QoS 1), or POSTed to the
-daemon's webhook with the configured token.
+daemon's webhook with the configured token. A schedule's firing (the next one due) can only be
+shown: it fires in the daemon.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import json
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from phonepush.events import Event
 from phonepush.metrics import Metrics
 from phonepush.pipeline.intake import Intake, Plan, PlannedRule
 from phonepush.redact import url_for_log
+from phonepush.sources.schedule import firing_event
 from phonepush.store.spool import Spool
 
 __all__ = ["main"]
@@ -41,18 +45,39 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--mqtt", metavar="TOPIC", help="an MQTT message on TOPIC")
     source.add_argument("--hook", metavar="NAME", help="a webhook POST /hooks/NAME")
-    parser.add_argument("payload", metavar="PAYLOAD", help="the message body (JSON or text)")
+    source.add_argument(
+        "--schedule", metavar="NAME", help="the next firing of [[schedules]] NAME (--dry-run)"
+    )
+    parser.add_argument(
+        "payload", metavar="PAYLOAD", nargs="?", help="the message body (JSON or text)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="show, do not send")
     return parser
 
 
 def main(argv: Sequence[str], prog: str = "phonepush fire") -> int:
-    args = _parser(prog).parse_args(argv)
+    parser = _parser(prog)
+    args = parser.parse_args(argv)
+    if args.schedule is not None and (args.payload is not None or not args.dry_run):
+        parser.error(
+            "--schedule takes no PAYLOAD and needs --dry-run (schedules fire in the daemon)"
+        )
+    if args.schedule is None and args.payload is None:
+        parser.error("PAYLOAD is required with --mqtt or --hook")
     config = load_or_report(args.config)
     if config is None:
         return CONFIG_EXIT
-    payload = args.payload.encode()
-    event = Event("mqtt", args.mqtt, payload) if args.mqtt else Event("webhook", args.hook, payload)
+    if args.schedule is not None:
+        schedule = next((s for s in config.schedules if s.name == args.schedule), None)
+        if schedule is None:
+            print(f"fire: no schedule named {args.schedule!r}", file=sys.stderr)
+            return 1
+        event = firing_event(schedule, schedule.timetable.next_after(time.time()))
+    else:
+        payload = args.payload.encode()
+        event = (
+            Event("mqtt", args.mqtt, payload) if args.mqtt else Event("webhook", args.hook, payload)
+        )
     try:
         if args.dry_run:
             plan, hooks = asyncio.run(_plan(config, event))

@@ -52,7 +52,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from phonepush.config.quiet_hours import QuietHoursConfig
+from phonepush.config.quiet_hours import QuietHoursConfig, parse_zone
+from phonepush.config.timetable import Timetable, parse_cron
 from phonepush.errors import ConfigError, InvalidTarget, WireError
 from phonepush.redact import url_for_log
 from phonepush.templates import Templates
@@ -79,6 +80,7 @@ __all__ = [
     "PhoneConfig",
     "RuleAudioConfig",
     "RuleConfig",
+    "ScheduleConfig",
     "ServerConfig",
     "SpoolConfig",
     "WebhookConfig",
@@ -727,6 +729,8 @@ class RuleConfig(_Section):
     @classmethod
     def _on(cls, value: str) -> str:
         source, sep, pattern = value.partition(":")
+        # "schedule:<name>" is what a [[schedules]] entry's own rule listens on (never written
+        # in [[rules]]: ScheduleConfig.rule() builds it).
         if not sep or source not in ("mqtt", "webhook"):
             raise ValueError("expected mqtt:<topic filter> or webhook:<name>")
         if source == "mqtt":
@@ -823,12 +827,114 @@ class RuleConfig(_Section):
         return self.repeat is not None and self.message is not None
 
     @property
-    def source(self) -> Literal["mqtt", "webhook"]:
+    def source(self) -> Literal["mqtt", "webhook", "schedule"]:
+        if self.on.startswith("schedule:"):
+            return "schedule"
         return "mqtt" if self.on.startswith("mqtt:") else "webhook"
 
     @property
     def pattern(self) -> str:
         return self.on.partition(":")[2]
+
+
+class ScheduleConfig(_Section):
+    """One ``[[schedules]]`` entry: a page on a timetable (docs/design.md, "Schedules").
+
+    Each entry becomes an ordinary rule of the same name listening on ``schedule:<name>``, so
+    its firings go through the pipeline (spool, silences, quiet hours, metrics) like any event.
+    """
+
+    #: Unique among schedules and rules; the event's topic, and the name of the schedule's rule
+    #: (in metrics, silences and `/api/events`).
+    name: str
+    #: A 5-field cron expression (minute hour day month weekday) read in `timezone`'s local
+    #: time, e.g. `"0 8 * * 1-5"`. Give `cron` or `every`.
+    cron: str = ""
+    #: A fixed interval (at least 1s), counted from the Unix epoch: `"30m"` fires at :00 and :30.
+    every: Duration | None = None
+    #: IANA time zone `cron` is read in (required with `cron`), e.g. `"Europe/Berlin"`.
+    timezone: str = ""
+    #: A firing missed while the daemon was down is made up once at start if at most this old;
+    #: 0: skipped (logged).
+    catch_up: Duration = 0.0
+    #: Phones, groups or `all`, as a rule's `to`.
+    to: Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
+    #: As a rule's `execute` (templates; the event's payload holds `name` and `scheduled_at`).
+    execute: list[str] = Field(default_factory=list)
+    #: As a rule's `priority`.
+    priority: int = Field(default=0, ge=0, le=2)
+    message: MessageConfig | None = None
+    audio: RuleAudioConfig | None = None
+    #: As a rule's `ttl`.
+    ttl: PositiveDuration = 300.0
+    quiet_hours: QuietHoursConfig | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.fullmatch(value):
+            raise ValueError("a schedule name is letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        return parse_cron(value) if value.strip() else value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        if value:
+            parse_zone(value)
+        return value
+
+    @field_validator("every")
+    @classmethod
+    def _every(cls, value: float | None) -> float | None:
+        if value is not None and value < 1:
+            raise ValueError("must be at least 1s")
+        return value
+
+    @field_validator("to")
+    @classmethod
+    def _to(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one phone, group or 'all'")
+        return value
+
+    @model_validator(mode="after")
+    def _when(self) -> ScheduleConfig:
+        if bool(self.cron.strip()) == (self.every is not None):
+            raise ValueError("cron: give cron or every, exactly one of them")
+        if self.cron.strip() and not self.timezone:
+            raise ValueError(
+                "timezone: required with cron (an IANA name such as Europe/Berlin: the"
+                " expression is read in that zone's local time)"
+            )
+        if not (self.execute or self.message or self.audio):
+            raise ValueError("to: nothing to send: give execute, message or audio")
+        return self
+
+    @property
+    def timetable(self) -> Timetable:
+        if self.every is not None:
+            return Timetable(every=self.every)
+        return Timetable(cron=self.cron, zone=parse_zone(self.timezone))
+
+    def rule(self) -> RuleConfig:
+        """The rule this schedule pages through: its output keys, listening on its events."""
+        # Every field was validated here with the type RuleConfig gives it.
+        return RuleConfig.model_construct(
+            name=self.name,
+            on=f"schedule:{self.name}",
+            to=list(self.to),
+            execute=list(self.execute),
+            priority=self.priority,
+            message=self.message,
+            audio=self.audio,
+            ttl=self.ttl,
+            quiet_hours=self.quiet_hours,
+        )
 
 
 class AuthUserConfig(_Section):
@@ -956,6 +1062,7 @@ class Config(BaseSettings):
     webhook: WebhookConfig = Field(default_factory=WebhookConfig)
     phones: list[PhoneConfig] = Field(default_factory=list)
     rules: list[RuleConfig] = Field(default_factory=list)
+    schedules: list[ScheduleConfig] = Field(default_factory=list)
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     ack: AckConfig = Field(default_factory=AckConfig)
@@ -974,6 +1081,11 @@ class Config(BaseSettings):
         # load_config() merges the environment it is given itself (tests pass their own), so a
         # Config never reads os.environ behind the caller's back.
         return (init_settings,)
+
+    @property
+    def all_rules(self) -> list[RuleConfig]:
+        """``rules``, then the rule of each of ``schedules``: what the rule book compiles."""
+        return [*self.rules, *(schedule.rule() for schedule in self.schedules)]
 
     def phone(self, name: str) -> PhoneConfig:
         for phone in self.phones:
@@ -1123,7 +1235,11 @@ def _label(loc: tuple[int | str, ...], data: Mapping[str, Any]) -> str:
     i = 0
     while i < len(loc):
         part = loc[i]
-        if part in ("phones", "rules") and i + 1 < len(loc) and isinstance(loc[i + 1], int):
+        if (
+            part in ("phones", "rules", "schedules")
+            and i + 1 < len(loc)
+            and isinstance(loc[i + 1], int)
+        ):
             index = loc[i + 1]
             assert isinstance(index, int)
             entries = data.get(str(part))
@@ -1312,10 +1428,12 @@ def _cross_check(config: Config) -> list[str]:
         )
 
     rule_names: set[str] = set()
-    for rule in config.rules:
-        where = f"rules[{rule.name}]"
+    checked = [(f"rules[{rule.name}]", rule) for rule in config.rules]
+    checked += [(f"schedules[{s.name}]", s.rule()) for s in config.schedules]
+    for where, rule in checked:
         if rule.name in rule_names:
-            problems.append(f"{where}.name: another rule has this name")
+            other = "another rule" if where.startswith("rules[") else "a rule or another schedule"
+            problems.append(f"{where}.name: {other} has this name")
         rule_names.add(rule.name)
         if rule.source == "mqtt" and config.mqtt is None:
             problems.append(f"{where}.on: listens on MQTT, but there is no [mqtt] section")

@@ -136,7 +136,7 @@ class CompiledRule:
     """
 
     name: str
-    source: Literal["mqtt", "webhook"]
+    source: Literal["mqtt", "webhook", "schedule"]
     pattern: str
     phones: tuple[str, ...]
     priority: int
@@ -166,7 +166,7 @@ class CompiledRule:
         """Whether ``event`` comes from where this rule listens (its ``when`` not consulted)."""
         if event.source != self.source:
             return False
-        if self.source == "webhook":
+        if self.source != "mqtt":
             return event.topic == self.pattern
         return topic_matches(self.pattern, event.topic)
 
@@ -215,6 +215,13 @@ class RuleBook:
             hook: tuple(c for c in self._rules if c.source == "webhook" and c.pattern == hook)
             for hook in self.hooks
         }
+        self._by_schedule: dict[str, tuple[CompiledRule, ...]] = {}
+        for compiled in self._rules:
+            if compiled.source == "schedule":
+                self._by_schedule[compiled.pattern] = (
+                    *self._by_schedule.get(compiled.pattern, ()),
+                    compiled,
+                )
         self._trie = _Node()
         for index, compiled in enumerate(self._rules):
             if compiled.source == "mqtt":
@@ -227,7 +234,7 @@ class RuleBook:
         ``rules[<name>].<key>``."""
         # Loading compiled every template already (to report errors): these are cache hits.
         templates = config.templates
-        return cls([_compile_rule(rule, config, templates) for rule in config.rules])
+        return cls([_compile_rule(rule, config, templates) for rule in config.all_rules])
 
     def rule(self, name: str) -> CompiledRule:
         return self._by_name[name]
@@ -239,6 +246,8 @@ class RuleBook:
         """The rules ``event`` triggers, in config order. Never raises."""
         if event.source == "webhook":
             candidates = self._by_hook.get(event.topic, ())
+        elif event.source == "schedule":
+            candidates = self._by_schedule.get(event.topic, ())
         else:
             candidates = self._mqtt_candidates(event.topic)
         if not candidates:
@@ -296,7 +305,7 @@ RuleSet = RuleBook
 
 
 def _compile_rule(rule: RuleConfig, config: Config, templates: Templates) -> CompiledRule:
-    where = f"rules[{rule.name}]"
+    where = f"{'schedules' if rule.source == 'schedule' else 'rules'}[{rule.name}]"
     try:
         phones = config.expand(rule.to)
     except KeyError as exc:

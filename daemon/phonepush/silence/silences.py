@@ -472,7 +472,7 @@ class Quieting:
     def from_config(cls, config: Config, silences: Silences) -> Quieting:
         rules = {
             r.name: QuietHours.from_config(r.quiet_hours)
-            for r in config.rules
+            for r in config.all_rules
             if r.quiet_hours is not None
         }
         phones = {

@@ -1,4 +1,5 @@
-"""Event sources: where events come from before intake (MQTT here; webhooks live in the server)."""
+"""Event sources: where events come from before intake (MQTT and schedules here; webhooks live
+in the server)."""
 
 from __future__ import annotations
 

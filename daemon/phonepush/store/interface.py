@@ -3,7 +3,8 @@
 :class:`Store` is one database: its lifecycle, health, size accounting and
 :meth:`Store.transaction`. Its tables are reached through repositories, one per table group:
 :class:`EventRepository` (events, their pages, cooldowns), :class:`DeliveryRepository`,
-:class:`AlertRepository`, :class:`GroupRepository` and :class:`SilenceRepository`. Consumers type
+:class:`AlertRepository`, :class:`GroupRepository`, :class:`SilenceRepository` and
+:class:`ScheduleRepository`. Consumers type
 against these protocols; :class:`phonepush.store.spool.Spool` (SQLite) implements them, and a
 second backend implements the same ones.
 
@@ -50,6 +51,7 @@ __all__ = [
     "EventRepository",
     "GroupRepository",
     "PurgeCursor",
+    "ScheduleRepository",
     "SilenceRepository",
     "Store",
     "Transaction",
@@ -275,6 +277,17 @@ class SilenceRepository(Protocol):
         """Every stored silence, oldest first."""
 
 
+class ScheduleRepository(Protocol):
+    """The newest firing claimed per schedule (phonepush.sources.schedule)."""
+
+    def last(self, schedule: str) -> float | None:
+        """When the newest claimed firing of ``schedule`` was due; None if it never fired."""
+
+    def claim(self, schedule: str, scheduled_at: float, now: float) -> bool:
+        """Claim the firing of ``schedule`` due at ``scheduled_at``: True for exactly one caller,
+        and only if no firing as new or newer was claimed before (by any instance)."""
+
+
 class Transaction(Protocol):
     """The repositories of one open transaction: what they write commits together."""
 
@@ -288,6 +301,8 @@ class Transaction(Protocol):
     def groups(self) -> GroupRepository: ...
     @property
     def silences(self) -> SilenceRepository: ...
+    @property
+    def schedules(self) -> ScheduleRepository: ...
 
 
 class Store(Transaction, Protocol):

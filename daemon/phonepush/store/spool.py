@@ -85,6 +85,7 @@ from phonepush.store.tables import (
     SqliteDeliveries,
     SqliteEvents,
     SqliteGroups,
+    SqliteSchedules,
     SqliteSilences,
 )
 
@@ -280,6 +281,11 @@ CREATE TABLE IF NOT EXISTS grouped_events (
     content TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS grouped_events_window ON grouped_events (rule, key);
+CREATE TABLE IF NOT EXISTS schedule_firings (
+    schedule TEXT PRIMARY KEY,
+    scheduled_at REAL NOT NULL,
+    fired_at REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 _COUNT_PENDING: Final = "SELECT count(*) FROM deliveries WHERE state = 'pending'"
@@ -513,6 +519,7 @@ class Spool:
         self.alerts = SqliteAlerts(self)
         self.groups = SqliteGroups(self, clock)
         self.silences = SqliteSilences(self)
+        self.schedules = SqliteSchedules(self)
 
     @property
     def location(self) -> str:

@@ -46,6 +46,7 @@ __all__ = [
     "SqliteDeliveries",
     "SqliteEvents",
     "SqliteGroups",
+    "SqliteSchedules",
     "SqliteSilences",
 ]
 
@@ -932,3 +933,38 @@ class SqliteSilences:
             )
             for row in self._sql.rows(_SILENCES, (), "cannot read silences")
         ]
+
+
+# The newest firing claimed per schedule. The upsert's WHERE makes a claim a compare-and-set in
+# one statement: it changes a row only for a firing newer than the last one claimed, so of
+# several instances sharing the file exactly one wins each firing, and an old firing can never
+# be claimed again.
+_CLAIM_FIRING: Final = (
+    "INSERT INTO schedule_firings (schedule, scheduled_at, fired_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (schedule) DO UPDATE SET scheduled_at = excluded.scheduled_at,"
+    " fired_at = excluded.fired_at WHERE schedule_firings.scheduled_at < excluded.scheduled_at"
+)
+
+
+class SqliteSchedules:
+    """:class:`~phonepush.store.interface.ScheduleRepository` on SQLite."""
+
+    def __init__(self, sql: Sql) -> None:
+        self._sql = sql
+
+    def last(self, schedule: str) -> float | None:
+        row = self._sql.row(
+            "SELECT scheduled_at FROM schedule_firings WHERE schedule = ?",
+            (schedule,),
+            f"cannot read schedule {schedule}",
+        )
+        return None if row is None else float(row["scheduled_at"])
+
+    def claim(self, schedule: str, scheduled_at: float, now: float) -> bool:
+        return bool(
+            self._sql.write(
+                _CLAIM_FIRING,
+                (schedule, scheduled_at, now),
+                f"cannot claim a firing of schedule {schedule}",
+            )
+        )
