@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
 import socket
 import ssl
@@ -52,7 +53,7 @@ from phonepush.errors import (
 )
 from phonepush.phone import http11 as _phonewire
 from phonepush.wire import cisco
-from phonepush.wire.cisco import ResponseItem
+from phonepush.wire.cisco import DEVICE_INFORMATION_PATH, DeviceInfo, ResponseItem
 from phonepush.wire.target import DEFAULT_TIMEOUT, PhoneTarget, Scheme, parse_host
 from phonepush.wire.uri import ExecuteItem
 
@@ -62,9 +63,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "DeviceInfo",
     "PhoneClient",
     "PhoneTarget",
     "Scheme",
+    "connect_probe",
     "parse_host",
 ]
 
@@ -145,6 +148,7 @@ class PhoneClient:
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._wire: _phonewire.Connection | None = None
+        self._info_head = b""
         self._closed = False
         self._lock = asyncio.Lock()
 
@@ -229,6 +233,12 @@ class PhoneClient:
             "Connection": "keep-alive",
             "Content-Type": _FORM,
         }
+        self._info_head = _phonewire.request_head(
+            host,
+            {k: v for k, v in headers.items() if k != "Content-Type"},
+            method="GET",
+            path=DEVICE_INFORMATION_PATH,
+        )
         self._wire = _phonewire.Connection(
             target.host,
             target.effective_port,
@@ -290,6 +300,21 @@ class PhoneClient:
             exc.phone = self.target.name
             raise
 
+    async def describe(self) -> DeviceInfo | None:
+        """``GET /DeviceInformationX`` on the push connection: the phone's model, firmware, MAC
+        and host name, or ``None`` when it answered without them (web pages disabled: 404,
+        401, not XML). Raises a :class:`~phonepush.errors.PhoneError` when no answer came,
+        as :meth:`push` does; the request changes nothing on the phone."""
+        async with self._lock:
+            if self._transport is None:
+                wire = self._open_wire()
+                status, content_type, answer = await self._post_wire(wire, b"", self._info_head)
+            else:
+                status, content_type, answer = await self._post(
+                    self._open(), b"", path=DEVICE_INFORMATION_PATH
+                )
+        return cisco.parse_device_information(answer, content_type, status)
+
     async def execute(self, items: Sequence[ExecuteItem]) -> list[ResponseItem]:
         """Send 1-3 items in one CiscoIPPhoneExecute request (see ``cisco.pack``)."""
         return await self.push(cisco.execute_xml(items))
@@ -303,11 +328,11 @@ class PhoneClient:
         await self.push(cisco.ringtone_xml(url), receipts=False)
 
     async def _post_wire(
-        self, wire: _phonewire.Connection, body: bytes
+        self, wire: _phonewire.Connection, body: bytes, head: bytes | None = None
     ) -> tuple[int, str | None, bytes]:
         target = self.target
         try:
-            return await wire.request(body)
+            return await wire.request(body, head=head)
         except _phonewire.NotWritten as exc:
             cause = exc.__cause__ or exc
             connecting = isinstance(exc, _phonewire.ConnectFailed)
@@ -342,14 +367,19 @@ class PhoneClient:
                 phone=target.name,
             ) from exc
 
-    async def _post(self, client: httpx.AsyncClient, body: bytes) -> tuple[int, str | None, bytes]:
+    async def _post(
+        self, client: httpx.AsyncClient, body: bytes, *, path: str = ""
+    ) -> tuple[int, str | None, bytes]:
+        """POST ``body`` to /CGI/Execute, or with ``path`` GET that path."""
         import httpx
 
         target = self.target
+        if path:
+            request = client.stream("GET", f"{target.scheme}://{target.authority}{path}")
+        else:
+            request = client.stream("POST", self.url, content=body, headers={"Content-Type": _FORM})
         try:
-            async with client.stream(
-                "POST", self.url, content=body, headers={"Content-Type": _FORM}
-            ) as response:
+            async with request as response:
                 answer = await _read_capped(response, cisco.MAX_RESPONSE_BYTES + 1)
                 return response.status_code, response.headers.get("Content-Type"), answer
         except (httpx.ConnectTimeout, httpx.PoolTimeout, httpx.WriteTimeout) as exc:
@@ -404,3 +434,24 @@ async def _read_capped(response: httpx.Response, cap: int) -> bytes:
         # adapters): there is nothing left to bound.
         return response.content[:cap]
     return b"".join(chunks)[:cap]
+
+
+async def connect_probe(target: PhoneTarget) -> None:
+    """Open and close a TCP connection to the phone's push port: the health check for a phone
+    whose web pages say nothing. Raises :class:`~phonepush.errors.PhoneUnreachable` or
+    :class:`~phonepush.errors.PhoneConnectTimeout`."""
+    try:
+        async with asyncio.timeout(target.timeout):
+            _, writer = await asyncio.open_connection(target.host, target.effective_port)
+    except TimeoutError as exc:
+        raise PhoneConnectTimeout(
+            f"Timed out after {target.timeout:g} s connecting to {target.authority}",
+            phone=target.name,
+        ) from exc
+    except OSError as exc:
+        raise PhoneUnreachable(
+            f"Cannot connect to {target.authority}: {_reason(exc)}", phone=target.name
+        ) from exc
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()

@@ -53,9 +53,12 @@ class ConnectFailed(NotWritten):
     """Connecting failed; ``__cause__`` is the ``OSError`` or ``TimeoutError``."""
 
 
-def request_head(authority: str, headers: dict[str, str]) -> bytes:
-    """The request line and fixed headers of every push, up to (not including) Content-Length."""
-    lines = [f"POST /CGI/Execute HTTP/1.1\r\nHost: {authority}\r\n"]
+def request_head(
+    authority: str, headers: dict[str, str], *, method: str = "POST", path: str = "/CGI/Execute"
+) -> bytes:
+    """The request line and fixed headers of every push (or of another request on the same
+    connection: a health probe's GET), up to (not including) Content-Length."""
+    lines = [f"{method} {path} HTTP/1.1\r\nHost: {authority}\r\n"]
     lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
     # Latin-1 like http.client: header values were checked or encoded by the caller.
     return "".join(lines).encode("latin-1")
@@ -152,8 +155,9 @@ class Connection:
         if proto is not None and proto.transport is not None:
             proto.transport.close()
 
-    async def request(self, body: bytes) -> Answer:
-        """Send one push and return (status, Content-Type, body capped at ``cap`` bytes)."""
+    async def request(self, body: bytes, *, head: bytes | None = None) -> Answer:
+        """Send one push (or, with another ``head``, another request) and return (status,
+        Content-Type, body capped at ``cap`` bytes)."""
         self.written = False
         proto = self._proto
         if proto is None or proto.eof or proto.buffer:
@@ -166,7 +170,8 @@ class Connection:
             async with asyncio.timeout(self._timeout):
                 try:
                     proto.transport.write(
-                        b"%sContent-Length: %d\r\n\r\n%s" % (self._head, len(body), body)
+                        b"%sContent-Length: %d\r\n\r\n%s"
+                        % (self._head if head is None else head, len(body), body)
                     )
                     await self._drain(proto)
                 except OSError as exc:

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final, Self
 
-from phonepush.errors import PhoneError
-from phonepush.phone.client import PhoneClient, PhoneTarget
-from phonepush.wire.cisco import ResponseItem, execute_xml
+from phonepush.errors import PhoneError, PhoneUnconfirmed
+from phonepush.phone.client import PhoneClient, PhoneTarget, connect_probe
+from phonepush.wire.cisco import DeviceInfo, ResponseItem, execute_xml
 from phonepush.wire.uri import ExecuteItem
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "PhoneLanes"]
@@ -128,6 +128,35 @@ class PhoneLanes:
         """POST one XML object to ``phone`` after any push to it in progress, and return its
         ResponseItems. Raises :class:`~phonepush.errors.PhoneError` (also for a phone that is
         not configured) or :class:`~phonepush.errors.WireError`."""
+        lane = self._lane(phone)
+        async with lane.lock:
+            client = await self._enter(lane)
+            try:
+                return await client.push(xml, receipts=receipts)
+            finally:
+                await self._leave(lane, client)
+
+    async def probe(self, phone: str) -> DeviceInfo | None:
+        """Ask ``phone`` to describe itself (``GET /DeviceInformationX``) in its lane, so never
+        while a push to it is on the wire, over the same bounded connections. ``None``: the
+        phone answered without describing itself. When its answer was no readable HTTP, a bare
+        TCP connect decides. Raises :class:`~phonepush.errors.PhoneError` when it is out of
+        reach."""
+        lane = self._lane(phone)
+        async with lane.lock:
+            client = await self._enter(lane)
+            try:
+                return await client.describe()
+            except PhoneUnconfirmed:
+                # Connected and wrote, but got no answer it could read: a web server that is
+                # hung or not HTTP. Whether the phone is there is what a fresh connect says.
+                await client.disconnect()
+                await connect_probe(lane.target)
+                return None
+            finally:
+                await self._leave(lane, client)
+
+    def _lane(self, phone: str) -> _Lane:
         if self._closed:
             raise PhoneError("the daemon is stopping", phone=phone)
         lane = self._lanes.get(phone)
@@ -136,31 +165,35 @@ class PhoneLanes:
             if target is None:
                 raise PhoneError("phone not in the configuration", phone=phone)
             lane = self._lanes[phone] = _Lane(phone, target)
-        async with lane.lock:
-            lane.holder = asyncio.current_task()
-            if phone not in self._targets:
-                raise PhoneError("phone not in the configuration", phone=phone)
-            client = lane.client
-            if client is None or client.target != lane.target:
-                if client is not None:
-                    await client.aclose()
-                # Opened on first use: opening thousands of clients up front would slow start-up.
-                client = lane.client = await self._factory(lane.target).__aenter__()
-            if lane.slot:
-                self._idle.pop(phone, None)  # busy: not a candidate for closing
-            else:
-                await self._take_slot(lane)
-            try:
-                return await client.push(xml, receipts=receipts)
-            finally:
-                if client.connected and not self._closed:
-                    self._idle[phone] = lane
-                    if self._waiting:
-                        # A push waiting for a slot may now close this idle connection.
-                        async with self._freed:
-                            self._freed.notify()
-                else:
-                    await self._release(lane)
+        return lane
+
+    async def _enter(self, lane: _Lane) -> PhoneClient:
+        """Under the lane's lock: its client, connected or not, holding a connection slot."""
+        phone = lane.name
+        lane.holder = asyncio.current_task()
+        if phone not in self._targets:
+            raise PhoneError("phone not in the configuration", phone=phone)
+        client = lane.client
+        if client is None or client.target != lane.target:
+            if client is not None:
+                await client.aclose()
+            # Opened on first use: opening thousands of clients up front would slow start-up.
+            client = lane.client = await self._factory(lane.target).__aenter__()
+        if lane.slot:
+            self._idle.pop(phone, None)  # busy: not a candidate for closing
+        else:
+            await self._take_slot(lane)
+        return client
+
+    async def _leave(self, lane: _Lane, client: PhoneClient) -> None:
+        if client.connected and not self._closed:
+            self._idle[lane.name] = lane
+            if self._waiting:
+                # A push waiting for a slot may now close this idle connection.
+                async with self._freed:
+                    self._freed.notify()
+        else:
+            await self._release(lane)
 
     async def _take_slot(self, lane: _Lane) -> None:
         async with self._freed:

@@ -43,10 +43,12 @@ _log = logging.getLogger("phonepush.cisco")
 
 __all__ = [
     "CUT",
+    "DEVICE_INFORMATION_PATH",
     "MAX_PUSH_BYTES",
     "MAX_RESPONSE_BYTES",
     "PROLOG",
     "BackgroundPush",
+    "DeviceInfo",
     "ExecutePush",
     "Push",
     "ResponseItem",
@@ -58,6 +60,7 @@ __all__ = [
     "execute_xml",
     "form_body",
     "pack",
+    "parse_device_information",
     "parse_push",
     "parse_response",
     "parse_text",
@@ -389,6 +392,59 @@ def parse_response(
     if root.tag != "CiscoIPPhoneResponse":
         return _accepted(body, content_type, status)
     return _items(root)
+
+
+#: Where a Cisco phone's web server describes the phone (no authentication).
+DEVICE_INFORMATION_PATH: Final = "/DeviceInformationX"
+#: Longest value kept from a DeviceInformation field: they become metric labels and JSON.
+_INFO_MAX: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """What ``GET /DeviceInformationX`` says of a phone ("" for a field it left out)."""
+
+    model: str
+    firmware: str
+    mac: str
+    host_name: str
+
+
+def parse_device_information(
+    body: bytes, content_type: str | None, status: int = 200
+) -> DeviceInfo | None:
+    """Read a phone's ``<DeviceInformation>`` document; ``None`` when the answer is not one (an
+    error status, 404 from a phone without the page, HTML, unreadable or hostile XML): the
+    phone answered, so it is there, it just did not describe itself."""
+    if not 200 <= status < 300 or not body.strip():
+        return None
+    ctype = (content_type or "").strip().lower()
+    # Some firmware serves the document as text/html; the root element decides.
+    if ctype and not ctype.startswith(("text/xml", "application/xml", "text/html")):
+        return None
+    try:
+        root = _parse_xml(body, MAX_RESPONSE_BYTES, PhoneBadResponse)
+    except PhoneBadResponse:
+        return None
+    if root.tag != "DeviceInformation":
+        return None
+
+    def text(*names: str) -> str:
+        for name in names:
+            element = root.find(name)
+            if element is not None and element.text:
+                value = _NOT_XML.sub("", element.text).strip()
+                if value:
+                    return _clip(" ".join(value.split()), _INFO_MAX)
+        return ""
+
+    return DeviceInfo(
+        model=text("modelNumber"),
+        # versionID is the release people quote (e.g. 12.8(1)); appLoadID the load file's name.
+        firmware=text("versionID", "appLoadID"),
+        mac=text("MACAddress"),
+        host_name=text("HostName"),
+    )
 
 
 def _items(root: etree._Element) -> list[ResponseItem]:
