@@ -110,6 +110,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 from urllib.parse import unquote_plus, urlencode
+from xml.sax.saxutils import escape as xml_escape
 
 from phonepush.audio.rtp import ReceiveStats, RtpReceiver
 from phonepush.errors import AudioError
@@ -187,6 +188,13 @@ MODEL_HEADERS: Final = {
     },
     "multiplatform": {**PHONE_HEADERS, "x-CiscoIPPhoneModelName": "CP-8841-3PCC"},
 }
+#: What each model's ``GET /DeviceInformationX`` says (modelNumber, appLoadID, versionID);
+#: multiplatform firmware has no such page (404).
+DEVICE_INFORMATION: Final = {
+    "8800": ("CP-8841", "sip88xx.14-2-1-0001-14", "14.2(1)"),
+    "7900": ("CP-7965G", "SCCP45.9-4-2SR4-3S", "9.4(2SR4.3)"),
+}
+_DEVICE_INFORMATION_PATH: Final = "/DeviceInformationX"
 MAX_RECORDS: Final = 1000
 #: Finished RTP receptions a phone remembers.
 MAX_RTP_HISTORY: Final = 100
@@ -736,6 +744,8 @@ class SimPhone:
             return Response(200, _GARBAGE, "text/xml")
         if fault == "error":
             return _error(self.fault.number, "simulated fault")
+        if request.path == _DEVICE_INFORMATION_PATH and request.method == "GET":
+            return self._device_information()
         if request.path != _EXECUTE_PATH:
             return Response(404, b"Not Found\n", "text/plain")
         if request.method != "POST":
@@ -764,6 +774,28 @@ class SimPhone:
             return response
         finally:
             self._busy = False
+
+    def _device_information(self) -> Response:
+        described = DEVICE_INFORMATION.get(self.model)
+        if described is None:
+            return Response(404, b"Not Found\n", "text/plain")
+        model, load, version = described
+        # SEP + MAC is how a phone names itself; other names get a MAC made from their index.
+        mac = self.name[3:] if self.name.startswith("SEP") else f"0000AA{self.index + 1:06X}"
+        fields = {
+            "MACAddress": mac,
+            "HostName": self.name,
+            "phoneDN": "",
+            "appLoadID": load,
+            "versionID": version,
+            "serialNumber": f"FCH{mac[-8:]}",
+            "modelNumber": model,
+        }
+        body = "".join(f"<{k}>{xml_escape(v)}</{k}>" for k, v in fields.items())
+        xml = (
+            f'<?xml version="1.0" encoding="UTF-8"?>\n<DeviceInformation>{body}</DeviceInformation>'
+        )
+        return Response(200, xml.encode(), "text/xml")
 
     def _busy_answer(self) -> Response:
         if self.model == "multiplatform":
