@@ -132,6 +132,9 @@ NOTES: Final[dict[str, str]] = {
     "DispatchConfig.retry_initial": "First retry delay after a transient failure (jittered, "
     "doubling).",
     "DispatchConfig.retry_max": "Longest retry delay.",
+    "HealthConfig.interval": "How often each phone is probed (`GET /DeviceInformationX`, else a "
+    "TCP connect), spread over the interval, in its lane (never during a push to it); a push "
+    "counts as a probe. `0`: off.",
     "AckConfig.webhook_timeout": "Timeout of that POST.",
     "AuthUserConfig.name": "The `UserID` a phone forwards.",
     "AuthUserConfig.password": "Its password.",

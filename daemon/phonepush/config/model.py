@@ -1028,6 +1028,19 @@ class DispatchConfig(_Section):
         return self
 
 
+class HealthConfig(_Section):
+    """``[health]``: how often each phone is checked when nothing was pushed to it."""
+
+    # 0: no probes; phones are then known only by their pushes.
+    interval: Duration = 60.0
+
+    @model_validator(mode="after")
+    def _interval(self) -> HealthConfig:
+        if 0 < self.interval < 1:
+            raise ValueError("interval: must be 0 (off) or at least 1s")
+        return self
+
+
 class LogConfig(_Section):
     """``[log]``."""
 
@@ -1064,6 +1077,7 @@ class Config(BaseSettings):
     rules: list[RuleConfig] = Field(default_factory=list)
     schedules: list[ScheduleConfig] = Field(default_factory=list)
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     ack: AckConfig = Field(default_factory=AckConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig)
