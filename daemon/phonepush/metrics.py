@@ -123,8 +123,16 @@ class Metrics:
         )
         self.phone_up = Gauge(
             "phonepush_phone_up",
-            "1 when the phone's last push got an answer, 0 when it could not be reached.",
+            "1 when the phone's last push or health probe ([health] interval) reached it, 0 "
+            "when it could not be reached; with probes on, every configured phone has it.",
             ["phone"],
+            registry=r,
+        )
+        self.phone_info = Gauge(
+            "phonepush_phone_info",
+            "1 for each phone, labelled with the model and firmware its /DeviceInformationX "
+            'last gave ("" until it did, or when its web pages say nothing).',
+            ["phone", "model", "firmware"],
             registry=r,
         )
         self._stored = _StoreCollector()

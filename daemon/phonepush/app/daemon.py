@@ -41,6 +41,7 @@ from phonepush.config import Config, format_duration, load_config
 from phonepush.dispatch.dispatcher import Dispatcher, Outcome
 from phonepush.errors import ConfigError, PhonepushError, SpoolError
 from phonepush.grouping.grouper import Grouper
+from phonepush.health.monitor import Health
 from phonepush.http.authenticate import Authenticator
 from phonepush.http.server import ServerState, create_app, uvicorn_config
 from phonepush.logs import counted
@@ -123,6 +124,7 @@ class Daemon:
         self._mqtt_ready_wait = mqtt_ready_wait
         self._schedule_clock = schedule_clock
         self._scheduler: Scheduler | None = None
+        self._health: Health | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self.ready = asyncio.Event()
@@ -189,6 +191,10 @@ class Daemon:
                     on_outcome=self._publish_outcome,
                 )
             )
+            health = self._health = Health(
+                config, lanes, metrics=metrics, pending=dispatcher.queued
+            )
+            dispatcher.on_reach = health.reached
             silences = Silences(spool)
             silences.load()
             grouper = Grouper(
@@ -270,6 +276,7 @@ class Daemon:
             if mqtt is not None:
                 state.readiness["mqtt"] = lambda: "" if mqtt.connected else "not connected"
             state.silences = silences
+            state.health = health
             state.acks = acks
             state.actions = actions
             state.authenticator = Authenticator.from_config(config, metrics=metrics)
@@ -294,6 +301,7 @@ class Daemon:
                 tasks.append(tg.create_task(grouper.run(), name="grouping"))
                 tasks.append(tg.create_task(repeater.run(), name="repeats"))
                 tasks.append(tg.create_task(scheduler.run(), name="schedules"))
+                tasks.append(tg.create_task(health.run(), name="health"))
                 if self._notifier.watchdog_interval:
                     tasks.append(tg.create_task(self._notifier.watchdog_loop(), name="watchdog"))
                 with self._signals():
@@ -423,6 +431,8 @@ class Daemon:
             running.housekeeper.retention = config.spool.retention
             running.housekeeper.max_size = running.spool.max_size = config.spool.max_size
         running.dispatcher.update_phones(config.phone_targets())
+        if self._health is not None:
+            self._health.update(config)
         running.dispatcher.retry_unconfirmed = _retry_unconfirmed(config)
         if running.mqtt is not None:
             running.mqtt.update_filters(built.pipeline.book.mqtt_filters)
@@ -436,6 +446,8 @@ class Daemon:
         state.authenticator = Authenticator.from_config(config, metrics=self._metrics)
 
     async def _publish_outcome(self, outcome: Outcome) -> None:
+        if self._health is not None:
+            self._health.outcome(outcome.phone, outcome.result, time.time())
         if self._mqtt is not None:
             await self._mqtt.publish_outcome(outcome.as_dict())
 

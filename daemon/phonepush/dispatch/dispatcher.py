@@ -118,6 +118,7 @@ class Dispatcher:
         client_factory: Callable[[PhoneTarget], PhoneClient] = PhoneClient,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         on_outcome: Callable[[Outcome], Awaitable[None]] | None = None,
+        on_reach: Callable[[str, bool, str], None] | None = None,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
     ) -> None:
@@ -134,6 +135,9 @@ class Dispatcher:
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self._on_outcome = on_outcome
+        #: Told (phone, reachable, error) after each request, as phonepush_phone_up is set: a
+        #: push is the freshest health check there is.
+        self.on_reach = on_reach
         self._clock = clock
         self._rng = rng
         # Per phone, while it has work: its queue and its worker (which ends when the queue is
@@ -189,6 +193,11 @@ class Dispatcher:
     def update_phones(self, phones: Mapping[str, PhoneTarget]) -> None:
         """Apply a reloaded phone list (to the lanes, which may be shared)."""
         self._lanes.update(phones)
+
+    def queued(self, phone: str) -> int:
+        """Deliveries waiting for ``phone`` (queued or waiting out a retry)."""
+        queue = self._queues.get(phone)
+        return len(queue) if queue is not None else 0
 
     @property
     def outstanding(self) -> int:
@@ -308,6 +317,8 @@ class Dispatcher:
             reachable = not isinstance(exc, PhoneNotSent | PhoneTimeout)
             metrics.up.set(1 if reachable else 0)
             self._metrics.requests.labels(phone, type(exc).__name__).inc()
+            if self.on_reach is not None:
+                self.on_reach(phone, reachable, str(exc))
             raise
         except asyncio.CancelledError:
             if self._lanes.written(phone):
@@ -319,6 +330,8 @@ class Dispatcher:
                 self._wire_idle.set()
         metrics.up.set(1)
         metrics.ok.inc()
+        if self.on_reach is not None:
+            self.on_reach(phone, True, "")
         refused = [i for i in items if not i.ok]
         if refused:
             raise _ItemRefused(

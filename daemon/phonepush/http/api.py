@@ -9,6 +9,9 @@
                              token as for hooks: ``{"event", "rule", "rules", "deliveries": [...],
                              "alerts": [...], "actions": [...]}``; a delivery's ``state`` is one of
                              :data:`DELIVERY_STATES`
+``GET /api/phones``          every configured phone's health (phonepush.health): a JSON list of
+                             ``{"name", "host", "groups", "reachable", "since", "model",
+                             "firmware", "mac", "last_push", "pending"}``; bearer token as above
 """
 
 from __future__ import annotations
@@ -164,9 +167,21 @@ def api_routes(state: ServerState, *, bearer_ok: Callable[[Request, str], bool])
                 {"error": "spool unavailable"}, status_code=503, headers={"Retry-After": "5"}
             )
 
+    async def phones(request: Request) -> Response:
+        if state.token is not None and not bearer_ok(request, state.token):
+            return JSONResponse(
+                {"error": "missing or wrong bearer token"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if state.health is None:
+            return JSONResponse({"error": "phone health not running"}, status_code=503)
+        return JSONResponse(state.health.phones())
+
     return [
         Route("/pages/{page_id}/{token}", ack_page, methods=["GET"]),
         Route("/ack/{token}", ack, methods=["GET", "POST"]),
         Route("/act/{token}", act, methods=["GET", "POST"]),
         Route("/api/events/{event_id}", event, methods=["GET"]),
+        Route("/api/phones", phones, methods=["GET"]),
     ]

@@ -11,6 +11,7 @@ from phonepush.metrics import Metrics
 if TYPE_CHECKING:
     from phonepush.alerting.acks import AckService
     from phonepush.alerting.actions import ActionService
+    from phonepush.health.monitor import Health
     from phonepush.http.authenticate import Authenticator
     from phonepush.pipeline.intake import Intake
     from phonepush.silence.silences import Silences
@@ -36,6 +37,8 @@ class ServerState:
     readiness: dict[str, Callable[[], str]] = field(default_factory=dict)
     #: runtime silences (``/api/silences``, phonepush.http.silences_api); None: the API answers 503
     silences: Silences | None = None
+    #: phone health (``GET /api/phones``, phonepush.http.api); None: that route answers 503
+    health: Health | None = None
     #: acknowledgements (``/ack/<token>``, phonepush.http.api); None: those routes answer 404
     acks: AckService | None = None
     #: action softkeys (``/act/<token>``, phonepush.http.api); None: that route answers 404

@@ -1,0 +1,1 @@
+"""Phone health: probes, reachability, what each phone is (``monitor.py``)."""
