@@ -65,13 +65,15 @@ async def test_metrics_after_real_traffic_pass_promtool_check_metrics(
     daemon_runner: DaemonRunner, make_fleet: MakeFleet, mosquitto: Broker
 ) -> None:
     promtool = _promtool()
-    fleet = await make_fleet(phones=1, names=["desk"], tone_ms=10)
+    fleet = await make_fleet(phones=2, names=["desk", "spare"], tone_ms=10)
     await daemon_runner.start(
         {
             "mqtt": {"url": mosquitto.url, "client_id": "metrics-test"},
             "authentication": {"users": [{"name": "push", "password": "pw"}]},
             "phones": [
                 {"name": "desk", "host": fleet.phones[0].address},
+                # Never pushed to: its health probes alone give it phone_up and phone_info.
+                {"name": "spare", "host": fleet.phones[1].address},
                 # Nothing listens there: pushes fail, retry, and expire.
                 {"name": "gone", "host": f"127.0.0.1:{free_port()}", "timeout": "1s"},
             ],
@@ -116,6 +118,7 @@ async def test_metrics_after_real_traffic_pass_promtool_check_metrics(
                 )
                 == 2
                 and daemon_runner.metric("phonepush_config_reloads_total", result="error") == 1
+                and daemon_runner.metric("phonepush_phone_up", phone="spare") == 1
             )
         )
         answer = await client.get("/metrics")
@@ -132,6 +135,9 @@ async def test_metrics_after_real_traffic_pass_promtool_check_metrics(
         'phonepush_events_rejected_total{reason="400",source="webhook"} 1.0',
         'phonepush_phone_up{phone="desk"} 1.0',
         'phonepush_phone_up{phone="gone"} 0.0',
+        'phonepush_phone_up{phone="spare"} 1.0',
+        'phonepush_phone_info{firmware="14.2(1)",model="CP-8841",phone="spare"} 1.0',
+        'phonepush_phone_info{firmware="14.2(1)",model="CP-8841",phone="desk"} 1.0',
         "phonepush_mqtt_connected 1.0",
         "phonepush_mqtt_configured 1.0",
         "phonepush_mqtt_messages_total 2.0",
