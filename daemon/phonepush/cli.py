@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "run the daemon on embedded defaults with simulated phones"),
     "page": ("page", "speak or play an announcement on phones over RTP"),
     "status": ("status", "list the recent events in the spool and their deliveries"),
+    "phones": ("phones", "list the phones: reachable or not, model, firmware, last push"),
 }
 
 

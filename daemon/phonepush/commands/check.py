@@ -1,12 +1,15 @@
-"""``phonepush check --config FILE``: validate a configuration and print what it sets up.
+"""``phonepush check --config FILE [--probe]``: validate a configuration and print what it sets
+up; with ``--probe`` also reach every phone.
 
-Exit status 0 when the file is valid, 2 (with the problems on stderr, one a line) when not.
+Exit status 0 when the file is valid, 2 (with the problems on stderr, one a line) when not, 1
+when ``--probe`` found a phone out of reach.
 Nothing secret is printed: not passwords or tokens, and not the MQTT user name either.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +35,11 @@ def main(argv: Sequence[str], prog: str = "phonepush check") -> int:
         prog=prog, description="Validate a phonepush config file and print a summary."
     )
     add_config_option(parser)
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="also reach every phone and report the unreachable ones (exit 1 if any)",
+    )
     args = parser.parse_args(list(argv))
     config = load_or_report(args.config)
     if config is None:
@@ -47,7 +55,21 @@ def main(argv: Sequence[str], prog: str = "phonepush check") -> int:
         report_config_error(args.config, exc)
         return CONFIG_EXIT
     print(summary(config, rules, args.config))
+    if args.probe:
+        return _probe(config)
     return 0
+
+
+def _probe(config: Config) -> int:
+    # Imported here: plain validation needs no phone client.
+    from phonepush.commands.phones import probe_phones
+
+    phones = asyncio.run(probe_phones(config))
+    down = [p for p in phones if p["reachable"] is not True]
+    print(f"probe: {len(phones) - len(down)} of {counted(len(phones), 'phone')} reachable")
+    for phone in down:
+        print(f"  {phone['name']} ({phone['host']}): unreachable: {phone['error']}")
+    return 1 if down else 0
 
 
 def files_and_credentials(config: Config) -> list[str]:

@@ -71,6 +71,7 @@ class PhoneHealth:
                 else {"result": self.last_push[0], "at": self.last_push[1]}
             ),
             "pending": pending,
+            "error": self.error,
         }
 
 

@@ -11,7 +11,8 @@
                              :data:`DELIVERY_STATES`
 ``GET /api/phones``          every configured phone's health (phonepush.health): a JSON list of
                              ``{"name", "host", "groups", "reachable", "since", "model",
-                             "firmware", "mac", "last_push", "pending"}``; bearer token as above
+                             "firmware", "mac", "last_push", "pending", "error"}``; bearer token
+                             as above
 """
 
 from __future__ import annotations
