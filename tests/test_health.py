@@ -225,5 +225,14 @@ async def test_interval_zero_probes_nothing(
         assert (await client.post("/hooks/bell", json={})).status_code == 202
         await eventually(lambda: fleet.phones[0].state.pushes == 1)
         await eventually(lambda: daemon_runner.metric("phonepush_phone_up", phone="lobby") == 1)
+
+        async def pushed() -> bool:
+            return (await client.get("/api/phones")).json()[0]["last_push"] is not None
+
+        await eventually(pushed)
+        # The push told the health what a probe would have: lobby is there, office unknown.
+        listed = (await client.get("/api/phones")).json()
+        assert [p["reachable"] for p in listed] == [True, None]
+        assert listed[0]["model"] == "" and listed[0]["last_push"]["result"] == "delivered"
     # A push still tells the health; nothing asked the phones for their information.
     assert all(r["method"] == "POST" for p in fleet.phones for r in p.state.requests)

@@ -53,6 +53,7 @@ class PhoneHealth:
     error: str = ""
     info: DeviceInfo | None = None
     last_push: tuple[str, float] | None = None  # (result, at)
+    info_labels: tuple[str, str] | None = None  # phonepush_phone_info's (model, firmware)
 
     def as_dict(self, pending: int) -> dict[str, Any]:
         info = self.info
@@ -134,7 +135,9 @@ class Health:
         """A push's request to ``phone`` ended (the dispatcher's ``on_reach``)."""
         state = self._phones.get(phone)
         if state is not None:
-            self._set(state, reachable, error)
+            # The dispatcher has set phonepush_phone_up itself (with its cached child: this
+            # runs for every push).
+            self._set(state, reachable, error, export_up=False)
 
     def outcome(self, phone: str, result: str, at: float) -> None:
         """A delivery to ``phone`` finished with ``result``."""
@@ -207,7 +210,9 @@ class Health:
         finally:
             self._probing.release()
 
-    def _set(self, state: PhoneHealth, reachable: bool, error: str) -> None:
+    def _set(
+        self, state: PhoneHealth, reachable: bool, error: str, *, export_up: bool = True
+    ) -> None:
         now = self._clock()
         if state.reachable is not reachable:
             if state.reachable is not None or not reachable:
@@ -223,24 +228,26 @@ class Health:
             state.since = now
         state.checked_at = now
         state.error = error
-        self._metrics.phone_up.labels(state.name).set(1 if reachable else 0)
-        if state.info is None:
-            self._metrics.phone_info.labels(state.name, "", "").set(1)
+        if export_up:
+            self._metrics.phone_up.labels(state.name).set(1 if reachable else 0)
+        if state.info_labels is None:
+            self._export_info(state, ("", ""))
 
     def _set_info(self, state: PhoneHealth, info: DeviceInfo) -> None:
-        old = state.info
-        if old is not None and (old.model, old.firmware) == (info.model, info.firmware):
-            state.info = info
-            return
-        self._drop_info(state)
         state.info = info
-        self._metrics.phone_info.labels(state.name, info.model, info.firmware).set(1)
+        if state.info_labels != (info.model, info.firmware):
+            self._export_info(state, (info.model, info.firmware))
+
+    def _export_info(self, state: PhoneHealth, labels: tuple[str, str]) -> None:
+        self._drop_info(state)
+        state.info_labels = labels
+        self._metrics.phone_info.labels(state.name, *labels).set(1)
 
     def _drop_info(self, state: PhoneHealth) -> None:
-        old = state.info
-        model, firmware = (old.model, old.firmware) if old is not None else ("", "")
-        with contextlib.suppress(KeyError):
-            self._metrics.phone_info.remove(state.name, model, firmware)
+        if state.info_labels is not None:
+            with contextlib.suppress(KeyError):
+                self._metrics.phone_info.remove(state.name, *state.info_labels)
+            state.info_labels = None
 
     def _forget(self, state: PhoneHealth) -> None:
         self._drop_info(state)
