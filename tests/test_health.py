@@ -5,6 +5,7 @@ and a real daemon."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -236,3 +237,41 @@ async def test_interval_zero_probes_nothing(
         assert listed[0]["model"] == "" and listed[0]["last_push"]["result"] == "delivered"
     # A push still tells the health; nothing asked the phones for their information.
     assert all(r["method"] == "POST" for p in fleet.phones for r in p.state.requests)
+
+
+async def test_a_reload_probes_an_added_phone_and_drops_a_removed_ones_info(
+    tmp_path: Path, daemon_runner: DaemonRunner, make_fleet: MakeFleet
+) -> None:
+    fleet = await make_fleet(phones=2, names=["lobby", "office"], tone_ms=10)
+    lobby, office = fleet.phones
+    path = tmp_path / "phonepush.toml"
+
+    def write(phones: dict[str, str]) -> None:
+        text = (
+            f'[server]\nlisten = "127.0.0.1:{daemon_runner.port}"\n'
+            f'[spool]\npath = "{daemon_runner.spool}"\n'
+            '[webhook]\nallow_anonymous = true\n[health]\ninterval = "1s"\n'
+        )
+        for name, host in phones.items():
+            text += f'[[phones]]\nname = "{name}"\nhost = "{host}"\n'
+        path.write_text(text, encoding="utf-8")
+
+    write({"lobby": lobby.address})
+    await daemon_runner.start_file(path)
+    info = {"model": "CP-8841", "firmware": "14.2(1)"}
+    await eventually(
+        lambda: daemon_runner.metric("phonepush_phone_info", phone="lobby", **info) == 1
+    )
+    write({"office": office.address})
+    assert daemon_runner.daemon is not None
+    daemon_runner.daemon.reload()
+    await eventually(
+        lambda: daemon_runner.metric("phonepush_phone_info", phone="office", **info) == 1
+    )
+    assert (
+        daemon_runner.registry.get_sample_value("phonepush_phone_info", {"phone": "lobby", **info})
+        is None
+    )
+    async with httpx.AsyncClient(base_url=daemon_runner.url) as client:
+        listed = (await client.get("/api/phones")).json()
+    assert [(p["name"], p["reachable"]) for p in listed] == [("office", True)]

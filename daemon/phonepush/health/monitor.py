@@ -250,6 +250,6 @@ class Health:
             state.info_labels = None
 
     def _forget(self, state: PhoneHealth) -> None:
+        # phonepush_phone_up stays: the dispatcher keeps its child for the phone, which a
+        # remove() would detach for good should the phone come back.
         self._drop_info(state)
-        with contextlib.suppress(KeyError):
-            self._metrics.phone_up.remove(state.name)
