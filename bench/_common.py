@@ -371,6 +371,9 @@ def daemon_toml(
     return (
         f'[server]\nlisten = "127.0.0.1:{server_port}"\n\n'
         f'[spool]\npath = "{workdir / "spool.db"}"\n\n'
+        # The figures are the pushes' own: no health probes share the phones or the CPU
+        # (their figures would need a benchmark of their own).
+        '[health]\ninterval = "0"\n\n'
         f'[mqtt]\nurl = "mqtt://127.0.0.1:{broker_port}"\n'
         f'client_id = "phonepush-bench-{os.getpid()}"\nsession_expiry = 0\n'
         f"receive_maximum = 1000\n\n"
