@@ -162,6 +162,21 @@ def _positive(seconds: float) -> float:
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
 
 
+def _some_targets(value: list[str]) -> list[str]:
+    if not value:
+        raise ValueError("name at least one phone, group or 'all'")
+    return value
+
+
+#: Who a page goes to (a rule's, an escalation's or a schedule's ``to``): phone names, group
+#: names or ``all``; one name alone is taken as a list of one.
+Targets = Annotated[
+    list[str],
+    BeforeValidator(lambda v: [v] if isinstance(v, str) else v),
+    AfterValidator(_some_targets),
+]
+
+
 def _empty_to_none(value: object) -> object:
     return None if value == "" else value
 
@@ -594,14 +609,7 @@ class EscalateConfig(_Section):
     """A rule's ``escalate``: after ``after`` unacknowledged rounds, repeats also go to ``to``."""
 
     after: int = Field(ge=1, le=1000)
-    to: Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
-
-    @field_validator("to")
-    @classmethod
-    def _to(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("name at least one phone, group or 'all'")
-        return value
+    to: Targets
 
 
 #: The HTTP methods an action's webhook may use.
@@ -687,7 +695,7 @@ class RuleConfig(_Section):
     name: str
     on: str
     when: str = ""
-    to: Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
+    to: Targets
     execute: list[str] = Field(default_factory=list)
     priority: int = Field(default=0, ge=0, le=2)
     message: MessageConfig | None = None
@@ -737,13 +745,6 @@ class RuleConfig(_Section):
             validate_topic_filter(pattern)
         elif not _NAME.fullmatch(pattern):
             raise ValueError("a webhook name is letters, digits, '_', '.', '-'")
-        return value
-
-    @field_validator("to")
-    @classmethod
-    def _to(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("name at least one phone, group or 'all'")
         return value
 
     @model_validator(mode="after")
@@ -858,7 +859,7 @@ class ScheduleConfig(_Section):
     #: 0: skipped (logged).
     catch_up: Duration = 0.0
     #: Phones, groups or `all`, as a rule's `to`.
-    to: Annotated[list[str], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
+    to: Targets
     #: As a rule's `execute` (templates; the event's payload holds `name` and `scheduled_at`).
     execute: list[str] = Field(default_factory=list)
     #: As a rule's `priority`.
@@ -893,13 +894,6 @@ class ScheduleConfig(_Section):
     def _every(cls, value: float | None) -> float | None:
         if value is not None and value < 1:
             raise ValueError("must be at least 1s")
-        return value
-
-    @field_validator("to")
-    @classmethod
-    def _to(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("name at least one phone, group or 'all'")
         return value
 
     @model_validator(mode="after")
