@@ -1,72 +1,10 @@
 """The configuration: pydantic models, loading and cross-checks.
 
-A leaf: it imports no I/O library, so anything may depend on it.
+A leaf: it imports no I/O library, so anything may depend on it. Its public names are those of
+:mod:`phonepush.config.model`, listed once there.
 """
 
-from phonepush.config.model import (
-    DEFAULT_KEEP_HEADERS,
-    ENV_PREFIX,
-    RESERVED_RULE_KEYS,
-    AckConfig,
-    ActionConfig,
-    ActionMqttConfig,
-    ActionWebhookConfig,
-    AudioConfig,
-    AuthenticationConfig,
-    AuthUserConfig,
-    Config,
-    DispatchConfig,
-    EscalateConfig,
-    HealthConfig,
-    LogConfig,
-    MessageConfig,
-    MqttConfig,
-    PhoneConfig,
-    RuleAudioConfig,
-    RuleConfig,
-    ScheduleConfig,
-    ServerConfig,
-    SpoolConfig,
-    WebhookConfig,
-    format_duration,
-    is_template,
-    load_config,
-    parse_config,
-    parse_duration,
-    split_priority,
-    validate_topic_filter,
-)
+from phonepush.config import model as _model
+from phonepush.config.model import *  # noqa: F403
 
-__all__ = [
-    "DEFAULT_KEEP_HEADERS",
-    "ENV_PREFIX",
-    "RESERVED_RULE_KEYS",
-    "AckConfig",
-    "ActionConfig",
-    "ActionMqttConfig",
-    "ActionWebhookConfig",
-    "AudioConfig",
-    "AuthUserConfig",
-    "AuthenticationConfig",
-    "Config",
-    "DispatchConfig",
-    "EscalateConfig",
-    "HealthConfig",
-    "LogConfig",
-    "MessageConfig",
-    "MqttConfig",
-    "PhoneConfig",
-    "RuleAudioConfig",
-    "RuleConfig",
-    "ScheduleConfig",
-    "ServerConfig",
-    "SpoolConfig",
-    "WebhookConfig",
-    "format_duration",
-    "is_template",
-    "load_config",
-    "parse_config",
-    "parse_duration",
-    "split_priority",
-    "validate_topic_filter",
-]
+__all__ = _model.__all__
