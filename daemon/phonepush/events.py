@@ -12,7 +12,9 @@ from phonepush import jsonlimits
 
 __all__ = ["Event", "Source", "decode_payload", "new_event_id"]
 
-Source = Literal["mqtt", "webhook", "schedule"]
+#: Where an event comes from. ``console`` is a page sent by hand (the console's test page,
+#: :mod:`phonepush.pipeline.direct`): no rule matches it, it names its own phones.
+Source = Literal["mqtt", "webhook", "schedule", "console"]
 
 
 def new_event_id() -> str:

@@ -128,6 +128,7 @@ def build(config: Config, services: Services, *, base_dir: Path | None = None) -
         staging=tuple(staging),
         pages_url=public_url + "/pages/",
         keep_headers=frozenset(config.webhook.keep_headers),
+        expand=config.expand,
     )
     # Nothing below can fail: the services take the new configuration together.
     if announcer is not None:

@@ -21,13 +21,14 @@ from phonepush.errors import WireError
 from phonepush.events import Event
 from phonepush.logs import counted
 from phonepush.metrics import Metrics
+from phonepush.pipeline.direct import DirectPage, direct_match
 from phonepush.pipeline.plan import Accepted, Pipeline, Plan, PlannedRule, Work, render
-from phonepush.rules.book import RuleBook
+from phonepush.rules.book import Match, RuleBook
 from phonepush.store.commit import commit_event
 from phonepush.store.interface import Store
 from phonepush.store.records import Delivery, NewDelivery
 
-__all__ = ["Accepted", "Intake", "Plan", "PlannedRule"]
+__all__ = ["Accepted", "DirectPage", "Intake", "Plan", "PlannedRule"]
 
 log = logging.getLogger("phonepush.intake")
 
@@ -63,11 +64,15 @@ class Intake:
         """Match and render ``event`` and run the planning stages; writes nothing."""
         return self._planned(self.pipeline, event).plan
 
-    def _planned(self, pipeline: Pipeline, event: Event) -> Work:
+    def _planned(
+        self, pipeline: Pipeline, event: Event, matches: Sequence[Match] | None = None
+    ) -> Work:
         planned: list[PlannedRule] = []
         pages: dict[str, str] = {}
         pages_url = pipeline.pages_url
-        for index, match in enumerate(pipeline.book.match(event)):
+        if matches is None:
+            matches = pipeline.book.match(event)
+        for index, match in enumerate(matches):
             rule = match.rule
             if match.error is not None:
                 planned.append(
@@ -101,7 +106,22 @@ class Intake:
         the source must not acknowledge the event then.
         """
         pipeline = self.pipeline  # one configuration for the whole event, reload or not
-        work = self._planned(pipeline, event)
+        return self._accept(pipeline, self._planned(pipeline, event))
+
+    def page(self, page: DirectPage) -> Accepted:
+        """Commit a page sent by hand to the phones and groups it names, as :meth:`accept` does
+        an event: same stages, same commit, same dispatcher.
+
+        Raises :class:`~phonepush.errors.ConfigError` (naming ``to`` or ``execute[i]``) for a
+        phone or group that does not exist or a URI no phone would execute, with nothing
+        written; :class:`~phonepush.errors.SpoolError` as :meth:`accept`.
+        """
+        pipeline = self.pipeline
+        match = direct_match(page, pipeline.expand)
+        return self._accept(pipeline, self._planned(pipeline, page.event(), [match]))
+
+    def _accept(self, pipeline: Pipeline, work: Work) -> Accepted:
+        event = work.event
         plan = work.plan
         own = {(p.rule, a.phone): a.requests for p in plan.rules if p.alert for a in p.alert.phones}
         work.deliveries = [

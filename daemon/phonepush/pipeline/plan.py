@@ -15,7 +15,7 @@ to the dispatcher.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -110,6 +110,12 @@ class Stage(Protocol):
         hooks in ``work.committed`` for after the commit."""
 
 
+def _no_phones(targets: Iterable[str]) -> tuple[str, ...]:
+    for target in targets:
+        raise KeyError(target)
+    return ()
+
+
 @dataclass(frozen=True, slots=True)
 class Pipeline:
     """One configuration's rule book and stages; a reload swaps the whole of it."""
@@ -123,6 +129,9 @@ class Pipeline:
     pages_url: str
     #: Webhook request headers stored with the event (lower case; None keeps them all).
     keep_headers: frozenset[str] | None = None
+    #: Phone names, group names and ``all`` -> phone names (``Config.expand``); raises
+    #: ``KeyError`` naming an unknown one. For pages that name their phones (``Intake.page``).
+    expand: Callable[[Iterable[str]], tuple[str, ...]] = _no_phones
 
 
 def render(

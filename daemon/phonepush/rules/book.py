@@ -136,7 +136,7 @@ class CompiledRule:
     """
 
     name: str
-    source: Literal["mqtt", "webhook", "schedule"]
+    source: Literal["mqtt", "webhook", "schedule", "console"]
     pattern: str
     phones: tuple[str, ...]
     priority: int
@@ -248,8 +248,10 @@ class RuleBook:
             candidates = self._by_hook.get(event.topic, ())
         elif event.source == "schedule":
             candidates = self._by_schedule.get(event.topic, ())
-        else:
+        elif event.source == "mqtt":
             candidates = self._mqtt_candidates(event.topic)
+        else:  # a console page names its phones itself; no rule listens to it
+            return []
         if not candidates:
             return []
         context = _context(event)
