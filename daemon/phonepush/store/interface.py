@@ -131,6 +131,10 @@ class DeliveryRepository(Protocol):
     def of_event(self, event_id: str) -> list[Delivery]:
         """An event's deliveries, in the order they were added."""
 
+    def by_rule(self) -> list[tuple[str, DeliveryState, int, float]]:
+        """Every stored delivery counted by rule and state: ``(rule, state, count, newest
+        created_at)``, for the console's rules view."""
+
     def pending(self) -> list[Delivery]:
         """Every pending delivery, oldest first: what a restarted dispatcher resumes."""
 

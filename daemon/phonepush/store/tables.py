@@ -358,6 +358,15 @@ class SqliteDeliveries:
         )
         return None if row is None else (row["id"], _STATES[row["state"]])
 
+    def by_rule(self) -> list[tuple[str, DeliveryState, int, float]]:
+        rows = self._sql.rows(
+            "SELECT rule, state, count(*) AS n, max(created_at) AS newest FROM deliveries"
+            " GROUP BY rule, state",
+            (),
+            "cannot read deliveries",
+        )
+        return [(row["rule"], _STATES[row["state"]], row["n"], row["newest"]) for row in rows]
+
     def phones_reached(
         self, event_id: str, rule: str, states: Collection[DeliveryState]
     ) -> list[str]:
