@@ -38,6 +38,7 @@ from phonepush.app.limits import default_max_connections
 from phonepush.app.systemd import Notifier, state_directories
 from phonepush.audio.announce import Announcer
 from phonepush.config import Config, format_duration, load_config
+from phonepush.console import Screens
 from phonepush.dispatch.dispatcher import Dispatcher, Outcome
 from phonepush.errors import ConfigError, PhonepushError, SpoolError
 from phonepush.grouping.grouper import Grouper
@@ -98,7 +99,8 @@ class Daemon:
     """One daemon run. ``await run()`` until :meth:`stop` (or a signal when ``handle_signals``).
 
     Doubles come in through the constructor: a metrics ``registry``, a ``client_factory``
-    for phone clients and the schedules' ``schedule_clock``.
+    for phone clients and the schedules' ``schedule_clock``; ``screens`` are the phones' screens
+    the console shows (``phonepush demo``'s simulated phones).
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class Daemon:
         drain_timeout: float = 10.0,
         mqtt_ready_wait: float = _MQTT_READY_WAIT,
         schedule_clock: Clock | None = None,
+        screens: Screens | None = None,
     ) -> None:
         self.config = config
         self._config_path = config_path
@@ -123,6 +126,7 @@ class Daemon:
         self._drain_timeout = drain_timeout
         self._mqtt_ready_wait = mqtt_ready_wait
         self._schedule_clock = schedule_clock
+        self._screens = screens
         self._scheduler: Scheduler | None = None
         self._health: Health | None = None
         self._stop = asyncio.Event()
@@ -280,6 +284,7 @@ class Daemon:
             state.acks = acks
             state.actions = actions
             state.authenticator = Authenticator.from_config(config, metrics=metrics)
+            state.screens = self._screens
             sock = _bind(config.server.listen)
             stack.callback(sock.close)
             server = _Server(uvicorn_config(create_app(state), config.server))

@@ -13,6 +13,7 @@ Routes (a contract, pinned by tests):
 ``GET|POST /authenticate``  the phones' authenticationURL (phonepush.http.authenticate)
 ``/ack/<token>``, ``/act/<token>``, ``/pages/<id>/<token>``, ``GET /api/events/<id>``
                         acks, actions and status (phonepush.http.api)
+``GET /`` and the console's pages  the web console (phonepush.console, docs/console.md)
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from phonepush import jsonlimits
 from phonepush.config import ServerConfig
+from phonepush.console import console_routes
 from phonepush.errors import SpoolError, SpoolFull
 from phonepush.events import Event
-from phonepush.http.api import api_routes
+from phonepush.http.api import api_routes, event_status
 from phonepush.http.authenticate import authenticate_routes
-from phonepush.http.silences_api import silence_routes
+from phonepush.http.silences_api import parse_silence, silence_routes
 from phonepush.http.state import ServerState
 
 __all__ = ["MAX_HEADER_BYTES", "ServerState", "create_app", "http_protocol", "uvicorn_config"]
@@ -140,6 +142,7 @@ def create_app(state: ServerState) -> Starlette:
         *silence_routes(state, bearer_ok=_bearer_ok),
         *api_routes(state, bearer_ok=_bearer_ok),
         *authenticate_routes(lambda: state.authenticator),
+        *console_routes(state, event_status=event_status, parse_silence=parse_silence),
     ]
     return Starlette(routes=routes, middleware=[Middleware(_HeadChecks)])
 

@@ -11,6 +11,7 @@ from phonepush.metrics import Metrics
 if TYPE_CHECKING:
     from phonepush.alerting.acks import AckService
     from phonepush.alerting.actions import ActionService
+    from phonepush.console.screens import Screens
     from phonepush.health.monitor import Health
     from phonepush.http.authenticate import Authenticator
     from phonepush.pipeline.intake import Intake
@@ -45,3 +46,5 @@ class ServerState:
     actions: ActionService | None = None
     #: the phones' authentication URL (phonepush.http.authenticate); None: ``/authenticate`` is 404
     authenticator: Authenticator | None = None
+    #: phones' screens shown by the console (``phonepush demo``'s simulated phones); None: hidden
+    screens: Screens | None = None
