@@ -23,11 +23,14 @@ from typing import Any
 import httpx
 
 from phonepush.config import Config, parse_config
+from phonepush.console import PhoneScreen, ShownSoftKey
 from phonepush.errors import ConfigError
 from phonepush.logs import setup_logging
+from phonepush.sim.http import FetchError
+from phonepush.sim.phone import PageRefused
 from phonepush.sim.simulator import Fleet, SimPhone
 
-__all__ = ["demo_config", "main"]
+__all__ = ["FleetScreens", "demo_config", "main"]
 
 DEFAULT_PORT = 8080
 TOKEN = "demo-token"  # noqa: S105 - printed for the user to copy; loopback only
@@ -58,6 +61,9 @@ def demo_config(port: int, phones: Sequence[SimPhone], spool: Path) -> Config:
                 },
                 "cooldown": "2s",
                 "ttl": "60s",
+                # Ack and Close softkeys on the page: something to press in the console's
+                # Screens view (an ack with no repeat just records who saw it).
+                "ack": True,
             },
             {
                 "name": "alerts",
@@ -75,6 +81,40 @@ def demo_config(port: int, phones: Sequence[SimPhone], spool: Path) -> Config:
         ],
     }
     return parse_config(data, environ={})
+
+
+class FleetScreens:
+    """The console's :class:`~phonepush.console.Screens` over simulated phones: what each one
+    shows, and its softkeys pressed as a person at the phone would."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+
+    def screens(self) -> list[PhoneScreen]:
+        shown = []
+        for phone in self._fleet.phones:
+            screen = phone.state.screen
+            shown.append(
+                PhoneScreen(
+                    phone.name,
+                    screen.title,
+                    screen.prompt,
+                    screen.text,
+                    tuple(ShownSoftKey(k.position, k.name) for k in screen.softkeys),
+                )
+            )
+        return shown
+
+    async def press(self, phone: str, position: int) -> str:
+        try:
+            await self._fleet.phone(phone).press(position=position)
+        except KeyError:
+            return f"no phone {phone!r}"
+        except LookupError:
+            return f"{phone} shows no softkey at position {position}"
+        except (FetchError, PageRefused) as exc:
+            return f"{phone}: the softkey's page failed: {exc}"
+        return ""
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -174,7 +214,9 @@ async def _demo(port: int, *, once: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="phonepush-demo-") as tmp:
         async with Fleet(len(names), names=names, tone_ms=300, on_push=on_push) as fleet:
             config = demo_config(port, fleet.phones, Path(tmp) / "spool.db")
-            daemon = Daemon(config, handle_signals=True, drain_timeout=2)
+            daemon = Daemon(
+                config, handle_signals=True, drain_timeout=2, screens=FleetScreens(fleet)
+            )
             task = asyncio.create_task(daemon.run(), name="daemon")
             await _until(daemon.ready, task)
             url = f"http://127.0.0.1:{port}"
@@ -182,7 +224,8 @@ async def _demo(port: int, *, once: bool) -> None:
             for phone in fleet.phones:
                 groups = ", ".join(dict(_PHONES)[phone.name])
                 print(f"  simulated phone {phone.name:<12} {phone.url}  groups: {groups}")
-            print(f"  simulator control: {fleet.control_url}/phones\n")
+            print(f"  simulator control: {fleet.control_url}/phones")
+            print(f"  console: {url}/ (sign in with the token {TOKEN}; Screens shows the phones)\n")
 
             sample = {"action": "single", "door": "front door"}
             print(f"Firing a sample doorbell event: POST {url}/hooks/doorbell {json.dumps(sample)}")
