@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from phonepush.config import format_duration
 from phonepush.console.auth import COOKIE, Identity, Sessions, Throttle, bearer_given, same_origin
 from phonepush.console.screens import Screens
 from phonepush.console.views import (
@@ -171,6 +172,7 @@ class _Console:
         )
         self.env.filters["clock"] = clock
         self.env.filters["ago"] = ago
+        self.env.filters["duration"] = format_duration
         files = resources.files("phonepush.console") / "static"
         self.assets = {name: (files / name).read_bytes() for name in _ASSETS}
 
