@@ -12,11 +12,12 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
+from starlette.requests import Request
 
 from _daemon_fixtures import DaemonRunner, eventually
 from _sim_fixtures import MakeFleet
 from phonepush.console import CSP
-from phonepush.console.auth import MAX_FAILURES, Sessions
+from phonepush.console.auth import MAX_FAILURES, Sessions, same_origin
 from phonepush.console.views import parse_matchers
 from phonepush.http.server import ServerState, create_app
 from phonepush.metrics import Metrics
@@ -397,3 +398,31 @@ def test_matchers_are_typed_as_amtool_takes_them() -> None:
     ]
     with pytest.raises(ValueError, match="line 2"):
         parse_matchers("rule=a\njust words")
+
+
+def test_writes_come_from_this_origin_or_the_public_urls() -> None:
+    """Behind a proxy that rewrites Host, the browser's origin is server.public_url's."""
+
+    def request(**headers: str) -> Request:
+        raw = [(b"host", b"127.0.0.1:8080")]
+        raw += [(k.encode(), v.encode()) for k, v in headers.items()]
+        return Request(
+            {
+                "type": "http",
+                "method": "POST",
+                "scheme": "http",
+                "path": "/silences",
+                "query_string": b"",
+                "headers": raw,
+            }
+        )
+
+    public = "https://phonepush.example.org"
+    assert same_origin(request(origin="http://127.0.0.1:8080"), public)
+    assert same_origin(request(origin=public), public)
+    assert not same_origin(request(origin=public))
+    assert not same_origin(request(origin="https://evil.example"), public)
+    assert not same_origin(request(referer="https://evil.example/x"), public)
+    assert same_origin(request(referer=f"{public}/silences"), public)
+    # A browser that says nothing: the CSRF token decides.
+    assert same_origin(request())

@@ -14,7 +14,8 @@
   ``server.trusted_proxies``).
 * **CSRF.** Every write made with the cookie must carry the session's own random token (a hidden
   ``csrf`` field, or an ``X-CSRF-Token`` header) and, when the browser says where the request
-  comes from (``Origin``, else ``Referer``), come from this origin. A request with a bearer token
+  comes from (``Origin``, else ``Referer``), come from this origin (the request's Host, or
+  ``server.public_url``'s). A request with a bearer token
   needs no CSRF token: a browser never adds that header by itself.
 * **Throttle.** After :data:`MAX_FAILURES` failed sign-ins from one address within
   :data:`FAILURE_WINDOW`, or ten times as many from all addresses together, sign-ins are refused
@@ -48,6 +49,7 @@ __all__ = [
     "Sessions",
     "Throttle",
     "bearer_given",
+    "origin_of",
     "same_origin",
 ]
 
@@ -181,15 +183,22 @@ def bearer_given(request: Request) -> str | None:
     return given.strip() if scheme.lower() == "bearer" else None
 
 
-def same_origin(request: Request) -> bool:
-    """Whether the browser says the request comes from this origin; True when it says nothing
-    (the CSRF token is then what protects the write)."""
-    own = f"{request.url.scheme}://{request.url.netloc}".lower()
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def same_origin(request: Request, public_url: str = "") -> bool:
+    """Whether the browser says the request comes from this origin: the one the request names
+    (its Host) or ``public_url``'s, which is what a browser behind a proxy that rewrites Host
+    sees. True when it says nothing (the CSRF token is then what protects the write)."""
+    own = {origin_of(str(request.url))}
+    if public_url:
+        own.add(origin_of(public_url))
     origin = request.headers.get("origin")
     if origin is not None:
-        return origin.lower() == own
+        return origin.lower() in own
     referer = request.headers.get("referer")
     if referer:
-        parts = urlsplit(referer)
-        return f"{parts.scheme}://{parts.netloc}".lower() == own
+        return origin_of(referer) in own
     return True

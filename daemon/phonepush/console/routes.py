@@ -201,6 +201,10 @@ class _Console:
         session = request.cookies.get(COOKIE)
         return self.sessions.find(session, token) if session else None
 
+    def public_url(self) -> str:
+        # server.public_url, as the running configuration's pipeline carries it.
+        return self.state.intake.pipeline.pages_url.removesuffix("/pages/")
+
     def disabled(self) -> Response:
         return self.render("disabled.html", None, 503, title="Console disabled")
 
@@ -234,7 +238,7 @@ class _Console:
             try:
                 fields: dict[str, str] = {}
                 if write:
-                    if not same_origin(request):
+                    if not same_origin(request, self.public_url()):
                         raise _Refused(403, "This form was sent from another site.")
                     fields = await _form(request)
                     if identity.kind == "session":
@@ -286,7 +290,7 @@ def console_routes(
             return console.disabled()
         address = request.client.host if request.client is not None else ""
         try:
-            if not same_origin(request):
+            if not same_origin(request, console.public_url()):
                 raise _Refused(403, "This form was sent from another site.")
             fields = await _form(request)
         except _Refused as exc:
