@@ -368,6 +368,10 @@ async def test_views_show_phones_events_and_rules(
         await eventually(counted)
         rules = (await client.get("/rules")).text
         assert "<code>webhook:doorbell</code>" in rules and "lobby, office" in rules
+        # A rule's (and an event's) Silence link opens the form with its matcher filled in.
+        assert '<a href="/silences?matchers=rule%3Ddoorbell">' in rules
+        prefilled = (await client.get("/silences?matchers=rule%3Ddoorbell")).text
+        assert ">rule=doorbell</textarea>" in prefilled
         # What came from the network is shown as text, never as markup.
         screen_text = fleet.phones[0].state.screen.text
         assert screen_text == "<b>back</b>"

@@ -36,9 +36,9 @@ from phonepush.console.screens import Screens
 from phonepush.console.views import (
     EVENTS_SHOWN,
     ago,
-    clock,
     event_rows,
     groups_of,
+    local_time,
     parse_matchers,
     rule_rows,
     timeline,
@@ -79,7 +79,6 @@ _TEST_TITLE: Final = "Test page"
 _TEST_TEXT: Final = "A test page from the phonepush console. No action needed."
 
 EventStatus = Callable[[Store, EventRecord], dict[str, Any]]
-ParseSilence = Callable[..., Silence]
 _Handler = Callable[[Request, Identity, dict[str, str]], Awaitable[Response]]
 
 
@@ -103,6 +102,12 @@ class ConsoleState(Protocol):
 
     @property
     def screens(self) -> Screens | None: ...
+
+
+class ParseSilence(Protocol):
+    """``phonepush.http.silences_api.parse_silence``: a ``POST /api/silences`` body checked."""
+
+    def __call__(self, data: object, *, now: float, silence_id: str) -> Silence: ...
 
 
 class _Refused(Exception):
@@ -153,12 +158,12 @@ class _Console:
         *,
         event_status: EventStatus,
         parse_silence: ParseSilence,
-        clock_: Callable[[], float],
+        clock: Callable[[], float],
     ) -> None:
         self.state = state
         self.event_status = event_status
         self.parse_silence = parse_silence
-        self.clock = clock_
+        self.clock = clock
         self.sessions = Sessions()
         self.throttle = Throttle()
         # A separate environment from the rules' sandbox: these templates are ours, and HTML
@@ -170,7 +175,7 @@ class _Console:
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self.env.filters["clock"] = clock
+        self.env.filters["clock"] = local_time
         self.env.filters["ago"] = ago
         self.env.filters["duration"] = format_duration
         files = resources.files("phonepush.console") / "static"
@@ -229,9 +234,13 @@ class _Console:
                         title="Not signed in",
                         message="Wrong bearer token.",
                     )
-                target = request.url.path
-                if request.method == "GET" and request.url.query:
-                    target += "?" + request.url.query
+                # Back to the page after signing in; a form sent without a session is lost
+                # (its action is no page to go back to).
+                target = "/"
+                if request.method == "GET":
+                    target = request.url.path
+                    if request.url.query:
+                        target += "?" + request.url.query
                 return _secure(
                     RedirectResponse(f"/signin?next={quote(target, safe='')}", status_code=303)
                 )
@@ -262,11 +271,11 @@ def console_routes(
     *,
     event_status: EventStatus,
     parse_silence: ParseSilence,
-    clock_: Callable[[], float] = time.time,
+    clock: Callable[[], float] = time.time,
 ) -> list[BaseRoute]:
     """The console over ``state``. ``event_status`` and ``parse_silence`` are the status and
     silences APIs' own (``phonepush.http``), so the console shows and validates as they do."""
-    console = _Console(state, event_status=event_status, parse_silence=parse_silence, clock_=clock_)
+    console = _Console(state, event_status=event_status, parse_silence=parse_silence, clock=clock)
 
     async def asset(request: Request) -> Response:
         name = request.path_params["name"]
@@ -559,7 +568,9 @@ def console_routes(
         return _secure(RedirectResponse("/screens?notice=pressed", status_code=303))
 
     async def silences(request: Request, identity: Identity, fields: dict[str, str]) -> Response:
-        return silences_page(identity, notice=notice(request))
+        # ?matchers=rule%3Ddoorbell: the form filled in from an event's or a rule's link.
+        prefill = {"matchers": request.query_params.get("matchers", "")[:_MAX_FORM]}
+        return silences_page(identity, notice=notice(request), form=prefill)
 
     return [
         Route("/", console.page(phones), methods=["GET"]),

@@ -19,9 +19,9 @@ __all__ = [
     "RuleRow",
     "TimelineEntry",
     "ago",
-    "clock",
     "event_rows",
     "groups_of",
+    "local_time",
     "parse_matchers",
     "rule_rows",
     "timeline",
@@ -33,7 +33,7 @@ EVENTS_SHOWN: Final = 50
 _EVENTS_SCANNED: Final = 500
 
 
-def clock(at: float | None, now: float | None = None) -> str:
+def local_time(at: float | None, now: float | None = None) -> str:
     """``at`` as a local time: the time alone today, with the date otherwise."""
     if at is None:
         return "never"
