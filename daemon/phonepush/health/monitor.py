@@ -34,8 +34,12 @@ __all__ = ["MAX_PROBING", "START_GAP", "Health", "PhoneHealth"]
 
 log = logging.getLogger("phonepush.health")
 
-#: Probes in flight at most (a dead phone holds one for its timeout).
-MAX_PROBING: Final = 64
+#: Probes in flight at most. A phone that drops connects holds one for its whole ``timeout``
+#: (10 s by default), and a round waits for a free one: with 64, a hundred such phones in a row
+#: held the first round of 2,200 phones up by 20 s (bench/health_probes.py). At 50 probes a
+#: second, 256 covers five seconds' worth of dead phones in a row; each holds one descriptor,
+#: within the lanes' connection bound.
+MAX_PROBING: Final = 256
 #: Seconds between phones in the first round after start (50 probes a second).
 START_GAP: Final = 0.02
 
