@@ -41,7 +41,15 @@ from phonepush.errors import SpoolError
 from phonepush.store.reader import DeliveryStatus, EventActivity, SpoolReader
 from phonepush.store.records import DeliveryState
 
-__all__ = ["POLL_INTERVAL", "STATE_ORDER", "WATCHED", "event_json", "main", "recent_events"]
+__all__ = [
+    "POLL_INTERVAL",
+    "STATE_ORDER",
+    "WATCHED",
+    "Follower",
+    "event_json",
+    "main",
+    "recent_events",
+]
 
 #: The order delivery states are listed in.
 STATE_ORDER: Final = tuple(s.value for s in DeliveryState)
@@ -181,16 +189,17 @@ def main(argv: Sequence[str], prog: str = "phonepush status") -> int:
         with SpoolReader(path) as reader:
             events = reader.recent(args.limit, every=args.all)
             if args.follow:
-                follower = _Follower(reader, sys.stdout, every=args.all, json_lines=args.json)
-                try:
-                    follower.start(events, _empty(path, args.all))
-                    follower.run(time.sleep)
-                except KeyboardInterrupt:
-                    return 0
+                follower = Follower(reader, sys.stdout, every=args.all, json_lines=args.json)
+                follower.start(events, _empty(path, args.all))
+                follower.run(time.sleep)
                 return 0
     except SpoolError as exc:
         print(f"{path}: cannot read the spool: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if not args.follow:
+            raise
+        return 0  # Ctrl-C is how --follow ends
     if args.json:
         print(json.dumps([event_json(e) for e in events], indent=2, ensure_ascii=False))
     elif not events:
@@ -200,11 +209,20 @@ def main(argv: Sequence[str], prog: str = "phonepush status") -> int:
     return 0
 
 
-class _Follower:
+class Follower:
     """``--follow``: what was printed of each watched event, and what changed since."""
 
-    def __init__(self, reader: SpoolReader, out: TextIO, *, every: bool, json_lines: bool) -> None:
+    def __init__(
+        self,
+        reader: SpoolReader,
+        out: TextIO,
+        *,
+        every: bool,
+        json_lines: bool,
+        watched: int = WATCHED,
+    ) -> None:
         self._reader = reader
+        self._watched = watched
         self._out = out
         self._every = every
         self._json = json_lines
@@ -224,13 +242,15 @@ class _Follower:
         self._floor = min((e.seq for e in events), default=self._reader.last_seq() + 1)
 
     def run(self, sleep: Callable[[float], None]) -> None:
+        """Poll until interrupted (KeyboardInterrupt) or the spool cannot be read (SpoolError)."""
         while True:
             sleep(POLL_INTERVAL)
             self.poll()
 
     def poll(self) -> None:
-        window = self._reader.since(self._floor, WATCHED)
-        if len(window) == WATCHED:
+        """Print what is new or changed since the last poll."""
+        window = self._reader.since(self._floor, self._watched)
+        if len(window) == self._watched:
             # Older events leave the watch: a burst must not make every poll heavier.
             self._floor = window[0].seq
         for event in window:
