@@ -97,6 +97,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         prog=prog,
         description="Add, list or expire silences in the running daemon (GET/POST/DELETE "
         "/api/silences with the configuration's webhook.token).",
+        epilog="'phonepush silence COMMAND --help' for one command's options. Exit status: 0 "
+        "done, 1 the daemon did not do it (not reachable, token refused, unknown id), 2 bad "
+        "usage (configuration, matcher, duration).",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
