@@ -21,8 +21,8 @@ until Ctrl-C. With ``--json`` it prints one JSON object a line: each event when 
 again, whole, whenever one of its deliveries changes. It watches the newest
 :data:`WATCHED` events; a change to an older one is not shown.
 
-Exit status 0 (also when stopped with Ctrl-C), or 2 for a bad configuration or a spool that
-cannot be read.
+Exit status 0 (``--follow`` also when ended with Ctrl-C), or 2 for a bad configuration or a
+spool that cannot be read (at the start, or while following).
 """
 
 from __future__ import annotations
