@@ -166,7 +166,11 @@ class Health:
                 first = False
                 gap = span / len(names)
                 started = loop.time()
-                for name in names:
+                for index, name in enumerate(names):
+                    # Each phone at its own offset from the round's start, not a sleep after the
+                    # last one: a busy loop (a fan-out while the round runs) would otherwise add
+                    # its delays up over thousands of phones and stretch the round.
+                    await asyncio.sleep(max(0.0, started + index * gap - loop.time()))
                     if self._changed.is_set():
                         break  # reloaded: start a round over the new list
                     state = self._phones.get(name)
@@ -175,7 +179,6 @@ class Health:
                         task = asyncio.create_task(self._probe(state), name=f"probe:{name}")
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
-                    await asyncio.sleep(gap)
                 # After the start's short ramp, the next round begins one interval after it did.
                 rest = interval - (loop.time() - started)
                 if rest > 0 and not self._changed.is_set():
