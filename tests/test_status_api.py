@@ -120,9 +120,11 @@ async def test_status_command_prints_recent_events_while_the_daemon_runs(
     assert cli_main(["status", "--config", str(config_file), "--limit", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["TIME", "EVENT", "SOURCE", "RULES", "DELIVERIES"]
-    assert len(lines) == 2
+    assert len(lines) == 3
     assert newer in lines[1] and "webhook:bell" in lines[1] and " bell " in lines[1]
     assert lines[1].endswith("delivered=1 failed=1")
+    # Under the event, the delivery that did not get through and why.
+    assert lines[2] == "  broken  failed  Error: Error parsing CiscoIPPhone object"
 
     assert cli_main(["status", "--config", str(config_file)]) == 0
     out = capsys.readouterr().out

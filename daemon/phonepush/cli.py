@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "page": ("page", "speak or play an announcement on phones over RTP"),
     "status": ("status", "list the recent events in the spool and their deliveries"),
     "phones": ("phones", "list the phones: reachable or not, model, firmware, last push"),
+    "silence": ("silence", "add, list or expire silences in the running daemon"),
 }
 
 

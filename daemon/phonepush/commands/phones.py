@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -69,10 +71,25 @@ async def probe_phones(config: Config) -> list[dict[str, Any]]:
     """Probe every configured phone once, as the daemon's health check does; its
     ``/api/phones`` entries, each with the ``error`` that made a phone unreachable."""
     max_connections = config.dispatch.max_connections or DEFAULT_MAX_CONNECTIONS
-    async with PhoneLanes(config.phone_targets(), max_connections=max_connections) as lanes:
-        health = Health(config, lanes, metrics=Metrics(CollectorRegistry()))
-        await health.probe_all()
-        return health.phones()
+    with _quiet_health_log():
+        async with PhoneLanes(config.phone_targets(), max_connections=max_connections) as lanes:
+            health = Health(config, lanes, metrics=Metrics(CollectorRegistry()))
+            await health.probe_all()
+            return health.phones()
+
+
+@contextlib.contextmanager
+def _quiet_health_log() -> Iterator[None]:
+    # The monitor warns when a phone turns unreachable, which the daemon's log needs; here the
+    # command prints that very fact as its own output, and logging's last-resort handler would
+    # repeat it on stderr. Errors still get through.
+    logger = logging.getLogger("phonepush.health")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 async def from_daemon(config: Config) -> list[dict[str, Any]] | None:

@@ -34,8 +34,12 @@ __all__ = ["MAX_PROBING", "START_GAP", "Health", "PhoneHealth"]
 
 log = logging.getLogger("phonepush.health")
 
-#: Probes in flight at most (a dead phone holds one for its timeout).
-MAX_PROBING: Final = 64
+#: Probes in flight at most. A phone that drops connects holds one for its whole ``timeout``
+#: (10 s by default), and a round waits for a free one: with 64, a hundred such phones in a row
+#: held the first round of 2,200 phones up by 20 s (bench/health_probes.py). At 50 probes a
+#: second, 256 covers five seconds' worth of dead phones in a row; each holds one descriptor,
+#: within the lanes' connection bound.
+MAX_PROBING: Final = 256
 #: Seconds between phones in the first round after start (50 probes a second).
 START_GAP: Final = 0.02
 
@@ -162,7 +166,11 @@ class Health:
                 first = False
                 gap = span / len(names)
                 started = loop.time()
-                for name in names:
+                for index, name in enumerate(names):
+                    # Each phone at its own offset from the round's start, not a sleep after the
+                    # last one: a busy loop (a fan-out while the round runs) would otherwise add
+                    # its delays up over thousands of phones and stretch the round.
+                    await asyncio.sleep(max(0.0, started + index * gap - loop.time()))
                     if self._changed.is_set():
                         break  # reloaded: start a round over the new list
                     state = self._phones.get(name)
@@ -171,7 +179,6 @@ class Health:
                         task = asyncio.create_task(self._probe(state), name=f"probe:{name}")
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
-                    await asyncio.sleep(gap)
                 # After the start's short ramp, the next round begins one interval after it did.
                 rest = interval - (loop.time() - started)
                 if rest > 0 and not self._changed.is_set():
