@@ -266,6 +266,9 @@ async def test_writes_need_the_sessions_csrf_token_and_this_origin(
             {"name": "rule", "value": "doorbell", "isRegex": False, "isEqual": True}
         ]
         assert made["comment"] == "fixing the bell" and made["createdBy"] == "tests"
+        listed_page = (await client.get("/silences")).text
+        assert f'data-silence="{made["id"]}"' in listed_page
+        assert re.search(r"in (1 h|59 min)", listed_page)
         # The same service as the API: the event is held, the reason is on the events view.
         await client.post("/hooks/doorbell", json={"door": "front"}, headers=AUTH)
         events = (await client.get("/events?state=suppressed")).text
@@ -339,6 +342,10 @@ async def test_the_test_page_goes_through_the_pipeline_to_the_phones(
         )
         assert unknown.status_code == 400
         assert "to: no phone or group named &#39;attic&#39;" in unknown.text
+        nobody = await client.post(
+            "/test-page", data={"to": "", "title": "t", "text": "x"}, headers=AUTH
+        )
+        assert nobody.status_code == 400 and "to: name at least one phone or group" in nobody.text
 
 
 async def test_views_show_phones_events_and_rules(

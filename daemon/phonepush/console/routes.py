@@ -42,6 +42,7 @@ from phonepush.console.views import (
     parse_matchers,
     rule_rows,
     timeline,
+    until,
 )
 from phonepush.errors import ConfigError, SpoolError, SpoolFull
 from phonepush.pipeline.direct import DirectPage
@@ -177,6 +178,7 @@ class _Console:
         )
         self.env.filters["clock"] = local_time
         self.env.filters["ago"] = ago
+        self.env.filters["until"] = until
         self.env.filters["duration"] = format_duration
         files = resources.files("phonepush.console") / "static"
         self.assets = {name: (files / name).read_bytes() for name in _ASSETS}
@@ -425,7 +427,11 @@ def console_routes(
             status,
             title="Silences",
             view="silences",
-            silences=[s.to_dict(now) for s in silences_of().current()],
+            silences=[
+                {**s.to_dict(now), "starts": s.starts_at, "ends": s.ends_at}
+                for s in silences_of().current()
+            ],
+            now=now,
             error=error,
             notice=notice,
             form={

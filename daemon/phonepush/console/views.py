@@ -25,6 +25,7 @@ __all__ = [
     "parse_matchers",
     "rule_rows",
     "timeline",
+    "until",
 ]
 
 #: Events the events view lists at most (newest first, after filtering).
@@ -53,6 +54,17 @@ def ago(at: float | None, now: float | None = None) -> str:
         if seconds >= size:
             return f"{seconds // size} {unit} ago"
     return f"{seconds} s ago"
+
+
+def until(at: float | None, now: float | None = None) -> str:
+    """How long until ``at``, in the largest unit that fits."""
+    if at is None:
+        return ""
+    seconds = max(0, int(at - (time.time() if now is None else now)))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"in {seconds // size} {unit}"
+    return f"in {seconds} s"
 
 
 def groups_of(phones: Iterable[Mapping[str, Any]]) -> list[str]:
