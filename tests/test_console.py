@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -437,3 +438,34 @@ def test_writes_come_from_this_origin_or_the_public_urls() -> None:
     assert same_origin(request(referer=f"{public}/silences"), public)
     # A browser that says nothing: the CSRF token decides.
     assert same_origin(request())
+
+
+async def test_a_reload_that_changes_the_token_signs_everyone_out(
+    tmp_path: Path, daemon_runner: DaemonRunner, fleet: Fleet
+) -> None:
+    path = tmp_path / "phonepush.toml"
+
+    def write(token: str) -> None:
+        path.write_text(
+            f'[server]\nlisten = "127.0.0.1:{daemon_runner.port}"\n'
+            f'[spool]\npath = "{daemon_runner.spool}"\n'
+            f'[webhook]\ntoken = "{token}"\n'
+            f'[[phones]]\nname = "lobby"\nhost = "{fleet.phones[0].address}"\n',
+            encoding="utf-8",
+        )
+
+    write(TOKEN)
+    await daemon_runner.start_file(path)
+    assert daemon_runner.daemon is not None
+    async with httpx.AsyncClient(base_url=daemon_runner.url) as client:
+        await _sign_in(client)
+        assert (await client.get("/")).status_code == 200
+        write("a-new-token-9876")
+        daemon_runner.daemon.reload()
+
+        async def signed_out() -> bool:
+            return (await client.get("/")).status_code == 303
+
+        await eventually(signed_out)
+        assert (await _sign_in(client, "a-new-token-9876")).status_code == 303
+        assert (await client.get("/")).status_code == 200
