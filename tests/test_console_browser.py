@@ -185,6 +185,11 @@ async def test_sign_in_see_the_phones_and_one_go_unreachable_live(
     assert await _still_marked(page)
     await page.click("a[href='/?group=it']")
     await expect(page.locator("tr[data-phone]")).to_have_count(2)
+    for path in ("/events", "/silences", "/rules", "/test-page", "/screens"):
+        await page.goto(path)
+        assert await page.evaluate(
+            "document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+        ), f"{path} overflows a phone-sized screen"
     watched.assert_clean()
 
 
