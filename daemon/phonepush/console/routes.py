@@ -76,6 +76,7 @@ _NOTICES: Final = {
     "pressed": "Softkey pressed.",
 }
 _STATES: Final = tuple(s.value for s in DeliveryState)
+_TEST_RULE: Final = "test-page"
 _TEST_TITLE: Final = "Test page"
 _TEST_TEXT: Final = "A test page from the phonepush console. No action needed."
 
@@ -382,7 +383,7 @@ def console_routes(
             title="Events",
             view="events",
             events=rows,
-            rules=[r.name for r in state.intake.rules.rules],
+            rules=list(dict.fromkeys([*(r.name for r in state.intake.rules.rules), _TEST_RULE])),
             states=_STATES,
             rule=rule,
             state=wanted,
@@ -521,7 +522,7 @@ def console_routes(
         target = fields.get("to", "").strip()
         page = DirectPage(
             origin="console",
-            rule="test-page",
+            rule=_TEST_RULE,
             to=(target,) if target else (),
             title=fields.get("title", "").strip(),
             text=fields.get("text", "").strip(),
