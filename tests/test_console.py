@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -469,3 +470,17 @@ async def test_a_reload_that_changes_the_token_signs_everyone_out(
         await eventually(signed_out)
         assert (await _sign_in(client, "a-new-token-9876")).status_code == 303
         assert (await client.get("/")).status_code == 200
+
+
+async def test_over_https_the_session_cookie_is_secure() -> None:
+    """Behind a TLS proxy (server.trusted_proxies) the request's scheme is https."""
+    intake = SimpleNamespace(pipeline=SimpleNamespace(pages_url="https://pp.example/pages/"))
+    state = ServerState(intake, None, Metrics(CollectorRegistry()), token=TOKEN)  # type: ignore[arg-type]
+    transport = httpx.ASGITransport(app=create_app(state))
+    async with httpx.AsyncClient(transport=transport, base_url="https://pp.example") as client:
+        answer = await client.post(
+            "/signin", data={"token": TOKEN}, headers={"Origin": "https://pp.example"}
+        )
+    assert answer.status_code == 303
+    attributes = [part.strip().lower() for part in answer.headers["set-cookie"].split(";")]
+    assert "secure" in attributes and "httponly" in attributes
