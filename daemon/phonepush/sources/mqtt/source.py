@@ -115,6 +115,8 @@ class MqttSource:
             logger=self._log,
         )
         self._connection.subscribe(self._filters, self._qos)
+        #: Filters whose messages are handed to a callback instead of becoming events.
+        self._watched: dict[str, Callable[[str, bytes], None]] = {}
 
         # Events committed whose PUBACK could not go out (the connection went first), by packet
         # id: the broker redelivers them on the resumed session and we ack without a second
@@ -190,12 +192,22 @@ class MqttSource:
         """Take a new filter list (config reload): subscribe the new ones, drop the removed."""
         new = _unique(filters)
         added = [f for f in new if f not in self._filters]
-        removed = [f for f in self._filters if f not in new]
+        removed = [f for f in self._filters if f not in new and f not in self._watched]
         self._filters = new
         self._matched.clear()
         # Dropped first, as a connect does; offline, the next connect does both.
         self._connection.unsubscribe(removed)
         self._connection.subscribe(added, self._qos)
+
+    def watch(self, topic_filter: str, on_message: Callable[[str, bytes], None]) -> None:
+        """Hand each message on ``topic_filter`` to ``on_message(topic, payload)`` on receipt,
+        never to the intake (Home Assistant's birth message: a signal to us, not an event)."""
+        self._watched[topic_filter] = on_message
+        self._connection.subscribe([topic_filter], self._qos)
+
+    def unwatch(self, topic_filter: str) -> None:
+        if self._watched.pop(topic_filter, None) is not None and topic_filter not in self._filters:
+            self._connection.unsubscribe([topic_filter])
 
     async def stop_intake(self) -> None:
         """Shutdown, step 1: take no more messages; finish (and ack) the one being committed.
@@ -228,6 +240,11 @@ class MqttSource:
             self._log.warning("skipping a message whose topic is not UTF-8")
             self._skip(message, "bad_topic")
             return False
+        for topic_filter, on_message in self._watched.items():
+            if paho.topic_matches_sub(topic_filter, topic):
+                self._skip(message, "")
+                on_message(topic, bytes(message.payload))
+                return False
         if message.retain:
             self._log.debug("skipping retained message on %s", topic)
             self._skip(message, "")

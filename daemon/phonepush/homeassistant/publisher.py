@@ -1,0 +1,178 @@
+"""Keeps Home Assistant's view current: the retained discovery configs and connectivity states
+on the broker, ack events as they happen.
+
+The publisher remembers what the broker holds from it (topic -> payload) and, on each wake-up
+(start, reload, a phone's health changing), publishes only what differs from the wanted set and
+clears (empty retained payload) what is no longer wanted: an unchanged reload publishes nothing,
+a removed phone's entities disappear. Home Assistant's birth message (``online`` on
+``<discovery_prefix>/status``, sent when it starts) makes it publish every config again, as
+Home Assistant documents for integrations that announce themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Final
+
+from phonepush.config import Config
+from phonepush.errors import MqttError
+from phonepush.homeassistant.discovery import (
+    PhoneState,
+    ack_event,
+    ack_topic,
+    configs,
+    connectivity,
+    connectivity_topic,
+)
+
+if TYPE_CHECKING:
+    from phonepush.sources.mqtt import MqttSource
+
+__all__ = ["HomeAssistant"]
+
+log = logging.getLogger("phonepush.homeassistant")
+
+#: How long an ack event may wait for the broker before it is dropped (it is news, not state).
+_EVENT_TIMEOUT: Final = 5.0
+
+
+class HomeAssistant:
+    """Home Assistant's discovery and states; :meth:`run` is its task in the daemon.
+
+    ``mqtt`` is the daemon's MQTT source (its connection, whose will marks every entity
+    unavailable); ``phone_state`` is health's lookup by phone name.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        mqtt: MqttSource,
+        *,
+        phone_state: Callable[[str], PhoneState | None],
+        retry: float = 5.0,
+    ) -> None:
+        self._config = config
+        self._mqtt = mqtt
+        self._phone_state = phone_state
+        self._retry = retry
+        #: Retained topic -> the payload the broker holds from us.
+        self._published: dict[str, bytes] = {}
+        self._wake = asyncio.Event()
+        self._wake.set()
+        self._everything = False
+        self._watching: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._watch()
+
+    @property
+    def published(self) -> Mapping[str, bytes]:
+        """What the broker holds from us (retained), by topic."""
+        return self._published
+
+    def update(self, config: Config) -> None:
+        """A reloaded configuration: publish what changed, clear what went."""
+        self._config = config
+        self._watch()
+        self._wake.set()
+
+    def phone_changed(self, state: PhoneState) -> None:
+        """Health's ``on_change``: a phone's reachability, model or firmware changed."""
+        if self._config.homeassistant.enabled:
+            self._wake.set()
+
+    def acknowledged(self, ack: Mapping[str, object]) -> None:
+        """The ack service's ``on_ack``: fire the rule's event entity."""
+        ha = self._config.homeassistant
+        if not ha.enabled:
+            return
+        topic = ack_topic(ha, str(ack.get("rule", "")))
+        task = asyncio.get_running_loop().create_task(self._event(topic, ack_event(dict(ack))))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                everything, self._everything = self._everything, False
+                if not await self._sync(everything):
+                    # The broker refused or went away: the next attempt compares again.
+                    self._everything = self._everything or everything
+                    await asyncio.sleep(self._retry)
+                    self._wake.set()
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+
+    def wanted(self) -> dict[str, bytes]:
+        """Every retained topic and payload the current configuration and health call for."""
+        config = self._config
+        out = configs(config, self._phone_state)
+        if out:
+            for phone in config.phones:
+                state = self._phone_state(phone.name)
+                if state is not None and state.reachable is not None:
+                    topic = connectivity_topic(config.homeassistant, phone.name)
+                    out[topic] = connectivity(state.reachable)
+        return out
+
+    # --- internals --------------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        ha = self._config.homeassistant
+        topic = f"{ha.discovery_prefix}/status" if ha.enabled else None
+        if topic == self._watching:
+            return
+        if self._watching is not None:
+            self._mqtt.unwatch(self._watching)
+        if topic is not None:
+            self._mqtt.watch(topic, self._ha_status)
+        self._watching = topic
+
+    def _ha_status(self, topic: str, payload: bytes) -> None:
+        if payload.strip() == b"online":
+            log.info("Home Assistant is online (%s): publishing discovery again", topic)
+            self._everything = True
+            self._wake.set()
+
+    async def _sync(self, everything: bool) -> bool:
+        wanted = self.wanted()
+        changes = [(t, p) for t, p in wanted.items() if everything or self._published.get(t) != p]
+        gone = [t for t in self._published if t not in wanted]
+        if not changes and not gone:
+            return True
+        done = await asyncio.gather(
+            *(self._put(t, p) for t, p in changes), *(self._put(t, b"") for t in gone)
+        )
+        log.info(
+            "Home Assistant: %d published, %d cleared%s",
+            len(changes),
+            len(gone),
+            "" if all(done) else f"; {done.count(False)} failed, retrying",
+        )
+        return all(done)
+
+    async def _put(self, topic: str, payload: bytes) -> bool:
+        try:
+            await self._mqtt.publish(topic, payload, qos=1, retain=True)
+        except MqttError as exc:
+            log.warning("Home Assistant: cannot publish to %s: %s", topic, exc)
+            return False
+        if payload:
+            self._published[topic] = payload
+        else:
+            self._published.pop(topic, None)
+        return True
+
+    async def _event(self, topic: str, payload: bytes) -> None:
+        # Not retained: Home Assistant ignores a replayed event, and an old ack is no news.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_EVENT_TIMEOUT):
+                try:
+                    await self._mqtt.publish(topic, payload, qos=1, retain=False)
+                except MqttError as exc:
+                    log.warning("Home Assistant: ack event not published to %s: %s", topic, exc)
