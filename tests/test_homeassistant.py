@@ -543,3 +543,17 @@ def test_off_by_default_adds_no_rules() -> None:
         environ={},
     )
     assert not config.homeassistant.enabled and not config.all_rules
+
+
+async def test_a_broker_that_lost_everything_gets_every_config_again(
+    daemon_runner: DaemonRunner, make_fleet: MakeFleet, mosquitto: Broker
+) -> None:
+    fleet = await house(make_fleet)
+    running = await daemon_runner.start(config_data(mosquitto, fleet, health={"interval": 0}))
+    with HomeAssistantView(mosquitto) as view:
+        await eventually(lambda: len(view.configs()) == 8)
+    assert running.mqtt is not None
+    mosquitto.restart()  # no persistence: the retained configs are gone
+    await eventually(lambda: running.mqtt is not None and running.mqtt.connected, timeout=15)
+    with HomeAssistantView(mosquitto) as view:
+        await eventually(lambda: len(view.configs()) == 8)

@@ -6,7 +6,8 @@ The publisher remembers what the broker holds from it (topic -> payload) and, on
 clears (empty retained payload) what is no longer wanted: an unchanged reload publishes nothing,
 a removed phone's entities disappear. Home Assistant's birth message (``online`` on
 ``<discovery_prefix>/status``, sent when it starts) makes it publish every config again, as
-Home Assistant documents for integrations that announce themselves.
+Home Assistant documents for integrations that announce themselves; so does a new broker
+session (a broker restarted without persistence has lost the retained messages).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class HomeAssistant:
         self._watching: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._watch()
+        mqtt.on_new_session = self._new_session
 
     @property
     def published(self) -> Mapping[str, bytes]:
@@ -136,6 +138,13 @@ class HomeAssistant:
     def _ha_status(self, topic: str, payload: bytes) -> None:
         if payload.strip() == b"online":
             log.info("Home Assistant is online (%s): publishing discovery again", topic)
+            self._everything = True
+            self._wake.set()
+
+    def _new_session(self) -> None:
+        # A broker that kept no session of ours most likely lost our retained messages too.
+        if self._published:
+            log.info("Home Assistant: new broker session, publishing discovery again")
             self._everything = True
             self._wake.set()
 

@@ -109,7 +109,7 @@ class MqttSource:
         self._connection = MqttConnection(
             config,
             screen=self._screen,
-            on_link=lambda up: metrics.mqtt_connected.set(1 if up else 0),
+            on_link=self._linked,
             clock=clock,
             random=random,
             logger=self._log,
@@ -117,6 +117,10 @@ class MqttSource:
         self._connection.subscribe(self._filters, self._qos)
         #: Filters whose messages are handed to a callback instead of becoming events.
         self._watched: dict[str, Callable[[str, bytes], None]] = {}
+        #: Told when a connection starts a new broker session (the broker kept nothing of ours,
+        #: likely not our retained messages either: a restart without persistence).
+        self.on_new_session: Callable[[], None] | None = None
+        self._session_seen = 0
 
         # Events committed whose PUBACK could not go out (the connection went first), by packet
         # id: the broker redelivers them on the resumed session and we ack without a second
@@ -228,6 +232,13 @@ class MqttSource:
     def _stop_intake(self) -> None:
         self._intake_stopped = True
         self._intake_stop.set()
+
+    def _linked(self, up: bool) -> None:
+        self._metrics.mqtt_connected.set(1 if up else 0)
+        if up and self._connection.session != self._session_seen:
+            self._session_seen = self._connection.session
+            if self.on_new_session is not None:
+                self.on_new_session()
 
     def _screen(self, message: Message) -> bool:
         """On receipt: whether the message may be an event; the rest are acked or left."""
