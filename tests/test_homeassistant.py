@@ -557,3 +557,39 @@ async def test_a_broker_that_lost_everything_gets_every_config_again(
     await eventually(lambda: running.mqtt is not None and running.mqtt.connected, timeout=15)
     with HomeAssistantView(mosquitto) as view:
         await eventually(lambda: len(view.configs()) == 8)
+
+
+async def test_a_phone_removed_while_stopped_is_cleared_at_the_next_start(
+    daemon_runner: DaemonRunner,
+    make_fleet: MakeFleet,
+    mosquitto: Broker,
+    home_assistant: HomeAssistantView,
+) -> None:
+    fleet = await house(make_fleet)
+    data = config_data(mosquitto, fleet)
+    await daemon_runner.start(data)
+    await eventually(lambda: len(home_assistant.configs()) == 8)
+    for phone in ("kitchen", "study"):
+        topic = f"phonepush/phone/{phone}/connectivity"
+        await eventually(lambda topic=topic: home_assistant.state(topic) == b"ON")
+    await daemon_runner.stop()
+
+    data["phones"] = [p for p in data["phones"] if p["name"] != "study"]
+    data["health"] = {"interval": 0}  # the kitchen phone stays unseen in this run
+    mark = home_assistant.mark()
+    await daemon_runner.start(data)
+    await eventually(lambda: not [t for t in home_assistant.configs() if "study" in t])
+    await eventually(lambda: home_assistant.state("phonepush/phone/study/connectivity") is None)
+    assert len(home_assistant.configs()) == 5  # the kitchen phone's three, the group, the rule
+    # Every config once more, after anything the start sent.
+    again = home_assistant.mark()
+    await publish(mosquitto, "homeassistant/status", "online")
+    await eventually(
+        lambda: {t for t, _, _ in home_assistant.since(again) if t.endswith("/config")}
+        == set(home_assistant.configs())
+    )
+    # The kitchen phone's state was known before the restart: kept, never cleared meanwhile.
+    assert home_assistant.state("phonepush/phone/kitchen/connectivity") == b"ON"
+    assert ("phonepush/phone/kitchen/connectivity", b"") not in [
+        (t, p) for t, p, _ in home_assistant.since(mark)
+    ]

@@ -38,6 +38,8 @@ log = logging.getLogger("phonepush.homeassistant")
 
 #: How long an ack event may wait for the broker before it is dropped (it is news, not state).
 _EVENT_TIMEOUT: Final = 5.0
+#: What the broker holds on a topic whose publication failed: equal to nothing we want.
+_UNKNOWN: Final = b"\x00unknown"
 
 
 class HomeAssistant:
@@ -64,7 +66,7 @@ class HomeAssistant:
         self._wake = asyncio.Event()
         self._wake.set()
         self._everything = False
-        self._watching: str | None = None
+        self._watching: dict[str, Callable[[str, bytes], None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._watch()
         mqtt.on_new_session = self._new_session
@@ -124,22 +126,49 @@ class HomeAssistant:
 
     # --- internals --------------------------------------------------------------------------------
 
+    def _undecided(self) -> set[str]:
+        config = self._config
+        if not config.homeassistant.enabled:
+            return set()
+        out: set[str] = set()
+        for phone in config.phones:
+            state = self._phone_state(phone.name)
+            if state is None or state.reachable is None:
+                out.add(connectivity_topic(config.homeassistant, phone.name))
+        return out
+
     def _watch(self) -> None:
         ha = self._config.homeassistant
-        topic = f"{ha.discovery_prefix}/status" if ha.enabled else None
-        if topic == self._watching:
-            return
-        if self._watching is not None:
-            self._mqtt.unwatch(self._watching)
-        if topic is not None:
-            self._mqtt.watch(topic, self._ha_status)
-        self._watching = topic
+        wanted: dict[str, Callable[[str, bytes], None]] = {}
+        if ha.enabled:
+            wanted[f"{ha.discovery_prefix}/status"] = self._ha_status
+            # What the broker holds under our node, from this run or an earlier one (a phone
+            # removed while the daemon was stopped): the next sync clears what is not wanted.
+            wanted[f"{ha.discovery_prefix}/+/{ha.node_id}/+/config"] = self._held
+            wanted[connectivity_topic(ha, "+")] = self._held
+        for topic_filter in [f for f in self._watching if f not in wanted]:
+            self._mqtt.unwatch(topic_filter)
+        for topic_filter, on_message in wanted.items():
+            if topic_filter not in self._watching:
+                self._mqtt.watch(topic_filter, on_message)
+        self._watching = wanted
 
     def _ha_status(self, topic: str, payload: bytes) -> None:
         if payload.strip() == b"online":
             log.info("Home Assistant is online (%s): publishing discovery again", topic)
             self._everything = True
             self._wake.set()
+
+    def _held(self, topic: str, payload: bytes) -> None:
+        if self._published.get(topic, b"") == payload:
+            return  # what we published, coming back
+        # The broker holds something else (an earlier run's config, or one we changed since):
+        # take it as held, and let the next sync publish or clear what differs.
+        if payload:
+            self._published[topic] = payload
+        else:
+            self._published.pop(topic, None)
+        self._wake.set()
 
     def _new_session(self) -> None:
         # A broker that kept no session of ours most likely lost our retained messages too.
@@ -151,7 +180,10 @@ class HomeAssistant:
     async def _sync(self, everything: bool) -> bool:
         wanted = self.wanted()
         changes = [(t, p) for t, p in wanted.items() if everything or self._published.get(t) != p]
-        gone = [t for t in self._published if t not in wanted]
+        # A configured phone health has not yet seen keeps the state the broker holds (from
+        # before a restart) until a probe or push says otherwise.
+        undecided = self._undecided()
+        gone = [t for t in self._published if t not in wanted and t not in undecided]
         if not changes and not gone:
             return True
         done = await asyncio.gather(
@@ -166,15 +198,18 @@ class HomeAssistant:
         return all(done)
 
     async def _put(self, topic: str, payload: bytes) -> bool:
-        try:
-            await self._mqtt.publish(topic, payload, qos=1, retain=True)
-        except MqttError as exc:
-            log.warning("Home Assistant: cannot publish to %s: %s", topic, exc)
-            return False
+        # Recorded before it goes out, so that its echo (we watch our own topics) is known.
         if payload:
             self._published[topic] = payload
         else:
             self._published.pop(topic, None)
+        try:
+            await self._mqtt.publish(topic, payload, qos=1, retain=True)
+        except MqttError as exc:
+            log.warning("Home Assistant: cannot publish to %s: %s", topic, exc)
+            # Unknown now: held as something nothing equals, so the retry publishes or clears.
+            self._published[topic] = _UNKNOWN
+            return False
         return True
 
     async def _event(self, topic: str, payload: bytes) -> None:

@@ -205,9 +205,11 @@ class MqttSource:
 
     def watch(self, topic_filter: str, on_message: Callable[[str, bytes], None]) -> None:
         """Hand each message on ``topic_filter`` to ``on_message(topic, payload)`` on receipt,
-        never to the intake (Home Assistant's birth message: a signal to us, not an event)."""
+        never to the intake: signals and state for this instance (Home Assistant's birth
+        message, the retained configs it holds), not events. Retained messages included; never
+        shared under ``mqtt.share_group``."""
         self._watched[topic_filter] = on_message
-        self._connection.subscribe([topic_filter], self._qos)
+        self._connection.subscribe([topic_filter], self._qos, own=True)
 
     def unwatch(self, topic_filter: str) -> None:
         if self._watched.pop(topic_filter, None) is not None and topic_filter not in self._filters:
