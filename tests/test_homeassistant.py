@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -18,10 +19,11 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from _daemon_fixtures import DaemonRunner, eventually, free_port
+from _daemon_fixtures import DaemonRunner, eventually, free_port, start_run_process
 from _mqtt_fixtures import Broker
 from _sim_fixtures import MakeFleet
 from phonepush import __version__
+from phonepush.cli import main as cli_main
 from phonepush.config import parse_config
 from phonepush.errors import ConfigError
 from phonepush.sim.simulator import Fleet
@@ -281,6 +283,8 @@ async def test_a_notify_message_and_a_button_press_page_through_the_pipeline(
     make_fleet: MakeFleet,
     mosquitto: Broker,
     home_assistant: HomeAssistantView,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     fleet = await house(make_fleet)
     await daemon_runner.start(config_data(mosquitto, fleet))
@@ -321,6 +325,18 @@ async def test_a_notify_message_and_a_button_press_page_through_the_pipeline(
         )
         == 1
     )
+
+    # Ordinary events in the spool: `phonepush status` lists them by their rules.
+    config_file = tmp_path / "status.toml"
+    config_file.write_text(f'[spool]\npath = "{daemon_runner.spool}"\n')
+    assert cli_main(["status", "--config", str(config_file)]) == 0
+    out = capsys.readouterr().out
+    for rule in (
+        "homeassistant.notify.kitchen",
+        "homeassistant.notify.house",
+        "homeassistant.test.study",
+    ):
+        assert rule in out, out
 
 
 async def test_an_unreachable_phone_reads_off(
@@ -585,11 +601,73 @@ async def test_a_phone_removed_while_stopped_is_cleared_at_the_next_start(
     again = home_assistant.mark()
     await publish(mosquitto, "homeassistant/status", "online")
     await eventually(
-        lambda: {t for t, _, _ in home_assistant.since(again) if t.endswith("/config")}
-        == set(home_assistant.configs())
+        lambda: (
+            {t for t, _, _ in home_assistant.since(again) if t.endswith("/config")}
+            == set(home_assistant.configs())
+        )
     )
     # The kitchen phone's state was known before the restart: kept, never cleared meanwhile.
     assert home_assistant.state("phonepush/phone/kitchen/connectivity") == b"ON"
     assert ("phonepush/phone/kitchen/connectivity", b"") not in [
         (t, p) for t, p, _ in home_assistant.since(mark)
     ]
+
+
+async def test_sighup_clears_a_removed_phone_in_a_running_daemon(
+    make_fleet: MakeFleet,
+    mosquitto: Broker,
+    home_assistant: HomeAssistantView,
+    tmp_path: Path,
+) -> None:
+    fleet = await house(make_fleet)
+    data = config_data(
+        mosquitto,
+        fleet,
+        server={"listen": f"127.0.0.1:{free_port()}"},
+        spool={"path": str(tmp_path / "spool.db")},
+        webhook={"allow_anonymous": True},
+    )
+    path = tmp_path / "phonepush.toml"
+    write(path, data)
+    process = await start_run_process(path)
+    try:
+        await eventually(lambda: len(home_assistant.configs()) == 8, timeout=10)
+        data["phones"] = [p for p in data["phones"] if p["name"] != "study"]
+        write(path, data)
+        process.proc.send_signal(signal.SIGHUP)
+        await eventually(lambda: not [t for t in home_assistant.configs() if "study" in t])
+        assert len(home_assistant.configs()) == 5
+    finally:
+        process.proc.send_signal(signal.SIGTERM)
+        assert await process.wait() == 0, process.output
+
+
+async def test_instances_sharing_the_events_each_hear_home_assistant(
+    daemon_runner: DaemonRunner,
+    make_fleet: MakeFleet,
+    mosquitto: Broker,
+    home_assistant: HomeAssistantView,
+    tmp_path: Path,
+) -> None:
+    """Two daemons share the rules' subscriptions (``share_group``): each event goes to one of
+    them. Home Assistant's birth message must reach both: each has its own entities."""
+    fleet = await house(make_fleet)
+    other = DaemonRunner(tmp_path / "west")
+    (tmp_path / "west").mkdir()
+    try:
+        for runner, node in ((daemon_runner, "east"), (other, "west")):
+            data = config_data(mosquitto, fleet, health={"interval": 0})
+            data["mqtt"]["share_group"] = "pool"
+            data["homeassistant"]["node_id"] = node
+            await runner.start(data)
+        await eventually(lambda: len(home_assistant.configs()) == 16)
+        mark = home_assistant.mark()
+        await publish(mosquitto, "homeassistant/status", "online")
+        await eventually(
+            lambda: (
+                {t for t, _, _ in home_assistant.since(mark) if t.endswith("/config")}
+                == set(home_assistant.configs())
+            )
+        )
+    finally:
+        await other.stop()

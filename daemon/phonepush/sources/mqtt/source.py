@@ -120,7 +120,7 @@ class MqttSource:
         #: Told when a connection starts a new broker session (the broker kept nothing of ours,
         #: likely not our retained messages either: a restart without persistence).
         self.on_new_session: Callable[[], None] | None = None
-        self._session_seen = 0
+        self._session_seen: int | None = None  # None: never connected
 
         # Events committed whose PUBACK could not go out (the connection went first), by packet
         # id: the broker redelivers them on the resumed session and we ack without a second
@@ -237,10 +237,12 @@ class MqttSource:
 
     def _linked(self, up: bool) -> None:
         self._metrics.mqtt_connected.set(1 if up else 0)
-        if up and self._connection.session != self._session_seen:
-            self._session_seen = self._connection.session
-            if self.on_new_session is not None:
-                self.on_new_session()
+        if not up:
+            return
+        session, self._session_seen = self._session_seen, self._connection.session
+        # The first connection's session is no news: nothing was published before it.
+        if session is not None and session != self._session_seen and self.on_new_session:
+            self.on_new_session()
 
     def _screen(self, message: Message) -> bool:
         """On receipt: whether the message may be an event; the rest are acked or left."""
