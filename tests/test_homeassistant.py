@@ -671,3 +671,47 @@ async def test_instances_sharing_the_events_each_hear_home_assistant(
         )
     finally:
         await other.stop()
+
+
+def test_names_with_dots_and_what_the_probe_read() -> None:
+    from dataclasses import dataclass
+
+    from phonepush.homeassistant.discovery import configs
+    from phonepush.wire.cisco import DeviceInfo
+
+    @dataclass
+    class Known:
+        name: str
+        reachable: bool | None
+        info: DeviceInfo | None
+
+    config = parse_config(
+        {
+            "mqtt": {"url": "mqtt://127.0.0.1"},
+            "homeassistant": {"enabled": True},
+            "phones": [{"name": "front.desk", "host": "127.0.0.1", "groups": ["floor.1"]}],
+        },
+        environ={},
+    )
+    info = DeviceInfo(model="CP-8845", firmware="sip88xx.14-1-1", mac="00AABBCCDDEE", host_name="")
+    found = configs(config, lambda name: Known(name, True, info))
+    assert found == configs(config, lambda name: Known(name, True, info))  # same bytes again
+    notify = json.loads(found["homeassistant/notify/phonepush/phone_front_desk/config"])
+    check_config("homeassistant/notify/phonepush/phone_front_desk/config", notify)
+    assert notify["command_topic"] == "phonepush/phone/front.desk/notify"
+    assert notify["device"]["connections"] == [["mac", "00:aa:bb:cc:dd:ee"]]
+    assert (notify["device"]["model"], notify["device"]["sw_version"]) == ("CP-8845", info.firmware)
+    group = json.loads(found["homeassistant/notify/phonepush/group_floor_1/config"])
+    assert group["command_topic"] == "phonepush/group/floor.1/notify"
+    # The page the notify entity's command makes is an ordinary rule on that topic.
+    rules = {r.name: r for r in config.all_rules}
+    assert rules["homeassistant.notify.front.desk"].on == "mqtt:phonepush/phone/front.desk/notify"
+    # Unknown details: a Cisco device still, without model or firmware.
+    bare = json.loads(
+        configs(config, lambda name: None)["homeassistant/notify/phonepush/phone_front_desk/config"]
+    )
+    assert bare["device"] == {
+        "identifiers": ["phonepush_phone_front_desk"],
+        "name": "front.desk",
+        "manufacturer": "Cisco",
+    }

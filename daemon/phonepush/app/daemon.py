@@ -243,6 +243,7 @@ class Daemon:
                 # Always there with a broker, so a reload can turn it on.
                 ha = self._homeassistant = HomeAssistant(config, mqtt, phone_state=health.get)
                 health.on_change = ha.phone_changed
+                mqtt.on_new_session = ha.new_session
             # Always there, so a reload can add the first schedule.
             scheduler = self._scheduler = await stack.enter_async_context(
                 Scheduler(

@@ -61,7 +61,8 @@ class HomeAssistant:
         self._mqtt = mqtt
         self._phone_state = phone_state
         self._retry = retry
-        #: Retained topic -> the payload the broker holds from us.
+        #: Retained topic under our node -> the payload the broker holds: what we published, or
+        #: what it told us it holds from an earlier run.
         self._published: dict[str, bytes] = {}
         self._wake = asyncio.Event()
         self._wake.set()
@@ -69,7 +70,6 @@ class HomeAssistant:
         self._watching: dict[str, Callable[[str, bytes], None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._watch()
-        mqtt.on_new_session = self._new_session
 
     @property
     def published(self) -> Mapping[str, bytes]:
@@ -96,6 +96,14 @@ class HomeAssistant:
         task = asyncio.get_running_loop().create_task(self._event(topic, ack_event(dict(ack))))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def new_session(self) -> None:
+        """The MQTT source's ``on_new_session``: a broker that kept no session of ours most
+        likely lost our retained messages too."""
+        if self._published:
+            log.info("Home Assistant: new broker session, publishing discovery again")
+            self._everything = True
+            self._wake.set()
 
     async def run(self) -> None:
         try:
@@ -169,13 +177,6 @@ class HomeAssistant:
         else:
             self._published.pop(topic, None)
         self._wake.set()
-
-    def _new_session(self) -> None:
-        # A broker that kept no session of ours most likely lost our retained messages too.
-        if self._published:
-            log.info("Home Assistant: new broker session, publishing discovery again")
-            self._everything = True
-            self._wake.set()
 
     async def _sync(self, everything: bool) -> bool:
         wanted = self.wanted()
