@@ -117,6 +117,8 @@ class MqttSource:
         self._connection.subscribe(self._filters, self._qos)
         #: Filters whose messages are handed to a callback instead of becoming events.
         self._watched: dict[str, Callable[[str, bytes], None]] = {}
+        # Topic -> its watcher or None, as _matched (a match per message would cost).
+        self._watcher_of: dict[str, Callable[[str, bytes], None] | None] = {}
         #: Told when a connection starts a new broker session (the broker kept nothing of ours,
         #: likely not our retained messages either: a restart without persistence).
         self.on_new_session: Callable[[], None] | None = None
@@ -209,9 +211,11 @@ class MqttSource:
         message, the retained configs it holds), not events. Retained messages included; never
         shared under ``mqtt.share_group``."""
         self._watched[topic_filter] = on_message
+        self._watcher_of.clear()
         self._connection.subscribe([topic_filter], self._qos, own=True)
 
     def unwatch(self, topic_filter: str) -> None:
+        self._watcher_of.clear()
         if self._watched.pop(topic_filter, None) is not None and topic_filter not in self._filters:
             self._connection.unsubscribe([topic_filter])
 
@@ -255,11 +259,11 @@ class MqttSource:
             self._log.warning("skipping a message whose topic is not UTF-8")
             self._skip(message, "bad_topic")
             return False
-        for topic_filter, on_message in self._watched.items():
-            if paho.topic_matches_sub(topic_filter, topic):
-                self._skip(message, "")
-                on_message(topic, bytes(message.payload))
-                return False
+        on_message = self._watcher(topic) if self._watched else None
+        if on_message is not None:
+            self._skip(message, "")
+            on_message(topic, bytes(message.payload))
+            return False
         if message.retain:
             self._log.debug("skipping retained message on %s", topic)
             self._skip(message, "")
@@ -291,6 +295,17 @@ class MqttSource:
                 paho.topic_matches_sub(f, topic) for f in self._filters
             )
         return matched
+
+    def _watcher(self, topic: str) -> Callable[[str, bytes], None] | None:
+        if topic in self._watcher_of:
+            return self._watcher_of[topic]
+        if len(self._watcher_of) >= _MATCH_MEMO:
+            self._watcher_of.clear()
+        found = next(
+            (f for t, f in self._watched.items() if paho.topic_matches_sub(t, topic)), None
+        )
+        self._watcher_of[topic] = found
+        return found
 
     def _note_too_large(self, topic: str, size: int) -> None:
         shown = topic[:_TOPIC_LOG_CHARS]
