@@ -275,7 +275,7 @@ async def test_every_entity_is_discovered_with_documented_keys(
     await eventually(
         lambda: home_assistant.entity("button", "phone_kitchen_test")["device"] == device
     )
-    assert home_assistant.state("phonepush/phone/kitchen/connectivity") == b"ON"
+    await eventually(lambda: home_assistant.state("phonepush/phone/kitchen/connectivity") == b"ON")
 
 
 async def test_a_notify_message_and_a_button_press_page_through_the_pipeline(
@@ -296,7 +296,7 @@ async def test_a_notify_message_and_a_button_press_page_through_the_pipeline(
     await publish(mosquitto, topic, "Dinner is ready")
     await eventually(lambda: kitchen.state.screen.text.strip() == "Dinner is ready")
     assert kitchen.state.screen.title == "Home Assistant"
-    assert kitchen.state.last_tone == "Chime.raw"
+    await eventually(lambda: kitchen.state.last_tone == "Chime.raw")
     assert (
         daemon_runner.metric(
             "phonepush_events_total", source="mqtt", rule="homeassistant.notify.kitchen"
@@ -472,7 +472,9 @@ async def test_a_reload_clears_a_removed_phone_and_republishes_nothing_unchanged
     await eventually(
         lambda: new in home_assistant.configs() and old not in home_assistant.configs()
     )
-    assert sorted(t for t, _, _ in home_assistant.since(mark)) == sorted([new, old])
+    # (Configs only: a probe under load may change a phone's state meanwhile.)
+    configs_since = [t for t, _, _ in home_assistant.since(mark) if t.endswith("/config")]
+    assert sorted(configs_since) == sorted([new, old])
 
     # The study phone leaves: its entities and its retained state are cleared.
     data["phones"] = [p for p in data["phones"] if p["name"] != "study"]
@@ -486,7 +488,7 @@ async def test_a_reload_clears_a_removed_phone_and_republishes_nothing_unchanged
     # The group and the kitchen phone stay as they were (the group's one member changed
     # nothing Home Assistant is told).
     assert "homeassistant/notify/phonepush/group_house/config" in home_assistant.configs()
-    assert not [t for t, p in cleared if "kitchen" in t]
+    assert not [t for t, p in cleared if "kitchen" in t and t.endswith("/config")]
 
     # Turned off: every entity goes.
     data["homeassistant"]["enabled"] = False

@@ -418,7 +418,7 @@ async def test_home_assistant_webhook_and_mqtt(
         discovered = json.loads((await watcher.next()).payload)
     await s.publish(discovered["command_topic"], "Bins go out tonight")
     await s.shows("study", "Home Assistant", "Bins go out tonight")
-    assert s.phone("study").state.last_tone == "Chime.raw"
+    await eventually(lambda: s.phone("study").state.last_tone == "Chime.raw")
 
 
 async def test_shelly_and_tasmota_buttons(
