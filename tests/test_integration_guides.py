@@ -413,6 +413,12 @@ async def test_home_assistant_webhook_and_mqtt(
     for phone in ("kitchen", "study"):
         await s.shows(phone, "Smoke", "Smoke in the hall")
         assert s.phone(phone).state.last_tone == "Alarm.raw"
+    # Discovery: what notify.send_message on the study phone's entity publishes.
+    with mosquitto.watch("homeassistant/notify/phonepush/phone_study/config") as watcher:
+        discovered = json.loads((await watcher.next()).payload)
+    await s.publish(discovered["command_topic"], "Bins go out tonight")
+    await s.shows("study", "Home Assistant", "Bins go out tonight")
+    await eventually(lambda: s.phone("study").state.last_tone == "Chime.raw")
 
 
 async def test_shelly_and_tasmota_buttons(

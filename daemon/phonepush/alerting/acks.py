@@ -354,6 +354,9 @@ class AckService:
         self._client: httpx.AsyncClient | None = None
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Told of each first ack (``{rule, event, phone, at}``), e.g. Home Assistant's ack
+        #: events; set by the app.
+        self.on_ack: Callable[[Mapping[str, object]], None] | None = None
 
     async def __aenter__(self) -> Self:
         return self
@@ -453,6 +456,8 @@ class AckService:
             self._spawn(self._publish_mqtt(f"{self._prefix}/ack/{alert.rule}", message))
         if self.webhook:
             self._spawn(self._post_webhook({**message, "by": phone.acked_by}))
+        if self.on_ack is not None:
+            self.on_ack(message)
 
     def _confirmation(self, result: AckResult) -> str:
         alert, phone = result.alert, result.phone

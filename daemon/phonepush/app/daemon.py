@@ -43,6 +43,7 @@ from phonepush.dispatch.dispatcher import Dispatcher, Outcome
 from phonepush.errors import ConfigError, PhonepushError, SpoolError
 from phonepush.grouping.grouper import Grouper
 from phonepush.health.monitor import Health
+from phonepush.homeassistant.publisher import HomeAssistant
 from phonepush.http.authenticate import Authenticator
 from phonepush.http.server import ServerState, create_app, uvicorn_config
 from phonepush.logs import counted
@@ -129,6 +130,7 @@ class Daemon:
         self._screens = screens
         self._scheduler: Scheduler | None = None
         self._health: Health | None = None
+        self._homeassistant: HomeAssistant | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self.ready = asyncio.Event()
@@ -241,6 +243,11 @@ class Daemon:
                     )
                 )
             self._mqtt = mqtt
+            if mqtt is not None:
+                # Always there with a broker, so a reload can turn it on.
+                ha = self._homeassistant = HomeAssistant(config, mqtt, phone_state=health.get)
+                health.on_change = ha.phone_changed
+                mqtt.on_new_session = ha.new_session
             # Always there, so a reload can add the first schedule.
             scheduler = self._scheduler = await stack.enter_async_context(
                 Scheduler(
@@ -264,6 +271,8 @@ class Daemon:
                     webhook_timeout=config.ack.webhook_timeout,
                 )
             )
+            if self._homeassistant is not None:
+                acks.on_ack = self._homeassistant.acknowledged
             actions = await stack.enter_async_context(
                 ActionService(
                     spool, metrics=metrics, public_url=config.server.public_url, mqtt=mqtt
@@ -307,6 +316,8 @@ class Daemon:
                 tasks.append(tg.create_task(repeater.run(), name="repeats"))
                 tasks.append(tg.create_task(scheduler.run(), name="schedules"))
                 tasks.append(tg.create_task(health.run(), name="health"))
+                if self._homeassistant is not None:
+                    tasks.append(tg.create_task(self._homeassistant.run(), name="homeassistant"))
                 if self._notifier.watchdog_interval:
                     tasks.append(tg.create_task(self._notifier.watchdog_loop(), name="watchdog"))
                 with self._signals():
@@ -443,6 +454,8 @@ class Daemon:
             running.mqtt.update_filters(built.pipeline.book.mqtt_filters)
         if self._scheduler is not None:
             self._scheduler.update(config.schedules)
+        if self._homeassistant is not None:
+            self._homeassistant.update(config)
         if state.acks is not None:
             state.acks.webhook = config.ack.webhook
         state.token = _secret(config.webhook.token)

@@ -122,6 +122,12 @@ def summary(config: Config, rules: RuleBook, path: Path | None = None) -> str:
         )
         for topic_filter in rules.mqtt_filters:
             lines.append(f"  subscribes to {topic_filter}")
+    ha = config.homeassistant
+    if ha.enabled:
+        lines.append(
+            f"homeassistant: discovery under {ha.discovery_prefix}/<component>/{ha.node_id}/, "
+            f"commands and states under {ha.node_id}/, pages titled {ha.title!r}"
+        )
     webhook = config.webhook
     hooks = ", ".join(f"/hooks/{name}" for name in sorted(rules.hooks)) or "none"
     checks = [

@@ -74,6 +74,7 @@ __all__ = [
     "Config",
     "DispatchConfig",
     "EscalateConfig",
+    "HomeAssistantConfig",
     "LogConfig",
     "MessageConfig",
     "MqttConfig",
@@ -84,6 +85,7 @@ __all__ = [
     "ServerConfig",
     "SpoolConfig",
     "WebhookConfig",
+    "discovery_id",
     "format_duration",
     "is_template",
     "load_config",
@@ -100,6 +102,8 @@ ENV_PREFIX: Final = "PHONEPUSH_"
 RESERVED_RULE_KEYS: Final = frozenset[str]()
 
 _NAME: Final = re.compile(r"[A-Za-z0-9_.-]+")
+#: Home Assistant's grammar for the node and object ids of a discovery topic.
+_DISCOVERY_ID: Final = re.compile(r"[A-Za-z0-9_-]+")
 _DURATION: Final = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h|d)?\s*")
 _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _PRIORITY_SUFFIX: Final = re.compile(r"@([^@{}]*)\Z")
@@ -1035,6 +1039,93 @@ class HealthConfig(_Section):
         return self
 
 
+class HomeAssistantConfig(_Section):
+    """``[homeassistant]``: phones, groups and acknowledging rules appear in Home Assistant as
+    devices and entities by MQTT discovery (docs/integrations/home-assistant.md). Needs
+    ``[mqtt]``.
+
+    Each notify entity and "Test page" button becomes an ordinary rule listening on its
+    command topic, named ``homeassistant.notify.<phone or group>`` and
+    ``homeassistant.test.<phone>`` in metrics, silences and ``phonepush status``.
+    """
+
+    #: Publish the discovery configs (retained) and take pages from Home Assistant.
+    enabled: bool = False
+    #: Home Assistant's `discovery_prefix` (its MQTT integration's setting).
+    discovery_prefix: str = "homeassistant"
+    #: Names this daemon in discovery topics and unique ids, and is the first level of its
+    #: command and state topics (`<node_id>/phone/<phone>/notify`...): letters, digits, `_`, `-`.
+    node_id: str = "phonepush"
+    #: The title of pages sent from Home Assistant (a notify entity's message is the text).
+    title: str = "Home Assistant"
+    #: Execute items pushed with each page from Home Assistant, e.g. `["Play:Chime.raw"]`.
+    execute: list[str] = Field(default_factory=list)
+    #: As a rule's `priority`, for pages from Home Assistant.
+    priority: int = Field(default=0, ge=0, le=2)
+    #: As a rule's `ttl`, for pages from Home Assistant.
+    ttl: PositiveDuration = 300.0
+
+    @field_validator("discovery_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value or value.startswith("/") or value.endswith("/"):
+            raise ValueError("a topic prefix such as 'homeassistant' (no leading or trailing '/')")
+        return _validate_topic_name(value)
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, value: str) -> str:
+        # Home Assistant's discovery topic grammar: node_id is [a-zA-Z0-9_-]+.
+        if not _DISCOVERY_ID.fullmatch(value):
+            raise ValueError("a node id is letters, digits, '_', '-'")
+        return value
+
+    def command_topic(self, kind: Literal["phone", "group"], name: str, action: str) -> str:
+        """Where Home Assistant publishes a phone's or group's command (``notify``, ``test``)."""
+        return f"{self.node_id}/{kind}/{name}/{action}"
+
+    def rules(self, phones: Iterable[str], groups: Iterable[str]) -> list[RuleConfig]:
+        """The rules the notify entities and test buttons page through (none when disabled)."""
+        if not self.enabled:
+            return []
+        # A plain-text message is taken as written; one that parses as JSON (a number, true,
+        # an object) is shown as JSON rather than as Python's rendering of it.
+        text = "{{ payload if payload is string else payload | tojson }}"
+        made: list[RuleConfig] = []
+        phones = list(phones)
+        targets: list[tuple[Literal["phone", "group"], str]] = [
+            *(("phone", name) for name in phones),
+            *(("group", name) for name in groups),
+        ]
+        for kind, name in targets:
+            made.append(self._rule(f"homeassistant.notify.{name}", kind, name, "notify", text))
+        for name in phones:
+            made.append(
+                self._rule(
+                    f"homeassistant.test.{name}",
+                    "phone",
+                    name,
+                    "test",
+                    f"Test page from Home Assistant to {name}.",
+                )
+            )
+        return made
+
+    def _rule(
+        self, rule_name: str, kind: Literal["phone", "group"], name: str, action: str, text: str
+    ) -> RuleConfig:
+        # Every field was validated here or is ours, with the type RuleConfig gives it.
+        return RuleConfig.model_construct(
+            name=rule_name,
+            on=f"mqtt:{self.command_topic(kind, name, action)}",
+            to=[name],
+            execute=list(self.execute),
+            priority=self.priority,
+            message=MessageConfig(title=self.title, text=text),
+            ttl=self.ttl,
+        )
+
+
 class LogConfig(_Section):
     """``[log]``."""
 
@@ -1076,6 +1167,7 @@ class Config(BaseSettings):
     ack: AckConfig = Field(default_factory=AckConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig)
     authentication: AuthenticationConfig | None = None
+    homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -1092,8 +1184,17 @@ class Config(BaseSettings):
 
     @property
     def all_rules(self) -> list[RuleConfig]:
-        """``rules``, then the rule of each of ``schedules``: what the rule book compiles."""
-        return [*self.rules, *(schedule.rule() for schedule in self.schedules)]
+        """``rules``, then the rule of each of ``schedules``, then ``[homeassistant]``'s: what
+        the rule book compiles."""
+        return [
+            *self.rules,
+            *(schedule.rule() for schedule in self.schedules),
+            *self.homeassistant_rules(),
+        ]
+
+    def homeassistant_rules(self) -> list[RuleConfig]:
+        """The rules of ``[homeassistant]``'s notify entities and buttons (none when off)."""
+        return self.homeassistant.rules((p.name for p in self.phones), self.groups())
 
     def phone(self, name: str) -> PhoneConfig:
         for phone in self.phones:
@@ -1477,7 +1578,57 @@ def _cross_check(config: Config) -> list[str]:
         for key, url in literal_urls:
             if url and not is_template(url):
                 problems.extend(_http_url_problems(f"{where}.{key}", url))
+    problems.extend(_homeassistant_problems(config, rule_names))
     return problems
+
+
+def _homeassistant_problems(config: Config, rule_names: set[str]) -> list[str]:
+    ha = config.homeassistant
+    if not ha.enabled:
+        return []
+    if config.mqtt is None:
+        return [
+            "homeassistant.enabled: needs an [mqtt] section (discovery, commands and states"
+            " go through the broker)"
+        ]
+    problems: list[str] = []
+    made = config.homeassistant_rules()
+    for rule in made:
+        if rule.name in rule_names:
+            problems.append(f"homeassistant: its rule {rule.name!r} has the name of a rule")
+    for i, entry in enumerate(ha.execute):
+        try:
+            url, priority = split_priority(entry)
+            if not is_template(url):
+                parse_target(url if priority is None else f"{url}@{priority}")
+        except WireError as exc:
+            problems.append(f"homeassistant.execute[{i}]: {exc}")
+    if made:
+        # One rule stands for all: they share the title and execute items.
+        found = _template_problems(made[0], "homeassistant", config.templates)
+        problems += [p.replace("homeassistant.message.title", "homeassistant.title") for p in found]
+    # Discovery ids allow no '.', which names may hold: two names must not meet as one id.
+    kinds = (
+        [phone.name for phone in config.phones],
+        list(config.groups()),
+        [rule.name for rule in config.all_rules if rule.acked],
+    )
+    for names in kinds:
+        seen: dict[str, str] = {}
+        for name in names:
+            key = discovery_id(name)
+            if key in seen:
+                problems.append(
+                    f"homeassistant: {seen[key]!r} and {name!r} would be one Home Assistant id"
+                    f" ({key}); rename one"
+                )
+            seen.setdefault(key, name)
+    return problems
+
+
+def discovery_id(name: str) -> str:
+    """A phone, group or rule name as Home Assistant's discovery ids allow it (``.`` -> ``_``)."""
+    return name.replace(".", "_")
 
 
 def _template_problems(rule: RuleConfig, where: str, templates: Templates) -> list[str]:

@@ -101,6 +101,9 @@ class Health:
         self._changed = asyncio.Event()
         self._probing = asyncio.Semaphore(MAX_PROBING)
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Told when a phone's reachability, model or firmware changes (Home Assistant's
+        #: connectivity sensors and device details); set by the app.
+        self.on_change: Callable[[PhoneHealth], None] | None = None
         self.update(config)
 
     @property
@@ -233,6 +236,7 @@ class Health:
                 )
             state.reachable = reachable
             state.since = now
+            self._changed_phone(state)
         state.checked_at = now
         state.error = error
         if export_up:
@@ -244,6 +248,11 @@ class Health:
         state.info = info
         if state.info_labels != (info.model, info.firmware):
             self._export_info(state, (info.model, info.firmware))
+            self._changed_phone(state)
+
+    def _changed_phone(self, state: PhoneHealth) -> None:
+        if self.on_change is not None:
+            self.on_change(state)
 
     def _export_info(self, state: PhoneHealth, labels: tuple[str, str]) -> None:
         self._drop_info(state)

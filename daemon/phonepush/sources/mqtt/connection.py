@@ -329,11 +329,17 @@ class _Subscriptions:
         self._wanted: dict[str, int] = {}  # filter -> QoS
         self._stale: set[str] = set()
         self._requests: dict[int, tuple[str, ...]] = {}  # SUBSCRIBE packet id -> its filters
+        #: Filters of this instance alone: never shared, retained messages sent.
+        self._own: set[str] = set()
 
-    def add(self, filters: Sequence[str], qos: int, *, now: bool) -> None:
+    def add(self, filters: Sequence[str], qos: int, *, now: bool, own: bool = False) -> None:
         new = [f for f in dict.fromkeys(filters) if f not in self._wanted]
         for topic_filter in new:
             self._wanted[topic_filter] = qos
+            if own:
+                self._own.add(topic_filter)
+            else:
+                self._own.discard(topic_filter)
         self._stale.difference_update(new)
         if now:
             self._subscribe(new)
@@ -360,7 +366,9 @@ class _Subscriptions:
 
     def _subscription(self, topic_filter: str) -> str:
         group = self._share_group
-        return f"$share/{group}/{topic_filter}" if group else topic_filter
+        if not group or topic_filter in self._own:
+            return topic_filter
+        return f"$share/{group}/{topic_filter}"
 
     def _subscribe(self, filters: Sequence[str]) -> int | None:
         if not filters:
@@ -371,7 +379,12 @@ class _Subscriptions:
                 (
                     self._subscription(f),
                     SubscribeOptions(
-                        qos=self._wanted[f], retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND
+                        qos=self._wanted[f],
+                        retainHandling=(
+                            SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE
+                            if f in self._own
+                            else SubscribeOptions.RETAIN_DO_NOT_SEND
+                        ),
                     ),
                 )
                 for f in filters
@@ -509,9 +522,13 @@ class MqttConnection:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), self._config.reconnect_min)
 
-    def subscribe(self, filters: Sequence[str], qos: int = 1) -> None:
-        """Subscribe to ``filters`` now if connected, and on every connect from now on."""
-        self._subscriptions.add(filters, qos, now=self._link_up)
+    def subscribe(self, filters: Sequence[str], qos: int = 1, *, own: bool = False) -> None:
+        """Subscribe to ``filters`` now if connected, and on every connect from now on.
+
+        ``own``: for this instance alone (never under ``mqtt.share_group``), with the retained
+        messages sent (state to read, not events).
+        """
+        self._subscriptions.add(filters, qos, now=self._link_up, own=own)
 
     def unsubscribe(self, filters: Sequence[str]) -> None:
         """Unsubscribe from ``filters`` now if connected, else on the next connect (the

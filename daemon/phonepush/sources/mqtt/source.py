@@ -109,12 +109,20 @@ class MqttSource:
         self._connection = MqttConnection(
             config,
             screen=self._screen,
-            on_link=lambda up: metrics.mqtt_connected.set(1 if up else 0),
+            on_link=self._linked,
             clock=clock,
             random=random,
             logger=self._log,
         )
         self._connection.subscribe(self._filters, self._qos)
+        #: Filters whose messages are handed to a callback instead of becoming events.
+        self._watched: dict[str, Callable[[str, bytes], None]] = {}
+        # Topic -> its watcher or None, as _matched (a match per message would cost).
+        self._watcher_of: dict[str, Callable[[str, bytes], None] | None] = {}
+        #: Told when a connection starts a new broker session (the broker kept nothing of ours,
+        #: likely not our retained messages either: a restart without persistence).
+        self.on_new_session: Callable[[], None] | None = None
+        self._session_seen: int | None = None  # None: never connected
 
         # Events committed whose PUBACK could not go out (the connection went first), by packet
         # id: the broker redelivers them on the resumed session and we ack without a second
@@ -190,12 +198,26 @@ class MqttSource:
         """Take a new filter list (config reload): subscribe the new ones, drop the removed."""
         new = _unique(filters)
         added = [f for f in new if f not in self._filters]
-        removed = [f for f in self._filters if f not in new]
+        removed = [f for f in self._filters if f not in new and f not in self._watched]
         self._filters = new
         self._matched.clear()
         # Dropped first, as a connect does; offline, the next connect does both.
         self._connection.unsubscribe(removed)
         self._connection.subscribe(added, self._qos)
+
+    def watch(self, topic_filter: str, on_message: Callable[[str, bytes], None]) -> None:
+        """Hand each message on ``topic_filter`` to ``on_message(topic, payload)`` on receipt,
+        never to the intake: signals and state for this instance (Home Assistant's birth
+        message, the retained configs it holds), not events. Retained messages included; never
+        shared under ``mqtt.share_group``."""
+        self._watched[topic_filter] = on_message
+        self._watcher_of.clear()
+        self._connection.subscribe([topic_filter], self._qos, own=True)
+
+    def unwatch(self, topic_filter: str) -> None:
+        self._watcher_of.clear()
+        if self._watched.pop(topic_filter, None) is not None and topic_filter not in self._filters:
+            self._connection.unsubscribe([topic_filter])
 
     async def stop_intake(self) -> None:
         """Shutdown, step 1: take no more messages; finish (and ack) the one being committed.
@@ -217,6 +239,15 @@ class MqttSource:
         self._intake_stopped = True
         self._intake_stop.set()
 
+    def _linked(self, up: bool) -> None:
+        self._metrics.mqtt_connected.set(1 if up else 0)
+        if not up:
+            return
+        session, self._session_seen = self._session_seen, self._connection.session
+        # The first connection's session is no news: nothing was published before it.
+        if session is not None and session != self._session_seen and self.on_new_session:
+            self.on_new_session()
+
     def _screen(self, message: Message) -> bool:
         """On receipt: whether the message may be an event; the rest are acked or left."""
         self._metrics.mqtt_messages.inc()
@@ -227,6 +258,11 @@ class MqttSource:
         except UnicodeDecodeError:
             self._log.warning("skipping a message whose topic is not UTF-8")
             self._skip(message, "bad_topic")
+            return False
+        on_message = self._watcher(topic) if self._watched else None
+        if on_message is not None:
+            self._skip(message, "")
+            on_message(topic, bytes(message.payload))
             return False
         if message.retain:
             self._log.debug("skipping retained message on %s", topic)
@@ -259,6 +295,17 @@ class MqttSource:
                 paho.topic_matches_sub(f, topic) for f in self._filters
             )
         return matched
+
+    def _watcher(self, topic: str) -> Callable[[str, bytes], None] | None:
+        if topic in self._watcher_of:
+            return self._watcher_of[topic]
+        if len(self._watcher_of) >= _MATCH_MEMO:
+            self._watcher_of.clear()
+        found = next(
+            (f for t, f in self._watched.items() if paho.topic_matches_sub(t, topic)), None
+        )
+        self._watcher_of[topic] = found
+        return found
 
     def _note_too_large(self, topic: str, size: int) -> None:
         shown = topic[:_TOPIC_LOG_CHARS]
