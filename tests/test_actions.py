@@ -340,6 +340,8 @@ def rule_with(*actions: dict[str, Any], **rule: Any) -> dict[str, Any]:
             "rules[doorbell].actions[0].webhook.body",
         ),
         ({"label": "Call", "dial": "12<34"}, "rules[doorbell].actions[0].dial"),
+        ({"label": "Call", "dial": "41+44"}, "rules[doorbell].actions[0].dial"),
+        ({"label": "Call", "dial": "++41"}, "rules[doorbell].actions[0].dial"),
         ({"label": "", "dial": "1"}, "rules[doorbell].actions[0].label"),
     ],
 )
@@ -347,6 +349,12 @@ def test_bad_action_config_names_the_key(action: dict[str, Any], key: str) -> No
     with pytest.raises(ConfigError) as caught:
         parse_config(rule_with(action), environ={})
     assert key in str(caught.value)
+
+
+@pytest.mark.parametrize("number", ["+41446681800", "*86", "#31#", "1234:1:Cisco/Dialer"])
+def test_a_dial_action_takes_what_a_phone_dials(number: str) -> None:
+    config = parse_config(rule_with({"label": "Call", "dial": number}), environ={})
+    assert config.rules[0].actions[0].dial == number
 
 
 def test_at_most_four_actions_and_they_need_a_message() -> None:

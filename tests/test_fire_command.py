@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 CONFIG = """
 [server]
@@ -133,3 +136,43 @@ def test_a_hook_no_rule_listens_on_dry_runs_as_the_server_answers(tmp_path: Path
     assert passed.stdout.splitlines()[1:] == ["  no rule matches"]
     mqtt = phonepush("fire", "--config", str(path), "--mqtt", "lights/hall", "{}", "--dry-run")
     assert mqtt.stdout.splitlines()[1:] == ["  no rule matches"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "ack = true",
+        '[[rules.actions]]\nlabel = "Open"\nwebhook = { url = "http://door.lan/open" }',
+    ],
+    ids=["ack", "actions"],
+)
+def test_a_rule_with_acks_or_actions_dry_runs_with_each_phones_own_page(
+    tmp_path: Path, extra: str
+) -> None:
+    # Each phone's token says who pressed: the phones fetch /pages/<id>/<token>, never the
+    # page shared by id alone, and the dry run shows that URL without making a token.
+    path = config(
+        tmp_path,
+        f"""
+        [spool]
+        path = "{tmp_path / "spool.db"}"
+
+        [[rules]]
+        name = "door"
+        on = "webhook:door"
+        to = ["lobby", "office"]
+        message = {{ title = "Door" }}
+        """
+        + extra,
+    )
+    result = phonepush("fire", "--config", str(path), "--hook", "door", "{}", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    page = next(line for line in lines if line.startswith("  page "))
+    page_url = page.removeprefix("  page ").removesuffix(":")
+    assert re.fullmatch(r"http://192\.0\.2\.10:8080/pages/\w+/<token>", page_url), page
+    requests = [line for line in lines if line.startswith("    request ")]
+    assert len(requests) == 2
+    for request in requests:
+        assert f'URL="{page_url}"' in request
+    assert not (tmp_path / "spool.db").exists()

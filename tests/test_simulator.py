@@ -24,7 +24,8 @@ import requests.auth
 from lxml import etree
 
 from _sim_fixtures import MakeFleet
-from phonepush.errors import PhoneAuthError, PhoneBadResponse, PhoneRejected
+from phonepush.errors import InvalidURI, PhoneAuthError, PhoneBadResponse, PhoneRejected
+from phonepush.sim.phone import read_uri
 from phonepush.sim.simulator import Fleet, SimPhone
 from phonepush.sim.simulator import SoftKey as SimSoftKey
 from phonepush.wire.cisco import (
@@ -38,7 +39,7 @@ from phonepush.wire.cisco import (
     ringtone_xml,
     text_xml,
 )
-from phonepush.wire.uri import ExecuteItem
+from phonepush.wire.uri import ExecuteItem, validate_uri
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
@@ -190,6 +191,12 @@ URI_ANSWERS = [
     ("Dial:555E", 1, "Invalid URI"),
     ("Dial:1:2:app", 1, "Invalid URI"),
     ("EditDial:*1#", 0, "Success"),
+    ("Dial:+41446681800", 0, "Success"),
+    ("EditDial:+41446681800", 0, "Success"),
+    ("Dial:1234:1:", 0, "Success"),
+    ("Dial:+", 1, "Invalid URI"),
+    ("Dial:41+44", 1, "Invalid URI"),
+    ("SendDigits:+41", 1, "Invalid URI"),
     ("SendDigits:123:1::app", 0, "Success"),
     ("SendDigits:123::app", 0, "Success"),
     ("SendDigits:6185551212,,987654321,1234:1:Cisco/Dialer", 0, "Success"),
@@ -231,6 +238,38 @@ async def test_uri_grammar_and_tables(make_fleet: MakeFleet) -> None:
     assert got == URI_ANSWERS
     executed = [uri for uri, status, _ in URI_ANSWERS if status == 0]
     assert list(phone.state.executed) == executed
+
+
+DIALS = [
+    "Dial:+41446681800",
+    "Dial:+41446681800,,12#",
+    "Dial:*86",
+    "Dial:#31#",
+    "Dial:1234:1:",
+    "Dial:1234:0::1",
+    "Dial:918005551212:1:Cisco/Dialer",
+    "EditDial:+41446681800",
+    "Dial:+",
+    "Dial:++41",
+    "Dial:41+44",
+    "Dial:1234:1",
+    "Dial:1234:2:app",
+    "Dial:1234:1:app:fb",
+    "SendDigits:+41",
+]
+
+
+@pytest.mark.parametrize("uri", DIALS)
+def test_the_daemon_sends_the_dial_uris_a_phone_takes_and_only_those(uri: str) -> None:
+    # Two readings of the notes, one the daemon's and one the simulated phone's: they must
+    # agree, or a rule is refused that a phone would dial, or fails on every phone it reaches.
+    try:
+        validate_uri(uri)
+    except InvalidURI:
+        sent = False
+    else:
+        sent = True
+    assert sent == (read_uri(uri) is not None)
 
 
 async def test_play_files_are_the_phones(make_fleet: MakeFleet) -> None:

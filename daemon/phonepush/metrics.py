@@ -16,7 +16,7 @@ from prometheus_client.registry import Collector
 
 from phonepush.store.records import FINAL_STATES, DeliveryState
 
-__all__ = ["DELIVERY_RESULTS", "Metrics", "StoredState"]
+__all__ = ["DELIVERY_RESULTS", "Ended", "Metrics", "StoredState"]
 
 #: The ``result`` label values of ``phonepush_deliveries_total``: the final delivery states.
 DELIVERY_RESULTS: Final = tuple(s.value for s in DeliveryState if s in FINAL_STATES)
@@ -27,6 +27,15 @@ class StoredState(Protocol):
 
     def pending_count(self) -> int: ...
     def disk_bytes(self) -> int: ...
+
+
+class Ended(Protocol):
+    """A stored delivery as :meth:`Metrics.ended` counts it (a ``Delivery`` or ``NewDelivery``)."""
+
+    @property
+    def phone(self) -> str: ...
+    @property
+    def state(self) -> str: ...
 
 
 class _StoreCollector(Collector):
@@ -96,6 +105,8 @@ class Metrics:
             ["phone", "result"],
             registry=r,
         )
+        # (phone, result) -> its child: a labels() lookup costs more than the increment.
+        self._ended: dict[tuple[str, str], Counter] = {}
         self.delivery_duration = Histogram(
             "phonepush_delivery_duration_seconds",
             "Time from the event's arrival to the phone's last answer, for delivered deliveries.",
@@ -234,6 +245,25 @@ class Metrics:
             registry=r,
             buckets=(1, 2.5, 5, 10, 20, 30, 60, 120, 300),
         )
+
+    def ended(self, phone: str, state: str) -> None:
+        """Count one delivery that reached its final ``state`` in the store: the one place
+        ``phonepush_deliveries_total`` is counted. Every path that makes a delivery final (the
+        dispatcher, an audio page) or records one final (intake, a group's flush, through
+        :meth:`recorded`) reports it here once, so the counts by result add up to the finished
+        deliveries in the spool."""
+        key = (phone, str(state))
+        child = self._ended.get(key)
+        if child is None:
+            child = self._ended[key] = self.deliveries.labels(*key)
+        child.inc()
+
+    def recorded(self, deliveries: Iterable[Ended]) -> None:
+        """Count the deliveries a write stored already final (suppressed or failed at intake
+        or at a group's flush); pending ones are counted by :meth:`ended` when they finish."""
+        for delivery in deliveries:
+            if delivery.state in FINAL_STATES:
+                self.ended(delivery.phone, delivery.state)
 
     def watch(self, store: StoredState) -> None:
         """Read the stored-state gauges (``phonepush_spool_*``) from ``store`` from now on."""

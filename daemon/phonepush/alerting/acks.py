@@ -119,7 +119,11 @@ def _clock_text(at: float) -> str:
 
 class AlertPlanning:
     """The planning stage: the alert each acknowledging, repeating or resolving rule starts
-    (tokens and each phone's requests). A rule whose per-phone requests no longer fit fails."""
+    (tokens and each phone's requests). A rule whose per-phone requests no longer fit fails.
+    ``tokens`` makes each token: ``fire --dry-run`` shows a placeholder instead."""
+
+    def __init__(self, tokens: Callable[[], str] = new_token) -> None:
+        self._tokens = tokens
 
     def stage(self, work: Work) -> None:
         plan = work.plan
@@ -132,7 +136,7 @@ class AlertPlanning:
                 planned.append(p)
                 continue
             try:
-                alert = _alert(match, match.rule.alert, p, work)
+                alert = _alert(match, match.rule.alert, p, work, self._tokens)
             except WireError as exc:
                 planned.append(PlannedRule(p.rule, p.phones, p.ttl, (), "failed", str(exc)))
                 continue
@@ -140,7 +144,13 @@ class AlertPlanning:
         work.plan = dataclasses.replace(plan, rules=tuple(planned))
 
 
-def _alert(match: Match, policy: AlertPolicy, planned: PlannedRule, work: Work) -> NewAlert:
+def _alert(
+    match: Match,
+    policy: AlertPolicy,
+    planned: PlannedRule,
+    work: Work,
+    tokens: Callable[[], str],
+) -> NewAlert:
     """The alert a matched rule starts. Raises :class:`~phonepush.errors.WireError` when the
     rule's requests no longer fit with a per-phone page URL."""
     page_id = planned.page_id
@@ -158,14 +168,14 @@ def _alert(match: Match, policy: AlertPolicy, planned: PlannedRule, work: Work) 
         shape = render(match, page_id, work.plan.pages, f"{work.pages_url}{page_id}/{_STAND_IN}")
     for phone, escalation in everyone:
         if ack:
-            token = new_token()
+            token = tokens()
             mine = f"/{page_id}/{token}"
             own = tuple(
                 PushRequest(r.kind, r.xml.replace(f"/{page_id}/{_STAND_IN}", mine)) for r in shape
             )
             actions = tuple(
                 NewAction(
-                    new_token(),
+                    tokens(),
                     position,
                     a.label,
                     a.spec,

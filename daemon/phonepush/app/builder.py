@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from phonepush.alerting.acks import Alerting, AlertPlanning
+from phonepush.alerting.acks import Alerting, AlertPlanning, new_token
 from phonepush.audio.announce import Announcer, AudioAction, compile_actions
 from phonepush.config import Config
 from phonepush.errors import ConfigError
@@ -63,6 +63,8 @@ class Services:
     #: Runtime silences (the grouper's when not given); with them, silences and quiet hours
     #: screen every event.
     silences: Silences | None = None
+    #: Makes ack and action tokens (``fire --dry-run`` passes a placeholder: it stores none).
+    tokens: Callable[[], str] = new_token
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +103,7 @@ def build(config: Config, services: Services, *, base_dir: Path | None = None) -
     if any(rule.cooldown is not None or rule.dedupe is not None for rule in book.rules):
         planning.append(Cooldowns(services.spool.events.in_cooldown))
     if alerts:
-        planning.append(AlertPlanning())
+        planning.append(AlertPlanning(services.tokens))
     staging: list[Stage] = []
     if announcer is not None and any(rule.audio for rule in book.rules):
         staging.append(announcer)

@@ -487,7 +487,7 @@ class Announcer:
             return  # finished already (a page cut after some of its phones were done)
         self._open.discard(row.id)
         self._spool.deliveries.finish(row.id, state, error)
-        self._metrics.deliveries.labels(row.phone, state).inc()
+        self._metrics.ended(row.phone, state)
         if state is not DeliveryState.DELIVERED:
             log.warning(
                 "delivery %s event %s rule %s phone %s (audio) %s: %s",

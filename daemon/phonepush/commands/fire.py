@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 import httpx
 
@@ -35,6 +36,9 @@ from phonepush.sources.schedule import firing_event
 from phonepush.store.spool import Spool
 
 __all__ = ["main"]
+
+#: Shown where each phone's own token goes (as in the softkeys' ``/ack/<token>``).
+_PLACEHOLDER: Final = "<token>"
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -95,9 +99,15 @@ async def _plan(config: Config, event: Event) -> tuple[Plan, frozenset[str]]:
         async with Spool(Path(tmp) / "spool.db") as spool:
             metrics = Metrics()
             # The daemon's own builder: the plan is what the daemon would make of the event.
-            built = build(config, Services(spool, metrics, submit=lambda deliveries: None))
+            services = Services(spool, metrics, submit=lambda deliveries: None, tokens=_token)
+            built = build(config, services)
             intake = Intake(built.pipeline, spool, metrics=metrics, submit=lambda deliveries: None)
             return intake.plan(event), built.pipeline.book.hooks
+
+
+def _token() -> str:
+    """The dry run's stand-in for each phone's token: it makes none, as it stores none."""
+    return _PLACEHOLDER
 
 
 def _describe(plan: Plan, config: Config, hooks: frozenset[str]) -> str:
@@ -118,13 +128,19 @@ def _describe(plan: Plan, config: Config, hooks: frozenset[str]) -> str:
         if rule.state == "pending" and not rule.requests:
             # An audio-only rule: its page is played, nothing is pushed as XML.
             lines.append(f"  audio page to {', '.join(rule.phones)}")
+        # With acks or actions each phone gets its own page URL (its token says who pressed):
+        # what the daemon would store for each phone, not the page shared by id.
+        own = {a.phone: a.requests for a in rule.alert.phones} if rule.alert else {}
         for phone in rule.phones if rule.requests else ():
             target = targets[phone]
             lines.append(f"  {phone}: POST {target.scheme}://{target.authority}/CGI/Execute")
-            for n, request in enumerate(rule.requests, 1):
+            for n, request in enumerate(own.get(phone, rule.requests), 1):
                 lines.append(f"    request {n} ({request.kind}): XML={request.xml}")
         if rule.page_id:
-            lines.append(f"  page {config.server.public_url.rstrip('/')}/pages/{rule.page_id}:")
+            base = config.server.public_url.rstrip("/")
+            alert = rule.alert
+            mine = f"/{_PLACEHOLDER}" if alert and any(a.token for a in alert.phones) else ""
+            lines.append(f"  page {base}/pages/{rule.page_id}{mine}:")
             lines.append(f"    {plan.pages[rule.page_id]}")
         lines.extend(_softkeys(rule, config.server.public_url.rstrip("/")))
     return "\n".join(lines)
@@ -138,7 +154,7 @@ def _softkeys(rule: PlannedRule, base: str) -> list[str]:
     first = alert.phones[0]
     lines = ["  softkeys added to each phone's page (each phone its own <token>):"]
     if first.with_ack:
-        lines.append(f"    Ack -> {base}/ack/<token>")
+        lines.append(f"    Ack -> {base}/ack/{_PLACEHOLDER}")
     for action in first.actions:
         spec = json.loads(action.spec)
         flags = [f for f in ("confirm", "repeatable") if getattr(action, f)]
@@ -151,7 +167,7 @@ def _softkeys(rule: PlannedRule, base: str) -> list[str]:
         else:
             hook = spec["webhook"]
             does = f"{hook['method']} {url_for_log(hook['url'])}"
-        lines.append(f"    {action.label}{shown} -> {base}/act/<token>: {does}")
+        lines.append(f"    {action.label}{shown} -> {base}/act/{_PLACEHOLDER}: {does}")
     lines.append("    Close -> SoftKey:Exit")
     return lines
 

@@ -80,7 +80,6 @@ class Outcome:
 class _PhoneMetrics:
     up: Gauge
     ok: Counter
-    delivered: Counter
     duration: Histogram
 
 
@@ -346,12 +345,9 @@ class Dispatcher:
         if self._flush is None:
             self._flush = asyncio.get_running_loop().call_soon(self._flush_finished)
         seconds = self._clock() - delivery.created_at
+        self._metrics.ended(delivery.phone, result)
         if result is DeliveryState.DELIVERED:
-            metrics = self._metrics_of(delivery.phone)
-            metrics.delivered.inc()
-            metrics.duration.observe(seconds)
-        else:
-            self._metrics.deliveries.labels(delivery.phone, result).inc()
+            self._metrics_of(delivery.phone).duration.observe(seconds)
         outcome = Outcome(
             delivery.event_id, delivery.rule, delivery.phone, result, attempts, error, seconds
         )
@@ -410,7 +406,6 @@ class Dispatcher:
             metrics = self._phone_metrics[phone] = _PhoneMetrics(
                 up=m.phone_up.labels(phone),
                 ok=m.requests.labels(phone, "ok"),
-                delivered=m.deliveries.labels(phone, DeliveryState.DELIVERED),
                 duration=m.delivery_duration.labels(phone),
             )
         return metrics

@@ -293,16 +293,14 @@ class Grouper:
                 deliveries.append(NewDelivery(window.rule, phone, result, expires_at))
         stored = self._store_flush(window, lead.event_id, deliveries, pages)
         # Per event left out of a phone's page; a phone left with nothing is also one suppressed
-        # delivery, counted with the quiet-hours drops.
+        # delivery, recorded with the quiet-hours drops.
         for phone, silence_id in silenced:
             self._metrics.silenced.labels(window.rule).inc()
             log.info(
                 "group of rule %s: an event for %s silenced by %s", window.rule, phone, silence_id
             )
         count_held(self._metrics, lead.event_id, held)
-        for delivery in stored:
-            if delivery.state is DeliveryState.FAILED:
-                self._metrics.deliveries.labels(delivery.phone, DeliveryState.FAILED).inc()
+        self._metrics.recorded(stored)
         log.info(
             "group of rule %s: %d event(s) (%s) over %.1f s -> %d phone(s)",
             window.rule,

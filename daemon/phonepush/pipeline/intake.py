@@ -155,6 +155,7 @@ class Intake:
             alerts=work.alerts,
         )
         self._count(plan)
+        self._metrics.recorded(deliveries)
         pending = [d for d in deliveries if d.state == "pending"]
         for after in work.committed:
             pending = after(pending)
@@ -198,8 +199,6 @@ class Intake:
             if p.state == "failed":
                 metrics.template_errors.labels(p.rule).inc()
             if p.state != "pending":
-                for phone in p.phones:
-                    metrics.deliveries.labels(phone, p.state).inc()
                 # Held back by a cooldown or dedupe is the rule working; a failure is not.
                 log.log(
                     logging.WARNING if p.state == "failed" else logging.INFO,

@@ -533,9 +533,10 @@ class Quieting:
 
 
 def count_held(metrics: Metrics, event_id: str, held: Sequence[tuple[str, str, Verdict]]) -> None:
-    """Count and log the deliveries silences and quiet hours dropped, once they are committed."""
+    """Count (``phonepush_silenced_total``) and log the deliveries silences and quiet hours
+    dropped, once they are committed; their ``suppressed`` rows are counted in
+    ``phonepush_deliveries_total`` by whoever stored them."""
     for rule, phone, verdict in held:
-        metrics.deliveries.labels(phone, "suppressed").inc()
         if verdict.silence:
             metrics.silenced.labels(rule).inc()
         log.info("event %s rule %s to %s: %s", event_id, rule, phone, verdict.reason)
