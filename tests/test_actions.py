@@ -342,6 +342,7 @@ def rule_with(*actions: dict[str, Any], **rule: Any) -> dict[str, Any]:
         ({"label": "Call", "dial": "12<34"}, "rules[doorbell].actions[0].dial"),
         ({"label": "Call", "dial": "41+44"}, "rules[doorbell].actions[0].dial"),
         ({"label": "Call", "dial": "++41"}, "rules[doorbell].actions[0].dial"),
+        ({"label": "Call", "dial": "+41446681800"}, "rules[doorbell].actions[0].dial"),
         ({"label": "", "dial": "1"}, "rules[doorbell].actions[0].label"),
     ],
 )
@@ -351,7 +352,7 @@ def test_bad_action_config_names_the_key(action: dict[str, Any], key: str) -> No
     assert key in str(caught.value)
 
 
-@pytest.mark.parametrize("number", ["+41446681800", "*86", "#31#", "1234:1:Cisco/Dialer"])
+@pytest.mark.parametrize("number", ["0041446681800", "*86", "#31#", "1234:1:Cisco/Dialer"])
 def test_a_dial_action_takes_what_a_phone_dials(number: str) -> None:
     config = parse_config(rule_with({"label": "Call", "dial": number}), environ={})
     assert config.rules[0].actions[0].dial == number

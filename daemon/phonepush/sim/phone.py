@@ -22,9 +22,8 @@ Choices where the documents leave room:
   ``/CGI/Execute``), no ExecuteItem or more than :data:`MAX_ITEMS`, an item without ``URL``, a
   Priority other than 0-2, a setBackground or setRingTone without its URLs.
 * **URIs** follow the notes' grammar; anything else is ``Status="1" Data="Invalid URI"``. Names
-  are exact (``Key:headset`` is invalid). ``Dial:``/``EditDial:`` take ``0-9 # * A-D ,`` after
-  one optional leading ``+`` (an E.164 number: phones dial ``Dial:+41446681800``, though Cisco's
-  notes list only the DTMF characters; ``SendDigits:`` has no ``+``), and the optional
+  are exact (``Key:headset`` is invalid). ``Dial:``/``EditDial:`` take ``0-9 # * A-D ,`` (the
+  notes: "can only contain 0123456789#*ABCD,"; a ``+`` is an invalid URI), and the optional
   ``:useAppUI:appId[:feedback]`` (flags 0/1, an appId of up to 64 characters without a colon);
   ``SendDigits:`` takes ``:feedback``, ``:feedback:appId`` (Cisco's example) or
   ``:feedback::appId`` (Cisco's format), the feedback flag possibly empty. A ``Play:`` file the
@@ -218,7 +217,7 @@ _ENCODING: Final = re.compile(rb"encoding\s*=\s*[\"']([^\"']*)[\"']")
 _CONTENT_CHARSET: Final = re.compile(r"charset\s*=\s*\"?([A-Za-z0-9._-]+)", re.IGNORECASE)
 _CONTROL: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
-_SEQUENCE: Final = re.compile(r"(?:\+(?=.))?[0-9#*A-D,]*")
+_SEQUENCE: Final = re.compile(r"[0-9#*A-D,]*")
 _DTMF: Final = re.compile(r"[0-9#*A-D,]+")
 _APP_ID: Final = re.compile(rf"[^:]{{1,{MAX_APP_ID}}}")
 _PLAY_NAME: Final = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_PLAY_NAME}}}")

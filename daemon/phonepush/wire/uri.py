@@ -10,14 +10,14 @@ Choices where the notes leave room (kept here so there is one place to read them
 * ``Play:`` file names are at most 25 characters (the phone's TFTP name limit); a longer name is
   refused up front instead of failing on the phone.
 * ``Display:`` minutes are 0–1440 (0 means "until changed").
-* ``Dial:``/``SendDigits:`` take ``0-9 # * A-D`` and ``,`` (a one-second pause). ``Dial:`` and
-  ``EditDial:`` also take one leading ``+``: phones dial E.164 numbers (``Dial:+41446681800``),
-  though Cisco's development notes list only the DTMF characters; a ``+`` anywhere else, or in
-  ``SendDigits:`` (DTMF has no ``+``), is refused. An empty sequence is refused (a phone takes
-  it, but it is a template that rendered nothing). The optional ``:useAppUI:appId[:feedback]``
-  suffix of ``Dial:`` takes flags ``0``/``1`` and an appId of up to 64 printable characters
-  without a colon or white space, possibly none (``Dial:1234:1:``; Cisco's example:
-  ``Dial:918005551212:1:Cisco/Dialer``).
+* ``Dial:``/``SendDigits:`` take ``0-9 # * A-D`` and ``,`` (a one-second pause), as Cisco's
+  development notes say ("can only contain 0123456789#*ABCD,"). No ``+``: the notes do not
+  list it, so an E.164 number is written as the dial plan dials it (``Dial:0041446681800``), not
+  as ``Dial:+41446681800``, which a phone may refuse as an invalid URI on every push. An empty
+  sequence is refused (a phone takes it, but it is a template that rendered nothing). The
+  optional ``:useAppUI:appId[:feedback]`` suffix of ``Dial:`` takes flags ``0``/``1`` and an
+  appId of up to 64 printable characters without a colon or white space, possibly none
+  (``Dial:1234:1:``; Cisco's example: ``Dial:918005551212:1:Cisco/Dialer``).
   ``SendDigits:`` takes an optional numeric field and an optional ``appId`` after it, the numeric
   field possibly empty: ``SendDigits:123:2``, ``SendDigits:123:2:app``, ``SendDigits:123::app``.
 * RTP URIs need a dotted IPv4 address; ``RTPMRx``/``RTPMTx`` need a multicast group outside
@@ -77,15 +77,14 @@ class ExecuteItem:
 
 
 _DIGITS = r"[0-9#*A-D,]+"
-_NUMBER = rf"\+?{_DIGITS}"
 _WORD = r"[A-Za-z0-9._\-]+"
 _FLAG = r"[01]"
 _APP_ID = r"[!-9;-~]{0,64}"
 
 _SIMPLE: Final = re.compile(
     rf"""
-      (?: Dial : {_NUMBER} (?: : {_FLAG} : {_APP_ID} (?: : {_FLAG})? )? )
-    | (?: EditDial : {_NUMBER} )
+      (?: Dial : {_DIGITS} (?: : {_FLAG} : {_APP_ID} (?: : {_FLAG})? )? )
+    | (?: EditDial : {_DIGITS} )
     | (?: SendDigits : {_DIGITS} (?: : [0-9]+ | : [0-9]* : {_WORD} )? )
     | (?: (?: Key | SoftKey | Init ) : [A-Za-z0-9]+ )
     | (?: App : {_WORD} (?: : {_WORD} )* )
