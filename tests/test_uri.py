@@ -152,3 +152,8 @@ def test_parse_target_errors_match_reference(argument: str, message: str) -> Non
     with pytest.raises(WireError) as info:
         parse_target(argument)
     assert str(info.value) == message
+
+
+def test_a_refused_number_says_what_a_phone_dials() -> None:
+    with pytest.raises(InvalidURI, match=r"takes no \+, only 0-9 # \* A-D and commas; write \+41"):
+        validate_uri("Dial:+41446681800")

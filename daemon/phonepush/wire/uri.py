@@ -101,6 +101,13 @@ _HTTP: Final = re.compile(
 )
 
 
+_DIAL_KIND: Final = re.compile(r"(?:Dial|EditDial|SendDigits):")
+_DIAL_REASON: Final = (
+    "a number takes no +, only 0-9 # * A-D and commas; write +41... as the dial plan dials it, "
+    "such as 0041..."
+)
+
+
 def is_http(url: str) -> bool:
     """True for ``http://`` and ``https://`` URLs (the phone fetches these)."""
     return url[:7].lower() == "http://" or url[:8].lower() == "https://"
@@ -127,6 +134,8 @@ def validate_uri(uri: str) -> str:
     if m := _RTP.fullmatch(uri):
         _check_rtp(uri, m.group(1), m.group(2), int(m.group(3)), m.group(4))
         return uri
+    if _DIAL_KIND.match(uri) and "+" in uri:
+        raise InvalidURI(uri, _DIAL_REASON)
     raise InvalidURI(uri)
 
 
