@@ -208,7 +208,9 @@ async def test_a_phone_still_retrying_is_not_sent_another_round(tmp_path: Path) 
 async def test_unacknowledged_page_is_pushed_again_until_max_repeats(
     daemon_runner: DaemonRunner, phones: Fleet
 ) -> None:
-    await daemon_runner.start(config(phones))
+    # Each round's deliveries expire when the next falls due (min(ttl, repeat)): under a loaded
+    # machine, 200 ms rounds can expire before they are pushed, so these count whole rounds.
+    await daemon_runner.start(config(phones, repeat="1s"))
     event_id = await fire(daemon_runner)
     body = await settled(daemon_runner, event_id)
 
@@ -267,7 +269,12 @@ async def test_with_scope_phone_each_phone_must_acknowledge(
 async def test_unacknowledged_page_escalates_to_more_phones(
     daemon_runner: DaemonRunner, phones: Fleet
 ) -> None:
-    rule = {"to": ["office"], "max_repeats": 2, "escalate": {"after": 1, "to": ["all"]}}
+    rule = {
+        "to": ["office"],
+        "repeat": "1s",  # rounds that cannot expire before they are pushed, as above
+        "max_repeats": 2,
+        "escalate": {"after": 1, "to": ["all"]},
+    }
     await daemon_runner.start(config(phones, **rule))
     event_id = await fire(daemon_runner)
     body = await settled(daemon_runner, event_id)
