@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -9,6 +10,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from _daemon_fixtures import DaemonRunner, eventually
+from phonepush.sim.simulator import Fleet
 
 CONFIG = """
 [server]
@@ -176,3 +180,38 @@ def test_a_rule_with_acks_or_actions_dry_runs_with_each_phones_own_page(
     for request in requests:
         assert f'URL="{page_url}"' in request
     assert not (tmp_path / "spool.db").exists()
+
+
+async def test_fire_reaches_a_daemon_listening_on_ipv6_loopback(
+    tmp_path: Path, daemon_runner: DaemonRunner, fleet: Fleet
+) -> None:
+    # `fire` (not a dry run) posts to the address in server.listen; an IPv6 one needs brackets
+    # in the URL, which `fire` once left out.
+    phone = fleet.phones[0]
+    port = daemon_runner.port
+    text = textwrap.dedent(
+        f"""
+        [server]
+        listen = "[::1]:{port}"
+        [spool]
+        path = "{tmp_path / "spool.db"}"
+        [webhook]
+        token = "t0ken-for-fire"
+        [[phones]]
+        name = "lobby"
+        host = "{phone.address}"
+        [[rules]]
+        name = "door"
+        on = "webhook:door"
+        to = ["lobby"]
+        execute = ["Dial:{{{{ payload.n }}}}"]
+        """
+    )
+    path = tmp_path / "phonepush.toml"
+    path.write_text(text, encoding="utf-8")
+    await daemon_runner.start_file(path)
+    result = await asyncio.to_thread(
+        phonepush, "fire", "--config", str(path), "--hook", "door", '{"n": 42}'
+    )
+    assert result.returncode == 0, result.stderr
+    await eventually(lambda: "Dial:42" in phone.state.executed)

@@ -3,7 +3,8 @@
 What several commands share: the ``--config`` option and loading it with errors reported the
 same way (``FILE: invalid configuration:`` then one line per problem, exit status 2). A file that
 is not there and a listen port that is taken are not problems of the configuration: each is one
-line saying what to do, with the same exit status.
+line saying what to do, with the same exit status. And where the commands that talk to a running
+daemon (``fire``, ``phones``, ``silence``) find it: :func:`daemon_url`, :func:`bearer`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,36 @@ from phonepush.redact import url_for_log
 if TYPE_CHECKING:
     from phonepush.config import Config
 
-__all__ = ["CONFIG_EXIT", "DEFAULT_CONFIG", "add_config_option", "load_or_report"]
+__all__ = [
+    "CONFIG_EXIT",
+    "DEFAULT_CONFIG",
+    "add_config_option",
+    "bearer",
+    "daemon_url",
+    "load_or_report",
+]
 
 #: Where the systemd unit and the container image keep the config.
 DEFAULT_CONFIG = "/etc/phonepush/phonepush.toml"
 #: Exit status for an invalid configuration.
 CONFIG_EXIT = 2
+
+
+def daemon_url(config: Config) -> str:
+    """``http://HOST:PORT`` of the daemon ``config`` runs, as a command on the same machine
+    reaches it: a wildcard listen address on loopback, an IPv6 address in brackets."""
+    host, port = config.server.address
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def bearer(config: Config) -> dict[str, str]:
+    """The ``Authorization`` header for the daemon's API (none without ``webhook.token``)."""
+    token = config.webhook.token
+    return {} if token is None else {"Authorization": f"Bearer {token.get_secret_value()}"}
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:

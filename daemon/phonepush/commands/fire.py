@@ -25,7 +25,7 @@ import httpx
 
 from phonepush import jsonlimits
 from phonepush.app.builder import Services, build
-from phonepush.commands import CONFIG_EXIT, add_config_option, load_or_report
+from phonepush.commands import CONFIG_EXIT, add_config_option, bearer, daemon_url, load_or_report
 from phonepush.config import Config
 from phonepush.errors import PhonepushError
 from phonepush.events import Event
@@ -174,14 +174,8 @@ def _softkeys(rule: PlannedRule, base: str) -> list[str]:
 
 async def _inject(config: Config, event: Event) -> int:
     if event.source == "webhook":
-        host, port = config.server.address
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        url = f"http://{host}:{port}/hooks/{event.topic}"
-        token = config.webhook.token
-        headers = {"Content-Type": _content_type(event.payload)}
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token.get_secret_value()}"
+        url = f"{daemon_url(config)}/hooks/{event.topic}"
+        headers = {"Content-Type": _content_type(event.payload), **bearer(config)}
         try:
             async with httpx.AsyncClient(timeout=10) as client:
                 answer = await client.post(url, content=event.payload, headers=headers)

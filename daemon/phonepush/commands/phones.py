@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 from prometheus_client import CollectorRegistry
 
-from phonepush.commands import CONFIG_EXIT, add_config_option, load_or_report
+from phonepush.commands import CONFIG_EXIT, add_config_option, bearer, daemon_url, load_or_report
 from phonepush.config import Config
 from phonepush.health.monitor import Health
 from phonepush.metrics import Metrics
@@ -94,15 +94,8 @@ def _quiet_health_log() -> Iterator[None]:
 
 async def from_daemon(config: Config) -> list[dict[str, Any]] | None:
     """The running daemon's ``GET /api/phones``; None when none answers there."""
-    host, port = config.server.address
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    url = f"http://{host}:{port}/api/phones"
-    headers = {}
-    if config.webhook.token is not None:
-        headers["Authorization"] = f"Bearer {config.webhook.token.get_secret_value()}"
+    url = f"{daemon_url(config)}/api/phones"
+    headers = bearer(config)
     try:
         async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
             answer = await client.get(url, headers=headers)

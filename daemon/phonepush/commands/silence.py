@@ -40,7 +40,7 @@ from urllib.parse import quote
 
 import httpx
 
-from phonepush.commands import CONFIG_EXIT, add_config_option, load_or_report
+from phonepush.commands import CONFIG_EXIT, add_config_option, daemon_url, load_or_report
 from phonepush.config import Config, parse_duration
 from phonepush.silence.silences import Matcher
 
@@ -282,12 +282,7 @@ class _Api:
                 raise _Failed(f"--url {url!r}: expected http://HOST:PORT or https://...", USAGE)
             base = url.rstrip("/")
         else:
-            host, port = config.server.address
-            if host in ("0.0.0.0", "::", ""):
-                host = "127.0.0.1"
-            if ":" in host:
-                host = f"[{host}]"
-            base = f"http://{host}:{port}"
+            base = daemon_url(config)
         webhook = config.webhook
         key = "webhook.token"
         if webhook.token_file:
