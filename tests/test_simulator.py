@@ -633,7 +633,9 @@ async def test_background_ringtone_and_rtp(fleet: Fleet) -> None:
 
 
 async def test_push_while_busy_gets_error_6_and_is_counted(make_fleet: MakeFleet) -> None:
-    fleet = await make_fleet(delay_ms=300)
+    # The first push holds the phone for 2 s: room for the two that overlap it even on a loaded
+    # machine (with 300 ms, a busy CI run sometimes sent them after it had ended).
+    fleet = await make_fleet(delay_ms=2000)
     phone = fleet.phones[0]
     first = asyncio.create_task(push(phone, raw_execute("Dial:1")))
     await fleet.wait_for(lambda: phone.state.pushes == 1)
