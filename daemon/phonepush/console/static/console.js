@@ -37,15 +37,20 @@
   }
 
   async function tick() {
+    let wait = PERIOD_MS;
     if (!document.hidden) {
+      const started = performance.now();
       try {
         await refresh();
         show(true);
       } catch (error) {
         show(false);
       }
+      // A page that is slow to make (a large fleet, a loaded daemon) is asked for less often:
+      // the console never costs the daemon more than a tenth of its time.
+      wait = Math.max(PERIOD_MS, 10 * (performance.now() - started));
     }
-    window.setTimeout(tick, PERIOD_MS);
+    window.setTimeout(tick, wait);
   }
 
   window.setTimeout(tick, PERIOD_MS);
