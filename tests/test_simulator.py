@@ -256,6 +256,12 @@ DIALS = [
     "Dial:1234:2:app",
     "Dial:1234:1:app:fb",
     "SendDigits:+41",
+    "SendDigits:1234:1",
+    "SendDigits:1234:2",
+    "SendDigits:1234:1:Cisco/Dialer",
+    "SendDigits:1234::app",
+    "SendDigits:1234:1::app",
+    "SendDigits:1234:1:a:b",
 ]
 
 

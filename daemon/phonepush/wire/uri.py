@@ -18,8 +18,10 @@ Choices where the notes leave room (kept here so there is one place to read them
   optional ``:useAppUI:appId[:feedback]`` suffix of ``Dial:`` takes flags ``0``/``1`` and an
   appId of up to 64 printable characters without a colon or white space, possibly none
   (``Dial:1234:1:``; Cisco's example: ``Dial:918005551212:1:Cisco/Dialer``).
-  ``SendDigits:`` takes an optional numeric field and an optional ``appId`` after it, the numeric
-  field possibly empty: ``SendDigits:123:2``, ``SendDigits:123:2:app``, ``SendDigits:123::app``.
+  ``SendDigits:`` takes an optional audible-feedback flag (``0``/``1``, the notes' values) and an
+  optional ``appId`` after it, the flag possibly empty, with one colon before the appId (Cisco's
+  example: ``SendDigits:…:1:Cisco/Dialer``) or two (its format line): ``SendDigits:123:1``,
+  ``SendDigits:123:1:app``, ``SendDigits:123::app``, ``SendDigits:123:1::app``.
 * RTP URIs need a dotted IPv4 address; ``RTPMRx``/``RTPMTx`` need a multicast group outside
   224.0.0.0/8, ``RTPRx``/``RTPTx`` a unicast address. Ports are even, 20480–32768; volume 0–100.
 * ``http(s)://`` URLs may hold no white space or control characters. The scheme is matched in
@@ -85,7 +87,7 @@ _SIMPLE: Final = re.compile(
     rf"""
       (?: Dial : {_DIGITS} (?: : {_FLAG} : {_APP_ID} (?: : {_FLAG})? )? )
     | (?: EditDial : {_DIGITS} )
-    | (?: SendDigits : {_DIGITS} (?: : [0-9]+ | : [0-9]* : {_WORD} )? )
+    | (?: SendDigits : {_DIGITS} (?: : {_FLAG} | : {_FLAG}? : :? [!-9;-~]{{1,64}} )? )
     | (?: (?: Key | SoftKey | Init ) : [A-Za-z0-9]+ )
     | (?: App : {_WORD} (?: : {_WORD} )* )
     """,
