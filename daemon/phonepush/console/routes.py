@@ -474,7 +474,7 @@ def console_routes(
         request: Request, identity: Identity, fields: dict[str, str]
     ) -> Response:
         silence_id = request.path_params["silence_id"]
-        if not silences_of().expire(silence_id):
+        if not await silences_of().expire(silence_id):
             raise _Refused(404, "No such silence in force or scheduled.")
         return _secure(RedirectResponse("/silences?notice=expired", status_code=303))
 

@@ -162,7 +162,7 @@ def api_routes(state: ServerState, *, bearer_ok: Callable[[Request, str], bool])
             record = await state.spool.events.get(event_id)
             if record is None:
                 return JSONResponse({"error": f"no event {event_id[:64]!r}"}, status_code=404)
-            return JSONResponse(event_status(state.spool, record))
+            return JSONResponse(await event_status(state.spool, record))
         except SpoolError:
             return JSONResponse(
                 {"error": "spool unavailable"}, status_code=503, headers={"Retry-After": "5"}

@@ -182,7 +182,7 @@ def silence_routes(
 
     async def expire(request: Request, silences: Silences) -> Response:
         silence_id = request.path_params["silence_id"]
-        if not silences.expire(silence_id):
+        if not await silences.expire(silence_id):
             raise _Invalid(404, "no such silence in force or scheduled")
         return JSONResponse({"id": silence_id, "status": "expired"})
 
