@@ -41,7 +41,7 @@ async def _fill(spool: Spool, events: int, payload: bytes) -> None:
     page = "<CiscoIPPhoneText><Title>Door</Title><Text>" + "x" * 200 + "</Text></CiscoIPPhoneText>"
     for i in range(events):
         event = Event("mqtt", "home/door", payload, {}, id=f"e{i:08d}", received_at=1000.0 + i)
-        commit_event(
+        await commit_event(
             spool,
             event,
             rules=["door"],
@@ -84,15 +84,15 @@ async def _case(directory: Path, events: int, payload_bytes: int, batched: bool)
     path = directory / f"purge-{'batched' if batched else 'single'}.db"
     async with Spool(path, max_pending=10_000_000) as spool:
         await _fill(spool, events, os.urandom(payload_bytes))
-        live = spool.live_bytes()
+        live = await spool.live_bytes()
         keeper = Housekeeper(spool, retention=86400, max_size=None)
         times: list[float] = []
         purge_batch = spool.events.purge_batch
 
-        def timed(*args: Any) -> tuple[int, tuple[float, int]]:
+        async def timed(*args: Any) -> tuple[int, tuple[float, int]]:
             started = time.perf_counter()
             try:
-                return purge_batch(*args)
+                return await purge_batch(*args)
             finally:
                 times.append(time.perf_counter() - started)
 
@@ -104,11 +104,11 @@ async def _case(directory: Path, events: int, payload_bytes: int, batched: bool)
                 removed = await keeper.purge(math.inf)
                 longest = keeper.longest_batch
             else:
-                removed = spool.events.purge(math.inf)
+                removed = await spool.events.purge(math.inf)
                 longest = time.perf_counter() - started
             elapsed = time.perf_counter() - started
             await asyncio.sleep(0.01)
-        freed = live - spool.live_bytes()
+        freed = live - await spool.live_bytes()
     return {
         "mode": "batched" if batched else "all at once",
         "events": removed,

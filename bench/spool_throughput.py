@@ -75,7 +75,7 @@ async def _add_events(
             for n in range(per_event)
         ]
         before, cpu_at = time.perf_counter(), time.thread_time()
-        stored = commit_event(
+        stored = await commit_event(
             spool,
             event,
             rules=["door"],
@@ -119,8 +119,8 @@ async def _progress_finish(spool: Spool, ids: list[int], seconds: float) -> dict
         if time.perf_counter() >= deadline:
             break
         before, cpu_at = time.perf_counter(), time.thread_time()
-        spool.deliveries.progress(delivery_id, sent=1, attempts=1)
-        spool.deliveries.finish(delivery_id, "delivered")
+        await spool.deliveries.progress(delivery_id, sent=1, attempts=1)
+        await spool.deliveries.finish(delivery_id, "delivered")
         loop_cpu += time.thread_time() - cpu_at
         latencies.append(time.perf_counter() - before)
         await asyncio.sleep(0)
@@ -148,7 +148,7 @@ async def _run_case(directory: Path, synchronous: str, seconds: float) -> dict[s
                 result["progress_finish"] = await _progress_finish(spool, ids, seconds)
         async with Spool(path, synchronous=synchronous, max_pending=10_000_000) as spool:
             before = time.perf_counter()
-            backlog = spool.deliveries.pending()
+            backlog = await spool.deliveries.pending()
             result[f"resume_{per_event}"] = {
                 "pending": len(backlog),
                 "seconds": time.perf_counter() - before,

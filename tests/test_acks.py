@@ -266,15 +266,15 @@ async def test_purge_forgets_old_acknowledgements_with_their_events(tmp_path: An
     async with Spool(tmp_path / "spool.db") as spool:
         built = build(cfg, Services(spool, metrics, sent.extend))
         intake = Intake(built.pipeline, spool, metrics=metrics, submit=sent.extend)
-        accepted = intake.accept(Event("webhook", "alert", b"{}", received_at=1000.0))
+        accepted = await intake.accept(Event("webhook", "alert", b"{}", received_at=1000.0))
         (delivery,) = sent
-        spool.deliveries.finish(delivery.id, "delivered")
-        (phone,) = spool.alerts.phones_of(accepted.event.id)
+        await spool.deliveries.finish(delivery.id, "delivered")
+        (phone,) = await spool.alerts.phones_of(accepted.event.id)
         assert phone.token is not None
-        result = acknowledge(spool, phone.token, 1001.0, "CP-8841 127.0.0.1")
+        result = await acknowledge(spool, phone.token, 1001.0, "CP-8841 127.0.0.1")
         assert result is not None and result.first and result.alert.state == "acknowledged"
 
-        assert spool.events.purge(before=2000.0) == 1
-        assert spool.alerts.by_token(phone.token) is None
-        assert spool.alerts.of_event(accepted.event.id) == []
-        assert acknowledge(spool, phone.token, 1002.0, "") is None
+        assert await spool.events.purge(before=2000.0) == 1
+        assert await spool.alerts.by_token(phone.token) is None
+        assert await spool.alerts.of_event(accepted.event.id) == []
+        assert await acknowledge(spool, phone.token, 1002.0, "") is None

@@ -295,8 +295,8 @@ async def test_a_spool_made_before_actions_opens_and_gains_their_tables(tmp_path
         db.execute("DROP TABLE alert_actions")
         db.execute("DROP TABLE action_presses")
     async with Spool(path) as spool:
-        assert spool.alerts.presses_of("nothing") == []
-        assert spool.alerts.action("nothing") is None
+        assert await spool.alerts.presses_of("nothing") == []
+        assert await spool.alerts.action("nothing") is None
 
 
 # --- configuration ------------------------------------------------------------------------------

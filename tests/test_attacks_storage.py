@@ -84,7 +84,7 @@ async def test_finding_2_oversized_mqtt_payload_is_acked_not_stored(
     notes = [r for r in caplog.records if "mqtt.max_payload" in r.getMessage()]
     assert len(notes) == 1, [r.getMessage() for r in notes]  # once per topic per minute
     assert "door/big" in notes[0].getMessage()
-    stored = running.spool.events.recent(10)
+    stored = await running.spool.events.recent(10)
     assert [e.topic for e in stored] == ["door/front"]
     assert fleet.phones[0].state.pushes == 1
 
@@ -93,7 +93,7 @@ async def test_finding_2_oversized_mqtt_payload_is_acked_not_stored(
     running = await daemon_runner.start(config)
     await asyncio.to_thread(mosquitto.publish, "door/front", json.dumps({"who": "Bob"}))
     await eventually(lambda: fleet.phones[0].state.screen.text == "Bob")
-    assert [e.topic for e in running.spool.events.recent(10)] == ["door/front", "door/front"]
+    assert [e.topic for e in await running.spool.events.recent(10)] == ["door/front", "door/front"]
     assert (
         daemon_runner.metric("phonepush_events_rejected_total", source="mqtt", reason="too_large")
         == 0
@@ -110,9 +110,13 @@ async def test_finding_2_oversized_payload_over_mqtt_3_is_acked_not_stored(
         "rules": [{"name": "all", "on": "mqtt:v3/#", "to": ["all"], "execute": ["Key:1"]}],
     }
     running = await daemon_runner.start(config)
+
+    async def stored(count: int) -> bool:
+        return len(await running.spool.events.recent(5)) == count
+
     await asyncio.to_thread(mosquitto.publish, "v3/big", b"z" * 2_000_000)
     await asyncio.to_thread(mosquitto.publish, "v3/small", b"{}")
-    await eventually(lambda: len(running.spool.events.recent(5)) == 1)
+    await eventually(lambda: stored(1))
     await eventually(
         lambda: (
             daemon_runner.metric(
@@ -121,11 +125,11 @@ async def test_finding_2_oversized_payload_over_mqtt_3_is_acked_not_stored(
             == 1
         )
     )
-    assert [e.topic for e in running.spool.events.recent(5)] == ["v3/small"]
+    assert [e.topic for e in await running.spool.events.recent(5)] == ["v3/small"]
     await daemon_runner.stop()
     running = await daemon_runner.start(config)
     await asyncio.to_thread(mosquitto.publish, "v3/small", b"{}")
-    await eventually(lambda: len(running.spool.events.recent(5)) == 2)
+    await eventually(lambda: stored(2))
     assert (
         daemon_runner.metric("phonepush_events_rejected_total", source="mqtt", reason="too_large")
         == 0
@@ -220,7 +224,7 @@ async def test_finding_7_credential_headers_not_stored_and_spool_files_private(
     event_id = answer.json()["event"]
     assert answer.json()["rules"] == ["ci"]
     await eventually(lambda: fleet.phones[0].state.screen.text == "push")
-    record = running.spool.events.get(event_id)
+    record = await running.spool.events.get(event_id)
     assert record is not None
     assert dict(record.headers) == {
         "content-type": "application/json",
@@ -337,7 +341,7 @@ async def test_finding_12_follow_symlinks_opens_the_target(tmp_path: Path) -> No
     link = tmp_path / "spool.db"
     link.symlink_to(target)
     async with Spool(link, follow_symlinks=True) as spool:
-        spool.check()
+        await spool.check()
     assert target.exists() and _mode(target) == 0o600
 
 
@@ -353,7 +357,7 @@ async def test_finding_12_the_service_managers_state_directory_link_is_taken(
         pytest.skip("needs root: only a root-owned link is trusted")
     assert state_directories({"STATE_DIRECTORY": f"{state}:/elsewhere"})[0] == state
     async with Spool(state / "spool.db", trusted_links=[state]) as spool:
-        spool.check()
+        await spool.check()
     assert (tmp_path / "private" / "phonepush" / "spool.db").exists()
 
     # Not named: refused as any other link. Named but not root's: refused too.
@@ -462,10 +466,12 @@ async def test_finding_15_full_spool_evicts_finished_rows_keeps_pending_and_answ
     fillers = 6000
     for i in range(fillers):
         event, deliveries, pages = _filler(i, payload)
-        commit_event(spool, event, rules=["fill"], deliveries=deliveries, pages=pages, cooldowns=())
+        await commit_event(
+            spool, event, rules=["fill"], deliveries=deliveries, pages=pages, cooldowns=()
+        )
         if i % 200 == 0:
             await asyncio.sleep(0)
-    before = spool.live_bytes()
+    before = await spool.live_bytes()
     assert before > 20 << 20
 
     limit = 4 << 20
@@ -473,9 +479,13 @@ async def test_finding_15_full_spool_evicts_finished_rows_keeps_pending_and_answ
         await asyncio.sleep(0.2)
         # As a reload with a smaller spool.max_size does:
         housekeeper.max_size = spool.max_size = limit
-        await eventually(lambda: spool.live_bytes() <= limit, timeout=120)
+
+        async def evicted() -> bool:
+            return await spool.live_bytes() <= limit
+
+        await eventually(evicted, timeout=120)
         await asyncio.sleep(0.2)
-    after = spool.live_bytes()
+    after = await spool.live_bytes()
 
     # Every /healthz answered, all through the eviction.
     assert poller.answers and set(poller.answers) == {200}, set(poller.answers)
@@ -486,11 +496,11 @@ async def test_finding_15_full_spool_evicts_finished_rows_keeps_pending_and_answ
         f" batch size now {housekeeper.batch}"
     )
     # Oldest finished first, pending work kept whole.
-    assert spool.events.get("fill-000000") is None
-    assert spool.events.get(f"fill-{fillers - 1:06d}") is not None
+    assert await spool.events.get("fill-000000") is None
+    assert await spool.events.get(f"fill-{fillers - 1:06d}") is not None
     assert spool.pending_count() == 20
     for event_id in work:
-        record = spool.events.get(event_id)
+        record = await spool.events.get(event_id)
         assert record is not None and [d.state for d in record.deliveries] == ["pending"]
     assert daemon_runner.metric("phonepush_spool_bytes") >= after
 
@@ -524,7 +534,7 @@ async def test_finding_15_full_spool_evicts_finished_rows_keeps_pending_and_answ
         answer = await client.post("/hooks/work", json={"n": "taken"})
         assert answer.status_code == 202, answer.text
     await eventually(lambda: spool.pending_count() == 22, timeout=15)
-    assert {(e.source, e.topic) for e in spool.events.recent(2)} == {
+    assert {(e.source, e.topic) for e in await spool.events.recent(2)} == {
         ("mqtt", "work"),
         ("webhook", "work"),
     }
@@ -537,7 +547,7 @@ async def test_finding_15_retention_purges_finished_events_only(tmp_path: Path) 
         done = NewDelivery("r", "desk", (), now, "suppressed", "test")
         ages = {"old-done": 8 * 86400, "old-pending": 8 * 86400, "new-done": 6 * 86400}
         for name, age in ages.items():
-            commit_event(
+            await commit_event(
                 spool,
                 Event("webhook", "x", b"{}", {}, id=name, received_at=now - age),
                 rules=["r"],
@@ -547,11 +557,11 @@ async def test_finding_15_retention_purges_finished_events_only(tmp_path: Path) 
             )
         keeper = Housekeeper(spool, retention=7 * 86400, max_size=None, clock=lambda: now)
         await keeper.tidy()
-        assert spool.events.get("old-done") is None
-        assert spool.events.get("old-pending") is not None
-        assert spool.events.get("new-done") is not None
-        assert not spool.events.in_cooldown("r", "old-done", now - 9 * 86400)
-        assert spool.events.in_cooldown("r", "new-done", now - 6 * 86400)
+        assert await spool.events.get("old-done") is None
+        assert await spool.events.get("old-pending") is not None
+        assert await spool.events.get("new-done") is not None
+        assert not await spool.events.in_cooldown("r", "old-done", now - 9 * 86400)
+        assert await spool.events.in_cooldown("r", "new-done", now - 6 * 86400)
 
 
 async def test_finding_15_purge_batches_stay_small(tmp_path: Path) -> None:
@@ -561,14 +571,15 @@ async def test_finding_15_purge_batches_stay_small(tmp_path: Path) -> None:
         payload = b"z" * 2000
         for i in range(3000):
             event, deliveries, pages = _filler(i, payload)
-            commit_event(
+            await commit_event(
                 spool, event, rules=["fill"], deliveries=deliveries, pages=pages, cooldowns=()
             )
         keeper = Housekeeper(spool, retention=86400, max_size=None)
         removed = await keeper.purge(1000.0 + 2500)  # events 0..2499
         assert removed == 2500
         assert (
-            spool.events.get("fill-002499") is None and spool.events.get("fill-002500") is not None
+            await spool.events.get("fill-002499") is None
+            and await spool.events.get("fill-002500") is not None
         )
         assert 1 <= keeper.batch <= 2048
         assert math.isfinite(keeper.longest_batch)

@@ -59,11 +59,15 @@ async def _fire(url: str, payload: dict[str, Any], hook: str = "page") -> str:
     return event_id
 
 
-def _deliveries(runner: DaemonRunner, event_id: str) -> list[tuple[str, str]]:
+async def _deliveries(runner: DaemonRunner, event_id: str) -> list[tuple[str, str]]:
     assert runner.daemon is not None and runner.daemon.running is not None
-    record = runner.daemon.running.spool.events.get(event_id)
+    record = await runner.daemon.running.spool.events.get(event_id)
     assert record is not None
     return [(d.state, d.error) for d in record.deliveries]
+
+
+async def _delivered(runner: DaemonRunner, event_id: str) -> bool:
+    return await _deliveries(runner, event_id) == [("delivered", "")]
 
 
 @pytest.fixture
@@ -82,7 +86,7 @@ async def test_finding_1_nested_quantifier_regex_cannot_freeze(
     stored = json.dumps([{"name": "label.x", "value": NESTED, "isRegex": True, "isEqual": True}])
     now = time.time()
     async with Spool(daemon_runner.spool) as spool:
-        spool.silences.add(StoredSilence("old-bad", stored, now, now + 3600, now, "ops", ""))
+        await spool.silences.add(StoredSilence("old-bad", stored, now, now + 3600, now, "ops", ""))
     caplog.set_level(logging.ERROR, logger="phonepush.silences")
     await daemon_runner.start(_page_rule(desk))
     assert "old-bad" in caplog.text and "is ignored" in caplog.text
@@ -105,10 +109,10 @@ async def test_finding_1_nested_quantifier_regex_cannot_freeze(
     event_id = await _fire(daemon_runner.url, {"x": EVIL_SUBJECT})
     async with httpx.AsyncClient(base_url=daemon_runner.url) as client:
         assert (await client.get("/healthz")).status_code == 200
-    await eventually(lambda: _deliveries(daemon_runner, event_id) == [("delivered", "")])
+    await eventually(lambda: _delivered(daemon_runner, event_id))
     # The same matcher does silence a value it matches.
     silenced = await _fire(daemon_runner.url, {"x": "a" * 40})
-    (state, error) = _deliveries(daemon_runner, silenced)[0]
+    (state, error) = (await _deliveries(daemon_runner, silenced))[0]
     assert state == "suppressed" and error.startswith("silenced by ")
 
 
@@ -276,7 +280,7 @@ async def test_finding_10_event_data_cannot_move_a_pushed_url_to_another_host(
     record = dict(
         zip(
             ("page", "joined", "raw", "trusted"),
-            _deliveries(daemon_runner, event_id),
+            await _deliveries(daemon_runner, event_id),
             strict=True,
         )
     )

@@ -86,8 +86,8 @@ def _heard(fleet: Fleet) -> list[dict[str, Any]]:
     return out
 
 
-def _audio_rows(running: Running, event: str) -> dict[str, tuple[str, str]]:
-    record = running.spool.events.get(event)
+async def _audio_rows(running: Running, event: str) -> dict[str, tuple[str, str]]:
+    record = await running.spool.events.get(event)
     assert record is not None
     return {d.phone: (d.state, d.error) for d in record.deliveries if not d.requests}
 
@@ -114,7 +114,7 @@ async def test_spoken_page_to_three_phones(daemon_runner: DaemonRunner, phones: 
     # One stream reached all three: the same packets, the same SSRC.
     assert len({(h["ssrc"], h["packets"]) for h in _heard(phones)}) == 1
 
-    assert _audio_rows(running, event) == {name: ("delivered", "") for name in NAMES}
+    assert await _audio_rows(running, event) == {name: ("delivered", "") for name in NAMES}
     assert daemon_runner.metric("phonepush_audio_pages_total", rule="evacuate", result="ok") == 1
     assert daemon_runner.metric("phonepush_deliveries_total", phone="hall", result="delivered") == 1
     assert daemon_runner.metric("phonepush_audio_stream_seconds_count", rule="evacuate") == 1
@@ -140,7 +140,7 @@ async def test_wav_file_with_chime_and_a_message(
         # The message went out as usual, through the dispatcher.
         assert phone.state.screen.title == "Evacuate"
         assert phone.state.screen.text == "Leave by the stairs, zone C"
-    record = running.spool.events.get(event)
+    record = await running.spool.events.get(event)
     assert record is not None
     assert sorted((d.phone, bool(d.requests), d.state) for d in record.deliveries) == sorted(
         [(name, with_requests, "delivered") for name in NAMES for with_requests in (True, False)]
@@ -161,7 +161,7 @@ async def test_multicast_page(daemon_runner: DaemonRunner, phones: Fleet, tmp_pa
         assert items == [f"RTPMRx:{group}:{port}:50", "RTPRx:Stop"]
         assert heard["mode"] == "multicast" and heard["clean"] is True
         assert heard["packets"] == math.ceil(len(played) / 160)
-    assert _audio_rows(running, event) == {name: ("delivered", "") for name in NAMES}
+    assert await _audio_rows(running, event) == {name: ("delivered", "") for name in NAMES}
 
 
 # Linux's value; Python's socket module does not export it.
@@ -252,7 +252,7 @@ async def test_a_phone_that_refuses_is_reported_and_the_others_hear_the_page(
         assert heard["packets"] == 15 and heard["clean"] is True
     assert office.rtp_status()["history"] == []
     assert office.state.pushes == 2  # asked to listen, once more after "busy", never told to stop
-    rows = _audio_rows(running, event)
+    rows = await _audio_rows(running, event)
     assert rows["lobby"] == rows["hall"] == ("delivered", "")
     state, error = rows["office"]
     assert state == "failed" and "would not listen" in error
@@ -291,7 +291,7 @@ async def test_stopping_the_daemon_cuts_the_page_and_it_is_not_replayed(
         assert status["active"] is False and status["ended_by"] == "RTPRx:Stop"
         assert status["duration_s"] < 30
     running = await daemon_runner.start(data)
-    assert _audio_rows(running, event) == {
+    assert await _audio_rows(running, event) == {
         name: ("expired", "the daemon stopped during the audio page") for name in NAMES
     }
     assert all(len(p.rtp_status()["history"]) == 1 for p in phones.phones)
@@ -305,7 +305,7 @@ async def test_audio_left_pending_by_a_crash_is_expired_at_start(
     event = Event("webhook", "alarm", b"{}", {}, "0" * 26, time.time())
     async with Spool(daemon_runner.spool) as spool:
         # What a daemon killed mid-page leaves: the audio rows still pending.
-        commit_event(
+        await commit_event(
             spool,
             event,
             rules=["evacuate"],
@@ -314,7 +314,7 @@ async def test_audio_left_pending_by_a_crash_is_expired_at_start(
             cooldowns=[],
         )
     running = await daemon_runner.start(data)
-    assert _audio_rows(running, event.id) == {
+    assert await _audio_rows(running, event.id) == {
         name: ("expired", "interrupted by a restart; audio is not replayed") for name in NAMES
     }
     assert all(p.state.pushes == 0 for p in phones.phones)

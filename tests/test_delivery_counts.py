@@ -80,13 +80,17 @@ async def test_every_stored_delivery_is_counted_once_by_its_final_state(
             assert answer.status_code == 202
             ids.append(answer.json()["event"])
 
-    def stored(event_id: str) -> list[Delivery]:
-        record = spool.events.get(event_id)
+    async def stored(event_id: str) -> list[Delivery]:
+        record = await spool.events.get(event_id)
         assert record is not None
         return list(record.deliveries)
 
-    await eventually(lambda: all(d.state != DeliveryState.PENDING for i in ids for d in stored(i)))
-    second = {(d.rule, d.phone): (d.state, d.error) for d in stored(ids[1])}
+    async def finished() -> bool:
+        deliveries = [d for i in ids for d in await stored(i)]
+        return all(d.state != DeliveryState.PENDING for d in deliveries)
+
+    await eventually(finished)
+    second = {(d.rule, d.phone): (d.state, d.error) for d in await stored(ids[1])}
     assert {key: state for key, (state, _) in second.items()} == {
         ("page", "desk"): "delivered",
         ("page", "lobby"): "suppressed",
@@ -97,7 +101,7 @@ async def test_every_stored_delivery_is_counted_once_by_its_final_state(
     assert second["once", "desk"][1] == "cooldown"
     assert second["page", "lobby"][1].startswith("silenced by ")
 
-    deliveries = stored(ids[0]) + stored(ids[1])
+    deliveries = await stored(ids[0]) + await stored(ids[1])
     counted = _counted(daemon_runner)
     assert sum(counted.values()) == len(deliveries) == 10
     assert counted == Counter((d.phone, str(d.state)) for d in deliveries)

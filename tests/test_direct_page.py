@@ -47,7 +47,7 @@ async def test_a_page_to_a_group_reaches_its_phones_and_is_recorded(
     daemon_runner: DaemonRunner, phones: Fleet
 ) -> None:
     running = await daemon_runner.start(config(phones))
-    accepted = running.intake.page(a_page(("frontdesk",), execute=("Play:Chime.raw",)))
+    accepted = await running.intake.page(a_page(("frontdesk",), execute=("Play:Chime.raw",)))
     assert accepted.rules == ("test-page",)
     assert sorted(d.phone for d in accepted.deliveries) == ["lobby", "office"]
     lobby, office, cellar = phones.phones
@@ -55,7 +55,7 @@ async def test_a_page_to_a_group_reaches_its_phones_and_is_recorded(
     await eventually(lambda: office.state.screen.title == "Test page")
     assert lobby.state.screen.text == "Hello"
     assert cellar.state.pushes == 0
-    stored = running.spool.events.get(accepted.event.id)
+    stored = await running.spool.events.get(accepted.event.id)
     assert stored is not None
     assert (stored.source, stored.topic, stored.rules) == ("console", "frontdesk", ("test-page",))
     await eventually(
@@ -84,5 +84,5 @@ async def test_bad_requests_are_refused_naming_the_field_and_write_nothing(
 ) -> None:
     running = await daemon_runner.start(config(phones))
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        running.intake.page(page)
-    assert running.spool.events.recent(10) == []
+        await running.intake.page(page)
+    assert await running.spool.events.recent(10) == []

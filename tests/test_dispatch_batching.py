@@ -27,7 +27,7 @@ def _event() -> Event:
 
 async def test_finish_many_is_finish_for_each(tmp_path: Path) -> None:
     async with Spool(tmp_path / "spool.db") as spool:
-        stored = commit_event(
+        stored = await commit_event(
             spool,
             _event(),
             rules=["fire"],
@@ -37,17 +37,19 @@ async def test_finish_many_is_finish_for_each(tmp_path: Path) -> None:
         )
         first, second, third = (d.id for d in stored)
         with pytest.raises(ValueError, match="pending"):
-            spool.deliveries.finish_many([(first, "delivered", ""), (second, "pending", "")])
+            await spool.deliveries.finish_many([(first, "delivered", ""), (second, "pending", "")])
         assert spool.pending_count() == 3  # nothing of a refused batch is written
 
-        spool.deliveries.finish_many([(first, "delivered", ""), (second, "failed", "HTTP 404")])
+        await spool.deliveries.finish_many(
+            [(first, "delivered", ""), (second, "failed", "HTTP 404")]
+        )
         # Finishing again is harmless, as with finish(): the first final state stays.
-        spool.deliveries.finish_many([(first, "expired", "late")])
-        spool.deliveries.finish_many([])
+        await spool.deliveries.finish_many([(first, "expired", "late")])
+        await spool.deliveries.finish_many([])
 
         assert spool.pending_count() == 1
-        assert [d.id for d in spool.deliveries.pending()] == [third]
-        record = spool.events.get(stored[0].event_id)
+        assert [d.id for d in await spool.deliveries.pending()] == [third]
+        record = await spool.events.get(stored[0].event_id)
         assert record is not None
         states = {d.id: (d.state, d.error) for d in record.deliveries}
         assert states == {
@@ -65,7 +67,7 @@ async def test_every_delivery_is_recorded_when_the_dispatcher_is_idle(
     metrics = Metrics(CollectorRegistry())
     async with Spool(tmp_path / "spool.db") as spool:
         metrics.watch(spool)
-        stored = commit_event(
+        stored = await commit_event(
             spool,
             _event(),
             rules=["fire"],
@@ -78,7 +80,7 @@ async def test_every_delivery_is_recorded_when_the_dispatcher_is_idle(
             await dispatcher.wait_idle()
             # Checked at once, before the loop runs again: idle means written.
             assert spool.pending_count() == 0
-            record = spool.events.get(stored[0].event_id)
+            record = await spool.events.get(stored[0].event_id)
             assert record is not None
             assert {d.state for d in record.deliveries} == {"delivered"}
             registry = metrics.registry

@@ -173,7 +173,7 @@ async def test_a_restart_during_the_window_still_delivers_the_group_once(
     await daemon_runner.stop()
     await daemon_runner.start(config(phones, group_wait="1s"))
     assert daemon_runner.daemon is not None and daemon_runner.daemon.running is not None
-    assert daemon_runner.daemon.running.spool.groups.next_due() is None
+    assert await daemon_runner.daemon.running.spool.groups.next_due() is None
     assert office.state.pushes == 1
 
 

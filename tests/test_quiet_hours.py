@@ -127,7 +127,7 @@ async def pipeline(
                 Dispatcher(spool, config.phone_targets(), metrics=metrics, clock=clock)
             )
             silences = Silences(spool, clock=clock)
-            silences.load()
+            await silences.load()
             grouper = Grouper(
                 spool,
                 silences,
@@ -152,9 +152,9 @@ async def pipeline(
 
 async def ring(made: dict[str, Any], clock: Clock) -> dict[str, tuple[str, str]]:
     """Send one event at the clock's time; the (state, error) of its delivery per phone."""
-    accepted = made["intake"].accept(Event("webhook", "bell", b"{}", received_at=clock.now))
+    accepted = await made["intake"].accept(Event("webhook", "bell", b"{}", received_at=clock.now))
     await made["dispatcher"].wait_idle()
-    record = made["spool"].events.get(accepted.event.id)
+    record = await made["spool"].events.get(accepted.event.id)
     return {d.phone: (d.state, d.error) for d in record.deliveries}
 
 
@@ -229,11 +229,11 @@ async def test_a_group_flushed_in_quiet_hours_is_held_back(pipeline: Any) -> Non
     made = await start({**RULE, "group_wait": "5m", "quiet_hours": NIGHT})
     clock.now = at("2030-03-08 21:58")  # the events arrive before the quiet hours ...
     for _ in range(2):
-        made["intake"].accept(Event("webhook", "bell", b"{}", received_at=clock.now))
+        await made["intake"].accept(Event("webhook", "bell", b"{}", received_at=clock.now))
     grouper = made["grouper"]
-    assert grouper.flush_due() == []
+    assert await grouper.flush_due() == []
     clock.now = at("2030-03-08 22:03")  # ... but the window ends inside them
-    flushed = grouper.flush_due()
+    flushed = await grouper.flush_due()
     assert {(d.phone, d.state, d.error) for d in flushed} == {
         ("office", "suppressed", "quiet hours"),
         ("lobby", "suppressed", "quiet hours"),

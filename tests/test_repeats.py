@@ -134,36 +134,36 @@ async def test_rounds_fall_due_every_repeat_and_stop_after_max_repeats(tmp_path:
         intake = Intake(
             built.pipeline, spool, metrics=metrics, submit=submitted.extend, clock=clock
         )
-        intake.accept(Event("webhook", "alert", b"{}", received_at=clock.now))
+        await intake.accept(Event("webhook", "alert", b"{}", received_at=clock.now))
         (first,) = submitted
         for d in submitted:
-            spool.deliveries.finish(d.id, "delivered")
-        assert spool.alerts.next_due() == clock.now + 120
+            await spool.deliveries.finish(d.id, "delivered")
+        assert await spool.alerts.next_due() == clock.now + 120
 
-        assert repeater.tick(clock.now + 119) == 0
+        assert await repeater.tick(clock.now + 119) == 0
         clock.now += 120
-        assert repeater.tick() == 1
+        assert await repeater.tick() == 1
         assert [d.phone for d in submitted[1:]] == ["office"]
         # The repeat pushes the very requests of the first page (its page URL, its ack token).
         assert submitted[1].requests == first.requests
-        assert repeater.tick() == 0  # the same moment again: nothing more is due
+        assert await repeater.tick() == 0  # the same moment again: nothing more is due
 
         # Round 2 escalates: the boss gets the page too, with a token of its own.
-        spool.deliveries.finish(submitted[1].id, "delivered")
+        await spool.deliveries.finish(submitted[1].id, "delivered")
         clock.now += 120
-        assert repeater.tick() == 1
+        assert await repeater.tick() == 1
         assert sorted(d.phone for d in submitted[2:]) == ["boss", "office"]
         boss = next(d for d in submitted[2:] if d.phone == "boss")
         assert boss.requests != first.requests
         for d in submitted[2:]:
-            spool.deliveries.finish(d.id, "delivered")
+            await spool.deliveries.finish(d.id, "delivered")
 
         # A daemon that was down for an hour pushes the missed round once, not twenty times.
         clock.now += 3600
-        assert repeater.tick() == 1
+        assert await repeater.tick() == 1
         assert len(submitted) == 6
-        assert spool.alerts.next_due() is None
-        assert repeater.tick(clock.now + 3600) == 0
+        assert await spool.alerts.next_due() is None
+        assert await repeater.tick(clock.now + 3600) == 0
 
     sample = metrics.registry.get_sample_value
     assert sample("phonepush_repeats_total", {"rule": "disk"}) == 3
@@ -194,10 +194,10 @@ async def test_a_phone_still_retrying_is_not_sent_another_round(tmp_path: Path) 
         intake = Intake(
             built.pipeline, spool, metrics=metrics, submit=submitted.extend, clock=clock
         )
-        intake.accept(Event("webhook", "alert", b"{}", received_at=clock.now))
+        await intake.accept(Event("webhook", "alert", b"{}", received_at=clock.now))
         clock.now += 60
         # The round counts, but the phone's first delivery is still pending: no pile-up.
-        assert repeater.tick() == 1
+        assert await repeater.tick() == 1
         assert len(submitted) == 1
         assert spool.pending_count() == 1
 

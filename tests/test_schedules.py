@@ -165,7 +165,7 @@ async def test_a_firing_missed_while_down_is_made_up_once_within_catch_up(
     spool: Spool, caplog: pytest.LogCaptureFixture
 ) -> None:
     bell = schedule(cron="0 8 * * *", timezone="America/New_York", catch_up="10m")
-    spool.schedules.claim("bell", at(2026, 6, 1, 8, 0), at(2026, 6, 1, 8, 0))
+    await spool.schedules.claim("bell", at(2026, 6, 1, 8, 0), at(2026, 6, 1, 8, 0))
     # Down over the next day's 08:00; back at 08:04.
     clock = FakeClock(at(2026, 6, 2, 8, 4))
     fired = Recorder()
@@ -175,7 +175,7 @@ async def test_a_firing_missed_while_down_is_made_up_once_within_catch_up(
     # A second start (or a second instance) finds it made: nothing twice.
     await Scheduler([bell], store=spool, accept=fired, clock=clock.clock).catch_up()
     assert len(fired.events) == 1
-    assert spool.schedules.last("bell") == at(2026, 6, 2, 8, 0)
+    assert await spool.schedules.last("bell") == at(2026, 6, 2, 8, 0)
 
 
 @pytest.mark.parametrize("catch_up", ["0s", "3m"])
@@ -183,7 +183,7 @@ async def test_a_firing_missed_longer_ago_than_catch_up_is_skipped_and_logged(
     spool: Spool, caplog: pytest.LogCaptureFixture, catch_up: str
 ) -> None:
     bell = schedule(cron="0 8 * * *", timezone="America/New_York", catch_up=catch_up)
-    spool.schedules.claim("bell", at(2026, 6, 1, 8, 0), at(2026, 6, 1, 8, 0))
+    await spool.schedules.claim("bell", at(2026, 6, 1, 8, 0), at(2026, 6, 1, 8, 0))
     clock = FakeClock(at(2026, 6, 2, 8, 4))
     fired = Recorder()
     caplog.set_level(logging.INFO, "phonepush.schedules")
@@ -223,13 +223,13 @@ async def test_two_schedulers_on_one_spool_fire_each_firing_once(tmp_path: Path)
 
 
 async def test_a_claim_is_granted_once_and_never_for_an_older_firing(spool: Spool) -> None:
-    assert spool.schedules.last("bell") is None
-    assert spool.schedules.claim("bell", 100.0, 101.0)
-    assert not spool.schedules.claim("bell", 100.0, 101.5)
-    assert not spool.schedules.claim("bell", 90.0, 102.0)
-    assert spool.schedules.claim("bell", 110.0, 111.0)
-    assert spool.schedules.claim("other", 100.0, 101.0)
-    assert spool.schedules.last("bell") == 110.0
+    assert await spool.schedules.last("bell") is None
+    assert await spool.schedules.claim("bell", 100.0, 101.0)
+    assert not await spool.schedules.claim("bell", 100.0, 101.5)
+    assert not await spool.schedules.claim("bell", 90.0, 102.0)
+    assert await spool.schedules.claim("bell", 110.0, 111.0)
+    assert await spool.schedules.claim("other", 100.0, 101.0)
+    assert await spool.schedules.last("bell") == 110.0
 
 
 async def test_an_update_keeps_unchanged_schedules_and_never_fires_a_firing_twice(
@@ -266,8 +266,8 @@ async def test_an_existing_spool_file_without_the_table_opens(tmp_path: Path) ->
     with sqlite3.connect(path) as conn:
         conn.execute("DROP TABLE schedule_firings")
     async with Spool(path) as reopened:
-        assert reopened.schedules.last("bell") is None
-        assert reopened.schedules.claim("bell", 1.0, 2.0)
+        assert await reopened.schedules.last("bell") is None
+        assert await reopened.schedules.claim("bell", 1.0, 2.0)
 
 
 # --- through the real daemon, to simulated phones -------------------------------------------------
@@ -304,7 +304,7 @@ async def test_a_schedule_pages_its_phones_again_and_again(
 ) -> None:
     running = await daemon_runner.start(daemon_config(phones))
     await eventually(lambda: all(p.state.pushes >= 3 for p in phones.phones), timeout=15)
-    recent = running.spool.events.recent(50)
+    recent = await running.spool.events.recent(50)
     assert len(recent) >= 3
     async with httpx.AsyncClient(base_url=daemon_runner.url, headers=AUTH) as client:
         shown = (await client.get(f"/api/events/{recent[-1].id}")).json()
@@ -328,8 +328,8 @@ async def test_a_silence_holds_a_schedules_page(daemon_runner: DaemonRunner, pho
         assert made.status_code == 201
     silence_id = made.json()["id"]
 
-    def silenced() -> bool:
-        for event in running.spool.events.recent(50):
+    async def silenced() -> bool:
+        for event in await running.spool.events.recent(50):
             if (
                 event.source == "schedule"
                 and event.deliveries

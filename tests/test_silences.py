@@ -69,9 +69,9 @@ async def fire(client: httpx.AsyncClient, payload: dict[str, Any] = FIRING) -> s
     return event_id
 
 
-def states(runner: DaemonRunner, event_id: str) -> dict[str, tuple[str, str]]:
+async def states(runner: DaemonRunner, event_id: str) -> dict[str, tuple[str, str]]:
     assert runner.daemon is not None and runner.daemon.running is not None
-    record = runner.daemon.running.spool.events.get(event_id)
+    record = await runner.daemon.running.spool.events.get(event_id)
     assert record is not None
     return {d.phone: (d.state, d.error) for d in record.deliveries}
 
@@ -94,7 +94,7 @@ async def test_a_silence_holds_back_matching_pages_survives_a_restart_and_can_be
         silence_id = made.json()["id"]
         event_id = await fire(client)
         await eventually(lambda: server_room.state.last_tone == "Alarm.raw")
-        assert states(daemon_runner, event_id)["office"] == (
+        assert (await states(daemon_runner, event_id))["office"] == (
             "suppressed",
             f"silenced by {silence_id}",
         )
@@ -123,7 +123,7 @@ async def test_a_silence_holds_back_matching_pages_survives_a_restart_and_can_be
         }
         event_id = await fire(client)
         await eventually(lambda: server_room.state.pushes == 3)
-        assert states(daemon_runner, event_id)["office"][0] == "suppressed"
+        assert (await states(daemon_runner, event_id))["office"][0] == "suppressed"
 
         assert (await client.delete(f"/api/silences/{silence_id}")).status_code == 200
         assert (await client.get("/api/silences")).json() == []

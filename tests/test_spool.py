@@ -67,7 +67,7 @@ def delivery(phone: str = "desk-1", rule: str = "door", **kw: Any) -> NewDeliver
     return NewDelivery(rule, phone, **kw)
 
 
-def add(
+async def add(
     spool: Spool,
     ev: Event | None = None,
     *deliveries: NewDelivery,
@@ -76,7 +76,7 @@ def add(
     cooldowns: Sequence[tuple[str, str, float]] = (),
 ) -> list[Delivery]:
     """Intake's call, with one pending delivery to desk-1 unless told otherwise."""
-    return commit_event(
+    return await commit_event(
         spool,
         ev or event(),
         rules=rules,
@@ -93,7 +93,7 @@ async def test_round_trip_event_deliveries_pages(tmp_path: Path) -> None:
     clock = Clock(1_234.5)
     async with Spool(tmp_path / "spool.db", clock=clock) as spool:
         ev = event(payload=b"\xff\x00 not utf-8", received_at=1_230.0)
-        stored = add(
+        stored = await add(
             spool,
             ev,
             delivery("desk-1", requests=(EXECUTE, BACKGROUND)),
@@ -110,9 +110,9 @@ async def test_round_trip_event_deliveries_pages(tmp_path: Path) -> None:
         assert (stored[1].state, stored[1].error) == ("suppressed", "in cooldown")
         # The suppressed delivery is on record but is no work to do.
         assert spool.pending_count() == 1
-        assert spool.deliveries.pending() == [stored[0]]
+        assert await spool.deliveries.pending() == [stored[0]]
 
-        record = spool.events.get(ev.id)
+        record = await spool.events.get(ev.id)
         assert record is not None
         assert (record.source, record.topic, record.received_at) == ("mqtt", "home/door", 1_230.0)
         assert record.payload == b"\xff\x00 not utf-8"
@@ -120,41 +120,43 @@ async def test_round_trip_event_deliveries_pages(tmp_path: Path) -> None:
         assert record.rules == ("door", "night")
         assert record.deliveries == tuple(stored)
 
-        assert spool.events.page("p-" + ev.id) == PAGE
-        assert spool.events.page("p-unknown") is None
-        assert spool.events.get("no-such-event") is None
+        assert await spool.events.page("p-" + ev.id) == PAGE
+        assert await spool.events.page("p-unknown") is None
+        assert await spool.events.get("no-such-event") is None
 
 
 async def test_progress_and_finish(tmp_path: Path) -> None:
     async with Spool(tmp_path / "spool.db") as spool:
-        (first,) = add(spool, None, delivery(requests=(EXECUTE, BACKGROUND, EXECUTE)))
-        (second,) = add(spool)
+        (first,) = await add(spool, None, delivery(requests=(EXECUTE, BACKGROUND, EXECUTE)))
+        (second,) = await add(spool)
         assert spool.pending_count() == 2
 
-        spool.deliveries.progress(first.id, sent=2, attempts=3, error="PhoneTimeout: no answer")
-        (resumed, _) = spool.deliveries.pending()
+        await spool.deliveries.progress(
+            first.id, sent=2, attempts=3, error="PhoneTimeout: no answer"
+        )
+        (resumed, _) = await spool.deliveries.pending()
         assert (resumed.sent, resumed.attempts, resumed.error) == (2, 3, "PhoneTimeout: no answer")
 
-        spool.deliveries.finish(first.id, "delivered")
+        await spool.deliveries.finish(first.id, "delivered")
         assert spool.pending_count() == 1
-        assert [d.id for d in spool.deliveries.pending()] == [second.id]
+        assert [d.id for d in await spool.deliveries.pending()] == [second.id]
         # Finishing again, or recording progress on a finished delivery, changes nothing.
-        spool.deliveries.finish(first.id, "failed", "late")
-        spool.deliveries.progress(first.id, sent=0, attempts=9)
+        await spool.deliveries.finish(first.id, "failed", "late")
+        await spool.deliveries.progress(first.id, sent=0, attempts=9)
         assert spool.pending_count() == 1
-        record = spool.events.get(first.event_id)
+        record = await spool.events.get(first.event_id)
         assert record is not None
         (done,) = record.deliveries
         assert (done.state, done.error, done.sent, done.attempts) == ("delivered", "", 2, 3)
 
         with pytest.raises(ValueError, match="pending"):
-            spool.deliveries.finish(second.id, "pending")
+            await spool.deliveries.finish(second.id, "pending")
 
 
 async def test_recent_events_newest_first(tmp_path: Path) -> None:
     async with Spool(tmp_path / "spool.db") as spool:
-        ids = [add(spool, event(topic=f"t/{i}"))[0].event_id for i in range(5)]
-        recent = spool.events.recent(limit=3)
+        ids = [(await add(spool, event(topic=f"t/{i}")))[0].event_id for i in range(5)]
+        recent = await spool.events.recent(limit=3)
         assert [r.id for r in recent] == ids[::-1][:3]
         assert [r.topic for r in recent] == ["t/4", "t/3", "t/2"]
         assert all(len(r.deliveries) == 1 for r in recent)
@@ -166,31 +168,31 @@ async def test_recent_events_newest_first(tmp_path: Path) -> None:
 async def test_pending_resumes_in_order_after_reopen(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     async with Spool(path) as spool:
-        stored = [add(spool, event(topic=f"t/{i}"))[0] for i in range(4)]
-        spool.deliveries.progress(stored[0].id, sent=1, attempts=1)
-        spool.deliveries.finish(stored[2].id, "expired", "TTL reached")
+        stored = [(await add(spool, event(topic=f"t/{i}")))[0] for i in range(4)]
+        await spool.deliveries.progress(stored[0].id, sent=1, attempts=1)
+        await spool.deliveries.finish(stored[2].id, "expired", "TTL reached")
 
     async with Spool(path) as spool:
         assert spool.pending_count() == 3
-        pending = spool.deliveries.pending()
+        pending = await spool.deliveries.pending()
         assert [d.id for d in pending] == [stored[0].id, stored[1].id, stored[3].id]
         assert pending[0].sent == 1
         # New work after a restart gets ids after the old ones.
-        (newer,) = add(spool)
+        (newer,) = await add(spool)
         assert newer.id > stored[3].id
-        assert spool.deliveries.pending()[-1].id == newer.id
+        assert (await spool.deliveries.pending())[-1].id == newer.id
 
 
 async def test_synchronous_full_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     async with Spool(path, synchronous="FULL") as spool:
-        first, second = (add(spool)[0] for _ in range(2))
-        spool.deliveries.progress(first.id, sent=1, attempts=1)
-        spool.deliveries.finish(second.id, "delivered")
-        add(spool)
+        first, second = [(await add(spool))[0] for _ in range(2)]
+        await spool.deliveries.progress(first.id, sent=1, attempts=1)
+        await spool.deliveries.finish(second.id, "delivered")
+        await add(spool)
     async with Spool(path, synchronous="full") as spool:
         assert spool.pending_count() == 2
-        assert spool.deliveries.pending()[0].sent == 1
+        assert (await spool.deliveries.pending())[0].sent == 1
     with pytest.raises(ValueError, match="synchronous"):
         Spool(path, synchronous="off")
 
@@ -209,7 +211,7 @@ _CRASH_WRITER = textwrap.dedent(
             i = 0
             while True:
                 ev = Event("webhook", "alarm", b"payload %d" % i, {})
-                commit_event(
+                await commit_event(
                     spool,
                     ev,
                     rules=["alarm"],
@@ -250,10 +252,10 @@ async def test_every_returned_add_event_survives_sigkill(tmp_path: Path) -> None
 
     async with Spool(path) as spool:
         for event_id in acknowledged:
-            record = spool.events.get(event_id)
+            record = await spool.events.get(event_id)
             assert record is not None, event_id
             assert len(record.deliveries) == 3
-            assert spool.events.page(f"page-{event_id}") == "<CiscoIPPhoneText/>"
+            assert await spool.events.page(f"page-{event_id}") == "<CiscoIPPhoneText/>"
         # The writer may have committed a few more after the last line we read, never a part of
         # one: every stored event has all three deliveries.
         assert spool.pending_count() % 3 == 0
@@ -265,11 +267,11 @@ async def test_clean_close_after_many_commits_leaves_one_complete_file(tmp_path:
     async with Spool(path) as spool:
         stored = []
         for i in range(400):
-            stored.extend(add(spool, event(topic=f"t/{i}"), delivery("a"), delivery("b")))
+            stored.extend(await add(spool, event(topic=f"t/{i}"), delivery("a"), delivery("b")))
             # As in the daemon, the loop runs between events: background checkpoints happen.
             await asyncio.sleep(0)
         for d in stored[::2]:
-            spool.deliveries.finish(d.id, "delivered")
+            await spool.deliveries.finish(d.id, "delivered")
             await asyncio.sleep(0)
     assert not Path(f"{path}-wal").exists()
     # With the log gone, these counts come from the database file itself.
@@ -279,7 +281,7 @@ async def test_clean_close_after_many_commits_leaves_one_complete_file(tmp_path:
             "SELECT count(*) FROM deliveries WHERE state = 'pending'"
         ).fetchone() == (400,)
     async with Spool(path) as spool:
-        assert [d.id for d in spool.deliveries.pending()] == [d.id for d in stored[1::2]]
+        assert [d.id for d in await spool.deliveries.pending()] == [d.id for d in stored[1::2]]
 
 
 # -- backlog limit --------------------------------------------------------------------------
@@ -287,10 +289,10 @@ async def test_clean_close_after_many_commits_leaves_one_complete_file(tmp_path:
 
 async def test_spool_full_writes_nothing(tmp_path: Path) -> None:
     async with Spool(tmp_path / "spool.db", max_pending=3) as spool:
-        add(spool, None, delivery("a"), delivery("b"))
+        await add(spool, None, delivery("a"), delivery("b"))
         refused = event(topic="refused")
         with pytest.raises(SpoolFull):
-            add(
+            await add(
                 spool,
                 refused,
                 delivery("c"),
@@ -298,20 +300,20 @@ async def test_spool_full_writes_nothing(tmp_path: Path) -> None:
                 pages={"p-refused": PAGE},
                 cooldowns=[("door", "key", 9_999.0)],
             )
-        assert spool.events.get(refused.id) is None
-        assert spool.events.page("p-refused") is None
-        assert not spool.events.in_cooldown("door", "key", 1_000.0)
+        assert await spool.events.get(refused.id) is None
+        assert await spool.events.page("p-refused") is None
+        assert not await spool.events.in_cooldown("door", "key", 1_000.0)
         assert spool.pending_count() == 2
-        assert len(spool.deliveries.pending()) == 2
+        assert len(await spool.deliveries.pending()) == 2
 
         # Deliveries recorded as suppressed or failed are not work, so they are not refused.
-        add(spool, None, delivery("c", state="failed", error="URI too long"))
+        await add(spool, None, delivery("c", state="failed", error="URI too long"))
         # Exactly at the limit is allowed; finishing one makes room again.
-        (third,) = add(spool, None, delivery("c"))
+        (third,) = await add(spool, None, delivery("c"))
         with pytest.raises(SpoolFull):
-            add(spool)
-        spool.deliveries.finish(third.id, "delivered")
-        add(spool)
+            await add(spool)
+        await spool.deliveries.finish(third.id, "delivered")
+        await add(spool)
         assert spool.pending_count() == 3
 
 
@@ -320,18 +322,18 @@ async def test_spool_full_writes_nothing(tmp_path: Path) -> None:
 
 async def test_add_event_is_all_or_nothing(tmp_path: Path) -> None:
     async with Spool(tmp_path / "spool.db") as spool:
-        add(spool, None, pages={"page-1": PAGE})
+        await add(spool, None, pages={"page-1": PAGE})
         clashing = event()
         # The page id is taken: the event and delivery rows written before it are undone too.
         with pytest.raises(SpoolError, match="page") as caught:
-            add(spool, clashing, delivery("a"), delivery("b"), pages={"page-1": "<other/>"})
+            await add(spool, clashing, delivery("a"), delivery("b"), pages={"page-1": "<other/>"})
         assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)
-        assert spool.events.get(clashing.id) is None
-        assert spool.events.page("page-1") == PAGE
-        assert spool.pending_count() == len(spool.deliveries.pending()) == 1
+        assert await spool.events.get(clashing.id) is None
+        assert await spool.events.page("page-1") == PAGE
+        assert spool.pending_count() == len(await spool.deliveries.pending()) == 1
         # A caller's mistake says nothing about the disk.
         assert spool.healthy
-        add(spool, clashing, delivery("a"), delivery("b"), pages={"page-2": PAGE})
+        await add(spool, clashing, delivery("a"), delivery("b"), pages={"page-2": PAGE})
         assert spool.pending_count() == 3
 
 
@@ -340,29 +342,30 @@ async def test_a_transaction_across_repositories_commits_together_or_not_at_all(
 ) -> None:
     async with Spool(tmp_path / "spool.db") as spool:
         ev = event()
-        with pytest.raises(RuntimeError), spool.transaction("test") as tx:
-            tx.events.add(ev, ["door"])
-            tx.deliveries.add(ev.id, [delivery("a"), delivery("b")])
-            tx.events.add_pages(ev.id, {"page-1": PAGE})
-            raise RuntimeError("given up half-way")
-        assert spool.events.get(ev.id) is None
-        assert spool.events.page("page-1") is None
-        assert spool.pending_count() == len(spool.deliveries.pending()) == 0
+        with pytest.raises(RuntimeError):
+            async with spool.transaction("test") as tx:
+                await tx.events.add(ev, ["door"])
+                await tx.deliveries.add(ev.id, [delivery("a"), delivery("b")])
+                await tx.events.add_pages(ev.id, {"page-1": PAGE})
+                raise RuntimeError("given up half-way")
+        assert await spool.events.get(ev.id) is None
+        assert await spool.events.page("page-1") is None
+        assert spool.pending_count() == len(await spool.deliveries.pending()) == 0
         assert spool.healthy
 
-        with spool.transaction("test") as tx:
-            tx.events.add(ev, ["door"])
-            stored = tx.deliveries.add(ev.id, [delivery("a"), delivery("b")])
-            tx.events.add_pages(ev.id, {"page-1": PAGE})
-            tx.deliveries.suppress([stored[1].id], "cancelled")
-        record = spool.events.get(ev.id)
+        async with spool.transaction("test") as tx:
+            await tx.events.add(ev, ["door"])
+            stored = await tx.deliveries.add(ev.id, [delivery("a"), delivery("b")])
+            await tx.events.add_pages(ev.id, {"page-1": PAGE})
+            await tx.deliveries.suppress([stored[1].id], "cancelled")
+        record = await spool.events.get(ev.id)
         assert record is not None
         assert [(d.phone, d.state, d.error) for d in record.deliveries] == [
             ("a", "pending", ""),
             ("b", "suppressed", "cancelled"),
         ]
-        assert spool.events.page("page-1") == PAGE
-        assert spool.pending_count() == len(spool.deliveries.pending()) == 1
+        assert await spool.events.page("page-1") == PAGE
+        assert spool.pending_count() == len(await spool.deliveries.pending()) == 1
 
 
 async def test_the_pending_gauge_is_read_from_the_spool_when_scraped(tmp_path: Path) -> None:
@@ -371,9 +374,9 @@ async def test_the_pending_gauge_is_read_from_the_spool_when_scraped(tmp_path: P
     assert registry.get_sample_value("phonepush_spool_pending") == 0  # no spool open yet
     async with Spool(tmp_path / "spool.db") as spool:
         metrics.watch(spool)
-        first, _ = add(spool, None, delivery("a"), delivery("b"))
+        first, _ = await add(spool, None, delivery("a"), delivery("b"))
         assert registry.get_sample_value("phonepush_spool_pending") == 2
-        spool.deliveries.finish(first.id, "delivered")
+        await spool.deliveries.finish(first.id, "delivered")
         assert registry.get_sample_value("phonepush_spool_pending") == 1
         size = registry.get_sample_value("phonepush_spool_bytes")
         assert size is not None and size > 0
@@ -413,57 +416,59 @@ def fill(directory: Path) -> Path:
 
 async def test_full_disk_is_a_spool_error_then_recovers(small_disk: Path) -> None:
     async with Spool(small_disk / "spool.db") as spool:
-        (kept,) = add(spool)
+        (kept,) = await add(spool)
         assert spool.healthy
         filler = fill(small_disk)
 
         big = event(payload=b"x" * 64_000)
         with pytest.raises(SpoolError, match="full") as caught:
-            add(spool, big, delivery("a"), delivery("b"), pages={"p-big": PAGE})
+            await add(spool, big, delivery("a"), delivery("b"), pages={"p-big": PAGE})
         assert isinstance(caught.value.__cause__, sqlite3.Error)
         assert not spool.healthy
         with pytest.raises(SpoolError):
-            spool.check()
+            await spool.check()
         # Rolled back, and the counter agrees with the file.
-        assert spool.events.get(big.id) is None
-        assert spool.events.page("p-big") is None
+        assert await spool.events.get(big.id) is None
+        assert await spool.events.page("p-big") is None
         assert spool.pending_count() == 1
-        assert [d.id for d in spool.deliveries.pending()] == [kept.id]
+        assert [d.id for d in await spool.deliveries.pending()] == [kept.id]
 
         # Space comes back: the same spool, without a restart, takes writes again.
         filler.unlink()
-        spool.check()
+        await spool.check()
         assert spool.healthy
-        stored = add(spool, big, delivery("a"), delivery("b"), pages={"p-big": PAGE})
+        stored = await add(spool, big, delivery("a"), delivery("b"), pages={"p-big": PAGE})
         assert spool.pending_count() == 3
-        assert [d.id for d in spool.deliveries.pending()] == [kept.id] + [d.id for d in stored]
-        spool.deliveries.finish(kept.id, "delivered")
+        assert [d.id for d in await spool.deliveries.pending()] == [kept.id] + [
+            d.id for d in stored
+        ]
+        await spool.deliveries.finish(kept.id, "delivered")
         assert spool.pending_count() == 2
 
     async with Spool(small_disk / "spool.db") as reopened:
         assert reopened.pending_count() == 2
-        assert reopened.events.page("p-big") == PAGE
+        assert await reopened.events.page("p-big") == PAGE
 
 
 async def test_finish_on_a_full_disk_keeps_the_delivery_pending(small_disk: Path) -> None:
     async with Spool(small_disk / "spool.db") as spool:
-        stored = [add(spool)[0] for _ in range(3)]
+        stored = [(await add(spool))[0] for _ in range(3)]
         filler = fill(small_disk)
         # Each failed update leaves the delivery pending and counted; the first one to get space
         # goes through.
         failures = 0
         for d in stored:
             try:
-                spool.deliveries.finish(d.id, "delivered")
+                await spool.deliveries.finish(d.id, "delivered")
             except SpoolError:
                 failures += 1
         assert failures > 0
-        assert spool.pending_count() == len(spool.deliveries.pending()) == failures
+        assert spool.pending_count() == len(await spool.deliveries.pending()) == failures
         filler.unlink()
-        for d in spool.deliveries.pending():
-            spool.deliveries.finish(d.id, "delivered")
+        for d in await spool.deliveries.pending():
+            await spool.deliveries.finish(d.id, "delivered")
         assert spool.pending_count() == 0
-        assert spool.deliveries.pending() == []
+        assert await spool.deliveries.pending() == []
         assert spool.healthy
 
 
@@ -484,14 +489,14 @@ async def test_unwritable_directory_is_a_clear_error_at_open(tmp_path: Path) -> 
     finally:
         _chattr("-i", locked)
     async with Spool(locked / "spool.db") as spool:
-        add(spool)
+        await add(spool)
         assert spool.pending_count() == 1
 
 
 async def test_readonly_file_fails_the_readiness_check(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     async with Spool(path) as spool:
-        add(spool)
+        await add(spool)
     if not _chattr("+i", path):
         pytest.skip("chattr +i is not available on this filesystem")
     try:
@@ -520,7 +525,7 @@ async def test_a_file_that_is_not_a_spool_is_refused(tmp_path: Path) -> None:
 async def test_creates_missing_directories_and_versions_the_schema(tmp_path: Path) -> None:
     path = tmp_path / "var" / "lib" / "phonepush" / "spool.db"
     async with Spool(path) as spool:
-        add(spool)
+        await add(spool)
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -534,20 +539,20 @@ async def test_creates_missing_directories_and_versions_the_schema(tmp_path: Pat
 async def test_write_lock_held_elsewhere_fails_then_recovers(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     async with Spool(path, busy_timeout=0.05) as spool:
-        add(spool)
+        await add(spool)
         other = sqlite3.connect(path, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")
             blocked = event()
             with pytest.raises(SpoolError, match="locked"):
-                add(spool, blocked)
+                await add(spool, blocked)
             assert not spool.healthy
             other.execute("ROLLBACK")
         finally:
             other.close()
-        assert spool.events.get(blocked.id) is None
+        assert await spool.events.get(blocked.id) is None
         assert spool.pending_count() == 1
-        add(spool, blocked)
+        await add(spool, blocked)
         assert spool.healthy
         assert spool.pending_count() == 2
 
@@ -555,9 +560,9 @@ async def test_write_lock_held_elsewhere_fails_then_recovers(tmp_path: Path) -> 
 async def test_closed_spool_refuses_calls(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool.db")
     async with spool:
-        add(spool)
+        await add(spool)
     with pytest.raises(SpoolError, match="not open"):
-        spool.deliveries.pending()
+        await spool.deliveries.pending()
 
 
 # -- cooldowns and housekeeping -------------------------------------------------------------
@@ -565,15 +570,15 @@ async def test_closed_spool_refuses_calls(tmp_path: Path) -> None:
 
 async def test_cooldown_lasts_until_its_end(tmp_path: Path) -> None:
     async with Spool(tmp_path / "spool.db") as spool:
-        add(spool, cooldowns=[("door", "desk-1", 1_060.0)])
-        assert spool.events.in_cooldown("door", "desk-1", 1_000.0)
-        assert spool.events.in_cooldown("door", "desk-1", 1_059.9)
-        assert not spool.events.in_cooldown("door", "desk-1", 1_060.0)
-        assert not spool.events.in_cooldown("door", "desk-2", 1_000.0)
-        assert not spool.events.in_cooldown("window", "desk-1", 1_000.0)
+        await add(spool, cooldowns=[("door", "desk-1", 1_060.0)])
+        assert await spool.events.in_cooldown("door", "desk-1", 1_000.0)
+        assert await spool.events.in_cooldown("door", "desk-1", 1_059.9)
+        assert not await spool.events.in_cooldown("door", "desk-1", 1_060.0)
+        assert not await spool.events.in_cooldown("door", "desk-2", 1_000.0)
+        assert not await spool.events.in_cooldown("window", "desk-1", 1_000.0)
         # A later event restarts the cooldown.
-        add(spool, cooldowns=[("door", "desk-1", 1_120.0)])
-        assert spool.events.in_cooldown("door", "desk-1", 1_100.0)
+        await add(spool, cooldowns=[("door", "desk-1", 1_120.0)])
+        assert await spool.events.in_cooldown("door", "desk-1", 1_100.0)
 
 
 async def test_purge_removes_finished_old_events_only(tmp_path: Path) -> None:
@@ -582,22 +587,26 @@ async def test_purge_removes_finished_old_events_only(tmp_path: Path) -> None:
         old_done = event(received_at=100.0)
         old_pending = event(received_at=100.0)
         new_done = event(received_at=900.0)
-        (d1,) = add(spool, old_done, pages={"p-old": PAGE}, cooldowns=[("door", "old", 150.0)])
-        add(spool, old_pending, pages={"p-pending": PAGE})
-        (d3,) = add(spool, new_done, pages={"p-new": PAGE}, cooldowns=[("door", "new", 950.0)])
-        spool.deliveries.finish(d1.id, "delivered")
-        spool.deliveries.finish(d3.id, "failed", "PhoneAuthError")
+        (d1,) = await add(
+            spool, old_done, pages={"p-old": PAGE}, cooldowns=[("door", "old", 150.0)]
+        )
+        await add(spool, old_pending, pages={"p-pending": PAGE})
+        (d3,) = await add(
+            spool, new_done, pages={"p-new": PAGE}, cooldowns=[("door", "new", 950.0)]
+        )
+        await spool.deliveries.finish(d1.id, "delivered")
+        await spool.deliveries.finish(d3.id, "failed", "PhoneAuthError")
 
-        assert spool.events.purge(before=500.0) == 1
-        assert spool.events.get(old_done.id) is None
-        assert spool.events.page("p-old") is None
+        assert await spool.events.purge(before=500.0) == 1
+        assert await spool.events.get(old_done.id) is None
+        assert await spool.events.page("p-old") is None
         # Work still to do is kept however old it is; recent history is kept.
-        assert spool.events.get(old_pending.id) is not None
-        assert spool.events.page("p-pending") == PAGE
-        assert spool.events.get(new_done.id) is not None
-        assert spool.events.page("p-new") == PAGE
+        assert await spool.events.get(old_pending.id) is not None
+        assert await spool.events.page("p-pending") == PAGE
+        assert await spool.events.get(new_done.id) is not None
+        assert await spool.events.page("p-new") == PAGE
         assert spool.pending_count() == 1
-        assert spool.events.purge(before=500.0) == 0
+        assert await spool.events.purge(before=500.0) == 0
 
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 2
@@ -610,17 +619,17 @@ async def test_purge_removes_finished_old_events_only(tmp_path: Path) -> None:
 async def test_readers_on_other_connections_do_not_block(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     async with Spool(path, busy_timeout=0.0) as spool:
-        (first,) = add(spool)
+        (first,) = await add(spool)
         reader = sqlite3.connect(path, isolation_level=None)
         try:
             reader.execute("BEGIN")
             assert reader.execute("SELECT count(*) FROM events").fetchone()[0] == 1
             # With a zero busy timeout any blocking would be an error: the spool writes while a
             # reader holds its snapshot.
-            (second,) = add(spool)
-            spool.deliveries.progress(first.id, sent=1, attempts=1)
-            spool.deliveries.finish(first.id, "delivered")
-            spool.check()
+            (second,) = await add(spool)
+            await spool.deliveries.progress(first.id, sent=1, attempts=1)
+            await spool.deliveries.finish(first.id, "delivered")
+            await spool.check()
             assert reader.execute("SELECT count(*) FROM events").fetchone()[0] == 1
             reader.execute("COMMIT")
             assert reader.execute("SELECT count(*) FROM events").fetchone()[0] == 2
@@ -628,8 +637,8 @@ async def test_readers_on_other_connections_do_not_block(tmp_path: Path) -> None
             # And the spool reads while another connection holds the write lock.
             reader.execute("BEGIN IMMEDIATE")
             reader.execute("UPDATE deliveries SET error = 'x' WHERE id = ?", (second.id,))
-            assert [d.id for d in spool.deliveries.pending()] == [second.id]
-            assert spool.events.get(first.event_id) is not None
+            assert [d.id for d in await spool.deliveries.pending()] == [second.id]
+            assert await spool.events.get(first.event_id) is not None
             reader.execute("ROLLBACK")
         finally:
             reader.close()

@@ -143,10 +143,10 @@ def new(phone: str, rule: str = "alerts", state: str = "pending", error: str = "
     return NewDelivery(rule, phone, (EXECUTE,), expires_at=9e9, state=state, error=error)
 
 
-def store(spool: Spool, topic: str, *deliveries: NewDelivery) -> str:
+async def store(spool: Spool, topic: str, *deliveries: NewDelivery) -> str:
     event = Event("webhook", topic, b"{}")
     rules = sorted({d.rule for d in deliveries}) or ["alerts"]
-    commit_event(spool, event, rules=rules, deliveries=deliveries, pages={}, cooldowns=())
+    await commit_event(spool, event, rules=rules, deliveries=deliveries, pages={}, cooldowns=())
     return event.id
 
 
@@ -154,7 +154,7 @@ async def test_follow_prints_new_events_reasons_and_every_change(tmp_path: Path)
     path = tmp_path / "spool.db"
     out = io.StringIO()
     async with Spool(path) as spool:
-        held = store(spool, "alerts", new("lobby", state="suppressed", error="cooldown"))
+        held = await store(spool, "alerts", new("lobby", state="suppressed", error="cooldown"))
         with SpoolReader(path) as reader:
             follower = Follower(reader, out, every=False, json_lines=False)
             follower.start(reader.recent(20, every=False), "no events")
@@ -163,8 +163,8 @@ async def test_follow_prints_new_events_reasons_and_every_change(tmp_path: Path)
             assert table[2:] == ["  lobby  suppressed  cooldown"]
 
             # An event that made no delivery is left out (no --all) ...
-            quiet = store(spool, "sensor")
-            paged = store(spool, "alerts", new("lobby"), new("desk", rule="night"))
+            quiet = await store(spool, "sensor")
+            paged = await store(spool, "alerts", new("lobby"), new("desk", rule="night"))
             out.seek(0)
             out.truncate()
             follower.poll()
@@ -173,9 +173,9 @@ async def test_follow_prints_new_events_reasons_and_every_change(tmp_path: Path)
 
             # ... until it has one (a resolve's page, say).
             [lobby, desk] = (d.id for d in reader.recent(1)[0].deliveries)
-            spool.deliveries.add(quiet, [new("lobby")])
-            spool.deliveries.progress(lobby, sent=0, attempts=1, error="Cannot connect")
-            spool.deliveries.finish(desk, "failed", "Error: the phone said no")
+            await spool.deliveries.add(quiet, [new("lobby")])
+            await spool.deliveries.progress(lobby, sent=0, attempts=1, error="Cannot connect")
+            await spool.deliveries.finish(desk, "failed", "Error: the phone said no")
             out.seek(0)
             out.truncate()
             follower.poll()
@@ -192,7 +192,7 @@ async def test_follow_prints_new_events_reasons_and_every_change(tmp_path: Path)
             out.truncate()
             follower.poll()
             assert out.getvalue() == ""
-            spool.deliveries.add(paged, [new("desk", rule="night")])
+            await spool.deliveries.add(paged, [new("desk", rule="night")])
             follower.poll()
             (line,) = out.getvalue().splitlines()
             assert line.endswith(f"{paged}  desk  night  new pending")
@@ -206,10 +206,10 @@ async def test_follow_json_prints_the_whole_event_again_on_each_change(tmp_path:
             follower = Follower(reader, out, every=True, json_lines=True, watched=3)
             follower.start([], "no events")
             assert out.getvalue() == ""
-            first = store(spool, "alerts", new("lobby"))
+            first = await store(spool, "alerts", new("lobby"))
             follower.poll()
             (delivery,) = json.loads(out.getvalue())["deliveries"]
-            spool.deliveries.finish(delivery["id"], "delivered")
+            await spool.deliveries.finish(delivery["id"], "delivered")
             follower.poll()
             objects = [json.loads(line) for line in out.getvalue().splitlines()]
             assert [o["event"] for o in objects] == [first, first]
@@ -225,12 +225,12 @@ async def test_follow_json_prints_the_whole_event_again_on_each_change(tmp_path:
             }
 
             # Watching 3 events: once 3 newer ones came, the first one's changes are not shown.
-            later = [store(spool, f"t{i}", new("desk")) for i in range(3)]
+            later = [await store(spool, f"t{i}", new("desk")) for i in range(3)]
             out.seek(0)
             out.truncate()
             follower.poll()
             assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == later
-            spool.deliveries.add(first, [new("desk")])
+            await spool.deliveries.add(first, [new("desk")])
             out.seek(0)
             out.truncate()
             follower.poll()

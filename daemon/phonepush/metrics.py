@@ -23,7 +23,12 @@ DELIVERY_RESULTS: Final = tuple(s.value for s in DeliveryState if s in FINAL_STA
 
 
 class StoredState(Protocol):
-    """What the stored-state gauges read of the store, at scrape time."""
+    """What the stored-state gauges read of the store, at scrape time.
+
+    Both are synchronous on purpose: prometheus_client calls ``collect`` synchronously from
+    ``generate_latest`` (inside the /metrics handler, but with no way to await), so they read
+    what the store keeps in memory (the pending count) or the size of its files, never the
+    database's async methods."""
 
     def pending_count(self) -> int: ...
     def disk_bytes(self) -> int: ...

@@ -125,7 +125,7 @@ class AlertPlanning:
     def __init__(self, tokens: Callable[[], str] = new_token) -> None:
         self._tokens = tokens
 
-    def stage(self, work: Work) -> None:
+    async def stage(self, work: Work) -> None:
         plan = work.plan
         if not any(p.match is not None and p.match.rule.alert is not None for p in plan.rules):
             return
@@ -237,14 +237,14 @@ class Alerting:
             r for r in rules.rules if r.alert is not None and r.alert.resolve_when is not None
         )
 
-    def stage(self, work: Work) -> None:
-        if self.resolve(work.event):
+    async def stage(self, work: Work) -> None:
+        if await self.resolve(work.event):
             work.keep = True
         work.alerts = self.committed(work.plan, work.deliveries)
         if any(p.alert for p in work.plan.rules):
             work.committed.append(self._woken)
 
-    def _woken(self, pending: list[Delivery]) -> list[Delivery]:
+    async def _woken(self, pending: list[Delivery]) -> list[Delivery]:
         self.wake()
         return pending
 
@@ -264,7 +264,7 @@ class Alerting:
                 alerts.append(dataclasses.replace(alert, phones=phones))
         return alerts
 
-    def resolve(self, event: Event) -> list[Resolution]:
+    async def resolve(self, event: Event) -> list[Resolution]:
         """Resolve earlier alerts ``event`` ends: for every rule that listens where the event
         came from (its ``when`` is not consulted) and whose ``resolve_when`` is true, the alerts
         of that rule with the event's dedupe key. Cancels their pending deliveries and hands the
@@ -283,7 +283,7 @@ class Alerting:
             except TemplateError as exc:
                 log.warning("event %s: rules[%s].resolve_when: %s", event.id, rule.name, exc)
                 continue
-            resolved = ledger.resolve(
+            resolved = await ledger.resolve(
                 self._spool,
                 rule.name,
                 key,
@@ -405,13 +405,13 @@ class AckService:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    def page(self, page_id: str, token: str) -> _Answer:
+    async def page(self, page_id: str, token: str) -> _Answer:
         """The page behind a per-phone page URL, with Ack and Close softkeys."""
-        found = self._spool.alerts.by_token(token)
-        xml = self._spool.events.page(page_id)
+        found = await self._spool.alerts.by_token(token)
+        xml = await self._spool.events.page(page_id)
         if found is None or xml is None or found[0].page_id != page_id:
             return _Answer(404, _text_page("Not found", "This page is no longer available."))
-        actions = self._spool.alerts.actions_of_page(token)
+        actions = await self._spool.alerts.actions_of_page(token)
         if actions:
             ack = ack_url(self.public_url, token) if actions[0].with_ack else None
             softkeys = page_softkeys(self.public_url, actions, ack=ack)
@@ -427,16 +427,16 @@ class AckService:
             log.error("page %s: cannot add softkeys: %s", page_id, exc)
             return _Answer(200, xml)
 
-    def acknowledge(self, token: str, headers: Mapping[str, str], address: str) -> _Answer:
+    async def acknowledge(self, token: str, headers: Mapping[str, str], address: str) -> _Answer:
         """Record the ack of the phone holding ``token``; the confirmation page for it."""
         model = headers.get("x-ciscoipphonemodelname", "")
         device = " ".join(part for part in (model[:64], address) if part)
         at = self._clock()
-        actions = self._spool.alerts.actions_of_page(token)
+        actions = await self._spool.alerts.actions_of_page(token)
         if actions and not actions[0].with_ack:
             # A page with actions but no Ack: its token is not an ack token.
             return _Answer(404, _text_page("Not found", "This alert is no longer known."))
-        result = ledger.acknowledge(self._spool, token, at, device)
+        result = await ledger.acknowledge(self._spool, token, at, device)
         if result is None:
             return _Answer(404, _text_page("Not found", "This alert is no longer known."))
         self._cancel(result.cancelled)

@@ -130,7 +130,7 @@ class ActionService:
         self, token: str, *, confirmed: bool, headers: Mapping[str, str], address: str
     ) -> ActionAnswer:
         """What pressing the softkey of ``token`` does, and the page the phone is answered."""
-        action = self._spool.alerts.action(token)
+        action = await self._spool.alerts.action(token)
         if action is None or "dial" in json.loads(action.spec):
             return ActionAnswer(404, _page("Not found", "This action is not known (any more)."))
         model = headers.get("x-ciscoipphonemodelname", "")
@@ -138,23 +138,23 @@ class ActionService:
         at = self._clock()
         label = action.label
         if at >= action.expires_at:
-            self._record(action, at, "expired", by)
+            await self._record(action, at, "expired", by)
             # 200, not 404: a phone shows the page it is answered only on success.
             return ActionAnswer(200, _page("Expired", f"{label}: this action has expired."))
         done = action.used_at is not None and not action.repeatable
         if action.confirm and not confirmed and not done:
             return ActionAnswer(200, self._question(action))
-        if not self._spool.alerts.claim_action(token, at):
-            self._record(action, at, "already_done", by)
+        if not await self._spool.alerts.claim_action(token, at):
+            await self._record(action, at, "already_done", by)
             return ActionAnswer(200, _page(label, f"{label}: already done."))
         error = await self._run(action)
         if error:
             # Shown, counted and logged; the person may press again, nothing retries alone.
             if not action.repeatable:
-                self._spool.alerts.release_action(token)
-            self._record(action, at, "failed", by, error)
+                await self._spool.alerts.release_action(token)
+            await self._record(action, at, "failed", by, error)
             return ActionAnswer(200, _page(label, f"{label} failed: {error}"))
-        self._record(action, at, "ok", by)
+        await self._record(action, at, "ok", by)
         return ActionAnswer(200, _page(label, f"{label}: done"))
 
     def _question(self, action: ActionRecord) -> str:
@@ -167,11 +167,11 @@ class ActionService:
             )
         )
 
-    def _record(
+    async def _record(
         self, action: ActionRecord, at: float, result: str, by: str, error: str = ""
     ) -> None:
         self._metrics.actions.labels(action.rule, action.label, result).inc()
-        self._spool.alerts.add_press(
+        await self._spool.alerts.add_press(
             ActionPress(
                 action.event_id, action.rule, action.phone, action.label, at, result, by, error
             )

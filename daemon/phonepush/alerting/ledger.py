@@ -63,55 +63,59 @@ class Resolution:
     notices: tuple[Delivery, ...]
 
 
-def acknowledge(store: Store, token: str, at: float, by: str) -> AckResult | None:
+async def acknowledge(store: Store, token: str, at: float, by: str) -> AckResult | None:
     """Record that the phone holding ``token`` acknowledged its page at ``at`` (from ``by``).
     Returns None for an unknown token."""
-    with store.transaction("cannot record an acknowledgement") as tx:
-        found = tx.alerts.by_token(token)
+    async with store.transaction("cannot record an acknowledgement") as tx:
+        found = await tx.alerts.by_token(token)
         if found is None:
             return None
         alert, phone = found
         if phone.acked_at is not None:
             return AckResult(alert, phone, first=False)
-        tx.alerts.acknowledge_phone(token, at, by)
+        await tx.alerts.acknowledge_phone(token, at, by)
         cancelled: list[int] = []
-        shown = tx.deliveries.latest(alert.event_id, alert.rule, phone.phone, _SHOWING)
+        shown = await tx.deliveries.latest(alert.event_id, alert.rule, phone.phone, _SHOWING)
         if shown is not None:
             delivery_id, state = shown
-            tx.deliveries.set_state(delivery_id, DeliveryState.ACKNOWLEDGED)
+            await tx.deliveries.set_state(delivery_id, DeliveryState.ACKNOWLEDGED)
             if state is DeliveryState.PENDING:
                 cancelled.append(delivery_id)
         if alert.state is AlertState.ACTIVE:
             everyone = alert.scope == "any"
-            cancelled += _cancel(
+            cancelled += await _cancel(
                 tx, alert, None if everyone else phone.phone, f"acknowledged on {phone.phone}"
             )
             if not everyone:
                 escalating = alert.escalate_after > 0 and alert.rounds >= alert.escalate_after
-                everyone = tx.alerts.waiting(alert.event_id, alert.rule, escalation=escalating) == 0
+                everyone = (
+                    await tx.alerts.waiting(alert.event_id, alert.rule, escalation=escalating) == 0
+                )
             if everyone:
-                tx.alerts.end(alert.event_id, alert.rule, AlertState.ACKNOWLEDGED, at, phone.phone)
-                alert = tx.alerts.get(alert.event_id, alert.rule) or alert
+                await tx.alerts.end(
+                    alert.event_id, alert.rule, AlertState.ACKNOWLEDGED, at, phone.phone
+                )
+                alert = await tx.alerts.get(alert.event_id, alert.rule) or alert
     acked = dataclasses.replace(phone, acked_at=at, acked_by=by)
     return AckResult(alert, acked, first=True, cancelled=tuple(cancelled))
 
 
-def repeat_round(
+async def repeat_round(
     store: Store, event_id: str, rule: str, now: float
 ) -> tuple[AlertRecord, list[Delivery]] | None:
     """Push the next round of an active alert whose repeat is due: one delivery per phone that
     waits for it. Returns the updated alert and the new deliveries, or None if the alert is no
     longer active. Raises :class:`SpoolFull` (writing nothing) when the backlog has no room."""
-    with store.transaction(f"cannot repeat {rule} of event {event_id}") as tx:
-        alert = tx.alerts.get(event_id, rule)
+    async with store.transaction(f"cannot repeat {rule} of event {event_id}") as tx:
+        alert = await tx.alerts.get(event_id, rule)
         if alert is None or alert.state is not AlertState.ACTIVE or alert.next_at is None:
             return None
         number = alert.rounds + 1
-        busy = tx.deliveries.pending_phones(event_id, rule)
+        busy = await tx.deliveries.pending_phones(event_id, rule)
         escalating = alert.escalate_after > 0 and number >= alert.escalate_after
         targets = [
             t
-            for t in tx.alerts.targets(event_id, rule)
+            for t in await tx.alerts.targets(event_id, rule)
             if (not t.escalation or escalating)
             and (alert.scope == "any" or t.acked_at is None)
             and t.phone not in busy
@@ -123,52 +127,54 @@ def repeat_round(
         expires_at = now + min(alert.ttl, alert.repeat)
         created: list[Delivery] = []
         for target in targets:
-            delivery = tx.deliveries.add_pending(
+            delivery = await tx.deliveries.add_pending(
                 event_id, rule, target.phone, target.requests, now, expires_at
             )
             kind = RoundKind.ESCALATION if target.escalation else RoundKind.REPEAT
-            tx.alerts.add_round_delivery(delivery.id, number, kind)
+            await tx.alerts.add_round_delivery(delivery.id, number, kind)
             created.append(delivery)
         next_at = now + alert.repeat if number < alert.max_repeats else None
-        tx.alerts.set_round(event_id, rule, number, next_at)
+        await tx.alerts.set_round(event_id, rule, number, next_at)
     return dataclasses.replace(alert, rounds=number, next_at=next_at), created
 
 
-def resolve(
+async def resolve(
     store: Store, rule: str, key: str, *, by_event: str, at: float, notice: Notice
 ) -> list[Resolution]:
     """Resolve the earlier alerts of ``rule`` with dedupe ``key`` (not yet resolved, not started
     by ``by_event``). ``notice(alert, page_xml)`` renders the notice the phones that showed the
     page get: (page id, page XML, requests)."""
     resolved: list[Resolution] = []
-    with store.transaction(f"cannot resolve {rule}") as tx:
-        alerts = tx.alerts.unresolved(rule, key, besides=by_event)
+    async with store.transaction(f"cannot resolve {rule}") as tx:
+        alerts = await tx.alerts.unresolved(rule, key, besides=by_event)
         for alert in alerts:
-            cancelled = _cancel(tx, alert, None, f"resolved by {by_event}")
-            tx.alerts.end(alert.event_id, alert.rule, AlertState.RESOLVED, at, by_event)
-            shown = tx.deliveries.phones_reached(alert.event_id, alert.rule, _SHOWN)
-            page = tx.events.page(alert.page_id) if alert.page_id else None
+            cancelled = await _cancel(tx, alert, None, f"resolved by {by_event}")
+            await tx.alerts.end(alert.event_id, alert.rule, AlertState.RESOLVED, at, by_event)
+            shown = await tx.deliveries.phones_reached(alert.event_id, alert.rule, _SHOWN)
+            page = await tx.events.page(alert.page_id) if alert.page_id else None
             notices: list[Delivery] = []
             if page is not None and shown:
                 page_id, xml, requests = notice(alert, page)
-                tx.events.put_page(page_id, alert.event_id, xml)
+                await tx.events.put_page(page_id, alert.event_id, xml)
                 for phone in shown:
-                    delivery = tx.deliveries.add_pending(
+                    delivery = await tx.deliveries.add_pending(
                         alert.event_id, rule, phone, requests, at, at + alert.ttl
                     )
-                    tx.alerts.add_round_delivery(delivery.id, alert.rounds, RoundKind.RESOLVED)
+                    await tx.alerts.add_round_delivery(
+                        delivery.id, alert.rounds, RoundKind.RESOLVED
+                    )
                     notices.append(delivery)
             ended = dataclasses.replace(
                 alert, state=AlertState.RESOLVED, ended_at=at, ended_by=by_event, next_at=None
             )
             resolved.append(Resolution(ended, tuple(cancelled), tuple(notices)))
         if alerts:
-            tx.events.end_cooldown(rule, key)
+            await tx.events.end_cooldown(rule, key)
     return resolved
 
 
-def _cancel(tx: Transaction, alert: AlertRecord, phone: str | None, why: str) -> list[int]:
+async def _cancel(tx: Transaction, alert: AlertRecord, phone: str | None, why: str) -> list[int]:
     """Cancel an alert's pending deliveries (to one phone, or all); their ids."""
-    ids = tx.deliveries.pending_ids(alert.event_id, alert.rule, phone)
-    tx.deliveries.suppress(ids, why)
+    ids = await tx.deliveries.pending_ids(alert.event_id, alert.rule, phone)
+    await tx.deliveries.suppress(ids, why)
     return ids

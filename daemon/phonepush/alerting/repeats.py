@@ -55,7 +55,7 @@ class Repeater:
         """A new alert may be due sooner than what the scheduler waits for: look again."""
         self._woken.set()
 
-    def tick(self, now: float | None = None) -> int:
+    async def tick(self, now: float | None = None) -> int:
         """Push every round due at ``now`` (default: the clock); returns how many rounds.
 
         Raises :class:`~phonepush.errors.SpoolError` if the spool cannot take them (the rounds
@@ -63,8 +63,8 @@ class Repeater:
         """
         now = self._clock() if now is None else now
         done = 0
-        for alert in self._spool.alerts.due(now):
-            result = ledger.repeat_round(self._spool, alert.event_id, alert.rule, now)
+        for alert in await self._spool.alerts.due(now):
+            result = await ledger.repeat_round(self._spool, alert.event_id, alert.rule, now)
             if result is None:
                 continue
             updated, deliveries = result
@@ -97,8 +97,8 @@ class Repeater:
         while True:
             self._woken.clear()
             try:
-                self.tick()
-                due = self._spool.alerts.next_due()
+                await self.tick()
+                due = await self._spool.alerts.next_due()
             except SpoolError as exc:
                 log.error("repeats held back: %s; trying again in %.0f s", exc, _RETRY_SECONDS)
                 due = self._clock() + _RETRY_SECONDS

@@ -202,7 +202,7 @@ class Daemon:
             )
             dispatcher.on_reach = health.reached
             silences = Silences(spool)
-            silences.load()
+            await silences.load()
             grouper = Grouper(
                 spool,
                 silences,
@@ -302,7 +302,7 @@ class Daemon:
                 config, spool, dispatcher, intake, metrics, mqtt, port, announcer, housekeeper
             )
             # A live audio page is never replayed: its rows left pending are finished here.
-            resumed = announcer.abandon(spool.deliveries.pending())
+            resumed = await announcer.abandon(await spool.deliveries.pending())
             dispatcher.submit(resumed)
             if resumed:
                 log.info("resuming %d pending deliveries from the spool", len(resumed))

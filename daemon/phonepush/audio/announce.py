@@ -249,14 +249,14 @@ class Announcer:
 
     # --- intake side ------------------------------------------------------------------------
 
-    def stage(self, work: Work) -> None:
+    async def stage(self, work: Work) -> None:
         """The pipeline stage: audio rows for rules that also push; after the commit, the
         event's audio rows start their page instead of going to the dispatcher."""
         event = work.event
         work.deliveries += self.deliveries(event, work.plan)
 
-        def take(pending: list[Delivery]) -> list[Delivery]:
-            return self.take(event, pending)
+        async def take(pending: list[Delivery]) -> list[Delivery]:
+            return await self.take(event, pending)
 
         work.committed.append(take)
 
@@ -275,7 +275,7 @@ class Announcer:
             for phone in p.phones
         ]
 
-    def take(self, event: Event, pending: Sequence[Delivery]) -> list[Delivery]:
+    async def take(self, event: Event, pending: Sequence[Delivery]) -> list[Delivery]:
         """Start the pages of committed audio rows (pending rows without requests) and return
         the other rows, for the dispatcher. Must run on the event loop."""
         audio: dict[str, list[Delivery]] = defaultdict(list)
@@ -290,7 +290,7 @@ class Announcer:
             action = self.actions.get(rule)
             if action is None or self._closing:
                 # Rules swapped by a reload between plan and commit, or shutting down.
-                self._finish_all(
+                await self._finish_all(
                     rows, DeliveryState.EXPIRED, "not played: the rule's audio is gone"
                 )
                 continue
@@ -302,7 +302,7 @@ class Announcer:
             task.add_done_callback(self._done)
         return rest
 
-    def abandon(self, pending: Iterable[Delivery]) -> list[Delivery]:
+    async def abandon(self, pending: Iterable[Delivery]) -> list[Delivery]:
         """At start-up: finish the audio rows a previous run left pending as ``expired`` (a
         live page is never replayed) and return the rest for the dispatcher."""
         rest: list[Delivery] = []
@@ -314,7 +314,7 @@ class Announcer:
             log.warning(
                 "%d audio page deliveries were interrupted by a restart; not replayed", len(stale)
             )
-            self._finish_all(
+            await self._finish_all(
                 stale, DeliveryState.EXPIRED, "interrupted by a restart; audio is not replayed"
             )
         return rest
@@ -349,7 +349,7 @@ class Announcer:
             async with self._lock:
                 await self._page(event, action, rows)
         except asyncio.CancelledError:
-            self._finish_all(
+            await self._finish_all(
                 rows, DeliveryState.EXPIRED, "the daemon stopped during the audio page"
             )
             self._metrics.audio_pages.labels(action.rule, "expired").inc()
@@ -360,20 +360,20 @@ class Announcer:
         rule = action.rule
         expires_at = min(row.expires_at for row in rows)
         if self._clock() >= expires_at:
-            self._expired(action, rows, "TTL passed before the audio page could start")
+            await self._expired(action, rows, "TTL passed before the audio page could start")
             return
         try:
             audio = await self._audio(action, event)
         except (AudioError, TemplateError) as exc:
             log.warning("event %s rule %s: no audio page: %s", event.id, rule, exc)
-            self._finish_all(rows, DeliveryState.FAILED, f"audio: {exc}", publish=True)
+            await self._finish_all(rows, DeliveryState.FAILED, f"audio: {exc}", publish=True)
             self._metrics.audio_pages.labels(rule, "failed").inc()
             return
         # Cut the audio so that the stream ends by the TTL (as far as can be known now).
         room = expires_at - self._clock() - self._lead_in
         if room * SAMPLE_RATE < len(audio):
             if room <= 0:
-                self._expired(action, rows, "TTL passed before the audio page could start")
+                await self._expired(action, rows, "TTL passed before the audio page could start")
                 return
             log.warning(
                 "event %s rule %s: audio cut from %.1f s to %.1f s to end within the TTL",
@@ -388,7 +388,7 @@ class Announcer:
         by_name = {row.phone: row for row in rows}
         missing = [row for row in rows if row.phone not in phones]
         if missing:
-            self._finish_all(
+            await self._finish_all(
                 missing, DeliveryState.FAILED, "phone not in the configuration", publish=True
             )
         targets = [
@@ -414,12 +414,14 @@ class Announcer:
             async with asyncio.timeout(max(0.0, expires_at - self._clock())):
                 report = await page(targets, audio, push=push, settings=settings)
         except TimeoutError:
-            self._expired(action, [by_name[t.name] for t in targets], "TTL passed during the page")
+            await self._expired(
+                action, [by_name[t.name] for t in targets], "TTL passed during the page"
+            )
             return
         except (AudioError, WireError) as exc:
             # The stream's source does not resolve, or a start URI is invalid: nothing sent.
             log.error("event %s rule %s: audio page not sent: %s", event.id, rule, exc)
-            self._finish_all(
+            await self._finish_all(
                 [by_name[t.name] for t in targets],
                 DeliveryState.FAILED,
                 f"audio: {exc}",
@@ -427,7 +429,7 @@ class Announcer:
             )
             self._metrics.audio_pages.labels(rule, "failed").inc()
             return
-        self._report(event, action, report, by_name)
+        await self._report(event, action, report, by_name)
 
     async def _audio(self, action: AudioAction, event: Event) -> bytes:
         body = action.body
@@ -437,14 +439,14 @@ class Announcer:
             body = await self._speech.render(text)
         return announcement(body, chime=action.chime, repeat=action.repeat)
 
-    def _report(
+    async def _report(
         self, event: Event, action: AudioAction, report: PageReport, rows: Mapping[str, Delivery]
     ) -> None:
         rule = action.rule
         metrics = self._metrics
         for target_result in report.results:
             state, error = _outcome(target_result, report)
-            self._finish(rows[target_result.target.name], state, error, publish=True)
+            await self._finish(rows[target_result.target.name], state, error, publish=True)
         stream = report.stream
         if stream is not None:
             metrics.audio_stream_seconds.labels(rule).observe(stream.duration_s)
@@ -466,12 +468,12 @@ class Announcer:
 
     # --- outcomes -------------------------------------------------------------------------
 
-    def _expired(self, action: AudioAction, rows: Sequence[Delivery], reason: str) -> None:
+    async def _expired(self, action: AudioAction, rows: Sequence[Delivery], reason: str) -> None:
         log.warning("rule %s: audio page expired: %s", action.rule, reason)
-        self._finish_all(rows, DeliveryState.EXPIRED, reason, publish=True)
+        await self._finish_all(rows, DeliveryState.EXPIRED, reason, publish=True)
         self._metrics.audio_pages.labels(action.rule, "expired").inc()
 
-    def _finish_all(
+    async def _finish_all(
         self,
         rows: Iterable[Delivery],
         state: DeliveryState,
@@ -480,13 +482,15 @@ class Announcer:
         publish: bool = False,
     ) -> None:
         for row in rows:
-            self._finish(row, state, error, publish=publish)
+            await self._finish(row, state, error, publish=publish)
 
-    def _finish(self, row: Delivery, state: DeliveryState, error: str, *, publish: bool) -> None:
+    async def _finish(
+        self, row: Delivery, state: DeliveryState, error: str, *, publish: bool
+    ) -> None:
         if row.id not in self._open:
             return  # finished already (a page cut after some of its phones were done)
         self._open.discard(row.id)
-        self._spool.deliveries.finish(row.id, state, error)
+        await self._spool.deliveries.finish(row.id, state, error)
         self._metrics.ended(row.phone, state)
         if state is not DeliveryState.DELIVERED:
             log.warning(

@@ -102,7 +102,7 @@ async def _plan(config: Config, event: Event) -> tuple[Plan, frozenset[str]]:
             services = Services(spool, metrics, submit=lambda deliveries: None, tokens=_token)
             built = build(config, services)
             intake = Intake(built.pipeline, spool, metrics=metrics, submit=lambda deliveries: None)
-            return intake.plan(event), built.pipeline.book.hooks
+            return await intake.plan(event), built.pipeline.book.hooks
 
 
 def _token() -> str:

@@ -97,7 +97,7 @@ _TEST_RULE: Final = "test-page"
 _TEST_TITLE: Final = "Test page"
 _TEST_TEXT: Final = "A test page from the phonepush console. No action needed."
 
-EventStatus = Callable[[Store, EventRecord], dict[str, Any]]
+EventStatus = Callable[[Store, EventRecord], Awaitable[dict[str, Any]]]
 _Handler = Callable[[Request, Identity, dict[str, str]], Awaitable[Response]]
 
 
@@ -409,7 +409,7 @@ def console_routes(
         wanted = request.query_params.get("state", "")
         if wanted and wanted not in _STATES:
             wanted = ""
-        rows = event_rows(state.spool, rule=rule, state=wanted)
+        rows = await event_rows(state.spool, rule=rule, state=wanted)
         return console.render(
             "events.html",
             identity,
@@ -426,10 +426,10 @@ def console_routes(
 
     async def event(request: Request, identity: Identity, fields: dict[str, str]) -> Response:
         event_id = request.path_params["event_id"]
-        record = state.spool.events.get(event_id)
+        record = await state.spool.events.get(event_id)
         if record is None:
             raise _Refused(404, "No such event: never stored, or purged since.")
-        status = console.event_status(state.spool, record)
+        status = await console.event_status(state.spool, record)
         return console.render(
             "event.html",
             identity,
@@ -445,7 +445,7 @@ def console_routes(
             raise _Refused(503, "Silences are not available.")
         return state.silences
 
-    def silences_page(
+    async def silences_page(
         identity: Identity,
         status: int = 200,
         *,
@@ -463,7 +463,7 @@ def console_routes(
             view="silences",
             silences=[
                 {**s.to_dict(now), "starts": s.starts_at, "ends": s.ends_at}
-                for s in silences_of().current()
+                for s in await silences_of().current()
             ],
             now=now,
             error=error,
@@ -492,9 +492,9 @@ def console_routes(
                 "createdBy": fields.get("created_by", "") or "console",
             }
             silence = console.parse_silence(data, now=now, silence_id=str(uuid.uuid4()))
-            service.add(silence)
+            await service.add(silence)
         except ValueError as exc:
-            return silences_page(identity, 400, error=str(exc), form=fields)
+            return await silences_page(identity, 400, error=str(exc), form=fields)
         log.info(
             "console: silence %s created by %r for %s",
             silence.id,
@@ -507,7 +507,7 @@ def console_routes(
         request: Request, identity: Identity, fields: dict[str, str]
     ) -> Response:
         silence_id = request.path_params["silence_id"]
-        if not silences_of().expire(silence_id):
+        if not await silences_of().expire(silence_id):
             raise _Refused(404, "No such silence in force or scheduled.")
         return _secure(RedirectResponse("/silences?notice=expired", status_code=303))
 
@@ -517,7 +517,7 @@ def console_routes(
             identity,
             title="Rules",
             view="rules",
-            rules=rule_rows(state.intake.rules, state.spool),
+            rules=await rule_rows(state.intake.rules, state.spool),
             now=console.clock(),
         )
 
@@ -564,7 +564,7 @@ def console_routes(
             ttl=60.0,
         )
         try:
-            accepted = state.intake.page(page)
+            accepted = await state.intake.page(page)
         except ConfigError as exc:
             return test_form(identity, 400, error=str(exc), form=fields)
         except SpoolFull:
@@ -610,7 +610,7 @@ def console_routes(
     async def silences(request: Request, identity: Identity, fields: dict[str, str]) -> Response:
         # ?matchers=rule%3Ddoorbell: the form filled in from an event's or a rule's link.
         prefill = {"matchers": request.query_params.get("matchers", "")[:_MAX_FORM]}
-        return silences_page(identity, notice=notice(request), form=prefill)
+        return await silences_page(identity, notice=notice(request), form=prefill)
 
     return [
         Route("/", console.page(phones), methods=["GET"]),

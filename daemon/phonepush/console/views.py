@@ -106,10 +106,10 @@ def _row(record: EventRecord) -> EventRow:
     )
 
 
-def event_rows(spool: Store, *, rule: str = "", state: str = "") -> list[EventRow]:
+async def event_rows(spool: Store, *, rule: str = "", state: str = "") -> list[EventRow]:
     """The newest events, those of ``rule`` and with a delivery in ``state`` when given."""
     rows = []
-    for record in spool.events.recent(_EVENTS_SCANNED if rule or state else EVENTS_SHOWN):
+    for record in await spool.events.recent(_EVENTS_SCANNED if rule or state else EVENTS_SHOWN):
         if rule and rule not in record.rules:
             continue
         if state and not any(d.state == state for d in record.deliveries):
@@ -198,14 +198,14 @@ class RuleRow:
         return sum(self.counts.values())
 
 
-def rule_rows(book: RuleBook, spool: Store) -> list[RuleRow]:
+async def rule_rows(book: RuleBook, spool: Store) -> list[RuleRow]:
     """Every configured rule with its trigger, phones, and its deliveries in the spool by
     state (the newest one's time is when it last matched)."""
     rows = {
         rule.name: RuleRow(rule.name, f"{rule.source}:{rule.pattern}", rule.phones)
         for rule in book.rules
     }
-    for name, state, count, newest in spool.deliveries.by_rule():
+    for name, state, count, newest in await spool.deliveries.by_rule():
         row = rows.get(name)
         if row is None:
             continue

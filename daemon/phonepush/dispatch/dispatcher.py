@@ -155,6 +155,7 @@ class Dispatcher:
         # Finished deliveries not yet written: answers that arrive together share one commit.
         self._finished: list[tuple[int, DeliveryState, str, int]] = []
         self._flush: asyncio.Handle | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
         # Labelled metric children per phone: a labels() lookup costs more than the update.
         self._phone_metrics: dict[str, _PhoneMetrics] = {}
 
@@ -221,7 +222,7 @@ class Dispatcher:
                 finally:
                     self._outstanding -= 1
                     if self._outstanding == 0:
-                        self._flush_finished()
+                        await self._flush_finished()
                         self._idle.set()
         finally:
             # No await between the empty queue and this: a later submit makes a new worker.
@@ -262,7 +263,7 @@ class Dispatcher:
                             unconfirmed = f"{_UNCONFIRMED}{exc}"
                         sent += 1
                         if sent < len(delivery.requests):
-                            self._progress(delivery, sent, attempts, unconfirmed)
+                            await self._progress(delivery, sent, attempts, unconfirmed)
             except PhoneError as exc:
                 error = str(exc)
                 if not (exc.retryable or isinstance(exc, PhoneUnconfirmed)):
@@ -275,7 +276,7 @@ class Dispatcher:
                     # No attempt can happen inside the TTL: the page is already too late.
                     await asyncio.sleep(max(0.0, remaining))
                     continue
-                self._progress(delivery, sent, attempts, unconfirmed or error)
+                await self._progress(delivery, sent, attempts, unconfirmed or error)
                 self._metrics.retries.labels(delivery.phone).inc()
                 log.info(
                     "delivery %s to %s: %s; retrying in %.1f s",
@@ -343,7 +344,7 @@ class Dispatcher:
         self._cancelled.discard(delivery.id)
         self._finished.append((delivery.id, result, error, attempts))
         if self._flush is None:
-            self._flush = asyncio.get_running_loop().call_soon(self._flush_finished)
+            self._flush = asyncio.get_running_loop().call_soon(self._start_flush)
         seconds = self._clock() - delivery.created_at
         self._metrics.ended(delivery.phone, result)
         if result is DeliveryState.DELIVERED:
@@ -370,7 +371,17 @@ class Dispatcher:
             except Exception:  # an outcome publisher must never stop deliveries
                 log.exception("publishing the outcome of delivery %s failed", delivery.id)
 
-    def _flush_finished(self) -> None:
+    def _start_flush(self) -> None:
+        """The ``call_soon``/``call_later`` callback of a flush: a loop callback cannot await
+        the store, so the flush runs as a task of its own. Deliveries finished before it starts
+        are still in ``_finished`` and written with the rest."""
+        task = asyncio.get_running_loop().create_task(
+            self._flush_finished(), name="dispatcher:flush"
+        )
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _flush_finished(self) -> None:
         """Write the finished deliveries collected since the last flush in one transaction
         (scheduled with ``call_soon`` by the first of them; also run before going idle)."""
         if self._flush is not None:
@@ -380,7 +391,7 @@ class Dispatcher:
         if not finished:
             return
         try:
-            self._spool.deliveries.finish_many(finished)
+            await self._spool.deliveries.finish_many(finished)
         except SpoolError as exc:
             # Kept and written again later (a full disk comes back): dropped, they would stay
             # pending in the spool, counted against max_pending, until a restart sent them again.
@@ -389,11 +400,13 @@ class Dispatcher:
             self._finished[:0] = finished
             if not self._closing:
                 loop = asyncio.get_running_loop()
-                self._flush = loop.call_later(self._retry_initial, self._flush_finished)
+                self._flush = loop.call_later(self._retry_initial, self._start_flush)
 
-    def _progress(self, delivery: Delivery, sent: int, attempts: int, error: str = "") -> None:
+    async def _progress(
+        self, delivery: Delivery, sent: int, attempts: int, error: str = ""
+    ) -> None:
         try:
-            self._spool.deliveries.progress(delivery.id, sent, attempts, error)
+            await self._spool.deliveries.progress(delivery.id, sent, attempts, error)
         except SpoolError as exc:
             # Only a saving for a resumed delivery (its answered requests are not sent again);
             # raised from here, it would end this phone's worker and strand its queue.
@@ -429,7 +442,8 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
         self._workers.clear()
-        self._flush_finished()
+        await self._flush_finished()
+        await asyncio.gather(*self._flushing, return_exceptions=True)
         return cut
 
     async def close(self) -> None:

@@ -129,7 +129,7 @@ class Grouper:
 
     # --- intake side ----------------------------------------------------------------------------
 
-    def stage(self, work: Work) -> None:
+    async def stage(self, work: Work) -> None:
         """The pipeline stage: grouped rules' pending work becomes window rows; counted and
         logged once committed."""
         event = work.event
@@ -138,7 +138,7 @@ class Grouper:
         if not staged.groups:
             return
 
-        def committed(pending: list[Delivery]) -> list[Delivery]:
+        async def committed(pending: list[Delivery]) -> list[Delivery]:
             self.committed(event, staged)
             return pending
 
@@ -223,8 +223,8 @@ class Grouper:
         while True:
             self._wake.clear()
             try:
-                self.flush_due()
-                due = self._spool.groups.next_due()
+                await self.flush_due()
+                due = await self._spool.groups.next_due()
             except SpoolError as exc:
                 log.error("flushing groups failed, retrying: %s", exc)
                 due = self._clock() + _RETRY_SECONDS
@@ -233,15 +233,15 @@ class Grouper:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
 
-    def flush_due(self) -> list[Delivery]:
+    async def flush_due(self) -> list[Delivery]:
         """Turn every window due now into deliveries; hand the pending ones to ``submit``."""
         now = self._clock()
         flushed: list[Delivery] = []
-        for window in self._spool.groups.due(now):
-            flushed.extend(self._flush(window, now))
+        for window in await self._spool.groups.due(now):
+            flushed.extend(await self._flush(window, now))
         return flushed
 
-    def _flush(self, window: GroupWindow, now: float) -> list[Delivery]:
+    async def _flush(self, window: GroupWindow, now: float) -> list[Delivery]:
         members = [m for m in (self._member(e) for e in window.events) if m is not None]
         lead = window.events[0]
         phones = list(dict.fromkeys(p for m in members for p in m.phones))
@@ -291,7 +291,7 @@ class Grouper:
                 )
             else:
                 deliveries.append(NewDelivery(window.rule, phone, result, expires_at))
-        stored = self._store_flush(window, lead.event_id, deliveries, pages)
+        stored = await self._store_flush(window, lead.event_id, deliveries, pages)
         # Per event left out of a phone's page; a phone left with nothing is also one suppressed
         # delivery, recorded with the quiet-hours drops.
         for phone, silence_id in silenced:
@@ -314,7 +314,7 @@ class Grouper:
             self._submit(pending)
         return stored
 
-    def _store_flush(
+    async def _store_flush(
         self,
         window: GroupWindow,
         event_id: str,
@@ -326,11 +326,11 @@ class Grouper:
         held to the backlog limit: the events were accepted already. An event that joined after
         the window was read keeps it open (and due) for the next pass."""
         last = max((e.seq for e in window.events), default=0)
-        with self._spool.transaction(f"cannot flush group {window.rule}", durable=True) as tx:
-            stored = tx.deliveries.add(event_id, deliveries)
-            tx.events.add_pages(event_id, pages)
-            tx.groups.remove_events(window.rule, window.key, last)
-            tx.groups.close_if_empty(window.rule, window.key)
+        async with self._spool.transaction(f"cannot flush group {window.rule}", durable=True) as tx:
+            stored = await tx.deliveries.add(event_id, deliveries)
+            await tx.events.add_pages(event_id, pages)
+            await tx.groups.remove_events(window.rule, window.key, last)
+            await tx.groups.close_if_empty(window.rule, window.key)
         return stored
 
     def _member(self, grouped: GroupedEvent) -> _Member | None:

@@ -38,11 +38,11 @@ DELIVERY_STATES: Final = tuple(s.value for s in DeliveryState)
 _XML: Final = "text/xml; charset=UTF-8"
 
 
-def event_status(spool: Store, record: EventRecord) -> dict[str, Any]:
+async def event_status(spool: Store, record: EventRecord) -> dict[str, Any]:
     """The status API's answer for one stored event."""
-    rounds = spool.alerts.delivery_rounds(record.id)
+    rounds = await spool.alerts.delivery_rounds(record.id)
     acks: dict[tuple[str, str], AlertPhone] = {
-        (p.rule, p.phone): p for p in spool.alerts.phones_of(record.id)
+        (p.rule, p.phone): p for p in await spool.alerts.phones_of(record.id)
     }
     deliveries = []
     for d in record.deliveries:
@@ -80,7 +80,7 @@ def event_status(spool: Store, record: EventRecord) -> dict[str, Any]:
                 if p.rule == a.rule and p.acked_at is not None
             ],
         }
-        for a in spool.alerts.of_event(record.id)
+        for a in await spool.alerts.of_event(record.id)
     ]
     presses = [
         {
@@ -92,7 +92,7 @@ def event_status(spool: Store, record: EventRecord) -> dict[str, Any]:
             "error": p.error,
             "from": p.by,
         }
-        for p in spool.alerts.presses_of(record.id)
+        for p in await spool.alerts.presses_of(record.id)
     ]
     return {
         "event": record.id,
@@ -115,7 +115,7 @@ def api_routes(state: ServerState, *, bearer_ok: Callable[[Request, str], bool])
         if acks is None:
             return Response("acknowledgements are off", status_code=404)
         try:
-            answer = acks.page(request.path_params["page_id"], request.path_params["token"])
+            answer = await acks.page(request.path_params["page_id"], request.path_params["token"])
         except SpoolError:
             return Response("spool unavailable", status_code=503, headers={"Retry-After": "5"})
         return Response(answer.xml, status_code=answer.status, media_type=_XML)
@@ -126,7 +126,7 @@ def api_routes(state: ServerState, *, bearer_ok: Callable[[Request, str], bool])
             return Response("acknowledgements are off", status_code=404)
         address = request.client.host if request.client is not None else ""
         try:
-            answer = acks.acknowledge(request.path_params["token"], request.headers, address)
+            answer = await acks.acknowledge(request.path_params["token"], request.headers, address)
         except SpoolError:
             return Response("spool unavailable", status_code=503, headers={"Retry-After": "5"})
         return Response(answer.xml, status_code=answer.status, media_type=_XML)
@@ -159,10 +159,10 @@ def api_routes(state: ServerState, *, bearer_ok: Callable[[Request, str], bool])
             )
         event_id = request.path_params["event_id"]
         try:
-            record = state.spool.events.get(event_id)
+            record = await state.spool.events.get(event_id)
             if record is None:
                 return JSONResponse({"error": f"no event {event_id[:64]!r}"}, status_code=404)
-            return JSONResponse(event_status(state.spool, record))
+            return JSONResponse(await event_status(state.spool, record))
         except SpoolError:
             return JSONResponse(
                 {"error": "spool unavailable"}, status_code=503, headers={"Retry-After": "5"}

@@ -95,7 +95,7 @@ def create_app(state: ServerState) -> Starlette:
         headers = {k: v for k, v in request.headers.items() if k not in _SECRET_HEADERS}
         event = Event("webhook", name, payload, headers)
         try:
-            accepted = state.intake.accept(event)
+            accepted = await state.intake.accept(event)
         except SpoolFull:
             state.metrics.events_rejected.labels("webhook", "spool_full").inc()
             return _error(
@@ -110,7 +110,7 @@ def create_app(state: ServerState) -> Starlette:
         return JSONResponse({"event": event.id, "rules": list(accepted.rules)}, status_code=202)
 
     async def page(request: Request) -> Response:
-        xml = state.spool.events.page(request.path_params["page_id"])
+        xml = await state.spool.events.page(request.path_params["page_id"])
         if xml is None:
             return PlainTextResponse("no such page", status_code=404)
         return Response(xml, media_type="text/xml; charset=UTF-8")
@@ -124,7 +124,7 @@ def create_app(state: ServerState) -> Starlette:
     async def readyz(request: Request) -> Response:
         checks: dict[str, str] = {}
         try:
-            state.spool.check()
+            await state.spool.check()
             checks["spool"] = "ok"
         except SpoolError as exc:
             checks["spool"] = str(exc)

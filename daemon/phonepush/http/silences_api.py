@@ -165,24 +165,24 @@ def silence_routes(
             silence = parse_silence(
                 jsonlimits.loads(body), now=clock(), silence_id=str(uuid.uuid4())
             )
-            silences.add(silence)
+            await silences.add(silence)
         except ValueError as exc:  # so are json.JSONDecodeError and jsonlimits refusals
             raise _Invalid(400, str(exc)) from None
         return JSONResponse({"id": silence.id}, status_code=201)
 
     async def listing(request: Request, silences: Silences) -> Response:
         at = clock()
-        return JSONResponse([s.to_dict(at) for s in silences.current()])
+        return JSONResponse([s.to_dict(at) for s in await silences.current()])
 
     async def one(request: Request, silences: Silences) -> Response:
-        silence = silences.get(request.path_params["silence_id"])
+        silence = await silences.get(request.path_params["silence_id"])
         if silence is None:
             raise _Invalid(404, "no such silence in force or scheduled")
         return JSONResponse(silence.to_dict(clock()))
 
     async def expire(request: Request, silences: Silences) -> Response:
         silence_id = request.path_params["silence_id"]
-        if not silences.expire(silence_id):
+        if not await silences.expire(silence_id):
             raise _Invalid(404, "no such silence in force or scheduled")
         return JSONResponse({"id": silence_id, "status": "expired"})
 

@@ -7,7 +7,7 @@ a rule ``suppressed``; the windows it starts are stored with the event.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from phonepush.pipeline.plan import PlannedRule, Work
 
@@ -17,10 +17,10 @@ __all__ = ["Cooldowns"]
 class Cooldowns:
     """``in_cooldown(rule, key, now)`` is the spool's."""
 
-    def __init__(self, in_cooldown: Callable[[str, str, float], bool]) -> None:
+    def __init__(self, in_cooldown: Callable[[str, str, float], Awaitable[bool]]) -> None:
         self._in_cooldown = in_cooldown
 
-    def stage(self, work: Work) -> None:
+    async def stage(self, work: Work) -> None:
         plan = work.plan
         now = work.now
         planned: list[PlannedRule] = []
@@ -38,7 +38,7 @@ class Cooldowns:
             if window is None and match.dedupe_key:
                 window = rule.ttl
             if window is not None:
-                if self._in_cooldown(rule.name, match.dedupe_key, now) or any(
+                if await self._in_cooldown(rule.name, match.dedupe_key, now) or any(
                     c[0] == rule.name and c[1] == match.dedupe_key for c in cooldowns
                 ):
                     pages.pop(p.page_id, None)

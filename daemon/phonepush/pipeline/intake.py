@@ -60,11 +60,11 @@ class Intake:
     def rules(self) -> RuleBook:
         return self.pipeline.book
 
-    def plan(self, event: Event) -> Plan:
+    async def plan(self, event: Event) -> Plan:
         """Match and render ``event`` and run the planning stages; writes nothing."""
-        return self._planned(self.pipeline, event).plan
+        return (await self._planned(self.pipeline, event)).plan
 
-    def _planned(
+    async def _planned(
         self, pipeline: Pipeline, event: Event, matches: Sequence[Match] | None = None
     ) -> Work:
         planned: list[PlannedRule] = []
@@ -96,19 +96,19 @@ class Intake:
             )
         work = Work(event, Plan(event, tuple(planned), pages), self._clock(), pages_url)
         for stage in pipeline.planning:
-            stage.stage(work)
+            await stage.stage(work)
         return work
 
-    def accept(self, event: Event) -> Accepted:
+    async def accept(self, event: Event) -> Accepted:
         """Commit ``event`` and its deliveries, then hand the pending ones to the dispatcher.
 
         Raises :class:`~phonepush.errors.SpoolError` (or ``SpoolFull``) with nothing written:
         the source must not acknowledge the event then.
         """
         pipeline = self.pipeline  # one configuration for the whole event, reload or not
-        return self._accept(pipeline, self._planned(pipeline, event))
+        return await self._accept(pipeline, await self._planned(pipeline, event))
 
-    def page(self, page: DirectPage) -> Accepted:
+    async def page(self, page: DirectPage) -> Accepted:
         """Commit a page sent by hand to the phones and groups it names, as :meth:`accept` does
         an event: same stages, same commit, same dispatcher.
 
@@ -118,9 +118,9 @@ class Intake:
         """
         pipeline = self.pipeline
         match = direct_match(page, pipeline.expand)
-        return self._accept(pipeline, self._planned(pipeline, page.event(), [match]))
+        return await self._accept(pipeline, await self._planned(pipeline, page.event(), [match]))
 
-    def _accept(self, pipeline: Pipeline, work: Work) -> Accepted:
+    async def _accept(self, pipeline: Pipeline, work: Work) -> Accepted:
         event = work.event
         plan = work.plan
         own = {(p.rule, a.phone): a.requests for p in plan.rules if p.alert for a in p.alert.phones}
@@ -137,14 +137,14 @@ class Intake:
             for phone in p.phones
         ]
         for stage in pipeline.staging:
-            stage.stage(work)
+            await stage.stage(work)
         plan = work.plan
         if not plan.rules and not work.keep:
             # A sensor reporting on a wildcard topic, a payload a rule's `when` passes over: kept
             # out of the spool and the log, or they would hide the events that paged.
             self._unmatched(event)
             return Accepted(event, (), ())
-        deliveries = commit_event(
+        deliveries = await commit_event(
             self._spool,
             self._stored(event, pipeline.keep_headers),
             rules=[p.rule for p in plan.rules],
@@ -158,7 +158,7 @@ class Intake:
         self._metrics.recorded(deliveries)
         pending = [d for d in deliveries if d.state == "pending"]
         for after in work.committed:
-            pending = after(pending)
+            pending = await after(pending)
         if pending:
             self._submit(pending)
         return Accepted(event, tuple(p.rule for p in plan.rules), tuple(deliveries))
@@ -174,8 +174,8 @@ class Intake:
         return dataclasses.replace(event, headers=headers)
 
     async def __call__(self, event: Event) -> Accepted:
-        """Sources take an async ``accept`` callable; the spool write itself is synchronous."""
-        return self.accept(event)
+        """Sources take an async ``accept`` callable."""
+        return await self.accept(event)
 
     def _unmatched(self, event: Event) -> None:
         self._metrics.events.labels(event.source, "").inc()

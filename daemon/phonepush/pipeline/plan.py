@@ -15,7 +15,7 @@ to the dispatcher.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -79,7 +79,7 @@ class Accepted:
 
 #: Runs after the commit with the event's pending deliveries; returns those the dispatcher
 #: should get (an audio page takes its own rows).
-AfterCommit = Callable[[list[Delivery]], list[Delivery]]
+AfterCommit = Callable[[list[Delivery]], Awaitable[list[Delivery]]]
 
 
 @dataclass(slots=True)
@@ -105,9 +105,10 @@ class Work:
 class Stage(Protocol):
     """One step of the pipeline: a feature's part of every event."""
 
-    def stage(self, work: Work) -> None:
+    async def stage(self, work: Work) -> None:
         """Read and change ``work``; planning stages write nothing, staging stages may leave
-        hooks in ``work.committed`` for after the commit."""
+        hooks in ``work.committed`` for after the commit. Async because a stage may read the
+        store (cooldowns, alerts, groups); a stage that does not simply never awaits."""
 
 
 def _no_phones(targets: Iterable[str]) -> tuple[str, ...]:

@@ -339,11 +339,11 @@ class Silences:
         self._clock = clock
         self._silences: dict[str, Silence] = {}
 
-    def load(self) -> None:
+    async def load(self) -> None:
         """Read the silences from the spool (at start), forgetting those that have ended."""
         now = self._clock()
         self._silences = {}
-        for row in self._spool.silences.all():
+        for row in await self._spool.silences.all():
             try:
                 silence = Silence.from_stored(row)
             except (ValueError, TypeError) as exc:
@@ -353,14 +353,14 @@ class Silences:
             if silence.ends_at > now:
                 self._silences[silence.id] = silence
             else:
-                self._spool.silences.delete(silence.id)
+                await self._spool.silences.delete(silence.id)
 
-    def add(self, silence: Silence) -> None:
+    async def add(self, silence: Silence) -> None:
         """Store ``silence``; ``ValueError`` when :data:`MAX_SILENCES` are already in force."""
-        self._prune()
+        await self._prune()
         if len(self._silences) >= MAX_SILENCES:
             raise ValueError(f"there are already {MAX_SILENCES} silences; expire some first")
-        self._spool.silences.add(silence.stored())
+        await self._spool.silences.add(silence.stored())
         self._silences[silence.id] = silence
         log.warning(
             "silence %s by %s until %s: %s (%s)",
@@ -374,23 +374,23 @@ class Silences:
             silence.comment,
         )
 
-    def expire(self, silence_id: str) -> bool:
+    async def expire(self, silence_id: str) -> bool:
         """End a silence now; False if there is no such silence in force or scheduled."""
-        self._prune()
+        await self._prune()
         if silence_id not in self._silences:
             return False
-        self._spool.silences.delete(silence_id)
+        await self._spool.silences.delete(silence_id)
         del self._silences[silence_id]
         log.warning("silence %s expired through the API", silence_id)
         return True
 
-    def current(self) -> list[Silence]:
+    async def current(self) -> list[Silence]:
         """Silences in force or scheduled, ending soonest first."""
-        self._prune()
+        await self._prune()
         return sorted(self._silences.values(), key=lambda s: (s.ends_at, s.id))
 
-    def get(self, silence_id: str) -> Silence | None:
-        self._prune()
+    async def get(self, silence_id: str) -> Silence | None:
+        await self._prune()
         return self._silences.get(silence_id)
 
     def matching(self, rule: str, phone: str, facts: Facts, now: float) -> Silence | None:
@@ -403,10 +403,10 @@ class Silences:
     def __bool__(self) -> bool:
         return bool(self._silences)
 
-    def _prune(self) -> None:
+    async def _prune(self) -> None:
         now = self._clock()
         for silence in [s for s in self._silences.values() if s.ends_at <= now]:
-            self._spool.silences.delete(silence.id)
+            await self._spool.silences.delete(silence.id)
             del self._silences[silence.id]
             log.info("silence %s ended", silence.id)
 
@@ -554,14 +554,14 @@ class Screening:
         self._metrics = metrics
         self._clock = clock
 
-    def stage(self, work: Work) -> None:
+    async def stage(self, work: Work) -> None:
         screened = self.quieting.screen(work.event, work.deliveries, self._clock())
         work.deliveries = screened.deliveries
         if not screened.held:
             return
         event_id = work.event.id
 
-        def committed(pending: list[Delivery]) -> list[Delivery]:
+        async def committed(pending: list[Delivery]) -> list[Delivery]:
             count_held(self._metrics, event_id, screened.held)
             return pending
 

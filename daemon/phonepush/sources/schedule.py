@@ -151,7 +151,7 @@ class Scheduler:
         now = self._clock.now()
         for name, entry in list(self._entries.items()):
             try:
-                stored = self._store.schedules.last(name)
+                stored = await self._store.schedules.last(name)
             except SpoolError as exc:
                 log.error("schedule %s: cannot read its last firing: %s", name, exc)
                 continue
@@ -210,7 +210,7 @@ class Scheduler:
             )
             return
         try:
-            if not self._store.schedules.claim(name, at, now):
+            if not await self._store.schedules.claim(name, at, now):
                 log.debug("schedule %s: the firing due at %s was made elsewhere", name, when)
                 return
             await self._accept(firing_event(entry.config, at, made_up=made_up))

@@ -18,7 +18,7 @@ from phonepush.store.records import (
 __all__ = ["commit_event"]
 
 
-def commit_event(
+async def commit_event(
     store: Store,
     event: Event,
     *,
@@ -42,13 +42,13 @@ def commit_event(
         if new.state not in INTAKE_STATES:
             raise ValueError(f"a new delivery cannot be {new.state!r}")
     store.admit(sum(1 for new in deliveries if new.state == DeliveryState.PENDING))
-    with store.transaction(f"cannot store event {event.id}", durable=True) as tx:
-        tx.events.add(event, rules)
-        stored = tx.deliveries.add(event.id, deliveries)
-        tx.events.add_pages(event.id, pages)
-        tx.events.start_cooldowns(cooldowns)
+    async with store.transaction(f"cannot store event {event.id}", durable=True) as tx:
+        await tx.events.add(event, rules)
+        stored = await tx.deliveries.add(event.id, deliveries)
+        await tx.events.add_pages(event.id, pages)
+        await tx.events.start_cooldowns(cooldowns)
         if alerts:
-            tx.alerts.add(event.id, alerts)
+            await tx.alerts.add(event.id, alerts)
         if groups:
-            tx.groups.join(event.id, groups)
+            await tx.groups.join(event.id, groups)
     return stored

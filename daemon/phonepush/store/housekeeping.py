@@ -21,7 +21,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from phonepush.errors import SpoolError
@@ -90,7 +90,7 @@ class Housekeeper:
             removed = await self.purge(before)
             while True:
                 limit = self.batch
-                if self.spool.events.purge_cooldowns(before, limit) < limit:
+                if await self.spool.events.purge_cooldowns(before, limit) < limit:
                     break
                 await asyncio.sleep(0)
             if removed:
@@ -108,7 +108,7 @@ class Housekeeper:
         if limit is None:
             return
         spool = self.spool
-        live = spool.live_bytes()
+        live = await spool.live_bytes()
         if live <= limit:
             if spool.full:
                 spool.full = False
@@ -120,8 +120,12 @@ class Housekeeper:
                 )
             return
         target = int(limit * LOW_WATER)
-        removed = await self.purge(math.inf, until=lambda: spool.live_bytes() <= target)
-        live = spool.live_bytes()
+
+        async def small_enough() -> bool:
+            return await spool.live_bytes() <= target
+
+        removed = await self.purge(math.inf, until=small_enough)
+        live = await spool.live_bytes()
         if removed:
             log.info(
                 "spool over spool.max_size (%d bytes): evicted the %s, now %d bytes",
@@ -139,7 +143,7 @@ class Housekeeper:
                 limit,
             )
 
-    async def purge(self, before: float, until: Callable[[], bool] | None = None) -> int:
+    async def purge(self, before: float, until: Callable[[], Awaitable[bool]] | None = None) -> int:
         """Delete finished events received before ``before``, oldest first, in short batches,
         until none are left or ``until()`` says enough. Returns how many were deleted."""
         total = 0
@@ -147,10 +151,10 @@ class Housekeeper:
         while True:
             limit = self.batch
             started = time.perf_counter()
-            removed, cursor = self.spool.events.purge_batch(before, limit, cursor)
+            removed, cursor = await self.spool.events.purge_batch(before, limit, cursor)
             self._adapt(time.perf_counter() - started)
             total += removed
-            if removed < limit or (until is not None and until()):
+            if removed < limit or (until is not None and await until()):
                 return total
             # Give the loop back: requests, intake and dispatch run between batches.
             await asyncio.sleep(0)

@@ -8,8 +8,13 @@
 against these protocols; :class:`phonepush.store.spool.Spool` (SQLite) implements them, and a
 second backend implements the same ones.
 
+Every method that reaches the data is ``async``: a store on a network database (PostgreSQL,
+shared by several daemons) must not stall the event loop, and with it webhooks, MQTT acks and
+health, on every round trip or while the database is unreachable. A backend that needs no waiting
+(SQLite on a local disk) simply never suspends.
+
 Every repository method may run on its own (a single write is its own transaction) or inside
-``with store.transaction(...) as tx:`` through ``tx``'s repositories, where everything commits
+``async with store.transaction(...) as tx:`` through ``tx``'s repositories, where everything commits
 together or nothing does. Errors are :class:`~phonepush.errors.SpoolError` (nothing written) and
 :class:`~phonepush.errors.SpoolFull` (the backlog has no room), never a driver's own.
 
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from phonepush.events import Event
@@ -64,37 +69,37 @@ PurgeCursor = tuple[float, int]
 class EventRepository(Protocol):
     """Events, the pages their deliveries show, and the cooldowns rules set."""
 
-    def add(self, event: Event, rules: Sequence[str]) -> None:
+    async def add(self, event: Event, rules: Sequence[str]) -> None:
         """Store an event and the names of the rules it matched (its id must be new)."""
 
-    def get(self, event_id: str) -> EventRecord | None:
+    async def get(self, event_id: str) -> EventRecord | None:
         """The stored event with its deliveries, or None (never stored, or purged)."""
 
-    def recent(self, limit: int = 20) -> list[EventRecord]:
+    async def recent(self, limit: int = 20) -> list[EventRecord]:
         """The ``limit`` most recently stored events, newest first."""
 
-    def add_pages(self, event_id: str, pages: Mapping[str, str]) -> None:
+    async def add_pages(self, event_id: str, pages: Mapping[str, str]) -> None:
         """Store new pages (id -> CiscoIPPhoneText XML) of an event."""
 
-    def put_page(self, page_id: str, event_id: str, xml: str) -> None:
+    async def put_page(self, page_id: str, event_id: str, xml: str) -> None:
         """Store a page of an event, replacing one stored under the same id."""
 
-    def page(self, page_id: str) -> str | None:
+    async def page(self, page_id: str) -> str | None:
         """The page stored under ``page_id``, or None."""
 
-    def in_cooldown(self, rule: str, key: str, now: float) -> bool:
+    async def in_cooldown(self, rule: str, key: str, now: float) -> bool:
         """Whether ``rule`` set a cooldown for ``key`` that lasts beyond ``now``."""
 
-    def start_cooldowns(self, cooldowns: Sequence[tuple[str, str, float]]) -> None:
+    async def start_cooldowns(self, cooldowns: Sequence[tuple[str, str, float]]) -> None:
         """Set (rule, key, until) cooldowns, replacing those of the same rule and key."""
 
-    def end_cooldown(self, rule: str, key: str) -> None:
+    async def end_cooldown(self, rule: str, key: str) -> None:
         """Drop the cooldown of ``rule`` for ``key``, if there is one."""
 
-    def purge_cooldowns(self, before: float, limit: int) -> int:
+    async def purge_cooldowns(self, before: float, limit: int) -> int:
         """Delete up to ``limit`` cooldowns that ended before ``before``; how many were."""
 
-    def purge_batch(
+    async def purge_batch(
         self, before: float, limit: int, cursor: PurgeCursor = (-math.inf, 0)
     ) -> tuple[int, PurgeCursor]:
         """Delete up to ``limit`` of the oldest finished events (no pending delivery, not in a
@@ -102,7 +107,7 @@ class EventRepository(Protocol):
         with their deliveries, pages and alerts, in one short transaction. Returns how many and
         the cursor to pass next; fewer than ``limit`` means none are left."""
 
-    def purge(self, before: float) -> int:
+    async def purge(self, before: float) -> int:
         """:meth:`purge_batch` until done, and the cooldowns ended before ``before``."""
 
 
@@ -113,11 +118,11 @@ class DeliveryRepository(Protocol):
     (:meth:`Store.pending_count`) in step, at commit.
     """
 
-    def add(self, event_id: str, deliveries: Sequence[NewDelivery]) -> list[Delivery]:
+    async def add(self, event_id: str, deliveries: Sequence[NewDelivery]) -> list[Delivery]:
         """Store new deliveries of an event (each in one of the intake states); returns them
         with their ids, in the given order."""
 
-    def add_pending(
+    async def add_pending(
         self,
         event_id: str,
         rule: str,
@@ -128,53 +133,53 @@ class DeliveryRepository(Protocol):
     ) -> Delivery:
         """Store one more pending delivery of an event (a repeat, a notice)."""
 
-    def of_event(self, event_id: str) -> list[Delivery]:
+    async def of_event(self, event_id: str) -> list[Delivery]:
         """An event's deliveries, in the order they were added."""
 
-    def by_rule(self) -> list[tuple[str, DeliveryState, int, float]]:
+    async def by_rule(self) -> list[tuple[str, DeliveryState, int, float]]:
         """Every stored delivery counted by rule and state: ``(rule, state, count, newest
         created_at)``, for the console's rules view."""
 
-    def pending(self) -> list[Delivery]:
+    async def pending(self) -> list[Delivery]:
         """Every pending delivery, oldest first: what a restarted dispatcher resumes."""
 
-    def pending_ids(self, event_id: str, rule: str, phone: str | None = None) -> list[int]:
+    async def pending_ids(self, event_id: str, rule: str, phone: str | None = None) -> list[int]:
         """The pending deliveries of a rule's alert of an event (to one phone, or all)."""
 
-    def pending_phones(self, event_id: str, rule: str) -> set[str]:
+    async def pending_phones(self, event_id: str, rule: str) -> set[str]:
         """The phones a rule still has a pending delivery of an event for."""
 
-    def latest(
+    async def latest(
         self, event_id: str, rule: str, phone: str, states: Collection[DeliveryState]
     ) -> tuple[int, DeliveryState] | None:
         """The newest delivery of a rule's event to ``phone`` in one of ``states``: id, state."""
 
-    def phones_reached(
+    async def phones_reached(
         self, event_id: str, rule: str, states: Collection[DeliveryState]
     ) -> list[str]:
         """The phones with a delivery of the rule's event in one of ``states``, in the order
         their first delivery was added."""
 
-    def progress(self, delivery_id: int, sent: int, attempts: int, error: str = "") -> None:
+    async def progress(self, delivery_id: int, sent: int, attempts: int, error: str = "") -> None:
         """Record that the phone answered the first ``sent`` requests after ``attempts`` tries
         (nothing for a delivery no longer pending)."""
 
-    def finish(
+    async def finish(
         self, delivery_id: int, state: str, error: str = "", attempts: int | None = None
     ) -> None:
         """Move a pending delivery to a final state (nothing if it is no longer pending), with
         the tries it took when given (kept as last recorded otherwise)."""
 
-    def finish_many(
+    async def finish_many(
         self, finished: Sequence[tuple[int, str, str] | tuple[int, str, str, int]]
     ) -> None:
         """:meth:`finish` for many ``(delivery_id, state, error[, attempts])``, in one
         transaction."""
 
-    def set_state(self, delivery_id: int, state: DeliveryState, error: str = "") -> None:
+    async def set_state(self, delivery_id: int, state: DeliveryState, error: str = "") -> None:
         """Put a delivery in ``state`` whatever state it is in now (an ack of a page)."""
 
-    def suppress(self, ids: Sequence[int], why: str) -> None:
+    async def suppress(self, ids: Sequence[int], why: str) -> None:
         """Cancel deliveries: suppressed, with ``why`` as their error."""
 
 
@@ -182,112 +187,112 @@ class AlertRepository(Protocol):
     """Alerts (an event's rule that acks, repeats or resolves), their phones, and which of an
     event's deliveries a repeat round or a resolve added."""
 
-    def add(self, event_id: str, alerts: Sequence[NewAlert]) -> None:
+    async def add(self, event_id: str, alerts: Sequence[NewAlert]) -> None:
         """Store the alerts an event starts, active, with their phones."""
 
-    def get(self, event_id: str, rule: str) -> AlertRecord | None:
+    async def get(self, event_id: str, rule: str) -> AlertRecord | None:
         """The alert of ``rule`` for an event, or None."""
 
-    def of_event(self, event_id: str) -> list[AlertRecord]:
+    async def of_event(self, event_id: str) -> list[AlertRecord]:
         """The alerts an event started, by rule."""
 
-    def phones_of(self, event_id: str) -> list[AlertPhone]:
+    async def phones_of(self, event_id: str) -> list[AlertPhone]:
         """Every phone of every alert of an event, with its acknowledgement."""
 
-    def by_token(self, token: str) -> tuple[AlertRecord, AlertPhone] | None:
+    async def by_token(self, token: str) -> tuple[AlertRecord, AlertPhone] | None:
         """The alert and phone an ack token was handed to, or None."""
 
-    def due(self, now: float) -> list[AlertRecord]:
+    async def due(self, now: float) -> list[AlertRecord]:
         """Active alerts whose next round is due at ``now``, soonest first."""
 
-    def next_due(self) -> float | None:
+    async def next_due(self) -> float | None:
         """When the soonest round of any active alert is due, or None."""
 
-    def unresolved(self, rule: str, key: str, besides: str) -> list[AlertRecord]:
+    async def unresolved(self, rule: str, key: str, besides: str) -> list[AlertRecord]:
         """The alerts of ``rule`` with dedupe ``key`` not resolved yet, but the one of the
         event ``besides``."""
 
-    def targets(self, event_id: str, rule: str) -> list[AlertTarget]:
+    async def targets(self, event_id: str, rule: str) -> list[AlertTarget]:
         """The phones of an alert with their requests, in the order they were added."""
 
-    def waiting(self, event_id: str, rule: str, *, escalation: bool) -> int:
+    async def waiting(self, event_id: str, rule: str, *, escalation: bool) -> int:
         """How many phones of an alert have not acknowledged (escalation phones counted only
         with ``escalation``)."""
 
-    def set_round(self, event_id: str, rule: str, rounds: int, next_at: float | None) -> None:
+    async def set_round(self, event_id: str, rule: str, rounds: int, next_at: float | None) -> None:
         """Record that round ``rounds`` was pushed and when the next one is due."""
 
-    def end(self, event_id: str, rule: str, state: AlertState, at: float, by: str) -> None:
+    async def end(self, event_id: str, rule: str, state: AlertState, at: float, by: str) -> None:
         """Stop an alert: ``state`` (acknowledged, resolved), when and by whom; no more rounds."""
 
-    def acknowledge_phone(self, token: str, at: float, by: str) -> None:
+    async def acknowledge_phone(self, token: str, at: float, by: str) -> None:
         """Record that the phone holding ``token`` acknowledged at ``at``, from ``by``."""
 
-    def add_round_delivery(self, delivery_id: int, round_: int, kind: RoundKind) -> None:
+    async def add_round_delivery(self, delivery_id: int, round_: int, kind: RoundKind) -> None:
         """Mark a delivery as pushed by round ``round_`` (kind: repeat, escalation, resolved)."""
 
-    def delivery_rounds(self, event_id: str) -> dict[int, tuple[int, RoundKind]]:
+    async def delivery_rounds(self, event_id: str) -> dict[int, tuple[int, RoundKind]]:
         """Delivery id -> (round, kind) of the deliveries rounds and resolves added to an event;
         the first pages are not listed (round 0)."""
 
-    def actions_of_page(self, page_token: str) -> list[ActionRecord]:
+    async def actions_of_page(self, page_token: str) -> list[ActionRecord]:
         """The action softkeys of the per-phone page ``page_token`` names, by position."""
 
-    def action(self, token: str) -> ActionRecord | None:
+    async def action(self, token: str) -> ActionRecord | None:
         """The action an action token was handed out for, or None."""
 
-    def claim_action(self, token: str, at: float) -> bool:
+    async def claim_action(self, token: str, at: float) -> bool:
         """Mark an action used at ``at``; False if it is one-time and was used already."""
 
-    def release_action(self, token: str) -> None:
+    async def release_action(self, token: str) -> None:
         """Make a one-time action usable again (what it did failed)."""
 
-    def add_press(self, press: ActionPress) -> None:
+    async def add_press(self, press: ActionPress) -> None:
         """Record one press of an action softkey."""
 
-    def presses_of(self, event_id: str) -> list[ActionPress]:
+    async def presses_of(self, event_id: str) -> list[ActionPress]:
         """The action presses of an event, oldest first."""
 
 
 class GroupRepository(Protocol):
     """Grouping windows per (rule, key) and the events waiting in them."""
 
-    def join(self, event_id: str, groups: Sequence[NewGroupedEvent]) -> None:
+    async def join(self, event_id: str, groups: Sequence[NewGroupedEvent]) -> None:
         """Add an event to its windows, opening those not open yet (opened now)."""
 
-    def next_due(self) -> float | None:
+    async def next_due(self) -> float | None:
         """When the earliest window is due, or None if none is open."""
 
-    def due(self, now: float) -> list[GroupWindow]:
+    async def due(self, now: float) -> list[GroupWindow]:
         """The windows due at ``now``, each with its events in arrival order."""
 
-    def remove_events(self, rule: str, key: str, through: int) -> None:
+    async def remove_events(self, rule: str, key: str, through: int) -> None:
         """Take the events up to sequence ``through`` out of the (rule, key) window."""
 
-    def close_if_empty(self, rule: str, key: str) -> None:
+    async def close_if_empty(self, rule: str, key: str) -> None:
         """Remove the (rule, key) window unless events still wait in it."""
 
 
 class SilenceRepository(Protocol):
     """Runtime silences (phonepush.silence keeps them in memory and writes through)."""
 
-    def add(self, silence: StoredSilence) -> None:
+    async def add(self, silence: StoredSilence) -> None:
         """Store a silence (its id must be new)."""
 
-    def delete(self, silence_id: str) -> bool:
+    async def delete(self, silence_id: str) -> bool:
         """Remove a silence; False if there was none with that id."""
 
-    def all(self) -> list[StoredSilence]:
+    async def all(self) -> list[StoredSilence]:
         """Every stored silence, oldest first."""
 
 
 class ScheduleRepository(Protocol):
     """The newest firing claimed per schedule (phonepush.sources.schedule)."""
 
-    def last(self, schedule: str) -> float | None:
+    async def last(self, schedule: str) -> float | None:
         """When the newest claimed firing of ``schedule`` was due; None if it never fired."""
 
-    def claim(self, schedule: str, scheduled_at: float, now: float) -> bool:
+    async def claim(self, schedule: str, scheduled_at: float, now: float) -> bool:
         """Claim the firing of ``schedule`` due at ``scheduled_at``: True for exactly one caller,
         and only if no firing as new or newer was claimed before (by any instance)."""
 
@@ -328,12 +333,16 @@ class Store(Transaction, Protocol):
 
     def transaction(
         self, what: str, *, durable: bool = False
-    ) -> AbstractContextManager[Transaction]:
-        """Open a transaction; it commits when the ``with`` block ends, and is rolled back if
+    ) -> AbstractAsyncContextManager[Transaction]:
+        """Open a transaction; it commits when the ``async with`` block ends, and is rolled back if
         the block raises. ``what`` names it in errors (``cannot store event X``). ``durable``
         commits as durably as the store is configured to (an accepted event); others may be
         made durable by the next durable commit. A transaction opened inside another one is
         part of it."""
+
+    # pending_count, admit, room and disk_bytes stay synchronous: they read counters the store
+    # keeps in memory (or the size of a file), and the metrics collector calls them at scrape
+    # time, from a thread that has no event loop to await on.
 
     def pending_count(self) -> int:
         """How many deliveries are pending (cheap: kept in memory)."""
@@ -345,10 +354,10 @@ class Store(Transaction, Protocol):
     def room(self) -> int:
         """How many more pending deliveries ``max_pending`` allows."""
 
-    def check(self) -> None:
+    async def check(self) -> None:
         """Raise :class:`~phonepush.errors.SpoolError` unless a write succeeds now."""
 
-    def live_bytes(self) -> int:
+    async def live_bytes(self) -> int:
         """Bytes the stored data takes: what ``max_size`` bounds."""
 
     def disk_bytes(self) -> int:

@@ -25,12 +25,15 @@ Durability
     is never lost.
 
 Threading and latency
-    Every call is synchronous and meant to run on the event loop thread: each one is a handful of
-    prepared statements (``sqlite3`` caches them per connection) and at most one commit, well under
-    a millisecond with ``synchronous="normal"``. The connection lives as long as the spool; it is
-    only reopened after a failure left it unusable. What would stall the loop is the checkpoint
-    (copying the log into the database file, with two fsyncs) that SQLite runs after a commit now
-    and then; the spool runs checkpoints on a second connection in a worker thread instead.
+    The interface is async (a store on a network database must not stall the loop), but every
+    call here does its work synchronously on the event loop thread and never suspends, with no
+    thread in between: SQLite on a local disk is fast enough that a thread hop would cost more
+    than the call. Each one is a handful of prepared statements (``sqlite3`` caches them per
+    connection) and at most one commit, well under a millisecond with ``synchronous="normal"``.
+    The connection lives as long as the spool; it is only reopened after a failure left it
+    unusable. What would stall the loop is the checkpoint (copying the log into the database
+    file, with two fsyncs) that SQLite runs after a commit now and then; the spool runs
+    checkpoints on a second connection in a worker thread instead.
 
 Failures
     Every ``sqlite3`` error is translated here into :class:`~phonepush.errors.SpoolError` (or
@@ -50,7 +53,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -532,7 +535,7 @@ class Spool:
         self._connect()
         self._open = True
         try:
-            self.check()
+            await self.check()
         except SpoolError:
             self._open = False
             self._drop_connection()
@@ -554,14 +557,25 @@ class Spool:
 
     # -- the store -------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def transaction(self, what: str, *, durable: bool = False) -> Iterator[Spool]:
-        """Everything written through the repositories inside the ``with`` block, in one commit.
+    @contextlib.asynccontextmanager
+    async def transaction(self, what: str, *, durable: bool = False) -> AsyncIterator[Spool]:
+        """Everything written through the repositories inside the ``async with`` block, in one
+        commit.
 
         ``what`` names the transaction in a :class:`SpoolError`; ``durable`` commits at the
         configured ``synchronous`` level (others at "normal"). Inside another transaction this
         is part of that one.
+
+        The block is meant to await only the store: the spool's methods never suspend (see
+        :mod:`phonepush.store.tables`), so no other task runs, and none writes into this
+        transaction, until it commits.
         """
+        with self.atomic(what, durable=durable):
+            yield self
+
+    @contextlib.contextmanager
+    def atomic(self, what: str, *, durable: bool = False) -> Iterator[Spool]:
+        """:meth:`transaction` for the repositories' own multi-statement writes, synchronous."""
         if self._in_transaction:
             yield self
             return
@@ -606,7 +620,7 @@ class Spool:
     def room(self) -> int:
         return self.max_pending - self._pending
 
-    def check(self) -> None:
+    async def check(self) -> None:
         """Raise :class:`SpoolError` unless a write to the database succeeds now.
 
         The readiness probe: it commits one small row, so a full disk, a read-only file or a lock
@@ -614,7 +628,7 @@ class Spool:
         """
         self.write(_PROBE, (repr(self._clock()),), "not writable")
 
-    def live_bytes(self) -> int:
+    async def live_bytes(self) -> int:
         """Bytes the database's pages in use take: what ``max_size`` bounds.
 
         Pages freed by a purge stay in the file and are reused by later writes, so the file
@@ -677,7 +691,7 @@ class Spool:
         """One statement for each of ``params``, in one transaction; the rows they changed."""
         if self._in_transaction:
             return self._connection().executemany(sql, params).rowcount
-        with self.transaction(what):
+        with self.atomic(what):
             return self._connection().executemany(sql, params).rowcount
 
     def insert(self, sql: str, params: Sequence[Any], what: str) -> int:
@@ -686,7 +700,7 @@ class Spool:
         if self._in_transaction and conn is not None:
             rowid = conn.execute(sql, params).lastrowid
         else:
-            with self.transaction(what):
+            with self.atomic(what):
                 rowid = self._connection().execute(sql, params).lastrowid
         assert rowid is not None
         return rowid

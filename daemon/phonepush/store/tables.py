@@ -4,6 +4,12 @@ Each runs its statements through :class:`Sql` (the :class:`~phonepush.store.spoo
 belong to), which translates errors and knows whether a transaction is open: a single write on its
 own is its own transaction, inside ``spool.transaction()`` it is part of that one. Rows are read by
 column name (:class:`sqlite3.Row`).
+
+The repository methods are ``async def`` because the interface is (a network database must not
+stall the event loop), but on SQLite they do their work synchronously and never suspend: the spool
+is a local file and each call is a few prepared statements, well under a millisecond, which is
+less than handing it to a thread would cost. Not suspending also keeps a transaction's body from
+interleaving with other tasks as long as it awaits only the store.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from contextlib import AbstractContextManager
 from typing import Any, Final, Protocol, get_args
 
 from phonepush.events import Event
-from phonepush.store.interface import PurgeCursor, Transaction
+from phonepush.store.interface import PurgeCursor
 from phonepush.store.records import (
     FINAL_STATES,
     INTAKE_STATES,
@@ -66,9 +72,8 @@ class Sql(Protocol):
     def write_many(self, sql: str, params: Iterable[Sequence[Any]], what: str) -> int: ...
     def insert(self, sql: str, params: Sequence[Any], what: str) -> int: ...
     def pending_changed(self, delta: int) -> None: ...
-    def transaction(
-        self, what: str, *, durable: bool = False
-    ) -> AbstractContextManager[Transaction]: ...
+    def atomic(self, what: str) -> AbstractContextManager[object]:
+        """The statements of the ``with`` block in one transaction (or in the open one)."""
 
 
 # --- events, pages, cooldowns -------------------------------------------------------------------
@@ -126,7 +131,7 @@ class SqliteEvents:
         self._sql = sql
         self._deliveries = deliveries
 
-    def add(self, event: Event, rules: Sequence[str]) -> None:
+    async def add(self, event: Event, rules: Sequence[str]) -> None:
         row = (
             event.id,
             event.source,
@@ -138,49 +143,49 @@ class SqliteEvents:
         )
         self._sql.write(_INSERT_EVENT, row, f"cannot store event {event.id}")
 
-    def get(self, event_id: str) -> EventRecord | None:
+    async def get(self, event_id: str) -> EventRecord | None:
         row = self._sql.row(_EVENT, (event_id,), "cannot read events")
         return None if row is None else self._record(row)
 
-    def recent(self, limit: int = 20) -> list[EventRecord]:
+    async def recent(self, limit: int = 20) -> list[EventRecord]:
         return [
             self._record(row) for row in self._sql.rows(_RECENT, (limit,), "cannot read events")
         ]
 
-    def add_pages(self, event_id: str, pages: Mapping[str, str]) -> None:
+    async def add_pages(self, event_id: str, pages: Mapping[str, str]) -> None:
         if pages:
             rows = [(page_id, event_id, xml) for page_id, xml in pages.items()]
             self._sql.write_many(_INSERT_PAGE, rows, "cannot store pages")
 
-    def put_page(self, page_id: str, event_id: str, xml: str) -> None:
+    async def put_page(self, page_id: str, event_id: str, xml: str) -> None:
         self._sql.write(_PUT_PAGE, (page_id, event_id, xml), f"cannot store page {page_id}")
 
-    def page(self, page_id: str) -> str | None:
+    async def page(self, page_id: str) -> str | None:
         row = self._sql.row(_PAGE, (page_id,), "cannot read pages")
         return None if row is None else str(row["xml"])
 
-    def in_cooldown(self, rule: str, key: str, now: float) -> bool:
+    async def in_cooldown(self, rule: str, key: str, now: float) -> bool:
         return self._sql.row(_IN_COOLDOWN, (rule, key, now), "cannot read cooldowns") is not None
 
-    def start_cooldowns(self, cooldowns: Sequence[tuple[str, str, float]]) -> None:
+    async def start_cooldowns(self, cooldowns: Sequence[tuple[str, str, float]]) -> None:
         if cooldowns:
             self._sql.write_many(_UPSERT_COOLDOWN, cooldowns, "cannot store cooldowns")
 
-    def end_cooldown(self, rule: str, key: str) -> None:
+    async def end_cooldown(self, rule: str, key: str) -> None:
         self._sql.write(
             "DELETE FROM cooldowns WHERE rule = ? AND key = ?", (rule, key), "cannot end a cooldown"
         )
 
-    def purge_cooldowns(self, before: float, limit: int) -> int:
+    async def purge_cooldowns(self, before: float, limit: int) -> int:
         return self._sql.write(_EXPIRED_COOLDOWNS, (before, limit), "cannot purge cooldowns")
 
-    def purge_batch(
+    async def purge_batch(
         self, before: float, limit: int, cursor: PurgeCursor = (-math.inf, 0)
     ) -> tuple[int, PurgeCursor]:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
         after_at, after_seq = cursor
-        with self._sql.transaction("cannot purge"):
+        with self._sql.atomic("cannot purge"):
             rows = self._sql.rows(
                 _PURGEABLE, (before, after_at, after_at, after_seq, limit), "cannot purge"
             )
@@ -192,15 +197,15 @@ class SqliteEvents:
             cursor = (float(rows[-1]["received_at"]), int(rows[-1]["seq"]))
         return len(doomed), cursor
 
-    def purge(self, before: float) -> int:
+    async def purge(self, before: float) -> int:
         total = 0
         cursor: PurgeCursor = (-math.inf, 0)
         while True:
-            removed, cursor = self.purge_batch(before, 1000, cursor)
+            removed, cursor = await self.purge_batch(before, 1000, cursor)
             total += removed
             if removed < 1000:
                 break
-        while self.purge_cooldowns(before, 1000) == 1000:
+        while await self.purge_cooldowns(before, 1000) == 1000:
             pass
         return total
 
@@ -211,7 +216,7 @@ class SqliteEvents:
             topic=row["topic"],
             received_at=row["received_at"],
             rules=tuple(json.loads(row["rules"])),
-            deliveries=tuple(self._deliveries.of_event(row["id"])),
+            deliveries=tuple(self._deliveries.of_event_now(row["id"])),
             payload=bytes(row["payload"]),
             headers=json.loads(row["headers"]),
         )
@@ -256,7 +261,7 @@ class SqliteDeliveries:
         self._sql = sql
         self._clock = clock
 
-    def add(self, event_id: str, deliveries: Sequence[NewDelivery]) -> list[Delivery]:
+    async def add(self, event_id: str, deliveries: Sequence[NewDelivery]) -> list[Delivery]:
         for new in deliveries:
             if new.state not in INTAKE_STATES:
                 raise ValueError(f"a new delivery cannot be {new.state!r}")
@@ -300,7 +305,7 @@ class SqliteDeliveries:
         self._sql.pending_changed(sum(1 for d in stored if d.state is _PENDING))
         return stored
 
-    def add_pending(
+    async def add_pending(
         self,
         event_id: str,
         rule: str,
@@ -328,25 +333,29 @@ class SqliteDeliveries:
             "",
         )
 
-    def of_event(self, event_id: str) -> list[Delivery]:
+    async def of_event(self, event_id: str) -> list[Delivery]:
+        return self.of_event_now(event_id)
+
+    def of_event_now(self, event_id: str) -> list[Delivery]:
+        """:meth:`of_event`, for the events repository, which reads it within its own call."""
         rows = self._sql.rows(_EVENT_DELIVERIES, (event_id,), "cannot read deliveries")
         return [_delivery(row) for row in rows]
 
-    def pending(self) -> list[Delivery]:
+    async def pending(self) -> list[Delivery]:
         rows = self._sql.rows(_PENDING_ROWS, (), "cannot read deliveries")
         # The deliveries of one event to many phones carry the same requests: decode them once.
         decoded: dict[str, tuple[PushRequest, ...]] = {}
         return [_delivery(row, decoded) for row in rows]
 
-    def pending_ids(self, event_id: str, rule: str, phone: str | None = None) -> list[int]:
+    async def pending_ids(self, event_id: str, rule: str, phone: str | None = None) -> list[int]:
         rows = self._sql.rows(_PENDING_OF, (event_id, rule), "cannot read deliveries")
         return [row["id"] for row in rows if phone is None or row["phone"] == phone]
 
-    def pending_phones(self, event_id: str, rule: str) -> set[str]:
+    async def pending_phones(self, event_id: str, rule: str) -> set[str]:
         rows = self._sql.rows(_PENDING_OF, (event_id, rule), "cannot read deliveries")
         return {row["phone"] for row in rows}
 
-    def latest(
+    async def latest(
         self, event_id: str, rule: str, phone: str, states: Collection[DeliveryState]
     ) -> tuple[int, DeliveryState] | None:
         marks = ", ".join("?" * len(states))
@@ -358,7 +367,7 @@ class SqliteDeliveries:
         )
         return None if row is None else (row["id"], _STATES[row["state"]])
 
-    def by_rule(self) -> list[tuple[str, DeliveryState, int, float]]:
+    async def by_rule(self) -> list[tuple[str, DeliveryState, int, float]]:
         rows = self._sql.rows(
             "SELECT rule, state, count(*) AS n, max(created_at) AS newest FROM deliveries"
             " GROUP BY rule, state",
@@ -367,7 +376,7 @@ class SqliteDeliveries:
         )
         return [(row["rule"], _STATES[row["state"]], row["n"], row["newest"]) for row in rows]
 
-    def phones_reached(
+    async def phones_reached(
         self, event_id: str, rule: str, states: Collection[DeliveryState]
     ) -> list[str]:
         marks = ", ".join("?" * len(states))
@@ -379,14 +388,14 @@ class SqliteDeliveries:
         )
         return [row["phone"] for row in rows]
 
-    def progress(self, delivery_id: int, sent: int, attempts: int, error: str = "") -> None:
+    async def progress(self, delivery_id: int, sent: int, attempts: int, error: str = "") -> None:
         if sent < 0 or attempts < 0:
             raise ValueError("sent and attempts cannot be negative")
         self._sql.write(
             _PROGRESS, (sent, attempts, error, delivery_id), f"cannot update delivery {delivery_id}"
         )
 
-    def finish(
+    async def finish(
         self, delivery_id: int, state: str, error: str = "", attempts: int | None = None
     ) -> None:
         if state not in FINAL_STATES:
@@ -396,7 +405,7 @@ class SqliteDeliveries:
         )
         self._sql.pending_changed(-changed)
 
-    def finish_many(
+    async def finish_many(
         self, finished: Sequence[tuple[int, str, str] | tuple[int, str, str, int]]
     ) -> None:
         rows: list[tuple[str, str, int | None, int]] = []
@@ -408,11 +417,11 @@ class SqliteDeliveries:
         if not rows:
             return
         what = f"cannot finish {len(rows)} deliveries"
-        with self._sql.transaction(what):
+        with self._sql.atomic(what):
             changed = self._sql.write_many(_FINISH, rows, what)
             self._sql.pending_changed(-changed)
 
-    def set_state(self, delivery_id: int, state: DeliveryState, error: str = "") -> None:
+    async def set_state(self, delivery_id: int, state: DeliveryState, error: str = "") -> None:
         what = f"cannot update delivery {delivery_id}"
         row = self._sql.row("SELECT state FROM deliveries WHERE id = ?", (delivery_id,), what)
         if row is None:
@@ -426,7 +435,7 @@ class SqliteDeliveries:
             (state is _PENDING) - (row["state"] == _PENDING)  # the count follows either way
         )
 
-    def suppress(self, ids: Sequence[int], why: str) -> None:
+    async def suppress(self, ids: Sequence[int], why: str) -> None:
         changed = self._sql.write_many(
             "UPDATE deliveries SET state = 'suppressed', error = ? WHERE id = ?"
             " AND state = 'pending'",
@@ -502,7 +511,7 @@ class SqliteAlerts:
     def __init__(self, sql: Sql) -> None:
         self._sql = sql
 
-    def add(self, event_id: str, alerts: Sequence[NewAlert]) -> None:
+    async def add(self, event_id: str, alerts: Sequence[NewAlert]) -> None:
         what = f"cannot store the alerts of event {event_id}"
         for alert in alerts:
             self._sql.write(
@@ -559,7 +568,7 @@ class SqliteAlerts:
                 what,
             )
 
-    def actions_of_page(self, page_token: str) -> list[ActionRecord]:
+    async def actions_of_page(self, page_token: str) -> list[ActionRecord]:
         rows = self._sql.rows(
             f"SELECT {_ACTION_COLUMNS} FROM alert_actions WHERE page_token = ? ORDER BY position",
             (page_token,),
@@ -567,7 +576,7 @@ class SqliteAlerts:
         )
         return [_action(row) for row in rows]
 
-    def action(self, token: str) -> ActionRecord | None:
+    async def action(self, token: str) -> ActionRecord | None:
         row = self._sql.row(
             f"SELECT {_ACTION_COLUMNS} FROM alert_actions WHERE token = ?",
             (token,),
@@ -575,7 +584,7 @@ class SqliteAlerts:
         )
         return None if row is None else _action(row)
 
-    def claim_action(self, token: str, at: float) -> bool:
+    async def claim_action(self, token: str, at: float) -> bool:
         # One statement: of two presses at once, only one finds it unused.
         return (
             self._sql.write(
@@ -587,14 +596,14 @@ class SqliteAlerts:
             > 0
         )
 
-    def release_action(self, token: str) -> None:
+    async def release_action(self, token: str) -> None:
         self._sql.write(
             "UPDATE alert_actions SET used_at = NULL WHERE token = ? AND repeatable = 0",
             (token,),
             "cannot record an action",
         )
 
-    def add_press(self, press: ActionPress) -> None:
+    async def add_press(self, press: ActionPress) -> None:
         self._sql.write(
             "INSERT INTO action_presses (event_id, rule, phone, label, at, result, by, error)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -611,7 +620,7 @@ class SqliteAlerts:
             "cannot record an action",
         )
 
-    def presses_of(self, event_id: str) -> list[ActionPress]:
+    async def presses_of(self, event_id: str) -> list[ActionPress]:
         rows = self._sql.rows(
             "SELECT event_id, rule, phone, label, at, result, by, error FROM action_presses"
             " WHERE event_id = ? ORDER BY id",
@@ -632,11 +641,11 @@ class SqliteAlerts:
             for row in rows
         ]
 
-    def get(self, event_id: str, rule: str) -> AlertRecord | None:
+    async def get(self, event_id: str, rule: str) -> AlertRecord | None:
         row = self._sql.row(_ALERT, (event_id, rule), "cannot read alerts")
         return None if row is None else _alert(row)
 
-    def of_event(self, event_id: str) -> list[AlertRecord]:
+    async def of_event(self, event_id: str) -> list[AlertRecord]:
         rows = self._sql.rows(
             f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE event_id = ? ORDER BY rule",
             (event_id,),
@@ -644,7 +653,7 @@ class SqliteAlerts:
         )
         return [_alert(row) for row in rows]
 
-    def phones_of(self, event_id: str) -> list[AlertPhone]:
+    async def phones_of(self, event_id: str) -> list[AlertPhone]:
         rows = self._sql.rows(
             f"SELECT {_ALERT_PHONE_COLUMNS} FROM alert_phones WHERE event_id = ?",
             (event_id,),
@@ -652,7 +661,7 @@ class SqliteAlerts:
         )
         return [_alert_phone(row) for row in rows]
 
-    def by_token(self, token: str) -> tuple[AlertRecord, AlertPhone] | None:
+    async def by_token(self, token: str) -> tuple[AlertRecord, AlertPhone] | None:
         row = self._sql.row(
             f"SELECT {_ALERT_PHONE_COLUMNS} FROM alert_phones WHERE token = ?",
             (token,),
@@ -661,17 +670,17 @@ class SqliteAlerts:
         if row is None:
             return None
         phone = _alert_phone(row)
-        alert = self.get(phone.event_id, phone.rule)
+        alert = await self.get(phone.event_id, phone.rule)
         return None if alert is None else (alert, phone)
 
-    def due(self, now: float) -> list[AlertRecord]:
+    async def due(self, now: float) -> list[AlertRecord]:
         return [_alert(row) for row in self._sql.rows(_ALERTS_DUE, (now,), "cannot read alerts")]
 
-    def next_due(self) -> float | None:
+    async def next_due(self) -> float | None:
         row = self._sql.row(_NEXT_REPEAT, (), "cannot read alerts")
         return None if row is None or row["next_at"] is None else float(row["next_at"])
 
-    def unresolved(self, rule: str, key: str, besides: str) -> list[AlertRecord]:
+    async def unresolved(self, rule: str, key: str, besides: str) -> list[AlertRecord]:
         rows = self._sql.rows(
             f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE rule = ? AND key = ?"
             " AND state != 'resolved' AND event_id != ?",
@@ -680,7 +689,7 @@ class SqliteAlerts:
         )
         return [_alert(row) for row in rows]
 
-    def targets(self, event_id: str, rule: str) -> list[AlertTarget]:
+    async def targets(self, event_id: str, rule: str) -> list[AlertTarget]:
         rows = self._sql.rows(
             "SELECT phone, requests, escalation, acked_at FROM alert_phones"
             " WHERE event_id = ? AND rule = ? ORDER BY rowid",
@@ -697,7 +706,7 @@ class SqliteAlerts:
             for row in rows
         ]
 
-    def waiting(self, event_id: str, rule: str, *, escalation: bool) -> int:
+    async def waiting(self, event_id: str, rule: str, *, escalation: bool) -> int:
         row = self._sql.row(
             "SELECT count(*) AS waiting FROM alert_phones WHERE event_id = ? AND rule = ?"
             " AND acked_at IS NULL AND (escalation = 0 OR ?)",
@@ -706,14 +715,14 @@ class SqliteAlerts:
         )
         return 0 if row is None else int(row["waiting"])
 
-    def set_round(self, event_id: str, rule: str, rounds: int, next_at: float | None) -> None:
+    async def set_round(self, event_id: str, rule: str, rounds: int, next_at: float | None) -> None:
         self._sql.write(
             "UPDATE alerts SET rounds = ?, next_at = ? WHERE event_id = ? AND rule = ?",
             (rounds, next_at, event_id, rule),
             f"cannot update alert {rule} of event {event_id}",
         )
 
-    def end(self, event_id: str, rule: str, state: AlertState, at: float, by: str) -> None:
+    async def end(self, event_id: str, rule: str, state: AlertState, at: float, by: str) -> None:
         self._sql.write(
             "UPDATE alerts SET state = ?, ended_at = ?, ended_by = ?, next_at = NULL"
             " WHERE event_id = ? AND rule = ?",
@@ -721,21 +730,21 @@ class SqliteAlerts:
             f"cannot update alert {rule} of event {event_id}",
         )
 
-    def acknowledge_phone(self, token: str, at: float, by: str) -> None:
+    async def acknowledge_phone(self, token: str, at: float, by: str) -> None:
         self._sql.write(
             "UPDATE alert_phones SET acked_at = ?, acked_by = ? WHERE token = ?",
             (at, by, token),
             "cannot record an acknowledgement",
         )
 
-    def add_round_delivery(self, delivery_id: int, round_: int, kind: RoundKind) -> None:
+    async def add_round_delivery(self, delivery_id: int, round_: int, kind: RoundKind) -> None:
         self._sql.write(
             "INSERT INTO alert_deliveries (delivery_id, round, kind) VALUES (?, ?, ?)",
             (delivery_id, round_, kind),
             "cannot store deliveries",
         )
 
-    def delivery_rounds(self, event_id: str) -> dict[int, tuple[int, RoundKind]]:
+    async def delivery_rounds(self, event_id: str) -> dict[int, tuple[int, RoundKind]]:
         rows = self._sql.rows(
             "SELECT a.delivery_id, a.round, a.kind FROM alert_deliveries a"
             " JOIN deliveries d ON d.id = a.delivery_id WHERE d.event_id = ?",
@@ -824,7 +833,7 @@ class SqliteGroups:
         self._sql = sql
         self._clock = clock
 
-    def join(self, event_id: str, groups: Sequence[NewGroupedEvent]) -> None:
+    async def join(self, event_id: str, groups: Sequence[NewGroupedEvent]) -> None:
         what = f"cannot group event {event_id}"
         now = self._clock()
         for group in groups:
@@ -842,13 +851,13 @@ class SqliteGroups:
                 what,
             )
 
-    def next_due(self) -> float | None:
+    async def next_due(self) -> float | None:
         row = self._sql.row(
             "SELECT min(due_at) AS due_at FROM grouping_windows", (), "cannot read grouping windows"
         )
         return None if row is None or row["due_at"] is None else float(row["due_at"])
 
-    def due(self, now: float) -> list[GroupWindow]:
+    async def due(self, now: float) -> list[GroupWindow]:
         windows = self._sql.rows(_DUE_WINDOWS, (now,), "cannot read grouping windows")
         out: list[GroupWindow] = []
         for w in windows:
@@ -873,14 +882,14 @@ class SqliteGroups:
             )
         return out
 
-    def remove_events(self, rule: str, key: str, through: int) -> None:
+    async def remove_events(self, rule: str, key: str, through: int) -> None:
         self._sql.write(
             "DELETE FROM grouped_events WHERE rule = ? AND key = ? AND seq <= ?",
             (rule, key, through),
             f"cannot flush group {rule}",
         )
 
-    def close_if_empty(self, rule: str, key: str) -> None:
+    async def close_if_empty(self, rule: str, key: str) -> None:
         self._sql.write(
             "DELETE FROM grouping_windows WHERE rule = ? AND key = ? AND NOT EXISTS"
             " (SELECT 1 FROM grouped_events WHERE rule = ? AND key = ?)",
@@ -907,7 +916,7 @@ class SqliteSilences:
     def __init__(self, sql: Sql) -> None:
         self._sql = sql
 
-    def add(self, silence: StoredSilence) -> None:
+    async def add(self, silence: StoredSilence) -> None:
         self._sql.write(
             _INSERT_SILENCE,
             (
@@ -922,14 +931,14 @@ class SqliteSilences:
             f"cannot store silence {silence.id}",
         )
 
-    def delete(self, silence_id: str) -> bool:
+    async def delete(self, silence_id: str) -> bool:
         return bool(
             self._sql.write(
                 "DELETE FROM silences WHERE id = ?", (silence_id,), "cannot delete a silence"
             )
         )
 
-    def all(self) -> list[StoredSilence]:
+    async def all(self) -> list[StoredSilence]:
         return [
             StoredSilence(
                 id=row["id"],
@@ -961,7 +970,7 @@ class SqliteSchedules:
     def __init__(self, sql: Sql) -> None:
         self._sql = sql
 
-    def last(self, schedule: str) -> float | None:
+    async def last(self, schedule: str) -> float | None:
         row = self._sql.row(
             "SELECT scheduled_at FROM schedule_firings WHERE schedule = ?",
             (schedule,),
@@ -969,7 +978,7 @@ class SqliteSchedules:
         )
         return None if row is None else float(row["scheduled_at"])
 
-    def claim(self, schedule: str, scheduled_at: float, now: float) -> bool:
+    async def claim(self, schedule: str, scheduled_at: float, now: float) -> bool:
         return bool(
             self._sql.write(
                 _CLAIM_FIRING,
