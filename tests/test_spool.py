@@ -558,6 +558,61 @@ async def test_creates_missing_directories_and_versions_the_schema(tmp_path: Pat
             pass
 
 
+async def test_a_spool_from_before_schema_versions_opens_unchanged(tmp_path: Path) -> None:
+    # What an earlier phonepush left: version 1 in user_version only, no schema_version key,
+    # and without a table later releases added (schedule_firings).
+    path = tmp_path / "spool.db"
+    async with Spool(path) as spool:
+        (kept,) = await add(spool, pages={"p-old": PAGE})
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'schema_version'")
+        conn.execute("DROP TABLE schedule_firings")
+        conn.commit()
+    async with Spool(path) as spool:
+        assert [d.id for d in await spool.deliveries.pending()] == [kept.id]
+        assert await spool.events.page("p-old") == PAGE
+        assert await spool.schedules.claim("daily", 100.0, 101.0)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [
+            (str(SCHEMA_VERSION),)
+        ]
+
+
+async def test_a_spool_a_newer_phonepush_versioned_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    async with Spool(path) as spool:
+        await add(spool)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),)
+        )
+        conn.commit()
+    with pytest.raises(SpoolError, match=f"schema version {SCHEMA_VERSION + 1} is newer"):
+        async with Spool(path):
+            pass
+
+
+async def test_a_postgres_schema_is_versioned_and_a_newer_one_refused(pg_url: str) -> None:
+    import psycopg
+
+    from phonepush.store import postgres
+
+    async with postgres.PostgresStore(pg_url) as store:
+        await add(store)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [
+            (postgres.SCHEMA_VERSION,)
+        ]
+        conn.execute("UPDATE schema_version SET version = version + 1")
+    with pytest.raises(SpoolError, match="is newer than this phonepush understands"):
+        async with postgres.PostgresStore(pg_url):
+            pass
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE schema_version SET version = version - 1")
+    async with postgres.PostgresStore(pg_url) as store:
+        assert store.pending_count() == 1
+
+
 async def test_write_lock_held_elsewhere_fails_then_recovers(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     async with Spool(path, busy_timeout=0.05) as spool:
