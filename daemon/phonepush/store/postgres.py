@@ -4,7 +4,7 @@ a connection pool; its tables are those of the SQLite spool (:mod:`phonepush.sto
 
 psycopg is an optional dependency (``pip install 'phonepush[postgres]'``): this module imports it,
 and nothing imports this module unless ``[spool] url`` is set
-(:func:`phonepush.store.backends.open_store`).
+(:func:`phonepush.app.daemon.open_store`).
 
 Transactions
     A call on its own takes a connection from the pool and is its own transaction (autocommit).
@@ -63,8 +63,9 @@ from phonepush.store.pgtables import (
     PgSilences,
     Row,
 )
+from phonepush.store.reader import SpoolReader
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PostgresStore", "redact_url"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PostgresReader", "PostgresStore", "redact_url"]
 
 _log = logging.getLogger("phonepush.spool")
 
@@ -325,6 +326,7 @@ class PostgresStore:
         }
         if password is not None:
             kwargs["password"] = password
+        self._kwargs = kwargs
         self._pool: psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[Row]] = (
             psycopg_pool.AsyncConnectionPool(
                 url,
@@ -356,6 +358,10 @@ class PostgresStore:
 
     async def __aenter__(self) -> Self:
         try:
+            # One connection made directly first: the pool would only say it timed out, this
+            # says why (refused, no such database, authentication failed).
+            first = await psycopg.AsyncConnection.connect(self.url, **self._kwargs)
+            await first.close()
             await self._pool.open(wait=True, timeout=self._timeout)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             await self._pool.close()
@@ -609,6 +615,36 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, psycopg_pool.PoolTimeout):
         return "no database connection (timed out)"
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+class PostgresReader(SpoolReader):
+    """:class:`~phonepush.store.reader.SpoolReader`'s queries on a PostgreSQL store, for
+    ``phonepush status``: one short-lived connection, in read-only transactions (a CLI command
+    waits on the network as any client does; nothing here runs in the daemon's loop)."""
+
+    def __init__(self, url: str, *, password: str | None = None, timeout: float = 5.0) -> None:
+        self._location = redact_url(url)
+        try:
+            self._pg = psycopg.connect(
+                url,
+                password=password,
+                autocommit=True,
+                row_factory=dict_row,
+                connect_timeout=max(1, round(timeout)),
+                options="-c default_transaction_read_only=on",
+                application_name="phonepush status",
+            )
+        except psycopg.Error as exc:
+            raise SpoolError(f"{self._location}: cannot connect: {_reason(exc)}") from exc
+
+    def close(self) -> None:
+        self._pg.close()
+
+    def _rows(self, query: str, params: tuple[int, ...]) -> list[Any]:
+        try:
+            return self._pg.execute(query.replace("?", "%s"), params).fetchall()
+        except psycopg.Error as exc:
+            raise SpoolError(f"{self._location}: {_reason(exc)}") from exc
 
 
 def _is_a_store(store: PostgresStore) -> Store:
