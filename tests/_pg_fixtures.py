@@ -18,8 +18,9 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -161,3 +162,27 @@ def wait_until_accepting(cluster: PgCluster, timeout: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+#: Makes the store under test: ``open_store(**kw)``, an unopened store (``async with`` it).
+OpenStore = Callable[..., Any]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which store a repository test runs against: both, with the same assertions."""
+    return str(request.param)
+
+
+@pytest.fixture
+def open_store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> OpenStore:
+    """Makes the store under test; every call is on the same file or database, so a second
+    store sees (and a reopened one resumes) what the first wrote."""
+    from phonepush.store.spool import Spool
+
+    if backend == "sqlite":
+        return lambda **kw: Spool(tmp_path / "spool.db", **kw)
+    from phonepush.store.postgres import PostgresStore
+
+    url: str = request.getfixturevalue("pg_url")
+    return lambda **kw: PostgresStore(url, **kw)

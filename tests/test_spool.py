@@ -17,13 +17,14 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from _pg_fixtures import OpenStore
 from phonepush.errors import SpoolError, SpoolFull
 from phonepush.events import Event
 from phonepush.metrics import Metrics
@@ -46,27 +47,6 @@ PAGE = (
     '<?xml version="1.0" encoding="UTF-8"?><CiscoIPPhoneText><Title>Door</Title>'
     "<Text>Front door opened</Text></CiscoIPPhoneText>"
 )
-
-
-OpenStore = Callable[..., Any]
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest) -> str:
-    """Which store the repository tests run against: both, with the same assertions."""
-    return str(request.param)
-
-
-@pytest.fixture
-def open_store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> OpenStore:
-    """Makes the store under test (each call on the same file or database, so a second call
-    reopens what the first wrote)."""
-    if backend == "sqlite":
-        return lambda **kw: Spool(tmp_path / "spool.db", **kw)
-    from phonepush.store.postgres import PostgresStore
-
-    url: str = request.getfixturevalue("pg_url")
-    return lambda **kw: PostgresStore(url, **kw)
 
 
 class Clock:
