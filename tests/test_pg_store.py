@@ -191,3 +191,19 @@ async def test_a_stopped_database_makes_the_daemon_unready_and_refuse_then_it_re
 
 async def _ready(client: httpx.AsyncClient) -> bool:
     return (await client.get("/readyz")).status_code == 200
+
+
+async def test_a_task_started_inside_a_transaction_writes_on_its_own(pg_url: str) -> None:
+    from phonepush.events import Event
+    from phonepush.store.postgres import PostgresStore
+
+    async with PostgresStore(pg_url) as store:
+        inside, beside = (Event("webhook", t, b"{}", {}) for t in ("inside", "beside"))
+        with pytest.raises(RuntimeError):
+            async with store.transaction("test"):
+                await store.events.add(inside, ["alert"])
+                # Started here, the task inherits the context, not the transaction.
+                await asyncio.create_task(store.events.add(beside, ["alert"]))
+                raise RuntimeError("rolled back")
+        assert await store.events.get(inside.id) is None
+        assert await store.events.get(beside.id) is not None

@@ -38,6 +38,7 @@ Durability
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -277,10 +278,12 @@ def _params(params: Sequence[Any]) -> tuple[Any, ...]:
 
 
 class _Tx:
-    """The connection of one open transaction and what it changes of the pending count."""
+    """The connection of one open transaction, the task that opened it, and what it changes of
+    the pending count."""
 
     def __init__(self, conn: psycopg.AsyncConnection[Row]) -> None:
         self.conn = conn
+        self.task = asyncio.current_task()
         self.pending_delta = 0
 
 
@@ -435,7 +438,7 @@ class PostgresStore:
     @contextlib.asynccontextmanager
     async def atomic(self, what: str) -> AsyncIterator[Self]:
         """:meth:`transaction`, for the repositories' own multi-statement writes."""
-        if self._tx.get() is not None:
+        if self._current() is not None:
             yield self
             return
         self._ensure_open()
@@ -478,7 +481,7 @@ class PostgresStore:
         the pending deliveries again (what other instances added or finished shows up here)."""
         await self.write(_PROBE, (repr(self._clock()),), "not writable")
         row = await self.row(_COUNT_PENDING, (), "cannot count pending deliveries")
-        if row is not None and self._tx.get() is None:
+        if row is not None and self._current() is None:
             self._pending = int(row["n"])
 
     async def live_bytes(self) -> int:
@@ -495,7 +498,7 @@ class PostgresStore:
     # -- statements, for the repositories --------------------------------------------------
 
     async def rows(self, sql: str, params: Sequence[Any], what: str) -> list[Row]:
-        tx = self._tx.get()
+        tx = self._current()
         try:
             if tx is not None:
                 cur = await tx.conn.execute(sql, _params(params))
@@ -513,7 +516,7 @@ class PostgresStore:
 
     async def write(self, sql: str, params: Sequence[Any], what: str) -> int:
         """Run one statement (in the open transaction, or as its own); the rows it changed."""
-        tx = self._tx.get()
+        tx = self._current()
         if tx is not None:
             try:
                 cur = await tx.conn.execute(sql, _params(params))
@@ -536,7 +539,7 @@ class PostgresStore:
         if not rows:
             return 0
         async with self.atomic(what):
-            tx = self._tx.get()
+            tx = self._current()
             assert tx is not None
             try:
                 async with tx.conn.cursor() as cur:
@@ -551,7 +554,7 @@ class PostgresStore:
         return int(row["id"])
 
     async def _returning(self, sql: str, params: Sequence[Any], what: str) -> Row:
-        tx = self._tx.get()
+        tx = self._current()
         if tx is not None:
             try:
                 cur = await tx.conn.execute(sql, _params(params))
@@ -572,13 +575,20 @@ class PostgresStore:
 
     def pending_changed(self, delta: int) -> None:
         """Deliveries became pending (or stopped being): counted at the commit."""
-        tx = self._tx.get()
+        tx = self._current()
         if tx is not None:
             tx.pending_delta += delta
         else:
             self._pending += delta
 
     # -- internals -------------------------------------------------------------------------
+
+    def _current(self) -> _Tx | None:
+        """The transaction the calling task has open, if any. A task started inside a
+        transaction block inherits the context variable, but not the transaction: it runs its
+        calls on connections of its own."""
+        tx = self._tx.get()
+        return tx if tx is not None and tx.task is asyncio.current_task() else None
 
     def _ensure_open(self) -> None:
         if not self._open:
