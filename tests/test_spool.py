@@ -30,7 +30,14 @@ from phonepush.events import Event
 from phonepush.metrics import Metrics
 from phonepush.store.commit import commit_event
 from phonepush.store.interface import Store
-from phonepush.store.spool import SCHEMA_VERSION, Delivery, NewDelivery, PushRequest, Spool
+from phonepush.store.spool import (
+    SCHEMA_VERSION,
+    Delivery,
+    DeliveryState,
+    NewDelivery,
+    PushRequest,
+    Spool,
+)
 
 EXECUTE = PushRequest(
     "execute",
@@ -153,6 +160,22 @@ async def test_progress_and_finish(open_store: OpenStore) -> None:
 
         with pytest.raises(ValueError, match="pending"):
             await spool.deliveries.finish(second.id, "pending")
+
+
+async def test_set_state_moves_a_delivery_whatever_its_state_and_counts_it(
+    open_store: OpenStore,
+) -> None:
+    async with open_store() as spool:
+        (stored,) = await add(spool)
+        await spool.deliveries.set_state(stored.id, DeliveryState.ACKNOWLEDGED, "by desk-1")
+        assert spool.pending_count() == 0
+        assert await spool.deliveries.latest(
+            stored.event_id, "door", "desk-1", [DeliveryState.ACKNOWLEDGED]
+        ) == (stored.id, DeliveryState.ACKNOWLEDGED)
+        await spool.deliveries.set_state(stored.id, DeliveryState.PENDING)
+        assert spool.pending_count() == len(await spool.deliveries.pending()) == 1
+        await spool.deliveries.set_state(10_000, DeliveryState.DELIVERED)  # no such delivery
+        assert spool.pending_count() == 1
 
 
 async def test_recent_events_newest_first(open_store: OpenStore) -> None:

@@ -423,19 +423,22 @@ class PgDeliveries:
 
     async def set_state(self, delivery_id: int, state: DeliveryState, error: str = "") -> None:
         what = f"cannot update delivery {delivery_id}"
-        row = await self._sql.row(
-            "SELECT state FROM deliveries WHERE id = %s", (delivery_id,), what
-        )
-        if row is None:
-            return
-        await self._sql.write(
-            "UPDATE deliveries SET state = %s, error = %s WHERE id = %s",
-            (state, error, delivery_id),
-            what,
-        )
-        self._sql.pending_changed(
-            (state is _PENDING) - (row["state"] == _PENDING)  # the count follows either way
-        )
+        # The row is locked from the read to the write: another task's transaction may run in
+        # between here (on SQLite none can), and the pending count follows what was replaced.
+        async with self._sql.atomic(what):
+            row = await self._sql.row(
+                "SELECT state FROM deliveries WHERE id = %s FOR UPDATE", (delivery_id,), what
+            )
+            if row is None:
+                return
+            await self._sql.write(
+                "UPDATE deliveries SET state = %s, error = %s WHERE id = %s",
+                (state, error, delivery_id),
+                what,
+            )
+            self._sql.pending_changed(
+                (state is _PENDING) - (row["state"] == _PENDING)  # the count follows either way
+            )
 
     async def suppress(self, ids: Sequence[int], why: str) -> None:
         changed = await self._sql.write_many(
