@@ -207,3 +207,35 @@ async def test_a_task_started_inside_a_transaction_writes_on_its_own(pg_url: str
                 raise RuntimeError("rolled back")
         assert await store.events.get(inside.id) is None
         assert await store.events.get(beside.id) is not None
+
+
+@pytest.mark.slow
+async def test_an_mqtt_message_waits_unacknowledged_while_the_database_is_down(
+    daemon_runner: DaemonRunner, phones: Fleet, pg_url: str, pg_cluster: PgCluster, mosquitto: Any
+) -> None:
+    lobby = phones.phone("lobby")
+    data = config(phones, pg_url)
+    data["mqtt"] = {"url": mosquitto.url, "reconnect_min": "100ms", "reconnect_max": "500ms"}
+    data["rules"].append(
+        {"name": "bell", "on": "mqtt:bell", "to": ["lobby"], "execute": ["Play:Chime.raw"]}
+    )
+    await daemon_runner.start(data)
+    await asyncio.to_thread(pg_cluster.stop, "fast")
+    try:
+        await asyncio.to_thread(mosquitto.publish, "bell", "ring")
+        # Not committed, so not acknowledged: the daemon keeps trying, and the phone gets nothing.
+        await eventually(
+            lambda: (
+                daemon_runner.metric(
+                    "phonepush_events_rejected_total", source="mqtt", reason="spool_error"
+                )
+                >= 1
+            ),
+            timeout=30,
+        )
+        assert lobby.state.pushes == 0
+    finally:
+        await asyncio.to_thread(pg_cluster.start)
+        await asyncio.to_thread(wait_until_accepting, pg_cluster)
+    await eventually(lambda: lobby.state.last_tone == "Chime.raw", timeout=30)
+    assert lobby.state.pushes == 1
