@@ -13,6 +13,7 @@ import pytest
 
 from _daemon_fixtures import DaemonRunner, eventually
 from _mqtt_fixtures import Broker
+from _pg_fixtures import OpenStore
 from phonepush.sim.simulator import Fleet, SimPhone
 
 TOKEN = "t0ken-for-acks"
@@ -238,14 +239,16 @@ def test_ack_topic_prefix_is_the_status_topics_parent(status_topic: str, prefix:
     assert ack_prefix(MqttConfig(url="mqtt://127.0.0.1", status_topic="")) == ""
 
 
-async def test_purge_forgets_old_acknowledgements_with_their_events(tmp_path: Any) -> None:
+async def test_purge_forgets_old_acknowledgements_with_their_events(
+    open_store: OpenStore,
+) -> None:
     from phonepush.alerting.ledger import acknowledge
     from phonepush.app.builder import Services, build
     from phonepush.config import parse_config
     from phonepush.events import Event
     from phonepush.metrics import Metrics
     from phonepush.pipeline.intake import Intake
-    from phonepush.store.spool import Delivery, Spool
+    from phonepush.store.spool import Delivery
 
     data = {
         "webhook": {"allow_anonymous": True},
@@ -263,7 +266,7 @@ async def test_purge_forgets_old_acknowledgements_with_their_events(tmp_path: An
     cfg = parse_config(data, environ={})
     metrics = Metrics()
     sent: list[Delivery] = []
-    async with Spool(tmp_path / "spool.db") as spool:
+    async with open_store() as spool:
         built = build(cfg, Services(spool, metrics, sent.extend))
         intake = Intake(built.pipeline, spool, metrics=metrics, submit=sent.extend)
         accepted = await intake.accept(Event("webhook", "alert", b"{}", received_at=1000.0))

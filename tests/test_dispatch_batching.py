@@ -3,18 +3,17 @@ dispatcher says it is idle, and a batch follows the same rules as one finish at 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from prometheus_client import CollectorRegistry
 
+from _pg_fixtures import OpenStore
 from _sim_fixtures import MakeFleet
 from phonepush.dispatch.dispatcher import Dispatcher
 from phonepush.events import Event
 from phonepush.metrics import Metrics
 from phonepush.phone.client import PhoneTarget
 from phonepush.store.commit import commit_event
-from phonepush.store.spool import NewDelivery, PushRequest, Spool
+from phonepush.store.spool import NewDelivery, PushRequest
 from phonepush.wire.cisco import execute_xml
 from phonepush.wire.uri import ExecuteItem
 
@@ -25,8 +24,8 @@ def _event() -> Event:
     return Event("mqtt", "alarm/fire", b"{}", {})
 
 
-async def test_finish_many_is_finish_for_each(tmp_path: Path) -> None:
-    async with Spool(tmp_path / "spool.db") as spool:
+async def test_finish_many_is_finish_for_each(open_store: OpenStore) -> None:
+    async with open_store() as spool:
         stored = await commit_event(
             spool,
             _event(),
@@ -60,12 +59,12 @@ async def test_finish_many_is_finish_for_each(tmp_path: Path) -> None:
 
 
 async def test_every_delivery_is_recorded_when_the_dispatcher_is_idle(
-    tmp_path: Path, make_fleet: MakeFleet
+    open_store: OpenStore, make_fleet: MakeFleet
 ) -> None:
     fleet = await make_fleet(phones=30, tone_ms=0)
     targets = {p.name: PhoneTarget(p.name, p.host, p.port) for p in fleet.phones}
     metrics = Metrics(CollectorRegistry())
-    async with Spool(tmp_path / "spool.db") as spool:
+    async with open_store() as spool:
         metrics.watch(spool)
         stored = await commit_event(
             spool,

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from _daemon_fixtures import DaemonRunner, eventually
+from _pg_fixtures import OpenStore
 from phonepush.alerting.repeats import Repeater
 from phonepush.app.builder import Services, build
 from phonepush.config import parse_config
@@ -17,7 +18,7 @@ from phonepush.events import Event
 from phonepush.metrics import Metrics
 from phonepush.pipeline.intake import Intake
 from phonepush.sim.simulator import Fleet, SimPhone
-from phonepush.store.spool import Delivery, Spool
+from phonepush.store.spool import Delivery
 
 TOKEN = "t0ken-for-repeats"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -105,7 +106,9 @@ class Clock:
         return self.now
 
 
-async def test_rounds_fall_due_every_repeat_and_stop_after_max_repeats(tmp_path: Path) -> None:
+async def test_rounds_fall_due_every_repeat_and_stop_after_max_repeats(
+    open_store: OpenStore,
+) -> None:
     data = {
         "webhook": {"allow_anonymous": True},
         "phones": [
@@ -128,7 +131,7 @@ async def test_rounds_fall_due_every_repeat_and_stop_after_max_repeats(tmp_path:
     clock = Clock()
     metrics = Metrics()
     submitted: list[Delivery] = []
-    async with Spool(tmp_path / "spool.db", clock=clock) as spool:
+    async with open_store(clock=clock) as spool:
         repeater = Repeater(spool, metrics=metrics, submit=submitted.extend, clock=clock)
         built = build(cfg, Services(spool, metrics, submitted.extend, clock=clock))
         intake = Intake(
@@ -170,7 +173,7 @@ async def test_rounds_fall_due_every_repeat_and_stop_after_max_repeats(tmp_path:
     assert sample("phonepush_escalations_total", {"rule": "disk"}) == 1
 
 
-async def test_a_phone_still_retrying_is_not_sent_another_round(tmp_path: Path) -> None:
+async def test_a_phone_still_retrying_is_not_sent_another_round(open_store: OpenStore) -> None:
     data = {
         "webhook": {"allow_anonymous": True},
         "phones": [{"name": "office", "host": "127.0.0.1:9"}],
@@ -188,7 +191,7 @@ async def test_a_phone_still_retrying_is_not_sent_another_round(tmp_path: Path) 
     clock = Clock()
     metrics = Metrics()
     submitted: list[Delivery] = []
-    async with Spool(tmp_path / "spool.db", clock=clock) as spool:
+    async with open_store(clock=clock) as spool:
         repeater = Repeater(spool, metrics=metrics, submit=submitted.extend, clock=clock)
         built = build(cfg, Services(spool, metrics, submitted.extend))
         intake = Intake(

@@ -16,12 +16,14 @@ import httpx
 import pytest
 
 from _daemon_fixtures import DaemonRunner, eventually
+from _pg_fixtures import OpenStore
 from phonepush.commands.check import main as check_main
 from phonepush.config import ScheduleConfig, parse_config
 from phonepush.errors import ConfigError
 from phonepush.events import Event
 from phonepush.sim.simulator import Fleet
 from phonepush.sources.schedule import Clock, Scheduler
+from phonepush.store.interface import Store
 from phonepush.store.spool import Spool
 
 NEW_YORK = ZoneInfo("America/New_York")
@@ -57,8 +59,8 @@ def schedule(**keys: Any) -> ScheduleConfig:
 
 
 @pytest.fixture
-async def spool(tmp_path: Path) -> AsyncIterator[Spool]:
-    async with Spool(tmp_path / "spool.db") as opened:
+async def spool(open_store: OpenStore) -> AsyncIterator[Store]:
+    async with open_store() as opened:
         yield opened
 
 
@@ -95,7 +97,7 @@ def at(*parts: int, fold: int = 0) -> float:
 
 
 async def test_a_cron_on_a_time_the_clock_skips_fires_once_when_the_clock_jumps(
-    spool: Spool,
+    spool: Store,
 ) -> None:
     # 2026-03-08, America/New_York: 02:00 EST becomes 03:00 EDT, so 02:30 never happens.
     clock = FakeClock(at(2026, 3, 7, 12, 0))
@@ -115,7 +117,7 @@ async def test_a_cron_on_a_time_the_clock_skips_fires_once_when_the_clock_jumps(
     assert {e.key for e in fired.events} == {"schedule:bell"}
 
 
-async def test_a_cron_on_a_time_the_clock_passes_twice_fires_once(spool: Spool) -> None:
+async def test_a_cron_on_a_time_the_clock_passes_twice_fires_once(spool: Store) -> None:
     # 2026-11-01, America/New_York: 02:00 EDT becomes 01:00 EST, so 01:30 happens twice.
     clock = FakeClock(at(2026, 10, 31, 12, 0))
     fired = Recorder()
@@ -131,7 +133,7 @@ async def test_a_cron_on_a_time_the_clock_passes_twice_fires_once(spool: Spool) 
     assert second - first == 25 * 3600
 
 
-async def test_a_half_hourly_cron_fires_in_both_passes_of_the_repeated_hour(spool: Spool) -> None:
+async def test_a_half_hourly_cron_fires_in_both_passes_of_the_repeated_hour(spool: Store) -> None:
     clock = FakeClock(at(2026, 11, 1, 0, 50))
     fired = Recorder()
     chime = schedule(cron="*/30 * * * *", timezone="America/New_York")
@@ -146,7 +148,7 @@ async def test_a_half_hourly_cron_fires_in_both_passes_of_the_repeated_hour(spoo
     ]
 
 
-async def test_every_fires_on_multiples_of_the_interval(spool: Spool) -> None:
+async def test_every_fires_on_multiples_of_the_interval(spool: Store) -> None:
     clock = FakeClock(1_800_000_007.5)
     fired = Recorder()
     scheduler = Scheduler([schedule(every="10s")], store=spool, accept=fired, clock=clock.clock)
@@ -162,7 +164,7 @@ async def test_every_fires_on_multiples_of_the_interval(spool: Spool) -> None:
 
 
 async def test_a_firing_missed_while_down_is_made_up_once_within_catch_up(
-    spool: Spool, caplog: pytest.LogCaptureFixture
+    spool: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     bell = schedule(cron="0 8 * * *", timezone="America/New_York", catch_up="10m")
     await spool.schedules.claim("bell", at(2026, 6, 1, 8, 0), at(2026, 6, 1, 8, 0))
@@ -180,7 +182,7 @@ async def test_a_firing_missed_while_down_is_made_up_once_within_catch_up(
 
 @pytest.mark.parametrize("catch_up", ["0s", "3m"])
 async def test_a_firing_missed_longer_ago_than_catch_up_is_skipped_and_logged(
-    spool: Spool, caplog: pytest.LogCaptureFixture, catch_up: str
+    spool: Store, caplog: pytest.LogCaptureFixture, catch_up: str
 ) -> None:
     bell = schedule(cron="0 8 * * *", timezone="America/New_York", catch_up=catch_up)
     await spool.schedules.claim("bell", at(2026, 6, 1, 8, 0), at(2026, 6, 1, 8, 0))
@@ -195,7 +197,7 @@ async def test_a_firing_missed_longer_ago_than_catch_up_is_skipped_and_logged(
     assert "skipped" in caplog.text
 
 
-async def test_a_schedule_that_never_fired_has_nothing_to_make_up(spool: Spool) -> None:
+async def test_a_schedule_that_never_fired_has_nothing_to_make_up(spool: Store) -> None:
     clock = FakeClock(at(2026, 6, 2, 8, 4))
     fired = Recorder()
     bell = schedule(cron="0 8 * * *", timezone="America/New_York", catch_up="1h")
@@ -203,11 +205,11 @@ async def test_a_schedule_that_never_fired_has_nothing_to_make_up(spool: Spool) 
     assert fired.events == []
 
 
-async def test_two_schedulers_on_one_spool_fire_each_firing_once(tmp_path: Path) -> None:
+async def test_two_schedulers_on_one_spool_fire_each_firing_once(open_store: OpenStore) -> None:
     clock = FakeClock(1_800_000_000.0)
     fired = Recorder()
     tick = schedule(every="10s")
-    async with Spool(tmp_path / "shared.db") as one, Spool(tmp_path / "shared.db") as two:
+    async with open_store() as one, open_store() as two:
         first = Scheduler([tick], store=one, accept=fired, clock=clock.clock)
         second = Scheduler([tick], store=two, accept=fired, clock=clock.clock)
         tasks = [asyncio.create_task(first.run()), asyncio.create_task(second.run())]
@@ -222,7 +224,7 @@ async def test_two_schedulers_on_one_spool_fire_each_firing_once(tmp_path: Path)
     assert sorted(stamps) == [1_800_000_010.0 + 10 * i for i in range(len(stamps))]
 
 
-async def test_a_claim_is_granted_once_and_never_for_an_older_firing(spool: Spool) -> None:
+async def test_a_claim_is_granted_once_and_never_for_an_older_firing(spool: Store) -> None:
     assert await spool.schedules.last("bell") is None
     assert await spool.schedules.claim("bell", 100.0, 101.0)
     assert not await spool.schedules.claim("bell", 100.0, 101.5)
@@ -233,7 +235,7 @@ async def test_a_claim_is_granted_once_and_never_for_an_older_firing(spool: Spoo
 
 
 async def test_an_update_keeps_unchanged_schedules_and_never_fires_a_firing_twice(
-    spool: Spool,
+    spool: Store,
 ) -> None:
     clock = FakeClock(1_800_000_000.0)
     fired = Recorder()
@@ -491,7 +493,7 @@ def test_check_lists_the_next_three_firings_in_local_time(
 
 
 async def test_a_firing_the_spool_refuses_is_counted_and_the_next_one_still_fires(
-    spool: Spool,
+    spool: Store,
 ) -> None:
     from prometheus_client import CollectorRegistry
 
@@ -569,7 +571,7 @@ def test_fire_dry_run_shows_a_schedules_next_page(
         fire_main(["--config", str(path), "--schedule", "new-year"])
 
 
-async def test_a_schedules_quiet_hours_hold_its_page(spool: Spool) -> None:
+async def test_a_schedules_quiet_hours_hold_its_page(spool: Store) -> None:
     from phonepush.silence.silences import Facts, Quieting, Silences
 
     config = parse_config(

@@ -24,11 +24,20 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from _pg_fixtures import OpenStore
 from phonepush.errors import SpoolError, SpoolFull
 from phonepush.events import Event
 from phonepush.metrics import Metrics
 from phonepush.store.commit import commit_event
-from phonepush.store.spool import SCHEMA_VERSION, Delivery, NewDelivery, PushRequest, Spool
+from phonepush.store.interface import Store
+from phonepush.store.spool import (
+    SCHEMA_VERSION,
+    Delivery,
+    DeliveryState,
+    NewDelivery,
+    PushRequest,
+    Spool,
+)
 
 EXECUTE = PushRequest(
     "execute",
@@ -68,7 +77,7 @@ def delivery(phone: str = "desk-1", rule: str = "door", **kw: Any) -> NewDeliver
 
 
 async def add(
-    spool: Spool,
+    spool: Store,
     ev: Event | None = None,
     *deliveries: NewDelivery,
     rules: Sequence[str] = ("door",),
@@ -89,9 +98,9 @@ async def add(
 # -- round trip -----------------------------------------------------------------------------
 
 
-async def test_round_trip_event_deliveries_pages(tmp_path: Path) -> None:
+async def test_round_trip_event_deliveries_pages(open_store: OpenStore) -> None:
     clock = Clock(1_234.5)
-    async with Spool(tmp_path / "spool.db", clock=clock) as spool:
+    async with open_store(clock=clock) as spool:
         ev = event(payload=b"\xff\x00 not utf-8", received_at=1_230.0)
         stored = await add(
             spool,
@@ -125,8 +134,8 @@ async def test_round_trip_event_deliveries_pages(tmp_path: Path) -> None:
         assert await spool.events.get("no-such-event") is None
 
 
-async def test_progress_and_finish(tmp_path: Path) -> None:
-    async with Spool(tmp_path / "spool.db") as spool:
+async def test_progress_and_finish(open_store: OpenStore) -> None:
+    async with open_store() as spool:
         (first,) = await add(spool, None, delivery(requests=(EXECUTE, BACKGROUND, EXECUTE)))
         (second,) = await add(spool)
         assert spool.pending_count() == 2
@@ -153,8 +162,24 @@ async def test_progress_and_finish(tmp_path: Path) -> None:
             await spool.deliveries.finish(second.id, "pending")
 
 
-async def test_recent_events_newest_first(tmp_path: Path) -> None:
-    async with Spool(tmp_path / "spool.db") as spool:
+async def test_set_state_moves_a_delivery_whatever_its_state_and_counts_it(
+    open_store: OpenStore,
+) -> None:
+    async with open_store() as spool:
+        (stored,) = await add(spool)
+        await spool.deliveries.set_state(stored.id, DeliveryState.ACKNOWLEDGED, "by desk-1")
+        assert spool.pending_count() == 0
+        assert await spool.deliveries.latest(
+            stored.event_id, "door", "desk-1", [DeliveryState.ACKNOWLEDGED]
+        ) == (stored.id, DeliveryState.ACKNOWLEDGED)
+        await spool.deliveries.set_state(stored.id, DeliveryState.PENDING)
+        assert spool.pending_count() == len(await spool.deliveries.pending()) == 1
+        await spool.deliveries.set_state(10_000, DeliveryState.DELIVERED)  # no such delivery
+        assert spool.pending_count() == 1
+
+
+async def test_recent_events_newest_first(open_store: OpenStore) -> None:
+    async with open_store() as spool:
         ids = [(await add(spool, event(topic=f"t/{i}")))[0].event_id for i in range(5)]
         recent = await spool.events.recent(limit=3)
         assert [r.id for r in recent] == ids[::-1][:3]
@@ -165,14 +190,13 @@ async def test_recent_events_newest_first(tmp_path: Path) -> None:
 # -- durability -----------------------------------------------------------------------------
 
 
-async def test_pending_resumes_in_order_after_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "spool.db"
-    async with Spool(path) as spool:
+async def test_pending_resumes_in_order_after_reopen(open_store: OpenStore) -> None:
+    async with open_store() as spool:
         stored = [(await add(spool, event(topic=f"t/{i}")))[0] for i in range(4)]
         await spool.deliveries.progress(stored[0].id, sent=1, attempts=1)
         await spool.deliveries.finish(stored[2].id, "expired", "TTL reached")
 
-    async with Spool(path) as spool:
+    async with open_store() as spool:
         assert spool.pending_count() == 3
         pending = await spool.deliveries.pending()
         assert [d.id for d in pending] == [stored[0].id, stored[1].id, stored[3].id]
@@ -287,8 +311,8 @@ async def test_clean_close_after_many_commits_leaves_one_complete_file(tmp_path:
 # -- backlog limit --------------------------------------------------------------------------
 
 
-async def test_spool_full_writes_nothing(tmp_path: Path) -> None:
-    async with Spool(tmp_path / "spool.db", max_pending=3) as spool:
+async def test_spool_full_writes_nothing(open_store: OpenStore) -> None:
+    async with open_store(max_pending=3) as spool:
         await add(spool, None, delivery("a"), delivery("b"))
         refused = event(topic="refused")
         with pytest.raises(SpoolFull):
@@ -320,14 +344,15 @@ async def test_spool_full_writes_nothing(tmp_path: Path) -> None:
 # -- failures and recovery ------------------------------------------------------------------
 
 
-async def test_add_event_is_all_or_nothing(tmp_path: Path) -> None:
-    async with Spool(tmp_path / "spool.db") as spool:
+async def test_add_event_is_all_or_nothing(open_store: OpenStore) -> None:
+    async with open_store() as spool:
         await add(spool, None, pages={"page-1": PAGE})
         clashing = event()
         # The page id is taken: the event and delivery rows written before it are undone too.
         with pytest.raises(SpoolError, match="page") as caught:
             await add(spool, clashing, delivery("a"), delivery("b"), pages={"page-1": "<other/>"})
-        assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)
+        # The driver's own error is kept as the cause (sqlite3's, or psycopg's UniqueViolation).
+        assert "IntegrityError" in {c.__name__ for c in type(caught.value.__cause__).__mro__}
         assert await spool.events.get(clashing.id) is None
         assert await spool.events.page("page-1") == PAGE
         assert spool.pending_count() == len(await spool.deliveries.pending()) == 1
@@ -338,9 +363,9 @@ async def test_add_event_is_all_or_nothing(tmp_path: Path) -> None:
 
 
 async def test_a_transaction_across_repositories_commits_together_or_not_at_all(
-    tmp_path: Path,
+    open_store: OpenStore,
 ) -> None:
-    async with Spool(tmp_path / "spool.db") as spool:
+    async with open_store() as spool:
         ev = event()
         with pytest.raises(RuntimeError):
             async with spool.transaction("test") as tx:
@@ -368,11 +393,11 @@ async def test_a_transaction_across_repositories_commits_together_or_not_at_all(
         assert spool.pending_count() == len(await spool.deliveries.pending()) == 1
 
 
-async def test_the_pending_gauge_is_read_from_the_spool_when_scraped(tmp_path: Path) -> None:
+async def test_the_pending_gauge_is_read_from_the_spool_when_scraped(open_store: OpenStore) -> None:
     metrics = Metrics(CollectorRegistry())
     registry = metrics.registry
     assert registry.get_sample_value("phonepush_spool_pending") == 0  # no spool open yet
-    async with Spool(tmp_path / "spool.db") as spool:
+    async with open_store() as spool:
         metrics.watch(spool)
         first, _ = await add(spool, None, delivery("a"), delivery("b"))
         assert registry.get_sample_value("phonepush_spool_pending") == 2
@@ -536,6 +561,61 @@ async def test_creates_missing_directories_and_versions_the_schema(tmp_path: Pat
             pass
 
 
+async def test_a_spool_from_before_schema_versions_opens_unchanged(tmp_path: Path) -> None:
+    # What an earlier phonepush left: version 1 in user_version only, no schema_version key,
+    # and without a table later releases added (schedule_firings).
+    path = tmp_path / "spool.db"
+    async with Spool(path) as spool:
+        (kept,) = await add(spool, pages={"p-old": PAGE})
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'schema_version'")
+        conn.execute("DROP TABLE schedule_firings")
+        conn.commit()
+    async with Spool(path) as spool:
+        assert [d.id for d in await spool.deliveries.pending()] == [kept.id]
+        assert await spool.events.page("p-old") == PAGE
+        assert await spool.schedules.claim("daily", 100.0, 101.0)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall() == [
+            (str(SCHEMA_VERSION),)
+        ]
+
+
+async def test_a_spool_a_newer_phonepush_versioned_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    async with Spool(path) as spool:
+        await add(spool)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),)
+        )
+        conn.commit()
+    with pytest.raises(SpoolError, match=f"schema version {SCHEMA_VERSION + 1} is newer"):
+        async with Spool(path):
+            pass
+
+
+async def test_a_postgres_schema_is_versioned_and_a_newer_one_refused(pg_url: str) -> None:
+    import psycopg
+
+    from phonepush.store import postgres
+
+    async with postgres.PostgresStore(pg_url) as store:
+        await add(store)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [
+            (postgres.SCHEMA_VERSION,)
+        ]
+        conn.execute("UPDATE schema_version SET version = version + 1")
+    with pytest.raises(SpoolError, match="is newer than this phonepush understands"):
+        async with postgres.PostgresStore(pg_url):
+            pass
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("UPDATE schema_version SET version = version - 1")
+    async with postgres.PostgresStore(pg_url) as store:
+        assert store.pending_count() == 1
+
+
 async def test_write_lock_held_elsewhere_fails_then_recovers(tmp_path: Path) -> None:
     path = tmp_path / "spool.db"
     async with Spool(path, busy_timeout=0.05) as spool:
@@ -557,8 +637,8 @@ async def test_write_lock_held_elsewhere_fails_then_recovers(tmp_path: Path) -> 
         assert spool.pending_count() == 2
 
 
-async def test_closed_spool_refuses_calls(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "spool.db")
+async def test_closed_spool_refuses_calls(open_store: OpenStore) -> None:
+    spool = open_store()
     async with spool:
         await add(spool)
     with pytest.raises(SpoolError, match="not open"):
@@ -568,8 +648,8 @@ async def test_closed_spool_refuses_calls(tmp_path: Path) -> None:
 # -- cooldowns and housekeeping -------------------------------------------------------------
 
 
-async def test_cooldown_lasts_until_its_end(tmp_path: Path) -> None:
-    async with Spool(tmp_path / "spool.db") as spool:
+async def test_cooldown_lasts_until_its_end(open_store: OpenStore) -> None:
+    async with open_store() as spool:
         await add(spool, cooldowns=[("door", "desk-1", 1_060.0)])
         assert await spool.events.in_cooldown("door", "desk-1", 1_000.0)
         assert await spool.events.in_cooldown("door", "desk-1", 1_059.9)
@@ -581,9 +661,10 @@ async def test_cooldown_lasts_until_its_end(tmp_path: Path) -> None:
         assert await spool.events.in_cooldown("door", "desk-1", 1_100.0)
 
 
-async def test_purge_removes_finished_old_events_only(tmp_path: Path) -> None:
-    path = tmp_path / "spool.db"
-    async with Spool(path) as spool:
+async def test_purge_removes_finished_old_events_only(
+    open_store: OpenStore, backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    async with open_store() as spool:
         old_done = event(received_at=100.0)
         old_pending = event(received_at=100.0)
         new_done = event(received_at=900.0)
@@ -608,9 +689,16 @@ async def test_purge_removes_finished_old_events_only(tmp_path: Path) -> None:
         assert spool.pending_count() == 1
         assert await spool.events.purge(before=500.0) == 0
 
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 2
-        assert conn.execute("SELECT key FROM cooldowns").fetchall() == [("new",)]
+    if backend == "sqlite":
+        with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as conn:
+            assert conn.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 2
+            assert conn.execute("SELECT key FROM cooldowns").fetchall() == [("new",)]
+    else:
+        import psycopg
+
+        with psycopg.connect(request.getfixturevalue("pg_url")) as pg:
+            assert pg.execute("SELECT count(*) FROM deliveries").fetchall() == [(2,)]
+            assert pg.execute("SELECT key FROM cooldowns").fetchall() == [("new",)]
 
 
 # -- concurrency ----------------------------------------------------------------------------

@@ -37,7 +37,8 @@ from phonepush.pipeline.cooldown import Cooldowns
 from phonepush.pipeline.plan import Pipeline, Stage
 from phonepush.rules.book import RuleBook
 from phonepush.silence.silences import Quieting, Screening, Silences
-from phonepush.store.spool import Delivery, Spool
+from phonepush.store.interface import Store
+from phonepush.store.spool import Delivery
 
 __all__ = ["Built", "Services", "build"]
 
@@ -50,7 +51,7 @@ def _nothing(*args: object) -> None:
 class Services:
     """The long-lived parts the stages hand work to; None leaves that feature's stage out."""
 
-    spool: Spool
+    spool: Store
     metrics: Metrics
     #: The dispatcher's ``submit`` and ``cancel``.
     submit: Callable[[Sequence[Delivery]], None]

@@ -22,7 +22,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,7 +37,7 @@ from phonepush.app.builder import Built, Services, build
 from phonepush.app.limits import default_max_connections
 from phonepush.app.systemd import Notifier, state_directories
 from phonepush.audio.announce import Announcer
-from phonepush.config import Config, format_duration, load_config
+from phonepush.config import Config, SpoolConfig, format_duration, load_config
 from phonepush.console import Screens
 from phonepush.dispatch.dispatcher import Dispatcher, Outcome
 from phonepush.errors import ConfigError, PhonepushError, SpoolError
@@ -55,6 +55,7 @@ from phonepush.redact import url_for_log
 from phonepush.silence.silences import Silences
 from phonepush.sources.schedule import Clock, Scheduler
 from phonepush.store.housekeeping import Housekeeper
+from phonepush.store.interface import Store
 from phonepush.store.spool import Spool
 
 if TYPE_CHECKING:
@@ -67,6 +68,36 @@ log = logging.getLogger("phonepush.daemon")
 #: How long start-up waits for the broker before declaring itself ready anyway (``/readyz``
 #: still says MQTT is down): a broker outage must not keep the webhook side from serving.
 _MQTT_READY_WAIT = 10.0
+
+
+def open_store(spool: SpoolConfig) -> AbstractAsyncContextManager[Store]:
+    """The store ``[spool]`` names: PostgreSQL with ``url``, else the SQLite file at ``path``.
+
+    psycopg is imported only here and only for ``url``, so a daemon on SQLite runs without it.
+    """
+    if not spool.url:
+        return Spool(
+            spool.path,
+            max_pending=spool.max_pending,
+            synchronous=spool.synchronous,
+            max_size=spool.max_size,
+            follow_symlinks=spool.follow_symlinks,
+            trusted_links=state_directories(),
+        )
+    try:
+        from phonepush.store.postgres import PostgresStore
+    except ImportError as exc:
+        raise ConfigError(
+            f"spool.url: PostgreSQL needs psycopg ({exc.name} is not installed):"
+            " pip install 'phonepush[postgres]'"
+        ) from None
+    return PostgresStore(
+        spool.url,
+        password=None if spool.password is None else spool.password.get_secret_value(),
+        pool_size=spool.pool_size,
+        max_pending=spool.max_pending,
+        max_size=spool.max_size,
+    )
 
 
 class _Server(uvicorn.Server):
@@ -82,7 +113,7 @@ class Running:
     """The live parts of a started daemon, for tests and in-process users (``demo``)."""
 
     config: Config
-    spool: Spool
+    spool: Store
     dispatcher: Dispatcher
     intake: Intake
     metrics: Metrics
@@ -156,20 +187,12 @@ class Daemon:
         metrics = self._metrics
         async with AsyncExitStack() as stack:
             try:
-                spool = await stack.enter_async_context(
-                    Spool(
-                        config.spool.path,
-                        max_pending=config.spool.max_pending,
-                        synchronous=config.spool.synchronous,
-                        max_size=config.spool.max_size,
-                        follow_symlinks=config.spool.follow_symlinks,
-                        trusted_links=state_directories(),
-                    )
-                )
+                spool = await stack.enter_async_context(open_store(config.spool))
             except SpoolError as exc:
                 # At start-up a spool that cannot open is a deployment problem: one line naming
                 # the key, exit 2, as for any other bad setting.
-                raise ConfigError(f"spool.path: {exc}") from exc
+                key = "spool.url" if config.spool.url else "spool.path"
+                raise ConfigError(f"{key}: {exc}") from exc
             metrics.watch(spool)
             housekeeper = Housekeeper(
                 spool, retention=config.spool.retention, max_size=config.spool.max_size
@@ -421,6 +444,8 @@ class Daemon:
             "server.keepalive_timeout",
             "server.trusted_proxies",
             "spool.path",
+            "spool.url",
+            "spool.pool_size",
             "mqtt",
             "dispatch.max_connections",
         ):

@@ -106,10 +106,17 @@ def summary(config: Config, rules: RuleBook, path: Path | None = None) -> str:
         f"webhook bodies up to {server.max_body} bytes"
     )
     spool = config.spool
-    lines.append(
-        f"spool: {spool.path} (synchronous={spool.synchronous}, "
-        f"at most {spool.max_pending} pending)"
-    )
+    if spool.url:
+        auth = "with a password" if spool.password is not None else "without a password"
+        lines.append(
+            f"spool: PostgreSQL at {url_for_log(spool.url)} ({auth}, pool of at most"
+            f" {spool.pool_size} connections, at most {spool.max_pending} pending)"
+        )
+    else:
+        lines.append(
+            f"spool: {spool.path} (synchronous={spool.synchronous}, "
+            f"at most {spool.max_pending} pending)"
+        )
     if config.mqtt is None:
         lines.append("mqtt: off (no [mqtt] section)")
     else:

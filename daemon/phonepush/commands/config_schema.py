@@ -51,6 +51,9 @@ NOTES: Final[dict[str, str]] = {
     "SpoolConfig.max_pending": "Deliveries waiting at most; beyond it events are refused (503, "
     "MQTT left unacknowledged).",
     "SpoolConfig.synchronous": "`full` also survives power loss, at a cost per event.",
+    "SpoolConfig.password": "With `url`: the database password (or `password_file`, "
+    "`PHONEPUSH_SPOOL__PASSWORD`).",
+    "SpoolConfig.password_file": "File holding the database password.",
     "MqttConfig.url": "`mqtt://HOST[:PORT]` or `mqtts://HOST[:PORT]` (TLS); no credentials in "
     "the URL.",
     "MqttConfig.username": "Broker user name; empty: anonymous.",

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Final, TextIO
 
 from phonepush.commands import CONFIG_EXIT, add_config_option, load_or_report
+from phonepush.config import SpoolConfig
 from phonepush.errors import SpoolError
 from phonepush.store.reader import DeliveryStatus, EventActivity, SpoolReader
 from phonepush.store.records import DeliveryState
@@ -149,7 +150,22 @@ def _table(events: Sequence[EventActivity]) -> str:
     return "\n".join(out)
 
 
-def _empty(path: Path, every: bool) -> str:
+def open_reader(spool: SpoolConfig) -> tuple[SpoolReader, str]:
+    """A reader of the store ``[spool]`` names, and how to name that store in messages."""
+    if not spool.url:
+        return SpoolReader(spool.path), str(spool.path)
+    try:
+        from phonepush.store.postgres import PostgresReader, redact_url
+    except ImportError as exc:
+        raise SpoolError(
+            f"PostgreSQL needs psycopg ({exc.name} is not installed):"
+            " pip install 'phonepush[postgres]'"
+        ) from None
+    password = None if spool.password is None else spool.password.get_secret_value()
+    return PostgresReader(spool.url, password=password), redact_url(spool.url)
+
+
+def _empty(path: Path | str, every: bool) -> str:
     if every:
         return f"{path}: no events"
     return f"{path}: no events with deliveries (--all lists every event)"
@@ -184,9 +200,10 @@ def main(argv: Sequence[str], prog: str = "phonepush status") -> int:
     config = load_or_report(args.config)
     if config is None:
         return CONFIG_EXIT
-    path = config.spool.path
+    path: Path | str = config.spool.url or config.spool.path
     try:
-        with SpoolReader(path) as reader:
+        opened, path = open_reader(config.spool)
+        with opened as reader:
             events = reader.recent(args.limit, every=args.all)
             if args.follow:
                 follower = Follower(reader, sys.stdout, every=args.all, json_lines=args.json)

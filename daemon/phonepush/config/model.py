@@ -344,9 +344,19 @@ class ServerConfig(_Section):
 
 
 class SpoolConfig(_Section):
-    """``[spool]``: the SQLite store accepted events wait in."""
+    """``[spool]``: the store accepted events wait in: an SQLite file (``path``, the default) or
+    a PostgreSQL database (``url``)."""
 
     path: Path = Path("/var/lib/phonepush/spool.db")
+    #: A PostgreSQL database to keep everything in instead of the SQLite file at ``path``
+    #: (``postgresql://USER@HOST[:PORT]/DATABASE``, libpq's URL: ``?sslmode=verify-full`` and
+    #: the like work too). Needs ``pip install 'phonepush[postgres]'``. The password goes in
+    #: ``password`` or ``password_file``, never in the URL. Not together with ``path``.
+    url: str = ""
+    password: SecretStr | None = None
+    password_file: str | None = None
+    #: With ``url``: how many connections to the database are open at most.
+    pool_size: int = Field(default=10, ge=1, le=1000)
     max_pending: int = Field(default=100_000, ge=1)
     synchronous: Literal["normal", "full"] = "normal"
     #: How long finished events (every delivery done), their deliveries and pages are kept for
@@ -362,6 +372,28 @@ class SpoolConfig(_Section):
     #: The folder systemd made for the service is taken all the same (``$STATE_DIRECTORY``: under
     #: ``DynamicUser=`` a root-owned link to ``private/<name>`` that only root could have made).
     follow_symlinks: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value:
+            return value
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            # Not urllib's message: it may quote the text after a ":", a password.
+            raise ValueError(
+                "not a valid URL (expected postgresql:// with the user, host, port and database)"
+            ) from None
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError("only PostgreSQL is supported (a postgresql:// URL)")
+        if parts.password is not None:
+            # Said without echoing the URL: it holds a password.
+            raise ValueError(
+                "put the password in spool.password or spool.password_file, not the URL"
+            )
+        return value
 
 
 class MqttConfig(_Section):
@@ -1277,6 +1309,7 @@ class _MappingEnvSource(EnvSettingsSource):
 # (section, secret key, its file key): a secret set in the environment replaces both in TOML.
 _SECRETS: Final = (
     ("mqtt", "password", "password_file"),
+    ("spool", "password", "password_file"),
     ("webhook", "token", "token_file"),
     ("webhook", "hmac_secret", "hmac_secret_file"),
 )
@@ -1442,6 +1475,11 @@ def _read_secrets(
         )
         if found:
             update["mqtt"] = config.mqtt.model_copy(update=found)
+    found = _secret_from_file(
+        config.spool, "password", "password_file", "spool", environ, base_dir, problems
+    )
+    if found:
+        update["spool"] = config.spool.model_copy(update=found)
     webhook: dict[str, Any] = {}
     for secret, file_key in (("token", "token_file"), ("hmac_secret", "hmac_secret_file")):
         webhook |= _secret_from_file(
@@ -1498,6 +1536,13 @@ def _cross_check(config: Config) -> list[str]:
             if group in seen:
                 problems.append(f"phones[{phone.name}].groups: {group!r} is also a phone's name")
     templates = config.templates
+    spool = config.spool
+    if spool.url and "path" in spool.model_fields_set:
+        problems.append(
+            "spool.url: give url (PostgreSQL) or path (SQLite), not both; the data is in one"
+        )
+    if not spool.url and (spool.password is not None or spool.password_file is not None):
+        problems.append("spool.password: only used with spool.url (PostgreSQL)")
 
     host, _ = config.server.address
     if config.webhook.token is None and not _is_loopback(host):

@@ -75,6 +75,7 @@ def _health_of(phone: Mapping[str, Any]) -> str:
 def _page_number(text: str) -> int:
     return int(text) if text.isdigit() and 0 < len(text) < 7 else 1
 
+
 CSP: Final = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"

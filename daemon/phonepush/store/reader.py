@@ -12,7 +12,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final
+from typing import Any, Final
 
 from phonepush.errors import SpoolError
 
@@ -116,17 +116,19 @@ class SpoolReader:
 
     def last_seq(self) -> int:
         """The ``seq`` of the newest event, 0 when there is none."""
+        (row,) = self._rows("SELECT max(seq) AS n FROM events", ())
+        return int(row["n"] or 0)
+
+    def _rows(self, query: str, params: tuple[int, ...]) -> list[Any]:
+        """Rows by column name (a reader of another database overrides this; ``?`` marks the
+        parameters)."""
         try:
-            row = self._conn.execute("SELECT max(seq) FROM events").fetchone()
+            return self._conn.execute(query, params).fetchall()
         except sqlite3.Error as exc:
             raise SpoolError(str(exc)) from exc
-        return int(row[0] or 0)
 
     def _read(self, query: str, params: tuple[int, ...]) -> list[EventActivity]:
-        try:
-            rows = self._conn.execute(query, params).fetchall()
-        except sqlite3.Error as exc:
-            raise SpoolError(str(exc)) from exc
+        rows = self._rows(query, params)
         events: list[EventActivity] = []
         deliveries: list[DeliveryStatus] = []
         for index, row in enumerate(rows):

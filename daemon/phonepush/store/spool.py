@@ -96,6 +96,7 @@ __all__ = [
     "ALERT_STATES",
     "FINAL_STATES",
     "INTAKE_STATES",
+    "MIGRATIONS",
     "SCHEMA_VERSION",
     "AlertPhone",
     "AlertRecord",
@@ -117,8 +118,6 @@ __all__ = [
     "read_recent",
 ]
 
-#: The version of the schema below, kept in ``PRAGMA user_version``.
-SCHEMA_VERSION: Final = 1
 
 # Errors that come from what the caller passed (a duplicate id, a value SQLite cannot bind): they
 # fail that call but say nothing about the disk, so they leave ``healthy`` alone.
@@ -291,7 +290,16 @@ CREATE TABLE IF NOT EXISTS schedule_firings (
 ) WITHOUT ROWID;
 """
 
+#: The migrations, in order: ``MIGRATIONS[n - 1]`` takes a spool from version n - 1 to n. A later
+#: version appends its statements (tables and columns added, so an older file still opens);
+#: none is ever edited. The version is kept in ``meta`` (``schema_version``) and in
+#: ``PRAGMA user_version``, which phonepush releases before the key read.
+MIGRATIONS: Final[tuple[str, ...]] = (_SCHEMA,)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
 _COUNT_PENDING: Final = "SELECT count(*) FROM deliveries WHERE state = 'pending'"
+_HAS_META: Final = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+_SCHEMA_VERSION_KEY: Final = "SELECT value FROM meta WHERE key = 'schema_version'"
 _PROBE: Final = "INSERT OR REPLACE INTO meta (key, value) VALUES ('checked_at', ?)"
 
 
@@ -734,19 +742,8 @@ class Spool:
             self._conn_synchronous = self.synchronous
             conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
             conn.execute(f"PRAGMA wal_autocheckpoint = {_BACKSTOP_PAGES}")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise SpoolError(
-                    f"spool {self.path}: schema version {version} is newer than this"
-                    f" phonepush understands ({SCHEMA_VERSION})"
-                )
-            # Every statement is CREATE ... IF NOT EXISTS, so running them on each open is cheap
-            # and also adds the tables a newer phonepush brought to a file of the same version.
             conn.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._migrate(conn)
             conn.execute("COMMIT")
             self._pending = conn.execute(_COUNT_PENDING).fetchone()[0]
         except sqlite3.Error as exc:
@@ -757,6 +754,40 @@ class Spool:
             raise
         self._conn = conn
         return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Bring the schema to :data:`SCHEMA_VERSION` inside the open transaction; refuse a file
+        a newer phonepush wrote.
+
+        The version is the ``schema_version`` key of ``meta`` and, for a phonepush that predates
+        that key, ``PRAGMA user_version`` too: both are written, and the larger one counts. A
+        file with neither is version 1 if it has tables (made before versions were kept),
+        otherwise new.
+        """
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if conn.execute(_HAS_META).fetchone() is not None:
+            row = conn.execute(_SCHEMA_VERSION_KEY).fetchone()
+            if row is not None and str(row[0]).isdigit():
+                version = max(version, int(row[0]))
+        if version > SCHEMA_VERSION:
+            raise SpoolError(
+                f"spool {self.path}: schema version {version} is newer than this"
+                f" phonepush understands ({SCHEMA_VERSION}); upgrade phonepush"
+            )
+        # Version 1's statements are all CREATE ... IF NOT EXISTS and run on each open: cheap,
+        # and they add the tables later releases of version 1 brought to an older file of it.
+        for number, migration in enumerate(MIGRATIONS, start=1):
+            if number == 1 or number > version:
+                for statement in migration.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                if number > max(version, 1):
+                    _log.info("spool %s: schema migrated to version %d", self.path, number)
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _connection(self) -> sqlite3.Connection:
         if not self._open:

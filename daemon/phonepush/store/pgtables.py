@@ -1,0 +1,993 @@
+"""The PostgreSQL repositories: the statements of :mod:`phonepush.store.tables` in PostgreSQL's
+dialect, awaited.
+
+Each runs its statements through :class:`Sql` (the :class:`~phonepush.store.postgres.PostgresStore`
+they belong to), which translates errors and knows whether the calling task has a transaction
+open: a single write on its own is its own transaction, inside ``store.transaction()`` it is part
+of that one. Rows are dictionaries by column name. The semantics are those of the SQLite
+repositories, statement for statement, so the same tests run against both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Final, Protocol, get_args
+
+from phonepush.events import Event
+from phonepush.store.interface import PurgeCursor
+from phonepush.store.records import (
+    FINAL_STATES,
+    INTAKE_STATES,
+    ActionPress,
+    ActionRecord,
+    AlertPhone,
+    AlertRecord,
+    AlertState,
+    AlertTarget,
+    Delivery,
+    DeliveryState,
+    EventRecord,
+    GroupedEvent,
+    GroupWindow,
+    NewAlert,
+    NewDelivery,
+    NewGroupedEvent,
+    PushRequest,
+    RequestKind,
+    RoundKind,
+    StoredSilence,
+)
+
+__all__ = [
+    "PgAlerts",
+    "PgDeliveries",
+    "PgEvents",
+    "PgGroups",
+    "PgSchedules",
+    "PgSilences",
+    "Row",
+    "Sql",
+]
+
+#: A row as the store's connections return it (psycopg's ``dict_row``).
+Row = dict[str, Any]
+
+_KINDS: Final = frozenset(get_args(RequestKind))
+_PENDING: Final = DeliveryState.PENDING
+# A dict lookup: calling the enum costs a microsecond a row.
+_STATES: Final = {state.value: state for state in DeliveryState}
+_ALERT_STATES: Final = {state.value: state for state in AlertState}
+
+
+class Sql(Protocol):
+    """What the repositories need of the store: statements, with its error handling."""
+
+    async def rows(self, sql: str, params: Sequence[Any], what: str) -> list[Row]: ...
+    async def row(self, sql: str, params: Sequence[Any], what: str) -> Row | None: ...
+    async def write(self, sql: str, params: Sequence[Any], what: str) -> int: ...
+    async def write_many(self, sql: str, params: Iterable[Sequence[Any]], what: str) -> int: ...
+    async def insert(self, sql: str, params: Sequence[Any], what: str) -> int: ...
+    def pending_changed(self, delta: int) -> None: ...
+    def atomic(self, what: str) -> AbstractAsyncContextManager[object]:
+        """The statements of the ``async with`` block in one transaction (or in the open one)."""
+
+
+# --- events, pages, cooldowns -------------------------------------------------------------------
+
+_EVENT_COLUMNS: Final = "id, source, topic, payload, headers, received_at, rules"
+_INSERT_EVENT: Final = (
+    "INSERT INTO events (id, source, topic, payload, headers, received_at, rules)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s)"
+)
+_EVENT: Final = f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = %s"
+_RECENT: Final = f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq DESC LIMIT %s"
+_INSERT_PAGE: Final = "INSERT INTO pages (id, event_id, xml) VALUES (%s, %s, %s)"
+_PUT_PAGE: Final = (
+    "INSERT INTO pages (id, event_id, xml) VALUES (%s, %s, %s)"
+    " ON CONFLICT (id) DO UPDATE SET event_id = excluded.event_id, xml = excluded.xml"
+)
+_PAGE: Final = "SELECT xml FROM pages WHERE id = %s"
+_UPSERT_COOLDOWN: Final = (
+    "INSERT INTO cooldowns (rule, key, until) VALUES (%s, %s, %s)"
+    " ON CONFLICT (rule, key) DO UPDATE SET until = excluded.until"
+)
+_IN_COOLDOWN: Final = "SELECT 1 FROM cooldowns WHERE rule = %s AND key = %s AND until > %s"
+_EXPIRED_COOLDOWNS: Final = (
+    "DELETE FROM cooldowns WHERE (rule, key) IN"
+    " (SELECT rule, key FROM cooldowns WHERE until < %s LIMIT %s)"
+)
+# Finished events, oldest first, from a cursor on: no pending delivery (looked up per event by
+# the event's deliveries), not waiting in a grouping window, no repeat still to come. The two
+# NOT IN lists are small tables SQLite reads once per statement; the cursor keeps a pass from
+# reading the same unfinished old events again in every batch.
+_PURGEABLE: Final = (
+    "SELECT id, received_at, seq FROM events"
+    " WHERE received_at < %s AND received_at >= %s AND (received_at > %s OR seq > %s)"
+    " AND NOT EXISTS (SELECT 1 FROM deliveries"
+    "  WHERE deliveries.event_id = events.id AND state = 'pending')"
+    " AND id NOT IN (SELECT event_id FROM grouped_events)"
+    " AND id NOT IN (SELECT event_id FROM alerts WHERE state = 'active' AND next_at IS NOT NULL)"
+    " ORDER BY received_at, seq LIMIT %s"
+)
+# What goes with a purged event, children first.
+_PURGE: Final = (
+    "DELETE FROM alert_deliveries WHERE delivery_id IN"
+    " (SELECT id FROM deliveries WHERE event_id = %s)",
+    "DELETE FROM alert_phones WHERE event_id = %s",
+    "DELETE FROM alert_actions WHERE event_id = %s",
+    "DELETE FROM action_presses WHERE event_id = %s",
+    "DELETE FROM alerts WHERE event_id = %s",
+    "DELETE FROM deliveries WHERE event_id = %s",
+    "DELETE FROM pages WHERE event_id = %s",
+    "DELETE FROM events WHERE id = %s",
+)
+
+
+class PgEvents:
+    """:class:`~phonepush.store.interface.EventRepository` on PostgreSQL."""
+
+    def __init__(self, sql: Sql, deliveries: PgDeliveries) -> None:
+        self._sql = sql
+        self._deliveries = deliveries
+
+    async def add(self, event: Event, rules: Sequence[str]) -> None:
+        row = (
+            event.id,
+            event.source,
+            event.topic,
+            event.payload,
+            json.dumps(dict(event.headers), ensure_ascii=False),
+            event.received_at,
+            json.dumps(list(rules), ensure_ascii=False),
+        )
+        await self._sql.write(_INSERT_EVENT, row, f"cannot store event {event.id}")
+
+    async def get(self, event_id: str) -> EventRecord | None:
+        row = await self._sql.row(_EVENT, (event_id,), "cannot read events")
+        return None if row is None else await self._record(row)
+
+    async def recent(self, limit: int = 20) -> list[EventRecord]:
+        return [
+            await self._record(row)
+            for row in await self._sql.rows(_RECENT, (limit,), "cannot read events")
+        ]
+
+    async def add_pages(self, event_id: str, pages: Mapping[str, str]) -> None:
+        if pages:
+            rows = [(page_id, event_id, xml) for page_id, xml in pages.items()]
+            await self._sql.write_many(_INSERT_PAGE, rows, "cannot store pages")
+
+    async def put_page(self, page_id: str, event_id: str, xml: str) -> None:
+        await self._sql.write(_PUT_PAGE, (page_id, event_id, xml), f"cannot store page {page_id}")
+
+    async def page(self, page_id: str) -> str | None:
+        row = await self._sql.row(_PAGE, (page_id,), "cannot read pages")
+        return None if row is None else str(row["xml"])
+
+    async def in_cooldown(self, rule: str, key: str, now: float) -> bool:
+        return (
+            await self._sql.row(_IN_COOLDOWN, (rule, key, now), "cannot read cooldowns") is not None
+        )
+
+    async def start_cooldowns(self, cooldowns: Sequence[tuple[str, str, float]]) -> None:
+        if cooldowns:
+            await self._sql.write_many(_UPSERT_COOLDOWN, cooldowns, "cannot store cooldowns")
+
+    async def end_cooldown(self, rule: str, key: str) -> None:
+        await self._sql.write(
+            "DELETE FROM cooldowns WHERE rule = %s AND key = %s",
+            (rule, key),
+            "cannot end a cooldown",
+        )
+
+    async def purge_cooldowns(self, before: float, limit: int) -> int:
+        return await self._sql.write(_EXPIRED_COOLDOWNS, (before, limit), "cannot purge cooldowns")
+
+    async def purge_batch(
+        self, before: float, limit: int, cursor: PurgeCursor = (-math.inf, 0)
+    ) -> tuple[int, PurgeCursor]:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit}")
+        after_at, after_seq = cursor
+        async with self._sql.atomic("cannot purge"):
+            rows = await self._sql.rows(
+                _PURGEABLE, (before, after_at, after_at, after_seq, limit), "cannot purge"
+            )
+            doomed = [(row["id"],) for row in rows]
+            if doomed:
+                for statement in _PURGE:
+                    await self._sql.write_many(statement, doomed, "cannot purge")
+        if doomed:
+            cursor = (float(rows[-1]["received_at"]), int(rows[-1]["seq"]))
+        return len(doomed), cursor
+
+    async def purge(self, before: float) -> int:
+        total = 0
+        cursor: PurgeCursor = (-math.inf, 0)
+        while True:
+            removed, cursor = await self.purge_batch(before, 1000, cursor)
+            total += removed
+            if removed < 1000:
+                break
+        while await self.purge_cooldowns(before, 1000) == 1000:
+            pass
+        return total
+
+    async def _record(self, row: Row) -> EventRecord:
+        return EventRecord(
+            id=row["id"],
+            source=row["source"],
+            topic=row["topic"],
+            received_at=row["received_at"],
+            rules=tuple(json.loads(row["rules"])),
+            deliveries=tuple(await self._deliveries.of_event(row["id"])),
+            payload=bytes(row["payload"]),
+            headers=json.loads(row["headers"]),
+        )
+
+
+# --- deliveries ---------------------------------------------------------------------------------
+
+_DELIVERY_COLUMNS: Final = (
+    "id, event_id, rule, phone, requests, sent, attempts, created_at, expires_at, state, error"
+)
+_INSERT_DELIVERY: Final = (
+    "INSERT INTO deliveries (event_id, rule, phone, requests, created_at, expires_at, state, error)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+)
+_PENDING_ROWS: Final = (
+    f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE state = 'pending' ORDER BY id"
+)
+_EVENT_DELIVERIES: Final = (
+    f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE event_id = %s ORDER BY id"
+)
+_PROGRESS: Final = (
+    "UPDATE deliveries SET sent = %s, attempts = %s, error = %s WHERE id = %s AND state = 'pending'"
+)
+_FINISH: Final = (
+    "UPDATE deliveries SET state = %s, error = %s, attempts = COALESCE(%s, attempts)"
+    " WHERE id = %s AND state = 'pending'"
+)
+_PENDING_OF: Final = (
+    "SELECT id, phone FROM deliveries WHERE event_id = %s AND rule = %s AND state = 'pending'"
+)
+
+
+class PgDeliveries:
+    """:class:`~phonepush.store.interface.DeliveryRepository` on PostgreSQL.
+
+    Delivery ids are rowids without AUTOINCREMENT (which writes one more page per commit): they
+    increase, and can only be reused once purge removed every newer delivery.
+    """
+
+    def __init__(self, sql: Sql, clock: Callable[[], float]) -> None:
+        self._sql = sql
+        self._clock = clock
+
+    async def add(self, event_id: str, deliveries: Sequence[NewDelivery]) -> list[Delivery]:
+        for new in deliveries:
+            if new.state not in INTAKE_STATES:
+                raise ValueError(f"a new delivery cannot be {new.state!r}")
+        # The deliveries of one event to many phones carry the same requests: encode them once.
+        dumped: dict[tuple[PushRequest, ...], str] = {}
+        created_at = self._clock()
+        insert = self._sql.insert
+        stored: list[Delivery] = []
+        for new in deliveries:
+            requests = tuple(new.requests)
+            text = dumped.get(requests)
+            if text is None:
+                text = dumped[requests] = _dump_requests(requests)
+            state = _STATES[new.state]
+            row = (
+                event_id,
+                new.rule,
+                new.phone,
+                text,
+                created_at,
+                new.expires_at,
+                state,
+                new.error,
+            )
+            delivery_id = await insert(_INSERT_DELIVERY, row, "cannot store deliveries")
+            stored.append(
+                Delivery(
+                    delivery_id,
+                    event_id,
+                    new.rule,
+                    new.phone,
+                    requests,
+                    0,
+                    0,
+                    created_at,
+                    new.expires_at,
+                    state,
+                    new.error,
+                )
+            )
+        self._sql.pending_changed(sum(1 for d in stored if d.state is _PENDING))
+        return stored
+
+    async def add_pending(
+        self,
+        event_id: str,
+        rule: str,
+        phone: str,
+        requests: Sequence[PushRequest],
+        created_at: float,
+        expires_at: float,
+    ) -> Delivery:
+        row = (event_id, rule, phone, _dump_requests(requests), created_at, expires_at)
+        delivery_id = await self._sql.insert(
+            _INSERT_DELIVERY, (*row, _PENDING, ""), "cannot store deliveries"
+        )
+        self._sql.pending_changed(1)
+        return Delivery(
+            delivery_id,
+            event_id,
+            rule,
+            phone,
+            tuple(requests),
+            0,
+            0,
+            created_at,
+            expires_at,
+            _PENDING,
+            "",
+        )
+
+    async def of_event(self, event_id: str) -> list[Delivery]:
+        rows = await self._sql.rows(_EVENT_DELIVERIES, (event_id,), "cannot read deliveries")
+        return [_delivery(row) for row in rows]
+
+    async def pending(self) -> list[Delivery]:
+        rows = await self._sql.rows(_PENDING_ROWS, (), "cannot read deliveries")
+        # The deliveries of one event to many phones carry the same requests: decode them once.
+        decoded: dict[str, tuple[PushRequest, ...]] = {}
+        return [_delivery(row, decoded) for row in rows]
+
+    async def pending_ids(self, event_id: str, rule: str, phone: str | None = None) -> list[int]:
+        rows = await self._sql.rows(_PENDING_OF, (event_id, rule), "cannot read deliveries")
+        return [row["id"] for row in rows if phone is None or row["phone"] == phone]
+
+    async def pending_phones(self, event_id: str, rule: str) -> set[str]:
+        rows = await self._sql.rows(_PENDING_OF, (event_id, rule), "cannot read deliveries")
+        return {row["phone"] for row in rows}
+
+    async def latest(
+        self, event_id: str, rule: str, phone: str, states: Collection[DeliveryState]
+    ) -> tuple[int, DeliveryState] | None:
+        row = await self._sql.row(
+            "SELECT id, state FROM deliveries WHERE event_id = %s AND rule = %s AND phone = %s"
+            " AND state = ANY(%s) ORDER BY id DESC LIMIT 1",
+            (event_id, rule, phone, [str(s) for s in states]),
+            "cannot read deliveries",
+        )
+        return None if row is None else (row["id"], _STATES[row["state"]])
+
+    async def by_rule(self) -> list[tuple[str, DeliveryState, int, float]]:
+        rows = await self._sql.rows(
+            "SELECT rule, state, count(*) AS n, max(created_at) AS newest FROM deliveries"
+            " GROUP BY rule, state",
+            (),
+            "cannot read deliveries",
+        )
+        return [(row["rule"], _STATES[row["state"]], row["n"], row["newest"]) for row in rows]
+
+    async def phones_reached(
+        self, event_id: str, rule: str, states: Collection[DeliveryState]
+    ) -> list[str]:
+        rows = await self._sql.rows(
+            "SELECT phone FROM deliveries WHERE event_id = %s AND rule = %s AND state = ANY(%s)"
+            " GROUP BY phone ORDER BY min(id)",
+            (event_id, rule, [str(s) for s in states]),
+            "cannot read deliveries",
+        )
+        return [row["phone"] for row in rows]
+
+    async def progress(self, delivery_id: int, sent: int, attempts: int, error: str = "") -> None:
+        if sent < 0 or attempts < 0:
+            raise ValueError("sent and attempts cannot be negative")
+        await self._sql.write(
+            _PROGRESS, (sent, attempts, error, delivery_id), f"cannot update delivery {delivery_id}"
+        )
+
+    async def finish(
+        self, delivery_id: int, state: str, error: str = "", attempts: int | None = None
+    ) -> None:
+        if state not in FINAL_STATES:
+            raise ValueError(f"cannot finish a delivery as {state!r}")
+        changed = await self._sql.write(
+            _FINISH, (state, error, attempts, delivery_id), f"cannot finish delivery {delivery_id}"
+        )
+        self._sql.pending_changed(-changed)
+
+    async def finish_many(
+        self, finished: Sequence[tuple[int, str, str] | tuple[int, str, str, int]]
+    ) -> None:
+        rows: list[tuple[str, str, int | None, int]] = []
+        for row in finished:
+            state = row[1]
+            if state not in FINAL_STATES:
+                raise ValueError(f"cannot finish a delivery as {state!r}")
+            rows.append((state, row[2], row[3] if len(row) == 4 else None, row[0]))
+        if not rows:
+            return
+        what = f"cannot finish {len(rows)} deliveries"
+        async with self._sql.atomic(what):
+            changed = await self._sql.write_many(_FINISH, rows, what)
+            self._sql.pending_changed(-changed)
+
+    async def set_state(self, delivery_id: int, state: DeliveryState, error: str = "") -> None:
+        what = f"cannot update delivery {delivery_id}"
+        # The row is locked from the read to the write: another task's transaction may run in
+        # between here (on SQLite none can), and the pending count follows what was replaced.
+        async with self._sql.atomic(what):
+            row = await self._sql.row(
+                "SELECT state FROM deliveries WHERE id = %s FOR UPDATE", (delivery_id,), what
+            )
+            if row is None:
+                return
+            await self._sql.write(
+                "UPDATE deliveries SET state = %s, error = %s WHERE id = %s",
+                (state, error, delivery_id),
+                what,
+            )
+            self._sql.pending_changed(
+                (state is _PENDING) - (row["state"] == _PENDING)  # the count follows either way
+            )
+
+    async def suppress(self, ids: Sequence[int], why: str) -> None:
+        changed = await self._sql.write_many(
+            "UPDATE deliveries SET state = 'suppressed', error = %s WHERE id = %s"
+            " AND state = 'pending'",
+            [(why, i) for i in ids],
+            "cannot cancel deliveries",
+        )
+        self._sql.pending_changed(-changed)
+
+
+def _dump_requests(requests: Iterable[PushRequest]) -> str:
+    dumped = []
+    for request in requests:
+        if request.kind not in _KINDS:
+            raise ValueError(f"unknown push request kind {request.kind!r}")
+        dumped.append([request.kind, request.xml])
+    return json.dumps(dumped, ensure_ascii=False)
+
+
+def _delivery(row: Row, decoded: dict[str, tuple[PushRequest, ...]] | None = None) -> Delivery:
+    requests = row["requests"]
+    parsed = None if decoded is None else decoded.get(requests)
+    if parsed is None:
+        parsed = tuple(PushRequest(kind, xml) for kind, xml in json.loads(requests))
+        if decoded is not None:
+            decoded[requests] = parsed
+    return Delivery(
+        id=row["id"],
+        event_id=row["event_id"],
+        rule=row["rule"],
+        phone=row["phone"],
+        requests=parsed,
+        sent=row["sent"],
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        state=_STATES[row["state"]],
+        error=row["error"],
+    )
+
+
+# --- alerts -------------------------------------------------------------------------------------
+
+_ALERT_COLUMNS: Final = (
+    "event_id, rule, key, page_id, scope, repeat, max_repeats, escalate_after, ttl, rounds,"
+    " next_at, state, ended_at, ended_by"
+)
+_ALERT_PHONE_COLUMNS: Final = "event_id, rule, phone, token, escalation, acked_at, acked_by"
+_ALERT: Final = f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE event_id = %s AND rule = %s"
+_ALERTS_DUE: Final = (
+    f"SELECT {_ALERT_COLUMNS} FROM alerts"
+    " WHERE state = 'active' AND next_at IS NOT NULL AND next_at <= %s ORDER BY next_at"
+)
+_NEXT_REPEAT: Final = (
+    "SELECT min(next_at) AS next_at FROM alerts WHERE state = 'active' AND next_at IS NOT NULL"
+)
+_INSERT_ALERT: Final = (
+    "INSERT INTO alerts (event_id, rule, key, page_id, scope, repeat, max_repeats,"
+    " escalate_after, ttl, next_at, state)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'active')"
+)
+_INSERT_ALERT_PHONE: Final = (
+    "INSERT INTO alert_phones (event_id, rule, phone, token, requests, escalation)"
+    " VALUES (%s, %s, %s, %s, %s, %s)"
+)
+
+
+class PgAlerts:
+    """:class:`~phonepush.store.interface.AlertRepository` on PostgreSQL."""
+
+    def __init__(self, sql: Sql) -> None:
+        self._sql = sql
+
+    async def add(self, event_id: str, alerts: Sequence[NewAlert]) -> None:
+        what = f"cannot store the alerts of event {event_id}"
+        for alert in alerts:
+            await self._sql.write(
+                _INSERT_ALERT,
+                (
+                    event_id,
+                    alert.rule,
+                    alert.key,
+                    alert.page_id,
+                    alert.scope,
+                    alert.repeat,
+                    alert.max_repeats,
+                    alert.escalate_after,
+                    alert.ttl,
+                    alert.next_at,
+                ),
+                what,
+            )
+            await self._sql.write_many(
+                _INSERT_ALERT_PHONE,
+                [
+                    (
+                        event_id,
+                        alert.rule,
+                        p.phone,
+                        p.token,
+                        _dump_requests(p.requests),
+                        int(p.escalation),
+                    )
+                    for p in alert.phones
+                ],
+                what,
+            )
+            await self._sql.write_many(
+                _INSERT_ACTION,
+                [
+                    (
+                        a.token,
+                        event_id,
+                        alert.rule,
+                        p.phone,
+                        p.token,
+                        a.position,
+                        a.label,
+                        a.spec,
+                        int(a.confirm),
+                        int(a.repeatable),
+                        int(p.with_ack),
+                        a.expires_at,
+                    )
+                    for p in alert.phones
+                    for a in p.actions
+                ],
+                what,
+            )
+
+    async def actions_of_page(self, page_token: str) -> list[ActionRecord]:
+        rows = await self._sql.rows(
+            f"SELECT {_ACTION_COLUMNS} FROM alert_actions WHERE page_token = %s ORDER BY position",
+            (page_token,),
+            "cannot read actions",
+        )
+        return [_action(row) for row in rows]
+
+    async def action(self, token: str) -> ActionRecord | None:
+        row = await self._sql.row(
+            f"SELECT {_ACTION_COLUMNS} FROM alert_actions WHERE token = %s",
+            (token,),
+            "cannot read actions",
+        )
+        return None if row is None else _action(row)
+
+    async def claim_action(self, token: str, at: float) -> bool:
+        # One statement: of two presses at once, only one finds it unused.
+        return (
+            await self._sql.write(
+                "UPDATE alert_actions SET used_at = %s WHERE token = %s"
+                " AND (used_at IS NULL OR repeatable = 1)",
+                (at, token),
+                "cannot record an action",
+            )
+            > 0
+        )
+
+    async def release_action(self, token: str) -> None:
+        await self._sql.write(
+            "UPDATE alert_actions SET used_at = NULL WHERE token = %s AND repeatable = 0",
+            (token,),
+            "cannot record an action",
+        )
+
+    async def add_press(self, press: ActionPress) -> None:
+        await self._sql.write(
+            "INSERT INTO action_presses (event_id, rule, phone, label, at, result, by, error)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                press.event_id,
+                press.rule,
+                press.phone,
+                press.label,
+                press.at,
+                press.result,
+                press.by,
+                press.error,
+            ),
+            "cannot record an action",
+        )
+
+    async def presses_of(self, event_id: str) -> list[ActionPress]:
+        rows = await self._sql.rows(
+            "SELECT event_id, rule, phone, label, at, result, by, error FROM action_presses"
+            " WHERE event_id = %s ORDER BY id",
+            (event_id,),
+            "cannot read actions",
+        )
+        return [
+            ActionPress(
+                row["event_id"],
+                row["rule"],
+                row["phone"],
+                row["label"],
+                float(row["at"]),
+                row["result"],
+                row["by"],
+                row["error"],
+            )
+            for row in rows
+        ]
+
+    async def get(self, event_id: str, rule: str) -> AlertRecord | None:
+        row = await self._sql.row(_ALERT, (event_id, rule), "cannot read alerts")
+        return None if row is None else _alert(row)
+
+    async def of_event(self, event_id: str) -> list[AlertRecord]:
+        rows = await self._sql.rows(
+            f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE event_id = %s ORDER BY rule",
+            (event_id,),
+            "cannot read alerts",
+        )
+        return [_alert(row) for row in rows]
+
+    async def phones_of(self, event_id: str) -> list[AlertPhone]:
+        rows = await self._sql.rows(
+            f"SELECT {_ALERT_PHONE_COLUMNS} FROM alert_phones WHERE event_id = %s",
+            (event_id,),
+            "cannot read alerts",
+        )
+        return [_alert_phone(row) for row in rows]
+
+    async def by_token(self, token: str) -> tuple[AlertRecord, AlertPhone] | None:
+        row = await self._sql.row(
+            f"SELECT {_ALERT_PHONE_COLUMNS} FROM alert_phones WHERE token = %s",
+            (token,),
+            "cannot read alerts",
+        )
+        if row is None:
+            return None
+        phone = _alert_phone(row)
+        alert = await self.get(phone.event_id, phone.rule)
+        return None if alert is None else (alert, phone)
+
+    async def due(self, now: float) -> list[AlertRecord]:
+        return [
+            _alert(row) for row in await self._sql.rows(_ALERTS_DUE, (now,), "cannot read alerts")
+        ]
+
+    async def next_due(self) -> float | None:
+        row = await self._sql.row(_NEXT_REPEAT, (), "cannot read alerts")
+        return None if row is None or row["next_at"] is None else float(row["next_at"])
+
+    async def unresolved(self, rule: str, key: str, besides: str) -> list[AlertRecord]:
+        rows = await self._sql.rows(
+            f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE rule = %s AND key = %s"
+            " AND state != 'resolved' AND event_id != %s",
+            (rule, key, besides),
+            "cannot read alerts",
+        )
+        return [_alert(row) for row in rows]
+
+    async def targets(self, event_id: str, rule: str) -> list[AlertTarget]:
+        rows = await self._sql.rows(
+            "SELECT phone, requests, escalation, acked_at FROM alert_phones"
+            " WHERE event_id = %s AND rule = %s ORDER BY seq",
+            (event_id, rule),
+            "cannot read alerts",
+        )
+        return [
+            AlertTarget(
+                phone=row["phone"],
+                requests=tuple(PushRequest(k, xml) for k, xml in json.loads(row["requests"])),
+                escalation=bool(row["escalation"]),
+                acked_at=row["acked_at"],
+            )
+            for row in rows
+        ]
+
+    async def waiting(self, event_id: str, rule: str, *, escalation: bool) -> int:
+        row = await self._sql.row(
+            "SELECT count(*) AS waiting FROM alert_phones WHERE event_id = %s AND rule = %s"
+            " AND acked_at IS NULL AND (escalation = 0 OR %s)",
+            (event_id, rule, escalation),
+            "cannot read alerts",
+        )
+        return 0 if row is None else int(row["waiting"])
+
+    async def set_round(self, event_id: str, rule: str, rounds: int, next_at: float | None) -> None:
+        await self._sql.write(
+            "UPDATE alerts SET rounds = %s, next_at = %s WHERE event_id = %s AND rule = %s",
+            (rounds, next_at, event_id, rule),
+            f"cannot update alert {rule} of event {event_id}",
+        )
+
+    async def end(self, event_id: str, rule: str, state: AlertState, at: float, by: str) -> None:
+        await self._sql.write(
+            "UPDATE alerts SET state = %s, ended_at = %s, ended_by = %s, next_at = NULL"
+            " WHERE event_id = %s AND rule = %s",
+            (state, at, by, event_id, rule),
+            f"cannot update alert {rule} of event {event_id}",
+        )
+
+    async def acknowledge_phone(self, token: str, at: float, by: str) -> None:
+        await self._sql.write(
+            "UPDATE alert_phones SET acked_at = %s, acked_by = %s WHERE token = %s",
+            (at, by, token),
+            "cannot record an acknowledgement",
+        )
+
+    async def add_round_delivery(self, delivery_id: int, round_: int, kind: RoundKind) -> None:
+        await self._sql.write(
+            "INSERT INTO alert_deliveries (delivery_id, round, kind) VALUES (%s, %s, %s)",
+            (delivery_id, round_, kind),
+            "cannot store deliveries",
+        )
+
+    async def delivery_rounds(self, event_id: str) -> dict[int, tuple[int, RoundKind]]:
+        rows = await self._sql.rows(
+            "SELECT a.delivery_id, a.round, a.kind FROM alert_deliveries a"
+            " JOIN deliveries d ON d.id = a.delivery_id WHERE d.event_id = %s",
+            (event_id,),
+            "cannot read deliveries",
+        )
+        return {row["delivery_id"]: (row["round"], RoundKind(row["kind"])) for row in rows}
+
+
+_ACTION_COLUMNS: Final = (
+    "token, event_id, rule, phone, page_token, position, label, spec, confirm, repeatable,"
+    " with_ack, expires_at, used_at"
+)
+_INSERT_ACTION: Final = (
+    "INSERT INTO alert_actions (token, event_id, rule, phone, page_token, position, label, spec,"
+    " confirm, repeatable, with_ack, expires_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+def _action(row: Row) -> ActionRecord:
+    return ActionRecord(
+        token=row["token"],
+        event_id=row["event_id"],
+        rule=row["rule"],
+        phone=row["phone"],
+        page_token=row["page_token"],
+        position=int(row["position"]),
+        label=row["label"],
+        spec=row["spec"],
+        confirm=bool(row["confirm"]),
+        repeatable=bool(row["repeatable"]),
+        with_ack=bool(row["with_ack"]),
+        expires_at=float(row["expires_at"]),
+        used_at=None if row["used_at"] is None else float(row["used_at"]),
+    )
+
+
+def _alert(row: Row) -> AlertRecord:
+    return AlertRecord(
+        event_id=row["event_id"],
+        rule=row["rule"],
+        key=row["key"],
+        page_id=row["page_id"],
+        scope=row["scope"],
+        repeat=row["repeat"],
+        max_repeats=row["max_repeats"],
+        escalate_after=row["escalate_after"],
+        ttl=row["ttl"],
+        rounds=row["rounds"],
+        next_at=row["next_at"],
+        state=_ALERT_STATES[row["state"]],
+        ended_at=row["ended_at"],
+        ended_by=row["ended_by"],
+    )
+
+
+def _alert_phone(row: Row) -> AlertPhone:
+    return AlertPhone(
+        event_id=row["event_id"],
+        rule=row["rule"],
+        phone=row["phone"],
+        token=row["token"],
+        escalation=bool(row["escalation"]),
+        acked_at=row["acked_at"],
+        acked_by=row["acked_by"],
+    )
+
+
+# --- grouping windows ---------------------------------------------------------------------------
+
+_DUE_WINDOWS: Final = (
+    "SELECT rule, key, opened_at, due_at, ttl FROM grouping_windows WHERE due_at <= %s"
+    " ORDER BY due_at"
+)
+_WINDOW_EVENTS: Final = (
+    "SELECT g.seq, g.event_id, g.phones, g.content, e.source, e.topic, e.payload, e.received_at"
+    " FROM grouped_events AS g LEFT JOIN events AS e ON e.id = g.event_id"
+    " WHERE g.rule = %s AND g.key = %s ORDER BY g.seq"
+)
+
+
+class PgGroups:
+    """:class:`~phonepush.store.interface.GroupRepository` on PostgreSQL."""
+
+    def __init__(self, sql: Sql, clock: Callable[[], float]) -> None:
+        self._sql = sql
+        self._clock = clock
+
+    async def join(self, event_id: str, groups: Sequence[NewGroupedEvent]) -> None:
+        what = f"cannot group event {event_id}"
+        now = self._clock()
+        for group in groups:
+            # The first event of a (rule, key) opens the window; later ones only join it.
+            await self._sql.write(
+                "INSERT INTO grouping_windows (rule, key, opened_at, due_at, ttl)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (rule, key) DO NOTHING",
+                (group.rule, group.key, now, group.due_at, group.ttl),
+                what,
+            )
+            await self._sql.write(
+                "INSERT INTO grouped_events (rule, key, event_id, phones, content)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (group.rule, group.key, event_id, json.dumps(list(group.phones)), group.content),
+                what,
+            )
+
+    async def next_due(self) -> float | None:
+        row = await self._sql.row(
+            "SELECT min(due_at) AS due_at FROM grouping_windows", (), "cannot read grouping windows"
+        )
+        return None if row is None or row["due_at"] is None else float(row["due_at"])
+
+    async def due(self, now: float) -> list[GroupWindow]:
+        windows = await self._sql.rows(_DUE_WINDOWS, (now,), "cannot read grouping windows")
+        out: list[GroupWindow] = []
+        for w in windows:
+            rows = await self._sql.rows(
+                _WINDOW_EVENTS, (w["rule"], w["key"]), "cannot read grouped events"
+            )
+            events = tuple(
+                GroupedEvent(
+                    seq=row["seq"],
+                    event_id=row["event_id"],
+                    phones=tuple(json.loads(row["phones"])),
+                    content=row["content"],
+                    source=row["source"] or "",
+                    topic=row["topic"] or "",
+                    payload=bytes(row["payload"] or b""),
+                    received_at=row["received_at"] or 0.0,
+                )
+                for row in rows
+            )
+            out.append(
+                GroupWindow(w["rule"], w["key"], w["opened_at"], w["due_at"], w["ttl"], events)
+            )
+        return out
+
+    async def remove_events(self, rule: str, key: str, through: int) -> None:
+        await self._sql.write(
+            "DELETE FROM grouped_events WHERE rule = %s AND key = %s AND seq <= %s",
+            (rule, key, through),
+            f"cannot flush group {rule}",
+        )
+
+    async def close_if_empty(self, rule: str, key: str) -> None:
+        await self._sql.write(
+            "DELETE FROM grouping_windows WHERE rule = %s AND key = %s AND NOT EXISTS"
+            " (SELECT 1 FROM grouped_events WHERE rule = %s AND key = %s)",
+            (rule, key, rule, key),
+            f"cannot flush group {rule}",
+        )
+
+
+# --- silences -----------------------------------------------------------------------------------
+
+_INSERT_SILENCE: Final = (
+    "INSERT INTO silences (id, matchers, starts_at, ends_at, created_at, created_by, comment)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s)"
+)
+_SILENCES: Final = (
+    "SELECT id, matchers, starts_at, ends_at, created_at, created_by, comment FROM silences"
+    " ORDER BY created_at, id"
+)
+
+
+class PgSilences:
+    """:class:`~phonepush.store.interface.SilenceRepository` on PostgreSQL."""
+
+    def __init__(self, sql: Sql) -> None:
+        self._sql = sql
+
+    async def add(self, silence: StoredSilence) -> None:
+        await self._sql.write(
+            _INSERT_SILENCE,
+            (
+                silence.id,
+                silence.matchers,
+                silence.starts_at,
+                silence.ends_at,
+                silence.created_at,
+                silence.created_by,
+                silence.comment,
+            ),
+            f"cannot store silence {silence.id}",
+        )
+
+    async def delete(self, silence_id: str) -> bool:
+        return bool(
+            await self._sql.write(
+                "DELETE FROM silences WHERE id = %s", (silence_id,), "cannot delete a silence"
+            )
+        )
+
+    async def all(self) -> list[StoredSilence]:
+        return [
+            StoredSilence(
+                id=row["id"],
+                matchers=row["matchers"],
+                starts_at=row["starts_at"],
+                ends_at=row["ends_at"],
+                created_at=row["created_at"],
+                created_by=row["created_by"],
+                comment=row["comment"],
+            )
+            for row in await self._sql.rows(_SILENCES, (), "cannot read silences")
+        ]
+
+
+# The newest firing claimed per schedule. The upsert's WHERE makes a claim a compare-and-set in
+# one statement: it changes a row only for a firing newer than the last one claimed, so of
+# several instances sharing the file exactly one wins each firing, and an old firing can never
+# be claimed again.
+_CLAIM_FIRING: Final = (
+    "INSERT INTO schedule_firings (schedule, scheduled_at, fired_at) VALUES (%s, %s, %s)"
+    " ON CONFLICT (schedule) DO UPDATE SET scheduled_at = excluded.scheduled_at,"
+    " fired_at = excluded.fired_at WHERE schedule_firings.scheduled_at < excluded.scheduled_at"
+)
+
+
+class PgSchedules:
+    """:class:`~phonepush.store.interface.ScheduleRepository` on PostgreSQL."""
+
+    def __init__(self, sql: Sql) -> None:
+        self._sql = sql
+
+    async def last(self, schedule: str) -> float | None:
+        row = await self._sql.row(
+            "SELECT scheduled_at FROM schedule_firings WHERE schedule = %s",
+            (schedule,),
+            f"cannot read schedule {schedule}",
+        )
+        return None if row is None else float(row["scheduled_at"])
+
+    async def claim(self, schedule: str, scheduled_at: float, now: float) -> bool:
+        return bool(
+            await self._sql.write(
+                _CLAIM_FIRING,
+                (schedule, scheduled_at, now),
+                f"cannot claim a firing of schedule {schedule}",
+            )
+        )
