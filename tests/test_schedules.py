@@ -32,19 +32,36 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 class FakeClock:
-    """Wall time that moves only when the scheduler sleeps: days pass in milliseconds."""
+    """Wall time that moves only when the schedulers sleep: days pass in milliseconds.
 
-    def __init__(self, start: float) -> None:
+    With ``sleepers`` schedulers sharing it, time moves only once all of them sleep, to the
+    earliest wake-up, as it would for schedulers that take no time to work. Moving it while one
+    of them still works (a claim awaiting a database) would hand that one a "now" a whole
+    interval old, and its next sleep would jump past a firing.
+    """
+
+    def __init__(self, start: float, *, sleepers: int = 1) -> None:
         self.t = start
+        self._sleepers = sleepers
+        self._waiting: list[tuple[float, asyncio.Future[None]]] = []
 
     def now(self) -> float:
         return self.t
 
     async def sleep(self, delay: float) -> None:
-        target = self.t + delay
-        await asyncio.sleep(0)
-        # Two schedulers sleeping to the same firing must not move time on twice.
-        self.t = max(self.t, target)
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((self.t + delay, woken))
+        if len(self._waiting) >= self._sleepers:
+            self.t = max(self.t, min(target for target, _ in self._waiting))
+            for target, future in self._waiting:
+                if target <= self.t:
+                    future.set_result(None)
+            self._waiting = [(t, f) for t, f in self._waiting if not f.done()]
+        try:
+            await woken
+        finally:
+            # A sleeper cancelled (a test ending, a reload) no longer holds time back.
+            self._waiting = [(t, f) for t, f in self._waiting if f is not woken]
 
     @property
     def clock(self) -> Clock:
@@ -206,7 +223,7 @@ async def test_a_schedule_that_never_fired_has_nothing_to_make_up(spool: Store) 
 
 
 async def test_two_schedulers_on_one_spool_fire_each_firing_once(open_store: OpenStore) -> None:
-    clock = FakeClock(1_800_000_000.0)
+    clock = FakeClock(1_800_000_000.0, sleepers=2)
     fired = Recorder()
     tick = schedule(every="10s")
     async with open_store() as one, open_store() as two:
