@@ -308,8 +308,9 @@ _PENDING_OF: Final = (
 class Deliveries:
     """:class:`~phonepush.store.interface.DeliveryRepository`.
 
-    Delivery ids are rowids without AUTOINCREMENT (which writes one more page per commit): they
-    increase, and can only be reused once purge removed every newer delivery.
+    Delivery ids are rowids without AUTOINCREMENT on SQLite (which writes one more page per
+    commit): they increase, and can only be reused once purge removed every newer delivery. On
+    PostgreSQL they are identity values, never reused.
     """
 
     def __init__(self, sql: Sql, clock: Callable[[], float]) -> None:
