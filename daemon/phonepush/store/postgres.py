@@ -58,16 +58,7 @@ from psycopg.rows import dict_row
 from phonepush.errors import SpoolError, SpoolFull
 from phonepush.store.interface import Store
 from phonepush.store.reader import SpoolReader
-from phonepush.store.tables import (
-    POSTGRES,
-    Alerts,
-    Deliveries,
-    Dialect,
-    Events,
-    Groups,
-    Schedules,
-    Silences,
-)
+from phonepush.store.tables import POSTGRES, Dialect, Repositories
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PostgresReader", "PostgresStore", "redact_url"]
 
@@ -307,7 +298,7 @@ class _Tx:
         self.pending_delta = 0
 
 
-class PostgresStore:
+class PostgresStore(Repositories):
     """The storage interface on PostgreSQL.
 
     ``url`` is a ``postgresql://user@host:port/db`` URL (libpq's, so ``?sslmode=`` and the like
@@ -369,12 +360,7 @@ class PostgresStore:
         self._open = False
         self._pending = 0
         self._bytes = 0
-        self.deliveries = Deliveries(self, clock)
-        self.events = Events(self, self.deliveries)
-        self.alerts = Alerts(self)
-        self.groups = Groups(self, clock)
-        self.silences = Silences(self)
-        self.schedules = Schedules(self)
+        super().__init__(self, clock)
 
     @property
     def location(self) -> str:

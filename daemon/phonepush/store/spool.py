@@ -83,16 +83,7 @@ from phonepush.store.records import (
     RequestKind,
     StoredSilence,
 )
-from phonepush.store.tables import (
-    SQLITE,
-    Alerts,
-    Deliveries,
-    Dialect,
-    Events,
-    Groups,
-    Schedules,
-    Silences,
-)
+from phonepush.store.tables import SQLITE, Dialect, Repositories
 
 __all__ = [
     "ALERT_STATES",
@@ -466,7 +457,7 @@ class _Checkpointer:
         return conn
 
 
-class Spool:
+class Spool(Repositories):
     """The SQLite store (:class:`phonepush.store.interface.Store`). Use as
     ``async with Spool(path) as spool:``.
 
@@ -535,12 +526,7 @@ class Spool:
         self._in_transaction = False
         self._pending_delta = 0  # of the open transaction, counted in at its commit
         self.healthy = True
-        self.deliveries = Deliveries(self, clock)
-        self.events = Events(self, self.deliveries)
-        self.alerts = Alerts(self)
-        self.groups = Groups(self, clock)
-        self.silences = Silences(self)
-        self.schedules = Schedules(self)
+        super().__init__(self, clock)
 
     @property
     def location(self) -> str:

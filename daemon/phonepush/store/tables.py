@@ -61,6 +61,7 @@ __all__ = [
     "Dialect",
     "Events",
     "Groups",
+    "Repositories",
     "Row",
     "Schedules",
     "Silences",
@@ -1045,3 +1046,16 @@ class Schedules:
                 f"cannot claim a firing of schedule {schedule}",
             )
         )
+
+
+class Repositories:
+    """The repositories of one store, reached as ``store.events``, ``store.deliveries``...: the
+    base of both stores, each the :class:`Sql` its repositories run their statements through."""
+
+    def __init__(self, sql: Sql, clock: Callable[[], float]) -> None:
+        self.deliveries = Deliveries(sql, clock)
+        self.events = Events(sql, self.deliveries)
+        self.alerts = Alerts(sql)
+        self.groups = Groups(sql, clock)
+        self.silences = Silences(sql)
+        self.schedules = Schedules(sql)
