@@ -1,6 +1,6 @@
 """The PostgreSQL store: the storage interface on a PostgreSQL database several daemons can share
 (``[spool] url``). It implements :mod:`phonepush.store.interface` with psycopg 3's async API and
-a connection pool; its tables are those of the SQLite spool (:mod:`phonepush.store.pgtables`).
+a connection pool; its tables are those of the SQLite spool (:mod:`phonepush.store.tables`).
 
 psycopg is an optional dependency (``pip install 'phonepush[postgres]'``): this module imports it,
 and nothing imports this module unless ``[spool] url`` is set
@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextvars import ContextVar
@@ -55,16 +57,8 @@ from psycopg.rows import dict_row
 
 from phonepush.errors import SpoolError, SpoolFull
 from phonepush.store.interface import Store
-from phonepush.store.pgtables import (
-    PgAlerts,
-    PgDeliveries,
-    PgEvents,
-    PgGroups,
-    PgSchedules,
-    PgSilences,
-    Row,
-)
 from phonepush.store.reader import SpoolReader
+from phonepush.store.tables import POSTGRES, Dialect, Repositories
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PostgresReader", "PostgresStore", "redact_url"]
 
@@ -268,6 +262,23 @@ def redact_url(url: str) -> str:
         return "postgresql://(unparsable URL)"
 
 
+#: A row as the store's connections return it.
+Row = dict[str, Any]
+
+# SQLite's index hints, which PostgreSQL has no syntax for (its planner picks the index).
+_INDEX_HINT: Final = re.compile(r" INDEXED BY \w+")
+
+
+@functools.lru_cache(maxsize=512)
+def _statement(sql: str) -> str:
+    """A statement of the repositories (SQLite's dialect, ``?`` placeholders) in PostgreSQL's.
+
+    The repositories' statements are a few hundred constant texts, so the cache holds them all;
+    none has a ``?`` or ``%`` in a literal. The store's own statements (``%s``) pass unchanged.
+    """
+    return _INDEX_HINT.sub("", sql).replace("?", "%s")
+
+
 def _param(value: Any) -> Any:
     # The states are StrEnums: stored by value, as SQLite stores them.
     return value.value if isinstance(value, Enum) else value
@@ -287,7 +298,7 @@ class _Tx:
         self.pending_delta = 0
 
 
-class PostgresStore:
+class PostgresStore(Repositories):
     """The storage interface on PostgreSQL.
 
     ``url`` is a ``postgresql://user@host:port/db`` URL (libpq's, so ``?sslmode=`` and the like
@@ -297,6 +308,9 @@ class PostgresStore:
     rather than hang intake. ``max_pending``, ``max_size`` and ``full`` mean what they mean for
     :class:`~phonepush.store.spool.Spool`.
     """
+
+    #: What its SQL says differently from SQLite's, for the repositories.
+    dialect: Dialect = POSTGRES
 
     def __init__(
         self,
@@ -346,12 +360,7 @@ class PostgresStore:
         self._open = False
         self._pending = 0
         self._bytes = 0
-        self.deliveries = PgDeliveries(self, clock)
-        self.events = PgEvents(self, self.deliveries)
-        self.alerts = PgAlerts(self)
-        self.groups = PgGroups(self, clock)
-        self.silences = PgSilences(self)
-        self.schedules = PgSchedules(self)
+        super().__init__(self, clock)
 
     @property
     def location(self) -> str:
@@ -498,6 +507,7 @@ class PostgresStore:
     # -- statements, for the repositories --------------------------------------------------
 
     async def rows(self, sql: str, params: Sequence[Any], what: str) -> list[Row]:
+        sql = _statement(sql)
         tx = self._current()
         try:
             if tx is not None:
@@ -516,6 +526,7 @@ class PostgresStore:
 
     async def write(self, sql: str, params: Sequence[Any], what: str) -> int:
         """Run one statement (in the open transaction, or as its own); the rows it changed."""
+        sql = _statement(sql)
         tx = self._current()
         if tx is not None:
             try:
@@ -538,6 +549,7 @@ class PostgresStore:
         rows = [_params(p) for p in params]
         if not rows:
             return 0
+        sql = _statement(sql)
         async with self.atomic(what):
             tx = self._current()
             assert tx is not None
@@ -550,7 +562,7 @@ class PostgresStore:
 
     async def insert(self, sql: str, params: Sequence[Any], what: str) -> int:
         """Run one INSERT (in the open transaction, or as its own); the new row's id."""
-        row = await self._returning(f"{sql} RETURNING id", params, what)
+        row = await self._returning(f"{_statement(sql)} RETURNING id", params, what)
         return int(row["id"])
 
     async def _returning(self, sql: str, params: Sequence[Any], what: str) -> Row:

@@ -83,14 +83,7 @@ from phonepush.store.records import (
     RequestKind,
     StoredSilence,
 )
-from phonepush.store.tables import (
-    SqliteAlerts,
-    SqliteDeliveries,
-    SqliteEvents,
-    SqliteGroups,
-    SqliteSchedules,
-    SqliteSilences,
-)
+from phonepush.store.tables import SQLITE, Dialect, Repositories
 
 __all__ = [
     "ALERT_STATES",
@@ -464,7 +457,7 @@ class _Checkpointer:
         return conn
 
 
-class Spool:
+class Spool(Repositories):
     """The SQLite store (:class:`phonepush.store.interface.Store`). Use as
     ``async with Spool(path) as spool:``.
 
@@ -485,8 +478,16 @@ class Spool:
     ``private/<name>``, and only root could have put it there).
 
     The repositories' statements run through :meth:`rows`, :meth:`row`, :meth:`write`,
-    :meth:`write_many` and :meth:`insert` (:class:`phonepush.store.tables.Sql`).
+    :meth:`write_many` and :meth:`insert` (:class:`phonepush.store.tables.Sql`). They are
+    ``async def`` for the repositories, which are the same on PostgreSQL, but do their work
+    synchronously, without a thread: the spool is a local file and each call is a few prepared
+    statements, well under a millisecond, which is less than handing it to a thread would cost;
+    and a method that never suspends keeps a transaction's body from interleaving with other
+    tasks.
     """
+
+    #: What its SQL says differently from PostgreSQL's, for the repositories.
+    dialect: Dialect = SQLITE
 
     def __init__(
         self,
@@ -525,12 +526,7 @@ class Spool:
         self._in_transaction = False
         self._pending_delta = 0  # of the open transaction, counted in at its commit
         self.healthy = True
-        self.deliveries = SqliteDeliveries(self, clock)
-        self.events = SqliteEvents(self, self.deliveries)
-        self.alerts = SqliteAlerts(self)
-        self.groups = SqliteGroups(self, clock)
-        self.silences = SqliteSilences(self)
-        self.schedules = SqliteSchedules(self)
+        super().__init__(self, clock)
 
     @property
     def location(self) -> str:
@@ -578,12 +574,17 @@ class Spool:
         :mod:`phonepush.store.tables`), so no other task runs, and none writes into this
         transaction, until it commits.
         """
-        with self.atomic(what, durable=durable):
+        with self._atomic(what, durable=durable):
+            yield self
+
+    @contextlib.asynccontextmanager
+    async def atomic(self, what: str) -> AsyncIterator[Spool]:
+        """:meth:`transaction`, for the repositories' own multi-statement writes."""
+        with self._atomic(what):
             yield self
 
     @contextlib.contextmanager
-    def atomic(self, what: str, *, durable: bool = False) -> Iterator[Spool]:
-        """:meth:`transaction` for the repositories' own multi-statement writes, synchronous."""
+    def _atomic(self, what: str, *, durable: bool = False) -> Iterator[Spool]:
         if self._in_transaction:
             yield self
             return
@@ -634,7 +635,7 @@ class Spool:
         The readiness probe: it commits one small row, so a full disk, a read-only file or a lock
         held elsewhere shows up here.
         """
-        self.write(_PROBE, (repr(self._clock()),), "not writable")
+        await self.write(_PROBE, (repr(self._clock()),), "not writable")
 
     async def live_bytes(self) -> int:
         """Bytes the database's pages in use take: what ``max_size`` bounds.
@@ -662,7 +663,7 @@ class Spool:
 
     # -- statements, for the repositories --------------------------------------------------
 
-    def rows(self, sql: str, params: Sequence[Any], what: str) -> list[sqlite3.Row]:
+    async def rows(self, sql: str, params: Sequence[Any], what: str) -> list[sqlite3.Row]:
         conn = self._connection()
         if self._in_transaction:
             return conn.execute(sql, params).fetchall()  # the transaction handles errors
@@ -671,7 +672,7 @@ class Spool:
         except sqlite3.Error as exc:
             raise self._read_failed(what, exc) from exc
 
-    def row(self, sql: str, params: Sequence[Any], what: str) -> sqlite3.Row | None:
+    async def row(self, sql: str, params: Sequence[Any], what: str) -> sqlite3.Row | None:
         conn = self._connection()
         if self._in_transaction:
             row: sqlite3.Row | None = conn.execute(sql, params).fetchone()
@@ -682,7 +683,7 @@ class Spool:
             raise self._read_failed(what, exc) from exc
         return row
 
-    def write(self, sql: str, params: Sequence[Any], what: str) -> int:
+    async def write(self, sql: str, params: Sequence[Any], what: str) -> int:
         """Run one statement (in the open transaction, or as its own); the rows it changed."""
         conn = self._connection()
         if self._in_transaction:
@@ -695,20 +696,20 @@ class Spool:
         self._committed()
         return changed
 
-    def write_many(self, sql: str, params: Iterable[Sequence[Any]], what: str) -> int:
+    async def write_many(self, sql: str, params: Iterable[Sequence[Any]], what: str) -> int:
         """One statement for each of ``params``, in one transaction; the rows they changed."""
         if self._in_transaction:
             return self._connection().executemany(sql, params).rowcount
-        with self.atomic(what):
+        with self._atomic(what):
             return self._connection().executemany(sql, params).rowcount
 
-    def insert(self, sql: str, params: Sequence[Any], what: str) -> int:
+    async def insert(self, sql: str, params: Sequence[Any], what: str) -> int:
         """Run one INSERT (in the open transaction, or as its own); the new row's id."""
         conn = self._conn
         if self._in_transaction and conn is not None:
             rowid = conn.execute(sql, params).lastrowid
         else:
-            with self.atomic(what):
+            with self._atomic(what):
                 rowid = self._connection().execute(sql, params).lastrowid
         assert rowid is not None
         return rowid

@@ -1,24 +1,31 @@
-"""The SQLite repositories: one class per table group, over the statements of the spool's schema.
+"""The repositories: one class per table group, over the statements of the store's schema, the
+same for both backends.
 
-Each runs its statements through :class:`Sql` (the :class:`~phonepush.store.spool.Spool` they
-belong to), which translates errors and knows whether a transaction is open: a single write on its
-own is its own transaction, inside ``spool.transaction()`` it is part of that one. Rows are read by
-column name (:class:`sqlite3.Row`).
+Each runs its statements through :class:`Sql`, the executor of its backend (the
+:class:`~phonepush.store.spool.Spool` on SQLite, the
+:class:`~phonepush.store.postgres.PostgresStore` on PostgreSQL), which translates errors and knows
+whether a transaction is open: a single write on its own is its own transaction, inside
+``store.transaction()`` it is part of that one. Rows are read by column name
+(:class:`sqlite3.Row`, psycopg's ``dict_row``).
+
+Statements are written once, in SQLite's dialect with ``?`` placeholders. The PostgreSQL executor
+turns those into ``%s`` and drops SQLite's ``INDEXED BY`` hints (its planner picks the index);
+``insert`` returns the new id by ``lastrowid`` or ``RETURNING id``. What else differs is in the
+executor's :class:`Dialect`.
 
 The repository methods are ``async def`` because the interface is (a network database must not
-stall the event loop), but on SQLite they do their work synchronously and never suspend: the spool
-is a local file and each call is a few prepared statements, well under a millisecond, which is
-less than handing it to a thread would cost. Not suspending also keeps a transaction's body from
-interleaving with other tasks as long as it awaits only the store.
+stall the event loop). On SQLite the executor's methods never suspend (see
+:class:`~phonepush.store.spool.Spool`), so neither do these, and a transaction's body does not
+interleave with other tasks as long as it awaits only the store.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sqlite3
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any, Final, Protocol, get_args
 
 from phonepush.events import Event
@@ -47,14 +54,51 @@ from phonepush.store.records import (
 )
 
 __all__ = [
+    "POSTGRES",
+    "SQLITE",
+    "Alerts",
+    "Deliveries",
+    "Dialect",
+    "Events",
+    "Groups",
+    "Repositories",
+    "Row",
+    "Schedules",
+    "Silences",
     "Sql",
-    "SqliteAlerts",
-    "SqliteDeliveries",
-    "SqliteEvents",
-    "SqliteGroups",
-    "SqliteSchedules",
-    "SqliteSilences",
 ]
+
+
+class Row(Protocol):
+    """A row as the executors return it: read by column name."""
+
+    def __getitem__(self, column: str, /) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """What the backends' SQL says differently, beyond what their executors translate."""
+
+    #: Store a page, replacing the one of the same id.
+    put_page: str
+    #: The column that orders a table's rows as they were inserted (alert_phones).
+    insertion_order: str
+    #: What ends a SELECT of a row the transaction is about to update: the lock that keeps
+    #: another transaction from changing it in between, where there can be one.
+    lock_row: str
+
+
+SQLITE: Final = Dialect(
+    put_page="INSERT OR REPLACE INTO pages (id, event_id, xml) VALUES (?, ?, ?)",
+    insertion_order="rowid",
+    lock_row="",  # a transaction holds the database's write lock from BEGIN IMMEDIATE
+)
+POSTGRES: Final = Dialect(
+    put_page="INSERT INTO pages (id, event_id, xml) VALUES (?, ?, ?)"
+    " ON CONFLICT (id) DO UPDATE SET event_id = excluded.event_id, xml = excluded.xml",
+    insertion_order="seq",  # its tables have no rowid: alert_phones has a column for it
+    lock_row=" FOR UPDATE",
+)
 
 _KINDS: Final = frozenset(get_args(RequestKind))
 _PENDING: Final = DeliveryState.PENDING
@@ -64,16 +108,18 @@ _ALERT_STATES: Final = {state.value: state for state in AlertState}
 
 
 class Sql(Protocol):
-    """What the repositories need of the spool: statements, with its error handling."""
+    """What the repositories need of the store: statements, with its error handling."""
 
-    def rows(self, sql: str, params: Sequence[Any], what: str) -> list[sqlite3.Row]: ...
-    def row(self, sql: str, params: Sequence[Any], what: str) -> sqlite3.Row | None: ...
-    def write(self, sql: str, params: Sequence[Any], what: str) -> int: ...
-    def write_many(self, sql: str, params: Iterable[Sequence[Any]], what: str) -> int: ...
-    def insert(self, sql: str, params: Sequence[Any], what: str) -> int: ...
+    @property
+    def dialect(self) -> Dialect: ...
+    async def rows(self, sql: str, params: Sequence[Any], what: str) -> Sequence[Row]: ...
+    async def row(self, sql: str, params: Sequence[Any], what: str) -> Row | None: ...
+    async def write(self, sql: str, params: Sequence[Any], what: str) -> int: ...
+    async def write_many(self, sql: str, params: Iterable[Sequence[Any]], what: str) -> int: ...
+    async def insert(self, sql: str, params: Sequence[Any], what: str) -> int: ...
     def pending_changed(self, delta: int) -> None: ...
-    def atomic(self, what: str) -> AbstractContextManager[object]:
-        """The statements of the ``with`` block in one transaction (or in the open one)."""
+    def atomic(self, what: str) -> AbstractAsyncContextManager[object]:
+        """The statements of the ``async with`` block in one transaction (or in the open one)."""
 
 
 # --- events, pages, cooldowns -------------------------------------------------------------------
@@ -86,7 +132,6 @@ _INSERT_EVENT: Final = (
 _EVENT: Final = f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = ?"
 _RECENT: Final = f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY seq DESC LIMIT ?"
 _INSERT_PAGE: Final = "INSERT INTO pages (id, event_id, xml) VALUES (?, ?, ?)"
-_PUT_PAGE: Final = "INSERT OR REPLACE INTO pages (id, event_id, xml) VALUES (?, ?, ?)"
 _PAGE: Final = "SELECT xml FROM pages WHERE id = ?"
 _UPSERT_COOLDOWN: Final = (
     "INSERT INTO cooldowns (rule, key, until) VALUES (?, ?, ?)"
@@ -124,10 +169,14 @@ _PURGE: Final = (
 )
 
 
-class SqliteEvents:
-    """:class:`~phonepush.store.interface.EventRepository` on SQLite."""
+def _marks(values: Collection[object]) -> str:
+    return ", ".join("?" * len(values))
 
-    def __init__(self, sql: Sql, deliveries: SqliteDeliveries) -> None:
+
+class Events:
+    """:class:`~phonepush.store.interface.EventRepository`."""
+
+    def __init__(self, sql: Sql, deliveries: Deliveries) -> None:
         self._sql = sql
         self._deliveries = deliveries
 
@@ -141,43 +190,50 @@ class SqliteEvents:
             event.received_at,
             json.dumps(list(rules), ensure_ascii=False),
         )
-        self._sql.write(_INSERT_EVENT, row, f"cannot store event {event.id}")
+        await self._sql.write(_INSERT_EVENT, row, f"cannot store event {event.id}")
 
     async def get(self, event_id: str) -> EventRecord | None:
-        row = self._sql.row(_EVENT, (event_id,), "cannot read events")
-        return None if row is None else self._record(row)
+        row = await self._sql.row(_EVENT, (event_id,), "cannot read events")
+        return None if row is None else await self._record(row)
 
     async def recent(self, limit: int = 20) -> list[EventRecord]:
         return [
-            self._record(row) for row in self._sql.rows(_RECENT, (limit,), "cannot read events")
+            await self._record(row)
+            for row in await self._sql.rows(_RECENT, (limit,), "cannot read events")
         ]
 
     async def add_pages(self, event_id: str, pages: Mapping[str, str]) -> None:
         if pages:
             rows = [(page_id, event_id, xml) for page_id, xml in pages.items()]
-            self._sql.write_many(_INSERT_PAGE, rows, "cannot store pages")
+            await self._sql.write_many(_INSERT_PAGE, rows, "cannot store pages")
 
     async def put_page(self, page_id: str, event_id: str, xml: str) -> None:
-        self._sql.write(_PUT_PAGE, (page_id, event_id, xml), f"cannot store page {page_id}")
+        await self._sql.write(
+            self._sql.dialect.put_page, (page_id, event_id, xml), f"cannot store page {page_id}"
+        )
 
     async def page(self, page_id: str) -> str | None:
-        row = self._sql.row(_PAGE, (page_id,), "cannot read pages")
+        row = await self._sql.row(_PAGE, (page_id,), "cannot read pages")
         return None if row is None else str(row["xml"])
 
     async def in_cooldown(self, rule: str, key: str, now: float) -> bool:
-        return self._sql.row(_IN_COOLDOWN, (rule, key, now), "cannot read cooldowns") is not None
+        return (
+            await self._sql.row(_IN_COOLDOWN, (rule, key, now), "cannot read cooldowns") is not None
+        )
 
     async def start_cooldowns(self, cooldowns: Sequence[tuple[str, str, float]]) -> None:
         if cooldowns:
-            self._sql.write_many(_UPSERT_COOLDOWN, cooldowns, "cannot store cooldowns")
+            await self._sql.write_many(_UPSERT_COOLDOWN, cooldowns, "cannot store cooldowns")
 
     async def end_cooldown(self, rule: str, key: str) -> None:
-        self._sql.write(
-            "DELETE FROM cooldowns WHERE rule = ? AND key = ?", (rule, key), "cannot end a cooldown"
+        await self._sql.write(
+            "DELETE FROM cooldowns WHERE rule = ? AND key = ?",
+            (rule, key),
+            "cannot end a cooldown",
         )
 
     async def purge_cooldowns(self, before: float, limit: int) -> int:
-        return self._sql.write(_EXPIRED_COOLDOWNS, (before, limit), "cannot purge cooldowns")
+        return await self._sql.write(_EXPIRED_COOLDOWNS, (before, limit), "cannot purge cooldowns")
 
     async def purge_batch(
         self, before: float, limit: int, cursor: PurgeCursor = (-math.inf, 0)
@@ -185,14 +241,14 @@ class SqliteEvents:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit}")
         after_at, after_seq = cursor
-        with self._sql.atomic("cannot purge"):
-            rows = self._sql.rows(
+        async with self._sql.atomic("cannot purge"):
+            rows = await self._sql.rows(
                 _PURGEABLE, (before, after_at, after_at, after_seq, limit), "cannot purge"
             )
             doomed = [(row["id"],) for row in rows]
             if doomed:
                 for statement in _PURGE:
-                    self._sql.write_many(statement, doomed, "cannot purge")
+                    await self._sql.write_many(statement, doomed, "cannot purge")
         if doomed:
             cursor = (float(rows[-1]["received_at"]), int(rows[-1]["seq"]))
         return len(doomed), cursor
@@ -209,14 +265,14 @@ class SqliteEvents:
             pass
         return total
 
-    def _record(self, row: sqlite3.Row) -> EventRecord:
+    async def _record(self, row: Row) -> EventRecord:
         return EventRecord(
             id=row["id"],
             source=row["source"],
             topic=row["topic"],
             received_at=row["received_at"],
             rules=tuple(json.loads(row["rules"])),
-            deliveries=tuple(self._deliveries.of_event_now(row["id"])),
+            deliveries=tuple(await self._deliveries.of_event(row["id"])),
             payload=bytes(row["payload"]),
             headers=json.loads(row["headers"]),
         )
@@ -250,11 +306,12 @@ _PENDING_OF: Final = (
 )
 
 
-class SqliteDeliveries:
-    """:class:`~phonepush.store.interface.DeliveryRepository` on SQLite.
+class Deliveries:
+    """:class:`~phonepush.store.interface.DeliveryRepository`.
 
-    Delivery ids are rowids without AUTOINCREMENT (which writes one more page per commit): they
-    increase, and can only be reused once purge removed every newer delivery.
+    Delivery ids are rowids without AUTOINCREMENT on SQLite (which writes one more page per
+    commit): they increase, and can only be reused once purge removed every newer delivery. On
+    PostgreSQL they are identity values, never reused.
     """
 
     def __init__(self, sql: Sql, clock: Callable[[], float]) -> None:
@@ -286,7 +343,7 @@ class SqliteDeliveries:
                 state,
                 new.error,
             )
-            delivery_id = insert(_INSERT_DELIVERY, row, "cannot store deliveries")
+            delivery_id = await insert(_INSERT_DELIVERY, row, "cannot store deliveries")
             stored.append(
                 Delivery(
                     delivery_id,
@@ -315,7 +372,7 @@ class SqliteDeliveries:
         expires_at: float,
     ) -> Delivery:
         row = (event_id, rule, phone, _dump_requests(requests), created_at, expires_at)
-        delivery_id = self._sql.insert(
+        delivery_id = await self._sql.insert(
             _INSERT_DELIVERY, (*row, _PENDING, ""), "cannot store deliveries"
         )
         self._sql.pending_changed(1)
@@ -334,41 +391,36 @@ class SqliteDeliveries:
         )
 
     async def of_event(self, event_id: str) -> list[Delivery]:
-        return self.of_event_now(event_id)
-
-    def of_event_now(self, event_id: str) -> list[Delivery]:
-        """:meth:`of_event`, for the events repository, which reads it within its own call."""
-        rows = self._sql.rows(_EVENT_DELIVERIES, (event_id,), "cannot read deliveries")
+        rows = await self._sql.rows(_EVENT_DELIVERIES, (event_id,), "cannot read deliveries")
         return [_delivery(row) for row in rows]
 
     async def pending(self) -> list[Delivery]:
-        rows = self._sql.rows(_PENDING_ROWS, (), "cannot read deliveries")
+        rows = await self._sql.rows(_PENDING_ROWS, (), "cannot read deliveries")
         # The deliveries of one event to many phones carry the same requests: decode them once.
         decoded: dict[str, tuple[PushRequest, ...]] = {}
         return [_delivery(row, decoded) for row in rows]
 
     async def pending_ids(self, event_id: str, rule: str, phone: str | None = None) -> list[int]:
-        rows = self._sql.rows(_PENDING_OF, (event_id, rule), "cannot read deliveries")
+        rows = await self._sql.rows(_PENDING_OF, (event_id, rule), "cannot read deliveries")
         return [row["id"] for row in rows if phone is None or row["phone"] == phone]
 
     async def pending_phones(self, event_id: str, rule: str) -> set[str]:
-        rows = self._sql.rows(_PENDING_OF, (event_id, rule), "cannot read deliveries")
+        rows = await self._sql.rows(_PENDING_OF, (event_id, rule), "cannot read deliveries")
         return {row["phone"] for row in rows}
 
     async def latest(
         self, event_id: str, rule: str, phone: str, states: Collection[DeliveryState]
     ) -> tuple[int, DeliveryState] | None:
-        marks = ", ".join("?" * len(states))
-        row = self._sql.row(
+        row = await self._sql.row(
             "SELECT id, state FROM deliveries WHERE event_id = ? AND rule = ? AND phone = ?"
-            f" AND state IN ({marks}) ORDER BY id DESC LIMIT 1",
+            f" AND state IN ({_marks(states)}) ORDER BY id DESC LIMIT 1",
             (event_id, rule, phone, *states),
             "cannot read deliveries",
         )
         return None if row is None else (row["id"], _STATES[row["state"]])
 
     async def by_rule(self) -> list[tuple[str, DeliveryState, int, float]]:
-        rows = self._sql.rows(
+        rows = await self._sql.rows(
             "SELECT rule, state, count(*) AS n, max(created_at) AS newest FROM deliveries"
             " GROUP BY rule, state",
             (),
@@ -379,10 +431,9 @@ class SqliteDeliveries:
     async def phones_reached(
         self, event_id: str, rule: str, states: Collection[DeliveryState]
     ) -> list[str]:
-        marks = ", ".join("?" * len(states))
-        rows = self._sql.rows(
-            f"SELECT phone FROM deliveries WHERE event_id = ? AND rule = ? AND state IN ({marks})"
-            " GROUP BY phone ORDER BY min(id)",
+        rows = await self._sql.rows(
+            "SELECT phone FROM deliveries WHERE event_id = ? AND rule = ?"
+            f" AND state IN ({_marks(states)}) GROUP BY phone ORDER BY min(id)",
             (event_id, rule, *states),
             "cannot read deliveries",
         )
@@ -391,7 +442,7 @@ class SqliteDeliveries:
     async def progress(self, delivery_id: int, sent: int, attempts: int, error: str = "") -> None:
         if sent < 0 or attempts < 0:
             raise ValueError("sent and attempts cannot be negative")
-        self._sql.write(
+        await self._sql.write(
             _PROGRESS, (sent, attempts, error, delivery_id), f"cannot update delivery {delivery_id}"
         )
 
@@ -400,7 +451,7 @@ class SqliteDeliveries:
     ) -> None:
         if state not in FINAL_STATES:
             raise ValueError(f"cannot finish a delivery as {state!r}")
-        changed = self._sql.write(
+        changed = await self._sql.write(
             _FINISH, (state, error, attempts, delivery_id), f"cannot finish delivery {delivery_id}"
         )
         self._sql.pending_changed(-changed)
@@ -417,26 +468,34 @@ class SqliteDeliveries:
         if not rows:
             return
         what = f"cannot finish {len(rows)} deliveries"
-        with self._sql.atomic(what):
-            changed = self._sql.write_many(_FINISH, rows, what)
+        async with self._sql.atomic(what):
+            changed = await self._sql.write_many(_FINISH, rows, what)
             self._sql.pending_changed(-changed)
 
     async def set_state(self, delivery_id: int, state: DeliveryState, error: str = "") -> None:
         what = f"cannot update delivery {delivery_id}"
-        row = self._sql.row("SELECT state FROM deliveries WHERE id = ?", (delivery_id,), what)
-        if row is None:
-            return
-        self._sql.write(
-            "UPDATE deliveries SET state = ?, error = ? WHERE id = ?",
-            (state, error, delivery_id),
-            what,
-        )
-        self._sql.pending_changed(
-            (state is _PENDING) - (row["state"] == _PENDING)  # the count follows either way
-        )
+        # The row is locked from the read to the write (on SQLite the transaction is enough):
+        # another task's transaction may run in between on PostgreSQL, and the pending count
+        # follows what was replaced.
+        async with self._sql.atomic(what):
+            row = await self._sql.row(
+                f"SELECT state FROM deliveries WHERE id = ?{self._sql.dialect.lock_row}",
+                (delivery_id,),
+                what,
+            )
+            if row is None:
+                return
+            await self._sql.write(
+                "UPDATE deliveries SET state = ?, error = ? WHERE id = ?",
+                (state, error, delivery_id),
+                what,
+            )
+            self._sql.pending_changed(
+                (state is _PENDING) - (row["state"] == _PENDING)  # the count follows either way
+            )
 
     async def suppress(self, ids: Sequence[int], why: str) -> None:
-        changed = self._sql.write_many(
+        changed = await self._sql.write_many(
             "UPDATE deliveries SET state = 'suppressed', error = ? WHERE id = ?"
             " AND state = 'pending'",
             [(why, i) for i in ids],
@@ -454,9 +513,7 @@ def _dump_requests(requests: Iterable[PushRequest]) -> str:
     return json.dumps(dumped, ensure_ascii=False)
 
 
-def _delivery(
-    row: sqlite3.Row, decoded: dict[str, tuple[PushRequest, ...]] | None = None
-) -> Delivery:
+def _delivery(row: Row, decoded: dict[str, tuple[PushRequest, ...]] | None = None) -> Delivery:
     requests = row["requests"]
     parsed = None if decoded is None else decoded.get(requests)
     if parsed is None:
@@ -505,8 +562,8 @@ _INSERT_ALERT_PHONE: Final = (
 )
 
 
-class SqliteAlerts:
-    """:class:`~phonepush.store.interface.AlertRepository` on SQLite."""
+class Alerts:
+    """:class:`~phonepush.store.interface.AlertRepository`."""
 
     def __init__(self, sql: Sql) -> None:
         self._sql = sql
@@ -514,7 +571,7 @@ class SqliteAlerts:
     async def add(self, event_id: str, alerts: Sequence[NewAlert]) -> None:
         what = f"cannot store the alerts of event {event_id}"
         for alert in alerts:
-            self._sql.write(
+            await self._sql.write(
                 _INSERT_ALERT,
                 (
                     event_id,
@@ -530,7 +587,7 @@ class SqliteAlerts:
                 ),
                 what,
             )
-            self._sql.write_many(
+            await self._sql.write_many(
                 _INSERT_ALERT_PHONE,
                 [
                     (
@@ -545,7 +602,7 @@ class SqliteAlerts:
                 ],
                 what,
             )
-            self._sql.write_many(
+            await self._sql.write_many(
                 _INSERT_ACTION,
                 [
                     (
@@ -569,7 +626,7 @@ class SqliteAlerts:
             )
 
     async def actions_of_page(self, page_token: str) -> list[ActionRecord]:
-        rows = self._sql.rows(
+        rows = await self._sql.rows(
             f"SELECT {_ACTION_COLUMNS} FROM alert_actions WHERE page_token = ? ORDER BY position",
             (page_token,),
             "cannot read actions",
@@ -577,7 +634,7 @@ class SqliteAlerts:
         return [_action(row) for row in rows]
 
     async def action(self, token: str) -> ActionRecord | None:
-        row = self._sql.row(
+        row = await self._sql.row(
             f"SELECT {_ACTION_COLUMNS} FROM alert_actions WHERE token = ?",
             (token,),
             "cannot read actions",
@@ -587,7 +644,7 @@ class SqliteAlerts:
     async def claim_action(self, token: str, at: float) -> bool:
         # One statement: of two presses at once, only one finds it unused.
         return (
-            self._sql.write(
+            await self._sql.write(
                 "UPDATE alert_actions SET used_at = ? WHERE token = ?"
                 " AND (used_at IS NULL OR repeatable = 1)",
                 (at, token),
@@ -597,14 +654,14 @@ class SqliteAlerts:
         )
 
     async def release_action(self, token: str) -> None:
-        self._sql.write(
+        await self._sql.write(
             "UPDATE alert_actions SET used_at = NULL WHERE token = ? AND repeatable = 0",
             (token,),
             "cannot record an action",
         )
 
     async def add_press(self, press: ActionPress) -> None:
-        self._sql.write(
+        await self._sql.write(
             "INSERT INTO action_presses (event_id, rule, phone, label, at, result, by, error)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -621,7 +678,7 @@ class SqliteAlerts:
         )
 
     async def presses_of(self, event_id: str) -> list[ActionPress]:
-        rows = self._sql.rows(
+        rows = await self._sql.rows(
             "SELECT event_id, rule, phone, label, at, result, by, error FROM action_presses"
             " WHERE event_id = ? ORDER BY id",
             (event_id,),
@@ -642,11 +699,11 @@ class SqliteAlerts:
         ]
 
     async def get(self, event_id: str, rule: str) -> AlertRecord | None:
-        row = self._sql.row(_ALERT, (event_id, rule), "cannot read alerts")
+        row = await self._sql.row(_ALERT, (event_id, rule), "cannot read alerts")
         return None if row is None else _alert(row)
 
     async def of_event(self, event_id: str) -> list[AlertRecord]:
-        rows = self._sql.rows(
+        rows = await self._sql.rows(
             f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE event_id = ? ORDER BY rule",
             (event_id,),
             "cannot read alerts",
@@ -654,7 +711,7 @@ class SqliteAlerts:
         return [_alert(row) for row in rows]
 
     async def phones_of(self, event_id: str) -> list[AlertPhone]:
-        rows = self._sql.rows(
+        rows = await self._sql.rows(
             f"SELECT {_ALERT_PHONE_COLUMNS} FROM alert_phones WHERE event_id = ?",
             (event_id,),
             "cannot read alerts",
@@ -662,7 +719,7 @@ class SqliteAlerts:
         return [_alert_phone(row) for row in rows]
 
     async def by_token(self, token: str) -> tuple[AlertRecord, AlertPhone] | None:
-        row = self._sql.row(
+        row = await self._sql.row(
             f"SELECT {_ALERT_PHONE_COLUMNS} FROM alert_phones WHERE token = ?",
             (token,),
             "cannot read alerts",
@@ -674,14 +731,16 @@ class SqliteAlerts:
         return None if alert is None else (alert, phone)
 
     async def due(self, now: float) -> list[AlertRecord]:
-        return [_alert(row) for row in self._sql.rows(_ALERTS_DUE, (now,), "cannot read alerts")]
+        return [
+            _alert(row) for row in await self._sql.rows(_ALERTS_DUE, (now,), "cannot read alerts")
+        ]
 
     async def next_due(self) -> float | None:
-        row = self._sql.row(_NEXT_REPEAT, (), "cannot read alerts")
+        row = await self._sql.row(_NEXT_REPEAT, (), "cannot read alerts")
         return None if row is None or row["next_at"] is None else float(row["next_at"])
 
     async def unresolved(self, rule: str, key: str, besides: str) -> list[AlertRecord]:
-        rows = self._sql.rows(
+        rows = await self._sql.rows(
             f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE rule = ? AND key = ?"
             " AND state != 'resolved' AND event_id != ?",
             (rule, key, besides),
@@ -690,9 +749,9 @@ class SqliteAlerts:
         return [_alert(row) for row in rows]
 
     async def targets(self, event_id: str, rule: str) -> list[AlertTarget]:
-        rows = self._sql.rows(
+        rows = await self._sql.rows(
             "SELECT phone, requests, escalation, acked_at FROM alert_phones"
-            " WHERE event_id = ? AND rule = ? ORDER BY rowid",
+            f" WHERE event_id = ? AND rule = ? ORDER BY {self._sql.dialect.insertion_order}",
             (event_id, rule),
             "cannot read alerts",
         )
@@ -707,7 +766,7 @@ class SqliteAlerts:
         ]
 
     async def waiting(self, event_id: str, rule: str, *, escalation: bool) -> int:
-        row = self._sql.row(
+        row = await self._sql.row(
             "SELECT count(*) AS waiting FROM alert_phones WHERE event_id = ? AND rule = ?"
             " AND acked_at IS NULL AND (escalation = 0 OR ?)",
             (event_id, rule, escalation),
@@ -716,14 +775,14 @@ class SqliteAlerts:
         return 0 if row is None else int(row["waiting"])
 
     async def set_round(self, event_id: str, rule: str, rounds: int, next_at: float | None) -> None:
-        self._sql.write(
+        await self._sql.write(
             "UPDATE alerts SET rounds = ?, next_at = ? WHERE event_id = ? AND rule = ?",
             (rounds, next_at, event_id, rule),
             f"cannot update alert {rule} of event {event_id}",
         )
 
     async def end(self, event_id: str, rule: str, state: AlertState, at: float, by: str) -> None:
-        self._sql.write(
+        await self._sql.write(
             "UPDATE alerts SET state = ?, ended_at = ?, ended_by = ?, next_at = NULL"
             " WHERE event_id = ? AND rule = ?",
             (state, at, by, event_id, rule),
@@ -731,21 +790,21 @@ class SqliteAlerts:
         )
 
     async def acknowledge_phone(self, token: str, at: float, by: str) -> None:
-        self._sql.write(
+        await self._sql.write(
             "UPDATE alert_phones SET acked_at = ?, acked_by = ? WHERE token = ?",
             (at, by, token),
             "cannot record an acknowledgement",
         )
 
     async def add_round_delivery(self, delivery_id: int, round_: int, kind: RoundKind) -> None:
-        self._sql.write(
+        await self._sql.write(
             "INSERT INTO alert_deliveries (delivery_id, round, kind) VALUES (?, ?, ?)",
             (delivery_id, round_, kind),
             "cannot store deliveries",
         )
 
     async def delivery_rounds(self, event_id: str) -> dict[int, tuple[int, RoundKind]]:
-        rows = self._sql.rows(
+        rows = await self._sql.rows(
             "SELECT a.delivery_id, a.round, a.kind FROM alert_deliveries a"
             " JOIN deliveries d ON d.id = a.delivery_id WHERE d.event_id = ?",
             (event_id,),
@@ -760,11 +819,12 @@ _ACTION_COLUMNS: Final = (
 )
 _INSERT_ACTION: Final = (
     "INSERT INTO alert_actions (token, event_id, rule, phone, page_token, position, label, spec,"
-    " confirm, repeatable, with_ack, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " confirm, repeatable, with_ack, expires_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
-def _action(row: sqlite3.Row) -> ActionRecord:
+def _action(row: Row) -> ActionRecord:
     return ActionRecord(
         token=row["token"],
         event_id=row["event_id"],
@@ -782,7 +842,7 @@ def _action(row: sqlite3.Row) -> ActionRecord:
     )
 
 
-def _alert(row: sqlite3.Row) -> AlertRecord:
+def _alert(row: Row) -> AlertRecord:
     return AlertRecord(
         event_id=row["event_id"],
         rule=row["rule"],
@@ -801,7 +861,7 @@ def _alert(row: sqlite3.Row) -> AlertRecord:
     )
 
 
-def _alert_phone(row: sqlite3.Row) -> AlertPhone:
+def _alert_phone(row: Row) -> AlertPhone:
     return AlertPhone(
         event_id=row["event_id"],
         rule=row["rule"],
@@ -826,8 +886,8 @@ _WINDOW_EVENTS: Final = (
 )
 
 
-class SqliteGroups:
-    """:class:`~phonepush.store.interface.GroupRepository` on SQLite."""
+class Groups:
+    """:class:`~phonepush.store.interface.GroupRepository`."""
 
     def __init__(self, sql: Sql, clock: Callable[[], float]) -> None:
         self._sql = sql
@@ -838,13 +898,13 @@ class SqliteGroups:
         now = self._clock()
         for group in groups:
             # The first event of a (rule, key) opens the window; later ones only join it.
-            self._sql.write(
+            await self._sql.write(
                 "INSERT INTO grouping_windows (rule, key, opened_at, due_at, ttl)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (rule, key) DO NOTHING",
                 (group.rule, group.key, now, group.due_at, group.ttl),
                 what,
             )
-            self._sql.write(
+            await self._sql.write(
                 "INSERT INTO grouped_events (rule, key, event_id, phones, content)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (group.rule, group.key, event_id, json.dumps(list(group.phones)), group.content),
@@ -852,16 +912,16 @@ class SqliteGroups:
             )
 
     async def next_due(self) -> float | None:
-        row = self._sql.row(
+        row = await self._sql.row(
             "SELECT min(due_at) AS due_at FROM grouping_windows", (), "cannot read grouping windows"
         )
         return None if row is None or row["due_at"] is None else float(row["due_at"])
 
     async def due(self, now: float) -> list[GroupWindow]:
-        windows = self._sql.rows(_DUE_WINDOWS, (now,), "cannot read grouping windows")
+        windows = await self._sql.rows(_DUE_WINDOWS, (now,), "cannot read grouping windows")
         out: list[GroupWindow] = []
         for w in windows:
-            rows = self._sql.rows(
+            rows = await self._sql.rows(
                 _WINDOW_EVENTS, (w["rule"], w["key"]), "cannot read grouped events"
             )
             events = tuple(
@@ -883,14 +943,14 @@ class SqliteGroups:
         return out
 
     async def remove_events(self, rule: str, key: str, through: int) -> None:
-        self._sql.write(
+        await self._sql.write(
             "DELETE FROM grouped_events WHERE rule = ? AND key = ? AND seq <= ?",
             (rule, key, through),
             f"cannot flush group {rule}",
         )
 
     async def close_if_empty(self, rule: str, key: str) -> None:
-        self._sql.write(
+        await self._sql.write(
             "DELETE FROM grouping_windows WHERE rule = ? AND key = ? AND NOT EXISTS"
             " (SELECT 1 FROM grouped_events WHERE rule = ? AND key = ?)",
             (rule, key, rule, key),
@@ -910,14 +970,14 @@ _SILENCES: Final = (
 )
 
 
-class SqliteSilences:
-    """:class:`~phonepush.store.interface.SilenceRepository` on SQLite."""
+class Silences:
+    """:class:`~phonepush.store.interface.SilenceRepository`."""
 
     def __init__(self, sql: Sql) -> None:
         self._sql = sql
 
     async def add(self, silence: StoredSilence) -> None:
-        self._sql.write(
+        await self._sql.write(
             _INSERT_SILENCE,
             (
                 silence.id,
@@ -933,7 +993,7 @@ class SqliteSilences:
 
     async def delete(self, silence_id: str) -> bool:
         return bool(
-            self._sql.write(
+            await self._sql.write(
                 "DELETE FROM silences WHERE id = ?", (silence_id,), "cannot delete a silence"
             )
         )
@@ -949,7 +1009,7 @@ class SqliteSilences:
                 created_by=row["created_by"],
                 comment=row["comment"],
             )
-            for row in self._sql.rows(_SILENCES, (), "cannot read silences")
+            for row in await self._sql.rows(_SILENCES, (), "cannot read silences")
         ]
 
 
@@ -964,14 +1024,14 @@ _CLAIM_FIRING: Final = (
 )
 
 
-class SqliteSchedules:
-    """:class:`~phonepush.store.interface.ScheduleRepository` on SQLite."""
+class Schedules:
+    """:class:`~phonepush.store.interface.ScheduleRepository`."""
 
     def __init__(self, sql: Sql) -> None:
         self._sql = sql
 
     async def last(self, schedule: str) -> float | None:
-        row = self._sql.row(
+        row = await self._sql.row(
             "SELECT scheduled_at FROM schedule_firings WHERE schedule = ?",
             (schedule,),
             f"cannot read schedule {schedule}",
@@ -980,9 +1040,22 @@ class SqliteSchedules:
 
     async def claim(self, schedule: str, scheduled_at: float, now: float) -> bool:
         return bool(
-            self._sql.write(
+            await self._sql.write(
                 _CLAIM_FIRING,
                 (schedule, scheduled_at, now),
                 f"cannot claim a firing of schedule {schedule}",
             )
         )
+
+
+class Repositories:
+    """The repositories of one store, reached as ``store.events``, ``store.deliveries``...: the
+    base of both stores, each the :class:`Sql` its repositories run their statements through."""
+
+    def __init__(self, sql: Sql, clock: Callable[[], float]) -> None:
+        self.deliveries = Deliveries(sql, clock)
+        self.events = Events(sql, self.deliveries)
+        self.alerts = Alerts(sql)
+        self.groups = Groups(sql, clock)
+        self.silences = Silences(sql)
+        self.schedules = Schedules(sql)
