@@ -55,7 +55,8 @@ import psycopg
 import psycopg_pool
 from psycopg.rows import dict_row
 
-from phonepush.errors import SpoolError, SpoolFull
+from phonepush.errors import SpoolError
+from phonepush.store.backlog import Backlog
 from phonepush.store.interface import Store
 from phonepush.store.reader import SpoolReader
 from phonepush.store.tables import POSTGRES, Dialect, Repositories
@@ -298,7 +299,7 @@ class _Tx:
         self.pending_delta = 0
 
 
-class PostgresStore(Repositories):
+class PostgresStore(Repositories, Backlog):
     """The storage interface on PostgreSQL.
 
     ``url`` is a ``postgresql://user@host:port/db`` URL (libpq's, so ``?sslmode=`` and the like
@@ -465,25 +466,6 @@ class PostgresStore(Repositories):
             raise await self._write_failed(what, exc) from exc
         self._pending += tx.pending_delta
         self.healthy = True
-
-    def pending_count(self) -> int:
-        """How many deliveries are pending (in memory: see the module's documentation)."""
-        return self._pending
-
-    def admit(self, new_pending: int) -> None:
-        if self.full:
-            raise SpoolFull(
-                f"spool {self.location}: pending work alone is over max_size ({self.max_size}"
-                " bytes); refusing events until deliveries finish"
-            )
-        if self._pending + new_pending > self.max_pending:
-            raise SpoolFull(
-                f"spool {self.location}: {self._pending} deliveries pending,"
-                f" {new_pending} more would exceed the limit of {self.max_pending}"
-            )
-
-    def room(self) -> int:
-        return self.max_pending - self._pending
 
     async def check(self) -> None:
         """Raise :class:`SpoolError` unless a write to the database succeeds now; also counts

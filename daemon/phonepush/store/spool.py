@@ -58,7 +58,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 
-from phonepush.errors import SpoolError, SpoolFull
+from phonepush.errors import SpoolError
+from phonepush.store.backlog import Backlog
 from phonepush.store.interface import Store
 
 # The records are phonepush.store.records'; named here too for code that imports them with Spool.
@@ -457,7 +458,7 @@ class _Checkpointer:
         return conn
 
 
-class Spool(Repositories):
+class Spool(Repositories, Backlog):
     """The SQLite store (:class:`phonepush.store.interface.Store`). Use as
     ``async with Spool(path) as spool:``.
 
@@ -609,25 +610,6 @@ class Spool(Repositories):
         self._pending += self._pending_delta
         if wrote:  # a commit that wrote nothing says nothing about the disk
             self._committed()
-
-    def pending_count(self) -> int:
-        """How many deliveries are pending (kept in memory, consistent with the database)."""
-        return self._pending
-
-    def admit(self, new_pending: int) -> None:
-        if self.full:
-            raise SpoolFull(
-                f"spool {self.path}: pending work alone is over max_size ({self.max_size} bytes);"
-                " refusing events until deliveries finish"
-            )
-        if self._pending + new_pending > self.max_pending:
-            raise SpoolFull(
-                f"spool {self.path}: {self._pending} deliveries pending,"
-                f" {new_pending} more would exceed the limit of {self.max_pending}"
-            )
-
-    def room(self) -> int:
-        return self.max_pending - self._pending
 
     async def check(self) -> None:
         """Raise :class:`SpoolError` unless a write to the database succeeds now.
