@@ -122,11 +122,15 @@ def pg_cluster() -> Iterator[PgCluster]:
     """A PostgreSQL server of this worker's own, for the whole session."""
     bindir = _bin_dir()
     if bindir is None:
-        pytest.skip("no PostgreSQL server binaries (Debian: apt-get install postgresql)")
+        # As for mosquitto: a missing server fails the tests that need it, never hides them.
+        pytest.fail(
+            "no PostgreSQL server binaries in /usr/lib/postgresql/*/bin: the store tests need "
+            "one (Debian: apt-get install postgresql; bash .ci/run installs it)"
+        )
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        pytest.skip("psycopg is not installed (pip install 'phonepush[postgres]')")
+        pytest.fail("psycopg is not installed: pip install -e '.[dev]' (or '.[postgres]')")
     folder = Path(tempfile.mkdtemp(prefix="phonepush-pg-"))
     cluster = PgCluster(bindir, folder)
     try:
