@@ -111,12 +111,6 @@ class Stage(Protocol):
         store (cooldowns, alerts, groups); a stage that does not simply never awaits."""
 
 
-def _no_phones(targets: Iterable[str]) -> tuple[str, ...]:
-    for target in targets:
-        raise KeyError(target)
-    return ()
-
-
 @dataclass(frozen=True, slots=True)
 class Pipeline:
     """One configuration's rule book and stages; a reload swaps the whole of it."""
@@ -128,11 +122,11 @@ class Pipeline:
     staging: tuple[Stage, ...]
     #: ``{public_url}/pages/``.
     pages_url: str
-    #: Webhook request headers stored with the event (lower case; None keeps them all).
-    keep_headers: frozenset[str] | None = None
     #: Phone names, group names and ``all`` -> phone names (``Config.expand``); raises
     #: ``KeyError`` naming an unknown one. For pages that name their phones (``Intake.page``).
-    expand: Callable[[Iterable[str]], tuple[str, ...]] = _no_phones
+    expand: Callable[[Iterable[str]], tuple[str, ...]]
+    #: Webhook request headers stored with the event (lower case; None keeps them all).
+    keep_headers: frozenset[str] | None = None
 
 
 def render(
