@@ -97,6 +97,21 @@ async def daemon_runner(tmp_path: Path) -> AsyncIterator[DaemonRunner]:
             await runner.stop()
 
 
+async def phonepush(*args: str) -> tuple[int, str, str]:
+    """``python -m phonepush ARGS`` in a subprocess: (exit status, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "phonepush",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 async def eventually(check: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0) -> None:
     """Poll ``check`` until true; fail with its last state after ``timeout``."""
     deadline = asyncio.get_running_loop().time() + timeout

@@ -3,29 +3,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 
-from _daemon_fixtures import DaemonRunner, eventually, free_port
+from _daemon_fixtures import DaemonRunner, eventually, free_port, phonepush
 from _sim_fixtures import MakeFleet
 
 TOKEN = "phones-token"
-
-
-async def phonepush(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "phonepush",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def write_config(path: Path, port: int, phones: dict[str, str]) -> Path:

@@ -4,34 +4,18 @@ so), expiring it lets the next one through; and the errors an operator meets say
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import sys
 from pathlib import Path
 
 import httpx
 
-from _daemon_fixtures import DaemonRunner, eventually, free_port
+from _daemon_fixtures import DaemonRunner, eventually, free_port, phonepush
 from _sim_fixtures import MakeFleet
 from phonepush.sim.simulator import Fleet
 
 TOKEN = "silence-cli-token"
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-async def phonepush(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "phonepush",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def write_config(path: Path, port: int, fleet: Fleet, *, token: str = TOKEN) -> Path:
