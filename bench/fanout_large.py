@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import resource
 import sys
 import threading
@@ -48,15 +47,6 @@ import _common as c
 
 #: The daemon's open-files limit: a service manager's default soft limit.
 DAEMON_NOFILE = 1024
-
-
-def _fd_sampler(pid: int, stop: threading.Event, peak: list[int]) -> None:
-    fd_dir = Path(f"/proc/{pid}/fd")
-    while not stop.wait(0.02):
-        try:
-            peak[0] = max(peak[0], len(os.listdir(fd_dir)))
-        except OSError:
-            return
 
 
 def run_size(phones_count: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -92,7 +82,7 @@ def run_size(phones_count: int, args: argparse.Namespace) -> dict[str, Any]:
             stop = threading.Event()
             peak_fds = [0]
             sampler = threading.Thread(
-                target=_fd_sampler, args=(daemon.pid, stop, peak_fds), daemon=True
+                target=c.fd_sampler, args=(daemon.pid, stop, peak_fds), daemon=True
             )
             sampler.start()
 

@@ -41,7 +41,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as c
-from fanout_large import DAEMON_NOFILE, _fd_sampler
+from fanout_large import DAEMON_NOFILE
 
 TOKEN = "bench-token"
 
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stop = threading.Event()
             peak_fds = [0]
             sampler = threading.Thread(
-                target=_fd_sampler, args=(daemon.pid, stop, peak_fds), daemon=True
+                target=c.fd_sampler, args=(daemon.pid, stop, peak_fds), daemon=True
             )
             sampler.start()
             # A page while the first round runs (a third of the way into its ramp).
