@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("status", "list the recent events in the spool and their deliveries"),
     "phones": ("phones", "list the phones: reachable or not, model, firmware, last push"),
     "silence": ("silence", "add, list or expire silences in the running daemon"),
+    "migrate": ("migrate", "copy an SQLite spool into an empty PostgreSQL database"),
 }
 
 
