@@ -124,6 +124,25 @@ async def test_a_spool_of_an_older_format_moves_and_is_left_as_it_was(
     assert "schedule_firings" not in tables
 
 
+async def test_a_spool_table_the_database_lacks_stops_the_move_naming_it(
+    tmp_path: Path, pg_url: str
+) -> None:
+    path = tmp_path / "spool.db"
+    async with Spool(path) as spool:
+        await stored(spool)
+    # As a later phonepush might add a table to the spool that this one has no place for.
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE escalation_chains (name TEXT PRIMARY KEY)")
+        conn.commit()
+    code, out, err = await phonepush("migrate", "--from", str(path), "--to", pg_url)
+    assert (code, out) == (2, "")
+    assert err == (
+        f"phonepush migrate: --to: spool table escalation_chains has no counterpart in {pg_url}:"
+        " this phonepush cannot migrate it\n"
+    )
+    assert await pg_count(pg_url, "events") == 0
+
+
 @pytest.mark.parametrize(
     ("make", "says"),
     [
