@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import httpx
 import pytest
 
 from _daemon_fixtures import DaemonRunner, eventually, phonepush
+from phonepush.config import parse_config
 from phonepush.events import Event
 from phonepush.sim.simulator import Fleet
 from phonepush.store.commit import commit_event
@@ -329,3 +332,16 @@ async def test_a_daemon_on_the_migrated_database_resumes_serves_pages_and_takes_
 async def _has(client: httpx.AsyncClient, event_id: str, check: Any) -> bool:
     deliveries = (await events_of(client, event_id))["deliveries"]
     return bool(deliveries) and all(check(d) for d in deliveries)
+
+
+def test_the_cluster_guides_configuration_is_one_the_daemon_takes(tmp_path: Path) -> None:
+    text = (Path(__file__).parent.parent / "docs" / "cluster.md").read_text()
+    (block,) = re.findall(r"```toml\n(.*?)```", text, re.S)
+    data = tomllib.loads(block)
+    # [cluster] comes with the cluster work; the rest must be keys that exist, valid as shown.
+    data.pop("cluster")
+    for name in ("db-password", "webhook-token"):
+        (tmp_path / name).write_text("s3cret\n")
+    config = parse_config(data, environ={}, base_dir=tmp_path)
+    assert config.spool.url.startswith("postgresql://") and config.mqtt is not None
+    assert config.server.public_url == "http://phonepush.example.net"
