@@ -116,12 +116,14 @@ async def test_a_spool_of_an_older_format_moves_and_is_left_as_it_was(
         conn.execute("DROP TABLE schedule_firings")
         conn.commit()
     before = path.read_bytes()
+    files = sorted(tmp_path.iterdir())
 
     code, out, err = await phonepush("migrate", "--from", str(path), "--to", pg_url)
     assert code == 0, err
     assert "migrated 1 events (1 pending deliveries)" in out
     assert "schedule_firings  0" in out
     assert path.read_bytes() == before
+    assert sorted(tmp_path.iterdir()) == files
     with contextlib.closing(sqlite3.connect(path)) as conn:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     assert "schedule_firings" not in tables

@@ -153,6 +153,22 @@ async def snapshot(path: Path) -> AsyncIterator[SpoolSnapshot]:
 def _copy(path: Path, copy: Path) -> None:
     if not path.is_file():
         raise SpoolError(f"no spool at {path}")
+    # A read-only connection to a WAL database still makes its -wal and -shm files when they are
+    # not there (a cleanly stopped daemon removed them); those are removed again afterwards, so
+    # the spool's folder is left as it was (and no file owned by another user is left in it).
+    sides = [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm")]
+    made = [side for side in sides if not side.exists()]
+    try:
+        _backup(path, copy)
+    finally:
+        if made and holder_of(path) is None:
+            for side in made:
+                with contextlib.suppress(OSError):
+                    if side.name.endswith("-shm") or side.stat().st_size == 0:
+                        side.unlink()
+
+
+def _backup(path: Path, copy: Path) -> None:
     try:
         source = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
     except sqlite3.Error as exc:
