@@ -60,6 +60,25 @@ def test_url_and_path_together_are_refused_naming_the_key() -> None:
         )
 
 
+def test_a_url_in_the_file_wins_over_the_units_spool_path_from_the_environment() -> None:
+    # The systemd unit sets PHONEPUSH_SPOOL__PATH; a host moved to PostgreSQL must still start.
+    config = parse_config(
+        {"spool": {"url": "postgresql://pp@db/phonepush"}},
+        environ={"PHONEPUSH_SPOOL__PATH": "/var/lib/phonepush/spool.db"},
+    )
+    assert config.spool.url == "postgresql://pp@db/phonepush"
+    assert "path" not in config.spool.model_fields_set
+    # Both in the environment is still a contradiction.
+    with pytest.raises(ConfigError, match=r"spool\.url: give url"):
+        parse_config(
+            {},
+            environ={
+                "PHONEPUSH_SPOOL__PATH": "/var/lib/phonepush/spool.db",
+                "PHONEPUSH_SPOOL__URL": "postgresql://pp@db/phonepush",
+            },
+        )
+
+
 def test_a_password_in_the_url_is_refused_without_echoing_it() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config({"spool": {"url": "postgresql://pp:hunter2@db/phonepush"}}, environ={})

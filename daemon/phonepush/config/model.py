@@ -1341,7 +1341,7 @@ def parse_config(
     import os
 
     env = dict(os.environ if environ is None else environ)
-    merged = _merge_env(dict(data), _MappingEnvSource(Config, env)())
+    merged = _merge_env(dict(data), _spool_from_file(data, _MappingEnvSource(Config, env)()))
     try:
         config = Config.model_validate(merged)
     except ValidationError as exc:
@@ -1353,6 +1353,26 @@ def parse_config(
         # A URL quoted in a problem (a literal execute URL, a webhook) may hold a password.
         raise ConfigError(url_for_log("\n".join(problems)))
     return config
+
+
+def _spool_from_file(data: Mapping[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    """A file that moves the store to PostgreSQL (``[spool] url``) wins over a spool path from
+    the environment: the systemd unit sets ``PHONEPUSH_SPOOL__PATH`` to keep an SQLite spool in
+    its state directory whatever the file says, and a host moved to a shared database would
+    otherwise be refused for setting both. Both in the file, or both in the environment, stay
+    an error: that is a real contradiction."""
+    section = data.get("spool")
+    env_spool = env.get("spool")
+    if (
+        isinstance(section, Mapping)
+        and section.get("url")
+        and "path" not in section
+        and isinstance(env_spool, Mapping)
+        and "path" in env_spool
+        and "url" not in env_spool
+    ):
+        env = {**env, "spool": {k: v for k, v in env_spool.items() if k != "path"}}
+    return env
 
 
 def _merge_env(data: dict[str, Any], env: Mapping[str, Any]) -> dict[str, Any]:
