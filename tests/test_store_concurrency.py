@@ -293,6 +293,24 @@ async def test_a_deadlock_between_instances_is_a_conflict_to_run_again(pg_url: s
         assert a.healthy and b.healthy
 
 
+async def test_one_round_due_on_two_instances_is_pushed_once(pg_url: str) -> None:
+    clock = Clock()
+    async with pg_pair(pg_url, clock) as (a, b):
+        one = await instance(a, config(ack=True, repeat="2m"), clock)
+        accepted = await firing(one, clock)
+        due = clock.now + 120
+        first, second = await race(
+            pg_url,
+            a,
+            ledger.repeat_round(a, accepted.event.id, "disk", due),
+            ledger.repeat_round(b, accepted.event.id, "disk", due),
+        )
+        assert first is not None and first[0].rounds == 1
+        assert second is None
+        rounds = await b.alerts.delivery_rounds(accepted.event.id)
+        assert sorted(rounds.values()) == [(1, RoundKind.REPEAT)] * len(PHONES)
+
+
 # -- resolves ------------------------------------------------------------------------------------
 
 

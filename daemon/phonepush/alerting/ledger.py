@@ -21,7 +21,8 @@ decides on before it reads anything of them (``lock=True``), one alert at a time
 event order, so two of them on the same alert run one after the other and the second sees what
 the first did: of two presses of one token one is the first; a round waiting for an ack finds the
 alert ended (or the phone acknowledged), an ack waiting for a round cancels what the round added;
-of two resolves one ends the alert and sends the notices. On SQLite the transaction holds the
+of two resolves one ends the alert and sends the notices; of two rounds due at once (schedulers
+of two instances overlapping) one is pushed. On SQLite the transaction holds the
 database's write lock anyway. A transaction the database rolls back for running into another
 one (:class:`~phonepush.errors.SpoolConflict`) is run once more.
 """
@@ -134,7 +135,8 @@ async def repeat_round(
 ) -> tuple[AlertRecord, list[Delivery]] | None:
     """Push the next round of an active alert whose repeat is due: one delivery per phone that
     waits for it. Returns the updated alert and the new deliveries, or None if the alert is no
-    longer active. Raises :class:`SpoolFull` (writing nothing) when the backlog has no room."""
+    longer active or its next round is not due at ``now`` (another instance pushed it).
+    Raises :class:`SpoolFull` (writing nothing) when the backlog has no room."""
     return await _once_more(
         f"round of {rule} ({event_id})", lambda: _repeat_round(store, event_id, rule, now)
     )
@@ -145,7 +147,12 @@ async def _repeat_round(
 ) -> tuple[AlertRecord, list[Delivery]] | None:
     async with store.transaction(f"cannot repeat {rule} of event {event_id}") as tx:
         alert = await tx.alerts.get(event_id, rule, lock=True)
-        if alert is None or alert.state is not AlertState.ACTIVE or alert.next_at is None:
+        if (
+            alert is None
+            or alert.state is not AlertState.ACTIVE
+            or alert.next_at is None
+            or alert.next_at > now
+        ):
             return None
         number = alert.rounds + 1
         busy = await tx.deliveries.pending_phones(event_id, rule)
