@@ -241,7 +241,7 @@ _CRASH_WRITER = textwrap.dedent(
                     rules=["alarm"],
                     deliveries=[NewDelivery("alarm", p, (request,), 9e9) for p in phones],
                     pages={f"page-{ev.id}": "<CiscoIPPhoneText/>"},
-                    cooldowns=[("alarm", "k", 9e9)],
+                    cooldowns=[("alarm", ev.id, 9e9)],
                 )
                 # Only printed once commit_event has returned, i.e. the event was acknowledged.
                 print(ev.id, flush=True)

@@ -28,7 +28,9 @@
     ├── MqttError                   the MQTT broker refused or could not take a publish
     ├── AudioError                  page audio cannot be read, converted, synthesized or streamed
     └── SpoolError                  the embedded store cannot take or give events
-        └── SpoolFull               over the configured backlog limit: intake must slow down
+        ├── SpoolFull               over the configured backlog limit: intake must slow down
+        └── SpoolConflict           a shared database rolled back a transaction that ran into
+                                    another one (deadlock, serialization): run it again
 
 ``PhoneNotSent`` against ``PhoneUnconfirmed`` is what delivery semantics rest on: only the first
 (and error 6) may be sent again without risking a second dial or chime; see docs/design.md,
@@ -61,6 +63,7 @@ __all__ = [
     "PhoneUnconfirmed",
     "PhoneUnreachable",
     "PhonepushError",
+    "SpoolConflict",
     "SpoolError",
     "SpoolFull",
     "TemplateError",
@@ -224,3 +227,9 @@ class SpoolError(PhonepushError):
 
 class SpoolFull(SpoolError):
     """The spool holds more pending work than its limit; intake must push back."""
+
+
+class SpoolConflict(SpoolError):
+    """A shared database (PostgreSQL) rolled the transaction back because it ran into another
+    instance's: a deadlock, or a serialization failure. Nothing was written, and the same
+    transaction run again will most likely succeed."""

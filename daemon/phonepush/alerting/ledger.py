@@ -15,15 +15,27 @@ The store only keeps alerts; these are the rules about them:
 * **Resolving.** A later event ends the earlier alerts of a rule with the same dedupe key: their
   repeats stop, their pending deliveries are cancelled, the rule's cooldown for the key ends, and
   every phone that showed the page gets a notice.
+
+Several daemons may share one store (PostgreSQL). Each transaction here locks the alert rows it
+decides on before it reads anything of them (``lock=True``), one alert at a time or several in
+event order, so two of them on the same alert run one after the other and the second sees what
+the first did: of two presses of one token one is the first; a round waiting for an ack finds the
+alert ended (or the phone acknowledged), an ack waiting for a round cancels what the round added;
+of two resolves one ends the alert and sends the notices; of two rounds due at once (schedulers
+of two instances overlapping) one is pushed. On SQLite the transaction holds the
+database's write lock anyway. A transaction the database rolls back for running into another
+one (:class:`~phonepush.errors.SpoolConflict`) is run once more.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
-from phonepush.errors import SpoolFull
+from phonepush.errors import SpoolConflict, SpoolFull
 from phonepush.store.interface import Store, Transaction
 from phonepush.store.records import (
     AlertPhone,
@@ -39,6 +51,10 @@ __all__ = ["AckResult", "Resolution", "acknowledge", "repeat_round", "resolve"]
 
 #: A notice renderer: (alert, the alert's page XML) -> (notice page id, its XML, its requests).
 Notice = Callable[[AlertRecord, str], tuple[str, str, tuple[PushRequest, ...]]]
+
+log = logging.getLogger("phonepush.alerting")
+
+_T = TypeVar("_T")
 
 _SHOWING = (DeliveryState.DELIVERED, DeliveryState.PENDING)
 _SHOWN = (DeliveryState.DELIVERED, DeliveryState.ACKNOWLEDGED)
@@ -63,11 +79,25 @@ class Resolution:
     notices: tuple[Delivery, ...]
 
 
+async def _once_more(what: str, run: Callable[[], Awaitable[_T]]) -> _T:
+    """``run()``, and once more if the database rolled it back for a conflict with another
+    instance's transaction (a deadlock, a serialization failure): nothing of it was written."""
+    try:
+        return await run()
+    except SpoolConflict as exc:
+        log.info("%s ran into another transaction, once more: %s", what, exc)
+        return await run()
+
+
 async def acknowledge(store: Store, token: str, at: float, by: str) -> AckResult | None:
     """Record that the phone holding ``token`` acknowledged its page at ``at`` (from ``by``).
     Returns None for an unknown token."""
+    return await _once_more("an acknowledgement", lambda: _acknowledge(store, token, at, by))
+
+
+async def _acknowledge(store: Store, token: str, at: float, by: str) -> AckResult | None:
     async with store.transaction("cannot record an acknowledgement") as tx:
-        found = await tx.alerts.by_token(token)
+        found = await tx.alerts.by_token(token, lock=True)
         if found is None:
             return None
         alert, phone = found
@@ -105,10 +135,24 @@ async def repeat_round(
 ) -> tuple[AlertRecord, list[Delivery]] | None:
     """Push the next round of an active alert whose repeat is due: one delivery per phone that
     waits for it. Returns the updated alert and the new deliveries, or None if the alert is no
-    longer active. Raises :class:`SpoolFull` (writing nothing) when the backlog has no room."""
+    longer active or its next round is not due at ``now`` (another instance pushed it).
+    Raises :class:`SpoolFull` (writing nothing) when the backlog has no room."""
+    return await _once_more(
+        f"round of {rule} ({event_id})", lambda: _repeat_round(store, event_id, rule, now)
+    )
+
+
+async def _repeat_round(
+    store: Store, event_id: str, rule: str, now: float
+) -> tuple[AlertRecord, list[Delivery]] | None:
     async with store.transaction(f"cannot repeat {rule} of event {event_id}") as tx:
-        alert = await tx.alerts.get(event_id, rule)
-        if alert is None or alert.state is not AlertState.ACTIVE or alert.next_at is None:
+        alert = await tx.alerts.get(event_id, rule, lock=True)
+        if (
+            alert is None
+            or alert.state is not AlertState.ACTIVE
+            or alert.next_at is None
+            or alert.next_at > now
+        ):
             return None
         number = alert.rounds + 1
         busy = await tx.deliveries.pending_phones(event_id, rule)
@@ -144,9 +188,18 @@ async def resolve(
     """Resolve the earlier alerts of ``rule`` with dedupe ``key`` (not yet resolved, not started
     by ``by_event``). ``notice(alert, page_xml)`` renders the notice the phones that showed the
     page get: (page id, page XML, requests)."""
+    return await _once_more(
+        f"resolve of {rule}",
+        lambda: _resolve(store, rule, key, by_event=by_event, at=at, notice=notice),
+    )
+
+
+async def _resolve(
+    store: Store, rule: str, key: str, *, by_event: str, at: float, notice: Notice
+) -> list[Resolution]:
     resolved: list[Resolution] = []
     async with store.transaction(f"cannot resolve {rule}") as tx:
-        alerts = await tx.alerts.unresolved(rule, key, besides=by_event)
+        alerts = await tx.alerts.unresolved(rule, key, besides=by_event, lock=True)
         for alert in alerts:
             cancelled = await _cancel(tx, alert, None, f"resolved by {by_event}")
             await tx.alerts.end(alert.event_id, alert.rule, AlertState.RESOLVED, at, by_event)

@@ -11,7 +11,10 @@ of the window, not a delivery), so it is acknowledged to its sender only once st
 restart during the window still delivers the group: :meth:`Grouper.run` (a named task of the
 daemon) flushes every window that is due, including ones that fell due while the daemon was
 down. A flush turns a window into ordinary deliveries (attached to the window's first event) and
-removes the window in one transaction, so a crash repeats a flush or does not happen at all.
+removes the window in one transaction, so a crash repeats a flush or does not happen at all. The
+flush locks the window row before it reads the window's events, and an event joining a window
+takes the same lock, so several daemons on one database neither strand an event in a removed
+window nor flush one twice.
 
 Silences and quiet hours (:mod:`phonepush.silence`) screen ungrouped deliveries in their own
 pipeline stage; for a group they are applied here at flush time, per phone and per event: a
@@ -25,7 +28,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -80,6 +83,19 @@ class _Member:
     items: tuple[ExecuteItem, ...]
     extra: tuple[PushRequest, ...]
     facts: Facts
+
+
+@dataclass(frozen=True, slots=True)
+class _Flush:
+    """What flushing one window stores, and what it reports once stored."""
+
+    lead: GroupedEvent
+    members: list[_Member]
+    phones: list[str]
+    deliveries: list[NewDelivery]
+    pages: dict[str, str]
+    held: list[tuple[str, str, Verdict]]
+    silenced: list[tuple[str, str]]
 
 
 def group_page(pages: Sequence[TextPage]) -> TextPage:
@@ -238,10 +254,55 @@ class Grouper:
         now = self._clock()
         flushed: list[Delivery] = []
         for window in await self._spool.groups.due(now):
-            flushed.extend(await self._flush(window, now))
+            flushed.extend(await self._flush(window.rule, window.key, now))
         return flushed
 
-    async def _flush(self, window: GroupWindow, now: float) -> list[Delivery]:
+    async def _flush(self, rule: str, key: str, now: float) -> list[Delivery]:
+        """Turn the (rule, key) window into deliveries of its first event and take its events
+        out, in one durable commit: a crash repeats the flush or it did not happen. Not held to
+        the backlog limit: the events were accepted already.
+
+        The window is locked and read again inside the transaction, so with several instances
+        on one database an event joining it either waits for the flush (and opens a new
+        window) or is committed before and is flushed with the others; a second flush of the
+        same window (leadership changing hands) finds it gone and does nothing."""
+        async with self._spool.transaction(f"cannot flush group {rule}", durable=True) as tx:
+            window = await tx.groups.lock_due(rule, key, now)
+            if window is None:
+                return []
+            if not window.events:
+                await tx.groups.close_if_empty(rule, key)
+                return []
+            flush = self._plan(window, now)
+            stored = await tx.deliveries.add(flush.lead.event_id, flush.deliveries)
+            await tx.events.add_pages(flush.lead.event_id, flush.pages)
+            await tx.groups.remove_events(rule, key, max(e.seq for e in window.events))
+            await tx.groups.close_if_empty(rule, key)
+        # Per event left out of a phone's page; a phone left with nothing is also one suppressed
+        # delivery, recorded with the quiet-hours drops.
+        for phone, silence_id in flush.silenced:
+            self._metrics.silenced.labels(window.rule).inc()
+            log.info(
+                "group of rule %s: an event for %s silenced by %s", window.rule, phone, silence_id
+            )
+        count_held(self._metrics, flush.lead.event_id, flush.held)
+        self._metrics.recorded(stored)
+        log.info(
+            "group of rule %s: %d event(s) (%s) over %.1f s -> %d phone(s)",
+            window.rule,
+            len(flush.members),
+            ", ".join(m.event_id for m in flush.members),
+            now - window.opened_at,
+            len(flush.phones),
+        )
+        pending = [d for d in stored if d.state is DeliveryState.PENDING]
+        if pending:
+            self._submit(pending)
+        return stored
+
+    def _plan(self, window: GroupWindow, now: float) -> _Flush:
+        """The deliveries and pages a flush of ``window`` stores (silences and quiet hours
+        applied per phone and event)."""
         members = [m for m in (self._member(e) for e in window.events) if m is not None]
         lead = window.events[0]
         phones = list(dict.fromkeys(p for m in members for p in m.phones))
@@ -291,47 +352,7 @@ class Grouper:
                 )
             else:
                 deliveries.append(NewDelivery(window.rule, phone, result, expires_at))
-        stored = await self._store_flush(window, lead.event_id, deliveries, pages)
-        # Per event left out of a phone's page; a phone left with nothing is also one suppressed
-        # delivery, recorded with the quiet-hours drops.
-        for phone, silence_id in silenced:
-            self._metrics.silenced.labels(window.rule).inc()
-            log.info(
-                "group of rule %s: an event for %s silenced by %s", window.rule, phone, silence_id
-            )
-        count_held(self._metrics, lead.event_id, held)
-        self._metrics.recorded(stored)
-        log.info(
-            "group of rule %s: %d event(s) (%s) over %.1f s -> %d phone(s)",
-            window.rule,
-            len(members),
-            ", ".join(m.event_id for m in members),
-            now - window.opened_at,
-            len(phones),
-        )
-        pending = [d for d in stored if d.state is DeliveryState.PENDING]
-        if pending:
-            self._submit(pending)
-        return stored
-
-    async def _store_flush(
-        self,
-        window: GroupWindow,
-        event_id: str,
-        deliveries: Sequence[NewDelivery],
-        pages: Mapping[str, str],
-    ) -> list[Delivery]:
-        """Turn the window into ``deliveries`` (and ``pages``) of its first event and take its
-        events out, in one durable commit: a crash repeats the flush or it did not happen. Not
-        held to the backlog limit: the events were accepted already. An event that joined after
-        the window was read keeps it open (and due) for the next pass."""
-        last = max((e.seq for e in window.events), default=0)
-        async with self._spool.transaction(f"cannot flush group {window.rule}", durable=True) as tx:
-            stored = await tx.deliveries.add(event_id, deliveries)
-            await tx.events.add_pages(event_id, pages)
-            await tx.groups.remove_events(window.rule, window.key, last)
-            await tx.groups.close_if_empty(window.rule, window.key)
-        return stored
+        return _Flush(lead, members, phones, deliveries, pages, held, silenced)
 
     def _member(self, grouped: GroupedEvent) -> _Member | None:
         try:

@@ -1,7 +1,10 @@
 """Cooldowns and dedupe: a rule that fired for a key stays quiet for its window.
 
 A planning stage: it consults the spool's cooldowns (and the ones this event starts) and marks
-a rule ``suppressed``; the windows it starts are stored with the event.
+a rule ``suppressed``; the windows it starts are stored with the event. The look here is early
+and cheap, and what ``fire --dry-run`` shows; the commit claims the windows again
+(:func:`~phonepush.store.commit.commit_event`), so that of two instances sharing a database that
+take the same key at once only one rings.
 """
 
 from __future__ import annotations

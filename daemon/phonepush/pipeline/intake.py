@@ -26,7 +26,7 @@ from phonepush.pipeline.plan import Accepted, Pipeline, Plan, PlannedRule, Work,
 from phonepush.rules.book import Match, RuleBook
 from phonepush.store.commit import commit_event
 from phonepush.store.interface import Store
-from phonepush.store.records import Delivery, NewDelivery
+from phonepush.store.records import Delivery, DeliveryState, NewDelivery
 
 __all__ = ["Accepted", "DirectPage", "Intake", "Plan", "PlannedRule"]
 
@@ -153,8 +153,10 @@ class Intake:
             cooldowns=plan.cooldowns,
             groups=work.groups,
             alerts=work.alerts,
+            now=work.now,
+            rule_pages={p.rule: p.page_id for p in plan.rules if p.page_id},
         )
-        self._count(plan)
+        self._count(_as_stored(plan, deliveries))
         self._metrics.recorded(deliveries)
         pending = [d for d in deliveries if d.state == "pending"]
         for after in work.committed:
@@ -217,3 +219,20 @@ class Intake:
             len(event.payload),
             ", ".join(p.rule for p in plan.rules) or "no rule",
         )
+
+
+def _as_stored(plan: Plan, deliveries: Sequence[Delivery]) -> Plan:
+    """``plan`` with the rules whose cooldown another instance started while this event was
+    planned (the commit stored them suppressed) marked so, for the log."""
+    cooled = {
+        d.rule for d in deliveries if d.state == DeliveryState.SUPPRESSED and d.error == "cooldown"
+    }
+    if not any(p.rule in cooled and p.state == "pending" for p in plan.rules):
+        return plan
+    rules = tuple(
+        dataclasses.replace(p, requests=(), state="suppressed", error="cooldown", alert=None)
+        if p.rule in cooled and p.state == "pending"
+        else p
+        for p in plan.rules
+    )
+    return dataclasses.replace(plan, rules=rules)

@@ -93,6 +93,13 @@ class EventRepository(Protocol):
     async def start_cooldowns(self, cooldowns: Sequence[tuple[str, str, float]]) -> None:
         """Set (rule, key, until) cooldowns, replacing those of the same rule and key."""
 
+    async def claim_cooldowns(
+        self, cooldowns: Sequence[tuple[str, str, float]], now: float
+    ) -> set[tuple[str, str]]:
+        """Start (rule, key, until) cooldowns where none lasts beyond ``now``; the (rule, key)
+        of those started. Of several transactions claiming the same (rule, key) at once (other
+        instances on a shared database) exactly one gets it."""
+
     async def end_cooldown(self, rule: str, key: str) -> None:
         """Drop the cooldown of ``rule`` for ``key``, if there is one."""
 
@@ -190,8 +197,10 @@ class AlertRepository(Protocol):
     async def add(self, event_id: str, alerts: Sequence[NewAlert]) -> None:
         """Store the alerts an event starts, active, with their phones."""
 
-    async def get(self, event_id: str, rule: str) -> AlertRecord | None:
-        """The alert of ``rule`` for an event, or None."""
+    async def get(self, event_id: str, rule: str, *, lock: bool = False) -> AlertRecord | None:
+        """The alert of ``rule`` for an event, or None. ``lock`` (in a transaction) keeps other
+        transactions from changing the alert, or deciding on it with ``lock``, until this one
+        ends; a transaction that decides on an alert takes it before reading anything of it."""
 
     async def of_event(self, event_id: str) -> list[AlertRecord]:
         """The alerts an event started, by rule."""
@@ -199,8 +208,11 @@ class AlertRepository(Protocol):
     async def phones_of(self, event_id: str) -> list[AlertPhone]:
         """Every phone of every alert of an event, with its acknowledgement."""
 
-    async def by_token(self, token: str) -> tuple[AlertRecord, AlertPhone] | None:
-        """The alert and phone an ack token was handed to, or None."""
+    async def by_token(
+        self, token: str, *, lock: bool = False
+    ) -> tuple[AlertRecord, AlertPhone] | None:
+        """The alert and phone an ack token was handed to, or None; ``lock`` locks the alert as
+        :meth:`get` does and reads the phone after the lock."""
 
     async def due(self, now: float) -> list[AlertRecord]:
         """Active alerts whose next round is due at ``now``, soonest first."""
@@ -208,9 +220,11 @@ class AlertRepository(Protocol):
     async def next_due(self) -> float | None:
         """When the soonest round of any active alert is due, or None."""
 
-    async def unresolved(self, rule: str, key: str, besides: str) -> list[AlertRecord]:
+    async def unresolved(
+        self, rule: str, key: str, besides: str, *, lock: bool = False
+    ) -> list[AlertRecord]:
         """The alerts of ``rule`` with dedupe ``key`` not resolved yet, but the one of the
-        event ``besides``."""
+        event ``besides``, by event id; ``lock`` locks them as :meth:`get` does."""
 
     async def targets(self, event_id: str, rule: str) -> list[AlertTarget]:
         """The phones of an alert with their requests, in the order they were added."""
@@ -265,6 +279,11 @@ class GroupRepository(Protocol):
 
     async def due(self, now: float) -> list[GroupWindow]:
         """The windows due at ``now``, each with its events in arrival order."""
+
+    async def lock_due(self, rule: str, key: str, now: float) -> GroupWindow | None:
+        """The (rule, key) window if it is due at ``now``, locked for the transaction (an event
+        joining it waits for its end), with the events that joined it before; None if it is not
+        open or not due (another instance flushed it)."""
 
     async def remove_events(self, rule: str, key: str, through: int) -> None:
         """Take the events up to sequence ``through`` out of the (rule, key) window."""

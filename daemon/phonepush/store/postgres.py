@@ -55,7 +55,7 @@ import psycopg
 import psycopg_pool
 from psycopg.rows import dict_row
 
-from phonepush.errors import SpoolError
+from phonepush.errors import SpoolConflict, SpoolError
 from phonepush.store.backlog import Backlog
 from phonepush.store.interface import Store
 from phonepush.store.reader import SpoolReader
@@ -246,6 +246,9 @@ _MIGRATION_LOCK: Final = 0x7068_7075_7368  # "phpush"
 # Errors that come from what the caller passed (a duplicate id, a value that does not fit): they
 # fail that call but say nothing about the database, so they leave ``healthy`` alone.
 _CALLER_ERRORS: Final = (psycopg.errors.IntegrityError, psycopg.errors.DataError)
+# SQLSTATEs of a transaction rolled back because it ran into a concurrent one (serialization
+# failure, deadlock detected): the database is fine, and the transaction may simply be run again.
+_CONFLICTS: Final = frozenset({"40001", "40P01"})
 
 
 def redact_url(url: str) -> str:
@@ -593,6 +596,8 @@ class PostgresStore(Repositories, Backlog):
     ) -> SpoolError:
         # Inside a transaction the error goes up through atomic(), which rolls back; a
         # SpoolError raised there is passed on as it is.
+        if _conflict(exc):
+            return SpoolConflict(f"spool {self.location}: {what}: {_reason(exc)}")
         if isinstance(exc, (psycopg.OperationalError, psycopg_pool.PoolTimeout)):
             self.healthy = False
         return SpoolError(f"spool {self.location}: {what}: {_reason(exc)}")
@@ -602,7 +607,8 @@ class PostgresStore(Repositories, Backlog):
     ) -> SpoolError:
         """Nothing was written (the transaction rolled back): count the pending deliveries
         afresh, if the database answers, so the counter cannot drift."""
-        if not isinstance(exc, _CALLER_ERRORS):
+        conflict = _conflict(exc)
+        if not conflict and not isinstance(exc, _CALLER_ERRORS):
             self.healthy = False
         with contextlib.suppress(psycopg.Error, psycopg_pool.PoolTimeout):
             async with self._pool.connection(timeout=min(self._timeout, 1.0)) as conn:
@@ -610,7 +616,14 @@ class PostgresStore(Repositories, Backlog):
                 counted = await cur.fetchone()
                 if counted is not None:
                     self._pending = int(counted["n"])
+        if conflict:
+            return SpoolConflict(f"spool {self.location}: {what}: {_reason(exc)}")
         return SpoolError(f"spool {self.location}: {what}: {_reason(exc)}")
+
+
+def _conflict(exc: BaseException) -> bool:
+    """Whether PostgreSQL rolled the transaction back for running into another one."""
+    return isinstance(exc, psycopg.Error) and exc.sqlstate in _CONFLICTS
 
 
 def _reason(exc: BaseException) -> str:

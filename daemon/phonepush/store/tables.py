@@ -137,6 +137,14 @@ _UPSERT_COOLDOWN: Final = (
     "INSERT INTO cooldowns (rule, key, until) VALUES (?, ?, ?)"
     " ON CONFLICT (rule, key) DO UPDATE SET until = excluded.until"
 )
+# A claim: a new cooldown, or one replacing a cooldown that is over. The WHERE makes it a
+# compare-and-set in one statement; on PostgreSQL a concurrent claim of the same (rule, key) waits
+# for the first to commit and then finds its window running, so exactly one of them is returned.
+_CLAIM_COOLDOWN: Final = (
+    "INSERT INTO cooldowns (rule, key, until) VALUES (?, ?, ?)"
+    " ON CONFLICT (rule, key) DO UPDATE SET until = excluded.until"
+    " WHERE cooldowns.until <= ? RETURNING rule, key"
+)
 _IN_COOLDOWN: Final = "SELECT 1 FROM cooldowns WHERE rule = ? AND key = ? AND until > ?"
 _EXPIRED_COOLDOWNS: Final = (
     "DELETE FROM cooldowns WHERE (rule, key) IN"
@@ -225,6 +233,18 @@ class Events:
         if cooldowns:
             await self._sql.write_many(_UPSERT_COOLDOWN, cooldowns, "cannot store cooldowns")
 
+    async def claim_cooldowns(
+        self, cooldowns: Sequence[tuple[str, str, float]], now: float
+    ) -> set[tuple[str, str]]:
+        claimed: set[tuple[str, str]] = set()
+        # In (rule, key) order: two commits claiming the same keys lock them in the same order.
+        for rule, key, until in sorted(cooldowns):
+            rows = await self._sql.rows(
+                _CLAIM_COOLDOWN, (rule, key, until, now), "cannot store cooldowns"
+            )
+            claimed.update((row["rule"], row["key"]) for row in rows)
+        return claimed
+
     async def end_cooldown(self, rule: str, key: str) -> None:
         await self._sql.write(
             "DELETE FROM cooldowns WHERE rule = ? AND key = ?",
@@ -303,6 +323,7 @@ _FINISH: Final = (
 )
 _PENDING_OF: Final = (
     "SELECT id, phone FROM deliveries WHERE event_id = ? AND rule = ? AND state = 'pending'"
+    " ORDER BY id"
 )
 
 
@@ -543,6 +564,7 @@ _ALERT_COLUMNS: Final = (
 )
 _ALERT_PHONE_COLUMNS: Final = "event_id, rule, phone, token, escalation, acked_at, acked_by"
 _ALERT: Final = f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE event_id = ? AND rule = ?"
+_ALERT_PHONE: Final = f"SELECT {_ALERT_PHONE_COLUMNS} FROM alert_phones WHERE token = ?"
 _ALERTS_DUE: Final = (
     f"SELECT {_ALERT_COLUMNS} FROM alerts INDEXED BY alerts_due"
     " WHERE state = 'active' AND next_at IS NOT NULL AND next_at <= ? ORDER BY next_at"
@@ -698,8 +720,9 @@ class Alerts:
             for row in rows
         ]
 
-    async def get(self, event_id: str, rule: str) -> AlertRecord | None:
-        row = await self._sql.row(_ALERT, (event_id, rule), "cannot read alerts")
+    async def get(self, event_id: str, rule: str, *, lock: bool = False) -> AlertRecord | None:
+        sql = _ALERT + self._sql.dialect.lock_row if lock else _ALERT
+        row = await self._sql.row(sql, (event_id, rule), "cannot read alerts")
         return None if row is None else _alert(row)
 
     async def of_event(self, event_id: str) -> list[AlertRecord]:
@@ -718,17 +741,20 @@ class Alerts:
         )
         return [_alert_phone(row) for row in rows]
 
-    async def by_token(self, token: str) -> tuple[AlertRecord, AlertPhone] | None:
-        row = await self._sql.row(
-            f"SELECT {_ALERT_PHONE_COLUMNS} FROM alert_phones WHERE token = ?",
-            (token,),
-            "cannot read alerts",
-        )
+    async def by_token(
+        self, token: str, *, lock: bool = False
+    ) -> tuple[AlertRecord, AlertPhone] | None:
+        row = await self._sql.row(_ALERT_PHONE, (token,), "cannot read alerts")
         if row is None:
             return None
         phone = _alert_phone(row)
-        alert = await self.get(phone.event_id, phone.rule)
-        return None if alert is None else (alert, phone)
+        alert = await self.get(phone.event_id, phone.rule, lock=lock)
+        if alert is None or not lock:
+            return None if alert is None else (alert, phone)
+        # Read again under the alert's lock: an ack that committed while this one waited for it
+        # shows up now (each statement reads what was committed before it began).
+        row = await self._sql.row(_ALERT_PHONE, (token,), "cannot read alerts")
+        return None if row is None else (alert, _alert_phone(row))
 
     async def due(self, now: float) -> list[AlertRecord]:
         return [
@@ -739,10 +765,15 @@ class Alerts:
         row = await self._sql.row(_NEXT_REPEAT, (), "cannot read alerts")
         return None if row is None or row["next_at"] is None else float(row["next_at"])
 
-    async def unresolved(self, rule: str, key: str, besides: str) -> list[AlertRecord]:
+    async def unresolved(
+        self, rule: str, key: str, besides: str, *, lock: bool = False
+    ) -> list[AlertRecord]:
+        # In event order, so that two resolves lock the rows they share in the same order; a row
+        # another resolve ended while this one waited for its lock is read again and left out.
         rows = await self._sql.rows(
             f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE rule = ? AND key = ?"
-            " AND state != 'resolved' AND event_id != ?",
+            " AND state != 'resolved' AND event_id != ? ORDER BY event_id"
+            + (self._sql.dialect.lock_row if lock else ""),
             (rule, key, besides),
             "cannot read alerts",
         )
@@ -879,6 +910,10 @@ _DUE_WINDOWS: Final = (
     "SELECT rule, key, opened_at, due_at, ttl FROM grouping_windows WHERE due_at <= ?"
     " ORDER BY due_at"
 )
+_DUE_WINDOW: Final = (
+    "SELECT rule, key, opened_at, due_at, ttl FROM grouping_windows"
+    " WHERE rule = ? AND key = ? AND due_at <= ?"
+)
 _WINDOW_EVENTS: Final = (
     "SELECT g.seq, g.event_id, g.phones, g.content, e.source, e.topic, e.payload, e.received_at"
     " FROM grouped_events AS g LEFT JOIN events AS e ON e.id = g.event_id"
@@ -896,11 +931,16 @@ class Groups:
     async def join(self, event_id: str, groups: Sequence[NewGroupedEvent]) -> None:
         what = f"cannot group event {event_id}"
         now = self._clock()
-        for group in groups:
-            # The first event of a (rule, key) opens the window; later ones only join it.
+        # In (rule, key) order: two events joining the same windows lock them in the same order.
+        for group in sorted(groups, key=lambda g: (g.rule, g.key)):
+            # The first event of a (rule, key) opens the window; later ones only join it. The
+            # assignment that changes nothing is what takes the window row's lock (DO NOTHING
+            # takes none): a flush of the window (which locks it first) waits for this commit
+            # and sees the event, or this waits for the flush and opens a new window.
             await self._sql.write(
                 "INSERT INTO grouping_windows (rule, key, opened_at, due_at, ttl)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (rule, key) DO NOTHING",
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (rule, key)"
+                " DO UPDATE SET opened_at = grouping_windows.opened_at",
                 (group.rule, group.key, now, group.due_at, group.ttl),
                 what,
             )
@@ -919,28 +959,35 @@ class Groups:
 
     async def due(self, now: float) -> list[GroupWindow]:
         windows = await self._sql.rows(_DUE_WINDOWS, (now,), "cannot read grouping windows")
-        out: list[GroupWindow] = []
-        for w in windows:
-            rows = await self._sql.rows(
-                _WINDOW_EVENTS, (w["rule"], w["key"]), "cannot read grouped events"
+        return [await self._window(w) for w in windows]
+
+    async def lock_due(self, rule: str, key: str, now: float) -> GroupWindow | None:
+        window = await self._sql.row(
+            _DUE_WINDOW + self._sql.dialect.lock_row,
+            (rule, key, now),
+            "cannot read grouping windows",
+        )
+        # The events are read after the lock: every event that joined before it is among them.
+        return None if window is None else await self._window(window)
+
+    async def _window(self, w: Row) -> GroupWindow:
+        rows = await self._sql.rows(
+            _WINDOW_EVENTS, (w["rule"], w["key"]), "cannot read grouped events"
+        )
+        events = tuple(
+            GroupedEvent(
+                seq=row["seq"],
+                event_id=row["event_id"],
+                phones=tuple(json.loads(row["phones"])),
+                content=row["content"],
+                source=row["source"] or "",
+                topic=row["topic"] or "",
+                payload=bytes(row["payload"] or b""),
+                received_at=row["received_at"] or 0.0,
             )
-            events = tuple(
-                GroupedEvent(
-                    seq=row["seq"],
-                    event_id=row["event_id"],
-                    phones=tuple(json.loads(row["phones"])),
-                    content=row["content"],
-                    source=row["source"] or "",
-                    topic=row["topic"] or "",
-                    payload=bytes(row["payload"] or b""),
-                    received_at=row["received_at"] or 0.0,
-                )
-                for row in rows
-            )
-            out.append(
-                GroupWindow(w["rule"], w["key"], w["opened_at"], w["due_at"], w["ttl"], events)
-            )
-        return out
+            for row in rows
+        )
+        return GroupWindow(w["rule"], w["key"], w["opened_at"], w["due_at"], w["ttl"], events)
 
     async def remove_events(self, rule: str, key: str, through: int) -> None:
         await self._sql.write(
