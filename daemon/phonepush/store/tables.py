@@ -488,6 +488,9 @@ class Deliveries:
             rows.append((state, row[2], row[3] if len(row) == 4 else None, row[0]))
         if not rows:
             return
+        # Rows are locked in id order, as cancellations (suppress, in pending_ids' order) lock
+        # them: two instances finishing and cancelling the same deliveries cannot deadlock.
+        rows.sort(key=lambda row: row[3])
         what = f"cannot finish {len(rows)} deliveries"
         async with self._sql.atomic(what):
             changed = await self._sql.write_many(_FINISH, rows, what)
@@ -519,7 +522,7 @@ class Deliveries:
         changed = await self._sql.write_many(
             "UPDATE deliveries SET state = 'suppressed', error = ? WHERE id = ?"
             " AND state = 'pending'",
-            [(why, i) for i in ids],
+            [(why, i) for i in sorted(ids)],  # id order, as finish_many locks them
             "cannot cancel deliveries",
         )
         self._sql.pending_changed(-changed)
