@@ -22,12 +22,16 @@ took in, whatever the others do (the figures then say what no coordination costs
 * **takeover**: two instances, ``--takeover-phones`` phones that take ``--delay-ms`` per push,
   ``--takeover-events`` events each to all of them posted to both; ``--kill-after`` seconds later
   the second instance gets SIGKILL. The phones it was working on are those it held connections to
-  at the kill (``/proc/<pid>/fd`` against ``/proc/net/tcp``). Figures: kill -> the first push
-  (request at the phone) by the survivor to one of those phones still owed a push, kill -> every
-  (event, phone) answered; the pairs the killed instance took in that were owed at the kill and
-  how many of them were delivered; pairs never delivered; duplicates (an (event, phone) answered
-  more than once) and overlaps (a push that reached a phone still busy with another; the
-  simulator counts them and answers busy).
+  at the kill and the survivor did not (``/proc/<pid>/fd`` against ``/proc/net/tcp``: instances
+  that share the phones out push each to their own; instances that do not share them out both
+  hold connections to every phone, and no phone is the killed one's alone). Owed at the kill: the
+  (event, phone) pairs no push had reached (a push under way is finished by the phone, but the
+  killed instance never recorded it). Figures: kill -> the first push (request at the phone) by
+  the survivor of an owed pair on one of the killed instance's phones; kill -> every pair
+  answered; the owed pairs the killed instance took in, and how many of them were delivered;
+  pairs never delivered; duplicates (an (event, phone) answered more than once, bounded by the
+  pushes under way at the kill once the instances coordinate) and overlaps (a push that reached a
+  phone still busy with another; the simulator counts them and answers busy).
 
 On 2 CPUs shared by the phones, the daemons and PostgreSQL, the point is the cost per delivery
 and the takeover time, not a speed-up.
@@ -424,18 +428,23 @@ def takeover(
                 for poster in posters:
                     poster.close()
             time.sleep(args.kill_after)
-            working_on = connected_phones(victim.pid, phones.ports)
+            # Its phones: those it held connections to and the survivor did not (instances
+            # that share the phones out each push to their own).
+            victims_phones = connected_phones(victim.pid, phones.ports)
+            working_on = victims_phones - connected_phones(survivor.pid, phones.ports)
             assert victim.process is not None
             victim.process.send_signal(signal.SIGKILL)
             killed = time.time()
             victim.process.wait()
             pushes.drain()
-            answered_before = {
+            # A push under way at the kill is finished by the phone (it was executing), but
+            # the killed instance never recorded it: owed is what no push had reached.
+            reached = {
                 (mark, phone)
-                for phone, mark, _, answered in pushes.log
-                if mark >= 0 and answered <= killed
+                for phone, mark, arrived, _ in pushes.log
+                if mark >= 0 and arrived <= killed
             }
-            owed = pairs - answered_before
+            owed = pairs - reached
             complete = pushes.wait_for(pairs, args.takeover_timeout)
             time.sleep(0.3)
             pushes.drain()
@@ -452,12 +461,15 @@ def takeover(
     first = pushes.first_answers(pairs)
     victims = {pair for pair in owed if taken_in[pair[0]] == 1}
     victims_done = [first[pair] - killed for pair in victims if pair in first]
+    in_flight = sum(1 for pair in pairs - owed if first.get(pair, float("inf")) > killed)
     return {
         "phones": phones.count,
         "events": args.takeover_events,
         "pairs": len(pairs),
         "owed_at_kill": len(owed),
+        "phones_connected": len(victims_phones),
         "phones_working_on": len(working_on),
+        "in_flight_at_kill": in_flight,
         "takeover_first_push_s": round(min(taken_over), 3) if taken_over else None,
         "all_done_s": round(max(first.values()) - killed, 3) if complete else None,
         "complete": complete,
@@ -525,14 +537,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--delay-ms", type=float, default=200.0, help="takeover phones' delay")
     parser.add_argument("--kill-after", type=float, default=1.0, help="seconds after the burst")
     parser.add_argument("--takeover-timeout", type=float, default=30.0)
-    parser.add_argument(
-        "--quick", action="store_true", help="smoke pass: 20 phones, 1 and 2 instances"
-    )
+    parser.add_argument("--quick", action="store_true", help="smoke pass: 20 phones, 2 instances")
     args = parser.parse_args(argv)
     if args.quick:
-        args.instances, args.phones, args.per_event, args.events, args.rounds = "1,2", 20, 5, 40, 1
+        args.instances, args.phones, args.per_event, args.events, args.rounds = "2", 20, 5, 40, 1
         args.takeover_phones, args.takeover_events, args.delay_ms = 6, 6, 100.0
-        args.kill_after, args.takeover_timeout, args.timeout = 0.4, 5.0, 30.0
+        args.kill_after, args.takeover_timeout, args.timeout = 0.4, 3.0, 30.0
     if args.phones % args.per_event:
         raise SystemExit("--phones must be a multiple of --per-event")
 
@@ -585,7 +595,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{took['events']} events to all, SIGKILL {args.kill_after:g} s after the burst"
     )
     print(f"  owed at the kill                      {took['owed_at_kill']} of {took['pairs']}")
-    print(f"  phones the killed instance was on     {took['phones_working_on']}")
+    print(
+        f"  phones the killed instance was on     {took['phones_working_on']} (it held "
+        f"connections to {took['phones_connected']}; those the survivor held too left out)"
+    )
+    print(f"  pushes under way at the kill          {took['in_flight_at_kill']}")
     print(
         f"  kill -> survivor's first push to them {_fmt(took['takeover_first_push_s'], '{:.3f}')} s"
     )
