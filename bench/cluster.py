@@ -10,13 +10,13 @@ own HTTP port), and one on an SQLite spool as the baseline. ``[cluster]`` is pas
 ``phonepush check`` takes it: without it the instances do not coordinate, and each pushes what it
 took in, whatever the others do (the figures then say what no coordination costs).
 
-* **throughput**: ``--events`` webhook events posted round-robin over the instances (one
-  kept-alive connection and thread per instance), event i to the ``--per-event`` phones of group
-  i mod (phones / per-event); events/s and deliveries/s from the first post to the last
-  (event, phone) answered, timed at the phones. CPU per delivery: the daemons' user+sys CPU
-  (``/proc/<pid>/stat``) plus the PostgreSQL server's (the postmaster with the backends it
-  reaped, and its live backends), from the first post until the finishes are committed, divided
-  by the (event, phone) pairs delivered.
+* **throughput**: ``--events`` webhook events posted round-robin over the instances
+  (``--senders`` kept-alive connections, each in a thread, per instance), event i to the
+  ``--per-event`` phones of group i mod (phones / per-event); events/s and deliveries/s from the
+  first post to the last (event, phone) answered, timed at the phones. CPU per delivery: the
+  daemons' user+sys CPU (``/proc/<pid>/stat``) plus the PostgreSQL server's (the postmaster with
+  the backends it reaped, and its live backends), from the first post until the finishes are
+  committed, divided by the (event, phone) pairs delivered.
 * **fan-out**: one event to all phones, posted to the instances in turn, post -> the last phone's
   first answer; a warm-up round, then the median of ``--rounds``.
 * **takeover**: two instances, ``--takeover-phones`` phones that take ``--delay-ms`` per push,
@@ -298,16 +298,21 @@ def throughput(
     sent: list[float] = []
     posted: list[float] = []
 
-    def post_share(k: int) -> None:
+    def post_share(k: int, sender: int) -> None:
         poster = Poster(daemons[k].server_port)
+        step = len(daemons) * args.senders
         try:
-            for i in range(k, args.events, len(daemons)):
+            for i in range(k + sender * len(daemons), args.events, step):
                 sent.append(poster.post(f"g{i % groups}", first_mark + i))
             posted.append(time.time())
         finally:
             poster.close()
 
-    threads = [threading.Thread(target=post_share, args=(k,)) for k in range(len(daemons))]
+    threads = [
+        threading.Thread(target=post_share, args=(k, sender))
+        for k in range(len(daemons))
+        for sender in range(args.senders)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -527,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phones", type=int, default=100)
     parser.add_argument("--per-event", type=int, default=10, help="phones per throughput event")
     parser.add_argument("--events", type=int, default=500, help="throughput events per setup")
+    parser.add_argument(
+        "--senders", type=int, default=4, help="webhook connections (threads) per instance"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="fan-out rounds after a warm-up")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument(
@@ -573,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     coordinated = "with [cluster] lease = " + args.lease if section else "no [cluster] section"
     print(
         f"several instances: {args.phones} phones (no delay), {args.events} webhook events each "
-        f"to {args.per_event} phones, posted round-robin; {coordinated}"
+        f"to {args.per_event} phones, posted round-robin ({args.senders} connections per "
+        f"instance); {coordinated}"
     )
     print(
         f"  {'setup':<14} {'events/s':>9} {'deliveries/s':>13} {'CPU ms/delivery':>22} "
