@@ -296,6 +296,7 @@ def throughput(
     counters = phones.counters()
     daemons_before, pg_before = _busy_cpu(daemons, cluster)
     sent: list[float] = []
+    waited: list[float] = []
     posted: list[float] = []
 
     def post_share(k: int, sender: int) -> None:
@@ -304,6 +305,7 @@ def throughput(
         try:
             for i in range(k + sender * len(daemons), args.events, step):
                 sent.append(poster.post(f"g{i % groups}", first_mark + i))
+                waited.append(time.time() - sent[-1])
             posted.append(time.time())
         finally:
             poster.close()
@@ -332,6 +334,9 @@ def throughput(
         "delivered": delivered,
         "complete": complete,
         "post_s": round(max(posted) - start, 3) if posted else None,
+        # Post -> 202: the event committed to the store (intake's latency under this load).
+        "accept_ms_p50": round(c.percentile(waited, 50) * 1000, 1),
+        "accept_ms_p99": round(c.percentile(waited, 99) * 1000, 1),
         "seconds": round(seconds, 3),
         "events_per_s": round(args.events / seconds, 1),
         "deliveries_per_s": round(delivered / seconds, 1),
@@ -586,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"  {'setup':<14} {'events/s':>9} {'deliveries/s':>13} {'CPU ms/delivery':>22} "
-        f"{'fan-out s':>10} {'dupl.':>6} {'overl.':>7}"
+        f"{'202 p50/p99 ms':>15} {'fan-out s':>10} {'dupl.':>6} {'overl.':>7}"
     )
     for result in results:
         thr, fan = result["throughput"], result["fanout"]
@@ -595,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  {result['setup']:<14} {_fmt(thr['events_per_s']):>9} "
             f"{_fmt(thr['deliveries_per_s']):>13} {split:>22} "
+            f"{thr['accept_ms_p50']:>7.1f}/{thr['accept_ms_p99']:<7.1f} "
             f"{_fmt(fan['median_s'], '{:.3f}'):>10} "
             f"{thr['duplicates'] + fan['duplicates']:>6} {thr['overlaps']:>7}"
             + ("" if thr["complete"] and fan["all_complete"] else "  INCOMPLETE")
