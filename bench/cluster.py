@@ -21,10 +21,11 @@ took in, whatever the others do (the figures then say what no coordination costs
   first answer; a warm-up round, then the median of ``--rounds``.
 * **takeover**: two instances, ``--takeover-phones`` phones that take ``--delay-ms`` per push,
   ``--takeover-events`` events each to all of them posted to both; ``--kill-after`` seconds later
-  the second instance gets SIGKILL. The phones it was working on are those it held connections to
-  at the kill and the survivor did not (``/proc/<pid>/fd`` against ``/proc/net/tcp``: instances
-  that share the phones out push each to their own; instances that do not share them out both
-  hold connections to every phone, and no phone is the killed one's alone). Owed at the kill: the
+  one instance gets SIGKILL. An instance's phones are those it holds connections to and the other
+  does not (``/proc/<pid>/fd`` against ``/proc/net/tcp``: instances that share the phones out
+  push each to their own; instances that do not both hold connections to every phone, and no
+  phone is either one's alone); the one with more phones of its own is killed (the second on a
+  tie), so that it leaves work to take over. Owed at the kill: the
   (event, phone) pairs no push had reached (a push under way is finished by the phone, but the
   killed instance never recorded it). Figures: kill -> the first push (request at the phone) by
   the survivor of an owed pair on one of the killed instance's phones; kill -> every pair
@@ -423,7 +424,6 @@ def takeover(
             rules=rules_toml(1),
             cluster=section,
         ) as daemons:
-            survivor, victim = daemons
             marks = range(1, args.takeover_events + 1)
             pairs = {(mark, phone) for mark in marks for phone in range(phones.count)}
             pushes = Pushes(phones)
@@ -438,21 +438,32 @@ def takeover(
                 for poster in posters:
                     poster.close()
             time.sleep(args.kill_after)
-            # Its phones: those it held connections to and the survivor did not (instances
-            # that share the phones out each push to their own).
-            victims_phones = connected_phones(victim.pid, phones.ports)
-            working_on = victims_phones - connected_phones(survivor.pid, phones.ports)
+            # An instance's phones: those it holds connections to and the other does not
+            # (instances that share the phones out push each to their own). The one holding
+            # more of them alone is killed (the second on a tie), so there is work to take over.
+            held = [connected_phones(d.pid, phones.ports) for d in daemons]
+            alone = [held[0] - held[1], held[1] - held[0]]
+            k = 0 if len(alone[0]) > len(alone[1]) else 1
+            survivor, victim = daemons[1 - k], daemons[k]
+            victims_phones, working_on = held[k], alone[k]
             assert victim.process is not None
             victim.process.send_signal(signal.SIGKILL)
             killed = time.time()
             victim.process.wait()
+            # Requests the killed instance sent just before it died are read by the phones a
+            # little later (their event loop lags under load): two round trips to the phones'
+            # process, and what they logged until then was sent by the dead. (Taking over needs
+            # a lease to run out: no survivor's push comes this soon.)
+            phones.counters()
+            phones.counters()
+            fence = time.time()
             pushes.drain()
             # A push under way at the kill is finished by the phone (it was executing), but
             # the killed instance never recorded it: owed is what no push had reached.
             reached = {
                 (mark, phone)
                 for phone, mark, arrived, _ in pushes.log
-                if mark >= 0 and arrived <= killed
+                if mark >= 0 and arrived <= fence
             }
             owed = pairs - reached
             complete = pushes.wait_for(pairs, args.takeover_timeout)
@@ -466,10 +477,10 @@ def takeover(
     taken_over = [
         arrived - killed
         for phone, mark, arrived, _ in pushes.log
-        if arrived > killed and phone in owed_phones and (mark, phone) in owed
+        if arrived > fence and phone in owed_phones and (mark, phone) in owed
     ]
     first = pushes.first_answers(pairs)
-    victims = {pair for pair in owed if taken_in[pair[0]] == 1}
+    victims = {pair for pair in owed if taken_in[pair[0]] == k}
     victims_done = [first[pair] - killed for pair in victims if pair in first]
     in_flight = sum(1 for pair in pairs - owed if first.get(pair, float("inf")) > killed)
     return {
@@ -477,6 +488,7 @@ def takeover(
         "events": args.takeover_events,
         "pairs": len(pairs),
         "owed_at_kill": len(owed),
+        "killed": "first" if k == 0 else "second",
         "phones_connected": len(victims_phones),
         "phones_working_on": len(working_on),
         "in_flight_at_kill": in_flight,
@@ -607,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"takeover: 2 instances, {took['phones']} phones at {args.delay_ms:g} ms, "
-        f"{took['events']} events to all, SIGKILL {args.kill_after:g} s after the burst"
+        f"{took['events']} events to all, SIGKILL to the {took['killed']} "
+        f"{args.kill_after:g} s after the burst"
     )
     print(f"  owed at the kill                      {took['owed_at_kill']} of {took['pairs']}")
     print(
