@@ -243,6 +243,14 @@ def _serve_phones(
                     conn.send((taken, sum(p.state.errors for p in fleet.phones)))
                 elif command == "count":
                     conn.send(len(log))
+                elif command == "counters":
+                    conn.send(
+                        {
+                            "pushes": sum(p.state.pushes for p in fleet.phones),
+                            "errors": sum(p.state.errors for p in fleet.phones),
+                            "overlaps": sum(p.state.overlaps for p in fleet.phones),
+                        }
+                    )
                 elif command == "stop":
                     loop.remove_reader(conn.fileno())
                     conn.send("stopped")
@@ -300,6 +308,12 @@ class Phones:
         """The pushes logged since the last take, and the phones' error answers so far."""
         result: tuple[list[tuple[int, int, float, float]], int] = self._ask("take")
         return result
+
+    def counters(self) -> dict[str, int]:
+        """The fleet's totals so far: pushes, error answers, and overlaps (a push that came while
+        the phone was still busy with another, answered busy)."""
+        counters: dict[str, int] = self._ask("counters")
+        return counters
 
     def count_logged(self) -> int:
         count: int = self._ask("count")
