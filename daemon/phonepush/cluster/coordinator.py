@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -76,6 +77,7 @@ from typing import Any, Final
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from phonepush.cluster.interface import ClusterStore, Lanes
+from phonepush.cluster.loops import Coalesced, Leadership, Tasks
 from phonepush.errors import SpoolError
 from phonepush.store.records import Delivery, DeliveryKind
 
@@ -142,17 +144,14 @@ class Cluster:
         #: Bumped at each fence: work started before it must not act after it.
         self._epoch = 0
         self._renewed = asyncio.Event()
-        self._leader = False
-        self._leading = asyncio.Event()
-        self._following = asyncio.Event()
-        self._following.set()
         self._leaving = False
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._scan: asyncio.TimerHandle | None = None
-        self._scanning = False
-        self._rescan = False
-        self._notifying = False
-        self._renotify = False
+        self._tasks = Tasks()
+        self._leadership = Leadership(self._led)
+        self._scans = Coalesced(self._adopt, self._tasks, "cluster:scan", _SCAN_COALESCE)
+        self._work = Coalesced(
+            functools.partial(self._notify, "work"), self._tasks, "cluster:notify"
+        )
+        self._interval = lease / 3
         self._beats = 0
         self.instances = Gauge(
             "phonepush_cluster_instances",
@@ -181,15 +180,11 @@ class Cluster:
 
     @property
     def leader(self) -> bool:
-        return self._leader
+        return self._leadership.leading
 
     @property
     def held(self) -> frozenset[str]:
         return frozenset(self._held)
-
-    @property
-    def _interval(self) -> float:
-        return self.lease / 3
 
     def remaining(self) -> float:
         """Seconds the lease surely holds (0 when fenced or not yet joined)."""
@@ -240,7 +235,7 @@ class Cluster:
         if mine:
             self._lanes.submit(mine)
         if others and self._live():
-            self._spawn(self._claim(sorted(others)), "cluster:claim")
+            self._tasks.spawn(self._claim(sorted(others)), "cluster:claim")
         self.notify_work()
 
     def cancel(self, delivery_ids: Iterable[int]) -> None:
@@ -250,24 +245,20 @@ class Cluster:
             return
         self._lanes.cancel(ids)
         for chunk in _chunks(ids):
-            self._spawn(self._notify(f"cancel:{chunk}"), "cluster:notify")
+            self._tasks.spawn(self._notify(f"cancel:{chunk}"), "cluster:notify")
 
     def notify_work(self) -> None:
         """Tell every instance there is new work (coalesced: one notification in flight, one
         more after it if asked meanwhile)."""
-        if self._notifying:
-            self._renotify = True
-            return
-        self._notifying = True
-        self._spawn(self._send_work(), "cluster:notify")
+        self._work.poke()
 
     def notify_silences(self) -> None:
-        self._spawn(self._notify("silences"), "cluster:notify")
+        self._tasks.spawn(self._notify("silences"), "cluster:notify")
 
     def gate(self, phone: str) -> Awaitable[None] | None:
         """For the dispatcher, before each request: None when enough of the lease is left for
         a push to ``phone`` to end inside it, else an awaitable that returns once it is."""
-        if self.remaining() > self._margin(phone):
+        if self.remaining() > min(self.push_timeout(phone), self.lease / 2):
             return None
         return self._until_lease(phone)
 
@@ -278,37 +269,21 @@ class Cluster:
         # Dropped before the release runs: a submit for the phone meanwhile claims it through
         # the database, which orders that claim against the release.
         self._held.discard(phone)
-        self._spawn(self._release(phone, self._epoch), "cluster:release")
+        self._tasks.spawn(self._release(phone, self._epoch), "cluster:release")
 
     async def lead(self, runner: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
         """Run ``runner()`` while this instance leads, cancel it when it stops leading; for
         ever (a task of the daemon's)."""
-        while True:
-            await self._leading.wait()
-            task = asyncio.create_task(runner(), name=name)
-            following = asyncio.create_task(self._following.wait())
-            try:
-                await asyncio.wait({task, following}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                following.cancel()
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-            if task.done() and not task.cancelled():
-                task.result()  # a timer loop that ended raised: let the daemon see it
-                return
+        await self._leadership.lead(runner, name)
 
     async def leave(self) -> None:
         """Graceful stop, after the dispatcher drained: drop this instance's claims and row so
         the others adopt its phones at once (they hear ``work``)."""
         self._leaving = True
-        if self._scan is not None:
-            self._scan.cancel()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._set_leader(False)
+        self._scans.close()
+        self._work.close()
+        await self._tasks.cancel()
+        self._leadership.set(False)
         self._held.clear()
         try:
             await self._store.leave(self.id)
@@ -339,7 +314,7 @@ class Cluster:
         self._renewed.set()
         self._renewed = asyncio.Event()
         self.instances.set(live)
-        self._set_leader(leader == self.id)
+        self._leadership.set(leader == self.id)
         return live <= 1
 
     async def _heartbeats(self) -> None:
@@ -348,7 +323,7 @@ class Cluster:
             await self._beat()
             self._beats += 1
             if self._live():
-                self._scan_soon()
+                self._scans.poke()
                 self._retry_releases()
                 if self._beats % 3 == 0:
                     await self._reload_silences()
@@ -379,7 +354,7 @@ class Cluster:
         held = len(self._held)
         self._held.clear()
         self._unreleased.clear()
-        self._set_leader(False)
+        self._leadership.set(False)
         log.warning(
             "cluster: lease of instance %s not renewed in time; stopped pushing (%d phone(s)"
             " dropped, their deliveries stay pending) until the database answers",
@@ -388,25 +363,15 @@ class Cluster:
         )
         await self._lanes.forget()
 
-    def _margin(self, phone: str) -> float:
-        return min(self.push_timeout(phone), self.lease / 2)
-
     async def _until_lease(self, phone: str) -> None:
-        while self.remaining() <= self._margin(phone):
+        while self.gate(phone) is not None:
             await self._renewed.wait()
 
-    def _set_leader(self, leading: bool) -> None:
-        if leading == self._leader:
-            return
-        self._leader = leading
+    def _led(self, leading: bool) -> None:
         self.leader_gauge.set(1 if leading else 0)
         if leading:
-            self._following.clear()
-            self._leading.set()
             log.info("cluster: instance %s leads the timers now", self.id)
         else:
-            self._leading.clear()
-            self._following.set()
             log.info("cluster: instance %s no longer leads the timers", self.id)
 
     # --- claims ---------------------------------------------------------------------------------
@@ -507,7 +472,7 @@ class Cluster:
     def _notified(self, payload: str) -> None:
         if payload == "work":
             self.wake()
-            self._scan_soon()
+            self._scans.poke()
         elif payload.startswith("cancel:"):
             ids: list[int] = []
             for part in payload[7:].split(","):
@@ -517,46 +482,13 @@ class Cluster:
             # for ever in the dispatcher's cancelled set.
             self._lanes.cancel([i for i in ids if self._lanes.holds(i)])
         elif payload == "silences":
-            self._spawn(self._reload_silences(), "cluster:silences")
+            self._tasks.spawn(self._reload_silences(), "cluster:silences")
 
     def _connected(self) -> None:
         """(Re)connected to the channel: what was sent meanwhile was missed; look again."""
-        self._scan_soon()
+        self._scans.poke()
         self.wake()
-        self._spawn(self._reload_silences(), "cluster:silences")
-
-    def _scan_soon(self) -> None:
-        if self._leaving:
-            return
-        if self._scan is not None or self._scanning:
-            self._rescan = True
-            return
-        self._scan = asyncio.get_running_loop().call_later(_SCAN_COALESCE, self._start_scan)
-
-    def _start_scan(self) -> None:
-        self._scan = None
-        self._scanning = True
-        self._rescan = False
-        self._spawn(self._scan_once(), "cluster:scan")
-
-    async def _scan_once(self) -> None:
-        try:
-            await self._adopt()
-        finally:
-            self._scanning = False
-            if self._rescan and not self._leaving:
-                self._rescan = False
-                self._scan_soon()
-
-    async def _send_work(self) -> None:
-        try:
-            while True:
-                self._renotify = False
-                await self._notify("work")
-                if not self._renotify:
-                    return
-        finally:
-            self._notifying = False
+        self._tasks.spawn(self._reload_silences(), "cluster:silences")
 
     async def _notify(self, payload: str) -> None:
         try:
@@ -572,16 +504,6 @@ class Cluster:
             await self.reload_silences()
         except SpoolError as exc:
             log.warning("cluster: reloading the silences failed: %s", exc)
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("cluster: %s failed", task.get_name(), exc_info=task.exception())
 
 
 def _chunks(ids: list[int]) -> Iterable[str]:
