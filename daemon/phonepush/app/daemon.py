@@ -498,6 +498,7 @@ class Daemon:
             "spool.path",
             "spool.url",
             "spool.pool_size",
+            "cluster.lease",
             "mqtt",
             "dispatch.max_connections",
         ):
