@@ -198,14 +198,15 @@ async def test_cancels_reach_the_instance_that_has_the_delivery(
     lanes_a, lanes_b = Lanes(), Lanes()
     a = _cluster(PostgresCluster(stores[0]), lanes_a, "a")
     b = _cluster(PostgresCluster(stores[1]), lanes_b, "b")
-    async with _running(a), _running(b):
+    async with _running(b):
         delivery = await _pending(stores[0], "lobby")
         b.submit([delivery])
         await eventually(lambda: lanes_b.ids() == [delivery.id])
-        a.cancel([delivery.id, 10**9])
-        await eventually(lambda: delivery.id in lanes_b.cancelled)
-        # An id b never had is not kept by b.
-        assert 10**9 not in lanes_b.cancelled
+        async with _running(a):
+            a.cancel([delivery.id, 10**9])
+            await eventually(lambda: delivery.id in lanes_b.cancelled)
+            # An id b never had is not kept by b.
+            assert 10**9 not in lanes_b.cancelled
 
 
 async def test_an_instance_that_cannot_renew_its_lease_stops_and_the_other_takes_over(
@@ -238,3 +239,54 @@ async def test_an_instance_that_cannot_renew_its_lease_stops_and_the_other_takes
             await eventually(lambda: a.remaining() > 0, timeout=10)
             assert a.held == frozenset() and not a.leader
             assert b.held == {"lobby"}
+
+
+# --- a daemon that loses its database -----------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_daemon_fenced_while_the_database_was_down_takes_its_work_again(
+    daemon_runner: Any, make_fleet: Any, pg_url: str, pg_cluster: Any, caplog: Any
+) -> None:
+    from _pg_fixtures import wait_until_accepting
+
+    fleet = await make_fleet(phones=1, names=["lobby"], tone_ms=10)
+    lobby = fleet.phone("lobby")
+    running = await daemon_runner.start(
+        {
+            "spool": {"url": pg_url},
+            "cluster": {"lease": "2s"},
+            "phones": [{"name": "lobby", "host": lobby.address}],
+            "rules": [
+                {
+                    "name": "alert",
+                    "on": "webhook:alert",
+                    "to": ["all"],
+                    "message": {"title": "Alert", "text": "{{ payload.text }}"},
+                }
+            ],
+        }
+    )
+    cluster = running.cluster
+    assert cluster is not None and cluster.leader
+    import httpx
+
+    async with httpx.AsyncClient(base_url=daemon_runner.url, timeout=30) as client:
+        assert (await client.post("/hooks/alert", json={"text": "one"})).status_code == 202
+        await eventually(lambda: lobby.state.pushes == 1)
+
+        await asyncio.to_thread(pg_cluster.stop, "fast")
+        try:
+            await eventually(lambda: cluster.remaining() == 0 and not cluster.leader, timeout=10)
+            assert "stopped pushing" in caplog.text
+        finally:
+            await asyncio.to_thread(pg_cluster.start)
+            await asyncio.to_thread(wait_until_accepting, pg_cluster)
+
+        async def accepted() -> bool:
+            answer = await client.post("/hooks/alert", json={"text": "two"})
+            return answer.status_code == 202
+
+        await eventually(accepted, timeout=30)
+        await eventually(lambda: lobby.state.pushes == 2, timeout=30)
+        assert cluster.leader

@@ -1,15 +1,17 @@
 """The daemon's lifespan: open resources in order, supervise the tasks, reload, shut down.
 
-Start-up: spool → dispatcher (pending deliveries resume) → intake → MQTT source → HTTP server;
-ready once the server listens and MQTT (when configured) is subscribed. A broker still down after
-``mqtt_ready_wait`` does not hold up the webhook side (systemd hears READY=1 then), but "phonepush
-ready" is logged only once MQTT is connected too, when ``/readyz`` says so as well.
+Start-up: spool → dispatcher (pending deliveries resume; on PostgreSQL the cluster joins and
+adopts what no live instance holds, see :mod:`phonepush.cluster`) → intake → MQTT source → HTTP
+server; ready once the server listens and MQTT (when configured) is subscribed. A broker still
+down after ``mqtt_ready_wait`` does not hold up the webhook side (systemd hears READY=1 then),
+but "phonepush ready" is logged only once MQTT is connected too, when ``/readyz`` says so as well.
 
 Shutdown (SIGTERM/SIGINT, or :meth:`Daemon.stop`): stop taking input (MQTT stops acking new
 messages, which stay queued in the persistent session for the next start; the
 webhook answers 503), let requests already on the wire finish under ``drain_timeout``, cancel
-the rest (still pending in the spool for the next start), close. SIGHUP reloads the config
-atomically: a bad file keeps the old config and says why.
+the rest (still pending in the spool for the next start), leave the cluster (the other
+instances adopt its phones at once), close. SIGHUP reloads the config atomically: a bad file
+keeps the old config and says why.
 """
 
 from __future__ import annotations

@@ -152,6 +152,7 @@ class Cluster:
             functools.partial(self._notify, "work"), self._tasks, "cluster:notify"
         )
         self._interval = lease / 3
+        self._loops: list[asyncio.Task[None]] = []
         self._beats = 0
         self.instances = Gauge(
             "phonepush_cluster_instances",
@@ -214,11 +215,13 @@ class Cluster:
         """Heartbeats, the fence, notifications and the periodic adoption scan, until
         cancelled."""
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._heartbeats(), name="cluster:heartbeat")
-            tg.create_task(self._watch(), name="cluster:fence")
-            tg.create_task(
-                self._store.listen(self._notified, self._connected), name="cluster:listen"
-            )
+            self._loops = [
+                tg.create_task(self._heartbeats(), name="cluster:heartbeat"),
+                tg.create_task(self._watch(), name="cluster:fence"),
+                tg.create_task(
+                    self._store.listen(self._notified, self._connected), name="cluster:listen"
+                ),
+            ]
 
     def submit(self, deliveries: Sequence[Delivery]) -> None:
         """Hand committed pending deliveries over: pushed here if this instance holds (or can
@@ -234,9 +237,12 @@ class Cluster:
                 others.add(delivery.phone)
         if mine:
             self._lanes.submit(mine)
-        if others and self._live():
-            self._tasks.spawn(self._claim(sorted(others)), "cluster:claim")
-        self.notify_work()
+        if others:
+            if self._live():
+                self._tasks.spawn(self._claim(sorted(others)), "cluster:claim")
+            # Phones another instance may hold (it finds the work when its worker goes idle)
+            # or none can claim now: the others look at once.
+            self.notify_work()
 
     def cancel(self, delivery_ids: Iterable[int]) -> None:
         """Cancel deliveries here and on every other instance."""
@@ -280,6 +286,10 @@ class Cluster:
         """Graceful stop, after the dispatcher drained: drop this instance's claims and row so
         the others adopt its phones at once (they hear ``work``)."""
         self._leaving = True
+        # The heartbeat first: one more would register this instance again after it left.
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
         self._scans.close()
         self._work.close()
         await self._tasks.cancel()
@@ -299,13 +309,16 @@ class Cluster:
         sent = self._clock()
         rejoin = self._fenced
         try:
-            async with asyncio.timeout(self._interval):
+            # A renewal that took longer than the lease would be worth nothing (the lease
+            # counts from when it was sent); a shorter bound would never let one through
+            # while the pool reconnects after an outage.
+            async with asyncio.timeout(self.lease):
                 live, leader = await self._store.heartbeat(
                     self.id, self._host, self.lease, rejoin=rejoin
                 )
         except (SpoolError, TimeoutError) as exc:
             if self._valid_until is not None and not self._fenced:
-                log.warning("cluster: heartbeat failed: %s", exc or "timed out")
+                log.warning("cluster: heartbeat failed: %s", str(exc) or "timed out")
             return False
         self._valid_until = sent + self.lease
         if rejoin:
