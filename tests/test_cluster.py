@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -250,6 +251,7 @@ async def test_a_daemon_fenced_while_the_database_was_down_takes_its_work_again(
 ) -> None:
     from _pg_fixtures import wait_until_accepting
 
+    caplog.set_level(logging.INFO)
     fleet = await make_fleet(phones=1, names=["lobby"], tone_ms=10)
     lobby = fleet.phone("lobby")
     running = await daemon_runner.start(

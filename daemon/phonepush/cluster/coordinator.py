@@ -154,6 +154,7 @@ class Cluster:
         self._interval = lease / 3
         self._loops: list[asyncio.Task[None]] = []
         self._beats = 0
+        self._failing = False
         self.instances = Gauge(
             "phonepush_cluster_instances",
             "Live instances in the cluster at this instance's last heartbeat.",
@@ -317,8 +318,16 @@ class Cluster:
                     self.id, self._host, self.lease, rejoin=rejoin
                 )
         except (SpoolError, TimeoutError) as exc:
-            if self._valid_until is not None and not self._fenced:
+            if not self._failing:
                 log.warning("cluster: heartbeat failed: %s", str(exc) or "timed out")
+            self._failing = True
+            return False
+        if self._failing:
+            log.info("cluster: heartbeat renewed")
+        self._failing = False
+        if self._fenced and not rejoin:
+            # Sent before the fence and answered after it: the claims it kept alive are no
+            # longer acted on here; the next heartbeat drops them and rejoins.
             return False
         self._valid_until = sent + self.lease
         if rejoin:
@@ -404,8 +413,11 @@ class Cluster:
             return
         epoch = self._epoch
         try:
-            taken = await self._store.adopt(self.id)
-        except SpoolError as exc:
+            # Bounded: a scan stuck on a connection lost mid-statement would hold every later
+            # scan back (they are coalesced behind it).
+            async with asyncio.timeout(self.lease):
+                taken = await self._store.adopt(self.id)
+        except (SpoolError, TimeoutError) as exc:
             log.warning("cluster: adoption scan failed: %s", exc)
             return
         if taken and starting:
