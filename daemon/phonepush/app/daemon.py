@@ -1,15 +1,17 @@
 """The daemon's lifespan: open resources in order, supervise the tasks, reload, shut down.
 
-Start-up: spool → dispatcher (pending deliveries resume) → intake → MQTT source → HTTP server;
-ready once the server listens and MQTT (when configured) is subscribed. A broker still down after
-``mqtt_ready_wait`` does not hold up the webhook side (systemd hears READY=1 then), but "phonepush
-ready" is logged only once MQTT is connected too, when ``/readyz`` says so as well.
+Start-up: spool → dispatcher (pending deliveries resume; on PostgreSQL the cluster joins and
+adopts what no live instance holds, see :mod:`phonepush.cluster`) → intake → MQTT source → HTTP
+server; ready once the server listens and MQTT (when configured) is subscribed. A broker still
+down after ``mqtt_ready_wait`` does not hold up the webhook side (systemd hears READY=1 then),
+but "phonepush ready" is logged only once MQTT is connected too, when ``/readyz`` says so as well.
 
 Shutdown (SIGTERM/SIGINT, or :meth:`Daemon.stop`): stop taking input (MQTT stops acking new
 messages, which stay queued in the persistent session for the next start; the
 webhook answers 503), let requests already on the wire finish under ``drain_timeout``, cancel
-the rest (still pending in the spool for the next start), close. SIGHUP reloads the config
-atomically: a bad file keeps the old config and says why.
+the rest (still pending in the spool for the next start), leave the cluster (the other
+instances adopt its phones at once), close. SIGHUP reloads the config atomically: a bad file
+keeps the old config and says why.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry
@@ -37,6 +39,7 @@ from phonepush.app.builder import Built, Services, build
 from phonepush.app.limits import default_max_connections
 from phonepush.app.systemd import Notifier, state_directories
 from phonepush.audio.announce import Announcer
+from phonepush.cluster import Cluster
 from phonepush.config import Config, SpoolConfig, format_duration, load_config
 from phonepush.console import Screens
 from phonepush.dispatch.dispatcher import Dispatcher, Outcome
@@ -56,6 +59,7 @@ from phonepush.silence.silences import Silences
 from phonepush.sources.schedule import Clock, Scheduler
 from phonepush.store.housekeeping import Housekeeper
 from phonepush.store.interface import Store
+from phonepush.store.records import Delivery
 from phonepush.store.spool import Spool
 
 if TYPE_CHECKING:
@@ -121,6 +125,8 @@ class Running:
     port: int
     announcer: Announcer | None = None
     housekeeper: Housekeeper | None = None
+    #: This instance's part in the cluster (PostgreSQL only; None on SQLite).
+    cluster: Cluster | None = None
 
     @property
     def url(self) -> str:
@@ -168,6 +174,7 @@ class Daemon:
         self.running: Running | None = None
         #: What each (re)load's stages hand work to; set once the services are open.
         self._services: Services | None = None
+        self._cluster: Cluster | None = None
 
     @property
     def _base_dir(self) -> Path | None:
@@ -224,6 +231,13 @@ class Daemon:
                 config, lanes, metrics=metrics, pending=dispatcher.queued
             )
             dispatcher.on_reach = health.reached
+            cluster = self._cluster = _cluster(config, spool, dispatcher, metrics)
+            # Where committed work and cancels go: the cluster on PostgreSQL (it pushes what
+            # this instance holds and tells the others), the dispatcher itself on SQLite.
+            submit: Callable[[Sequence[Delivery]], None] = dispatcher.submit
+            cancel: Callable[[Iterable[int]], None] = dispatcher.cancel
+            if cluster is not None:
+                submit, cancel = cluster.submit, cluster.cancel
             silences = Silences(spool)
             await silences.load()
             grouper = Grouper(
@@ -231,9 +245,25 @@ class Daemon:
                 silences,
                 public_url=config.server.public_url,
                 metrics=metrics,
-                submit=dispatcher.submit,
+                submit=submit,
             )
-            repeater = Repeater(spool, metrics=metrics, submit=dispatcher.submit)
+            repeater = Repeater(spool, metrics=metrics, submit=submit)
+            wake_repeats: Callable[[], None] = repeater.wake
+            if cluster is not None:
+                silences.on_change = cluster.notify_silences
+                grouper.on_join = cluster.notify_work
+                cluster.reload_silences = silences.load
+
+                def wake() -> None:
+                    repeater.wake()
+                    grouper.wake()
+
+                def wake_and_announce() -> None:
+                    repeater.wake()
+                    cluster.notify_work()
+
+                cluster.wake = wake
+                wake_repeats = wake_and_announce
             announcer = await stack.enter_async_context(
                 Announcer(
                     config,
@@ -247,15 +277,15 @@ class Daemon:
             self._services = Services(
                 spool,
                 metrics,
-                dispatcher.submit,
-                cancel=dispatcher.cancel,
-                wake_repeats=repeater.wake,
+                submit,
+                cancel=cancel,
+                wake_repeats=wake_repeats,
                 grouper=grouper,
                 announcer=announcer,
             )
             built = build(config, self._services, base_dir=self._base_dir)
             rules = built.pipeline.book
-            intake = Intake(built.pipeline, spool, metrics=metrics, submit=dispatcher.submit)
+            intake = Intake(built.pipeline, spool, metrics=metrics, submit=submit)
             if config.mqtt is not None:
                 # paho is imported only by daemons that use MQTT.
                 from phonepush.sources.mqtt import MqttSource
@@ -287,7 +317,7 @@ class Daemon:
                     spool,
                     metrics=metrics,
                     public_url=config.server.public_url,
-                    cancel=dispatcher.cancel,
+                    cancel=cancel,
                     mqtt=mqtt,
                     topic_prefix=ack_prefix(config.mqtt) if config.mqtt is not None else "",
                     webhook=config.ack.webhook,
@@ -322,23 +352,45 @@ class Daemon:
             server = _Server(uvicorn_config(create_app(state), config.server))
             port = sock.getsockname()[1]
             self.running = Running(
-                config, spool, dispatcher, intake, metrics, mqtt, port, announcer, housekeeper
+                config,
+                spool,
+                dispatcher,
+                intake,
+                metrics,
+                mqtt,
+                port,
+                announcer,
+                housekeeper,
+                cluster,
             )
-            # A live audio page is never replayed: its rows left pending are finished here.
-            resumed = await announcer.abandon(await spool.deliveries.pending())
-            dispatcher.submit(resumed)
-            if resumed:
-                log.info("resuming %d pending deliveries from the spool", len(resumed))
+            if cluster is None:
+                # A live audio page is never replayed: its rows left pending are finished here.
+                resumed = await announcer.abandon(await spool.deliveries.pending())
+                dispatcher.submit(resumed)
+                if resumed:
+                    log.info("resuming %d pending deliveries from the spool", len(resumed))
+            else:
+                # Only what this instance adopts (never another live instance's rows).
+                cluster.abandon = announcer.abandon
+                await cluster.start()
+
+            def timer(runner: Callable[[], Coroutine[Any, Any, None]], name: str) -> Any:
+                # On PostgreSQL the timers run on the cluster's leader only.
+                return runner() if cluster is None else cluster.lead(runner, name)
 
             async with asyncio.TaskGroup() as tg:
                 tasks = [tg.create_task(server.serve(sockets=[sock]), name="http")]
                 if mqtt is not None:
                     tasks.append(tg.create_task(mqtt.run(), name="mqtt"))
-                tasks.append(tg.create_task(housekeeper.run(), name="housekeeping"))
-                tasks.append(tg.create_task(grouper.run(), name="grouping"))
-                tasks.append(tg.create_task(repeater.run(), name="repeats"))
+                if cluster is not None:
+                    tasks.append(tg.create_task(cluster.run(), name="cluster"))
+                tasks.append(
+                    tg.create_task(timer(housekeeper.run, "housekeeping"), name="housekeeping")
+                )
+                tasks.append(tg.create_task(timer(grouper.run, "grouping"), name="grouping"))
+                tasks.append(tg.create_task(timer(repeater.run, "repeats"), name="repeats"))
                 tasks.append(tg.create_task(scheduler.run(), name="schedules"))
-                tasks.append(tg.create_task(health.run(), name="health"))
+                tasks.append(tg.create_task(timer(health.run, "health"), name="health"))
                 if self._homeassistant is not None:
                     tasks.append(tg.create_task(self._homeassistant.run(), name="homeassistant"))
                 if self._notifier.watchdog_interval:
@@ -381,6 +433,8 @@ class Daemon:
                     await mqtt.stop_intake()
                 state.accepting = False
                 cut = await dispatcher.drain(self._drain_timeout)
+                if cluster is not None:
+                    await cluster.leave()
                 server.should_exit = True
                 for task in tasks[1:]:
                     task.cancel()
@@ -446,6 +500,7 @@ class Daemon:
             "spool.path",
             "spool.url",
             "spool.pool_size",
+            "cluster.lease",
             "mqtt",
             "dispatch.max_connections",
         ):
@@ -472,6 +527,8 @@ class Daemon:
             running.housekeeper.retention = config.spool.retention
             running.housekeeper.max_size = running.spool.max_size = config.spool.max_size
         running.dispatcher.update_phones(config.phone_targets())
+        if running.cluster is not None:
+            running.cluster.push_timeout = _push_timeouts(config)
         if self._health is not None:
             self._health.update(config)
         running.dispatcher.retry_unconfirmed = _retry_unconfirmed(config)
@@ -508,6 +565,38 @@ class Daemon:
         finally:
             for sig in handled:
                 loop.remove_signal_handler(sig)
+
+
+def _cluster(
+    config: Config, spool: Store, dispatcher: Dispatcher, metrics: Metrics
+) -> Cluster | None:
+    """The cluster on PostgreSQL (always on: one instance is a cluster of one); None on SQLite.
+
+    The dispatcher and the cluster do not know each other: the dispatcher's idle hook and
+    push gate are the cluster's methods, the cluster drives the dispatcher as its ``Lanes``.
+    """
+    if not config.spool.url:
+        return None
+    from phonepush.store.cluster import PostgresCluster
+    from phonepush.store.postgres import PostgresStore
+
+    assert isinstance(spool, PostgresStore)
+    cluster = Cluster(
+        PostgresCluster(spool),
+        dispatcher,
+        lease=config.cluster.lease,
+        registry=metrics.registry,
+    )
+    cluster.push_timeout = _push_timeouts(config)
+    dispatcher.on_idle = cluster.idle
+    dispatcher.gate = cluster.gate
+    return cluster
+
+
+def _push_timeouts(config: Config) -> Callable[[str], float]:
+    """Each phone's request timeout, for the cluster's push gate."""
+    timeouts = {name: target.timeout for name, target in config.phone_targets().items()}
+    return lambda phone: timeouts.get(phone, 10.0)
 
 
 def _mqtt_part(config: Config) -> str:

@@ -71,6 +71,7 @@ __all__ = [
     "AudioConfig",
     "AuthUserConfig",
     "AuthenticationConfig",
+    "ClusterConfig",
     "Config",
     "DispatchConfig",
     "EscalateConfig",
@@ -1071,6 +1072,24 @@ class HealthConfig(_Section):
         return self
 
 
+class ClusterConfig(_Section):
+    """``[cluster]``: how instances sharing one PostgreSQL store (``[spool] url``) coordinate.
+
+    ``lease`` is how long an instance's claim on a phone's lane and on the timers stays valid
+    after its last heartbeat (sent every third of it, timed by the database's clock): an instance
+    that dies has its work taken over by the others once its lease has run out. A shorter lease
+    means a faster takeover and more heartbeat writes. Ignored on SQLite (``[spool] path``).
+    """
+
+    lease: Duration = 10.0
+
+    @model_validator(mode="after")
+    def _lease(self) -> ClusterConfig:
+        if self.lease < 1:
+            raise ValueError("lease: must be at least 1s")
+        return self
+
+
 class HomeAssistantConfig(_Section):
     """``[homeassistant]``: phones, groups and acknowledging rules appear in Home Assistant as
     devices and entities by MQTT discovery (docs/integrations/home-assistant.md). Needs
@@ -1195,6 +1214,7 @@ class Config(BaseSettings):
     schedules: list[ScheduleConfig] = Field(default_factory=list)
     dispatch: DispatchConfig = Field(default_factory=DispatchConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     ack: AckConfig = Field(default_factory=AckConfig)
     audio: AudioConfig = Field(default_factory=AudioConfig)

@@ -118,6 +118,8 @@ class Dispatcher:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         on_outcome: Callable[[Outcome], Awaitable[None]] | None = None,
         on_reach: Callable[[str, bool, str], None] | None = None,
+        on_idle: Callable[[str], None] | None = None,
+        gate: Callable[[str], Awaitable[None] | None] | None = None,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
     ) -> None:
@@ -137,6 +139,12 @@ class Dispatcher:
         #: Told (phone, reachable, error) after each request, as phonepush_phone_up is set: a
         #: push is the freshest health check there is.
         self.on_reach = on_reach
+        #: Told the phone's name when its worker ran out of work (not when stopped): the cluster
+        #: releases the phone's claim then.
+        self.on_idle = on_idle
+        #: Asked before each request; an awaitable it returns is awaited first (the cluster holds
+        #: pushes while too little of its lease is left).
+        self.gate = gate
         self._clock = clock
         self._rng = rng
         # Per phone, while it has work: its queue and its worker (which ends when the queue is
@@ -152,6 +160,11 @@ class Dispatcher:
         self._idle.set()
         self._outstanding = 0
         self._cancelled: set[int] = set()  # no longer pending in the spool (acked, resolved)
+        # Ids queued, in flight, or finished but not yet written: submitted again (a cluster
+        # loads a phone's pending work from the store), they are ignored.
+        self._known: set[int] = set()
+        self._writing: set[int] = set()  # finished, being written by a flush
+        self._forgetting = False
         # Finished deliveries not yet written: answers that arrive together share one commit.
         self._finished: list[tuple[int, DeliveryState, str, int]] = []
         self._flush: asyncio.Handle | None = None
@@ -170,6 +183,9 @@ class Dispatcher:
     def submit(self, deliveries: Iterable[Delivery]) -> None:
         """Queue pending deliveries (after intake's commit, or on start from the spool)."""
         for delivery in deliveries:
+            if delivery.id in self._known:
+                continue
+            self._known.add(delivery.id)
             queue = self._queues.get(delivery.phone)
             if queue is None:
                 queue = self._queues[delivery.phone] = collections.deque()
@@ -185,6 +201,40 @@ class Dispatcher:
         """Drop deliveries the spool no longer has pending (acknowledged, resolved): a queued one
         is skipped, one waiting out a retry gives up; a request on the wire still finishes."""
         self._cancelled.update(delivery_ids)
+
+    def holds(self, delivery_id: int) -> bool:
+        """Whether the delivery is queued, in flight, or finished and not yet written."""
+        return delivery_id in self._known
+
+    def busy(self, phone: str) -> bool:
+        """Whether ``phone``'s worker is running."""
+        return phone in self._workers
+
+    async def flush(self) -> None:
+        """Write every delivery finished so far (also those a flush already under way has)."""
+        await self._flush_finished()
+        await asyncio.gather(*self._flushing, return_exceptions=True)
+
+    async def forget(self) -> None:
+        """Stop every phone's worker and drop the queues, without closing: the deliveries stay
+        pending in the spool (the cluster's fence: another instance takes them over). A request
+        cut on the wire ends ``unconfirmed`` as at shutdown."""
+        self._forgetting = True
+        try:
+            workers = list(self._workers.values())
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            self._workers.clear()
+            for queue in self._queues.values():
+                self._outstanding -= len(queue)
+            self._queues.clear()
+            self._known = {f[0] for f in self._finished} | self._writing
+            if self._outstanding <= 0:
+                self._outstanding = 0
+                self._idle.set()
+        finally:
+            self._forgetting = False
 
     @property
     def lanes(self) -> PhoneLanes:
@@ -230,6 +280,8 @@ class Dispatcher:
                 del self._workers[phone]
             if not queue and self._queues.get(phone) is queue:
                 del self._queues[phone]
+                if self.on_idle is not None and not self._closing and not self._forgetting:
+                    self.on_idle(phone)
 
     async def _deliver(self, delivery: Delivery) -> None:
         sent, attempts, error = delivery.sent, delivery.attempts, delivery.error
@@ -239,6 +291,7 @@ class Dispatcher:
         while True:
             if delivery.id in self._cancelled:
                 self._cancelled.discard(delivery.id)
+                self._known.discard(delivery.id)
                 return
             if self._clock() >= delivery.expires_at:
                 await self._finish(delivery, DeliveryState.EXPIRED, attempts, error or "TTL passed")
@@ -253,6 +306,10 @@ class Dispatcher:
                     while sent < len(delivery.requests):
                         if self._closing:
                             raise _Draining
+                        if self.gate is not None:
+                            waiting = self.gate(delivery.phone)
+                            if waiting is not None:
+                                await waiting
                         attempts += 1
                         try:
                             await self._send(delivery, sent)
@@ -390,8 +447,11 @@ class Dispatcher:
         finished, self._finished = self._finished, []
         if not finished:
             return
+        ids = {f[0] for f in finished}
+        self._writing |= ids
         try:
             await self._spool.deliveries.finish_many(finished)
+            self._known -= ids
         except SpoolError as exc:
             # Kept and written again later (a full disk comes back): dropped, they would stay
             # pending in the spool, counted against max_pending, until a restart sent them again.
@@ -401,6 +461,8 @@ class Dispatcher:
             if not self._closing:
                 loop = asyncio.get_running_loop()
                 self._flush = loop.call_later(self._retry_initial, self._start_flush)
+        finally:
+            self._writing -= ids
 
     async def _progress(
         self, delivery: Delivery, sent: int, attempts: int, error: str = ""

@@ -140,6 +140,9 @@ class Grouper:
         self._submit = submit
         self._clock = clock
         self._wake = asyncio.Event()
+        #: Told after a commit that joined a group (the cluster announces it: the instance that
+        #: flushes groups may be another one).
+        self.on_join: Callable[[], None] | None = None
         #: Silences and the configured quiet hours; set again by each (re)load (the builder's).
         self.quieting = Quieting(silences)
 
@@ -205,6 +208,12 @@ class Grouper:
             log.info("event %s joined a group of rule %s", event.id, group.rule)
         if staged.groups:
             self._wake.set()
+            if self.on_join is not None:
+                self.on_join()
+
+    def wake(self) -> None:
+        """A window may be due sooner than what the flush loop waits for: look again."""
+        self._wake.set()
 
     @staticmethod
     def _content(planned: PlannedRule) -> str:

@@ -338,11 +338,16 @@ class Silences:
         self._spool = spool
         self._clock = clock
         self._silences: dict[str, Silence] = {}
+        #: Told after a silence was added or expired (the cluster has the other instances
+        #: reload theirs).
+        self.on_change: Callable[[], None] | None = None
 
     async def load(self) -> None:
         """Read the silences from the spool (at start), forgetting those that have ended."""
         now = self._clock()
-        self._silences = {}
+        # Built aside and swapped in whole: a reload (the cluster's) never leaves events
+        # unsilenced while it reads.
+        loaded: dict[str, Silence] = {}
         for row in await self._spool.silences.all():
             try:
                 silence = Silence.from_stored(row)
@@ -351,9 +356,10 @@ class Silences:
                 log.error("spool silence %s is unreadable and is ignored: %s", row.id, exc)
                 continue
             if silence.ends_at > now:
-                self._silences[silence.id] = silence
+                loaded[silence.id] = silence
             else:
                 await self._spool.silences.delete(silence.id)
+        self._silences = loaded
 
     async def add(self, silence: Silence) -> None:
         """Store ``silence``; ``ValueError`` when :data:`MAX_SILENCES` are already in force."""
@@ -362,6 +368,8 @@ class Silences:
             raise ValueError(f"there are already {MAX_SILENCES} silences; expire some first")
         await self._spool.silences.add(silence.stored())
         self._silences[silence.id] = silence
+        if self.on_change is not None:
+            self.on_change()
         log.warning(
             "silence %s by %s until %s: %s (%s)",
             silence.id,
@@ -381,6 +389,8 @@ class Silences:
             return False
         await self._spool.silences.delete(silence_id)
         del self._silences[silence_id]
+        if self.on_change is not None:
+            self.on_change()
         log.warning("silence %s expired through the API", silence_id)
         return True
 

@@ -210,9 +210,30 @@ CREATE TABLE IF NOT EXISTS schedule_firings (
 )
 """
 
+# Version 2: the coordination of several instances (phonepush.cluster, store/cluster.py). A
+# claim's kind is 'phone' (that phone's lane) or 'timer' (name 'leader': repeats, group flushes,
+# housekeeping, health probes). The partial index finds the phones that have pending work.
+_SCHEMA_V2: Final = """
+CREATE TABLE IF NOT EXISTS cluster_instances (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    started_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cluster_claims (
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    since DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (kind, name)
+);
+CREATE INDEX IF NOT EXISTS cluster_claims_owner ON cluster_claims (owner);
+CREATE INDEX IF NOT EXISTS deliveries_pending_phone ON deliveries (phone) WHERE state = 'pending'
+"""
+
 #: The migrations, in order: ``MIGRATIONS[n - 1]`` takes a database from version n - 1 to n.
 #: A later version appends its statements here (never edits an earlier one).
-MIGRATIONS: Final[tuple[str, ...]] = (_SCHEMA_V1,)
+MIGRATIONS: Final[tuple[str, ...]] = (_SCHEMA_V1, _SCHEMA_V2)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 _TABLES: Final = (
@@ -230,6 +251,8 @@ _TABLES: Final = (
     "grouping_windows",
     "grouped_events",
     "schedule_firings",
+    "cluster_instances",
+    "cluster_claims",
 )
 _COUNT_PENDING: Final = "SELECT count(*) AS n FROM deliveries WHERE state = 'pending'"
 _PROBE: Final = (
@@ -488,6 +511,11 @@ class PostgresStore(Repositories, Backlog):
         """What :meth:`live_bytes` measured last (the database is on another host: nothing is
         read at scrape time)."""
         return self._bytes
+
+    async def dedicated_connection(self) -> psycopg.AsyncConnection[Row]:
+        """A connection of its own, outside the pool, in autocommit (LISTEN holds one for as
+        long as it listens; a pooled one would be taken from intake). The caller closes it."""
+        return await psycopg.AsyncConnection.connect(self.url, **self._kwargs)
 
     # -- statements, for the repositories --------------------------------------------------
 

@@ -54,6 +54,7 @@ from phonepush.store.records import (
 )
 
 __all__ = [
+    "DELIVERY_COLUMNS",
     "POSTGRES",
     "SQLITE",
     "Alerts",
@@ -66,6 +67,7 @@ __all__ = [
     "Schedules",
     "Silences",
     "Sql",
+    "delivery_of_row",
 ]
 
 
@@ -535,6 +537,17 @@ def _dump_requests(requests: Iterable[PushRequest]) -> str:
             raise ValueError(f"unknown push request kind {request.kind!r}")
         dumped.append([request.kind, request.xml])
     return json.dumps(dumped, ensure_ascii=False)
+
+
+#: The columns :func:`delivery_of_row` reads, for queries of the store's other modules.
+DELIVERY_COLUMNS: Final = _DELIVERY_COLUMNS
+
+
+def delivery_of_row(
+    row: Row, decoded: dict[str, tuple[PushRequest, ...]] | None = None
+) -> Delivery:
+    """A row of ``DELIVERY_COLUMNS`` as the :class:`Delivery` record."""
+    return _delivery(row, decoded)
 
 
 def _delivery(row: Row, decoded: dict[str, tuple[PushRequest, ...]] | None = None) -> Delivery:

@@ -1,0 +1,294 @@
+"""The cluster's coordination (phonepush.cluster, store/cluster.py) on a real PostgreSQL: two
+instances' claims, releases, adoptions and leadership over two stores on one database, with the
+dispatcher's side recorded by a stand-in that does what the cluster asks of it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from _daemon_fixtures import eventually
+from phonepush.cluster import Cluster
+from phonepush.errors import SpoolError
+from phonepush.store.cluster import PostgresCluster
+from phonepush.store.postgres import PostgresStore
+from phonepush.store.records import Delivery, DeliveryState, PushRequest
+
+LEASE = 1.5
+PAGE = (PushRequest("execute", "<CiscoIPPhoneExecute/>"),)
+
+
+class Lanes:
+    """The dispatcher as the cluster sees it: what it was handed, what it was told to drop."""
+
+    def __init__(self) -> None:
+        self.submitted: list[Delivery] = []
+        self.known: set[int] = set()
+        self.cancelled: list[int] = []
+        self.forgotten = 0
+
+    def submit(self, deliveries: Iterable[Delivery]) -> None:
+        for delivery in deliveries:
+            if delivery.id not in self.known:
+                self.known.add(delivery.id)
+                self.submitted.append(delivery)
+
+    def cancel(self, delivery_ids: Iterable[int]) -> None:
+        self.cancelled.extend(delivery_ids)
+
+    def holds(self, delivery_id: int) -> bool:
+        return delivery_id in self.known
+
+    def busy(self, phone: str) -> bool:
+        return False
+
+    async def flush(self) -> None:
+        return None
+
+    async def forget(self) -> None:
+        self.forgotten += 1
+        self.known.clear()
+
+    def ids(self) -> list[int]:
+        return [d.id for d in self.submitted]
+
+
+class Faulty(PostgresCluster):
+    """The real statements, with heartbeats that fail while ``down`` (a database out of reach
+    for this instance only)."""
+
+    down = False
+
+    async def heartbeat(self, *args: Any, **kwargs: Any) -> tuple[int, str]:
+        if self.down:
+            raise SpoolError("database out of reach (test)")
+        return await super().heartbeat(*args, **kwargs)
+
+
+@pytest.fixture
+async def stores(pg_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    async with PostgresStore(pg_url) as one, PostgresStore(pg_url) as two:
+        yield one, two
+
+
+async def _pending(store: PostgresStore, phone: str, *, audio: bool = False) -> Delivery:
+    return await store.deliveries.add_pending("ev", "rule", phone, () if audio else PAGE, 0.0, 4e9)
+
+
+# --- the statements -----------------------------------------------------------------------------
+
+
+async def test_a_phone_is_held_by_one_live_instance_and_released_only_without_pending_work(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = PostgresCluster(stores[0]), PostgresCluster(stores[1])
+    await a.heartbeat("a", "host", 30, rejoin=False)
+    await b.heartbeat("b", "host", 30, rejoin=False)
+    assert await a.claim("a", ["lobby", "office"]) == [("lobby", ""), ("office", "")]
+    assert await b.claim("b", ["lobby"]) == []
+    assert await a.claim("a", ["lobby"]) == [("lobby", "a")]
+
+    delivery = await _pending(stores[1], "lobby")
+    assert await a.release("a", "lobby") == "kept"
+    assert [d.id for d in await a.pending_of(["lobby"])] == [delivery.id]
+    await stores[0].deliveries.finish(delivery.id, DeliveryState.DELIVERED)
+    assert await a.release("a", "lobby") == "released"
+    assert await b.release("b", "office") == "lost"
+    assert await b.claim("b", ["lobby"]) == [("lobby", "")]
+
+
+async def test_phones_of_an_instance_whose_lease_ran_out_are_adopted_and_unclaimed_work_too(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = PostgresCluster(stores[0]), PostgresCluster(stores[1])
+    await a.heartbeat("a", "host", LEASE, rejoin=False)
+    await b.heartbeat("b", "host", 60, rejoin=False)
+    await a.claim("a", ["lobby"])
+    await _pending(stores[0], "lobby")
+    await _pending(stores[0], "office")  # committed, never claimed (its instance died)
+    await _pending(stores[0], "hall", audio=True)  # an audio page: the announcer's, not work
+
+    assert await b.adopt("b") == [("office", "")]
+    await asyncio.sleep(LEASE + 0.2)  # a's lease runs out by the database's clock
+    assert await b.adopt("b") == [("lobby", "a")]
+    assert await b.adopt("b") == []
+    # An instance that is not live takes nothing.
+    assert await a.claim("a", ["kitchen"]) == []
+    assert await a.adopt("a") == []
+
+
+async def test_the_leader_is_the_first_live_instance_and_changes_when_its_lease_runs_out(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = PostgresCluster(stores[0]), PostgresCluster(stores[1])
+    assert await a.heartbeat("a", "host", LEASE, rejoin=False) == (1, "a")
+    assert await b.heartbeat("b", "host", 60, rejoin=False) == (2, "a")
+    assert await a.heartbeat("a", "host", LEASE, rejoin=False) == (2, "a")
+    await asyncio.sleep(LEASE + 0.2)
+    assert await b.heartbeat("b", "host", 60, rejoin=False) == (1, "b")
+    # Back, a rejoins without its old claims and does not take the leadership back.
+    await a.claim("a", ["lobby"])
+    assert await a.heartbeat("a", "host", LEASE, rejoin=True) == (2, "b")
+    assert await b.claim("b", ["lobby"]) == [("lobby", "")]
+
+
+# --- two Cluster objects ------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _running(cluster: Cluster) -> AsyncIterator[Cluster]:
+    await cluster.start()
+    task = asyncio.create_task(cluster.run())
+    try:
+        yield cluster
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _cluster(
+    store: PostgresCluster, lanes: Lanes, name: str, registry: CollectorRegistry | None = None
+) -> Cluster:
+    registry = registry if registry is not None else CollectorRegistry()
+    return Cluster(store, lanes, lease=LEASE, registry=registry, instance=name)
+
+
+async def test_work_committed_through_another_instance_reaches_the_phones_holder(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    lanes_a, lanes_b = Lanes(), Lanes()
+    a = _cluster(PostgresCluster(stores[0]), lanes_a, "a")
+    b = _cluster(PostgresCluster(stores[1]), lanes_b, "b")
+    async with _running(a), _running(b):
+        first = await _pending(stores[0], "lobby")
+        a.submit([first])
+        await eventually(lambda: lanes_a.ids() == [first.id])
+        assert a.held == {"lobby"}
+
+        # b commits work for a phone a holds: b leaves it to a, which finds it when its
+        # worker for the phone goes idle (the release sees the pending row and keeps it).
+        second = await _pending(stores[1], "lobby")
+        b.submit([second])
+        await stores[0].deliveries.finish(first.id, DeliveryState.DELIVERED)
+        a.idle("lobby")
+        await eventually(lambda: lanes_a.ids() == [first.id, second.id])
+        assert lanes_b.submitted == []
+
+        # Nothing left: the release lets the phone go; b's next work is pushed by whoever
+        # claims the phone first (b's submit, or a scan that found it pending), once.
+        await stores[0].deliveries.finish(second.id, DeliveryState.DELIVERED)
+        a.idle("lobby")
+        await eventually(lambda: "lobby" not in a.held)
+        third = await _pending(stores[1], "lobby")
+        b.submit([third])
+        await eventually(lambda: third.id in lanes_a.ids() + lanes_b.ids())
+        assert (lanes_a.ids() + lanes_b.ids()).count(third.id) == 1
+        assert (a.held | b.held) == {"lobby"} and not (a.held & b.held)
+
+
+async def test_cancels_reach_the_instance_that_has_the_delivery(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    lanes_a, lanes_b = Lanes(), Lanes()
+    a = _cluster(PostgresCluster(stores[0]), lanes_a, "a")
+    b = _cluster(PostgresCluster(stores[1]), lanes_b, "b")
+    async with _running(b):
+        delivery = await _pending(stores[0], "lobby")
+        b.submit([delivery])
+        await eventually(lambda: lanes_b.ids() == [delivery.id])
+        async with _running(a):
+            a.cancel([delivery.id, 10**9])
+            await eventually(lambda: delivery.id in lanes_b.cancelled)
+            # An id b never had is not kept by b.
+            assert 10**9 not in lanes_b.cancelled
+
+
+async def test_an_instance_that_cannot_renew_its_lease_stops_and_the_other_takes_over(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    lanes_a, lanes_b = Lanes(), Lanes()
+    faulty = Faulty(stores[0])
+    a = _cluster(faulty, lanes_a, "a")
+    registry = CollectorRegistry()
+    b = _cluster(PostgresCluster(stores[1]), lanes_b, "b", registry)
+    async with _running(a):
+        assert a.leader
+        delivery = await _pending(stores[0], "lobby")
+        a.submit([delivery])
+        await eventually(lambda: lanes_a.ids() == [delivery.id])
+        async with _running(b):
+            assert not b.leader
+            faulty.down = True
+            await eventually(lambda: lanes_a.forgotten == 1, timeout=10)
+            assert a.held == frozenset() and not a.leader
+            assert a.remaining() == 0  # so no push starts (the dispatcher's gate waits)
+            await eventually(lambda: lanes_b.ids() == [delivery.id], timeout=10)
+            await eventually(lambda: b.leader, timeout=10)
+            assert registry.get_sample_value("phonepush_cluster_adopted_total") == 1
+            assert registry.get_sample_value("phonepush_cluster_leader") == 1
+            assert registry.get_sample_value("phonepush_cluster_phones") == 1
+
+            # The database answers again: a rejoins with nothing, b keeps what it took.
+            faulty.down = False
+            await eventually(lambda: a.remaining() > 0, timeout=10)
+            assert a.held == frozenset() and not a.leader
+            assert b.held == {"lobby"}
+
+
+# --- a daemon that loses its database -----------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_daemon_fenced_while_the_database_was_down_takes_its_work_again(
+    daemon_runner: Any, make_fleet: Any, pg_url: str, pg_cluster: Any, caplog: Any
+) -> None:
+    from _pg_fixtures import wait_until_accepting
+
+    caplog.set_level(logging.INFO)
+    fleet = await make_fleet(phones=1, names=["lobby"], tone_ms=10)
+    lobby = fleet.phone("lobby")
+    running = await daemon_runner.start(
+        {
+            "spool": {"url": pg_url},
+            "cluster": {"lease": "2s"},
+            "phones": [{"name": "lobby", "host": lobby.address}],
+            "rules": [
+                {
+                    "name": "alert",
+                    "on": "webhook:alert",
+                    "to": ["all"],
+                    "message": {"title": "Alert", "text": "{{ payload.text }}"},
+                }
+            ],
+        }
+    )
+    cluster = running.cluster
+    assert cluster is not None and cluster.leader
+    import httpx
+
+    async with httpx.AsyncClient(base_url=daemon_runner.url, timeout=30) as client:
+        assert (await client.post("/hooks/alert", json={"text": "one"})).status_code == 202
+        await eventually(lambda: lobby.state.pushes == 1)
+
+        await asyncio.to_thread(pg_cluster.stop, "fast")
+        try:
+            await eventually(lambda: cluster.remaining() == 0 and not cluster.leader, timeout=10)
+            assert "stopped pushing" in caplog.text
+        finally:
+            await asyncio.to_thread(pg_cluster.start)
+            await asyncio.to_thread(wait_until_accepting, pg_cluster)
+
+        async def accepted() -> bool:
+            answer = await client.post("/hooks/alert", json={"text": "two"})
+            return answer.status_code == 202
+
+        await eventually(accepted, timeout=30)
+        await eventually(lambda: lobby.state.pushes == 2, timeout=30)
+        assert cluster.leader
