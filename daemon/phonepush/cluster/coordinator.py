@@ -138,6 +138,10 @@ class Cluster:
         self._held: set[str] = set()
         #: Phones whose release failed or found work the dispatcher already had: tried again.
         self._unreleased: set[str] = set()
+        #: Phones being released -> whether work for them came meanwhile (claimed again once
+        #: the release is done: taken while it runs, the phone would be held here in memory but
+        #: released in the database, and another instance could claim it too).
+        self._releasing: dict[str, bool] = {}
         #: Until when (monotonic) the lease surely holds; None before the first heartbeat.
         self._valid_until: float | None = None
         self._fenced = False
@@ -234,6 +238,8 @@ class Cluster:
         for delivery in deliveries:
             if delivery.phone in self._held:
                 mine.append(delivery)
+            elif delivery.phone in self._releasing:
+                self._releasing[delivery.phone] = True
             else:
                 others.add(delivery.phone)
         if mine:
@@ -265,9 +271,12 @@ class Cluster:
     def gate(self, phone: str) -> Awaitable[None] | None:
         """For the dispatcher, before each request: None when enough of the lease is left for
         a push to ``phone`` to end inside it, else an awaitable that returns once it is."""
-        if self.remaining() > min(self.push_timeout(phone), self.lease / 2):
+        if self._enough_lease(phone):
             return None
         return self._until_lease(phone)
+
+    def _enough_lease(self, phone: str) -> bool:
+        return self.remaining() > min(self.push_timeout(phone), self.lease / 2)
 
     def idle(self, phone: str) -> None:
         """For the dispatcher: its worker for ``phone`` ran out of work."""
@@ -276,6 +285,7 @@ class Cluster:
         # Dropped before the release runs: a submit for the phone meanwhile claims it through
         # the database, which orders that claim against the release.
         self._held.discard(phone)
+        self._releasing[phone] = False
         self._tasks.spawn(self._release(phone, self._epoch), "cluster:release")
 
     async def lead(self, runner: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
@@ -386,7 +396,7 @@ class Cluster:
         await self._lanes.forget()
 
     async def _until_lease(self, phone: str) -> None:
-        while self.gate(phone) is not None:
+        while not self._enough_lease(phone):
             await self._renewed.wait()
 
     def _led(self, leading: bool) -> None:
@@ -441,6 +451,12 @@ class Cluster:
                 ", ".join(sorted(names)),
             )
         phones = {phone for phone, _ in claimed}
+        # A phone whose release is under way is claimed again once it is done (see submit).
+        for phone in phones & self._releasing.keys():
+            self._releasing[phone] = True
+        phones -= self._releasing.keys()
+        if not phones:
+            return
         self._held.update(phones)
         self._unreleased -= phones
         dead = {p for names in orphaned.values() for p in names}
@@ -463,10 +479,17 @@ class Cluster:
             result = await self._store.release(self.id, phone)
         except SpoolError as exc:
             log.warning("cluster: releasing phone %s failed: %s", phone, exc)
+            self._releasing.pop(phone, None)
             if epoch == self._epoch:
+                # Still ours in the database: the retry keeps it if work came meanwhile.
                 self._unreleased.add(phone)
             return
-        if result != "kept" or epoch != self._epoch:
+        again = self._releasing.pop(phone, False)
+        if epoch != self._epoch:
+            return
+        if result != "kept":
+            if again:
+                self._tasks.spawn(self._claim([phone]), "cluster:claim")
             return
         # Pending work came in for a phone held here (committed by another instance, or
         # finished here but not yet written): keep the phone and push what is there.

@@ -88,6 +88,10 @@ class _PhoneMetrics:
 _UNCONFIRMED: Final = "unconfirmed: "
 
 
+#: How many finished delivery ids the dispatcher remembers after writing them (~8 MB at most).
+_DONE_KEPT: Final = 100_000
+
+
 class _Draining(Exception):
     """Raised inside a worker between requests once shutdown has begun."""
 
@@ -163,6 +167,9 @@ class Dispatcher:
         # Ids queued, in flight, or finished but not yet written: submitted again (a cluster
         # loads a phone's pending work from the store), they are ignored.
         self._known: set[int] = set()
+        # Ids lately written finished (oldest first, bounded): a cluster's read of a phone's
+        # pending work that began before the write can hand them over again after it.
+        self._done: dict[int, None] = {}
         self._writing: set[int] = set()  # finished, being written by a flush
         self._forgetting = False
         # Finished deliveries not yet written: answers that arrive together share one commit.
@@ -183,7 +190,7 @@ class Dispatcher:
     def submit(self, deliveries: Iterable[Delivery]) -> None:
         """Queue pending deliveries (after intake's commit, or on start from the spool)."""
         for delivery in deliveries:
-            if delivery.id in self._known:
+            if delivery.id in self._known or delivery.id in self._done:
                 continue
             self._known.add(delivery.id)
             queue = self._queues.get(delivery.phone)
@@ -452,6 +459,10 @@ class Dispatcher:
         try:
             await self._spool.deliveries.finish_many(finished)
             self._known -= ids
+            done = self._done
+            done.update(dict.fromkeys(ids))
+            for _ in range(len(done) - _DONE_KEPT):
+                del done[next(iter(done))]
         except SpoolError as exc:
             # Kept and written again later (a full disk comes back): dropped, they would stay
             # pending in the spool, counted against max_pending, until a restart sent them again.

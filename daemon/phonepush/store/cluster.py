@@ -85,7 +85,11 @@ _CLAIM: Final = (
     " ON CONFLICT (kind, name) DO UPDATE SET owner = excluded.owner, since = excluded.since"
     f" WHERE cluster_claims.owner = excluded.owner OR NOT {_LIVE}"
     " RETURNING name)"
-    " SELECT claimed.name, coalesce(prev.owner, '') AS previous"
+    # The owner it was taken from, only if that owner is not live: a live one released the
+    # phone while this waited (its snapshot still showed it), which is no takeover.
+    " SELECT claimed.name, CASE WHEN prev.owner IS NULL OR EXISTS (SELECT 1"
+    f" FROM cluster_instances i WHERE i.id = prev.owner AND i.expires_at > {_NOW})"
+    " THEN '' ELSE prev.owner END AS previous"
     " FROM claimed LEFT JOIN prev USING (name)"
 )
 # (a) phones whose owner is not live: locked SKIP LOCKED, so survivors scanning at once take
@@ -160,7 +164,8 @@ class PostgresCluster:
 
     async def claim(self, instance: str, phones: Sequence[str]) -> list[tuple[str, str]]:
         """Claim ``phones`` for ``instance`` where it holds them or their owner is not live;
-        (phone, previous owner or '') of each it now holds."""
+        (phone, the owner it was taken from when that one was not live, else '') of each it
+        now holds."""
         unique = sorted(set(phones))
         rows = await self._store.rows(
             _CLAIM, (unique, instance, unique, instance), "cannot claim phones"
