@@ -529,6 +529,10 @@ def run_setup(
             fan = fanout(daemons, phones, args, first_mark=1)
             thr = throughput(daemons, phones, cluster, args, first_mark=1000)
             logs = [(d.workdir / "daemon.log").read_text(errors="replace") for d in daemons]
+            if args.logs is not None:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for number, log_text in enumerate(logs):
+                    (args.logs / f"{label}-{number}.log").write_text(log_text)
     return {
         "setup": label,
         "instances": count,
@@ -563,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-after", type=float, default=1.0, help="seconds after the burst")
     parser.add_argument("--takeover-timeout", type=float, default=30.0)
     parser.add_argument("--quick", action="store_true", help="smoke pass: 20 phones, 2 instances")
+    parser.add_argument(
+        "--logs", type=Path, default=None, help="keep each setup's daemon logs in this folder"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.instances, args.phones, args.per_event, args.events, args.rounds = "2", 20, 5, 40, 1

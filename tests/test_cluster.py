@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import pytest
@@ -96,11 +96,11 @@ async def test_a_phone_is_held_by_one_live_instance_and_released_only_without_pe
     assert await a.claim("a", ["lobby"]) == [("lobby", "")]
 
     delivery = await _pending(stores[1], "lobby")
-    assert await a.release("a", "lobby") == "kept"
+    assert await a.release("a", ["lobby"]) == {"lobby": "kept"}
     assert [d.id for d in await a.pending_of(["lobby"])] == [delivery.id]
     await stores[0].deliveries.finish(delivery.id, DeliveryState.DELIVERED)
-    assert await a.release("a", "lobby") == "released"
-    assert await b.release("b", "office") == "lost"
+    assert await a.release("a", ["lobby", "office"]) == {"lobby": "released", "office": "released"}
+    assert await b.release("b", ["office"]) == {"office": "lost"}
     assert await b.claim("b", ["lobby"]) == [("lobby", "")]
 
 
@@ -304,11 +304,11 @@ class SlowRelease(PostgresCluster):
         self.go = asyncio.Event()
         self.released: list[str] = []
 
-    async def release(self, instance: str, phone: str) -> str:
+    async def release(self, instance: str, phones: Sequence[str]) -> dict[str, str]:
         self.entered.set()
         await self.go.wait()
-        result = await super().release(instance, phone)
-        self.released.append(result)
+        result = await super().release(instance, phones)
+        self.released.extend(result.values())
         return result
 
 

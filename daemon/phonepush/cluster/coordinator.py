@@ -87,6 +87,8 @@ log = logging.getLogger("phonepush.cluster")
 
 #: Notifications received within this long of each other lead to one adoption scan.
 _SCAN_COALESCE: Final = 0.05
+#: Phones whose workers go idle within this long of each other are released in one transaction.
+_RELEASE_COALESCE: Final = 0.02
 #: ``cancel:`` payloads stay under PostgreSQL's 8000-byte limit on a notification.
 _CANCEL_CHUNK: Final = 7000
 
@@ -142,6 +144,8 @@ class Cluster:
         #: the release is done: taken while it runs, the phone would be held here in memory but
         #: released in the database, and another instance could claim it too).
         self._releasing: dict[str, bool] = {}
+        #: Phones gone idle, not yet in a release transaction.
+        self._to_release: set[str] = set()
         #: Until when (monotonic) the lease surely holds; None before the first heartbeat.
         self._valid_until: float | None = None
         self._fenced = False
@@ -152,6 +156,7 @@ class Cluster:
         self._tasks = Tasks()
         self._leadership = Leadership(self._led)
         self._scans = Coalesced(self._adopt, self._tasks, "cluster:scan", _SCAN_COALESCE)
+        self._releases = Coalesced(self._release, self._tasks, "cluster:release", _RELEASE_COALESCE)
         self._work = Coalesced(
             functools.partial(self._notify, "work"), self._tasks, "cluster:notify"
         )
@@ -286,7 +291,10 @@ class Cluster:
         # the database, which orders that claim against the release.
         self._held.discard(phone)
         self._releasing[phone] = False
-        self._tasks.spawn(self._release(phone, self._epoch), "cluster:release")
+        # Released together with the phones that go idle with it (a fan-out's phones finish
+        # together): one transaction instead of one each.
+        self._to_release.add(phone)
+        self._releases.poke()
 
     async def lead(self, runner: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
         """Run ``runner()`` while this instance leads, cancel it when it stops leading; for
@@ -302,6 +310,7 @@ class Cluster:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._scans.close()
+        self._releases.close()
         self._work.close()
         await self._tasks.cancel()
         self._leadership.set(False)
@@ -386,6 +395,7 @@ class Cluster:
         held = len(self._held)
         self._held.clear()
         self._unreleased.clear()
+        self._to_release.clear()
         self._leadership.set(False)
         log.warning(
             "cluster: lease of instance %s not renewed in time; stopped pushing (%d phone(s)"
@@ -473,39 +483,59 @@ class Cluster:
             return
         self._lanes.submit(pending)
 
-    async def _release(self, phone: str, epoch: int) -> None:
+    async def _release(self) -> None:
+        phones, self._to_release = sorted(self._to_release), set()
+        if not phones:
+            return
+        if not self._live():
+            # Fenced (or leaving): nothing is held; a rejoin drops the claims in the database.
+            for phone in phones:
+                self._releasing.pop(phone, None)
+            return
+        epoch = self._epoch
         try:
             await self._lanes.flush()
-            result = await self._store.release(self.id, phone)
+            results = await self._store.release(self.id, phones)
         except SpoolError as exc:
-            log.warning("cluster: releasing phone %s failed: %s", phone, exc)
-            self._releasing.pop(phone, None)
+            log.warning("cluster: releasing %d phone(s) failed: %s", len(phones), exc)
+            for phone in phones:
+                self._releasing.pop(phone, None)
             if epoch == self._epoch:
-                # Still ours in the database: the retry keeps it if work came meanwhile.
-                self._unreleased.add(phone)
+                # Still ours in the database: the retry keeps those that got work meanwhile.
+                self._unreleased.update(phones)
             return
-        again = self._releasing.pop(phone, False)
+        kept: list[str] = []
+        again: list[str] = []
+        for phone in phones:
+            came = self._releasing.pop(phone, False)
+            if results.get(phone) == "kept":
+                kept.append(phone)
+            elif came:
+                again.append(phone)
         if epoch != self._epoch:
             return
-        if result != "kept":
-            if again:
-                self._tasks.spawn(self._claim([phone]), "cluster:claim")
+        if again:
+            self._tasks.spawn(self._claim(again), "cluster:claim")
+        if not kept:
             return
-        # Pending work came in for a phone held here (committed by another instance, or
-        # finished here but not yet written): keep the phone and push what is there.
-        self._held.add(phone)
+        # Pending work came in for phones held here (committed by another instance, or
+        # finished here but not yet written): keep them and push what is there.
+        self._held.update(kept)
         try:
-            pending = await self._store.pending_of([phone])
+            pending = await self._store.pending_of(kept)
         except SpoolError as exc:
-            log.warning("cluster: reading the pending deliveries of %s: %s", phone, exc)
+            log.warning(
+                "cluster: reading the pending deliveries of %d phone(s): %s", len(kept), exc
+            )
             pending = []
         if epoch != self._epoch:
             return
         self._lanes.submit(pending)
-        if not self._lanes.busy(phone):
-            # Everything found is still the dispatcher's (finished, not yet written): look
-            # again at the next heartbeat.
-            self._unreleased.add(phone)
+        for phone in kept:
+            if not self._lanes.busy(phone):
+                # Everything found is still the dispatcher's (finished, not yet written):
+                # look again at the next heartbeat.
+                self._unreleased.add(phone)
 
     def _retry_releases(self) -> None:
         for phone in sorted(self._unreleased):

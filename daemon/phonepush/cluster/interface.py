@@ -27,7 +27,9 @@ class ClusterStore(Protocol):
 
     async def adopt(self, instance: str) -> list[tuple[str, str]]: ...
 
-    async def release(self, instance: str, phone: str) -> str: ...
+    async def release(self, instance: str, phones: Sequence[str]) -> dict[str, str]:
+        """phone -> ``released``, ``kept`` (it has pending work) or ``lost`` (not ours)."""
+        ...
 
     async def pending_of(
         self, phones: Collection[str], *, audio_of: Collection[str] = ()

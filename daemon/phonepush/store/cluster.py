@@ -12,7 +12,7 @@ instance row's ``expires_at`` is after that clock.
 
 Why the release cannot strand work
     A phone's claim is released only by :meth:`PostgresCluster.release`, in one transaction that
-    first locks the claim row (``FOR UPDATE``) and only then, in a second statement with a
+    first locks the claim rows (``FOR UPDATE``) and only then, in a second statement with a
     snapshot of its own, deletes it if the phone has no pending delivery. Another instance that
     committed a delivery for that phone tries to claim the phone *after* its commit, with an
     upsert on the same row. Either that upsert reaches the row first (it was already committed,
@@ -114,14 +114,15 @@ _ADOPT_UNCLAIMED: Final = (
     " ON CONFLICT (kind, name) DO NOTHING"
     " RETURNING name, '' AS previous"
 )
-_LOCK_CLAIM: Final = (
-    "SELECT 1 AS held FROM cluster_claims WHERE kind = 'phone' AND name = %s AND owner = %s"
-    " FOR UPDATE"
+_LOCK_CLAIMS: Final = (
+    "SELECT name FROM cluster_claims WHERE kind = 'phone' AND owner = %s AND name = ANY(%s)"
+    " ORDER BY name FOR UPDATE"
 )
 _RELEASE: Final = (
-    "DELETE FROM cluster_claims WHERE kind = 'phone' AND name = %s AND owner = %s"
-    " AND NOT EXISTS (SELECT 1 FROM deliveries"
-    " WHERE phone = %s AND state = 'pending' AND requests <> '[]')"
+    "DELETE FROM cluster_claims c WHERE c.kind = 'phone' AND c.owner = %s AND c.name = ANY(%s)"
+    " AND NOT EXISTS (SELECT 1 FROM deliveries d"
+    " WHERE d.phone = c.name AND d.state = 'pending' AND d.requests <> '[]')"
+    " RETURNING c.name"
 )
 _PENDING_OF: Final = (
     f"SELECT {DELIVERY_COLUMNS} FROM deliveries WHERE state = 'pending' AND phone = ANY(%s)"
@@ -182,18 +183,20 @@ class PostgresCluster:
         unclaimed = await store.rows(_ADOPT_UNCLAIMED, (instance, instance), "cannot adopt phones")
         return [(row["name"], row["previous"]) for row in (*orphans, *unclaimed)]
 
-    async def release(self, instance: str, phone: str) -> str:
-        """Give up ``phone`` unless it has pending pushes: ``released``, ``kept`` (pending work
-        is there: load it), or ``lost`` (not this instance's any more)."""
+    async def release(self, instance: str, phones: Sequence[str]) -> dict[str, str]:
+        """Give up each of ``phones`` that has no pending push, in one transaction: phone ->
+        ``released``, ``kept`` (pending work is there: load it), or ``lost`` (not this
+        instance's any more)."""
         store = self._store
+        unique = sorted(set(phones))
         async with store.atomic("cluster release"):
-            held = await store.row(_LOCK_CLAIM, (phone, instance), "cannot release a phone")
-            if held is None:
-                return "lost"
-            deleted = await store.write(
-                _RELEASE, (phone, instance, phone), "cannot release a phone"
-            )
-        return "released" if deleted else "kept"
+            # Locked in name order, as claims lock them: no deadlock with a claim of many.
+            held = await store.rows(_LOCK_CLAIMS, (instance, unique), "cannot release phones")
+            released = await store.rows(_RELEASE, (instance, unique), "cannot release phones")
+        results = dict.fromkeys(unique, "lost")
+        results.update(dict.fromkeys((row["name"] for row in held), "kept"))
+        results.update(dict.fromkeys((row["name"] for row in released), "released"))
+        return results
 
     async def pending_of(
         self, phones: Collection[str], *, audio_of: Collection[str] = ()
