@@ -276,12 +276,10 @@ class Cluster:
     def gate(self, phone: str) -> Awaitable[None] | None:
         """For the dispatcher, before each request: None when enough of the lease is left for
         a push to ``phone`` to end inside it, else an awaitable that returns once it is."""
-        if self._enough_lease(phone):
+        need = min(self.push_timeout(phone), self.lease / 2)
+        if self.remaining() > need:
             return None
-        return self._until_lease(phone)
-
-    def _enough_lease(self, phone: str) -> bool:
-        return self.remaining() > min(self.push_timeout(phone), self.lease / 2)
+        return self._until_lease(need)
 
     def idle(self, phone: str) -> None:
         """For the dispatcher: its worker for ``phone`` ran out of work."""
@@ -405,8 +403,8 @@ class Cluster:
         )
         await self._lanes.forget()
 
-    async def _until_lease(self, phone: str) -> None:
-        while not self._enough_lease(phone):
+    async def _until_lease(self, need: float) -> None:
+        while self.remaining() <= need:
             await self._renewed.wait()
 
     def _led(self, leading: bool) -> None:
