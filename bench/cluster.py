@@ -482,7 +482,13 @@ def takeover(
     first = pushes.first_answers(pairs)
     victims = {pair for pair in owed if taken_in[pair[0]] == k}
     victims_done = [first[pair] - killed for pair in victims if pair in first]
-    in_flight = sum(1 for pair in pairs - owed if first.get(pair, float("inf")) > killed)
+    # Pushes a phone had taken in and not yet answered when the killed instance died (the phone
+    # finishes them; the dead instance never hears the answer): what may be pushed twice.
+    in_flight = sum(
+        1
+        for phone, mark, arrived, answered in pushes.log
+        if mark >= 0 and arrived <= killed < answered and phone in victims_phones
+    )
     return {
         "phones": phones.count,
         "events": args.takeover_events,
