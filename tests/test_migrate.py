@@ -342,10 +342,9 @@ def test_the_cluster_guides_configuration_is_one_the_daemon_takes(tmp_path: Path
     text = (Path(__file__).parent.parent / "docs" / "cluster.md").read_text()
     (block,) = re.findall(r"```toml\n(.*?)```", text, re.S)
     data = tomllib.loads(block)
-    # [cluster] comes with the cluster work; the rest must be keys that exist, valid as shown.
-    data.pop("cluster")
     for name in ("db-password", "webhook-token"):
         (tmp_path / name).write_text("s3cret\n")
     config = parse_config(data, environ={}, base_dir=tmp_path)
     assert config.spool.url.startswith("postgresql://") and config.mqtt is not None
     assert config.server.public_url == "http://phonepush.example.net"
+    assert config.cluster.lease == 10.0
