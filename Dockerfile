@@ -18,7 +18,7 @@ RUN python3 -m venv /opt/phonepush
 COPY pyproject.toml README.md ./
 COPY daemon ./daemon
 # pip and setuptools are not needed at run time; leaving them out keeps the image smaller.
-RUN /opt/phonepush/bin/pip install . \
+RUN /opt/phonepush/bin/pip install '.[postgres]' \
     && /opt/phonepush/bin/pip uninstall -y pip setuptools
 
 FROM ${BASE_IMAGE}
