@@ -352,3 +352,25 @@ async def test_work_arriving_while_a_phone_is_released_keeps_memory_and_database
             await asyncio.sleep(0.01)
         owner = await _owner(stores[0], "lobby")
         assert ("lobby" in a.held) == (owner == "a"), (a.held, owner, slow.released)
+
+
+async def test_the_leaders_word_on_a_full_store_reaches_every_instance(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    # Only the leader measures the shared store against max_size; the others refuse events
+    # (spool full) on its word, and take them again when it says so.
+    heard: list[bool] = []
+    a = _cluster(PostgresCluster(stores[0]), Lanes(), "a")
+    b = _cluster(PostgresCluster(stores[1]), Lanes(), "b")
+    b.on_full = heard.append
+    async with _running(a), _running(b):
+
+        async def told(full: bool) -> bool:
+            # Said again until heard: b may not be listening yet when the first one goes out.
+            a.announce(f"full:{int(full)}")
+            await asyncio.sleep(0.05)
+            return bool(heard) and heard[-1] is full
+
+        await eventually(lambda: told(True))
+        await eventually(lambda: told(False))
+        assert set(heard) == {True, False}

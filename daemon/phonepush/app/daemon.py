@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import signal
@@ -250,7 +251,15 @@ class Daemon:
             repeater = Repeater(spool, metrics=metrics, submit=submit)
             wake_repeats: Callable[[], None] = repeater.wake
             if cluster is not None:
-                silences.on_change = cluster.notify_silences
+                silences.on_change = functools.partial(cluster.announce, "silences")
+                # Only the leader measures the shared store: the others refuse events (spool
+                # full) on its word.
+                housekeeper.on_full = lambda full: cluster.announce(f"full:{int(full)}")
+
+                def store_full(full: bool) -> None:
+                    spool.full = full
+
+                cluster.on_full = store_full
                 grouper.on_join = cluster.notify_work
                 cluster.reload_silences = silences.load
 

@@ -58,7 +58,9 @@ Notifications (channel ``phonepush``, one connection of its own, reconnected wit
     instance leaves: an adoption scan (at most one per 50 ms) and a wake-up of the leader's
     repeater and grouper. ``cancel:<ids>`` from whoever cancels deliveries: every instance drops
     them from its queues. ``silences`` after a silence is added or expired: every instance reloads
-    its silences (also every lease, in case a notification was missed).
+    its silences (also every lease, in case a notification was missed). ``full:1``/``full:0``
+    after the leader's size check: every instance refuses events, or takes them again, on its
+    word (only the leader measures the shared store).
 """
 
 from __future__ import annotations
@@ -102,6 +104,10 @@ def _nothing() -> None:
     return None
 
 
+def _ignore(full: bool) -> None:
+    return None
+
+
 async def _keep(deliveries: list[Delivery]) -> list[Delivery]:
     return deliveries
 
@@ -135,6 +141,9 @@ class Cluster:
         self._clock = clock
         self.wake: Callable[[], None] = _nothing
         self.reload_silences: Callable[[], Awaitable[None]] | None = None
+        #: Told what the leader's size check says (``full:1``/``full:0``): only the leader
+        #: measures the shared store against ``max_size``.
+        self.on_full: Callable[[bool], None] = _ignore
         self.abandon: Callable[[list[Delivery]], Awaitable[list[Delivery]]] = _keep
         #: Phones whose claim this instance holds and acts on.
         self._held: set[str] = set()
@@ -270,8 +279,10 @@ class Cluster:
         more after it if asked meanwhile)."""
         self._work.poke()
 
-    def notify_silences(self) -> None:
-        self._tasks.spawn(self._notify("silences"), "cluster:notify")
+    def announce(self, payload: str) -> None:
+        """Tell every instance (this one too): ``silences`` after a silence changed, ``full:1``
+        or ``full:0`` after the leader's size check."""
+        self._tasks.spawn(self._notify(payload), "cluster:notify")
 
     def gate(self, phone: str) -> Awaitable[None] | None:
         """For the dispatcher, before each request: None when enough of the lease is left for
@@ -557,6 +568,8 @@ class Cluster:
             # Only what is here: a cancel of a delivery this instance never had would be kept
             # for ever in the dispatcher's cancelled set.
             self._lanes.cancel([i for i in ids if self._lanes.holds(i)])
+        elif payload in ("full:1", "full:0"):
+            self.on_full(payload == "full:1")
         elif payload == "silences":
             self._tasks.spawn(self._reload_silences(), "cluster:silences")
 

@@ -67,6 +67,9 @@ class Housekeeper:
         self.longest_batch = 0.0
         self._next_retention = 0.0
         self._failing = False
+        #: Told ``spool.full`` after each size check (a cluster's leader tells the other
+        #: instances, which do not check the size themselves).
+        self.on_full: Callable[[bool], None] | None = None
 
     async def run(self) -> None:
         while True:
@@ -100,6 +103,8 @@ class Housekeeper:
                     _days(self.retention),
                 )
         await self.enforce_size()
+        if self.max_size is not None and self.on_full is not None:
+            self.on_full(self.spool.full)
 
     async def enforce_size(self) -> None:
         """Evict finished events while the spool is over ``max_size``; set ``spool.full`` when
