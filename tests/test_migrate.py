@@ -122,7 +122,7 @@ async def test_a_spool_of_an_older_format_moves_and_is_left_as_it_was(
 
     code, out, err = await phonepush("migrate", "--from", str(path), "--to", pg_url)
     assert code == 0, err
-    assert "migrated 1 events (1 pending deliveries)" in out
+    assert "migrated 1 event (1 pending delivery)" in out
     assert "schedule_firings  0" in out
     assert path.read_bytes() == before
     assert sorted(tmp_path.iterdir()) == files
@@ -301,7 +301,7 @@ async def test_a_daemon_on_the_migrated_database_resumes_serves_pages_and_takes_
     code, out, err = await phonepush("migrate", "--from", str(daemon_runner.spool), "--to", pg_url)
     assert code == 0, err
     assert out.splitlines()[-1] == (
-        f"migrated 3 events (1 pending deliveries) from {daemon_runner.spool} to {pg_url}"
+        f"migrated 3 events (1 pending delivery) from {daemon_runner.spool} to {pg_url}"
     )
 
     await office.set_fault("none")

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 
 from phonepush.config import SpoolConfig
 from phonepush.errors import SpoolError
+from phonepush.logs import counted
 
 if TYPE_CHECKING:
     from phonepush.store.migrate import Copied
@@ -99,7 +100,8 @@ def main(argv: Sequence[str], prog: str = "phonepush migrate") -> int:
     for name, rows in copied.tables:
         print(f"{name:<{width}}  {rows}")
     print(
-        f"migrated {copied.events} events ({copied.pending} pending deliveries)"
+        f"migrated {counted(copied.events, 'event')}"
+        f" ({counted(copied.pending, 'pending delivery', 'pending deliveries')})"
         f" from {args.source} to {redact_url(url)}"
     )
     return 0
