@@ -484,7 +484,7 @@ class Cluster:
             if dead and any(d.kind is DeliveryKind.AUDIO for d in pending):
                 pending = await self.abandon(pending)
         except SpoolError as exc:
-            log.warning("cluster: reading the pending deliveries of adopted phones: %s", exc)
+            log.warning("cluster: reading the pending deliveries of phones taken: %s", exc)
             # Held but not loaded: release them, so a scan (here or elsewhere) takes them again.
             self._unreleased |= phones
             return
@@ -529,21 +529,13 @@ class Cluster:
             return
         # Pending work came in for phones held here (committed by another instance, or
         # finished here but not yet written): keep them and push what is there.
-        self._held.update(kept)
-        try:
-            pending = await self._store.pending_of(kept)
-        except SpoolError as exc:
-            log.warning(
-                "cluster: reading the pending deliveries of %d phone(s): %s", len(kept), exc
-            )
-            pending = []
+        await self._took([(phone, "") for phone in kept], epoch)
         if epoch != self._epoch:
             return
-        self._lanes.submit(pending)
         for phone in kept:
             if not self._lanes.busy(phone):
-                # Everything found is still the dispatcher's (finished, not yet written):
-                # look again at the next heartbeat.
+                # Everything found is still the dispatcher's (finished, not yet written), or
+                # it could not be read: look again at the next heartbeat.
                 self._unreleased.add(phone)
 
     def _retry_releases(self) -> None:
