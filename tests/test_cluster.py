@@ -354,6 +354,42 @@ async def test_work_arriving_while_a_phone_is_released_keeps_memory_and_database
         assert ("lobby" in a.held) == (owner == "a"), (a.held, owner, slow.released)
 
 
+class SlowReleaseFaulty(SlowRelease, Faulty):
+    """A release that waits for ``go`` and heartbeats that fail while ``down``."""
+
+
+async def test_a_phone_waiting_for_its_release_when_the_lease_ran_out_takes_work_after_rejoin(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    # One phone's release is in flight, the next phone that goes idle waits behind it; then
+    # the lease runs out. After the rejoin, that second phone's new work must be pushed: it
+    # was once kept waiting for ever for a release the fence had thrown away.
+    lanes = Lanes()
+    store = SlowReleaseFaulty(stores[0])
+    a = _cluster(store, lanes, "a")
+    async with _running(a):
+        first = [await _pending(stores[0], phone) for phone in ("lobby", "office")]
+        a.submit(first)
+        await eventually(lambda: a.held == {"lobby", "office"})
+        for delivery in first:
+            await stores[0].deliveries.finish(delivery.id, DeliveryState.DELIVERED)
+        a.idle("lobby")
+        await store.entered.wait()
+        a.idle("office")
+
+        store.down = True
+        await eventually(lambda: lanes.forgotten == 1, timeout=10)
+        store.go.set()
+        store.down = False
+        await eventually(lambda: a.remaining() > 0, timeout=10)
+
+        later = await _pending(stores[0], "office")
+        a.submit([later])
+        await eventually(lambda: later.id in lanes.ids(), timeout=10)
+        assert "office" in a.held
+        assert await _owner(stores[0], "office") == "a"
+
+
 async def test_the_leaders_word_on_a_full_store_reaches_every_instance(
     stores: tuple[PostgresStore, PostgresStore],
 ) -> None:

@@ -404,6 +404,11 @@ class Cluster:
         held = len(self._held)
         self._held.clear()
         self._unreleased.clear()
+        # Phones waiting for a release that will not run now: no longer being released, or a
+        # submit after the rejoin would wait for it for ever and their work would stay pending.
+        # (A release in flight clears its own phones when it ends, whatever its outcome.)
+        for phone in self._to_release:
+            self._releasing.pop(phone, None)
         self._to_release.clear()
         self._leadership.set(False)
         log.warning(
