@@ -275,8 +275,17 @@ async def test_a_daemon_fenced_while_the_database_was_down_takes_its_work_again(
     import httpx
 
     async with httpx.AsyncClient(base_url=daemon_runner.url, timeout=30) as client:
-        assert (await client.post("/hooks/alert", json={"text": "one"})).status_code == 202
-        await eventually(lambda: lobby.state.pushes == 1)
+        one = await client.post("/hooks/alert", json={"text": "one"})
+        assert one.status_code == 202
+
+        async def delivered(event: str) -> bool:
+            # Written, not only pushed: stopped while the phone fetched its page, the push
+            # would fail (the page unreadable) and be pushed again, a push more than counted.
+            answer = await client.get(f"/api/events/{event}")
+            return [d["state"] for d in answer.json()["deliveries"]] == ["delivered"]
+
+        await eventually(lambda: delivered(one.json()["event"]), timeout=10)
+        assert lobby.state.pushes == 1
 
         await asyncio.to_thread(pg_cluster.stop, "fast")
         try:
