@@ -133,6 +133,16 @@ def create_app(state: ServerState) -> Starlette:
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
+    async def spool_failing(request: Request, exc: Exception) -> Response:
+        # Any route that read the store while it was out of reach (a phone fetching its page,
+        # the console's views): a 503 its caller tries again, one line in the log rather than
+        # a traceback. Only the path's first segment: the rest may be an Ack token.
+        where = request.url.path.split("/")[1]
+        log.warning("%s /%s/…: spool failing: %s", request.method, where, exc)
+        return _error(
+            503, "spool unavailable, try again later", **{"Retry-After": str(state.retry_after)}
+        )
+
     routes = [
         Route("/hooks/{name}", hook, methods=["POST"]),
         Route("/pages/{page_id}", page, methods=["GET"]),
@@ -144,7 +154,11 @@ def create_app(state: ServerState) -> Starlette:
         *authenticate_routes(lambda: state.authenticator),
         *console_routes(state, event_status=event_status, parse_silence=parse_silence),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(_HeadChecks)])
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(_HeadChecks)],
+        exception_handlers={SpoolError: spool_failing},
+    )
 
 
 class _HeadChecks:
