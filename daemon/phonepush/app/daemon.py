@@ -169,6 +169,7 @@ class Daemon:
         self._screens = screens
         self._scheduler: Scheduler | None = None
         self._health: Health | None = None
+        self._shared: SharedHealth | None = None
         self._homeassistant: HomeAssistant | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -234,7 +235,7 @@ class Daemon:
             )
             dispatcher.on_reach = health.reached
             cluster = self._cluster = _cluster(config, spool, dispatcher, metrics)
-            shared = _shared_health(spool, health, cluster)
+            shared = self._shared = _shared_health(spool, health, cluster)
             # Where committed work and cancels go: the cluster on PostgreSQL (it pushes what
             # this instance holds and tells the others), the dispatcher itself on SQLite.
             submit: Callable[[Sequence[Delivery]], None] = dispatcher.submit
@@ -546,6 +547,8 @@ class Daemon:
             running.cluster.push_timeout = _push_timeouts(config)
         if self._health is not None:
             self._health.update(config)
+        if self._shared is not None:
+            self._shared.reread()
         running.dispatcher.retry_unconfirmed = _retry_unconfirmed(config)
         if running.mqtt is not None:
             running.mqtt.update_filters(built.pipeline.book.mqtt_filters)

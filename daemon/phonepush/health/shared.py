@@ -125,6 +125,11 @@ class SharedHealth:
         self._noted.add(state.name)
         self._wake.set()
 
+    def reread(self) -> None:
+        """Read the whole table next time: a phone a reload added (or moved) is known to the
+        other instances already, and its row may not be written again for a while."""
+        self._after = -math.inf
+
     async def load(self) -> None:
         """Read the whole table once (at start, before serving): a new instance answers with
         what the others know from its first request."""
