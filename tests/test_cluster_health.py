@@ -305,3 +305,34 @@ async def test_a_write_that_fails_is_logged_once_and_made_when_the_database_answ
         assert "shared with the other instances again" in caplog.text
         (row,) = (await faulty.read(float("-inf"))).records
         assert (row.phone, row.reachable) == ("lobby", True)
+
+
+def test_a_merged_change_is_told_as_a_local_one_and_never_shared_back() -> None:
+    config = parse_config({"phones": [{"name": "lobby", "host": "10.0.0.5"}]}, environ={})
+    registry = CollectorRegistry()
+    health = Health(config, PhoneLanes(config.phone_targets()), metrics=Metrics(registry))
+    changed: list[tuple[bool | None, str]] = []
+    shared: list[str] = []
+    health.on_change = lambda state: changed.append(
+        (state.reachable, state.info.firmware if state.info else "")
+    )
+    health.on_share = lambda state: shared.append(state.name)
+    info = {"model": "CP-8841", "firmware": "14.2(1)", "mac": "AA", "host_name": "SEPAA"}
+
+    def up() -> float | None:
+        return registry.get_sample_value("phonepush_phone_up", {"phone": "lobby"})
+
+    health.merge([_record(reachable=True, since=1.0, checked_at=1.0, info_at=1.0, **info)])
+    assert changed == [(True, "14.2(1)")] and up() == 1
+    model = {"phone": "lobby", "model": "CP-8841", "firmware": "14.2(1)"}
+    assert registry.get_sample_value("phonepush_phone_info", model) == 1
+    # Checked again, still there: nothing to tell. Older news, and another address: ignored.
+    health.merge([_record(reachable=True, since=1.0, checked_at=2.0)])
+    health.merge([_record(reachable=False, since=0.5, checked_at=0.5, error="refused")])
+    health.merge([_record(host="10.0.0.9", reachable=False, since=3.0, checked_at=3.0)])
+    assert len(changed) == 1 and up() == 1
+    health.merge([_record(reachable=False, since=4.0, checked_at=4.0, error="refused")])
+    assert changed[-1] == (False, "14.2(1)") and up() == 0
+    (lobby,) = health.phones()
+    assert (lobby["reachable"], lobby["since"], lobby["error"]) == (False, 4.0, "refused")
+    assert shared == []
