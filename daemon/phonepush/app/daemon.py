@@ -449,6 +449,9 @@ class Daemon:
                     await mqtt.stop_intake()
                 state.accepting = False
                 cut = await dispatcher.drain(self._drain_timeout)
+                if shared is not None:
+                    # The last outcomes and reachability learned, for the instances that stay.
+                    await shared.flush()
                 if cluster is not None:
                     await cluster.leave()
                 server.should_exit = True
