@@ -336,3 +336,25 @@ def test_a_merged_change_is_told_as_a_local_one_and_never_shared_back() -> None:
     (lobby,) = health.phones()
     assert (lobby["reachable"], lobby["since"], lobby["error"]) == (False, 4.0, "refused")
     assert shared == []
+
+
+async def test_a_database_of_the_previous_version_gets_the_health_table_at_open(
+    pg_url: str,
+) -> None:
+    import psycopg
+
+    from phonepush.store import postgres
+
+    async with PostgresStore(pg_url):
+        pass
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE phone_health")
+        conn.execute("UPDATE schema_version SET version = 2")
+    async with PostgresStore(pg_url) as store:
+        health = PostgresHealth(store)
+        await health.write([_record(reachable=True, since=1.0, checked_at=1.0)])
+        assert [r.phone for r in (await health.read(float("-inf"))).records] == ["lobby"]
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [
+            (postgres.SCHEMA_VERSION,)
+        ]
