@@ -47,6 +47,7 @@ from phonepush.dispatch.dispatcher import Dispatcher, Outcome
 from phonepush.errors import ConfigError, PhonepushError, SpoolError
 from phonepush.grouping.grouper import Grouper
 from phonepush.health.monitor import Health
+from phonepush.health.shared import SharedHealth
 from phonepush.homeassistant.publisher import HomeAssistant
 from phonepush.http.authenticate import Authenticator
 from phonepush.http.server import ServerState, create_app, uvicorn_config
@@ -168,6 +169,7 @@ class Daemon:
         self._screens = screens
         self._scheduler: Scheduler | None = None
         self._health: Health | None = None
+        self._shared: SharedHealth | None = None
         self._homeassistant: HomeAssistant | None = None
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -233,6 +235,7 @@ class Daemon:
             )
             dispatcher.on_reach = health.reached
             cluster = self._cluster = _cluster(config, spool, dispatcher, metrics)
+            shared = self._shared = _shared_health(spool, health, cluster)
             # Where committed work and cancels go: the cluster on PostgreSQL (it pushes what
             # this instance holds and tells the others), the dispatcher itself on SQLite.
             submit: Callable[[Sequence[Delivery]], None] = dispatcher.submit
@@ -381,6 +384,8 @@ class Daemon:
             else:
                 # Only what this instance adopts (never another live instance's rows).
                 cluster.abandon = announcer.abandon
+                if shared is not None:
+                    await shared.load()
                 await cluster.start()
 
             def timer(runner: Callable[[], Coroutine[Any, Any, None]], name: str) -> Any:
@@ -400,6 +405,8 @@ class Daemon:
                 tasks.append(tg.create_task(timer(repeater.run, "repeats"), name="repeats"))
                 tasks.append(tg.create_task(scheduler.run(), name="schedules"))
                 tasks.append(tg.create_task(timer(health.run, "health"), name="health"))
+                if shared is not None:
+                    tasks.append(tg.create_task(shared.run(), name="health:shared"))
                 if self._homeassistant is not None:
                     tasks.append(tg.create_task(self._homeassistant.run(), name="homeassistant"))
                 if self._notifier.watchdog_interval:
@@ -442,6 +449,9 @@ class Daemon:
                     await mqtt.stop_intake()
                 state.accepting = False
                 cut = await dispatcher.drain(self._drain_timeout)
+                if shared is not None:
+                    # The last outcomes and reachability learned, for the instances that stay.
+                    await shared.flush()
                 if cluster is not None:
                     await cluster.leave()
                 server.should_exit = True
@@ -540,6 +550,8 @@ class Daemon:
             running.cluster.push_timeout = _push_timeouts(config)
         if self._health is not None:
             self._health.update(config)
+        if self._shared is not None:
+            self._shared.reread()
         running.dispatcher.retry_unconfirmed = _retry_unconfirmed(config)
         if running.mqtt is not None:
             running.mqtt.update_filters(built.pipeline.book.mqtt_filters)
@@ -600,6 +612,20 @@ def _cluster(
     dispatcher.on_idle = cluster.idle
     dispatcher.gate = cluster.gate
     return cluster
+
+
+def _shared_health(spool: Store, health: Health, cluster: Cluster | None) -> SharedHealth | None:
+    """On PostgreSQL, the phones' health shared with the other instances: the leader alone
+    probes, each instance sees only its own pushes. None on SQLite."""
+    if cluster is None:
+        return None
+    from phonepush.store.health import PostgresHealth
+    from phonepush.store.postgres import PostgresStore
+
+    assert isinstance(spool, PostgresStore)
+    shared = SharedHealth(PostgresHealth(spool), health, leading=lambda: cluster.leader)
+    health.on_share = shared.changed
+    return shared
 
 
 def _push_timeouts(config: Config) -> Callable[[str], float]:

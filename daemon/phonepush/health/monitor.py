@@ -12,6 +12,11 @@ Probes are spread evenly over the interval, each phone at its own offset, and at
 :data:`MAX_PROBING` run at once: thousands of phones never make a burst. The first round is
 spread over a shorter ramp (:data:`START_GAP` per phone, never longer than the interval) so
 every phone's ``phonepush_phone_up`` exists soon after start without a storm.
+
+On PostgreSQL the probes run on the cluster's leader only, and each instance sees its own pushes:
+what others need to know is handed to :attr:`Health.on_share` (written to the shared table by
+:mod:`phonepush.health.shared`), and what they learned comes back through :meth:`Health.merge`,
+which exports it and tells :attr:`Health.on_change` as a change seen here would.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -28,6 +33,7 @@ from phonepush.config import Config
 from phonepush.errors import PhoneError
 from phonepush.metrics import Metrics
 from phonepush.phone.lanes import PhoneLanes
+from phonepush.store.health import PhoneRecord
 from phonepush.wire.cisco import DeviceInfo
 
 __all__ = ["MAX_PROBING", "START_GAP", "Health", "PhoneHealth"]
@@ -58,6 +64,7 @@ class PhoneHealth:
     info: DeviceInfo | None = None
     last_push: tuple[str, float] | None = None  # (result, at)
     info_labels: tuple[str, str] | None = None  # phonepush_phone_info's (model, firmware)
+    info_at: float | None = None  # when ``info`` was read
 
     def as_dict(self, pending: int) -> dict[str, Any]:
         info = self.info
@@ -104,6 +111,10 @@ class Health:
         #: Told when a phone's reachability, model or firmware changes (Home Assistant's
         #: connectivity sensors and device details); set by the app.
         self.on_change: Callable[[PhoneHealth], None] | None = None
+        #: Told when what other instances need to know of a phone changed: a probe's result, a
+        #: push that changed its reachability or error, its device information, its last push
+        #: (on PostgreSQL, written to the shared table); set by the app. Never for a merge.
+        self.on_share: Callable[[PhoneHealth], None] | None = None
         self.update(config)
 
     @property
@@ -151,6 +162,60 @@ class Health:
         state = self._phones.get(phone)
         if state is not None:
             state.last_push = (result, at)
+            self._share(state)
+
+    def merge(self, records: Iterable[PhoneRecord]) -> None:
+        """What other instances know of the phones (the shared table on PostgreSQL): per phone
+        and part, the newer wins (the later check, the later device information, the later
+        push); what changes is exported and told to :attr:`on_change` as a change seen here.
+        Nothing merged is shared again."""
+        for record in records:
+            state = self._phones.get(record.phone)
+            if state is None or state.host != record.host:
+                continue  # not a phone here, or at another address (a reload under way)
+            changed = self._merge_check(state, record)
+            if record.info_at is not None and (
+                state.info_at is None or record.info_at > state.info_at
+            ):
+                info = DeviceInfo(record.model, record.firmware, record.mac, record.host_name)
+                state.info, state.info_at = info, record.info_at
+                if state.info_labels != (info.model, info.firmware):
+                    self._export_info(state, (info.model, info.firmware))
+                    changed = True
+            if record.push_at is not None and (
+                state.last_push is None or record.push_at > state.last_push[1]
+            ):
+                state.last_push = (record.push_result, record.push_at)
+            if changed:
+                self._changed_phone(state)
+
+    def _merge_check(self, state: PhoneHealth, record: PhoneRecord) -> bool:
+        """Take ``record``'s reachability if it was checked later; whether it flipped."""
+        reachable = record.reachable
+        if (
+            reachable is None
+            or record.checked_at is None
+            or (state.checked_at is not None and record.checked_at <= state.checked_at)
+        ):
+            return False
+        flipped = state.reachable is not reachable
+        if flipped:
+            # The instance that saw it logged it; here it is news of another's.
+            log.debug(
+                "phone %s %s (checked by another instance)",
+                state.name,
+                "reachable" if reachable else "unreachable",
+            )
+            state.reachable = reachable
+            state.since = record.since
+        elif record.since is not None and state.since is not None:
+            state.since = min(state.since, record.since)
+        state.checked_at = record.checked_at
+        state.error = record.error
+        self._metrics.phone_up.labels(state.name).set(1 if reachable else 0)
+        if state.info_labels is None:
+            self._export_info(state, ("", ""))
+        return flipped
 
     # --- probing ----------------------------------------------------------------------------------
 
@@ -211,12 +276,14 @@ class Health:
             except PhoneError as exc:
                 if self._phones.get(state.name) is state:
                     self._set(state, False, str(exc))
+                    self._share(state)
                 return
             if self._phones.get(state.name) is not state:
                 return  # removed or changed by a reload meanwhile
             self._set(state, True, "")
             if info is not None:
                 self._set_info(state, info)
+            self._share(state)
         finally:
             self._probing.release()
 
@@ -224,7 +291,10 @@ class Health:
         self, state: PhoneHealth, reachable: bool, error: str, *, export_up: bool = True
     ) -> None:
         now = self._clock()
+        if state.error != error:
+            self._share(state)
         if state.reachable is not reachable:
+            self._share(state)
             if state.reachable is not None or not reachable:
                 level = logging.INFO if reachable else logging.WARNING
                 log.log(
@@ -245,10 +315,14 @@ class Health:
             self._export_info(state, ("", ""))
 
     def _set_info(self, state: PhoneHealth, info: DeviceInfo) -> None:
-        state.info = info
+        state.info, state.info_at = info, self._clock()
         if state.info_labels != (info.model, info.firmware):
             self._export_info(state, (info.model, info.firmware))
             self._changed_phone(state)
+
+    def _share(self, state: PhoneHealth) -> None:
+        if self.on_share is not None:
+            self.on_share(state)
 
     def _changed_phone(self, state: PhoneHealth) -> None:
         if self.on_change is not None:

@@ -20,8 +20,9 @@ What stays synchronous
     pending count is counted at open, kept in step by this instance's own commits, and counted
     again by every :meth:`~PostgresStore.check` (the readiness probe) and after a failed write;
     the size is the one :meth:`~PostgresStore.live_bytes` last measured (at open, then at each of
-    housekeeping's passes). Deliveries another
-    instance adds to a shared database show up there at the next count.
+    housekeeping's passes), or on an instance that does not lead the cluster, the leader's last
+    measure (:mod:`phonepush.store.health`). Deliveries another instance adds to a shared
+    database show up there at the next count.
 
 Failures
     Every psycopg error (and the pool's timeout when no connection can be had) is translated here
@@ -231,9 +232,32 @@ CREATE INDEX IF NOT EXISTS cluster_claims_owner ON cluster_claims (owner);
 CREATE INDEX IF NOT EXISTS deliveries_pending_phone ON deliveries (phone) WHERE state = 'pending'
 """
 
+# Version 3: the phones' health, shared by the instances (store/health.py): each part of a row
+# (reachability, device information, last push) with its own time; updated_at by the database's
+# clock, for the readers' "written since my last read".
+_SCHEMA_V3: Final = """
+CREATE TABLE IF NOT EXISTS phone_health (
+    phone TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    reachable BOOLEAN,
+    since DOUBLE PRECISION,
+    checked_at DOUBLE PRECISION,
+    error TEXT NOT NULL DEFAULT '',
+    model TEXT NOT NULL DEFAULT '',
+    firmware TEXT NOT NULL DEFAULT '',
+    mac TEXT NOT NULL DEFAULT '',
+    host_name TEXT NOT NULL DEFAULT '',
+    info_at DOUBLE PRECISION,
+    push_result TEXT NOT NULL DEFAULT '',
+    push_at DOUBLE PRECISION,
+    updated_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS phone_health_updated ON phone_health (updated_at)
+"""
+
 #: The migrations, in order: ``MIGRATIONS[n - 1]`` takes a database from version n - 1 to n.
 #: A later version appends its statements here (never edits an earlier one).
-MIGRATIONS: Final[tuple[str, ...]] = (_SCHEMA_V1, _SCHEMA_V2)
+MIGRATIONS: Final[tuple[str, ...]] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 _TABLES: Final = (
@@ -253,6 +277,7 @@ _TABLES: Final = (
     "schedule_firings",
     "cluster_instances",
     "cluster_claims",
+    "phone_health",
 )
 _COUNT_PENDING: Final = "SELECT count(*) AS n FROM deliveries WHERE state = 'pending'"
 _PROBE: Final = (
@@ -507,9 +532,14 @@ class PostgresStore(Repositories, Backlog):
         self._bytes = 0 if row is None else int(row["n"])
         return self._bytes
 
+    def heard_bytes(self, size: int) -> None:
+        """What the cluster's leader measured last (an instance that does not measure the
+        shared store itself): :meth:`disk_bytes` says it from now on."""
+        self._bytes = size
+
     def disk_bytes(self) -> int:
-        """What :meth:`live_bytes` measured last (the database is on another host: nothing is
-        read at scrape time)."""
+        """What :meth:`live_bytes` measured last, or the leader's measure (:meth:`heard_bytes`)
+        (the database is on another host: nothing is read at scrape time)."""
         return self._bytes
 
     async def dedicated_connection(self) -> psycopg.AsyncConnection[Row]:
