@@ -410,3 +410,29 @@ async def test_the_leaders_word_on_a_full_store_reaches_every_instance(
         await eventually(lambda: told(True))
         await eventually(lambda: told(False))
         assert set(heard) == {True, False}
+
+
+async def test_a_phone_taken_over_with_nothing_left_to_push_is_let_go_for_the_others_work(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    # An instance died holding a phone whose work was already done. The survivor that takes
+    # the phone over finds nothing to push, so no worker of its ever goes idle for it: unless
+    # it lets the phone go, work the other instances commit for the phone waits for ever
+    # (they leave it to the live holder, which never looks).
+    await stores[0].write(
+        "INSERT INTO cluster_claims (kind, name, owner, since)"
+        " VALUES ('phone', 'lobby', 'gone', 0)",
+        (),
+        "test",
+    )
+    lanes_a, lanes_b = Lanes(), Lanes()
+    registry = CollectorRegistry()
+    a = _cluster(PostgresCluster(stores[0]), lanes_a, "a", registry)
+    b = _cluster(PostgresCluster(stores[1]), lanes_b, "b")
+    async with _running(a), _running(b):
+        assert registry.get_sample_value("phonepush_cluster_adopted_total") == 1
+        assert lanes_a.submitted == []
+        work = await _pending(stores[1], "lobby")
+        b.submit([work])
+        await eventually(lambda: work.id in lanes_a.ids() + lanes_b.ids(), timeout=10)
+        assert (lanes_a.ids() + lanes_b.ids()).count(work.id) == 1

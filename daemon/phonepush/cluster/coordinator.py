@@ -496,6 +496,13 @@ class Cluster:
         if epoch != self._epoch:
             return
         self._lanes.submit(pending)
+        for phone in phones:
+            if not self._lanes.busy(phone):
+                # Nothing to push (done or acknowledged meanwhile, or all of it the
+                # dispatcher's already, finished but not yet written): no worker will go idle
+                # for the phone, and held for ever it would keep the others' work for it
+                # pending for ever. Released (or its work loaded) at the next heartbeat.
+                self._unreleased.add(phone)
 
     async def _release(self) -> None:
         phones, self._to_release = sorted(self._to_release), set()
@@ -533,15 +540,9 @@ class Cluster:
         if not kept:
             return
         # Pending work came in for phones held here (committed by another instance, or
-        # finished here but not yet written): keep them and push what is there.
+        # finished here but not yet written): keep them and push what is there (_took looks
+        # again at the next heartbeat if none of it is new to the dispatcher).
         await self._took([(phone, "") for phone in kept], epoch)
-        if epoch != self._epoch:
-            return
-        for phone in kept:
-            if not self._lanes.busy(phone):
-                # Everything found is still the dispatcher's (finished, not yet written), or
-                # it could not be read: look again at the next heartbeat.
-                self._unreleased.add(phone)
 
     def _retry_releases(self) -> None:
         for phone in sorted(self._unreleased):
