@@ -436,3 +436,54 @@ async def test_a_phone_taken_over_with_nothing_left_to_push_is_let_go_for_the_ot
         b.submit([work])
         await eventually(lambda: work.id in lanes_a.ids() + lanes_b.ids(), timeout=10)
         assert (lanes_a.ids() + lanes_b.ids()).count(work.id) == 1
+
+
+class LateClaim(Faulty):
+    """Claims that wait for ``go``; heartbeats that fail while ``down``; a rejoin after which
+    the waiting claim reaches the database (a statement held up while the pool reconnected)."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        super().__init__(store)
+        self.claiming = asyncio.Event()
+        self.go = asyncio.Event()
+        self.claimed = asyncio.Event()
+
+    async def claim(self, instance: str, phones: Sequence[str]) -> list[tuple[str, str]]:
+        self.claiming.set()
+        await self.go.wait()
+        try:
+            return await super().claim(instance, phones)
+        finally:
+            self.claimed.set()
+
+    async def heartbeat(self, *args: Any, rejoin: bool, **kwargs: Any) -> tuple[int, str]:
+        result = await super().heartbeat(*args, rejoin=rejoin, **kwargs)
+        if rejoin:
+            self.go.set()
+            await self.claimed.wait()
+        return result
+
+
+async def test_a_claim_that_reaches_the_database_after_the_rejoin_is_acted_on(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    # A claim sent before the fence runs after the rejoin dropped this instance's claims: the
+    # database says the phone is this (live) instance's, which no other instance adopts. Its
+    # answer came after the fence, so the instance must not push on it, but it must not forget
+    # it either: the phone's work would stay pending for ever.
+    lanes = Lanes()
+    store = LateClaim(stores[0])
+    a = _cluster(store, lanes, "a")
+    async with _running(a):
+        work = await _pending(stores[0], "lobby")
+        a.submit([work])
+        await store.claiming.wait()
+        store.down = True
+        await eventually(lambda: lanes.forgotten == 1, timeout=10)
+        # (A scan before the fence may have taken the phone: only what comes after counts.)
+        lanes.submitted.clear()
+        store.down = False
+        await eventually(lambda: store.claimed.is_set(), timeout=10)
+        await eventually(lambda: work.id in lanes.ids(), timeout=10)
+        assert a.held == {"lobby"}
+        assert await _owner(stores[0], "lobby") == "a"

@@ -147,7 +147,9 @@ class Cluster:
         self.abandon: Callable[[list[Delivery]], Awaitable[list[Delivery]]] = _keep
         #: Phones whose claim this instance holds and acts on.
         self._held: set[str] = set()
-        #: Phones whose release failed or found work the dispatcher already had: tried again.
+        #: Phones perhaps this instance's in the database without being acted on here (a
+        #: release failed, a phone taken had nothing new to push, a claim answered after a
+        #: fence): released again at the next heartbeat, which loads their work if any.
         self._unreleased: set[str] = set()
         #: Phones being released -> whether work for them came meanwhile (claimed again once
         #: the release is done: taken while it runs, the phone would be held here in memory but
@@ -460,7 +462,16 @@ class Cluster:
 
     async def _took(self, claimed: list[tuple[str, str]], epoch: int) -> None:
         """Phones now held here: load and submit their pending deliveries."""
-        if not claimed or epoch != self._epoch:
+        if not claimed:
+            return
+        if epoch != self._epoch:
+            # Claimed before a fence, answered after it: not acted on. But the statement may
+            # have reached the database after the rejoin dropped this instance's claims (held
+            # up while the pool reconnected): the phones are then this live instance's there,
+            # which no scan anywhere takes, and their work would stay pending for ever. The
+            # next heartbeat releases them or loads their work ("lost" if the rejoin came
+            # last).
+            self._unreleased.update(phone for phone, _ in claimed)
             return
         orphaned: dict[str, list[str]] = {}
         for phone, previous in claimed:
@@ -494,6 +505,7 @@ class Cluster:
             self._unreleased |= phones
             return
         if epoch != self._epoch:
+            self._unreleased |= phones  # as above: perhaps claimed after the rejoin
             return
         self._lanes.submit(pending)
         for phone in phones:
@@ -546,7 +558,9 @@ class Cluster:
 
     def _retry_releases(self) -> None:
         for phone in sorted(self._unreleased):
-            if self._lanes.busy(phone):
+            # A release of the phone under way settles it; idle() now would also wipe what it
+            # noted (work came meanwhile). Tried at the next heartbeat.
+            if self._lanes.busy(phone) or phone in self._releasing:
                 continue
             self._unreleased.discard(phone)
             self._held.add(phone)
