@@ -487,3 +487,42 @@ async def test_a_claim_that_reaches_the_database_after_the_rejoin_is_acted_on(
         await eventually(lambda: work.id in lanes.ids(), timeout=10)
         assert a.held == {"lobby"}
         assert await _owner(stores[0], "lobby") == "a"
+
+
+class HangingRelease(PostgresCluster):
+    """The real statements, but the first release never answers (its connection was lost
+    mid-statement, and nothing tells the client)."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        super().__init__(store)
+        self.entered = asyncio.Event()
+        self.calls = 0
+
+    async def release(self, instance: str, phones: Sequence[str]) -> dict[str, str]:
+        self.calls += 1
+        if self.calls == 1:
+            self.entered.set()
+            await asyncio.Event().wait()
+        return await super().release(instance, phones)
+
+
+async def test_a_release_that_never_answers_does_not_hold_the_phone_back_for_ever(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    # Releases run one after another: one stuck on a lost connection held back every later
+    # release, and the phones waiting for them kept their new work pending for ever.
+    lanes = Lanes()
+    store = HangingRelease(stores[0])
+    a = _cluster(store, lanes, "a")
+    async with _running(a):
+        first = await _pending(stores[0], "lobby")
+        a.submit([first])
+        await eventually(lambda: a.held == {"lobby"})
+        await stores[0].deliveries.finish(first.id, DeliveryState.DELIVERED)
+        a.idle("lobby")
+        await store.entered.wait()
+        second = await _pending(stores[0], "lobby")
+        a.submit([second])
+        await eventually(lambda: second.id in lanes.ids(), timeout=10)
+        assert a.held == {"lobby"}
+        assert await _owner(stores[0], "lobby") == "a"

@@ -528,9 +528,16 @@ class Cluster:
         epoch = self._epoch
         try:
             await self._lanes.flush()
-            results = await self._store.release(self.id, phones)
-        except SpoolError as exc:
-            log.warning("cluster: releasing %d phone(s) failed: %s", len(phones), exc)
+            # Bounded as a scan is: releases run one after another, so one stuck on a
+            # connection lost mid-statement would hold every later one back, and the phones
+            # waiting for them would keep their new work pending for ever. (Not the flush: cut
+            # short, the dispatcher would lose the finished deliveries it was writing.)
+            async with asyncio.timeout(self.lease):
+                results = await self._store.release(self.id, phones)
+        except (SpoolError, TimeoutError) as exc:
+            log.warning(
+                "cluster: releasing %d phone(s) failed: %s", len(phones), str(exc) or "timed out"
+            )
             for phone in phones:
                 self._releasing.pop(phone, None)
             if epoch == self._epoch:
