@@ -526,3 +526,40 @@ async def test_a_release_that_never_answers_does_not_hold_the_phone_back_for_eve
         await eventually(lambda: second.id in lanes.ids(), timeout=10)
         assert a.held == {"lobby"}
         assert await _owner(stores[0], "lobby") == "a"
+
+
+class LostAnswer(PostgresCluster):
+    """The real statements, but the answer of the first claim or adoption scan that takes a
+    phone is lost after its commit (the connection dropped just then)."""
+
+    lost = False
+
+    async def claim(self, instance: str, phones: Sequence[str]) -> list[tuple[str, str]]:
+        return self._lose(await super().claim(instance, phones))
+
+    async def adopt(self, instance: str) -> list[tuple[str, str]]:
+        return self._lose(await super().adopt(instance))
+
+    def _lose(self, taken: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        if taken and not self.lost:
+            self.lost = True
+            raise SpoolError("server closed the connection unexpectedly (test)")
+        return taken
+
+
+async def test_a_phone_claimed_by_a_statement_whose_answer_was_lost_is_pushed(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    # The claim committed, its answer never came: the phone is this live instance's in the
+    # database, where no other instance takes it and no scan looks again. It must not be left
+    # there with its work pending for ever.
+    lanes = Lanes()
+    store = LostAnswer(stores[0])
+    a = _cluster(store, lanes, "a")
+    async with _running(a):
+        work = await _pending(stores[0], "lobby")
+        a.submit([work])
+        await eventually(lambda: store.lost, timeout=10)
+        await eventually(lambda: work.id in lanes.ids(), timeout=10)
+        assert a.held == {"lobby"}
+        assert await _owner(stores[0], "lobby") == "a"

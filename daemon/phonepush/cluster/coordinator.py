@@ -439,8 +439,11 @@ class Cluster:
         try:
             claimed = await self._store.claim(self.id, phones)
         except SpoolError as exc:
-            # Pending in the store: the next adoption scan finds it.
+            # Pending in the store: the next adoption scan finds it if the claim did not
+            # commit. If it did and only its answer was lost, the phones are this live
+            # instance's, which no scan takes: the next heartbeat's release settles them.
             log.warning("cluster: claiming %d phone(s) failed: %s", len(phones), exc)
+            self._unreleased.update(phones)
             return
         await self._took(claimed, epoch)
 
