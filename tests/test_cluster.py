@@ -563,3 +563,26 @@ async def test_a_phone_claimed_by_a_statement_whose_answer_was_lost_is_pushed(
         await eventually(lambda: work.id in lanes.ids(), timeout=10)
         assert a.held == {"lobby"}
         assert await _owner(stores[0], "lobby") == "a"
+
+
+async def test_phones_adopted_by_a_scan_whose_answer_was_lost_are_pushed(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    # The scan took a dead instance's phone and lost its answer (or timed out after the first
+    # of its statements committed): the phone is this instance's in the database, unknown
+    # here. No scan takes a phone from a live owner, so only this instance can find it.
+    await stores[0].write(
+        "INSERT INTO cluster_claims (kind, name, owner, since)"
+        " VALUES ('phone', 'lobby', 'gone', 0)",
+        (),
+        "test",
+    )
+    work = await _pending(stores[0], "lobby")
+    lanes = Lanes()
+    store = LostAnswer(stores[0])
+    a = _cluster(store, lanes, "a")
+    async with _running(a):
+        assert store.lost
+        await eventually(lambda: work.id in lanes.ids(), timeout=10)
+        assert a.held == {"lobby"}
+        assert await _owner(stores[0], "lobby") == "a"

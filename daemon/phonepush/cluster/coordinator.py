@@ -41,11 +41,14 @@ Adoption
     Every third of the lease, and soon after a ``work`` notification, the instance takes over
     (a) phones whose owner is not live (``FOR UPDATE SKIP LOCKED``: survivors scanning at once
     split them without waiting for each other) and (b) phones with pending pushes and no claim
-    (an instance died between its commit and its claim). It loads their pending deliveries,
-    oldest first, with ``sent``/``attempts``/``error`` as stored (a delivery resumes after its
-    last confirmed request). Audio-page rows of a phone taken from an instance that is not live
-    go through the announcer's ``abandon`` (a live audio page is never replayed); at start-up an
-    instance alone in the cluster finishes every pending audio row as a single daemon does.
+    (an instance died between its commit and its claim); at each heartbeat's scan it also
+    reads (c) the phones it owns with pending pushes, and those it does not act on (a claim or
+    scan whose answer was lost) go through a release, which loads their work. It loads the
+    pending deliveries of (a) and (b), oldest first, with ``sent``/``attempts``/``error`` as
+    stored (a delivery resumes after its last confirmed request). Audio-page rows of a phone
+    taken from an instance that is not live go through the announcer's ``abandon`` (a live audio
+    page is never replayed); at start-up an instance alone in the cluster finishes every pending
+    audio row as a single daemon does.
 
 Timers
     The leader (the ``timer`` claim ``leader``, taken and renewed with the heartbeat under the
@@ -160,6 +163,9 @@ class Cluster:
         #: Until when (monotonic) the lease surely holds; None before the first heartbeat.
         self._valid_until: float | None = None
         self._fenced = False
+        #: Set by each heartbeat: the next scan also compares the phones this instance owns
+        #: with pending work in the database with those it acts on.
+        self._audit = False
         #: Bumped at each fence: work started before it must not act after it.
         self._epoch = 0
         self._renewed = asyncio.Event()
@@ -375,6 +381,7 @@ class Cluster:
             await self._beat()
             self._beats += 1
             if self._live():
+                self._audit = True
                 self._scans.poke()
                 self._retry_releases()
                 if self._beats % 3 == 0:
@@ -451,17 +458,26 @@ class Cluster:
         if not self._live():
             return
         epoch = self._epoch
+        audit, self._audit = self._audit, False
         try:
             # Bounded: a scan stuck on a connection lost mid-statement would hold every later
             # scan back (they are coalesced behind it).
             async with asyncio.timeout(self.lease):
                 taken = await self._store.adopt(self.id)
+                owned = await self._store.owned(self.id) if audit else []
         except (SpoolError, TimeoutError) as exc:
-            log.warning("cluster: adoption scan failed: %s", exc)
+            log.warning("cluster: adoption scan failed: %s", str(exc) or "timed out")
             return
         if taken and starting:
             log.info("cluster: resuming the pending deliveries of %d phone(s)", len(taken))
         await self._took(taken, epoch)
+        if epoch != self._epoch:
+            return
+        # Phones this live instance owns in the database without acting on them (a scan
+        # whose answer was lost, or cut by its timeout after its first statement committed):
+        # no other instance takes them, so their work would stay pending for ever. The next
+        # heartbeat's release settles them (the claim row locked, unlike this read).
+        self._unreleased.update(set(owned) - self._held - self._releasing.keys())
 
     async def _took(self, claimed: list[tuple[str, str]], epoch: int) -> None:
         """Phones now held here: load and submit their pending deliveries."""
