@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from _daemon_fixtures import eventually
 from phonepush.cluster import Cluster
+from phonepush.cluster.loops import Leadership
 from phonepush.errors import SpoolError
 from phonepush.store.cluster import PostgresCluster
 from phonepush.store.postgres import PostgresStore
@@ -586,3 +587,32 @@ async def test_phones_adopted_by_a_scan_whose_answer_was_lost_are_pushed(
         await eventually(lambda: work.id in lanes.ids(), timeout=10)
         assert a.held == {"lobby"}
         assert await _owner(stores[0], "lobby") == "a"
+
+
+async def test_a_timer_loop_stopped_by_a_stop_while_it_winds_down_after_leading_ends() -> None:
+    # Leadership ends (leave) and the timer loop is cut; the daemon's stop then cancels the
+    # leadership task while the cut loop is still winding down (a statement being cancelled).
+    # That stop was swallowed, the task went back to waiting for a leadership that never
+    # came, and the daemon's shutdown waited for it for ever.
+    leadership = Leadership(lambda leading: None)
+    running = asyncio.Event()
+    winding = asyncio.Event()
+    wound = asyncio.Event()
+
+    async def runner() -> None:
+        running.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            winding.set()
+            await wound.wait()
+
+    leadership.set(True)
+    task = asyncio.create_task(leadership.lead(runner, "timer"))
+    await running.wait()
+    leadership.set(False)
+    await winding.wait()
+    task.cancel()
+    wound.set()
+    await eventually(task.done)
+    assert task.cancelled()
