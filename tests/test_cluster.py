@@ -616,3 +616,42 @@ async def test_a_timer_loop_stopped_by_a_stop_while_it_winds_down_after_leading_
     wound.set()
     await eventually(task.done)
     assert task.cancelled()
+
+
+class HangingLoad(PostgresCluster):
+    """The real statements, but the first read of the phones' pending work never answers."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        super().__init__(store)
+        self.entered = asyncio.Event()
+        self.calls = 0
+
+    async def pending_of(self, *args: Any, **kwargs: Any) -> list[Delivery]:
+        self.calls += 1
+        if self.calls == 1:
+            self.entered.set()
+            await asyncio.Event().wait()
+        return await super().pending_of(*args, **kwargs)
+
+
+async def test_a_load_of_taken_phones_that_never_answers_holds_no_later_scan_back(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    # Scans run one after another: one stuck reading the work of the phones it took (its
+    # connection lost mid-statement) held every later scan back, and work only a scan finds
+    # (committed by an instance that died before claiming it) stayed pending for ever.
+    lanes = Lanes()
+    store = HangingLoad(stores[0])
+    a = _cluster(store, lanes, "a")
+    async with _running(a):
+        await stores[0].write(
+            "INSERT INTO cluster_claims (kind, name, owner, since)"
+            " VALUES ('phone', 'lobby', 'gone', 0)",
+            (),
+            "test",
+        )
+        first = await _pending(stores[0], "lobby")
+        await store.entered.wait()
+        second = await _pending(stores[0], "office")  # committed, never claimed
+        await eventually(lambda: {first.id, second.id} <= set(lanes.ids()), timeout=10)
+        assert a.held == {"lobby", "office"}

@@ -515,11 +515,17 @@ class Cluster:
         self._unreleased -= phones
         dead = {p for names in orphaned.values() for p in names}
         try:
-            pending = await self._store.pending_of(phones, audio_of=dead)
+            # Bounded as a scan's and a release's own statements are: run inside them, a read
+            # stuck on a connection lost mid-statement would hold every later one back.
+            async with asyncio.timeout(self.lease):
+                pending = await self._store.pending_of(phones, audio_of=dead)
             if dead and any(d.kind is DeliveryKind.AUDIO for d in pending):
                 pending = await self.abandon(pending)
-        except SpoolError as exc:
-            log.warning("cluster: reading the pending deliveries of phones taken: %s", exc)
+        except (SpoolError, TimeoutError) as exc:
+            log.warning(
+                "cluster: reading the pending deliveries of phones taken: %s",
+                str(exc) or "timed out",
+            )
             # Held but not loaded: release them, so a scan (here or elsewhere) takes them again.
             self._unreleased |= phones
             return
