@@ -655,3 +655,37 @@ async def test_a_load_of_taken_phones_that_never_answers_holds_no_later_scan_bac
         second = await _pending(stores[0], "office")  # committed, never claimed
         await eventually(lambda: {first.id, second.id} <= set(lanes.ids()), timeout=10)
         assert a.held == {"lobby", "office"}
+
+
+class StuckFlush(Lanes):
+    """A dispatcher whose first write of finished deliveries never answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.flushes = 0
+
+    async def flush(self) -> None:
+        self.flushes += 1
+        if self.flushes == 1:
+            self.entered.set()
+            await asyncio.Event().wait()
+
+
+async def test_a_write_of_finished_deliveries_that_never_answers_holds_no_release_back(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    lanes = StuckFlush()
+    a = _cluster(PostgresCluster(stores[0]), lanes, "a")
+    async with _running(a):
+        first = await _pending(stores[0], "lobby")
+        a.submit([first])
+        await eventually(lambda: a.held == {"lobby"})
+        await stores[0].deliveries.finish(first.id, DeliveryState.DELIVERED)
+        a.idle("lobby")
+        await lanes.entered.wait()
+        second = await _pending(stores[0], "lobby")
+        a.submit([second])
+        await eventually(lambda: second.id in lanes.ids(), timeout=10)
+        assert a.held == {"lobby"}
+        assert await _owner(stores[0], "lobby") == "a"

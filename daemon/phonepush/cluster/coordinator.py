@@ -552,12 +552,12 @@ class Cluster:
             return
         epoch = self._epoch
         try:
-            await self._lanes.flush()
             # Bounded as a scan is: releases run one after another, so one stuck on a
             # connection lost mid-statement would hold every later one back, and the phones
-            # waiting for them would keep their new work pending for ever. (Not the flush: cut
-            # short, the dispatcher would lose the finished deliveries it was writing.)
+            # waiting for them would keep their new work pending for ever. (A flush cut short
+            # keeps what it was writing, and writes it again.)
             async with asyncio.timeout(self.lease):
+                await self._lanes.flush()
                 results = await self._store.release(self.id, phones)
         except (SpoolError, TimeoutError) as exc:
             log.warning(
