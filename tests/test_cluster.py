@@ -689,3 +689,38 @@ async def test_a_write_of_finished_deliveries_that_never_answers_holds_no_releas
         await eventually(lambda: second.id in lanes.ids(), timeout=10)
         assert a.held == {"lobby"}
         assert await _owner(stores[0], "lobby") == "a"
+
+
+class Counted(PostgresCluster):
+    """The real statements, counting heartbeats."""
+
+    beats = 0
+
+    async def heartbeat(self, *args: Any, **kwargs: Any) -> tuple[int, str]:
+        result = await super().heartbeat(*args, **kwargs)
+        self.beats += 1
+        return result
+
+
+async def test_a_reload_of_the_silences_that_never_answers_does_not_stop_the_heartbeats(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    # The heartbeat loop reloads the silences every few beats: awaited there, a reload stuck
+    # on a lost connection stopped the heartbeats, the instance fenced itself and never
+    # rejoined while the reload hung.
+    store = Counted(stores[0])
+    a = _cluster(store, Lanes(), "a")
+    reloads = 0
+
+    async def reload() -> None:
+        nonlocal reloads
+        reloads += 1
+        await asyncio.Event().wait()
+
+    a.reload_silences = reload
+    async with _running(a):
+        # One at (re)connecting to the channel, one from the heartbeats.
+        await eventually(lambda: reloads >= 2, timeout=10)
+        beats = store.beats
+        await eventually(lambda: store.beats >= beats + 3, timeout=10)
+        assert a.remaining() > 0

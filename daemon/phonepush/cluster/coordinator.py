@@ -385,7 +385,10 @@ class Cluster:
                 self._scans.poke()
                 self._retry_releases()
                 if self._beats % 3 == 0:
-                    await self._reload_silences()
+                    # Not awaited here: a reload stuck on a connection lost mid-statement
+                    # would stop the heartbeats, and the instance would fence itself and not
+                    # rejoin while it hung.
+                    self._tasks.spawn(self._reload_silences(), "cluster:silences")
                 pause = self._interval - (self._clock() - started)
             else:
                 # Not renewed: try again soon, the lease is running out.
