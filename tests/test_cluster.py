@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from _daemon_fixtures import eventually
 from phonepush.cluster import Cluster
+from phonepush.cluster.loops import Leadership
 from phonepush.errors import SpoolError
 from phonepush.store.cluster import PostgresCluster
 from phonepush.store.postgres import PostgresStore
@@ -419,3 +420,316 @@ async def test_the_leaders_word_on_a_full_store_reaches_every_instance(
         await eventually(lambda: told(True))
         await eventually(lambda: told(False))
         assert set(heard) == {True, False}
+
+
+async def test_a_phone_taken_over_with_nothing_left_to_push_is_let_go_for_the_others_work(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    # An instance died holding a phone whose work was already done. The survivor that takes
+    # the phone over finds nothing to push, so no worker of its ever goes idle for it: unless
+    # it lets the phone go, work the other instances commit for the phone waits for ever
+    # (they leave it to the live holder, which never looks).
+    await stores[0].write(
+        "INSERT INTO cluster_claims (kind, name, owner, since)"
+        " VALUES ('phone', 'lobby', 'gone', 0)",
+        (),
+        "test",
+    )
+    lanes_a, lanes_b = Lanes(), Lanes()
+    registry = CollectorRegistry()
+    a = _cluster(PostgresCluster(stores[0]), lanes_a, "a", registry)
+    b = _cluster(PostgresCluster(stores[1]), lanes_b, "b")
+    async with _running(a), _running(b):
+        assert registry.get_sample_value("phonepush_cluster_adopted_total") == 1
+        assert lanes_a.submitted == []
+        work = await _pending(stores[1], "lobby")
+        b.submit([work])
+        await eventually(lambda: work.id in lanes_a.ids() + lanes_b.ids(), timeout=10)
+        assert (lanes_a.ids() + lanes_b.ids()).count(work.id) == 1
+
+
+class LateClaim(Faulty):
+    """Claims that wait for ``go``; heartbeats that fail while ``down``; a rejoin after which
+    the waiting claim reaches the database (a statement held up while the pool reconnected)."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        super().__init__(store)
+        self.claiming = asyncio.Event()
+        self.go = asyncio.Event()
+        self.claimed = asyncio.Event()
+
+    async def claim(self, instance: str, phones: Sequence[str]) -> list[tuple[str, str]]:
+        self.claiming.set()
+        await self.go.wait()
+        try:
+            return await super().claim(instance, phones)
+        finally:
+            self.claimed.set()
+
+    async def heartbeat(self, *args: Any, rejoin: bool, **kwargs: Any) -> tuple[int, str]:
+        result = await super().heartbeat(*args, rejoin=rejoin, **kwargs)
+        if rejoin:
+            self.go.set()
+            await self.claimed.wait()
+        return result
+
+
+async def test_a_claim_that_reaches_the_database_after_the_rejoin_is_acted_on(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    # A claim sent before the fence runs after the rejoin dropped this instance's claims: the
+    # database says the phone is this (live) instance's, which no other instance adopts. Its
+    # answer came after the fence, so the instance must not push on it, but it must not forget
+    # it either: the phone's work would stay pending for ever.
+    lanes = Lanes()
+    store = LateClaim(stores[0])
+    a = _cluster(store, lanes, "a")
+    async with _running(a):
+        work = await _pending(stores[0], "lobby")
+        a.submit([work])
+        await store.claiming.wait()
+        store.down = True
+        await eventually(lambda: lanes.forgotten == 1, timeout=10)
+        # (A scan before the fence may have taken the phone: only what comes after counts.)
+        lanes.submitted.clear()
+        store.down = False
+        await eventually(lambda: store.claimed.is_set(), timeout=10)
+        await eventually(lambda: work.id in lanes.ids(), timeout=10)
+        assert a.held == {"lobby"}
+        assert await _owner(stores[0], "lobby") == "a"
+
+
+class HangingRelease(PostgresCluster):
+    """The real statements, but the first release never answers (its connection was lost
+    mid-statement, and nothing tells the client)."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        super().__init__(store)
+        self.entered = asyncio.Event()
+        self.calls = 0
+
+    async def release(self, instance: str, phones: Sequence[str]) -> dict[str, str]:
+        self.calls += 1
+        if self.calls == 1:
+            self.entered.set()
+            await asyncio.Event().wait()
+        return await super().release(instance, phones)
+
+
+async def test_a_release_that_never_answers_does_not_hold_the_phone_back_for_ever(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    # Releases run one after another: one stuck on a lost connection held back every later
+    # release, and the phones waiting for them kept their new work pending for ever.
+    lanes = Lanes()
+    store = HangingRelease(stores[0])
+    a = _cluster(store, lanes, "a")
+    async with _running(a):
+        first = await _pending(stores[0], "lobby")
+        a.submit([first])
+        await eventually(lambda: a.held == {"lobby"})
+        await stores[0].deliveries.finish(first.id, DeliveryState.DELIVERED)
+        a.idle("lobby")
+        await store.entered.wait()
+        second = await _pending(stores[0], "lobby")
+        a.submit([second])
+        await eventually(lambda: second.id in lanes.ids(), timeout=10)
+        assert a.held == {"lobby"}
+        assert await _owner(stores[0], "lobby") == "a"
+
+
+class LostAnswer(PostgresCluster):
+    """The real statements, but the answer of the first claim or adoption scan that takes a
+    phone is lost after its commit (the connection dropped just then)."""
+
+    lost = False
+
+    async def claim(self, instance: str, phones: Sequence[str]) -> list[tuple[str, str]]:
+        return self._lose(await super().claim(instance, phones))
+
+    async def adopt(self, instance: str) -> list[tuple[str, str]]:
+        return self._lose(await super().adopt(instance))
+
+    def _lose(self, taken: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        if taken and not self.lost:
+            self.lost = True
+            raise SpoolError("server closed the connection unexpectedly (test)")
+        return taken
+
+
+async def test_a_phone_claimed_by_a_statement_whose_answer_was_lost_is_pushed(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    # The claim committed, its answer never came: the phone is this live instance's in the
+    # database, where no other instance takes it and no scan looks again. It must not be left
+    # there with its work pending for ever.
+    lanes = Lanes()
+    store = LostAnswer(stores[0])
+    a = _cluster(store, lanes, "a")
+    async with _running(a):
+        work = await _pending(stores[0], "lobby")
+        a.submit([work])
+        await eventually(lambda: store.lost, timeout=10)
+        await eventually(lambda: work.id in lanes.ids(), timeout=10)
+        assert a.held == {"lobby"}
+        assert await _owner(stores[0], "lobby") == "a"
+
+
+async def test_phones_adopted_by_a_scan_whose_answer_was_lost_are_pushed(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    # The scan took a dead instance's phone and lost its answer (or timed out after the first
+    # of its statements committed): the phone is this instance's in the database, unknown
+    # here. No scan takes a phone from a live owner, so only this instance can find it.
+    await stores[0].write(
+        "INSERT INTO cluster_claims (kind, name, owner, since)"
+        " VALUES ('phone', 'lobby', 'gone', 0)",
+        (),
+        "test",
+    )
+    work = await _pending(stores[0], "lobby")
+    lanes = Lanes()
+    store = LostAnswer(stores[0])
+    a = _cluster(store, lanes, "a")
+    async with _running(a):
+        assert store.lost
+        await eventually(lambda: work.id in lanes.ids(), timeout=10)
+        assert a.held == {"lobby"}
+        assert await _owner(stores[0], "lobby") == "a"
+
+
+async def test_a_timer_loop_stopped_by_a_stop_while_it_winds_down_after_leading_ends() -> None:
+    # Leadership ends (leave) and the timer loop is cut; the daemon's stop then cancels the
+    # leadership task while the cut loop is still winding down (a statement being cancelled).
+    # That stop was swallowed, the task went back to waiting for a leadership that never
+    # came, and the daemon's shutdown waited for it for ever.
+    leadership = Leadership(lambda leading: None)
+    running = asyncio.Event()
+    winding = asyncio.Event()
+    wound = asyncio.Event()
+
+    async def runner() -> None:
+        running.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            winding.set()
+            await wound.wait()
+
+    leadership.set(True)
+    task = asyncio.create_task(leadership.lead(runner, "timer"))
+    await running.wait()
+    leadership.set(False)
+    await winding.wait()
+    task.cancel()
+    wound.set()
+    await eventually(task.done)
+    assert task.cancelled()
+
+
+class HangingLoad(PostgresCluster):
+    """The real statements, but the first read of the phones' pending work never answers."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        super().__init__(store)
+        self.entered = asyncio.Event()
+        self.calls = 0
+
+    async def pending_of(self, *args: Any, **kwargs: Any) -> list[Delivery]:
+        self.calls += 1
+        if self.calls == 1:
+            self.entered.set()
+            await asyncio.Event().wait()
+        return await super().pending_of(*args, **kwargs)
+
+
+async def test_a_load_of_taken_phones_that_never_answers_holds_no_later_scan_back(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    # Scans run one after another: one stuck reading the work of the phones it took (its
+    # connection lost mid-statement) held every later scan back, and work only a scan finds
+    # (committed by an instance that died before claiming it) stayed pending for ever.
+    lanes = Lanes()
+    store = HangingLoad(stores[0])
+    a = _cluster(store, lanes, "a")
+    async with _running(a):
+        await stores[0].write(
+            "INSERT INTO cluster_claims (kind, name, owner, since)"
+            " VALUES ('phone', 'lobby', 'gone', 0)",
+            (),
+            "test",
+        )
+        first = await _pending(stores[0], "lobby")
+        await store.entered.wait()
+        second = await _pending(stores[0], "office")  # committed, never claimed
+        await eventually(lambda: {first.id, second.id} <= set(lanes.ids()), timeout=10)
+        assert a.held == {"lobby", "office"}
+
+
+class StuckFlush(Lanes):
+    """A dispatcher whose first write of finished deliveries never answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.flushes = 0
+
+    async def flush(self) -> None:
+        self.flushes += 1
+        if self.flushes == 1:
+            self.entered.set()
+            await asyncio.Event().wait()
+
+
+async def test_a_write_of_finished_deliveries_that_never_answers_holds_no_release_back(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    lanes = StuckFlush()
+    a = _cluster(PostgresCluster(stores[0]), lanes, "a")
+    async with _running(a):
+        first = await _pending(stores[0], "lobby")
+        a.submit([first])
+        await eventually(lambda: a.held == {"lobby"})
+        await stores[0].deliveries.finish(first.id, DeliveryState.DELIVERED)
+        a.idle("lobby")
+        await lanes.entered.wait()
+        second = await _pending(stores[0], "lobby")
+        a.submit([second])
+        await eventually(lambda: second.id in lanes.ids(), timeout=10)
+        assert a.held == {"lobby"}
+        assert await _owner(stores[0], "lobby") == "a"
+
+
+class Counted(PostgresCluster):
+    """The real statements, counting heartbeats."""
+
+    beats = 0
+
+    async def heartbeat(self, *args: Any, **kwargs: Any) -> tuple[int, str]:
+        result = await super().heartbeat(*args, **kwargs)
+        self.beats += 1
+        return result
+
+
+async def test_a_reload_of_the_silences_that_never_answers_does_not_stop_the_heartbeats(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    # The heartbeat loop reloads the silences every few beats: awaited there, a reload stuck
+    # on a lost connection stopped the heartbeats, the instance fenced itself and never
+    # rejoined while the reload hung.
+    store = Counted(stores[0])
+    a = _cluster(store, Lanes(), "a")
+    reloads = 0
+
+    async def reload() -> None:
+        nonlocal reloads
+        reloads += 1
+        await asyncio.Event().wait()
+
+    a.reload_silences = reload
+    async with _running(a):
+        # One at (re)connecting to the channel, one from the heartbeats.
+        await eventually(lambda: reloads >= 2, timeout=10)
+        beats = store.beats
+        await eventually(lambda: store.beats >= beats + 3, timeout=10)
+        assert a.remaining() > 0

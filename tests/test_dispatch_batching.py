@@ -3,9 +3,13 @@ dispatcher says it is idle, and a batch follows the same rules as one finish at 
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 from prometheus_client import CollectorRegistry
 
+from _daemon_fixtures import eventually
 from _pg_fixtures import OpenStore
 from _sim_fixtures import MakeFleet
 from phonepush.dispatch.dispatcher import Dispatcher
@@ -93,3 +97,49 @@ async def test_every_delivery_is_recorded_when_the_dispatcher_is_idle(
             )
             assert delivered == len(targets)
     assert sum(p.state.pushes for p in fleet.phones) == len(targets)
+
+
+async def test_deliveries_finished_while_a_fence_stops_their_write_are_still_recorded(
+    open_store: OpenStore, make_fleet: MakeFleet
+) -> None:
+    # The cluster's fence stops every worker, one of them in the middle of writing what it
+    # finished: dropped then, the delivered page stayed pending in the store, and was pushed
+    # again by whoever took the phone next.
+    fleet = await make_fleet(phones=1, tone_ms=0)
+    phone = fleet.phones[0]
+    targets = {phone.name: PhoneTarget(phone.name, phone.host, phone.port)}
+    async with open_store() as spool:
+        stored = await commit_event(
+            spool,
+            _event(),
+            rules=["fire"],
+            deliveries=[NewDelivery("fire", phone.name, (REQUEST,), 9e9)],
+            pages={},
+            cooldowns=[],
+        )
+        writing = asyncio.Event()
+        go = asyncio.Event()
+        finish_many = spool.deliveries.finish_many
+
+        async def held_up(finished: Any) -> None:
+            if not go.is_set():
+                writing.set()
+                await go.wait()
+            await finish_many(finished)
+
+        spool.deliveries.finish_many = held_up
+        async with Dispatcher(spool, targets, metrics=Metrics(CollectorRegistry())) as dispatcher:
+            dispatcher.submit(stored)
+            await writing.wait()
+            await dispatcher.forget()
+            # Finished, not yet written: an adoption that loads it again must not push it.
+            assert dispatcher.holds(stored[0].id)
+            go.set()
+
+            async def recorded() -> bool:
+                record = await spool.events.get(stored[0].event_id)
+                assert record is not None
+                return [d.state for d in record.deliveries] == ["delivered"]
+
+            await eventually(recorded)
+    assert phone.state.pushes == 1

@@ -41,11 +41,14 @@ Adoption
     Every third of the lease, and soon after a ``work`` notification, the instance takes over
     (a) phones whose owner is not live (``FOR UPDATE SKIP LOCKED``: survivors scanning at once
     split them without waiting for each other) and (b) phones with pending pushes and no claim
-    (an instance died between its commit and its claim). It loads their pending deliveries,
-    oldest first, with ``sent``/``attempts``/``error`` as stored (a delivery resumes after its
-    last confirmed request). Audio-page rows of a phone taken from an instance that is not live
-    go through the announcer's ``abandon`` (a live audio page is never replayed); at start-up an
-    instance alone in the cluster finishes every pending audio row as a single daemon does.
+    (an instance died between its commit and its claim); at each heartbeat's scan it also
+    reads (c) the phones it owns with pending pushes, and those it does not act on (a claim or
+    scan whose answer was lost) go through a release, which loads their work. It loads the
+    pending deliveries of (a) and (b), oldest first, with ``sent``/``attempts``/``error`` as
+    stored (a delivery resumes after its last confirmed request). Audio-page rows of a phone
+    taken from an instance that is not live go through the announcer's ``abandon`` (a live audio
+    page is never replayed); at start-up an instance alone in the cluster finishes every pending
+    audio row as a single daemon does.
 
 Timers
     The leader (the ``timer`` claim ``leader``, taken and renewed with the heartbeat under the
@@ -147,7 +150,9 @@ class Cluster:
         self.abandon: Callable[[list[Delivery]], Awaitable[list[Delivery]]] = _keep
         #: Phones whose claim this instance holds and acts on.
         self._held: set[str] = set()
-        #: Phones whose release failed or found work the dispatcher already had: tried again.
+        #: Phones perhaps this instance's in the database without being acted on here (a
+        #: release failed, a phone taken had nothing new to push, a claim answered after a
+        #: fence): released again at the next heartbeat, which loads their work if any.
         self._unreleased: set[str] = set()
         #: Phones being released -> whether work for them came meanwhile (claimed again once
         #: the release is done: taken while it runs, the phone would be held here in memory but
@@ -158,6 +163,9 @@ class Cluster:
         #: Until when (monotonic) the lease surely holds; None before the first heartbeat.
         self._valid_until: float | None = None
         self._fenced = False
+        #: Set by each heartbeat: the next scan also compares the phones this instance owns
+        #: with pending work in the database with those it acts on.
+        self._audit = False
         #: Bumped at each fence: work started before it must not act after it.
         self._epoch = 0
         self._renewed = asyncio.Event()
@@ -373,10 +381,14 @@ class Cluster:
             await self._beat()
             self._beats += 1
             if self._live():
+                self._audit = True
                 self._scans.poke()
                 self._retry_releases()
                 if self._beats % 3 == 0:
-                    await self._reload_silences()
+                    # Not awaited here: a reload stuck on a connection lost mid-statement
+                    # would stop the heartbeats, and the instance would fence itself and not
+                    # rejoin while it hung.
+                    self._tasks.spawn(self._reload_silences(), "cluster:silences")
                 pause = self._interval - (self._clock() - started)
             else:
                 # Not renewed: try again soon, the lease is running out.
@@ -437,8 +449,11 @@ class Cluster:
         try:
             claimed = await self._store.claim(self.id, phones)
         except SpoolError as exc:
-            # Pending in the store: the next adoption scan finds it.
+            # Pending in the store: the next adoption scan finds it if the claim did not
+            # commit. If it did and only its answer was lost, the phones are this live
+            # instance's, which no scan takes: the next heartbeat's release settles them.
             log.warning("cluster: claiming %d phone(s) failed: %s", len(phones), exc)
+            self._unreleased.update(phones)
             return
         await self._took(claimed, epoch)
 
@@ -446,21 +461,39 @@ class Cluster:
         if not self._live():
             return
         epoch = self._epoch
+        audit, self._audit = self._audit, False
         try:
             # Bounded: a scan stuck on a connection lost mid-statement would hold every later
             # scan back (they are coalesced behind it).
             async with asyncio.timeout(self.lease):
                 taken = await self._store.adopt(self.id)
+                owned = await self._store.owned(self.id) if audit else []
         except (SpoolError, TimeoutError) as exc:
-            log.warning("cluster: adoption scan failed: %s", exc)
+            log.warning("cluster: adoption scan failed: %s", str(exc) or "timed out")
             return
         if taken and starting:
             log.info("cluster: resuming the pending deliveries of %d phone(s)", len(taken))
         await self._took(taken, epoch)
+        if epoch != self._epoch:
+            return
+        # Phones this live instance owns in the database without acting on them (a scan
+        # whose answer was lost, or cut by its timeout after its first statement committed):
+        # no other instance takes them, so their work would stay pending for ever. The next
+        # heartbeat's release settles them (the claim row locked, unlike this read).
+        self._unreleased.update(set(owned) - self._held - self._releasing.keys())
 
     async def _took(self, claimed: list[tuple[str, str]], epoch: int) -> None:
         """Phones now held here: load and submit their pending deliveries."""
-        if not claimed or epoch != self._epoch:
+        if not claimed:
+            return
+        if epoch != self._epoch:
+            # Claimed before a fence, answered after it: not acted on. But the statement may
+            # have reached the database after the rejoin dropped this instance's claims (held
+            # up while the pool reconnected): the phones are then this live instance's there,
+            # which no scan anywhere takes, and their work would stay pending for ever. The
+            # next heartbeat releases them or loads their work ("lost" if the rejoin came
+            # last).
+            self._unreleased.update(phone for phone, _ in claimed)
             return
         orphaned: dict[str, list[str]] = {}
         for phone, previous in claimed:
@@ -485,17 +518,31 @@ class Cluster:
         self._unreleased -= phones
         dead = {p for names in orphaned.values() for p in names}
         try:
-            pending = await self._store.pending_of(phones, audio_of=dead)
+            # Bounded as a scan's and a release's own statements are: run inside them, a read
+            # stuck on a connection lost mid-statement would hold every later one back.
+            async with asyncio.timeout(self.lease):
+                pending = await self._store.pending_of(phones, audio_of=dead)
             if dead and any(d.kind is DeliveryKind.AUDIO for d in pending):
                 pending = await self.abandon(pending)
-        except SpoolError as exc:
-            log.warning("cluster: reading the pending deliveries of phones taken: %s", exc)
+        except (SpoolError, TimeoutError) as exc:
+            log.warning(
+                "cluster: reading the pending deliveries of phones taken: %s",
+                str(exc) or "timed out",
+            )
             # Held but not loaded: release them, so a scan (here or elsewhere) takes them again.
             self._unreleased |= phones
             return
         if epoch != self._epoch:
+            self._unreleased |= phones  # as above: perhaps claimed after the rejoin
             return
         self._lanes.submit(pending)
+        for phone in phones:
+            if not self._lanes.busy(phone):
+                # Nothing to push (done or acknowledged meanwhile, or all of it the
+                # dispatcher's already, finished but not yet written): no worker will go idle
+                # for the phone, and held for ever it would keep the others' work for it
+                # pending for ever. Released (or its work loaded) at the next heartbeat.
+                self._unreleased.add(phone)
 
     async def _release(self) -> None:
         phones, self._to_release = sorted(self._to_release), set()
@@ -508,10 +555,17 @@ class Cluster:
             return
         epoch = self._epoch
         try:
-            await self._lanes.flush()
-            results = await self._store.release(self.id, phones)
-        except SpoolError as exc:
-            log.warning("cluster: releasing %d phone(s) failed: %s", len(phones), exc)
+            # Bounded as a scan is: releases run one after another, so one stuck on a
+            # connection lost mid-statement would hold every later one back, and the phones
+            # waiting for them would keep their new work pending for ever. (A flush cut short
+            # keeps what it was writing, and writes it again.)
+            async with asyncio.timeout(self.lease):
+                await self._lanes.flush()
+                results = await self._store.release(self.id, phones)
+        except (SpoolError, TimeoutError) as exc:
+            log.warning(
+                "cluster: releasing %d phone(s) failed: %s", len(phones), str(exc) or "timed out"
+            )
             for phone in phones:
                 self._releasing.pop(phone, None)
             if epoch == self._epoch:
@@ -533,19 +587,15 @@ class Cluster:
         if not kept:
             return
         # Pending work came in for phones held here (committed by another instance, or
-        # finished here but not yet written): keep them and push what is there.
+        # finished here but not yet written): keep them and push what is there (_took looks
+        # again at the next heartbeat if none of it is new to the dispatcher).
         await self._took([(phone, "") for phone in kept], epoch)
-        if epoch != self._epoch:
-            return
-        for phone in kept:
-            if not self._lanes.busy(phone):
-                # Everything found is still the dispatcher's (finished, not yet written), or
-                # it could not be read: look again at the next heartbeat.
-                self._unreleased.add(phone)
 
     def _retry_releases(self) -> None:
         for phone in sorted(self._unreleased):
-            if self._lanes.busy(phone):
+            # A release of the phone under way settles it; idle() now would also wipe what it
+            # noted (work came meanwhile). Tried at the next heartbeat.
+            if self._lanes.busy(phone) or phone in self._releasing:
                 continue
             self._unreleased.discard(phone)
             self._held.add(phone)

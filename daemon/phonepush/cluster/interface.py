@@ -27,6 +27,10 @@ class ClusterStore(Protocol):
 
     async def adopt(self, instance: str) -> list[tuple[str, str]]: ...
 
+    async def owned(self, instance: str) -> list[str]:
+        """The phones ``instance`` has claimed that have pending pushes."""
+        ...
+
     async def release(self, instance: str, phones: Sequence[str]) -> dict[str, str]:
         """phone -> ``released``, ``kept`` (it has pending work) or ``lost`` (not ours)."""
         ...

@@ -4,7 +4,6 @@ trigger, and the leadership switch the timer loops follow."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -118,8 +117,10 @@ class Leadership:
                 following.cancel()
                 if not task.done():
                     task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                    # Waited for without awaiting it: its CancelledError suppressed here would
+                    # also swallow a cancel of this task meanwhile (the daemon stopping), and
+                    # this loop would wait for ever for a leadership that never comes.
+                    await asyncio.wait({task})
             if task.done() and not task.cancelled():
                 task.result()  # a timer loop that ended raised: let the daemon see it
                 return

@@ -472,6 +472,14 @@ class Dispatcher:
             if not self._closing:
                 loop = asyncio.get_running_loop()
                 self._flush = loop.call_later(self._retry_initial, self._start_flush)
+        except asyncio.CancelledError:
+            # The worker writing them was stopped (the cluster's fence, a drain): dropped, they
+            # would stay pending in the store and be pushed again by whoever loads them next.
+            # Written again (finishing twice is harmless), by drain itself when closing.
+            self._finished[:0] = finished
+            if self._flush is None and not self._closing:
+                self._flush = asyncio.get_running_loop().call_soon(self._start_flush)
+            raise
         finally:
             self._writing -= ids
 

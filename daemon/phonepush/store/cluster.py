@@ -114,6 +114,13 @@ _ADOPT_UNCLAIMED: Final = (
     " ON CONFLICT (kind, name) DO NOTHING"
     " RETURNING name, '' AS previous"
 )
+# (c) phones this instance owns with pending pushes: compared with what it acts on.
+_OWNED_PENDING: Final = (
+    "SELECT c.name FROM cluster_claims c WHERE c.kind = 'phone' AND c.owner = %s"
+    " AND EXISTS (SELECT 1 FROM deliveries d"
+    " WHERE d.phone = c.name AND d.state = 'pending' AND d.requests <> '[]')"
+    " ORDER BY c.name"
+)
 _LOCK_CLAIMS: Final = (
     "SELECT name FROM cluster_claims WHERE kind = 'phone' AND owner = %s AND name = ANY(%s)"
     " ORDER BY name FOR UPDATE"
@@ -182,6 +189,11 @@ class PostgresCluster:
         )
         unclaimed = await store.rows(_ADOPT_UNCLAIMED, (instance, instance), "cannot adopt phones")
         return [(row["name"], row["previous"]) for row in (*orphans, *unclaimed)]
+
+    async def owned(self, instance: str) -> list[str]:
+        """The phones ``instance`` has claimed that have pending pushes."""
+        rows = await self._store.rows(_OWNED_PENDING, (instance,), "cannot read claims")
+        return [row["name"] for row in rows]
 
     async def release(self, instance: str, phones: Sequence[str]) -> dict[str, str]:
         """Give up each of ``phones`` that has no pending push, in one transaction: phone ->
