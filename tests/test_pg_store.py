@@ -20,6 +20,7 @@ from phonepush.commands import status as status_command
 from phonepush.config import parse_config
 from phonepush.errors import ConfigError, SpoolError
 from phonepush.sim.simulator import Fleet
+from phonepush.store.postgres import PostgresStore
 
 TOKEN = "t0ken-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -267,3 +268,26 @@ async def test_an_mqtt_message_waits_unacknowledged_while_the_database_is_down(
         await asyncio.to_thread(wait_until_accepting, pg_cluster)
     await eventually(lambda: lobby.state.last_tone == "Chime.raw", timeout=30)
     assert lobby.state.pushes == 1
+
+
+async def test_connections_find_a_vanished_database_host_quickly_unless_the_url_says_otherwise(
+    pg_url: str,
+) -> None:
+    # Without keepalives a statement on a connection whose peer vanished hangs for the kernel's
+    # defaults (hours idle, minutes of retransmissions), and a webhook waiting on it with it.
+    def settings(conn: Any) -> dict[str, str]:
+        return {
+            o.keyword.decode(): (o.val or b"").decode()
+            for o in conn.pgconn.info
+            if o.keyword in (b"keepalives", b"keepalives_idle", b"tcp_user_timeout")
+        }
+
+    async with PostgresStore(pg_url) as store, await store.dedicated_connection() as conn:
+        assert settings(conn) == {
+            "keepalives": "1",
+            "keepalives_idle": "5",
+            "tcp_user_timeout": "15000",
+        }
+    own = pg_url + ("&" if "?" in pg_url else "?") + "keepalives_idle=60"
+    async with PostgresStore(own) as store, await store.dedicated_connection() as conn:
+        assert settings(conn)["keepalives_idle"] == "60"

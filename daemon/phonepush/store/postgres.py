@@ -291,6 +291,19 @@ _LIVE_BYTES: Final = (
 )
 # Serialises migrations of several instances starting at once on one database.
 _MIGRATION_LOCK: Final = 0x7068_7075_7368  # "phpush"
+#: libpq's TCP keepalives and user timeout, unless the URL sets its own. A connection whose peer
+#: vanished (the database host powered off, a failover moving its address) is otherwise only
+#: noticed after the kernel's defaults (two hours idle; about 15 minutes of retransmissions):
+#: a statement on it hangs that long, and with it a webhook waiting for its commit. With these,
+#: an idle connection is found dead within 5 + 3 x 2 s, and one with a statement unanswered
+#: within 15 s; the pool then opens a new one. (Ignored on a Unix socket.)
+_KEEPALIVES: Final = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 15_000,
+}
 # Errors that come from what the caller passed (a duplicate id, a value that does not fit): they
 # fail that call but say nothing about the database, so they leave ``healthy`` alone.
 _CALLER_ERRORS: Final = (psycopg.errors.IntegrityError, psycopg.errors.DataError)
@@ -322,6 +335,14 @@ _INDEX_HINT: Final = re.compile(r" INDEXED BY \w+")
 
 
 @functools.lru_cache(maxsize=512)
+def _conninfo(url: str) -> dict[str, Any]:
+    """The parameters ``url`` sets itself ({} if libpq cannot read it: connecting says why)."""
+    try:
+        return psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.Error:
+        return {}
+
+
 def _statement(sql: str) -> str:
     """A statement of the repositories (SQLite's dialect, ``?`` placeholders) in PostgreSQL's.
 
@@ -393,6 +414,8 @@ class PostgresStore(Repositories, Backlog):
             "connect_timeout": max(1, round(timeout)),
             "application_name": "phonepush",
         }
+        given = _conninfo(url)
+        kwargs.update((k, v) for k, v in _KEEPALIVES.items() if k not in given)
         if password is not None:
             kwargs["password"] = password
         self._kwargs = kwargs
