@@ -143,3 +143,35 @@ async def test_deliveries_finished_while_a_fence_stops_their_write_are_still_rec
 
             await eventually(recorded)
     assert phone.state.pushes == 1
+
+
+async def test_a_delivery_cancelled_before_it_is_submitted_is_not_pushed(
+    open_store: OpenStore, make_fleet: MakeFleet
+) -> None:
+    # A cluster instance loading a phone's pending work as another one records an Ack hears the
+    # cancel first: the delivery it then submits must not ring the phone after the Ack.
+    fleet = await make_fleet(phones=1, tone_ms=0)
+    phone = fleet.phones[0]
+    targets = {phone.name: PhoneTarget(phone.name, phone.host, phone.port)}
+    async with open_store() as spool:
+        first, second = await commit_event(
+            spool,
+            _event(),
+            rules=["fire"],
+            deliveries=[NewDelivery("fire", phone.name, (REQUEST,), 9e9) for _ in range(2)],
+            pages={},
+            cooldowns=[],
+        )
+        async with Dispatcher(spool, targets, metrics=Metrics(CollectorRegistry())) as dispatcher:
+            dispatcher.cancel([first.id])
+            dispatcher.submit([first])
+            await dispatcher.wait_idle()
+            assert phone.state.pushes == 0
+
+            # Kept for a while, not for ever (a cluster hears of every cancel, mostly of
+            # deliveries other instances hold): after ten thousand more, the first is gone.
+            dispatcher.cancel([second.id])
+            dispatcher.cancel(range(10**9, 10**9 + 10_000))
+            dispatcher.submit([second])
+            await dispatcher.wait_idle()
+            assert phone.state.pushes == 1

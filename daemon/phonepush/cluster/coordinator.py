@@ -612,9 +612,10 @@ class Cluster:
             for part in payload[7:].split(","):
                 with contextlib.suppress(ValueError):
                     ids.append(int(part))
-            # Only what is here: a cancel of a delivery this instance never had would be kept
-            # for ever in the dispatcher's cancelled set.
-            self._lanes.cancel([i for i in ids if self._lanes.holds(i)])
+            # Every id, also those not here: one this instance is loading (it took the phone
+            # as the ack committed) is skipped when it arrives. The dispatcher bounds how many
+            # of those it keeps.
+            self._lanes.cancel(ids)
         elif payload in ("full:1", "full:0"):
             self.on_full(payload == "full:1")
         elif payload == "silences":

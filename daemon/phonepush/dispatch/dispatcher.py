@@ -90,6 +90,11 @@ _UNCONFIRMED: Final = "unconfirmed: "
 
 #: How many finished delivery ids the dispatcher remembers after writing them (~8 MB at most).
 _DONE_KEPT: Final = 100_000
+#: How many cancels of deliveries not (yet) here it remembers. Such a cancel matters only while
+#: the delivery is being loaded (a cluster instance reading a phone's pending work as another
+#: one acknowledges it), a moment; bounded, because a cluster tells every instance of every
+#: cancel, most of them for deliveries another instance holds.
+_EARLY_CANCELS_KEPT: Final = 10_000
 
 
 class _Draining(Exception):
@@ -164,6 +169,8 @@ class Dispatcher:
         self._idle.set()
         self._outstanding = 0
         self._cancelled: set[int] = set()  # no longer pending in the spool (acked, resolved)
+        # Cancelled before they were submitted here (oldest first, bounded): skipped if they come.
+        self._cancelled_early: dict[int, None] = {}
         # Ids queued, in flight, or finished but not yet written: submitted again (a cluster
         # loads a phone's pending work from the store), they are ignored.
         self._known: set[int] = set()
@@ -192,6 +199,8 @@ class Dispatcher:
         for delivery in deliveries:
             if delivery.id in self._known or delivery.id in self._done:
                 continue
+            if self._cancelled_early.pop(delivery.id, 0) is None:
+                continue  # acknowledged or resolved while it was being loaded
             self._known.add(delivery.id)
             queue = self._queues.get(delivery.phone)
             if queue is None:
@@ -206,8 +215,16 @@ class Dispatcher:
 
     def cancel(self, delivery_ids: Iterable[int]) -> None:
         """Drop deliveries the spool no longer has pending (acknowledged, resolved): a queued one
-        is skipped, one waiting out a retry gives up; a request on the wire still finishes."""
-        self._cancelled.update(delivery_ids)
+        is skipped, one waiting out a retry gives up; a request on the wire still finishes.
+        One not here yet is skipped if it is submitted later (a cluster loading it meanwhile)."""
+        early = self._cancelled_early
+        for delivery_id in delivery_ids:
+            if delivery_id in self._known:
+                self._cancelled.add(delivery_id)
+            elif delivery_id not in self._done:
+                early[delivery_id] = None
+        for _ in range(len(early) - _EARLY_CANCELS_KEPT):
+            del early[next(iter(early))]
 
     def holds(self, delivery_id: int) -> bool:
         """Whether the delivery is queued, in flight, or finished and not yet written."""
@@ -237,6 +254,7 @@ class Dispatcher:
                 self._outstanding -= len(queue)
             self._queues.clear()
             self._known = {f[0] for f in self._finished} | self._writing
+            self._cancelled &= self._known
             if self._outstanding <= 0:
                 self._outstanding = 0
                 self._idle.set()
@@ -459,6 +477,7 @@ class Dispatcher:
         try:
             await self._spool.deliveries.finish_many(finished)
             self._known -= ids
+            self._cancelled -= ids  # cancels that came after they finished
             done = self._done
             done.update(dict.fromkeys(ids))
             for _ in range(len(done) - _DONE_KEPT):
