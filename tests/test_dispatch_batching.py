@@ -99,6 +99,36 @@ async def test_every_delivery_is_recorded_when_the_dispatcher_is_idle(
     assert sum(p.state.pushes for p in fleet.phones) == len(targets)
 
 
+class HeldUpDeliveries:
+    """A store's deliveries whose writes of finished deliveries are held up until ``go`` is
+    set (``writing`` is set when the first one starts); the rest is the store's own."""
+
+    def __init__(self, deliveries: Any) -> None:
+        self._deliveries = deliveries
+        self.writing = asyncio.Event()
+        self.go = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._deliveries, name)
+
+    async def finish_many(self, finished: Any) -> None:
+        if not self.go.is_set():
+            self.writing.set()
+            await self.go.wait()
+        await self._deliveries.finish_many(finished)
+
+
+class HeldUpWrites:
+    """The store as a dispatcher sees it, with :class:`HeldUpDeliveries`."""
+
+    def __init__(self, spool: Any) -> None:
+        self._spool = spool
+        self.deliveries = HeldUpDeliveries(spool.deliveries)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._spool, name)
+
+
 async def test_deliveries_finished_while_a_fence_stops_their_write_are_still_recorded(
     open_store: OpenStore, make_fleet: MakeFleet
 ) -> None:
@@ -117,18 +147,9 @@ async def test_deliveries_finished_while_a_fence_stops_their_write_are_still_rec
             pages={},
             cooldowns=[],
         )
-        writing = asyncio.Event()
-        go = asyncio.Event()
-        finish_many = spool.deliveries.finish_many
-
-        async def held_up(finished: Any) -> None:
-            if not go.is_set():
-                writing.set()
-                await go.wait()
-            await finish_many(finished)
-
-        spool.deliveries.finish_many = held_up
-        async with Dispatcher(spool, targets, metrics=Metrics(CollectorRegistry())) as dispatcher:
+        held = HeldUpWrites(spool)
+        writing, go = held.deliveries.writing, held.deliveries.go
+        async with Dispatcher(held, targets, metrics=Metrics(CollectorRegistry())) as dispatcher:
             dispatcher.submit(stored)
             await writing.wait()
             await dispatcher.forget()
