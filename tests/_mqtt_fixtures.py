@@ -29,6 +29,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from _ports import free_port as _free_port
+
 __all__ = [
     "Broker",
     "StartMosquitto",
@@ -50,13 +52,6 @@ def _mosquitto_binary() -> str:
         "mosquitto not found (neither on PATH nor /usr/sbin/mosquitto): the MQTT tests need a "
         "real broker; install it with `apt-get install mosquitto mosquitto-clients`"
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _accepts(port: int) -> bool:

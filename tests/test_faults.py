@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ from paho.mqtt.properties import Properties
 from prometheus_client.parser import text_string_to_metric_families
 
 from _mqtt_fixtures import Broker
+from _ports import free_port
 from phonepush.sim.simulator import Fleet
 
 __all__ = [
@@ -110,13 +110,6 @@ def count(
 
 
 # --- the parts -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def dialled(fleet: Fleet) -> Counter[int]:
