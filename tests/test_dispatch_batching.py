@@ -129,24 +129,31 @@ class HeldUpWrites:
         return getattr(self._spool, name)
 
 
+async def _one_phone(make_fleet: MakeFleet) -> tuple[Any, dict[str, PhoneTarget]]:
+    fleet = await make_fleet(phones=1, tone_ms=0)
+    phone = fleet.phones[0]
+    return phone, {phone.name: PhoneTarget(phone.name, phone.host, phone.port)}
+
+
+async def _commit(spool: Any, phone: str, count: int) -> list[Any]:
+    """``count`` pending deliveries to ``phone``, of one event."""
+    deliveries = [NewDelivery("fire", phone, (REQUEST,), 9e9) for _ in range(count)]
+    return list(
+        await commit_event(
+            spool, _event(), rules=["fire"], deliveries=deliveries, pages={}, cooldowns=[]
+        )
+    )
+
+
 async def test_deliveries_finished_while_a_fence_stops_their_write_are_still_recorded(
     open_store: OpenStore, make_fleet: MakeFleet
 ) -> None:
     # The cluster's fence stops every worker, one of them in the middle of writing what it
     # finished: dropped then, the delivered page stayed pending in the store, and was pushed
     # again by whoever took the phone next.
-    fleet = await make_fleet(phones=1, tone_ms=0)
-    phone = fleet.phones[0]
-    targets = {phone.name: PhoneTarget(phone.name, phone.host, phone.port)}
+    phone, targets = await _one_phone(make_fleet)
     async with open_store() as spool:
-        stored = await commit_event(
-            spool,
-            _event(),
-            rules=["fire"],
-            deliveries=[NewDelivery("fire", phone.name, (REQUEST,), 9e9)],
-            pages={},
-            cooldowns=[],
-        )
+        stored = await _commit(spool, phone.name, 1)
         held = HeldUpWrites(spool)
         writing, go = held.deliveries.writing, held.deliveries.go
         async with Dispatcher(held, targets, metrics=Metrics(CollectorRegistry())) as dispatcher:
@@ -171,18 +178,9 @@ async def test_a_delivery_cancelled_before_it_is_submitted_is_not_pushed(
 ) -> None:
     # A cluster instance loading a phone's pending work as another one records an Ack hears the
     # cancel first: the delivery it then submits must not ring the phone after the Ack.
-    fleet = await make_fleet(phones=1, tone_ms=0)
-    phone = fleet.phones[0]
-    targets = {phone.name: PhoneTarget(phone.name, phone.host, phone.port)}
+    phone, targets = await _one_phone(make_fleet)
     async with open_store() as spool:
-        first, second = await commit_event(
-            spool,
-            _event(),
-            rules=["fire"],
-            deliveries=[NewDelivery("fire", phone.name, (REQUEST,), 9e9) for _ in range(2)],
-            pages={},
-            cooldowns=[],
-        )
+        first, second = await _commit(spool, phone.name, 2)
         async with Dispatcher(spool, targets, metrics=Metrics(CollectorRegistry())) as dispatcher:
             dispatcher.cancel([first.id])
             dispatcher.submit([first])
