@@ -40,7 +40,7 @@ from phonepush.app.builder import Built, Services, build
 from phonepush.app.limits import default_max_connections
 from phonepush.app.systemd import Notifier, state_directories
 from phonepush.audio.announce import Announcer
-from phonepush.cluster import Cluster
+from phonepush.cluster import Cluster, Floor
 from phonepush.config import Config, SpoolConfig, format_duration, load_config
 from phonepush.console import Screens
 from phonepush.dispatch.dispatcher import Dispatcher, Outcome
@@ -381,6 +381,10 @@ class Daemon:
             else:
                 # Only what this instance adopts (never another live instance's rows).
                 cluster.abandon = announcer.abandon
+                # An audio page pushes to a phone only while this instance holds its claim.
+                floor = Floor(cluster, busy=dispatcher.busy)
+                cluster.keeps = floor.keeps
+                announcer.floor = floor
                 await cluster.start()
 
             def timer(runner: Callable[[], Coroutine[Any, Any, None]], name: str) -> Any:
@@ -443,6 +447,8 @@ class Daemon:
                 state.accepting = False
                 cut = await dispatcher.drain(self._drain_timeout)
                 if cluster is not None:
+                    # Pages cut first: their stops go out while their phones are still held.
+                    await announcer.close()
                     await cluster.leave()
                 server.should_exit = True
                 for task in tasks[1:]:

@@ -108,6 +108,10 @@ def _ignore(full: bool) -> None:
     return None
 
 
+def _never(phone: str) -> bool:
+    return False
+
+
 async def _keep(deliveries: list[Delivery]) -> list[Delivery]:
     return deliveries
 
@@ -145,6 +149,9 @@ class Cluster:
         #: measures the shared store against ``max_size``.
         self.on_full: Callable[[bool], None] = _ignore
         self.abandon: Callable[[list[Delivery]], Awaitable[list[Delivery]]] = _keep
+        #: Whether a phone stays held although its worker went idle (an audio page is playing
+        #: on it: :class:`phonepush.cluster.floor.Floor`, which releases it after the page).
+        self.keeps: Callable[[str], bool] = _never
         #: Phones whose claim this instance holds and acts on.
         self._held: set[str] = set()
         #: Phones whose release failed or found work the dispatcher already had: tried again.
@@ -260,7 +267,7 @@ class Cluster:
             self._lanes.submit(mine)
         if others:
             if self._live():
-                self._tasks.spawn(self._claim(sorted(others)), "cluster:claim")
+                self._tasks.spawn(self.claim(sorted(others)), "cluster:claim")
             # Phones another instance may hold (it finds the work when its worker goes idle)
             # or none can claim now: the others look at once.
             self.notify_work()
@@ -294,7 +301,7 @@ class Cluster:
 
     def idle(self, phone: str) -> None:
         """For the dispatcher: its worker for ``phone`` ran out of work."""
-        if phone not in self._held or self._leaving:
+        if phone not in self._held or self._leaving or self.keeps(phone):
             return
         # Dropped before the release runs: a submit for the phone meanwhile claims it through
         # the database, which orders that claim against the release.
@@ -432,7 +439,9 @@ class Cluster:
 
     # --- claims ---------------------------------------------------------------------------------
 
-    async def _claim(self, phones: list[str]) -> None:
+    async def claim(self, phones: list[str]) -> None:
+        """Claim ``phones`` where they are free, held here, or their holder is not live, and
+        push their pending deliveries; a phone another live instance holds stays its own."""
         epoch = self._epoch
         try:
             claimed = await self._store.claim(self.id, phones)
@@ -529,7 +538,7 @@ class Cluster:
         if epoch != self._epoch:
             return
         if again:
-            self._tasks.spawn(self._claim(again), "cluster:claim")
+            self._tasks.spawn(self.claim(again), "cluster:claim")
         if not kept:
             return
         # Pending work came in for phones held here (committed by another instance, or

@@ -1,0 +1,194 @@
+"""Audio pages in a cluster (phonepush.cluster.floor) on a real PostgreSQL: a page pushes to a
+phone only while its instance holds the phone's claim, so its start and stop pushes never meet
+another instance's delivery to that phone.
+
+Two ``Cluster`` objects on two stores of one database, the dispatcher's side a stand-in that
+records what it is handed; the page itself is the floor the announcer takes and gives back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from _daemon_fixtures import eventually
+from phonepush.cluster import Cluster, Floor
+from phonepush.cluster.floor import FENCED, HELD_ELSEWHERE
+from phonepush.errors import SpoolError
+from phonepush.store.cluster import PostgresCluster
+from phonepush.store.postgres import PostgresStore
+from phonepush.store.records import Delivery, DeliveryState, PushRequest
+
+LEASE = 1.5
+PAGE = (PushRequest("execute", "<CiscoIPPhoneExecute/>"),)
+
+
+class Lanes:
+    """The dispatcher as the cluster and the floor see it: what it was handed, and whether its
+    worker for a phone is running (the test says when it goes idle)."""
+
+    def __init__(self) -> None:
+        self.submitted: list[Delivery] = []
+        self.running: set[str] = set()
+        self.forgotten = 0
+
+    def submit(self, deliveries: Iterable[Delivery]) -> None:
+        for delivery in deliveries:
+            if delivery.id not in self.ids():
+                self.submitted.append(delivery)
+                self.running.add(delivery.phone)
+
+    def cancel(self, delivery_ids: Iterable[int]) -> None:
+        return None
+
+    def holds(self, delivery_id: int) -> bool:
+        return delivery_id in self.ids()
+
+    def busy(self, phone: str) -> bool:
+        return phone in self.running
+
+    async def flush(self) -> None:
+        return None
+
+    async def forget(self) -> None:
+        self.forgotten += 1
+        self.running.clear()
+
+    def ids(self) -> list[int]:
+        return [d.id for d in self.submitted]
+
+
+class Faulty(PostgresCluster):
+    """Heartbeats that fail while ``down``: this instance alone loses the database."""
+
+    down = False
+
+    async def heartbeat(self, *args: Any, **kwargs: Any) -> tuple[int, str]:
+        if self.down:
+            raise SpoolError("database out of reach (test)")
+        return await super().heartbeat(*args, **kwargs)
+
+
+@pytest.fixture
+async def stores(pg_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    async with PostgresStore(pg_url) as one, PostgresStore(pg_url) as two:
+        yield one, two
+
+
+@contextlib.asynccontextmanager
+async def _running(cluster: Cluster) -> AsyncIterator[Cluster]:
+    await cluster.start()
+    task = asyncio.create_task(cluster.run())
+    try:
+        yield cluster
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _instance(store: PostgresCluster, lanes: Lanes, name: str) -> tuple[Cluster, Floor]:
+    """A cluster and its floor, wired as the daemon wires them."""
+    cluster = Cluster(store, lanes, lease=LEASE, registry=CollectorRegistry(), instance=name)
+    floor = Floor(cluster, busy=lanes.busy, poll=0.05)
+    cluster.keeps = floor.keeps
+    return cluster, floor
+
+
+def _went_idle(cluster: Cluster, lanes: Lanes, phone: str) -> None:
+    """The dispatcher's worker for ``phone`` ran out of work."""
+    lanes.running.discard(phone)
+    cluster.idle(phone)
+
+
+async def _pending(store: PostgresStore, phone: str) -> Delivery:
+    return await store.deliveries.add_pending("ev", "rule", phone, PAGE, 0.0, 4e9)
+
+
+async def test_a_page_waits_for_the_phone_another_instance_pushes_to_then_holds_it_to_the_end(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    lanes_a, lanes_b = Lanes(), Lanes()
+    a, floor_a = _instance(PostgresCluster(stores[0]), lanes_a, "a")
+    b, _ = _instance(PostgresCluster(stores[1]), lanes_b, "b")
+    async with _running(a), _running(b):
+        # b is pushing a delivery to the lobby phone.
+        first = await _pending(stores[1], "lobby")
+        b.submit([first])
+        await eventually(lambda: lanes_b.ids() == [first.id])
+
+        # a's page for the lobby and the hall: the hall is free, the lobby is b's.
+        page = asyncio.create_task(floor_a.take(["lobby", "hall"], within=30))
+        await eventually(lambda: "hall" in a.held)
+        await asyncio.sleep(0.5)  # several polls: b still holds the lobby, the page waits
+        assert not page.done()
+        assert "lobby" not in a.held and b.held == {"lobby"}
+
+        # b's delivery is done: its worker goes idle, it releases the phone, a's page gets it.
+        await stores[1].deliveries.finish(first.id, DeliveryState.DELIVERED)
+        _went_idle(b, lanes_b, "lobby")
+        assert await asyncio.wait_for(page, 10) == {}
+        assert a.held == {"lobby", "hall"} and b.held == frozenset()
+        assert floor_a.holds("lobby")
+
+        # While the page plays, b's new delivery for the lobby is left to a (b cannot claim the
+        # phone), and a keeps the phone although nothing else is pushed to it here.
+        second = await _pending(stores[1], "lobby")
+        b.submit([second])
+        _went_idle(a, lanes_a, "lobby")
+        await asyncio.sleep(0.5)  # b's claim, its notice and a's scan have run
+        assert a.held == {"lobby", "hall"} and b.held == frozenset()
+        assert lanes_a.submitted == [] and lanes_b.ids() == [first.id]
+
+        # The page is over (stops pushed): the delivery is pushed, by a, once.
+        floor_a.done(["lobby", "hall"])
+        await eventually(lambda: lanes_a.ids() == [second.id])
+        assert lanes_b.ids() == [first.id]
+        # The hall had nothing pending: released. The lobby is a's until its worker is idle.
+        await eventually(lambda: a.held == {"lobby"})
+        assert not floor_a.holds("lobby")
+
+
+async def test_a_phone_not_got_by_the_start_deadline_is_refused_and_the_others_still_play(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    lanes_a, lanes_b = Lanes(), Lanes()
+    a, floor_a = _instance(PostgresCluster(stores[0]), lanes_a, "a")
+    b, _ = _instance(PostgresCluster(stores[1]), lanes_b, "b")
+    async with _running(a), _running(b):
+        busy = await _pending(stores[1], "lobby")
+        b.submit([busy])
+        await eventually(lambda: b.held == {"lobby"})
+
+        refused = await floor_a.take(["lobby", "hall"], within=0.3)
+        assert refused == {"lobby": HELD_ELSEWHERE}
+        assert floor_a.holds("hall") and not floor_a.holds("lobby")
+        assert b.held == {"lobby"}
+        floor_a.done(["hall"])
+        await eventually(lambda: a.held == frozenset())
+
+
+async def test_a_fenced_instance_starts_no_page_and_a_fence_mid_page_ends_its_hold(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    lanes_a, lanes_b = Lanes(), Lanes()
+    faulty = Faulty(stores[0])
+    a, floor_a = _instance(faulty, lanes_a, "a")
+    b, _ = _instance(PostgresCluster(stores[1]), lanes_b, "b")
+    async with _running(a), _running(b):
+        assert await floor_a.take(["lobby"], within=5) == {}
+        faulty.down = True
+        await eventually(lambda: lanes_a.forgotten == 1, timeout=10)
+        # The page no longer holds the phone: no new start goes out (its stops still do).
+        assert not floor_a.holds("lobby")
+        # Once a's lease has run out, b pushes to the phone; a pushes no page meanwhile.
+        delivery = await _pending(stores[1], "lobby")
+        b.submit([delivery])
+        await eventually(lambda: lanes_b.ids() == [delivery.id], timeout=10)
+        floor_a.done(["lobby"])
+        assert await floor_a.take(["lobby"], within=0.2) == {"lobby": FENCED}
+        assert a.held == frozenset()
