@@ -7,18 +7,25 @@ records what it is handed; the page itself is the floor the announcer takes and 
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import math
+import wave
 from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from _daemon_fixtures import eventually
+from _daemon_fixtures import DaemonRunner, eventually
+from _sim_fixtures import MakeFleet, free_rtp_port
 from phonepush.cluster import Cluster, Floor
 from phonepush.cluster.floor import FENCED, HELD_ELSEWHERE
 from phonepush.errors import SpoolError
+from phonepush.sim.simulator import Fleet
 from phonepush.store.cluster import PostgresCluster
 from phonepush.store.postgres import PostgresStore
 from phonepush.store.records import Delivery, DeliveryState, PushRequest
@@ -192,3 +199,99 @@ async def test_a_fenced_instance_starts_no_page_and_a_fence_mid_page_ends_its_ho
         floor_a.done(["lobby"])
         assert await floor_a.take(["lobby"], within=0.2) == {"lobby": FENCED}
         assert a.held == frozenset()
+
+
+# --- two daemons, one phone ---------------------------------------------------------------------
+
+
+def _tone(path: Path, seconds: float, rate: int = 8000) -> str:
+    samples = array.array(
+        "h",
+        [round(8000 * math.sin(2 * math.pi * 440 * n / rate)) for n in range(int(rate * seconds))],
+    )
+    with wave.open(str(path), "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(rate)
+        writer.writeframes(samples.tobytes())
+    return str(path)
+
+
+def _daemon_config(
+    fleet: Fleet, pg_url: str, port: int, wav: str, listen_port: int
+) -> dict[str, Any]:
+    phone = fleet.phones[0]
+    return {
+        "server": {"listen": f"127.0.0.1:{listen_port}"},
+        "spool": {"url": pg_url},
+        "cluster": {"lease": "2s"},
+        "audio": {"port": port},
+        "phones": [{"name": phone.name, "host": phone.address}],
+        "rules": [
+            {"name": "evacuate", "on": "webhook:alarm", "to": ["all"], "audio": {"file": wav}},
+            {
+                "name": "note",
+                "on": "webhook:note",
+                "to": ["all"],
+                "message": {"title": "Note", "text": "{{ payload.n }}"},
+            },
+        ],
+    }
+
+
+@pytest.mark.slow
+async def test_pages_and_deliveries_from_two_daemons_reach_a_phone_one_at_a_time(
+    make_fleet: MakeFleet, pg_url: str, tmp_path: Path
+) -> None:
+    fleet = await make_fleet(phones=1, names=["lobby"], hosts=("127.0.0.2",), tone_ms=10)
+    lobby = fleet.phone("lobby")
+    # Every push takes a while: a page's start pushed while a delivery is on the wire from the
+    # other daemon would be answered busy and counted in ``overlaps``.
+    await lobby.set_fault("slow", delay_ms=150)
+    wav = _tone(tmp_path / "chime.wav", 0.6)
+    port = free_rtp_port(("127.0.0.2",))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one, two = DaemonRunner(tmp_path / "a"), DaemonRunner(tmp_path / "b")
+    try:
+        await one.start(_daemon_config(fleet, pg_url, port, wav, one.port))
+        await two.start(_daemon_config(fleet, pg_url, port, wav, two.port))
+        events: list[str] = []
+        async with (
+            httpx.AsyncClient(base_url=one.url, timeout=30) as a,
+            httpx.AsyncClient(base_url=two.url, timeout=30) as b,
+        ):
+
+            async def fire(client: httpx.AsyncClient, hook: str, n: int) -> None:
+                answer = await client.post(f"/hooks/{hook}", json={"n": n})
+                assert answer.status_code == 202, answer.text
+                events.append(answer.json()["event"])
+
+            # Deliveries through both daemons, a page from each in the middle of them.
+            await asyncio.gather(*(fire(b, "note", n) for n in range(4)))
+            await fire(a, "alarm", 0)
+            await asyncio.gather(*(fire(c, "note", n) for n in range(4, 10) for c in (a, b)))
+            await fire(b, "alarm", 1)
+            await asyncio.gather(*(fire(a, "note", n) for n in range(10, 14)))
+
+            async def finished() -> bool:
+                for event in events:
+                    answer = await a.get(f"/api/events/{event}")
+                    states = [d["state"] for d in answer.json()["deliveries"]]
+                    if "pending" in states:
+                        return False
+                return True
+
+            await eventually(finished, timeout=60)
+            states = []
+            for event in events:
+                answer = await a.get(f"/api/events/{event}")
+                states += [(d["state"], d["error"]) for d in answer.json()["deliveries"]]
+        assert states == [("delivered", "")] * len(events), states
+        assert lobby.state.overlaps == 0
+        heard = lobby.rtp_status()["history"]
+        assert len(heard) == 2 and all(h["ended_by"] == "RTPRx:Stop" for h in heard), heard
+    finally:
+        for runner in (one, two):
+            with contextlib.suppress(Exception):
+                await runner.stop()
