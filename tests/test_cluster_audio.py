@@ -218,21 +218,34 @@ def _tone(path: Path, seconds: float, rate: int = 8000) -> str:
 
 
 def _daemon_config(
-    fleet: Fleet, pg_url: str, port: int, wav: str, listen_port: int
+    fleet: Fleet,
+    pg_url: str,
+    port: int,
+    wav: str,
+    listen_port: int,
+    *,
+    note_to: str = "all",
+    ttl: str = "5m",
 ) -> dict[str, Any]:
-    phone = fleet.phones[0]
     return {
         "server": {"listen": f"127.0.0.1:{listen_port}"},
         "spool": {"url": pg_url},
         "cluster": {"lease": "2s"},
         "audio": {"port": port},
-        "phones": [{"name": phone.name, "host": phone.address}],
+        "phones": [{"name": phone.name, "host": phone.address} for phone in fleet.phones],
         "rules": [
-            {"name": "evacuate", "on": "webhook:alarm", "to": ["all"], "audio": {"file": wav}},
+            {
+                "name": "evacuate",
+                "on": "webhook:alarm",
+                "to": ["all"],
+                "ttl": ttl,
+                "audio": {"file": wav},
+            },
             {
                 "name": "note",
                 "on": "webhook:note",
-                "to": ["all"],
+                "to": [note_to],
+                "ttl": "5m",
                 "message": {"title": "Note", "text": "{{ payload.n }}"},
             },
         ],
@@ -291,6 +304,58 @@ async def test_pages_and_deliveries_from_two_daemons_reach_a_phone_one_at_a_time
         assert lobby.state.overlaps == 0
         heard = lobby.rtp_status()["history"]
         assert len(heard) == 2 and all(h["ended_by"] == "RTPRx:Stop" for h in heard), heard
+    finally:
+        for runner in (one, two):
+            with contextlib.suppress(Exception):
+                await runner.stop()
+
+
+@pytest.mark.slow
+async def test_a_phone_another_daemon_keeps_pushing_to_is_left_out_of_the_page_and_reported(
+    make_fleet: MakeFleet, pg_url: str, tmp_path: Path
+) -> None:
+    hosts = ("127.0.0.2", "127.0.0.3")
+    fleet = await make_fleet(phones=2, names=["lobby", "hall"], hosts=hosts, tone_ms=10)
+    lobby, hall = fleet.phone("lobby"), fleet.phone("hall")
+    # The lobby answers busy: the other daemon's delivery to it is retried until its TTL, so
+    # that daemon holds the phone for as long as the page could wait.
+    await lobby.set_fault("error", number=6)
+    wav = _tone(tmp_path / "chime.wav", 0.4)
+    port = free_rtp_port(hosts)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one, two = DaemonRunner(tmp_path / "a"), DaemonRunner(tmp_path / "b")
+    settings = {"note_to": "lobby", "ttl": "6s"}
+    try:
+        paging = await one.start(_daemon_config(fleet, pg_url, port, wav, one.port, **settings))
+        pushing = await two.start(_daemon_config(fleet, pg_url, port, wav, two.port, **settings))
+        assert pushing.cluster is not None and paging.announcer is not None
+        async with (
+            httpx.AsyncClient(base_url=one.url, timeout=30) as a,
+            httpx.AsyncClient(base_url=two.url, timeout=30) as b,
+        ):
+            note = await b.post("/hooks/note", json={"n": 1})
+            assert note.status_code == 202
+            await eventually(
+                lambda: pushing.cluster is not None and pushing.cluster.held == {"lobby"}
+            )
+            alarm = await a.post("/hooks/alarm", json={})
+            assert alarm.status_code == 202
+            await eventually(lambda: lobby.state.pushes >= 2)  # the page is waiting meanwhile
+            await asyncio.wait_for(paging.announcer.wait_idle(), 30)
+            answer = await a.get(f"/api/events/{alarm.json()['event']}")
+            rows = {d["phone"]: (d["state"], d["error"]) for d in answer.json()["deliveries"]}
+        assert rows == {
+            "lobby": ("failed", "would not listen: held by another instance"),
+            "hall": ("delivered", ""),
+        }
+        assert [h["ended_by"] for h in hall.rtp_status()["history"]] == ["RTPRx:Stop"]
+        # The page pushed nothing to the lobby: every push it got was the other daemon's note.
+        assert lobby.rtp_status()["history"] == []
+        assert lobby.state.overlaps == 0
+        assert not any(
+            item["url"].startswith("RTPRx") for r in lobby.state.requests for item in r["items"]
+        )
     finally:
         for runner in (one, two):
             with contextlib.suppress(Exception):

@@ -41,10 +41,11 @@ Durability and the spool (an audio page is *live*: played late, it is wrong):
   others). A stop is also tried again when unanswered: it does no harm twice. With several
   instances on PostgreSQL (:attr:`Announcer.floor`, :mod:`phonepush.cluster.floor`), a page
   first obtains its phones' claims, waiting for those another instance holds until the latest
-  start at which the announcement still ends by the TTL; a phone not obtained by then is reported
-  as one that would not listen ("held by another instance"). The phones are held for the page,
-  so deliveries for them wait and are pushed after it, by this instance; a start is not pushed to
-  a phone whose claim was lost meanwhile (the instance fenced itself), its stops still are.
+  start at which the announcement still ends by the TTL (less a second for the start pushes);
+  a phone not obtained by then is reported as one that would not listen ("held by another
+  instance"). The phones are held for the page, so deliveries for them wait and are pushed
+  after it, by this instance; a start is not pushed to a phone whose claim was lost meanwhile
+  (the instance fenced itself), its stops still are.
 * **Stops are guaranteed.** Every phone whose start may have been written is pushed the stop,
   also when the page is cut (TTL, shutdown); the stops run shielded from the cancellation.
 """
@@ -103,6 +104,9 @@ _RETRY_DELAY: Final = 0.25
 _STOP_TRIES: Final = 5
 #: How long shutdown waits for pages being cut to push their stop URIs.
 _CLOSE_GRACE: Final = 8.0
+#: Left for the start pushes when a page waits for its phones' cluster claims: a page that
+#: waited until the very last moment would run into its TTL before its stream ended.
+_START_SLACK: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,8 +428,8 @@ class Announcer:
             return
         names = [target.name for target in targets]
         # Waiting for phones another instance pushes to, at most until the latest start at
-        # which the whole announcement still ends by the TTL.
-        start_by = expires_at - self._lead_in - len(fitted) / SAMPLE_RATE
+        # which the whole announcement still ends by the TTL (the start pushes given a second).
+        start_by = expires_at - _START_SLACK - self._lead_in - len(fitted) / SAMPLE_RATE
         refused = await floor.take(names, start_by - self._clock())
         try:
             fitted = await self._fit(event, action, rows, fitted, expires_at)
