@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import math
 import wave
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -360,3 +360,57 @@ async def test_a_phone_another_daemon_keeps_pushing_to_is_left_out_of_the_page_a
         for runner in (one, two):
             with contextlib.suppress(Exception):
                 await runner.stop()
+
+
+class SlowRelease(PostgresCluster):
+    """The real statements, with a release that waits at its start until ``go`` is set."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        super().__init__(store)
+        self.entered = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def release(self, instance: str, phones: Sequence[str]) -> dict[str, str]:
+        self.entered.set()
+        await self.go.wait()
+        return await super().release(instance, phones)
+
+
+async def _owner(store: PostgresStore, phone: str) -> str | None:
+    row = await store.row(
+        "SELECT owner FROM cluster_claims WHERE kind = 'phone' AND name = %s", (phone,), "test"
+    )
+    return None if row is None else str(row["owner"])
+
+
+async def test_a_claim_a_page_gave_up_on_during_a_release_does_not_keep_the_phone_for_ever(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    lanes_a, lanes_b = Lanes(), Lanes()
+    slow = SlowRelease(stores[0])
+    a, floor_a = _instance(slow, lanes_a, "a")
+    b, _ = _instance(PostgresCluster(stores[1]), lanes_b, "b")
+    async with _running(a), _running(b):
+        first = await _pending(stores[0], "lobby")
+        a.submit([first])
+        await eventually(lambda: lanes_a.ids() == [first.id])
+        await stores[0].deliveries.finish(first.id, DeliveryState.DELIVERED)
+        _went_idle(a, lanes_a, "lobby")
+        await slow.entered.wait()
+
+        # A page with no time to wait asks for the phone while its release runs: it is claimed
+        # again once the release is done, after the page went on without it.
+        assert await floor_a.take(["lobby"], within=0) == {"lobby": HELD_ELSEWHERE}
+        slow.go.set()
+        await eventually(lambda: "lobby" in a.held)
+        # Nothing to push: released at a heartbeat, and work through b is pushed by b.
+        await eventually(lambda: "lobby" not in a.held, timeout=10)
+
+        async def released() -> bool:
+            return await _owner(stores[0], "lobby") is None
+
+        await eventually(released)
+        second = await _pending(stores[1], "lobby")
+        b.submit([second])
+        await eventually(lambda: second.id in lanes_b.ids(), timeout=10)
+        assert lanes_a.ids() == [first.id]

@@ -505,6 +505,10 @@ class Cluster:
         if epoch != self._epoch:
             return
         self._lanes.submit(pending)
+        # Taken with nothing to push (an adopted claim whose work was done, work cancelled
+        # meanwhile, a page's claim that came back after the page gave up): no worker will go
+        # idle to release it, so the next heartbeat does, unless a page keeps it.
+        self._unreleased |= {p for p in phones - {d.phone for d in pending} if not self.keeps(p)}
 
     async def _release(self) -> None:
         phones, self._to_release = sorted(self._to_release), set()
