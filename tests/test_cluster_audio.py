@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import logging
 import math
 import wave
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -312,8 +313,9 @@ async def test_pages_and_deliveries_from_two_daemons_reach_a_phone_one_at_a_time
 
 @pytest.mark.slow
 async def test_a_phone_another_daemon_keeps_pushing_to_is_left_out_of_the_page_and_reported(
-    make_fleet: MakeFleet, pg_url: str, tmp_path: Path
+    make_fleet: MakeFleet, pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="phonepush.cluster")
     hosts = ("127.0.0.2", "127.0.0.3")
     fleet = await make_fleet(phones=2, names=["lobby", "hall"], hosts=hosts, tone_ms=10)
     lobby, hall = fleet.phone("lobby"), fleet.phone("hall")
@@ -353,6 +355,7 @@ async def test_a_phone_another_daemon_keeps_pushing_to_is_left_out_of_the_page_a
         # The page pushed nothing to the lobby: every push it got was the other daemon's note.
         assert lobby.rtp_status()["history"] == []
         assert lobby.state.overlaps == 0
+        assert "not got (held by another instance): lobby" in caplog.text
         assert not any(
             item["url"].startswith("RTPRx") for r in lobby.state.requests for item in r["items"]
         )

@@ -122,7 +122,8 @@ class Cluster:
 
     ``lanes`` is the dispatcher; ``push_timeout`` says a phone's request timeout. What the
     daemon builds later is set as attributes: ``wake`` (the leader's repeater and grouper),
-    ``reload_silences`` and ``abandon`` (the announcer's, for audio-page rows).
+    ``reload_silences`` and ``abandon`` (the announcer's, for audio-page rows), ``keeps`` (the
+    audio pages' :class:`~phonepush.cluster.floor.Floor`).
     """
 
     def __init__(

@@ -24,12 +24,15 @@ and the page pushes no new start; its stops still go out (they are guaranteed).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final, Protocol
 
 __all__ = ["Claims", "Floor"]
+
+log = logging.getLogger("phonepush.cluster")
 
 #: How often a phone another live instance holds is claimed again while a page waits for it.
 _POLL: Final = 0.25
@@ -86,14 +89,24 @@ class Floor:
         wanted = list(dict.fromkeys(phones))
         # Kept before any claim lands: a phone whose worker goes idle meanwhile stays held.
         self._pages.update(wanted)
+        started = self._clock()
         try:
-            missing = await self._obtain(wanted, self._clock() + max(0.0, within))
+            missing = await self._obtain(wanted, started + max(0.0, within))
         except BaseException:
             self.done(wanted)
             raise
         reason = HELD_ELSEWHERE if self._claims.remaining() > 0 else FENCED
         refused = dict.fromkeys(missing, reason)
         self.done(refused)
+        waited = self._clock() - started
+        if waited >= self._poll:
+            # Why a page started late, or without some phones.
+            log.info(
+                "cluster: audio page waited %.2f s for the claims of %d phone(s)%s",
+                waited,
+                len(wanted),
+                f"; not got ({reason}): {', '.join(missing)}" if missing else "",
+            )
         return refused
 
     def done(self, phones: Iterable[str]) -> None:
