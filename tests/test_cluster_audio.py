@@ -189,15 +189,33 @@ async def test_a_fenced_instance_starts_no_page_and_a_fence_mid_page_ends_its_ho
     b, _ = _instance(PostgresCluster(stores[1]), lanes_b, "b")
     async with _running(a), _running(b):
         assert await floor_a.take(["lobby"], within=5) == {}
+        await asyncio.wait_for(floor_a.ready("lobby"), 5)  # the lease is fresh: at once
         faulty.down = True
         await eventually(lambda: lanes_a.forgotten == 1, timeout=10)
-        # The page no longer holds the phone: no new start goes out (its stops still do).
+        # The page no longer holds the phone, and a start waits for the lease to be renewed.
         assert not floor_a.holds("lobby")
+        start = asyncio.create_task(floor_a.ready("lobby"))
         # Once a's lease has run out, b pushes to the phone; a pushes no page meanwhile.
         delivery = await _pending(stores[1], "lobby")
         b.submit([delivery])
         await eventually(lambda: lanes_b.ids() == [delivery.id], timeout=10)
+        assert not start.done()
+        # Renewed, a rejoins without its claims: the start may go, but not to this phone.
+        faulty.down = False
+        await asyncio.wait_for(start, 10)
+        assert not floor_a.holds("lobby")
         floor_a.done(["lobby"])
+        assert a.held == frozenset() and b.held == {"lobby"}
+
+
+async def test_a_page_does_not_start_while_its_instance_is_fenced(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    faulty = Faulty(stores[0])
+    a, floor_a = _instance(faulty, Lanes(), "a")
+    async with _running(a):
+        faulty.down = True
+        await eventually(lambda: a.remaining() == 0, timeout=10)
         assert await floor_a.take(["lobby"], within=0.2) == {"lobby": FENCED}
         assert a.held == frozenset()
 

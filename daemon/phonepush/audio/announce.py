@@ -44,8 +44,9 @@ Durability and the spool (an audio page is *live*: played late, it is wrong):
   start at which the announcement still ends by the TTL (less a second for the start pushes);
   a phone not obtained by then is reported as one that would not listen ("held by another
   instance"). The phones are held for the page, so deliveries for them wait and are pushed
-  after it, by this instance; a start is not pushed to a phone whose claim was lost meanwhile
-  (the instance fenced itself), its stops still are.
+  after it, by this instance. A start waits, as a delivery's request does, until enough of the
+  instance's lease is left for it, and is not pushed to a phone whose claim was lost meanwhile
+  (the instance fenced itself); its stops still are.
 * **Stops are guaranteed.** Every phone whose start may have been written is pushed the stop,
   also when the page is cut (TTL, shutdown); the stops run shielded from the cancellation.
 """
@@ -205,6 +206,10 @@ class Floor(Protocol):
     async def take(self, phones: Sequence[str], within: float) -> dict[str, str]:
         """Hold ``phones``, waiting up to ``within`` s for those held elsewhere; those not got
         -> why."""
+        ...
+
+    async def ready(self, phone: str) -> None:
+        """Return once enough of the cluster lease is left for a push to ``phone``."""
         ...
 
     def holds(self, phone: str) -> bool:
@@ -484,17 +489,27 @@ class Announcer:
         )
         lanes = self._lanes
         floor = self.floor
+        # Phones a start was pushed to (with a floor): only those are stopped.
+        started: set[str] = set()
 
         async def push(target: PageTarget, uri: str) -> None:
-            if uri != STOP_URI and floor is not None:
-                # Not sent, so not stopped: the phone is another instance's to push to.
-                if target.name in refused:
-                    raise PhoneNotSent(refused[target.name], phone=target.name)
-                if not floor.holds(target.name):
-                    raise PhoneNotSent(
-                        "not pushed: this instance lost the phone's cluster claim",
-                        phone=target.name,
-                    )
+            if floor is not None:
+                if uri == STOP_URI:
+                    if target.name not in started:
+                        # Cut while its start waited for the lease: never sent, and the phone
+                        # may be another instance's by now.
+                        return
+                else:
+                    # Not sent, so not stopped: the phone is another instance's to push to.
+                    if target.name in refused:
+                        raise PhoneNotSent(refused[target.name], phone=target.name)
+                    await floor.ready(target.name)
+                    if not floor.holds(target.name):
+                        raise PhoneNotSent(
+                            "not pushed: this instance lost the phone's cluster claim",
+                            phone=target.name,
+                        )
+                    started.add(target.name)
             await _push(lanes, target.name, uri)
 
         try:

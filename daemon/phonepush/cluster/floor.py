@@ -17,8 +17,10 @@ time per phone, whoever sends it"), the announcer first takes the floor of its t
 * :meth:`Floor.done` after the page (stops pushed): the phone is handed to the cluster's ``idle``
   path, which releases it if nothing is pending, or keeps it and pushes what is.
 
-A fence drops the claims (the cluster forgets what it held): :meth:`Floor.holds` then says no,
-and the page pushes no new start; its stops still go out (they are guaranteed).
+A start push waits, as a delivery's request does, until enough of the lease is left for it to
+end inside it (:meth:`Floor.ready`). A fence drops the claims (the cluster forgets what it held):
+:meth:`Floor.holds` then says no, and the page pushes no new start; its stops still go out (they
+are guaranteed).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final, Protocol
 
 __all__ = ["Claims", "Floor"]
@@ -54,6 +56,11 @@ class Claims(Protocol):
     async def claim(self, phones: list[str]) -> None: ...
 
     def idle(self, phone: str) -> None: ...
+
+    def gate(self, phone: str) -> Awaitable[None] | None:
+        """None when enough of the lease is left for a push to ``phone``, else an awaitable
+        that returns once it is."""
+        ...
 
 
 class Floor:
@@ -82,6 +89,14 @@ class Floor:
     def holds(self, phone: str) -> bool:
         """Whether a page may push a start to ``phone`` now: taken, and not lost to a fence."""
         return phone in self._pages and phone in self._claims.held
+
+    async def ready(self, phone: str) -> None:
+        """Before a start push: wait, as the dispatcher does before each request, until enough
+        of the lease is left for the push to end inside it (then ask :meth:`holds`: a fence
+        meanwhile took the claim)."""
+        waiting = self._claims.gate(phone)
+        if waiting is not None:
+            await waiting
 
     async def take(self, phones: Sequence[str], within: float) -> dict[str, str]:
         """Hold ``phones`` for a page, waiting up to ``within`` seconds for those another
