@@ -34,17 +34,18 @@ Durability and the spool (an audio page is *live*: played late, it is wrong):
 * **One page at a time.** A phone plays one stream; two pages at once would replace each other
   on shared phones. Pages queue (their TTLs still apply while waiting).
 * **Pushes.** Start and stop pushes go through the phones' lanes (:mod:`phonepush.phone.lanes`),
-  shared with the dispatcher: a phone gets one push at a time, so a start waits for a
-  delivery in flight to that phone (not for its retries, which wait outside the lane). A start
-  the phone answers busy (error 6), or that never reached it, is tried once more after 0.25 s;
-  one written but not answered is not (the phone may be listening: it is stopped like the
-  others). A stop is also tried again when unanswered: it does no harm twice. With several
-  instances on PostgreSQL (:attr:`Announcer.floor`, :mod:`phonepush.cluster.floor`), a page
-  first obtains its phones' claims, waiting for those another instance holds until the latest
-  start at which the announcement still ends by the TTL (less a second for the start pushes);
-  a phone not obtained by then is reported as one that would not listen ("held by another
-  instance"). The phones are held for the page, so deliveries for them wait and are pushed
-  after it, by this instance. A start waits, as a delivery's request does, until enough of the
+  shared with the dispatcher: a phone gets one push at a time, so a start waits for a delivery in
+  flight to that phone (not for its retries, which wait outside the lane). A start the phone
+  answers busy (error 6), or that never reached it, is tried once more after 0.25 s; one written
+  but not answered is not (the phone may be listening: it is stopped like the others). A stop is
+  also tried again when unanswered: it does no harm twice. With several instances on PostgreSQL
+  (:attr:`Announcer.floor`, :mod:`phonepush.cluster.floor`), a page first obtains its phones'
+  claims, waiting for those another instance holds until the latest start at which the
+  announcement still ends by the TTL (less a second for the start pushes); a phone not obtained
+  by then is reported as one that would not listen ("held by another instance"). The phones are
+  held for the page, so deliveries for them committed through another instance wait and are
+  pushed after it, by this instance (those committed here take turns with the page's pushes in
+  the lanes, as above). A start waits, as a delivery's request does, until enough of the
   instance's lease is left for it, and is not pushed to a phone whose claim was lost meanwhile
   (the instance fenced itself); its stops still are.
 * **Stops are guaranteed.** Every phone whose start may have been written is pushed the stop,

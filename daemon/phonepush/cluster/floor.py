@@ -12,8 +12,9 @@ time per phone, whoever sends it"), the announcer first takes the floor of its t
   notification, hence the poll). A phone not got in time is refused, with the reason, and the
   page goes on without it. Nothing is claimed while this instance is fenced.
 * While a page holds a phone (:meth:`Floor.keeps`), the cluster does not release it when its
-  worker goes idle: deliveries committed for it anywhere stay pending (another instance cannot
-  claim it) or wait in this instance's lane behind the page's own pushes.
+  worker goes idle: deliveries committed for it through another instance stay pending (that
+  instance cannot claim it); those committed here take turns with the page's pushes in the
+  phone's lane, as on a single instance.
 * :meth:`Floor.done` after the page (stops pushed): the phone is handed to the cluster's ``idle``
   path, which releases it if nothing is pending, or keeps it and pushes what is.
 
