@@ -40,7 +40,7 @@ from phonepush.app.builder import Built, Services, build
 from phonepush.app.limits import default_max_connections
 from phonepush.app.systemd import Notifier, state_directories
 from phonepush.audio.announce import Announcer
-from phonepush.cluster import Cluster
+from phonepush.cluster import Cluster, Floor
 from phonepush.config import Config, SpoolConfig, format_duration, load_config
 from phonepush.console import Screens
 from phonepush.dispatch.dispatcher import Dispatcher, Outcome
@@ -386,6 +386,10 @@ class Daemon:
                 cluster.abandon = announcer.abandon
                 if shared is not None:
                     await shared.load()
+                # An audio page pushes to a phone only while this instance holds its claim.
+                floor = Floor(cluster, busy=dispatcher.busy)
+                cluster.keeps = floor.keeps
+                announcer.floor = floor
                 await cluster.start()
 
             def timer(runner: Callable[[], Coroutine[Any, Any, None]], name: str) -> Any:
@@ -453,6 +457,8 @@ class Daemon:
                     # The last outcomes and reachability learned, for the instances that stay.
                     await shared.flush()
                 if cluster is not None:
+                    # Pages cut first: their stops go out while their phones are still held.
+                    await announcer.close()
                     await cluster.leave()
                 server.should_exit = True
                 for task in tasks[1:]:

@@ -34,11 +34,22 @@ Durability and the spool (an audio page is *live*: played late, it is wrong):
 * **One page at a time.** A phone plays one stream; two pages at once would replace each other
   on shared phones. Pages queue (their TTLs still apply while waiting).
 * **Pushes.** Start and stop pushes go through the phones' lanes (:mod:`phonepush.phone.lanes`),
-  shared with the dispatcher: a phone gets one push at a time, so a start waits for a
-  delivery in flight to that phone (not for its retries, which wait outside the lane). A start
-  the phone answers busy (error 6), or that never reached it, is tried once more after 0.25 s;
-  one written but not answered is not (the phone may be listening: it is stopped like the
-  others). A stop is also tried again when unanswered: it does no harm twice.
+  shared with the dispatcher: a phone gets one push at a time, so a start waits for a delivery in
+  flight to that phone (not for its retries, which wait outside the lane). A start the phone
+  answers busy (error 6), or that never reached it, is tried once more after 0.25 s; one written
+  but not answered is not (the phone may be listening: it is stopped like the others). A stop is
+  also tried again when unanswered: it does no harm twice. With several instances on PostgreSQL
+  (:attr:`Announcer.floor`, :mod:`phonepush.cluster.floor`), a page first obtains its phones'
+  claims, waiting for those another instance holds at most the phones' request ``timeout`` (as
+  long as a start can wait for the push in flight on one instance), and never past the latest
+  start at which the announcement still ends by the TTL (less a second for the start pushes); a
+  phone not obtained by then is reported as one that would not listen ("held by another
+  instance"), and the other phones hear the page. The phones are held for the page, so
+  deliveries for them committed through another instance wait and are pushed after it, by this
+  instance (those committed here take turns with the page's pushes in the lanes, as above). A
+  start waits, as a delivery's request does, until enough of the instance's lease is left for
+  it, and is not pushed to a phone whose claim was lost meanwhile (the instance fenced itself);
+  its stops still are.
 * **Stops are guaranteed.** Every phone whose start may have been written is pushed the stop,
   also when the page is cut (TTL, shutdown); the stops run shielded from the cancellation.
 """
@@ -54,7 +65,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Protocol, Self
 from urllib.parse import urlsplit
 
 from phonepush.audio.clips import SAMPLE_RATE, Speech, announcement, load_file
@@ -72,6 +83,7 @@ from phonepush.errors import (
     AudioError,
     ConfigError,
     PhoneError,
+    PhoneNotSent,
     PhoneUnconfirmed,
     TemplateError,
     WireError,
@@ -86,7 +98,7 @@ from phonepush.store.records import Delivery, DeliveryKind, DeliveryState, NewDe
 from phonepush.templates import TextTemplate
 from phonepush.wire.uri import ExecuteItem
 
-__all__ = ["Announcer", "AudioAction", "compile_actions", "stream_source"]
+__all__ = ["Announcer", "AudioAction", "Floor", "compile_actions", "stream_source"]
 
 log = logging.getLogger("phonepush.announce")
 
@@ -96,6 +108,9 @@ _RETRY_DELAY: Final = 0.25
 _STOP_TRIES: Final = 5
 #: How long shutdown waits for pages being cut to push their stop URIs.
 _CLOSE_GRACE: Final = 8.0
+#: Left for the start pushes when a page waits for its phones' cluster claims: a page that
+#: waited until the very last moment would run into its TTL before its stream ended.
+_START_SLACK: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +202,28 @@ def stream_source(config: Config) -> str:
 Publish = Callable[[Outcome], Awaitable[None]]
 
 
+class Floor(Protocol):
+    """The cluster's phone claims as a page needs them (PostgreSQL only;
+    :class:`phonepush.cluster.floor.Floor`, wired by the app)."""
+
+    async def take(self, phones: Sequence[str], within: float) -> dict[str, str]:
+        """Hold ``phones``, waiting up to ``within`` s for those held elsewhere; those not got
+        -> why."""
+        ...
+
+    async def ready(self, phone: str) -> None:
+        """Return once enough of the cluster lease is left for a push to ``phone``."""
+        ...
+
+    def holds(self, phone: str) -> bool:
+        """Whether a start may still be pushed to ``phone`` (held, not lost to a fence)."""
+        ...
+
+    def done(self, phones: Iterable[str]) -> None:
+        """The page is over on ``phones`` (stops pushed)."""
+        ...
+
+
 class Announcer:
     """Plays rules' audio pages; an async context manager (closing cuts pages in progress).
 
@@ -194,6 +231,8 @@ class Announcer:
     ``speech`` defaults to espeak-ng with
     ``[audio] voice`` and ``cache_dir``. ``on_outcome`` is told each phone's outcome, like the
     dispatcher's. ``lead_in_s`` passes between the start pushes and the first packet.
+    ``floor`` (set by the app on PostgreSQL; None alone) holds the phones' cluster claims for
+    each page.
     """
 
     def __init__(
@@ -226,6 +265,7 @@ class Announcer:
         self._idle.set()
         self._closing = False
         self.config = config
+        self.floor: Floor | None = None
         self.actions: dict[str, AudioAction] = (
             dict(actions) if actions is not None else compile_actions(config, base_dir=base_dir)
         )
@@ -308,7 +348,12 @@ class Announcer:
         rest: list[Delivery] = []
         stale: list[Delivery] = []
         for delivery in pending:
-            (stale if delivery.kind is DeliveryKind.AUDIO else rest).append(delivery)
+            if delivery.kind is not DeliveryKind.AUDIO:
+                rest.append(delivery)
+            elif delivery.id not in self._open:
+                # (A row still open is a page of this instance's, queued or playing: a phone
+                # taken over from a dead instance brings every audio row of that phone.)
+                stale.append(delivery)
         if stale:
             self._open.update(row.id for row in stale)
             log.warning(
@@ -369,21 +414,9 @@ class Announcer:
             await self._finish_all(rows, DeliveryState.FAILED, f"audio: {exc}", publish=True)
             self._metrics.audio_pages.labels(rule, "failed").inc()
             return
-        # Cut the audio so that the stream ends by the TTL (as far as can be known now).
-        room = expires_at - self._clock() - self._lead_in
-        if room * SAMPLE_RATE < len(audio):
-            if room <= 0:
-                await self._expired(action, rows, "TTL passed before the audio page could start")
-                return
-            log.warning(
-                "event %s rule %s: audio cut from %.1f s to %.1f s to end within the TTL",
-                event.id,
-                rule,
-                len(audio) / SAMPLE_RATE,
-                room,
-            )
-            audio = audio[: int(room * SAMPLE_RATE)]
-
+        fitted = await self._fit(event, action, rows, audio, expires_at)
+        if fitted is None:
+            return
         phones = self.config.phone_targets()
         by_name = {row.phone: row for row in rows}
         missing = [row for row in rows if row.phone not in phones]
@@ -397,6 +430,64 @@ class Announcer:
         if not targets:
             self._metrics.audio_pages.labels(rule, "failed").inc()
             return
+        floor = self.floor
+        if floor is None:
+            await self._play(event, action, fitted, targets, by_name, expires_at, {})
+            return
+        names = [target.name for target in targets]
+        # Waiting for phones another instance pushes to as long as a start can wait on one
+        # instance for the push in flight (the longest request timeout of the page's phones),
+        # and never past the latest start at which the whole announcement still ends by the
+        # TTL (the start pushes given a second). That instance lets a phone go once its queue
+        # for it is empty; one still held after that has a queue, or an unreachable phone's
+        # retries, ahead of the page: waiting for them would hold the announcement back on
+        # every other phone (an evacuation must not start minutes late for one busy phone).
+        start_by = expires_at - _START_SLACK - self._lead_in - len(fitted) / SAMPLE_RATE
+        wait = max(phones[name].timeout for name in names)
+        refused = await floor.take(names, min(wait, start_by - self._clock()))
+        try:
+            fitted = await self._fit(event, action, rows, fitted, expires_at)
+            if fitted is not None:
+                await self._play(event, action, fitted, targets, by_name, expires_at, refused)
+        finally:
+            floor.done(name for name in names if name not in refused)
+
+    async def _fit(
+        self,
+        event: Event,
+        action: AudioAction,
+        rows: list[Delivery],
+        audio: bytes,
+        expires_at: float,
+    ) -> bytes | None:
+        """The audio cut so that the stream ends by the TTL (as far as can be known now); None,
+        the rows finished ``expired``, when no time is left."""
+        room = expires_at - self._clock() - self._lead_in
+        if room * SAMPLE_RATE >= len(audio):
+            return audio
+        if room <= 0:
+            await self._expired(action, rows, "TTL passed before the audio page could start")
+            return None
+        log.warning(
+            "event %s rule %s: audio cut from %.1f s to %.1f s to end within the TTL",
+            event.id,
+            action.rule,
+            len(audio) / SAMPLE_RATE,
+            room,
+        )
+        return audio[: int(room * SAMPLE_RATE)]
+
+    async def _play(
+        self,
+        event: Event,
+        action: AudioAction,
+        audio: bytes,
+        targets: list[PageTarget],
+        by_name: Mapping[str, Delivery],
+        expires_at: float,
+        refused: Mapping[str, str],
+    ) -> None:
+        rule = action.rule
         settings = PageSettings(
             source=stream_source(self.config),
             port=action.multicast[1] if action.multicast else self.config.audio.port,
@@ -406,8 +497,28 @@ class Announcer:
             lead_in_s=self._lead_in,
         )
         lanes = self._lanes
+        floor = self.floor
+        # Phones a start was pushed to (with a floor): only those are stopped.
+        started: set[str] = set()
 
         async def push(target: PageTarget, uri: str) -> None:
+            if floor is not None:
+                if uri == STOP_URI:
+                    if target.name not in started:
+                        # Cut while its start waited for the lease: never sent, and the phone
+                        # may be another instance's by now.
+                        return
+                else:
+                    # Not sent, so not stopped: the phone is another instance's to push to.
+                    if target.name in refused:
+                        raise PhoneNotSent(refused[target.name], phone=target.name)
+                    await floor.ready(target.name)
+                    if not floor.holds(target.name):
+                        raise PhoneNotSent(
+                            "not pushed: this instance lost the phone's cluster claim",
+                            phone=target.name,
+                        )
+                    started.add(target.name)
             await _push(lanes, target.name, uri)
 
         try:

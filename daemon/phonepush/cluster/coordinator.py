@@ -111,6 +111,10 @@ def _ignore(full: bool) -> None:
     return None
 
 
+def _never(phone: str) -> bool:
+    return False
+
+
 async def _keep(deliveries: list[Delivery]) -> list[Delivery]:
     return deliveries
 
@@ -121,7 +125,8 @@ class Cluster:
 
     ``lanes`` is the dispatcher; ``push_timeout`` says a phone's request timeout. What the
     daemon builds later is set as attributes: ``wake`` (the leader's repeater and grouper),
-    ``reload_silences`` and ``abandon`` (the announcer's, for audio-page rows).
+    ``reload_silences`` and ``abandon`` (the announcer's, for audio-page rows), ``keeps`` (the
+    audio pages' :class:`~phonepush.cluster.floor.Floor`).
     """
 
     def __init__(
@@ -148,6 +153,9 @@ class Cluster:
         #: measures the shared store against ``max_size``.
         self.on_full: Callable[[bool], None] = _ignore
         self.abandon: Callable[[list[Delivery]], Awaitable[list[Delivery]]] = _keep
+        #: Whether a phone stays held although its worker went idle (an audio page is playing
+        #: on it: :class:`phonepush.cluster.floor.Floor`, which releases it after the page).
+        self.keeps: Callable[[str], bool] = _never
         #: Phones whose claim this instance holds and acts on.
         self._held: set[str] = set()
         #: Phones perhaps this instance's in the database without being acted on here (a
@@ -268,7 +276,7 @@ class Cluster:
             self._lanes.submit(mine)
         if others:
             if self._live():
-                self._tasks.spawn(self._claim(sorted(others)), "cluster:claim")
+                self._tasks.spawn(self.claim(sorted(others)), "cluster:claim")
             # Phones another instance may hold (it finds the work when its worker goes idle)
             # or none can claim now: the others look at once.
             self.notify_work()
@@ -302,7 +310,7 @@ class Cluster:
 
     def idle(self, phone: str) -> None:
         """For the dispatcher: its worker for ``phone`` ran out of work."""
-        if phone not in self._held or self._leaving:
+        if phone not in self._held or self._leaving or self.keeps(phone):
             return
         # Dropped before the release runs: a submit for the phone meanwhile claims it through
         # the database, which orders that claim against the release.
@@ -444,7 +452,9 @@ class Cluster:
 
     # --- claims ---------------------------------------------------------------------------------
 
-    async def _claim(self, phones: list[str]) -> None:
+    async def claim(self, phones: list[str]) -> None:
+        """Claim ``phones`` where they are free, held here, or their holder is not live, and
+        push their pending deliveries; a phone another live instance holds stays its own."""
         epoch = self._epoch
         try:
             claimed = await self._store.claim(self.id, phones)
@@ -537,11 +547,12 @@ class Cluster:
             return
         self._lanes.submit(pending)
         for phone in phones:
-            if not self._lanes.busy(phone):
+            if not self._lanes.busy(phone) and not self.keeps(phone):
                 # Nothing to push (done or acknowledged meanwhile, or all of it the
-                # dispatcher's already, finished but not yet written): no worker will go idle
-                # for the phone, and held for ever it would keep the others' work for it
-                # pending for ever. Released (or its work loaded) at the next heartbeat.
+                # dispatcher's already, finished but not yet written; a page's claim that came
+                # back after the page gave up): no worker will go idle for the phone, and held
+                # for ever it would keep the others' work for it pending for ever. Released (or
+                # its work loaded) at the next heartbeat, unless a page keeps it.
                 self._unreleased.add(phone)
 
     async def _release(self) -> None:
@@ -583,7 +594,7 @@ class Cluster:
         if epoch != self._epoch:
             return
         if again:
-            self._tasks.spawn(self._claim(again), "cluster:claim")
+            self._tasks.spawn(self.claim(again), "cluster:claim")
         if not kept:
             return
         # Pending work came in for phones held here (committed by another instance, or
