@@ -5,24 +5,23 @@ dispatcher's side recorded by a stand-in that does what the cluster asks of it."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from _cluster_fixtures import Faulty, SlowRelease, owner, pending, running
 from _daemon_fixtures import eventually
 from phonepush.cluster import Cluster
 from phonepush.cluster.loops import Leadership
 from phonepush.errors import SpoolError
 from phonepush.store.cluster import PostgresCluster
 from phonepush.store.postgres import PostgresStore
-from phonepush.store.records import Delivery, DeliveryState, PushRequest
+from phonepush.store.records import Delivery, DeliveryState
 
 LEASE = 1.5
-PAGE = (PushRequest("execute", "<CiscoIPPhoneExecute/>"),)
 
 
 class Lanes:
@@ -60,28 +59,6 @@ class Lanes:
         return [d.id for d in self.submitted]
 
 
-class Faulty(PostgresCluster):
-    """The real statements, with heartbeats that fail while ``down`` (a database out of reach
-    for this instance only)."""
-
-    down = False
-
-    async def heartbeat(self, *args: Any, **kwargs: Any) -> tuple[int, str]:
-        if self.down:
-            raise SpoolError("database out of reach (test)")
-        return await super().heartbeat(*args, **kwargs)
-
-
-@pytest.fixture
-async def stores(pg_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
-    async with PostgresStore(pg_url) as one, PostgresStore(pg_url) as two:
-        yield one, two
-
-
-async def _pending(store: PostgresStore, phone: str, *, audio: bool = False) -> Delivery:
-    return await store.deliveries.add_pending("ev", "rule", phone, () if audio else PAGE, 0.0, 4e9)
-
-
 # --- the statements -----------------------------------------------------------------------------
 
 
@@ -96,7 +73,7 @@ async def test_a_phone_is_held_by_one_live_instance_and_released_only_without_pe
     # Held already: taken from no one.
     assert await a.claim("a", ["lobby"]) == [("lobby", "")]
 
-    delivery = await _pending(stores[1], "lobby")
+    delivery = await pending(stores[1], "lobby")
     assert await a.release("a", ["lobby"]) == {"lobby": "kept"}
     assert [d.id for d in await a.pending_of(["lobby"])] == [delivery.id]
     await stores[0].deliveries.finish(delivery.id, DeliveryState.DELIVERED)
@@ -112,9 +89,9 @@ async def test_phones_of_an_instance_whose_lease_ran_out_are_adopted_and_unclaim
     await a.heartbeat("a", "host", LEASE, rejoin=False)
     await b.heartbeat("b", "host", 60, rejoin=False)
     await a.claim("a", ["lobby"])
-    await _pending(stores[0], "lobby")
-    await _pending(stores[0], "office")  # committed, never claimed (its instance died)
-    await _pending(stores[0], "hall", audio=True)  # an audio page: the announcer's, not work
+    await pending(stores[0], "lobby")
+    await pending(stores[0], "office")  # committed, never claimed (its instance died)
+    await pending(stores[0], "hall", audio=True)  # an audio page: the announcer's, not work
 
     assert await b.adopt("b") == [("office", "")]
     await asyncio.sleep(LEASE + 0.2)  # a's lease runs out by the database's clock
@@ -143,18 +120,6 @@ async def test_the_leader_is_the_first_live_instance_and_changes_when_its_lease_
 # --- two Cluster objects ------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _running(cluster: Cluster) -> AsyncIterator[Cluster]:
-    await cluster.start()
-    task = asyncio.create_task(cluster.run())
-    try:
-        yield cluster
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 def _cluster(
     store: PostgresCluster, lanes: Lanes, name: str, registry: CollectorRegistry | None = None
 ) -> Cluster:
@@ -168,15 +133,15 @@ async def test_work_committed_through_another_instance_reaches_the_phones_holder
     lanes_a, lanes_b = Lanes(), Lanes()
     a = _cluster(PostgresCluster(stores[0]), lanes_a, "a")
     b = _cluster(PostgresCluster(stores[1]), lanes_b, "b")
-    async with _running(a), _running(b):
-        first = await _pending(stores[0], "lobby")
+    async with running(a), running(b):
+        first = await pending(stores[0], "lobby", held_by="a")
         a.submit([first])
         await eventually(lambda: lanes_a.ids() == [first.id])
         assert a.held == {"lobby"}
 
         # b commits work for a phone a holds: b leaves it to a, which finds it when its
         # worker for the phone goes idle (the release sees the pending row and keeps it).
-        second = await _pending(stores[1], "lobby")
+        second = await pending(stores[1], "lobby")
         b.submit([second])
         await stores[0].deliveries.finish(first.id, DeliveryState.DELIVERED)
         a.idle("lobby")
@@ -188,7 +153,7 @@ async def test_work_committed_through_another_instance_reaches_the_phones_holder
         await stores[0].deliveries.finish(second.id, DeliveryState.DELIVERED)
         a.idle("lobby")
         await eventually(lambda: "lobby" not in a.held)
-        third = await _pending(stores[1], "lobby")
+        third = await pending(stores[1], "lobby")
         b.submit([third])
         await eventually(lambda: third.id in lanes_a.ids() + lanes_b.ids())
         assert (lanes_a.ids() + lanes_b.ids()).count(third.id) == 1
@@ -201,16 +166,16 @@ async def test_cancels_reach_the_instance_that_has_the_delivery(
     lanes_a, lanes_b = Lanes(), Lanes()
     a = _cluster(PostgresCluster(stores[0]), lanes_a, "a")
     b = _cluster(PostgresCluster(stores[1]), lanes_b, "b")
-    async with _running(b):
-        delivery = await _pending(stores[0], "lobby")
+    async with running(b):
+        delivery = await pending(stores[0], "lobby")
         b.submit([delivery])
         await eventually(lambda: lanes_b.ids() == [delivery.id])
-        async with _running(a):
+        async with running(a):
             a.cancel([delivery.id])
             await eventually(lambda: delivery.id in lanes_b.cancelled)
             # Also one b does not have yet: b may be loading it (taking its phone over) as
             # the ack commits, and must skip it when it arrives (the dispatcher bounds these).
-            loading = await _pending(stores[0], "office")
+            loading = await pending(stores[0], "office")
             a.cancel([loading.id])
             await eventually(lambda: loading.id in lanes_b.cancelled)
 
@@ -223,12 +188,12 @@ async def test_an_instance_that_cannot_renew_its_lease_stops_and_the_other_takes
     a = _cluster(faulty, lanes_a, "a")
     registry = CollectorRegistry()
     b = _cluster(PostgresCluster(stores[1]), lanes_b, "b", registry)
-    async with _running(a):
+    async with running(a):
         assert a.leader
-        delivery = await _pending(stores[0], "lobby")
+        delivery = await pending(stores[0], "lobby")
         a.submit([delivery])
         await eventually(lambda: lanes_a.ids() == [delivery.id])
-        async with _running(b):
+        async with running(b):
             assert not b.leader
             faulty.down = True
             await eventually(lambda: lanes_a.forgotten == 1, timeout=10)
@@ -308,32 +273,6 @@ async def test_a_daemon_fenced_while_the_database_was_down_takes_its_work_again(
         assert cluster.leader
 
 
-class SlowRelease(PostgresCluster):
-    """The real statements, with a release that waits at its start until ``go`` is set."""
-
-    def __init__(self, store: PostgresStore) -> None:
-        super().__init__(store)
-        self.entered = asyncio.Event()
-        self.go = asyncio.Event()
-        self.released: list[str] = []
-
-    async def release(self, instance: str, phones: Sequence[str]) -> dict[str, str]:
-        self.entered.set()
-        await self.go.wait()
-        result = await super().release(instance, phones)
-        self.released.extend(result.values())
-        return result
-
-
-async def _owner(store: PostgresStore, phone: str) -> str | None:
-    row = await store.row(
-        "SELECT owner FROM cluster_claims WHERE kind = 'phone' AND name = %s",
-        (phone,),
-        "test",
-    )
-    return None if row is None else str(row["owner"])
-
-
 async def test_work_arriving_while_a_phone_is_released_keeps_memory_and_database_agreeing(
     stores: tuple[PostgresStore, PostgresStore],
 ) -> None:
@@ -343,8 +282,8 @@ async def test_work_arriving_while_a_phone_is_released_keeps_memory_and_database
     lanes = Lanes()
     slow = SlowRelease(stores[0])
     a = Cluster(slow, lanes, lease=30.0, registry=CollectorRegistry(), instance="a")
-    async with _running(a):
-        first = await _pending(stores[0], "lobby")
+    async with running(a):
+        first = await pending(stores[0], "lobby")
         a.submit([first])
         await eventually(lambda: a.held == {"lobby"})
         await stores[0].deliveries.finish(first.id, DeliveryState.DELIVERED)
@@ -352,7 +291,7 @@ async def test_work_arriving_while_a_phone_is_released_keeps_memory_and_database
         await slow.entered.wait()
         # New work for the phone while its release waits; pushed at once, it is delivered
         # (and written) before the release looks for pending work.
-        second = await _pending(stores[0], "lobby")
+        second = await pending(stores[0], "lobby")
         a.submit([second])
         for _ in range(50):
             await asyncio.sleep(0.01)
@@ -366,8 +305,8 @@ async def test_work_arriving_while_a_phone_is_released_keeps_memory_and_database
             # Polled: a later release (a heartbeat lets go of a phone with nothing to push)
             # drops the phone from memory a moment before the database does; the bug this
             # guards against is a disagreement that stays.
-            owner = await _owner(stores[0], "lobby")
-            return ("lobby" in a.held) == (owner == "a")
+            holder = await owner(stores[0], "lobby")
+            return ("lobby" in a.held) == (holder == "a")
 
         await eventually(agree, timeout=5)
 
@@ -385,8 +324,8 @@ async def test_a_phone_waiting_for_its_release_when_the_lease_ran_out_takes_work
     lanes = Lanes()
     store = SlowReleaseFaulty(stores[0])
     a = _cluster(store, lanes, "a")
-    async with _running(a):
-        first = [await _pending(stores[0], phone) for phone in ("lobby", "office")]
+    async with running(a):
+        first = [await pending(stores[0], phone) for phone in ("lobby", "office")]
         a.submit(first)
         await eventually(lambda: a.held == {"lobby", "office"})
         for delivery in first:
@@ -401,11 +340,11 @@ async def test_a_phone_waiting_for_its_release_when_the_lease_ran_out_takes_work
         store.down = False
         await eventually(lambda: a.remaining() > 0, timeout=10)
 
-        later = await _pending(stores[0], "office")
+        later = await pending(stores[0], "office")
         a.submit([later])
         await eventually(lambda: later.id in lanes.ids(), timeout=10)
         assert "office" in a.held
-        assert await _owner(stores[0], "office") == "a"
+        assert await owner(stores[0], "office") == "a"
 
 
 async def test_the_leaders_word_on_a_full_store_reaches_every_instance(
@@ -417,7 +356,7 @@ async def test_the_leaders_word_on_a_full_store_reaches_every_instance(
     a = _cluster(PostgresCluster(stores[0]), Lanes(), "a")
     b = _cluster(PostgresCluster(stores[1]), Lanes(), "b")
     b.on_full = heard.append
-    async with _running(a), _running(b):
+    async with running(a), running(b):
 
         async def told(full: bool) -> bool:
             # Said again until heard: b may not be listening yet when the first one goes out.
@@ -447,10 +386,10 @@ async def test_a_phone_taken_over_with_nothing_left_to_push_is_let_go_for_the_ot
     registry = CollectorRegistry()
     a = _cluster(PostgresCluster(stores[0]), lanes_a, "a", registry)
     b = _cluster(PostgresCluster(stores[1]), lanes_b, "b")
-    async with _running(a), _running(b):
+    async with running(a), running(b):
         assert registry.get_sample_value("phonepush_cluster_adopted_total") == 1
         assert lanes_a.submitted == []
-        work = await _pending(stores[1], "lobby")
+        work = await pending(stores[1], "lobby")
         b.submit([work])
         await eventually(lambda: work.id in lanes_a.ids() + lanes_b.ids(), timeout=10)
         assert (lanes_a.ids() + lanes_b.ids()).count(work.id) == 1
@@ -492,8 +431,8 @@ async def test_a_claim_that_reaches_the_database_after_the_rejoin_is_acted_on(
     lanes = Lanes()
     store = LateClaim(stores[0])
     a = _cluster(store, lanes, "a")
-    async with _running(a):
-        work = await _pending(stores[0], "lobby")
+    async with running(a):
+        work = await pending(stores[0], "lobby")
         a.submit([work])
         await store.claiming.wait()
         store.down = True
@@ -504,7 +443,7 @@ async def test_a_claim_that_reaches_the_database_after_the_rejoin_is_acted_on(
         await eventually(lambda: store.claimed.is_set(), timeout=10)
         await eventually(lambda: work.id in lanes.ids(), timeout=10)
         assert a.held == {"lobby"}
-        assert await _owner(stores[0], "lobby") == "a"
+        assert await owner(stores[0], "lobby") == "a"
 
 
 class HangingRelease(PostgresCluster):
@@ -532,18 +471,18 @@ async def test_a_release_that_never_answers_does_not_hold_the_phone_back_for_eve
     lanes = Lanes()
     store = HangingRelease(stores[0])
     a = _cluster(store, lanes, "a")
-    async with _running(a):
-        first = await _pending(stores[0], "lobby")
+    async with running(a):
+        first = await pending(stores[0], "lobby")
         a.submit([first])
         await eventually(lambda: a.held == {"lobby"})
         await stores[0].deliveries.finish(first.id, DeliveryState.DELIVERED)
         a.idle("lobby")
         await store.entered.wait()
-        second = await _pending(stores[0], "lobby")
+        second = await pending(stores[0], "lobby")
         a.submit([second])
         await eventually(lambda: second.id in lanes.ids(), timeout=10)
         assert a.held == {"lobby"}
-        assert await _owner(stores[0], "lobby") == "a"
+        assert await owner(stores[0], "lobby") == "a"
 
 
 class LostAnswer(PostgresCluster):
@@ -574,13 +513,13 @@ async def test_a_phone_claimed_by_a_statement_whose_answer_was_lost_is_pushed(
     lanes = Lanes()
     store = LostAnswer(stores[0])
     a = _cluster(store, lanes, "a")
-    async with _running(a):
-        work = await _pending(stores[0], "lobby")
+    async with running(a):
+        work = await pending(stores[0], "lobby")
         a.submit([work])
         await eventually(lambda: store.lost, timeout=10)
         await eventually(lambda: work.id in lanes.ids(), timeout=10)
         assert a.held == {"lobby"}
-        assert await _owner(stores[0], "lobby") == "a"
+        assert await owner(stores[0], "lobby") == "a"
 
 
 async def test_phones_adopted_by_a_scan_whose_answer_was_lost_are_pushed(
@@ -595,15 +534,15 @@ async def test_phones_adopted_by_a_scan_whose_answer_was_lost_are_pushed(
         (),
         "test",
     )
-    work = await _pending(stores[0], "lobby")
+    work = await pending(stores[0], "lobby")
     lanes = Lanes()
     store = LostAnswer(stores[0])
     a = _cluster(store, lanes, "a")
-    async with _running(a):
+    async with running(a):
         assert store.lost
         await eventually(lambda: work.id in lanes.ids(), timeout=10)
         assert a.held == {"lobby"}
-        assert await _owner(stores[0], "lobby") == "a"
+        assert await owner(stores[0], "lobby") == "a"
 
 
 async def test_a_timer_loop_stopped_by_a_stop_while_it_winds_down_after_leading_ends() -> None:
@@ -660,16 +599,16 @@ async def test_a_load_of_taken_phones_that_never_answers_holds_no_later_scan_bac
     lanes = Lanes()
     store = HangingLoad(stores[0])
     a = _cluster(store, lanes, "a")
-    async with _running(a):
+    async with running(a):
         await stores[0].write(
             "INSERT INTO cluster_claims (kind, name, owner, since)"
             " VALUES ('phone', 'lobby', 'gone', 0)",
             (),
             "test",
         )
-        first = await _pending(stores[0], "lobby")
+        first = await pending(stores[0], "lobby")
         await store.entered.wait()
-        second = await _pending(stores[0], "office")  # committed, never claimed
+        second = await pending(stores[0], "office")  # committed, never claimed
         await eventually(lambda: {first.id, second.id} <= set(lanes.ids()), timeout=10)
         assert a.held == {"lobby", "office"}
 
@@ -694,18 +633,18 @@ async def test_a_write_of_finished_deliveries_that_never_answers_holds_no_releas
 ) -> None:
     lanes = StuckFlush()
     a = _cluster(PostgresCluster(stores[0]), lanes, "a")
-    async with _running(a):
-        first = await _pending(stores[0], "lobby")
+    async with running(a):
+        first = await pending(stores[0], "lobby")
         a.submit([first])
         await eventually(lambda: a.held == {"lobby"})
         await stores[0].deliveries.finish(first.id, DeliveryState.DELIVERED)
         a.idle("lobby")
         await lanes.entered.wait()
-        second = await _pending(stores[0], "lobby")
+        second = await pending(stores[0], "lobby")
         a.submit([second])
         await eventually(lambda: second.id in lanes.ids(), timeout=10)
         assert a.held == {"lobby"}
-        assert await _owner(stores[0], "lobby") == "a"
+        assert await owner(stores[0], "lobby") == "a"
 
 
 class Counted(PostgresCluster):
@@ -735,7 +674,7 @@ async def test_a_reload_of_the_silences_that_never_answers_does_not_stop_the_hea
         await asyncio.Event().wait()
 
     a.reload_silences = reload
-    async with _running(a):
+    async with running(a):
         # One at (re)connecting to the channel, one from the heartbeats.
         await eventually(lambda: reloads >= 2, timeout=10)
         beats = store.beats

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import wave
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +21,17 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+from _cluster_fixtures import Faulty, SlowRelease, owner, pending, running
 from _daemon_fixtures import DaemonRunner, eventually
 from _sim_fixtures import MakeFleet, free_rtp_port
 from phonepush.cluster import Cluster, Floor
 from phonepush.cluster.floor import FENCED, HELD_ELSEWHERE
-from phonepush.errors import SpoolError
 from phonepush.sim.simulator import Fleet
 from phonepush.store.cluster import PostgresCluster
 from phonepush.store.postgres import PostgresStore
-from phonepush.store.records import Delivery, DeliveryState, PushRequest
+from phonepush.store.records import Delivery, DeliveryState
 
 LEASE = 1.5
-PAGE = (PushRequest("execute", "<CiscoIPPhoneExecute/>"),)
 
 
 class Lanes:
@@ -70,35 +69,6 @@ class Lanes:
         return [d.id for d in self.submitted]
 
 
-class Faulty(PostgresCluster):
-    """Heartbeats that fail while ``down``: this instance alone loses the database."""
-
-    down = False
-
-    async def heartbeat(self, *args: Any, **kwargs: Any) -> tuple[int, str]:
-        if self.down:
-            raise SpoolError("database out of reach (test)")
-        return await super().heartbeat(*args, **kwargs)
-
-
-@pytest.fixture
-async def stores(pg_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
-    async with PostgresStore(pg_url) as one, PostgresStore(pg_url) as two:
-        yield one, two
-
-
-@contextlib.asynccontextmanager
-async def _running(cluster: Cluster) -> AsyncIterator[Cluster]:
-    await cluster.start()
-    task = asyncio.create_task(cluster.run())
-    try:
-        yield cluster
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 def _instance(store: PostgresCluster, lanes: Lanes, name: str) -> tuple[Cluster, Floor]:
     """A cluster and its floor, wired as the daemon wires them."""
     cluster = Cluster(store, lanes, lease=LEASE, registry=CollectorRegistry(), instance=name)
@@ -113,19 +83,15 @@ def _went_idle(cluster: Cluster, lanes: Lanes, phone: str) -> None:
     cluster.idle(phone)
 
 
-async def _pending(store: PostgresStore, phone: str) -> Delivery:
-    return await store.deliveries.add_pending("ev", "rule", phone, PAGE, 0.0, 4e9)
-
-
 async def test_a_page_waits_for_the_phone_another_instance_pushes_to_then_holds_it_to_the_end(
     stores: tuple[PostgresStore, PostgresStore],
 ) -> None:
     lanes_a, lanes_b = Lanes(), Lanes()
     a, floor_a = _instance(PostgresCluster(stores[0]), lanes_a, "a")
     b, _ = _instance(PostgresCluster(stores[1]), lanes_b, "b")
-    async with _running(a), _running(b):
+    async with running(a), running(b):
         # b is pushing a delivery to the lobby phone.
-        first = await _pending(stores[1], "lobby")
+        first = await pending(stores[1], "lobby", held_by="b")
         b.submit([first])
         await eventually(lambda: lanes_b.ids() == [first.id])
 
@@ -145,7 +111,7 @@ async def test_a_page_waits_for_the_phone_another_instance_pushes_to_then_holds_
 
         # While the page plays, b's new delivery for the lobby is left to a (b cannot claim the
         # phone), and a keeps the phone although nothing else is pushed to it here.
-        second = await _pending(stores[1], "lobby")
+        second = await pending(stores[1], "lobby")
         b.submit([second])
         _went_idle(a, lanes_a, "lobby")
         await asyncio.sleep(0.5)  # b's claim, its notice and a's scan have run
@@ -167,8 +133,8 @@ async def test_a_phone_not_got_by_the_start_deadline_is_refused_and_the_others_s
     lanes_a, lanes_b = Lanes(), Lanes()
     a, floor_a = _instance(PostgresCluster(stores[0]), lanes_a, "a")
     b, _ = _instance(PostgresCluster(stores[1]), lanes_b, "b")
-    async with _running(a), _running(b):
-        busy = await _pending(stores[1], "lobby")
+    async with running(a), running(b):
+        busy = await pending(stores[1], "lobby", held_by="b")
         b.submit([busy])
         await eventually(lambda: b.held == {"lobby"})
 
@@ -187,7 +153,7 @@ async def test_a_fenced_instance_starts_no_page_and_a_fence_mid_page_ends_its_ho
     faulty = Faulty(stores[0])
     a, floor_a = _instance(faulty, lanes_a, "a")
     b, _ = _instance(PostgresCluster(stores[1]), lanes_b, "b")
-    async with _running(a), _running(b):
+    async with running(a), running(b):
         assert await floor_a.take(["lobby"], within=5) == {}
         await asyncio.wait_for(floor_a.ready("lobby"), 5)  # the lease is fresh: at once
         faulty.down = True
@@ -196,7 +162,7 @@ async def test_a_fenced_instance_starts_no_page_and_a_fence_mid_page_ends_its_ho
         assert not floor_a.holds("lobby")
         start = asyncio.create_task(floor_a.ready("lobby"))
         # Once a's lease has run out, b pushes to the phone; a pushes no page meanwhile.
-        delivery = await _pending(stores[1], "lobby")
+        delivery = await pending(stores[1], "lobby")
         b.submit([delivery])
         await eventually(lambda: lanes_b.ids() == [delivery.id], timeout=10)
         assert not start.done()
@@ -213,7 +179,7 @@ async def test_a_page_does_not_start_while_its_instance_is_fenced(
 ) -> None:
     faulty = Faulty(stores[0])
     a, floor_a = _instance(faulty, Lanes(), "a")
-    async with _running(a):
+    async with running(a):
         faulty.down = True
         await eventually(lambda: a.remaining() == 0, timeout=10)
         assert await floor_a.take(["lobby"], within=0.2) == {"lobby": FENCED}
@@ -392,27 +358,6 @@ async def test_a_phone_another_daemon_keeps_pushing_to_is_left_out_of_the_page_a
                 await runner.stop()
 
 
-class SlowRelease(PostgresCluster):
-    """The real statements, with a release that waits at its start until ``go`` is set."""
-
-    def __init__(self, store: PostgresStore) -> None:
-        super().__init__(store)
-        self.entered = asyncio.Event()
-        self.go = asyncio.Event()
-
-    async def release(self, instance: str, phones: Sequence[str]) -> dict[str, str]:
-        self.entered.set()
-        await self.go.wait()
-        return await super().release(instance, phones)
-
-
-async def _owner(store: PostgresStore, phone: str) -> str | None:
-    row = await store.row(
-        "SELECT owner FROM cluster_claims WHERE kind = 'phone' AND name = %s", (phone,), "test"
-    )
-    return None if row is None else str(row["owner"])
-
-
 async def test_a_claim_a_page_gave_up_on_during_a_release_does_not_keep_the_phone_for_ever(
     stores: tuple[PostgresStore, PostgresStore],
 ) -> None:
@@ -420,8 +365,8 @@ async def test_a_claim_a_page_gave_up_on_during_a_release_does_not_keep_the_phon
     slow = SlowRelease(stores[0])
     a, floor_a = _instance(slow, lanes_a, "a")
     b, _ = _instance(PostgresCluster(stores[1]), lanes_b, "b")
-    async with _running(a), _running(b):
-        first = await _pending(stores[0], "lobby")
+    async with running(a), running(b):
+        first = await pending(stores[0], "lobby", held_by="a")
         a.submit([first])
         await eventually(lambda: lanes_a.ids() == [first.id])
         await stores[0].deliveries.finish(first.id, DeliveryState.DELIVERED)
@@ -437,10 +382,10 @@ async def test_a_claim_a_page_gave_up_on_during_a_release_does_not_keep_the_phon
         await eventually(lambda: "lobby" not in a.held, timeout=10)
 
         async def released() -> bool:
-            return await _owner(stores[0], "lobby") is None
+            return await owner(stores[0], "lobby") is None
 
         await eventually(released)
-        second = await _pending(stores[1], "lobby")
+        second = await pending(stores[1], "lobby", held_by="b")
         b.submit([second])
         await eventually(lambda: second.id in lanes_b.ids(), timeout=10)
         assert lanes_a.ids() == [first.id]
