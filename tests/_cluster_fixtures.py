@@ -16,7 +16,7 @@ from phonepush.store.cluster import PostgresCluster
 from phonepush.store.postgres import PostgresStore
 from phonepush.store.records import Delivery, PushRequest
 
-__all__ = ["PAGE", "Faulty", "SlowRelease", "owner", "pending", "running", "stores"]
+__all__ = ["PAGE", "Faulty", "SlowRelease", "claimed", "owner", "pending", "running", "stores"]
 
 PAGE = (PushRequest("execute", "<CiscoIPPhoneExecute/>"),)
 
@@ -80,13 +80,19 @@ async def pending(
     submit's claim, another instance's scan may find the phone unclaimed with pending work and
     take it, which is right, but not what such a test looks at (under load it happens)."""
     if held_by is not None:
-        await store.write(
-            "INSERT INTO cluster_claims (kind, name, owner, since) VALUES ('phone', %s, %s, 0)"
-            " ON CONFLICT (kind, name) DO UPDATE SET owner = excluded.owner",
-            (phone, held_by),
-            "test",
-        )
+        await claimed(store, phone, held_by)
     return await store.deliveries.add_pending("ev", "rule", phone, () if audio else PAGE, 0.0, 4e9)
+
+
+async def claimed(store: PostgresStore, phone: str, by: str) -> None:
+    """``phone``'s claim is ``by``'s in the database (an instance that need not exist: one
+    that died holding it)."""
+    await store.write(
+        "INSERT INTO cluster_claims (kind, name, owner, since) VALUES ('phone', %s, %s, 0)"
+        " ON CONFLICT (kind, name) DO UPDATE SET owner = excluded.owner",
+        (phone, by),
+        "test",
+    )
 
 
 async def owner(store: PostgresStore, phone: str) -> str | None:
