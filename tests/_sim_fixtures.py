@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import array
 import contextlib
+import math
 import random
 import socket
+import wave
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from phonepush.sim.simulator import Fleet
 
-__all__ = ["MakeFleet", "fleet", "free_rtp_port", "make_fleet"]
+__all__ = ["MakeFleet", "fleet", "free_rtp_port", "make_fleet", "tone_wav"]
 
 #: ``await make_fleet(phones=2, username="u", password="p")`` -> an entered Fleet.
 MakeFleet = Callable[..., Awaitable[Fleet]]
@@ -54,3 +58,22 @@ def free_rtp_port(hosts: tuple[str, ...]) -> int:
                 probe.close()
         return port
     raise RuntimeError("no free RTP port")
+
+
+def tone_wav(
+    path: Path, seconds: float, *, rate: int = 8000, hz: int = 440, amplitude: int = 8000
+) -> Path:
+    """A 16-bit mono WAV file of a sine tone, for audio pages to play."""
+    samples = array.array(
+        "h",
+        [
+            round(amplitude * math.sin(2 * math.pi * hz * n / rate))
+            for n in range(int(rate * seconds))
+        ],
+    )
+    with wave.open(str(path), "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(rate)
+        writer.writeframes(samples.tobytes())
+    return path

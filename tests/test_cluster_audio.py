@@ -7,12 +7,9 @@ records what it is handed; the page itself is the floor the announcer takes and 
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import logging
-import math
-import wave
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from _cluster_fixtures import Faulty, SlowRelease, owner, pending, running
 from _daemon_fixtures import DaemonRunner, eventually
-from _sim_fixtures import MakeFleet, free_rtp_port
+from _sim_fixtures import MakeFleet, free_rtp_port, tone_wav
 from phonepush.cluster import Cluster, Floor
 from phonepush.cluster.floor import FENCED, HELD_ELSEWHERE
 from phonepush.sim.simulator import Fleet
@@ -189,19 +186,6 @@ async def test_a_page_does_not_start_while_its_instance_is_fenced(
 # --- two daemons, one phone ---------------------------------------------------------------------
 
 
-def _tone(path: Path, seconds: float, rate: int = 8000) -> str:
-    samples = array.array(
-        "h",
-        [round(8000 * math.sin(2 * math.pi * 440 * n / rate)) for n in range(int(rate * seconds))],
-    )
-    with wave.open(str(path), "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(rate)
-        writer.writeframes(samples.tobytes())
-    return str(path)
-
-
 def _daemon_config(
     fleet: Fleet,
     pg_url: str,
@@ -250,7 +234,7 @@ async def test_pages_and_deliveries_from_two_daemons_reach_a_phone_one_at_a_time
     # Every push takes a while: a page's start pushed while a delivery is on the wire from the
     # other daemon would be answered busy and counted in ``overlaps``.
     await lobby.set_fault("slow", delay_ms=150)
-    wav = _tone(tmp_path / "chime.wav", 0.6)
+    wav = str(tone_wav(tmp_path / "chime.wav", 0.6))
     port = free_rtp_port(("127.0.0.2",))
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -312,7 +296,7 @@ async def test_a_phone_another_daemon_keeps_pushing_to_is_left_out_of_the_page_a
     # the phones' request timeout (what a start waits for a push in flight on one instance),
     # not until its own TTL (5 minutes too): the hall must not wait minutes for the lobby.
     await lobby.set_fault("error", number=6)
-    wav = _tone(tmp_path / "chime.wav", 0.4)
+    wav = str(tone_wav(tmp_path / "chime.wav", 0.4))
     port = free_rtp_port(hosts)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -4,14 +4,12 @@ stop URI; each phone's own RTP listener says what it heard."""
 
 from __future__ import annotations
 
-import array
 import logging
 import math
 import random
 import socket
 import sys
 import time
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ import httpx
 import pytest
 
 from _daemon_fixtures import DaemonRunner
-from _sim_fixtures import free_rtp_port
+from _sim_fixtures import free_rtp_port, tone_wav
 from phonepush.app.daemon import Running
 from phonepush.audio.announce import compile_actions
 from phonepush.audio.clips import announcement, load_file
@@ -35,16 +33,7 @@ DAEMON = "127.0.0.1"  # the daemon listens here, so pages come from here
 
 
 def _wav(path: Path, seconds: float, rate: int = 16000) -> Path:
-    samples = array.array(
-        "h",
-        [round(10000 * math.sin(2 * math.pi * 440 * n / rate)) for n in range(int(rate * seconds))],
-    )
-    with wave.open(str(path), "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(rate)
-        writer.writeframes(samples.tobytes())
-    return path
+    return tone_wav(path, seconds, rate=rate, amplitude=10000)
 
 
 def _config(fleet: Fleet, port: int, audio: dict[str, Any], **rule: Any) -> dict[str, Any]:

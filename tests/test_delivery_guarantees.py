@@ -8,9 +8,6 @@ table these tests check.
 
 from __future__ import annotations
 
-import array
-import math
-import wave
 from pathlib import Path
 from typing import Any
 
@@ -18,25 +15,12 @@ import httpx
 import pytest
 
 from _daemon_fixtures import DaemonRunner, eventually
-from _sim_fixtures import free_rtp_port
+from _sim_fixtures import free_rtp_port, tone_wav
 from phonepush.app.daemon import Running
 from phonepush.commands.status import recent_events
 from phonepush.sim.simulator import Fleet, SimPhone
 
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
-
-
-def _wav(path: Path, seconds: float, rate: int = 8000) -> Path:
-    samples = array.array(
-        "h",
-        [round(8000 * math.sin(2 * math.pi * 440 * n / rate)) for n in range(int(rate * seconds))],
-    )
-    with wave.open(str(path), "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(rate)
-        writer.writeframes(samples.tobytes())
-    return path
 
 
 async def _fire(runner: DaemonRunner, hook: str, payload: dict[str, Any] | None = None) -> str:
@@ -157,7 +141,7 @@ async def test_two_page_rules_and_an_audio_page_never_overlap_on_one_phone(
     fleet: Fleet = await make_fleet(phones=1, names=["desk"], hosts=HOSTS[:1], tone_ms=150)
     phone = fleet.phones[0]
     port = free_rtp_port(HOSTS[:1])
-    audio = {"file": str(_wav(tmp_path / "page.wav", 0.3))}
+    audio = {"file": str(tone_wav(tmp_path / "page.wav", 0.3))}
     running = await daemon_runner.start(
         {
             "audio": {"port": port},
@@ -218,7 +202,7 @@ async def test_a_page_cut_by_its_ttl_mid_start_stops_every_started_phone(
         phones=3, names=["a", "b", "c"], hosts=HOSTS, answer_after_ms=600
     )
     port = free_rtp_port(HOSTS)
-    audio = {"file": str(_wav(tmp_path / "page.wav", 1.0))}
+    audio = {"file": str(tone_wav(tmp_path / "page.wav", 1.0))}
     running = await daemon_runner.start(_audio_config(fleet, port, audio, ttl="0.3s"))
     event = await _fire(daemon_runner, "page")
     deliveries = await _settled(daemon_runner, running, event)
@@ -236,7 +220,7 @@ async def test_a_page_cut_by_shutdown_mid_start_stops_every_started_phone(
         phones=3, names=["a", "b", "c"], hosts=HOSTS, answer_after_ms=800
     )
     port = free_rtp_port(HOSTS)
-    audio = {"file": str(_wav(tmp_path / "page.wav", 1.0))}
+    audio = {"file": str(tone_wav(tmp_path / "page.wav", 1.0))}
     await daemon_runner.start(_audio_config(fleet, port, audio))
     await _fire(daemon_runner, "page")
     await eventually(lambda: all(started for started, _ in _started_and_stopped(fleet)))

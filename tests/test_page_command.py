@@ -4,20 +4,17 @@ listeners are off: ``rtp=False``)."""
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
-import math
 import os
 import random
 import shutil
-import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from _sim_fixtures import MakeFleet
+from _sim_fixtures import MakeFleet, tone_wav
 from phonepush import cli
 from phonepush.audio.paging import PageSettings, PageTarget, page
 from phonepush.audio.rtp import RtpReceiver
@@ -27,22 +24,6 @@ from phonepush.sim.simulator import Fleet, SimPhone
 
 HOSTS = ("127.0.0.2", "127.0.0.3")
 GROUP = "239.10.0.7"
-
-
-def _wav(path: Path, seconds: float) -> Path:
-    samples = array.array(
-        "h",
-        [
-            round(12000 * math.sin(2 * math.pi * 500 * n / 16000))
-            for n in range(int(16000 * seconds))
-        ],
-    )
-    with wave.open(str(path), "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(16000)
-        writer.writeframes(samples.tobytes())
-    return path
 
 
 @contextlib.asynccontextmanager
@@ -80,7 +61,7 @@ async def test_page_a_file_to_two_phones(
     make_fleet: MakeFleet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fleet = await make_fleet(phones=2, hosts=HOSTS, rtp=False)
-    audio = _wav(tmp_path / "evacuate.wav", 0.5)
+    audio = tone_wav(tmp_path / "evacuate.wav", 0.5, rate=16000, hz=500, amplitude=12000)
     async with _receivers() as (port, receivers):
         status = await _run(
             ["-h", _host_args(fleet), "--file", str(audio), "--port", str(port), "--volume", "80"]
@@ -108,7 +89,7 @@ async def test_a_phone_that_refuses_is_reported_and_the_other_still_hears_the_pa
     fleet = await make_fleet(phones=2, hosts=HOSTS, rtp=False)
     refusing, healthy = fleet.phones
     await refusing.set_fault("error", number=6)
-    audio = _wav(tmp_path / "a.wav", 0.3)
+    audio = tone_wav(tmp_path / "a.wav", 0.3, rate=16000, hz=500, amplitude=12000)
     async with _receivers() as (port, (silent, hearing)):
         status = await _run(["-h", _host_args(fleet), "--file", str(audio), "--port", str(port)])
         assert status == 1
@@ -126,7 +107,7 @@ async def test_a_phone_that_refuses_is_reported_and_the_other_still_hears_the_pa
 
 async def test_page_over_multicast(make_fleet: MakeFleet, tmp_path: Path) -> None:
     fleet = await make_fleet(phones=2, hosts=HOSTS, rtp=False)
-    audio = _wav(tmp_path / "m.wav", 0.3)
+    audio = tone_wav(tmp_path / "m.wav", 0.3, rate=16000, hz=500, amplitude=12000)
     async with _receivers(group=GROUP) as (port, receivers):
         argv = ["-h", _host_args(fleet), "--file", str(audio), "--multicast", f"{GROUP}:{port}"]
         assert await _run(argv) == 0
@@ -182,7 +163,7 @@ async def test_an_invalid_port_is_refused_before_any_push(
     make_fleet: MakeFleet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fleet = await make_fleet(phones=1, hosts=HOSTS[:1], rtp=False)
-    audio = _wav(tmp_path / "a.wav", 0.1)
+    audio = tone_wav(tmp_path / "a.wav", 0.1, rate=16000, hz=500, amplitude=12000)
     status = await _run(["-h", _host_args(fleet), "--file", str(audio), "--port", "20481"])
     assert status == 1
     assert "port must be even" in capsys.readouterr().err

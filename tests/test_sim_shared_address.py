@@ -4,31 +4,15 @@ own listener checks it, as two phones with their own addresses would."""
 
 from __future__ import annotations
 
-import array
 import asyncio
-import math
 import socket
-import wave
 from pathlib import Path
 
 import pytest
 
-from _sim_fixtures import MakeFleet, free_rtp_port
+from _sim_fixtures import MakeFleet, free_rtp_port, tone_wav
 from phonepush import cli
 from phonepush.sim.simulator import SimPhone
-
-
-def _wav(path: Path, seconds: float) -> Path:
-    samples = array.array(
-        "h",
-        [round(12000 * math.sin(2 * math.pi * 500 * n / 8000)) for n in range(int(8000 * seconds))],
-    )
-    with wave.open(str(path), "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(8000)
-        writer.writeframes(samples.tobytes())
-    return path
 
 
 def _history(phone: SimPhone) -> list[dict[str, object]]:
@@ -42,7 +26,7 @@ async def test_page_to_two_simulated_phones_on_one_address(
     fleet = await make_fleet(phones=2)  # both on 127.0.0.1
     assert {phone.host for phone in fleet.phones} == {"127.0.0.1"}
     port = free_rtp_port(("127.0.0.1",))
-    audio = _wav(tmp_path / "page.wav", 0.4)
+    audio = tone_wav(tmp_path / "page.wav", 0.4, hz=500, amplitude=12000)
     hosts = ",".join(phone.address for phone in fleet.phones)
     argv = ["page", "-h", hosts, "--file", str(audio), "--port", str(port), "--source", "127.0.0.1"]
     status = await asyncio.to_thread(cli.main, argv)
