@@ -42,9 +42,6 @@ class Lanes:
     def cancel(self, delivery_ids: Iterable[int]) -> None:
         self.cancelled.extend(delivery_ids)
 
-    def holds(self, delivery_id: int) -> bool:
-        return delivery_id in self.known
-
     def busy(self, phone: str) -> bool:
         return False
 

@@ -49,9 +49,6 @@ class Lanes:
     def cancel(self, delivery_ids: Iterable[int]) -> None:
         return None
 
-    def holds(self, delivery_id: int) -> bool:
-        return delivery_id in self.ids()
-
     def busy(self, phone: str) -> bool:
         return phone in self.running
 

@@ -57,10 +57,6 @@ class Lanes(Protocol):
 
     def cancel(self, delivery_ids: Iterable[int]) -> None: ...
 
-    def holds(self, delivery_id: int) -> bool:
-        """Whether the delivery is queued, in flight or finished but not yet written."""
-        ...
-
     def busy(self, phone: str) -> bool:
         """Whether a worker for ``phone`` is running."""
         ...

@@ -291,10 +291,9 @@ class Health:
         self, state: PhoneHealth, reachable: bool, error: str, *, export_up: bool = True
     ) -> None:
         now = self._clock()
-        if state.error != error:
+        if state.error != error or state.reachable is not reachable:
             self._share(state)
         if state.reachable is not reachable:
-            self._share(state)
             if state.reachable is not None or not reachable:
                 level = logging.INFO if reachable else logging.WARNING
                 log.log(
